@@ -1,0 +1,30 @@
+//! Parts of the test harness that create real things and always remove
+//! them: network namespaces (also on panic, by `Drop`), and a real etcd
+//! server on free loopback ports with a temporary data dir.
+//!
+//! Names are unique per process and test (`cmt<pid>x<n>-<tag>`), so tests
+//! can run in parallel and after a crash; [`netns::sweep_stale`] removes what
+//! a killed run left behind.
+
+pub mod etcd;
+pub mod netns;
+
+/// Runs a command, returning its stdout, or an error with its stderr.
+pub fn run(program: &str, args: &[&str]) -> std::io::Result<String> {
+    let out = std::process::Command::new(program).args(args).output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "{program} {}: {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether this process may create namespaces and load eBPF (root).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}

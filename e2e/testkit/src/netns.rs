@@ -1,0 +1,134 @@
+//! Network namespaces owned by a test.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::AsRawFd,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use crate::run;
+
+const PREFIX: &str = "cmt";
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A named network namespace (`ip netns`), deleted on drop with everything
+/// in it (veths inside are destroyed with it).
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates `cmt<pid>x<n>-<tag>` with loopback up.
+    pub fn new(tag: &str) -> io::Result<Self> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}{}x{n}-{tag}", std::process::id());
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.exec("ip", &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> io::Result<String> {
+        let mut full = vec!["netns", "exec", self.name.as_str(), program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Moves the calling thread into the namespace until the guard drops.
+    /// Use from a dedicated thread: tokio worker threads must not move.
+    pub fn enter(&self) -> io::Result<Entered> {
+        let back = File::open("/proc/thread-self/ns/net")?;
+        let target = File::open(format!("/var/run/netns/{}", self.name))?;
+        setns(&target)?;
+        Ok(Entered { back })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(e) = run("ip", &["netns", "del", &self.name]) {
+            eprintln!("testkit: removing netns {}: {e}", self.name);
+        }
+    }
+}
+
+fn setns(f: &File) -> io::Result<()> {
+    // SAFETY: a valid namespace fd; setns affects only the calling thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The calling thread is inside a namespace; dropping returns it.
+#[derive(Debug)]
+pub struct Entered {
+    back: File,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        if let Err(e) = setns(&self.back) {
+            // Staying in the wrong namespace would corrupt later steps.
+            panic!("testkit: cannot return to the original netns: {e}");
+        }
+    }
+}
+
+/// A veth pair between two namespaces with addresses, links up.
+pub fn veth_pair(
+    a: &NetNs,
+    a_if: &str,
+    a_addr: &str,
+    b: &NetNs,
+    b_if: &str,
+    b_addr: &str,
+) -> io::Result<()> {
+    a.exec(
+        "ip",
+        &[
+            "link",
+            "add",
+            a_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_if,
+            "netns",
+            b.name(),
+        ],
+    )?;
+    a.exec("ip", &["addr", "add", a_addr, "dev", a_if])?;
+    b.exec("ip", &["addr", "add", b_addr, "dev", b_if])?;
+    a.exec("ip", &["link", "set", a_if, "up"])?;
+    b.exec("ip", &["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+/// Deletes namespaces left by test processes that no longer run.
+pub fn sweep_stale() {
+    let Ok(list) = run("ip", &["netns", "list"]) else {
+        return;
+    };
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run("ip", &["netns", "del", name]);
+        }
+    }
+}

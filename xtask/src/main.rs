@@ -1,0 +1,83 @@
+//! `cargo xtask`: the project's tasks, called by the Makefile after
+//! scripts/setup.sh has installed the toolchain and packages.
+//!
+//! - `lint`: rustfmt check and clippy with warnings denied, whole workspace
+//!   (the eBPF crate included, type-checked for the host).
+//! - `test`: lint, then every test of the workspace. As root the privileged
+//!   tests (network namespaces, eBPF) run and must not skip.
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// cargo fmt --check and cargo clippy -D warnings
+    Lint,
+    /// lint, then the whole test suite
+    Test {
+        /// Skip the lint step.
+        #[arg(long)]
+        no_lint: bool,
+    },
+}
+
+fn cargo(args: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<()> {
+    eprintln!("+ cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .envs(envs.iter().copied())
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn lint() -> anyhow::Result<()> {
+    cargo(&["fmt", "--all", "--check"], &[])?;
+    cargo(
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Lint => lint(),
+        Task::Test { no_lint } => {
+            if !no_lint {
+                lint()?;
+            }
+            let mut env = vec![];
+            if is_root() {
+                // Privileged tests fail instead of skipping.
+                env.push(("CLUSTERMESH_REQUIRE_PRIVILEGED", "1"));
+            }
+            cargo(&["test", "--workspace", "--no-fail-fast"], &env)
+        }
+    }
+}
