@@ -28,6 +28,9 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|i| EndpointProgram::attach(i).with_context(|| format!("attaching to {i}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    for p in &progs {
+        println!("attached from_endpoint to {}", p.iface());
+    }
     let mut n = 0;
     loop {
         std::thread::sleep(Duration::from_secs(args.report_every.max(1)));

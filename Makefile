@@ -1,0 +1,25 @@
+# The two commands of the README do all set-up themselves:
+#   make demo   the local multi-cluster demo (left running; make demo-down ends it)
+#   make test   the whole test suite, privileged tests included (as root)
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: setup build test lint demo demo-down
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	cargo build --workspace
+
+lint: setup
+	cargo xtask lint
+
+test: setup
+	cargo xtask test
+
+demo: build
+	@bash scripts/demo.sh up
+
+demo-down:
+	@bash scripts/demo.sh down
