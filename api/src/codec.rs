@@ -95,7 +95,10 @@ pub fn decode_value<R: Record>(key: &Key, value: &[u8]) -> Result<R, DecodeError
     let record: R = match serde_path_to_error::deserialize(&mut de) {
         Ok(r) => r,
         Err(e) => {
-            let path = e.path().to_string();
+            let path = match e.path().to_string() {
+                p if p == "." => "(top level)".to_owned(),
+                p => p,
+            };
             let inner = e.into_inner();
             return Err(match inner.classify() {
                 serde_json::error::Category::Data => DecodeError::InvalidField {
