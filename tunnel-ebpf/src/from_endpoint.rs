@@ -9,6 +9,8 @@
 //! (`cargo check`, `cargo clippy --workspace`) can type-check it; the real
 //! object is built for `bpfel-unknown-none` by node-agent's build.rs.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// `#[classifier]` generates the kernel entry point taking `*mut __sk_buff`.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 use aya_ebpf::{
     bindings::TC_ACT_OK,
