@@ -18,7 +18,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # --- Debian packages -----------------------------------------------------------
-PKGS=(etcd-server etcd-client llvm-22-dev protobuf-compiler wireguard-go wireguard-tools
+PKGS=(etcd-server etcd-client llvm-22-dev protobuf-compiler libprotobuf-dev wireguard-go wireguard-tools
       iproute2 iputils-ping iperf3 tcpdump tshark bpftool ethtool jq make)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -8,11 +8,13 @@
 //! - [`keys`]: the versioned etcd key schema rooted at `clustermesh/`, built
 //!   and parsed by one trait ([`keys::KvKey`]).
 //! - [`codec`]: strict, total decoding of `(key, value)` pairs from etcd.
-//! - [`proto`]: the apiserver's gRPC API (tonic).
+//! - [`proto`]: the apiserver's gRPC API (tonic); [`convert`] turns its
+//!   messages into records, validating every field.
 //!
 //! docs/kvstore.md documents every key and field; keep it in step.
 
 pub mod codec;
+pub mod convert;
 pub mod keys;
 pub mod records;
 pub mod types;

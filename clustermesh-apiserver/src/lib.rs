@@ -1,3 +1,410 @@
-//! clustermesh-apiserver: exports one cluster's state into its etcd under the
-//! key schema of `clustermesh_api::keys`. Not implemented yet
-//! (docs/architecture.md describes where it fits).
+//! clustermesh-apiserver: exports one cluster's state into its etcd.
+//!
+//! ```text
+//! gRPC API (standalone source) ──┐
+//! services file (YAML) ──────────┼─> ClusterState ──desired()──> Exporter ──> etcd (leased, public schema)
+//! internal store (etcd) <────────┘        │
+//!   clustermesh/internal/<cluster>/...    └─ node expiry (heartbeat TTL)
+//! ```
+//!
+//! - [`state`]: the cluster's state and the rules for changing it (pure).
+//! - [`store`]: the durable internal records and identity allocation.
+//! - [`export`]: the leased public export, canaries, heartbeat.
+//! - [`grpc`]: the `clustermesh.v1.ClusterMesh` service.
+//! - [`remote_access`]: read-only etcd users for remote clusters.
+//!
+//! One root [`CancellationToken`] and one [`TaskTracker`]: every task is
+//! tracked; shutdown cancels and waits with a grace period. Stopping does not
+//! remove the exported state (the lease is left to expire, or adopted by the
+//! next start).
+
+pub mod config;
+pub mod etcd;
+pub mod export;
+pub mod grpc;
+pub mod metrics;
+pub mod remote_access;
+pub mod services_file;
+pub mod state;
+pub mod store;
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use clustermesh_api::{StateKind, proto::cluster_mesh_server::ClusterMeshServer};
+use tokio::sync::Notify;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use config::Config;
+
+/// Errors that stop the apiserver from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Etcd(#[from] etcd::Error),
+    #[error("loading stored state: {0}")]
+    Store(#[from] store::Error),
+    #[error(transparent)]
+    ServicesFile(#[from] services_file::Error),
+    #[error("starting the export: {0}")]
+    Export(#[from] export::Error),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC TLS: {0}")]
+    Tls(String),
+    #[error("stopped before etcd could be reached")]
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ExportStatus {
+    pub synced: BTreeSet<StateKind>,
+    pub last_error: Option<String>,
+    pub last_heartbeat_ms: u64,
+}
+
+/// What the tasks share.
+pub struct Shared {
+    pub cfg: Config,
+    pub client: etcd_client::Client,
+    pub keys: store::Internal,
+    pub state: tokio::sync::Mutex<state::ClusterState>,
+    pub changed: Notify,
+    pub metrics: metrics::Metrics,
+    pub export_status: std::sync::Mutex<ExportStatus>,
+}
+
+/// A running apiserver.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// Cancels every task and waits for them (at most `grace`).
+    pub async fn shutdown(self, grace: Duration) {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("tasks did not stop within {grace:?}");
+        }
+    }
+
+    /// Resolves when a task has stopped the server (or it was cancelled).
+    pub async fn stopped(&self) {
+        self.cancel.cancelled().await;
+    }
+
+    /// Kinds whose initial export completed.
+    pub fn synced(&self) -> BTreeSet<StateKind> {
+        self.shared
+            .export_status
+            .lock()
+            .map(|s| s.synced.clone())
+            .unwrap_or_default()
+    }
+}
+
+async fn connect_with_retry(
+    cfg: &Config,
+    cancel: &CancellationToken,
+) -> Result<etcd_client::Client, StartError> {
+    use backon::{ExponentialBuilder, Retryable as _};
+    let attempt = || async { etcd::connect(&cfg.etcd).await };
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    tokio::select! {
+        _ = cancel.cancelled() => Err(StartError::Cancelled),
+        r = attempt
+            .retry(backoff)
+            .when(|e| matches!(e, etcd::Error::Connect { .. }))
+            .notify(|e, d| tracing::warn!(error = %e, "etcd unreachable; retrying in {d:?}")) => Ok(r?),
+    }
+}
+
+/// Validates the configuration, loads the stored state, starts the export,
+/// the gRPC API and metrics. Returns once the initial export is done.
+pub async fn start(cfg: Config) -> Result<Running, StartError> {
+    cfg.validate()?;
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut client = connect_with_retry(&cfg, &cancel).await?;
+
+    let mut st = state::ClusterState::new(cfg.cluster_name.clone(), cfg.cluster_id, cfg.encryption);
+    store::load(&mut client, &mut st, Instant::now()).await?;
+    if let Some(p) = &cfg.services_file {
+        for s in services_file::load(p, &cfg.cluster_name)? {
+            st.services.remove(&(s.namespace.clone(), s.name.clone()));
+            st.file_services
+                .insert((s.namespace.clone(), s.name.clone()), s);
+        }
+    }
+    let counts = st.counts();
+    tracing::info!(?counts, "loaded stored state");
+
+    let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: cfg.grpc_listen,
+            source,
+        })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Listen {
+            addr: cfg.grpc_listen,
+            source,
+        })?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|source| StartError::Listen { addr: a, source })?,
+        ),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let mut exporter =
+        export::Exporter::start(client.clone(), cfg.cluster_name.clone(), cfg.lease_ttl).await?;
+    let desired = st.desired();
+    let shared = Arc::new(Shared {
+        keys: store::Internal::new(&cfg.cluster_name),
+        cfg,
+        client,
+        state: tokio::sync::Mutex::new(st),
+        changed: Notify::new(),
+        metrics: metrics::Metrics::default(),
+        export_status: std::sync::Mutex::new(ExportStatus::default()),
+    });
+
+    // Initial export before serving, so readers never see a half export
+    // followed by the canary.
+    let stats = exporter.sync(&desired).await?;
+    exporter.heartbeat().await?;
+    record_sync(&shared, &exporter, &desired, stats, None);
+
+    // gRPC
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &shared.cfg.grpc_tls {
+        builder = builder
+            .tls_config(grpc_tls(t)?)
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+    }
+    let svc = ClusterMeshServer::new(grpc::Api {
+        shared: shared.clone(),
+    });
+    let router = builder.add_service(svc);
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, c.clone().cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "gRPC server failed");
+            c.cancel();
+        }
+    });
+
+    if let Some(l) = metrics_listener {
+        let sh = shared.clone();
+        tracker.spawn(metrics::serve(
+            l,
+            move || sh.metrics.render(sh.cfg.cluster_name.as_str()),
+            cancel.clone(),
+        ));
+    }
+
+    tracker.spawn(export_loop(
+        shared.clone(),
+        exporter,
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    Ok(Running {
+        grpc_addr,
+        metrics_addr,
+        shared,
+        cancel,
+        tracker,
+    })
+}
+
+fn grpc_tls(t: &config::GrpcTls) -> Result<tonic::transport::ServerTlsConfig, StartError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
+    };
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(read(&t.cert_file)?, read(&t.key_file)?),
+    );
+    if let Some(ca) = &t.client_ca_file {
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(tls)
+}
+
+fn record_sync(
+    shared: &Shared,
+    exporter: &export::Exporter,
+    desired: &state::Desired,
+    stats: export::SyncStats,
+    heartbeat_ms: Option<u64>,
+) {
+    shared
+        .metrics
+        .etcd_puts
+        .fetch_add(stats.puts as u64, Ordering::Relaxed);
+    shared
+        .metrics
+        .etcd_deletes
+        .fetch_add(stats.deletes as u64, Ordering::Relaxed);
+    if let Ok(mut m) = shared.metrics.exported.lock() {
+        for (k, v) in &desired.kinds {
+            m.insert(k.as_str(), v.len() as u64);
+        }
+    }
+    if let Ok(mut s) = shared.export_status.lock() {
+        s.synced = exporter.synced().clone();
+        s.last_error = None;
+        s.last_heartbeat_ms = heartbeat_ms.unwrap_or_else(export::now_ms);
+    }
+}
+
+/// Keeps etcd equal to the state: on every change, on every heartbeat tick,
+/// after node expiry and after a lost lease. Failures are retried with
+/// backoff; the state is never lost, only its export delayed.
+async fn export_loop(
+    shared: Arc<Shared>,
+    mut exporter: export::Exporter,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let cfg = &shared.cfg;
+    let spawn_keepalive = |lease: i64| {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let client = shared.client.clone();
+        let c = cancel.clone();
+        let ttl = cfg.lease_ttl;
+        tracker.spawn(async move {
+            let _ = export::keep_alive(client, lease, ttl, c).await;
+            let _ = tx.send(());
+        });
+        rx
+    };
+    let mut lost = spawn_keepalive(exporter.lease());
+    let mut heartbeat = tokio::time::interval(cfg.heartbeat_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut expiry = tokio::time::interval(Duration::from_millis(500));
+    let mut failures = 0u32;
+    loop {
+        let mut beat = false;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = shared.changed.notified() => {}
+            _ = heartbeat.tick() => beat = true,
+            _ = expiry.tick() => {
+                if !expire_nodes(&shared).await {
+                    continue;
+                }
+            }
+            r = &mut lost => {
+                if r.is_ok() && !cancel.is_cancelled() {
+                    shared.metrics.lease_losses.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = exporter.lease_lost().await {
+                        tracing::warn!(error = %e, "granting a new lease failed");
+                    }
+                    lost = spawn_keepalive(exporter.lease());
+                } else {
+                    return;
+                }
+            }
+        }
+        let desired = shared.state.lock().await.desired();
+        let result = async {
+            let stats = exporter.sync(&desired).await?;
+            if beat {
+                exporter.heartbeat().await?;
+            }
+            Ok::<_, export::Error>(stats)
+        }
+        .await;
+        match result {
+            Ok(stats) => {
+                failures = 0;
+                let hb = if beat {
+                    Some(export::now_ms())
+                } else {
+                    shared
+                        .export_status
+                        .lock()
+                        .ok()
+                        .map(|s| s.last_heartbeat_ms)
+                };
+                record_sync(&shared, &exporter, &desired, stats, hb);
+            }
+            Err(e) => {
+                failures += 1;
+                shared.metrics.etcd_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, failures, "export failed; retrying");
+                if let Ok(mut s) = shared.export_status.lock() {
+                    s.last_error = Some(e.to_string());
+                }
+                let delay = Duration::from_millis(200 * 2u64.pow(failures.min(5)));
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => shared.changed.notify_one(),
+                }
+            }
+        }
+    }
+}
+
+/// Removes nodes whose heartbeats stopped. Returns whether anything changed.
+async fn expire_nodes(shared: &Shared) -> bool {
+    let mut st = shared.state.lock().await;
+    let expired = st.expired_nodes(Instant::now(), shared.cfg.node_ttl);
+    let mut changed = false;
+    for n in expired {
+        let eps = st.endpoints_of(&n);
+        match store::delete_node(&mut shared.client.clone(), &shared.keys, &n, &eps).await {
+            Ok(()) => {
+                tracing::info!(node = %n, endpoints = eps.len(), "node expired: no heartbeat");
+                st.remove_node(&n);
+                shared.metrics.nodes_expired.fetch_add(1, Ordering::Relaxed);
+                changed = true;
+            }
+            Err(e) => {
+                tracing::warn!(node = %n, error = %e, "removing expired node failed; will retry")
+            }
+        }
+    }
+    changed
+}

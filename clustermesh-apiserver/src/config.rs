@@ -1,0 +1,215 @@
+//! The apiserver's configuration: one struct with defaults and `validate()`.
+//! A bad configuration is refused at start (exit status 64) with a message
+//! naming the field.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clustermesh_api::{ClusterId, ClusterName, EncryptionPolicy};
+
+/// How to reach and authenticate to this cluster's etcd.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdConfig {
+    /// `http://host:port` or `https://host:port`.
+    pub endpoints: Vec<String>,
+    /// CA certificate (PEM) that signed etcd's server certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS; with etcd's
+    /// `--client-cert-auth` the certificate's CN is the etcd user.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// TLS of the gRPC API (mutual when `client_ca_file` is set).
+#[derive(Debug, Clone)]
+pub struct GrpcTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cluster_name: ClusterName,
+    pub cluster_id: ClusterId,
+    pub etcd: EtcdConfig,
+    /// Endpoints remote clusters use to reach this etcd (GetClusterInfo);
+    /// defaults to `etcd.endpoints`.
+    pub advertise_etcd_endpoints: Vec<String>,
+    pub grpc_listen: SocketAddr,
+    pub grpc_tls: Option<GrpcTls>,
+    /// Prometheus text metrics at `http://<addr>/metrics`; None disables.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Services declared in a YAML file (standalone source).
+    pub services_file: Option<PathBuf>,
+    pub encryption: EncryptionPolicy,
+    /// TTL of the etcd lease every exported key is attached to: a dead
+    /// apiserver's entries expire after it.
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    /// A registered node that sends no heartbeat for this long is removed
+    /// with its endpoints.
+    pub node_ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {field}: {reason}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
+    pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+    pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(30);
+
+    /// A configuration with defaults for everything but identity and etcd.
+    pub fn new(
+        cluster_name: ClusterName,
+        cluster_id: ClusterId,
+        etcd_endpoints: Vec<String>,
+    ) -> Self {
+        Self {
+            cluster_name,
+            cluster_id,
+            etcd: EtcdConfig {
+                endpoints: etcd_endpoints,
+                ..Default::default()
+            },
+            advertise_etcd_endpoints: Vec::new(),
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            grpc_tls: None,
+            metrics_listen: None,
+            services_file: None,
+            encryption: EncryptionPolicy::default(),
+            lease_ttl: Self::DEFAULT_LEASE_TTL,
+            heartbeat_interval: Self::DEFAULT_HEARTBEAT,
+            node_ttl: Self::DEFAULT_NODE_TTL,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.etcd.endpoints.is_empty() {
+            return Err(bad(
+                "etcd.endpoints",
+                "at least one etcd endpoint is required",
+            ));
+        }
+        for e in self
+            .etcd
+            .endpoints
+            .iter()
+            .chain(&self.advertise_etcd_endpoints)
+        {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(bad(
+                    "etcd.endpoints",
+                    format!("{e:?} must start with http:// or https://"),
+                ));
+            }
+        }
+        if self.etcd.cert_file.is_some() != self.etcd.key_file.is_some() {
+            return Err(bad(
+                "etcd.cert_file",
+                "client certificate and key go together",
+            ));
+        }
+        for (field, f) in [
+            ("etcd.ca_file", &self.etcd.ca_file),
+            ("etcd.cert_file", &self.etcd.cert_file),
+            ("etcd.key_file", &self.etcd.key_file),
+            ("services_file", &self.services_file),
+        ] {
+            if let Some(p) = f
+                && !p.is_file()
+            {
+                return Err(bad(
+                    field,
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+        }
+        if let Some(t) = &self.grpc_tls {
+            for (field, p) in [
+                ("grpc_tls.cert_file", &t.cert_file),
+                ("grpc_tls.key_file", &t.key_file),
+            ] {
+                if !p.is_file() {
+                    return Err(bad(
+                        field,
+                        format!("{} is not a readable file", p.display()),
+                    ));
+                }
+            }
+        }
+        if self.lease_ttl < Duration::from_secs(2) {
+            return Err(bad(
+                "lease_ttl",
+                "must be at least 2s (etcd's minimum is its election timeout)",
+            ));
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.lease_ttl {
+            return Err(bad(
+                "heartbeat_interval",
+                "must be above 0 and below lease_ttl",
+            ));
+        }
+        if self.node_ttl < Duration::from_secs(1) {
+            return Err(bad("node_ttl", "must be at least 1s"));
+        }
+        let e = &self.encryption;
+        if e.mode == clustermesh_api::EncryptionMode::None && (e.strict || e.strict_ingress) {
+            return Err(bad(
+                "encryption.strict",
+                "strict mode needs encryption mode wireguard",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn advertised_endpoints(&self) -> &[String] {
+        if self.advertise_etcd_endpoints.is_empty() {
+            &self.etcd.endpoints
+        } else {
+            &self.advertise_etcd_endpoints
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::new(
+            "c1".parse().unwrap(),
+            ClusterId::new(1).unwrap(),
+            vec!["http://127.0.0.1:2379".into()],
+        )
+    }
+
+    #[test]
+    fn defaults_validate_and_bad_fields_are_named() {
+        cfg().validate().unwrap();
+        let mut c = cfg();
+        c.etcd.endpoints = vec!["127.0.0.1:2379".into()];
+        assert_eq!(c.validate().unwrap_err().field, "etcd.endpoints");
+        let mut c = cfg();
+        c.heartbeat_interval = c.lease_ttl;
+        assert_eq!(c.validate().unwrap_err().field, "heartbeat_interval");
+        let mut c = cfg();
+        c.encryption.strict = true;
+        assert_eq!(c.validate().unwrap_err().field, "encryption.strict");
+        let mut c = cfg();
+        c.etcd.ca_file = Some("/nonexistent/ca.pem".into());
+        assert_eq!(c.validate().unwrap_err().field, "etcd.ca_file");
+    }
+}

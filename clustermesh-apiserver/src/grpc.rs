@@ -1,0 +1,464 @@
+//! The gRPC API (`clustermesh.v1.ClusterMesh`).
+//!
+//! Every mutating call follows one order: convert and validate the request
+//! (an error names the field, `InvalidArgument`), check it against the
+//! current state under the state lock (`AlreadyExists`,
+//! `FailedPrecondition`, ...), persist it to the internal store, apply it to
+//! the state, and wake the exporter. A refused request changes nothing in
+//! etcd; a failed etcd write leaves the state as it was (`Unavailable`).
+
+use std::{net::IpAddr, pin::Pin, sync::Arc, time::Instant};
+
+use clustermesh_api::{
+    EndpointRecord, FieldError, K8sName, NodeName, Record, convert,
+    proto::{self, cluster_mesh_server::ClusterMesh},
+};
+use futures_util::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{Shared, state::Refusal, store};
+
+pub struct Api {
+    pub shared: Arc<Shared>,
+}
+
+fn invalid(e: FieldError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn refused(r: Refusal) -> Status {
+    match r {
+        Refusal::Invalid(f) => invalid(f),
+        Refusal::AlreadyExists(m) => Status::already_exists(m),
+        Refusal::FailedPrecondition(m) => Status::failed_precondition(m),
+        Refusal::NotFound(m) => Status::not_found(m),
+    }
+}
+
+fn unavailable(e: store::Error) -> Status {
+    Status::unavailable(format!("etcd write failed, nothing was changed: {e}"))
+}
+
+impl Api {
+    /// Records the outcome of a call in the metrics.
+    fn done<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<T, Status> {
+        let result = match &r {
+            Ok(_) => "ok",
+            Err(s) => match s.code() {
+                tonic::Code::InvalidArgument => "invalid_argument",
+                tonic::Code::AlreadyExists => "already_exists",
+                tonic::Code::FailedPrecondition => "failed_precondition",
+                tonic::Code::NotFound => "not_found",
+                tonic::Code::Unavailable => "unavailable",
+                _ => "error",
+            },
+        };
+        self.shared.metrics.request(method, result);
+        if let Err(s) = &r {
+            tracing::info!(method, code = ?s.code(), message = s.message(), "request refused");
+        }
+        r
+    }
+
+    async fn register(
+        &self,
+        req: proto::RegisterNodeRequest,
+    ) -> Result<proto::RegisterNodeResponse, Status> {
+        let sh = &self.shared;
+        let node = req
+            .node
+            .ok_or_else(|| invalid(FieldError::new("node", "required")))?;
+        if !node.cluster.is_empty() && node.cluster != sh.cfg.cluster_name.as_str() {
+            return Err(Status::failed_precondition(format!(
+                "node {} registers for cluster {}, but this apiserver serves cluster {}",
+                node.name, node.cluster, sh.cfg.cluster_name
+            )));
+        }
+        let rec = convert::node_from_proto(&node, &sh.cfg.cluster_name).map_err(invalid)?;
+        let now = Instant::now();
+        let mut st = sh.state.lock().await;
+        let outcome = st
+            .check_register(&rec, now, sh.cfg.node_ttl)
+            .map_err(refused)?;
+        let mut client = sh.client.clone();
+        match outcome {
+            crate::state::Registration::Unchanged => {}
+            crate::state::Registration::Replaced => {
+                let old = st.endpoints_of(&rec.name);
+                store::delete_node(&mut client, &sh.keys, &rec.name, &old)
+                    .await
+                    .map_err(unavailable)?;
+                store::put_node(&mut client, &sh.keys, &rec)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            _ => store::put_node(&mut client, &sh.keys, &rec)
+                .await
+                .map_err(unavailable)?,
+        }
+        tracing::info!(node = %rec.name, boot_id = %rec.boot_id, ?outcome, "node registered");
+        st.apply_register(rec, outcome, now);
+        drop(st);
+        sh.changed.notify_one();
+        Ok(proto::RegisterNodeResponse {
+            ttl_seconds: sh.cfg.node_ttl.as_secs() as u32,
+            cluster_id: sh.cfg.cluster_id.get().into(),
+            cluster: sh.cfg.cluster_name.to_string(),
+        })
+    }
+
+    async fn add_endpoint_inner(
+        &self,
+        req: proto::AddEndpointRequest,
+    ) -> Result<proto::AddEndpointResponse, Status> {
+        let sh = &self.shared;
+        let node: NodeName = req.node.parse().map_err(|e: clustermesh_api::ValueError| {
+            invalid(FieldError::new("node", e.to_string()))
+        })?;
+        let ip: IpAddr = req.ip.parse().map_err(|_| {
+            invalid(FieldError::new(
+                "ip",
+                format!("invalid IP address {:?}", req.ip),
+            ))
+        })?;
+        let opt_name = |field: &'static str, s: &str| -> Result<Option<K8sName>, Status> {
+            if s.is_empty() {
+                Ok(None)
+            } else {
+                s.parse()
+                    .map(Some)
+                    .map_err(|e: clustermesh_api::ValueError| {
+                        invalid(FieldError::new(field, e.to_string()))
+                    })
+            }
+        };
+        let namespace = opt_name("namespace", &req.namespace)?;
+        let name = opt_name("name", &req.name)?;
+        let labels = convert::labels_from_proto(&req.labels).map_err(invalid)?;
+        if labels.is_empty() {
+            return Err(invalid(FieldError::new(
+                "labels",
+                "an endpoint needs at least one security label",
+            )));
+        }
+        let mut st = sh.state.lock().await;
+        st.check_endpoint(&node, ip).map_err(refused)?;
+        let host_ip = st
+            .nodes
+            .get(&node)
+            .and_then(|n| n.record.underlay_ips.first().copied())
+            .ok_or_else(|| Status::failed_precondition(format!("node {node} is not registered")))?;
+        let mut client = sh.client.clone();
+        let ident = store::allocate_identity(
+            &mut client,
+            &sh.keys,
+            &sh.cfg.cluster_name,
+            sh.cfg.cluster_id,
+            &labels,
+            &st,
+        )
+        .await
+        .map_err(|e| match e {
+            store::Error::Etcd { .. } => unavailable(e),
+            other => Status::resource_exhausted(other.to_string()),
+        })?;
+        let rec = EndpointRecord {
+            ip,
+            cluster: sh.cfg.cluster_name.clone(),
+            identity: ident.id,
+            host_ip,
+            node: Some(node),
+            namespace,
+            name,
+        };
+        rec.validate().map_err(invalid)?;
+        st.add_identity(ident);
+        store::put_endpoint(&mut client, &sh.keys, &rec)
+            .await
+            .map_err(unavailable)?;
+        let identity = rec.identity.get();
+        st.endpoints.insert(ip, rec);
+        drop(st);
+        sh.changed.notify_one();
+        Ok(proto::AddEndpointResponse { identity })
+    }
+}
+
+type HeartbeatStream =
+    Pin<Box<dyn Stream<Item = Result<proto::NodeHeartbeatResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ClusterMesh for Api {
+    async fn get_cluster_info(
+        &self,
+        _req: Request<proto::GetClusterInfoRequest>,
+    ) -> Result<Response<proto::ClusterInfo>, Status> {
+        let sh = &self.shared;
+        let ca = match &sh.cfg.etcd.ca_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| Status::internal(format!("reading etcd CA {}: {e}", p.display())))?,
+            None => String::new(),
+        };
+        let st = sh.state.lock().await;
+        let pod_cidrs = st
+            .nodes
+            .values()
+            .flat_map(|n| n.record.pod_cidrs.iter().map(ToString::to_string))
+            .collect();
+        let r = Ok(Response::new(proto::ClusterInfo {
+            name: sh.cfg.cluster_name.to_string(),
+            id: sh.cfg.cluster_id.get().into(),
+            etcd_endpoints: sh.cfg.advertised_endpoints().to_vec(),
+            etcd_ca_pem: ca,
+            encryption: Some(convert::encryption_to_proto(&st.encryption)),
+            pod_cidrs,
+        }));
+        self.done("GetClusterInfo", r)
+    }
+
+    async fn status(
+        &self,
+        _req: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
+        let sh = &self.shared;
+        let mut client = sh.client.clone();
+        let (etcd_healthy, etcd_error) =
+            match tokio::time::timeout(std::time::Duration::from_secs(3), client.status()).await {
+                Ok(Ok(_)) => (true, String::new()),
+                Ok(Err(e)) => (false, e.to_string()),
+                Err(_) => (false, "etcd did not answer within 3s".to_owned()),
+            };
+        let counts = sh.state.lock().await.counts();
+        let exp = sh
+            .export_status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let kinds = counts
+            .iter()
+            .map(|(k, n)| proto::KindStatus {
+                kind: k.to_string(),
+                count: *n as u64,
+                synced: exp.synced.contains(k),
+            })
+            .collect();
+        let age = if exp.last_heartbeat_ms == 0 {
+            0
+        } else {
+            crate::export::now_ms().saturating_sub(exp.last_heartbeat_ms)
+        };
+        let r = Ok(Response::new(proto::StatusResponse {
+            cluster: sh.cfg.cluster_name.to_string(),
+            cluster_id: sh.cfg.cluster_id.get().into(),
+            etcd_healthy,
+            etcd_error: if etcd_error.is_empty() {
+                exp.last_error.unwrap_or_default()
+            } else {
+                etcd_error
+            },
+            kinds,
+            heartbeat_age_ms: age,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }));
+        self.done("Status", r)
+    }
+
+    async fn register_node(
+        &self,
+        req: Request<proto::RegisterNodeRequest>,
+    ) -> Result<Response<proto::RegisterNodeResponse>, Status> {
+        let r = self.register(req.into_inner()).await.map(Response::new);
+        self.done("RegisterNode", r)
+    }
+
+    type NodeHeartbeatStream = HeartbeatStream;
+
+    async fn node_heartbeat(
+        &self,
+        req: Request<Streaming<proto::NodeHeartbeatRequest>>,
+    ) -> Result<Response<Self::NodeHeartbeatStream>, Status> {
+        let shared = self.shared.clone();
+        let out = req.into_inner().then(move |msg| {
+            let shared = shared.clone();
+            async move {
+                let m = msg?;
+                let node: NodeName = m.node.parse().map_err(|e: clustermesh_api::ValueError| {
+                    invalid(FieldError::new("node", e.to_string()))
+                })?;
+                let r = shared
+                    .state
+                    .lock()
+                    .await
+                    .heartbeat(&node, &m.boot_id, Instant::now())
+                    .map_err(refused);
+                shared
+                    .metrics
+                    .request("NodeHeartbeat", if r.is_ok() { "ok" } else { "refused" });
+                r?;
+                Ok(proto::NodeHeartbeatResponse {
+                    server_time_ms: crate::export::now_ms(),
+                })
+            }
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn deregister_node(
+        &self,
+        req: Request<proto::DeregisterNodeRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let sh = &self.shared;
+        let req = req.into_inner();
+        let r = async {
+            let node: NodeName = req.node.parse().map_err(|e: clustermesh_api::ValueError| {
+                invalid(FieldError::new("node", e.to_string()))
+            })?;
+            let mut st = sh.state.lock().await;
+            match st.nodes.get(&node) {
+                None => return Ok(proto::Empty {}),
+                Some(e) if !req.boot_id.is_empty() && e.record.boot_id.as_str() != req.boot_id => {
+                    return Err(Status::failed_precondition(format!(
+                        "node {node} is registered with boot id {}, not {}",
+                        e.record.boot_id, req.boot_id
+                    )));
+                }
+                Some(_) => {}
+            }
+            let eps = st.endpoints_of(&node);
+            store::delete_node(&mut sh.client.clone(), &sh.keys, &node, &eps)
+                .await
+                .map_err(unavailable)?;
+            st.remove_node(&node);
+            drop(st);
+            tracing::info!(%node, "node deregistered");
+            sh.changed.notify_one();
+            Ok(proto::Empty {})
+        }
+        .await
+        .map(Response::new);
+        self.done("DeregisterNode", r)
+    }
+
+    async fn add_endpoint(
+        &self,
+        req: Request<proto::AddEndpointRequest>,
+    ) -> Result<Response<proto::AddEndpointResponse>, Status> {
+        let r = self
+            .add_endpoint_inner(req.into_inner())
+            .await
+            .map(Response::new);
+        self.done("AddEndpoint", r)
+    }
+
+    async fn remove_endpoint(
+        &self,
+        req: Request<proto::RemoveEndpointRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let sh = &self.shared;
+        let req = req.into_inner();
+        let r = async {
+            let ip: IpAddr = req.ip.parse().map_err(|_| {
+                invalid(FieldError::new(
+                    "ip",
+                    format!("invalid IP address {:?}", req.ip),
+                ))
+            })?;
+            let mut st = sh.state.lock().await;
+            if st.endpoints.contains_key(&ip) {
+                store::delete_endpoint(&mut sh.client.clone(), &sh.keys, &ip)
+                    .await
+                    .map_err(unavailable)?;
+                st.endpoints.remove(&ip);
+                drop(st);
+                sh.changed.notify_one();
+            }
+            Ok(proto::Empty {})
+        }
+        .await
+        .map(Response::new);
+        self.done("RemoveEndpoint", r)
+    }
+
+    async fn upsert_service(
+        &self,
+        req: Request<proto::UpsertServiceRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let sh = &self.shared;
+        let req = req.into_inner();
+        let r = async {
+            let svc = req
+                .service
+                .ok_or_else(|| invalid(FieldError::new("service", "required")))?;
+            let rec = convert::service_from_proto(&svc, &sh.cfg.cluster_name).map_err(invalid)?;
+            let mut st = sh.state.lock().await;
+            st.check_service(&rec).map_err(refused)?;
+            let key = (rec.namespace.clone(), rec.name.clone());
+            if st.services.get(&key) != Some(&rec) {
+                store::put_service(&mut sh.client.clone(), &sh.keys, &rec)
+                    .await
+                    .map_err(unavailable)?;
+                st.services.insert(key, rec);
+                drop(st);
+                sh.changed.notify_one();
+            }
+            Ok(proto::Empty {})
+        }
+        .await
+        .map(Response::new);
+        self.done("UpsertService", r)
+    }
+
+    async fn delete_service(
+        &self,
+        req: Request<proto::DeleteServiceRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let sh = &self.shared;
+        let req = req.into_inner();
+        let r = async {
+            let ns: K8sName = req
+                .namespace
+                .parse()
+                .map_err(|e: clustermesh_api::ValueError| {
+                    invalid(FieldError::new("namespace", e.to_string()))
+                })?;
+            let name: K8sName = req.name.parse().map_err(|e: clustermesh_api::ValueError| {
+                invalid(FieldError::new("name", e.to_string()))
+            })?;
+            let mut st = sh.state.lock().await;
+            let key = (ns, name);
+            if st.file_services.contains_key(&key) {
+                return Err(Status::failed_precondition(format!(
+                    "service {}/{} is declared in the services file; remove it there",
+                    key.0, key.1
+                )));
+            }
+            if st.services.contains_key(&key) {
+                store::delete_service(
+                    &mut sh.client.clone(),
+                    &sh.keys,
+                    key.0.as_str(),
+                    key.1.as_str(),
+                )
+                .await
+                .map_err(unavailable)?;
+                st.services.remove(&key);
+                drop(st);
+                sh.changed.notify_one();
+            }
+            Ok(proto::Empty {})
+        }
+        .await
+        .map(Response::new);
+        self.done("DeleteService", r)
+    }
+
+    async fn list_services(
+        &self,
+        _req: Request<proto::ListServicesRequest>,
+    ) -> Result<Response<proto::ListServicesResponse>, Status> {
+        let st = self.shared.state.lock().await;
+        let services = st.all_services().map(convert::service_to_proto).collect();
+        let r = Ok(Response::new(proto::ListServicesResponse { services }));
+        self.done("ListServices", r)
+    }
+}

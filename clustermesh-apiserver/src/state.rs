@@ -1,0 +1,460 @@
+//! The cluster's state as the apiserver knows it, and the rules for changing
+//! it. Pure: no IO, time passed in. The gRPC handlers check a change here,
+//! persist it, then apply it; the exporter turns [`ClusterState::desired`]
+//! into etcd keys.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use clustermesh_api::{
+    ClusterConfig, ClusterId, ClusterName, EncryptionPolicy, EndpointRecord, FieldError, Identity,
+    IdentityRecord, IpCidr, K8sName, KvKey, Labels, NodeName, NodeRecord, Record, ServiceRecord,
+    StateKind, encode,
+};
+
+/// Why a change was refused; maps onto a gRPC status code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    Invalid(FieldError),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+impl Refusal {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Refusal::Invalid(FieldError::new(field, reason))
+    }
+    /// Short stable reason for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Invalid(_) => "invalid",
+            Refusal::AlreadyExists(_) => "already_exists",
+            Refusal::FailedPrecondition(_) => "failed_precondition",
+            Refusal::NotFound(_) => "not_found",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeEntry {
+    pub record: NodeRecord,
+    pub last_seen: Instant,
+}
+
+pub type ServiceName = (K8sName, K8sName);
+
+/// Everything the cluster exports.
+#[derive(Debug)]
+pub struct ClusterState {
+    pub cluster: ClusterName,
+    pub cluster_id: ClusterId,
+    pub encryption: EncryptionPolicy,
+    pub nodes: BTreeMap<NodeName, NodeEntry>,
+    pub endpoints: BTreeMap<IpAddr, EndpointRecord>,
+    /// Services declared through the API (persisted).
+    pub services: BTreeMap<ServiceName, ServiceRecord>,
+    /// Services from the services file (re-read at start, not persisted).
+    pub file_services: BTreeMap<ServiceName, ServiceRecord>,
+    pub identities: BTreeMap<Identity, IdentityRecord>,
+    pub identity_by_labels: BTreeMap<Labels, Identity>,
+}
+
+/// The keys and values the exporter keeps in etcd (without canaries and
+/// heartbeat, which it manages itself).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub cluster_config: (String, Vec<u8>),
+    pub kinds: BTreeMap<StateKind, BTreeMap<String, Vec<u8>>>,
+}
+
+/// What a registration does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    New,
+    /// Same node and boot id, same record: only refreshes liveness.
+    Unchanged,
+    /// Same node and boot id, changed record (e.g. a rotated key).
+    Updated,
+    /// Same node, new boot id, after the old incarnation expired.
+    Replaced,
+}
+
+impl ClusterState {
+    pub fn new(cluster: ClusterName, cluster_id: ClusterId, encryption: EncryptionPolicy) -> Self {
+        Self {
+            cluster,
+            cluster_id,
+            encryption,
+            nodes: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            services: BTreeMap::new(),
+            file_services: BTreeMap::new(),
+            identities: BTreeMap::new(),
+            identity_by_labels: BTreeMap::new(),
+        }
+    }
+
+    pub fn cluster_config(&self) -> ClusterConfig {
+        ClusterConfig {
+            id: self.cluster_id,
+            name: self.cluster.clone(),
+            capabilities: Default::default(),
+            encryption: self.encryption,
+        }
+    }
+
+    /// Checks a node registration against the nodes already known.
+    pub fn check_register(
+        &self,
+        rec: &NodeRecord,
+        now: Instant,
+        node_ttl: Duration,
+    ) -> Result<Registration, Refusal> {
+        if rec.cluster != self.cluster {
+            return Err(Refusal::FailedPrecondition(format!(
+                "node {} registers for cluster {}, but this apiserver serves cluster {}",
+                rec.name, rec.cluster, self.cluster
+            )));
+        }
+        let mut outcome = Registration::New;
+        if let Some(old) = self.nodes.get(&rec.name) {
+            if old.record.boot_id == rec.boot_id {
+                outcome = if old.record == *rec {
+                    Registration::Unchanged
+                } else {
+                    Registration::Updated
+                };
+            } else if now.saturating_duration_since(old.last_seen) < node_ttl {
+                return Err(Refusal::AlreadyExists(format!(
+                    "node {} is registered with boot id {} and still alive; a node with boot id {} \
+                     cannot take its name until it deregisters or expires ({}s without heartbeat)",
+                    rec.name,
+                    old.record.boot_id,
+                    rec.boot_id,
+                    node_ttl.as_secs()
+                )));
+            } else {
+                outcome = Registration::Replaced;
+            }
+        }
+        for (name, other) in &self.nodes {
+            if *name == rec.name {
+                continue;
+            }
+            for (i, c) in rec.pod_cidrs.iter().enumerate() {
+                if let Some(o) = other.record.pod_cidrs.iter().find(|o| o.overlaps(c)) {
+                    return Err(Refusal::invalid(
+                        format!("node.pod_cidrs[{i}]"),
+                        format!("{c} overlaps pod CIDR {o} of node {name}"),
+                    ));
+                }
+            }
+            for (i, ip) in rec.underlay_ips.iter().enumerate() {
+                if other.record.underlay_ips.contains(ip) {
+                    return Err(Refusal::invalid(
+                        format!("node.underlay_ips[{i}]"),
+                        format!("{ip} is already the underlay address of node {name}"),
+                    ));
+                }
+            }
+        }
+        // A node may not shrink its pod CIDRs out from under its endpoints.
+        for ep in self.endpoints.values() {
+            if ep.node.as_ref() == Some(&rec.name)
+                && !rec.pod_cidrs.iter().any(|c| c.contains(ep.ip))
+            {
+                if outcome == Registration::Replaced {
+                    continue; // the old incarnation's endpoints are dropped
+                }
+                return Err(Refusal::invalid(
+                    "node.pod_cidrs",
+                    format!(
+                        "endpoint {} of this node would fall outside its pod CIDRs",
+                        ep.ip
+                    ),
+                ));
+            }
+        }
+        Ok(outcome)
+    }
+
+    pub fn apply_register(&mut self, rec: NodeRecord, outcome: Registration, now: Instant) {
+        if outcome == Registration::Replaced {
+            self.remove_endpoints_of(&rec.name);
+        }
+        self.nodes.insert(
+            rec.name.clone(),
+            NodeEntry {
+                record: rec,
+                last_seen: now,
+            },
+        );
+    }
+
+    /// Refreshes a node's liveness; the boot id must match.
+    pub fn heartbeat(
+        &mut self,
+        node: &NodeName,
+        boot_id: &str,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        match self.nodes.get_mut(node) {
+            Some(e) if e.record.boot_id.as_str() == boot_id => {
+                e.last_seen = now;
+                Ok(())
+            }
+            Some(e) => Err(Refusal::FailedPrecondition(format!(
+                "node {node} is registered with boot id {}, not {boot_id}",
+                e.record.boot_id
+            ))),
+            None => Err(Refusal::NotFound(format!(
+                "node {node} is not registered (it may have expired): register it again"
+            ))),
+        }
+    }
+
+    /// Nodes whose last heartbeat is older than `ttl`.
+    pub fn expired_nodes(&self, now: Instant, ttl: Duration) -> Vec<NodeName> {
+        self.nodes
+            .iter()
+            .filter(|(_, e)| now.saturating_duration_since(e.last_seen) >= ttl)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Endpoint IPs hosted by `node`.
+    pub fn endpoints_of(&self, node: &NodeName) -> Vec<IpAddr> {
+        self.endpoints
+            .values()
+            .filter(|e| e.node.as_ref() == Some(node))
+            .map(|e| e.ip)
+            .collect()
+    }
+
+    fn remove_endpoints_of(&mut self, node: &NodeName) {
+        for ip in self.endpoints_of(node) {
+            self.endpoints.remove(&ip);
+        }
+    }
+
+    /// Removes a node and its endpoints.
+    pub fn remove_node(&mut self, node: &NodeName) -> bool {
+        self.remove_endpoints_of(node);
+        self.nodes.remove(node).is_some()
+    }
+
+    /// Checks an endpoint before its identity is allocated.
+    pub fn check_endpoint(&self, node: &NodeName, ip: IpAddr) -> Result<(), Refusal> {
+        let Some(n) = self.nodes.get(node) else {
+            return Err(Refusal::FailedPrecondition(format!(
+                "node {node} is not registered: register the node before its endpoints"
+            )));
+        };
+        if !n.record.pod_cidrs.iter().any(|c| c.contains(ip)) {
+            let cidrs: Vec<String> = n.record.pod_cidrs.iter().map(IpCidr::to_string).collect();
+            return Err(Refusal::invalid(
+                "ip",
+                format!(
+                    "{ip} is outside node {node}'s pod CIDRs [{}]",
+                    cidrs.join(", ")
+                ),
+            ));
+        }
+        if let Some(e) = self.endpoints.get(&ip)
+            && e.node.as_ref() != Some(node)
+        {
+            return Err(Refusal::AlreadyExists(format!(
+                "{ip} is already an endpoint of node {}",
+                e.node.as_ref().map(ToString::to_string).unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn check_service(&self, svc: &ServiceRecord) -> Result<(), Refusal> {
+        let key = (svc.namespace.clone(), svc.name.clone());
+        if self.file_services.contains_key(&key) {
+            return Err(Refusal::FailedPrecondition(format!(
+                "service {}/{} is declared in the services file; change it there",
+                svc.namespace, svc.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// All services, API-declared and from the file.
+    pub fn all_services(&self) -> impl Iterator<Item = &ServiceRecord> {
+        self.services.values().chain(self.file_services.values())
+    }
+
+    pub fn add_identity(&mut self, rec: IdentityRecord) {
+        self.identity_by_labels.insert(rec.labels.clone(), rec.id);
+        self.identities.insert(rec.id, rec);
+    }
+
+    /// The exported keys and values. Records that fail to encode cannot
+    /// exist here: every record entered through validation.
+    pub fn desired(&self) -> Desired {
+        fn put<R: Record>(m: &mut BTreeMap<String, Vec<u8>>, r: &R) {
+            if let Ok(v) = encode(r) {
+                m.insert(r.key().build(), v);
+            }
+        }
+        let cfg = self.cluster_config();
+        let mut kinds: BTreeMap<StateKind, BTreeMap<String, Vec<u8>>> = StateKind::ALL
+            .into_iter()
+            .map(|k| (k, BTreeMap::new()))
+            .collect();
+        let mut m = BTreeMap::new();
+        for n in self.nodes.values() {
+            put(&mut m, &n.record);
+        }
+        kinds.insert(StateKind::Nodes, std::mem::take(&mut m));
+        for e in self.endpoints.values() {
+            put(&mut m, e);
+        }
+        kinds.insert(StateKind::Ip, std::mem::take(&mut m));
+        for i in self.identities.values() {
+            put(&mut m, i);
+        }
+        kinds.insert(StateKind::Identities, std::mem::take(&mut m));
+        for s in self.all_services() {
+            put(&mut m, s);
+        }
+        kinds.insert(StateKind::Services, m);
+        Desired {
+            cluster_config: (cfg.key().build(), encode(&cfg).unwrap_or_default()),
+            kinds,
+        }
+    }
+
+    pub fn counts(&self) -> [(StateKind, usize); 4] {
+        [
+            (StateKind::Nodes, self.nodes.len()),
+            (StateKind::Ip, self.endpoints.len()),
+            (StateKind::Identities, self.identities.len()),
+            (
+                StateKind::Services,
+                self.services.len() + self.file_services.len(),
+            ),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn st() -> ClusterState {
+        ClusterState::new(
+            "c1".parse().unwrap(),
+            ClusterId::new(1).unwrap(),
+            Default::default(),
+        )
+    }
+    fn node(name: &str, boot: &str, cidr: &str, ip: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.parse().unwrap(),
+            cluster: "c1".parse().unwrap(),
+            underlay_ips: vec![ip.parse().unwrap()],
+            pod_cidrs: vec![cidr.parse().unwrap()],
+            wireguard_public_keys: vec![],
+            wireguard_port: None,
+            boot_id: boot.parse().unwrap(),
+        }
+    }
+    const TTL: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn registration_rules() {
+        let mut s = st();
+        let t0 = Instant::now();
+        let a = node("a", "b1", "10.1.0.0/24", "192.0.2.1");
+        assert_eq!(s.check_register(&a, t0, TTL), Ok(Registration::New));
+        s.apply_register(a.clone(), Registration::New, t0);
+        assert_eq!(s.check_register(&a, t0, TTL), Ok(Registration::Unchanged));
+        // Overlapping pod CIDR of another node.
+        let b = node("b", "b2", "10.1.0.128/25", "192.0.2.2");
+        let e = s.check_register(&b, t0, TTL).unwrap_err();
+        assert!(
+            matches!(&e, Refusal::Invalid(f) if f.field == "node.pod_cidrs[0]" && f.reason.contains("node a")),
+            "{e:?}"
+        );
+        // Same underlay IP as another node.
+        let b = node("b", "b2", "10.2.0.0/24", "192.0.2.1");
+        assert!(
+            matches!(s.check_register(&b, t0, TTL), Err(Refusal::Invalid(f)) if f.field == "node.underlay_ips[0]")
+        );
+        // Same name, other boot id while alive: refused; after expiry: replaces.
+        let a2 = node("a", "b9", "10.1.0.0/24", "192.0.2.1");
+        assert!(matches!(
+            s.check_register(&a2, t0, TTL),
+            Err(Refusal::AlreadyExists(_))
+        ));
+        assert_eq!(
+            s.check_register(&a2, t0 + TTL, TTL),
+            Ok(Registration::Replaced)
+        );
+        // Another cluster's node.
+        let mut x = node("x", "b", "10.9.0.0/24", "192.0.2.9");
+        x.cluster = "c2".parse().unwrap();
+        assert!(matches!(
+            s.check_register(&x, t0, TTL),
+            Err(Refusal::FailedPrecondition(_))
+        ));
+    }
+
+    #[test]
+    fn endpoint_rules_and_expiry() {
+        let mut s = st();
+        let t0 = Instant::now();
+        s.apply_register(
+            node("a", "b1", "10.1.0.0/24", "192.0.2.1"),
+            Registration::New,
+            t0,
+        );
+        let a: NodeName = "a".parse().unwrap();
+        assert!(s.check_endpoint(&a, "10.1.0.5".parse().unwrap()).is_ok());
+        assert!(
+            matches!(s.check_endpoint(&a, "10.2.0.5".parse().unwrap()), Err(Refusal::Invalid(f)) if f.field == "ip")
+        );
+        assert!(matches!(
+            s.check_endpoint(&"zz".parse().unwrap(), "10.1.0.5".parse().unwrap()),
+            Err(Refusal::FailedPrecondition(_))
+        ));
+        s.endpoints.insert(
+            "10.1.0.5".parse().unwrap(),
+            EndpointRecord {
+                ip: "10.1.0.5".parse().unwrap(),
+                cluster: "c1".parse().unwrap(),
+                identity: Identity::new(ClusterId::new(1).unwrap(), 256).unwrap(),
+                host_ip: "192.0.2.1".parse().unwrap(),
+                node: Some(a.clone()),
+                namespace: None,
+                name: None,
+            },
+        );
+        assert!(
+            s.expired_nodes(t0 + Duration::from_secs(29), TTL)
+                .is_empty()
+        );
+        assert_eq!(s.expired_nodes(t0 + TTL, TTL), vec![a.clone()]);
+        s.heartbeat(&a, "b1", t0 + Duration::from_secs(20)).unwrap();
+        assert!(s.expired_nodes(t0 + TTL, TTL).is_empty());
+        assert!(s.heartbeat(&a, "other", t0).is_err());
+        assert!(s.remove_node(&a));
+        assert!(s.endpoints.is_empty(), "a node's endpoints go with it");
+        let d = s.desired();
+        assert!(d.kinds[&StateKind::Nodes].is_empty());
+        assert!(d.cluster_config.0.ends_with("cluster-config/c1"));
+    }
+}
