@@ -1,4 +1,9 @@
-//! clustermesh encryption: x25519 key pairs and key files, WireGuard tunnels
-//! built on boringtun's sans-IO `Tunn` over TUN devices, the peer table and
-//! key rotation. Nothing is implemented yet: the crate holds its place in
-//! the workspace layout (docs/architecture.md).
+//! clustermesh key material.
+//!
+//! - [`pki`]: the control plane's X.509 CA and certificates (etcd and
+//!   apiserver TLS, remote-cluster client identities).
+//!
+//! WireGuard (x25519 keys, boringtun tunnels over TUN, rotation) is to come
+//! here as well (docs/architecture.md).
+
+pub mod pki;

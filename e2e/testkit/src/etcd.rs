@@ -9,6 +9,19 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// TLS for the client port: server certificate, and optionally required
+/// client certificates (`--client-cert-auth`: the CN is the etcd user).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_cert_auth: bool,
+    /// A client certificate and key used only to probe health.
+    pub probe_cert_file: PathBuf,
+    pub probe_key_file: PathBuf,
+}
+
 /// A running etcd member.
 #[derive(Debug)]
 pub struct EtcdServer {
@@ -17,6 +30,7 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     name: String,
+    tls: Option<EtcdTls>,
 }
 
 fn free_port() -> io::Result<u16> {
@@ -26,6 +40,15 @@ fn free_port() -> io::Result<u16> {
 impl EtcdServer {
     /// Starts etcd and waits until it answers `/health`.
     pub fn start() -> io::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts etcd serving TLS on its client port.
+    pub fn start_tls(tls: EtcdTls) -> io::Result<Self> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<EtcdTls>) -> io::Result<Self> {
         let mut last = None;
         for _ in 0..5 {
             let (client_port, peer_port) = (free_port()?, free_port()?);
@@ -35,6 +58,7 @@ impl EtcdServer {
                 client_port,
                 peer_port,
                 name: "t".to_owned(),
+                tls: tls.clone(),
             };
             match s
                 .spawn()
@@ -48,10 +72,19 @@ impl EtcdServer {
     }
 
     fn spawn(&mut self) -> io::Result<()> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::File::create(self.dir.path().join("etcd.log"))?;
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cert-file").arg(&t.cert_file);
+            cmd.arg("--key-file").arg(&t.key_file);
+            cmd.arg("--trusted-ca-file").arg(&t.ca_file);
+            if t.client_cert_auth {
+                cmd.arg("--client-cert-auth");
+            }
+        }
+        let child = cmd
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -92,8 +125,25 @@ impl EtcdServer {
         }
     }
 
-    /// Whether `/health` answers `"health":"true"`.
+    /// Whether etcd answers its health check.
     pub fn healthy(&self) -> bool {
+        if let Some(t) = &self.tls {
+            return Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .args(["--endpoints", &self.endpoint(), "--dial-timeout", "1s"])
+                .arg("--cacert")
+                .arg(&t.ca_file)
+                .arg("--cert")
+                .arg(&t.probe_cert_file)
+                .arg("--key")
+                .arg(&t.probe_key_file)
+                .args(["endpoint", "health"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+        }
         let addr = SocketAddr::from(([127, 0, 0, 1], self.client_port));
         let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
             return false;
@@ -119,9 +169,10 @@ impl EtcdServer {
         lines[lines.len().saturating_sub(5)..].join(" | ")
     }
 
-    /// `http://127.0.0.1:<port>`
+    /// `http://127.0.0.1:<port>` (`https://` with TLS)
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn dir(&self) -> &Path {
