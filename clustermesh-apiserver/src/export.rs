@@ -37,6 +37,9 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A key and its new value (None: deleted), recorded once etcd applied it.
+type Done = (String, Option<Vec<u8>>);
+
 fn etcd(op: &'static str) -> impl FnOnce(etcd_client::Error) -> Error {
     move |source| Error::Etcd { op, source }
 }
@@ -210,8 +213,7 @@ impl Exporter {
             puts: puts.len(),
             deletes: deletes.len(),
         };
-        let mut ops: Vec<(TxnOp, String, Option<Vec<u8>>)> =
-            Vec::with_capacity(puts.len() + deletes.len());
+        let mut ops: Vec<(TxnOp, Done)> = Vec::with_capacity(puts.len() + deletes.len());
         for (k, v) in puts {
             ops.push((
                 TxnOp::put(
@@ -219,18 +221,16 @@ impl Exporter {
                     v.clone(),
                     Some(PutOptions::new().with_lease(self.lease)),
                 ),
-                k,
-                Some(v),
+                (k, Some(v)),
             ));
         }
         for k in deletes {
-            ops.push((TxnOp::delete(k.clone(), None), k, None));
+            ops.push((TxnOp::delete(k.clone(), None), (k, None)));
         }
         while !ops.is_empty() {
             let rest = ops.split_off(ops.len().min(100));
             let batch = std::mem::replace(&mut ops, rest);
-            let (txn_ops, done): (Vec<TxnOp>, Vec<(String, Option<Vec<u8>>)>) =
-                batch.into_iter().map(|(op, k, v)| (op, (k, v))).unzip();
+            let (txn_ops, done): (Vec<TxnOp>, Vec<Done>) = batch.into_iter().unzip();
             self.client
                 .txn(Txn::new().and_then(txn_ops))
                 .await

@@ -145,13 +145,12 @@ pub async fn load(client: &mut Client, state: &mut ClusterState, now: Instant) -
                     .services
                     .insert((r.namespace.clone(), r.name.clone()), r);
             }
-        } else if rest.starts_with("identities/") {
-            if let Some(r) = parse::<IdentityRecord>(key, v)
-                && r.cluster == state.cluster
-                && r.id.cluster() == Some(state.cluster_id)
-            {
-                state.add_identity(r);
-            }
+        } else if rest.starts_with("identities/")
+            && let Some(r) = parse::<IdentityRecord>(key, v)
+            && r.cluster == state.cluster
+            && r.id.cluster() == Some(state.cluster_id)
+        {
+            state.add_identity(r);
         }
     }
     // Endpoints of nodes that are gone are not restored.
