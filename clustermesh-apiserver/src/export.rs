@@ -297,6 +297,22 @@ impl Exporter {
         Ok(total)
     }
 
+    /// Writes changed keys only (the steady state: O(changes)). Keys of a
+    /// kind are only written after its initial export, which [`Self::sync`]
+    /// does.
+    pub async fn apply_changes(&mut self, changes: Vec<crate::state::Change>) -> Result<SyncStats> {
+        let mut puts = Vec::new();
+        let mut deletes = Vec::new();
+        for (k, v) in changes {
+            match v {
+                Some(v) if self.written.get(&k) != Some(&v) => puts.push((k, v)),
+                None if self.written.contains_key(&k) => deletes.push(k),
+                _ => {}
+            }
+        }
+        self.apply(puts, deletes).await
+    }
+
     pub async fn heartbeat(&mut self) -> Result<()> {
         let hb = Heartbeat {
             cluster: self.cluster.clone(),

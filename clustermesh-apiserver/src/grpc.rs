@@ -177,7 +177,7 @@ impl Api {
             .await
             .map_err(unavailable)?;
         let identity = rec.identity.get();
-        st.endpoints.insert(ip, rec);
+        st.put_endpoint(rec);
         drop(st);
         sh.changed.notify_one();
         Ok(proto::AddEndpointResponse { identity })
@@ -368,7 +368,7 @@ impl ClusterMesh for Api {
                 store::delete_endpoint(&mut sh.client.clone(), &sh.keys, &ip)
                     .await
                     .map_err(unavailable)?;
-                st.endpoints.remove(&ip);
+                st.remove_endpoint(&ip);
                 drop(st);
                 sh.changed.notify_one();
             }
@@ -397,7 +397,7 @@ impl ClusterMesh for Api {
                 store::put_service(&mut sh.client.clone(), &sh.keys, &rec)
                     .await
                     .map_err(unavailable)?;
-                st.services.insert(key, rec);
+                st.put_service(rec);
                 drop(st);
                 sh.changed.notify_one();
             }
@@ -441,7 +441,7 @@ impl ClusterMesh for Api {
                 )
                 .await
                 .map_err(unavailable)?;
-                st.services.remove(&key);
+                st.remove_service(&key);
                 drop(st);
                 sh.changed.notify_one();
             }

@@ -169,6 +169,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     }
     let counts = st.counts();
     tracing::info!(?counts, "loaded stored state");
+    st.clear_changes();
 
     let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_listen)
         .await
@@ -209,7 +210,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     // followed by the canary.
     let stats = exporter.sync(&desired).await?;
     exporter.heartbeat().await?;
-    record_sync(&shared, &exporter, &desired, stats, None);
+    record_sync(&shared, &exporter, &counts, stats, None);
 
     // gRPC
     let mut builder = tonic::transport::Server::builder();
@@ -274,7 +275,7 @@ fn grpc_tls(t: &config::GrpcTls) -> Result<tonic::transport::ServerTlsConfig, St
 fn record_sync(
     shared: &Shared,
     exporter: &export::Exporter,
-    desired: &state::Desired,
+    counts: &[(StateKind, usize)],
     stats: export::SyncStats,
     heartbeat_ms: Option<u64>,
 ) {
@@ -287,8 +288,8 @@ fn record_sync(
         .etcd_deletes
         .fetch_add(stats.deletes as u64, Ordering::Relaxed);
     if let Ok(mut m) = shared.metrics.exported.lock() {
-        for (k, v) in &desired.kinds {
-            m.insert(k.as_str(), v.len() as u64);
+        for (k, v) in counts {
+            m.insert(k.as_str(), *v as u64);
         }
     }
     if let Ok(mut s) = shared.export_status.lock() {
@@ -324,6 +325,7 @@ async fn export_loop(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut expiry = tokio::time::interval(Duration::from_millis(500));
     let mut failures = 0u32;
+    let mut need_full = false;
     loop {
         let mut beat = false;
         tokio::select! {
@@ -341,15 +343,25 @@ async fn export_loop(
                     if let Err(e) = exporter.lease_lost().await {
                         tracing::warn!(error = %e, "granting a new lease failed");
                     }
+                    need_full = true;
                     lost = spawn_keepalive(exporter.lease());
                 } else {
                     return;
                 }
             }
         }
-        let desired = shared.state.lock().await.desired();
         let result = async {
-            let stats = exporter.sync(&desired).await?;
+            let stats = if need_full {
+                let desired = {
+                    let mut st = shared.state.lock().await;
+                    st.clear_changes();
+                    st.desired()
+                };
+                exporter.sync(&desired).await?
+            } else {
+                let changes = shared.state.lock().await.take_changes();
+                exporter.apply_changes(changes).await?
+            };
             if beat {
                 exporter.heartbeat().await?;
             }
@@ -359,6 +371,7 @@ async fn export_loop(
         match result {
             Ok(stats) => {
                 failures = 0;
+                need_full = false;
                 let hb = if beat {
                     Some(export::now_ms())
                 } else {
@@ -368,10 +381,13 @@ async fn export_loop(
                         .ok()
                         .map(|s| s.last_heartbeat_ms)
                 };
-                record_sync(&shared, &exporter, &desired, stats, hb);
+                let counts = shared.state.lock().await.counts();
+                record_sync(&shared, &exporter, &counts, stats, hb);
             }
             Err(e) => {
                 failures += 1;
+                // Pending changes may be half applied: resync everything.
+                need_full = true;
                 shared.metrics.etcd_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, failures, "export failed; retrying");
                 if let Ok(mut s) = shared.export_status.lock() {

@@ -4,15 +4,15 @@
 //! into etcd keys.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     time::{Duration, Instant},
 };
 
 use clustermesh_api::{
     ClusterConfig, ClusterId, ClusterName, EncryptionPolicy, EndpointRecord, FieldError, Identity,
-    IdentityRecord, IpCidr, K8sName, KvKey, Labels, NodeName, NodeRecord, Record, ServiceRecord,
-    StateKind, encode,
+    IdentityRecord, IpCidr, K8sName, Key, KvKey, Labels, NodeName, NodeRecord, Record,
+    ServiceRecord, StateKind, encode,
 };
 
 /// Why a change was refused; maps onto a gRPC status code.
@@ -65,7 +65,13 @@ pub struct ClusterState {
     pub file_services: BTreeMap<ServiceName, ServiceRecord>,
     pub identities: BTreeMap<Identity, IdentityRecord>,
     pub identity_by_labels: BTreeMap<Labels, Identity>,
+    /// Exported keys changed since the last [`ClusterState::take_changes`]:
+    /// the exporter writes only these, so a change costs O(1), not O(state).
+    dirty: BTreeSet<Key>,
 }
+
+/// One exported key's new value (None: delete).
+pub type Change = (String, Option<Vec<u8>>);
 
 /// The keys and values the exporter keeps in etcd (without canaries and
 /// heartbeat, which it manages itself).
@@ -99,6 +105,77 @@ impl ClusterState {
             file_services: BTreeMap::new(),
             identities: BTreeMap::new(),
             identity_by_labels: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    fn touch(&mut self, key: Key) {
+        self.dirty.insert(key);
+    }
+
+    /// The current value of every exported key changed since the last call.
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty
+            .into_iter()
+            .map(|k| {
+                let v = match &k {
+                    Key::Node { node, .. } => {
+                        self.nodes.get(node).and_then(|n| encode(&n.record).ok())
+                    }
+                    Key::Ip { ip, .. } => self.endpoints.get(ip).and_then(|e| encode(e).ok()),
+                    Key::Identity { id, .. } => {
+                        self.identities.get(id).and_then(|i| encode(i).ok())
+                    }
+                    Key::Service {
+                        namespace, name, ..
+                    } => {
+                        let sk = (namespace.clone(), name.clone());
+                        self.services
+                            .get(&sk)
+                            .or_else(|| self.file_services.get(&sk))
+                            .and_then(|s| encode(s).ok())
+                    }
+                    _ => None,
+                };
+                (k.build(), v)
+            })
+            .collect()
+    }
+
+    /// Forgets pending changes (a full sync covers them).
+    pub fn clear_changes(&mut self) {
+        self.dirty.clear();
+    }
+
+    pub fn put_endpoint(&mut self, rec: EndpointRecord) {
+        self.touch(rec.key());
+        self.endpoints.insert(rec.ip, rec);
+    }
+
+    pub fn remove_endpoint(&mut self, ip: &IpAddr) -> bool {
+        match self.endpoints.remove(ip) {
+            Some(rec) => {
+                self.touch(rec.key());
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn put_service(&mut self, rec: ServiceRecord) {
+        self.touch(rec.key());
+        self.services
+            .insert((rec.namespace.clone(), rec.name.clone()), rec);
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceName) -> bool {
+        match self.services.remove(key) {
+            Some(rec) => {
+                self.touch(rec.key());
+                true
+            }
+            None => false,
         }
     }
 
@@ -190,6 +267,7 @@ impl ClusterState {
         if outcome == Registration::Replaced {
             self.remove_endpoints_of(&rec.name);
         }
+        self.touch(rec.key());
         self.nodes.insert(
             rec.name.clone(),
             NodeEntry {
@@ -241,14 +319,20 @@ impl ClusterState {
 
     fn remove_endpoints_of(&mut self, node: &NodeName) {
         for ip in self.endpoints_of(node) {
-            self.endpoints.remove(&ip);
+            self.remove_endpoint(&ip);
         }
     }
 
     /// Removes a node and its endpoints.
     pub fn remove_node(&mut self, node: &NodeName) -> bool {
         self.remove_endpoints_of(node);
-        self.nodes.remove(node).is_some()
+        match self.nodes.remove(node) {
+            Some(e) => {
+                self.touch(e.record.key());
+                true
+            }
+            None => false,
+        }
     }
 
     /// Checks an endpoint before its identity is allocated.
@@ -296,6 +380,10 @@ impl ClusterState {
     }
 
     pub fn add_identity(&mut self, rec: IdentityRecord) {
+        if self.identities.get(&rec.id) == Some(&rec) {
+            return;
+        }
+        self.touch(rec.key());
         self.identity_by_labels.insert(rec.labels.clone(), rec.id);
         self.identities.insert(rec.id, rec);
     }
@@ -431,18 +519,15 @@ mod tests {
             s.check_endpoint(&"zz".parse().unwrap(), "10.1.0.5".parse().unwrap()),
             Err(Refusal::FailedPrecondition(_))
         ));
-        s.endpoints.insert(
-            "10.1.0.5".parse().unwrap(),
-            EndpointRecord {
-                ip: "10.1.0.5".parse().unwrap(),
-                cluster: "c1".parse().unwrap(),
-                identity: Identity::new(ClusterId::new(1).unwrap(), 256).unwrap(),
-                host_ip: "192.0.2.1".parse().unwrap(),
-                node: Some(a.clone()),
-                namespace: None,
-                name: None,
-            },
-        );
+        s.put_endpoint(EndpointRecord {
+            ip: "10.1.0.5".parse().unwrap(),
+            cluster: "c1".parse().unwrap(),
+            identity: Identity::new(ClusterId::new(1).unwrap(), 256).unwrap(),
+            host_ip: "192.0.2.1".parse().unwrap(),
+            node: Some(a.clone()),
+            namespace: None,
+            name: None,
+        });
         assert!(
             s.expired_nodes(t0 + Duration::from_secs(29), TTL)
                 .is_empty()
@@ -455,6 +540,12 @@ mod tests {
         assert!(s.endpoints.is_empty(), "a node's endpoints go with it");
         let d = s.desired();
         assert!(d.kinds[&StateKind::Nodes].is_empty());
+        // Every touched key is reported once, with its current value: the
+        // node and endpoint were added then removed, so both are deletes.
+        let changes = s.take_changes();
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(changes.iter().all(|(_, v)| v.is_none()));
+        assert!(s.take_changes().is_empty());
         assert!(d.cluster_config.0.ends_with("cluster-config/c1"));
     }
 }
