@@ -27,7 +27,7 @@ pub struct GrpcTls {
     pub client_ca_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     pub cluster_name: ClusterName,
     pub cluster_id: ClusterId,
@@ -49,6 +49,21 @@ pub struct Config {
     /// A registered node that sends no heartbeat for this long is removed
     /// with its endpoints.
     pub node_ttl: Duration,
+    /// Kubernetes mode: watch Nodes, Services, EndpointSlices and Namespaces
+    /// with this client (in addition to the standalone API).
+    pub kubernetes: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("cluster_name", &self.cluster_name)
+            .field("cluster_id", &self.cluster_id)
+            .field("etcd", &self.etcd)
+            .field("grpc_listen", &self.grpc_listen)
+            .field("kubernetes", &self.kubernetes.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +107,7 @@ impl Config {
             lease_ttl: Self::DEFAULT_LEASE_TTL,
             heartbeat_interval: Self::DEFAULT_HEARTBEAT,
             node_ttl: Self::DEFAULT_NODE_TTL,
+            kubernetes: None,
         }
     }
 

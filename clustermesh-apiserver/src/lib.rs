@@ -12,6 +12,8 @@
 //! - [`export`]: the leased public export, canaries, heartbeat.
 //! - [`grpc`]: the `clustermesh.v1.ClusterMesh` service.
 //! - [`remote_access`]: read-only etcd users for remote clusters.
+//! - [`kube_source`]: Nodes, Services, EndpointSlices, Namespaces from
+//!   Kubernetes (kube-rs), as the same records.
 //!
 //! One root [`CancellationToken`] and one [`TaskTracker`]: every task is
 //! tracked; shutdown cancels and waits with a grace period. Stopping does not
@@ -22,6 +24,7 @@ pub mod config;
 pub mod etcd;
 pub mod export;
 pub mod grpc;
+pub mod kube_source;
 pub mod metrics;
 pub mod remote_access;
 pub mod services_file;
@@ -64,6 +67,8 @@ pub enum StartError {
     Tls(String),
     #[error("stopped before etcd could be reached")]
     Cancelled,
+    #[error("Kubernetes: {0}")]
+    Kube(String),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -167,6 +172,24 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 .insert((s.namespace.clone(), s.name.clone()), s);
         }
     }
+    // Kubernetes: list everything before the first export, so a restart
+    // exports the same set instead of deleting and re-adding it.
+    let kube = match &cfg.kubernetes {
+        Some(client) => {
+            let mut src = kube_source::KubeSource::new(client.clone(), cfg.cluster_name.clone());
+            tokio::time::timeout(Duration::from_secs(60), src.initial_sync())
+                .await
+                .map_err(|_| StartError::Kube("initial list did not complete within 60s".into()))?
+                .map_err(|e| StartError::Kube(e.to_string()))?;
+            let recs = src.records();
+            for s in &recs.skipped {
+                tracing::warn!(skipped = %s, "Kubernetes object not exported");
+            }
+            st.replace_kube(&recs.nodes, &recs.services, Instant::now());
+            Some(src)
+        }
+        None => None,
+    };
     let counts = st.counts();
     tracing::info!(?counts, "loaded stored state");
     st.clear_changes();
@@ -244,6 +267,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         ));
     }
 
+    if let Some(src) = kube {
+        tracker.spawn(kube_loop(src, shared.clone(), cancel.clone()));
+    }
     tracker.spawn(export_loop(
         shared.clone(),
         exporter,
@@ -398,6 +424,38 @@ async fn export_loop(
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(delay) => shared.changed.notify_one(),
                 }
+            }
+        }
+    }
+}
+
+/// Follows the Kubernetes watchers and hands their records to the state.
+async fn kube_loop(
+    mut src: kube_source::KubeSource,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let changed = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = src.next() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "Kubernetes source stopped");
+                    return;
+                }
+            },
+        };
+        if changed {
+            let recs = src.records();
+            let n =
+                shared
+                    .state
+                    .lock()
+                    .await
+                    .replace_kube(&recs.nodes, &recs.services, Instant::now());
+            if n > 0 {
+                shared.changed.notify_one();
             }
         }
     }

@@ -68,6 +68,10 @@ struct Args {
     /// Seconds without a node heartbeat before the node is removed.
     #[arg(long, default_value_t = 30)]
     node_ttl: u64,
+    /// Kubernetes mode: also watch Nodes, Services, EndpointSlices and
+    /// Namespaces (in-cluster config or KUBECONFIG).
+    #[arg(long)]
+    kubernetes: bool,
 }
 
 fn config(a: Args) -> Result<Config, String> {
@@ -133,13 +137,26 @@ async fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let cfg = match config(Args::parse()) {
+    let args = Args::parse();
+    let kubernetes = args.kubernetes;
+    let mut cfg = match config(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("clustermesh-apiserver: invalid configuration: {e}");
             return std::process::ExitCode::from(64);
         }
     };
+    if kubernetes {
+        match kube::Client::try_default().await {
+            Ok(c) => cfg.kubernetes = Some(c),
+            Err(e) => {
+                eprintln!(
+                    "clustermesh-apiserver: --kubernetes: no usable Kubernetes configuration: {e}"
+                );
+                return std::process::ExitCode::from(64);
+            }
+        }
+    }
     let running = match clustermesh_apiserver::start(cfg).await {
         Ok(r) => r,
         Err(e @ StartError::Config(_)) => {

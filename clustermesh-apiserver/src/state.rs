@@ -47,6 +47,9 @@ impl Refusal {
 pub struct NodeEntry {
     pub record: NodeRecord,
     pub last_seen: Instant,
+    /// Declared by the Kubernetes API (a Node object), not by a registering
+    /// agent: it lives as long as the object, not by heartbeats.
+    pub from_kubernetes: bool,
 }
 
 pub type ServiceName = (K8sName, K8sName);
@@ -63,6 +66,8 @@ pub struct ClusterState {
     pub services: BTreeMap<ServiceName, ServiceRecord>,
     /// Services from the services file (re-read at start, not persisted).
     pub file_services: BTreeMap<ServiceName, ServiceRecord>,
+    /// Services from the Kubernetes API (re-listed at start, not persisted).
+    pub kube_services: BTreeMap<ServiceName, ServiceRecord>,
     pub identities: BTreeMap<Identity, IdentityRecord>,
     pub identity_by_labels: BTreeMap<Labels, Identity>,
     /// Exported keys changed since the last [`ClusterState::take_changes`]:
@@ -103,6 +108,7 @@ impl ClusterState {
             endpoints: BTreeMap::new(),
             services: BTreeMap::new(),
             file_services: BTreeMap::new(),
+            kube_services: BTreeMap::new(),
             identities: BTreeMap::new(),
             identity_by_labels: BTreeMap::new(),
             dirty: BTreeSet::new(),
@@ -134,6 +140,7 @@ impl ClusterState {
                         self.services
                             .get(&sk)
                             .or_else(|| self.file_services.get(&sk))
+                            .or_else(|| self.kube_services.get(&sk))
                             .and_then(|s| encode(s).ok())
                     }
                     _ => None,
@@ -273,8 +280,68 @@ impl ClusterState {
             NodeEntry {
                 record: rec,
                 last_seen: now,
+                from_kubernetes: false,
             },
         );
+    }
+
+    /// Makes the Kubernetes-sourced nodes and services equal to `nodes` and
+    /// `services` (mark and sweep); only what differs is touched. Returns
+    /// the number of records changed.
+    pub fn replace_kube(
+        &mut self,
+        nodes: &[NodeRecord],
+        services: &[ServiceRecord],
+        now: Instant,
+    ) -> usize {
+        let mut changed = 0;
+        let gone: Vec<NodeName> = self
+            .nodes
+            .iter()
+            .filter(|(n, e)| e.from_kubernetes && !nodes.iter().any(|r| r.name == **n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            self.remove_node(&n);
+            changed += 1;
+        }
+        for r in nodes {
+            if self.nodes.get(&r.name).is_some_and(|e| e.record == *r) {
+                continue;
+            }
+            self.touch(r.key());
+            self.nodes.insert(
+                r.name.clone(),
+                NodeEntry {
+                    record: r.clone(),
+                    last_seen: now,
+                    from_kubernetes: true,
+                },
+            );
+            changed += 1;
+        }
+        let gone: Vec<ServiceName> = self
+            .kube_services
+            .keys()
+            .filter(|k| !services.iter().any(|s| s.namespace == k.0 && s.name == k.1))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(rec) = self.kube_services.remove(&k) {
+                self.touch(rec.key());
+                changed += 1;
+            }
+        }
+        for s in services {
+            let k = (s.namespace.clone(), s.name.clone());
+            if self.kube_services.get(&k) == Some(s) {
+                continue;
+            }
+            self.touch(s.key());
+            self.kube_services.insert(k, s.clone());
+            changed += 1;
+        }
+        changed
     }
 
     /// Refreshes a node's liveness; the boot id must match.
@@ -303,7 +370,9 @@ impl ClusterState {
     pub fn expired_nodes(&self, now: Instant, ttl: Duration) -> Vec<NodeName> {
         self.nodes
             .iter()
-            .filter(|(_, e)| now.saturating_duration_since(e.last_seen) >= ttl)
+            .filter(|(_, e)| {
+                !e.from_kubernetes && now.saturating_duration_since(e.last_seen) >= ttl
+            })
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -371,12 +440,21 @@ impl ClusterState {
                 svc.namespace, svc.name
             )));
         }
+        if self.kube_services.contains_key(&key) {
+            return Err(Refusal::FailedPrecondition(format!(
+                "service {}/{} is a Kubernetes Service; change it (or its annotations) there",
+                svc.namespace, svc.name
+            )));
+        }
         Ok(())
     }
 
     /// All services, API-declared and from the file.
     pub fn all_services(&self) -> impl Iterator<Item = &ServiceRecord> {
-        self.services.values().chain(self.file_services.values())
+        self.services
+            .values()
+            .chain(self.file_services.values())
+            .chain(self.kube_services.values())
     }
 
     pub fn add_identity(&mut self, rec: IdentityRecord) {

@@ -128,6 +128,7 @@ pub async fn load(client: &mut Client, state: &mut ClusterState, now: Instant) -
                     NodeEntry {
                         record: r,
                         last_seen: now,
+                        from_kubernetes: false,
                     },
                 );
             }
