@@ -1,54 +1,144 @@
-//! `node-agent`: today it attaches the datapath's endpoint program to the
-//! given interfaces and reports its counters until interrupted; the cluster
-//! watchers and reconcilers build on it.
+//! `node-agent`. Today it:
+//! - attaches the datapath's `from_endpoint` program to the given host-side
+//!   endpoint interfaces (optionally inside a named network namespace) and
+//!   reports its counters;
+//! - in standalone mode registers its node and endpoints with the cluster's
+//!   apiserver and keeps them alive.
+//!
+//! The cluster watchers and reconcilers build on it.
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use node_agent::datapath::EndpointProgram;
+use clustermesh_api::proto;
+use node_agent::{
+    datapath::EndpointProgram,
+    registration::{self, EndpointSpec},
+};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(name = "node-agent", version, about = "clustermesh node agent")]
 struct Args {
     /// Host-side interfaces of local endpoints to attach `from_endpoint` to.
-    #[arg(long = "endpoint-iface", required = true)]
+    #[arg(long = "endpoint-iface")]
     endpoint_ifaces: Vec<String>,
+    /// Network namespace (ip netns name) holding the endpoint interfaces;
+    /// the agent itself stays in its own namespace.
+    #[arg(long)]
+    netns: Option<String>,
     /// Seconds between counter reports.
     #[arg(long, default_value_t = 5)]
     report_every: u64,
-    /// Exit after this many reports (0 = run until killed).
+    /// Exit after this many reports (0 = run until stopped).
     #[arg(long, default_value_t = 0)]
     reports: u64,
+    /// The cluster's apiserver, e.g. http://127.0.0.1:9950 (standalone mode).
+    #[arg(long)]
+    apiserver: Option<String>,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Underlay IPs other nodes reach this node at.
+    #[arg(long = "underlay-ip")]
+    underlay_ips: Vec<String>,
+    /// Pod CIDRs of this node.
+    #[arg(long = "pod-cidr")]
+    pod_cidrs: Vec<String>,
+    /// Endpoints to register: IP[,ns=NS][,name=NAME],LABEL=VALUE...
+    #[arg(long = "endpoint")]
+    endpoints: Vec<EndpointSpec>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn attach(ifaces: &[String], netns: Option<&str>) -> anyhow::Result<Vec<EndpointProgram>> {
+    let ifaces = ifaces.to_vec();
+    let netns = netns.map(str::to_owned);
+    std::thread::spawn(move || -> anyhow::Result<Vec<EndpointProgram>> {
+        if let Some(ns) = &netns {
+            let f = std::fs::File::open(format!("/var/run/netns/{ns}"))
+                .with_context(|| format!("network namespace {ns}"))?;
+            // SAFETY: a valid namespace fd; affects only this thread, which
+            // ends after attaching (the TCX links live in their fds).
+            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error()).context("entering the network namespace");
+            }
+        }
+        ifaces
+            .iter()
+            .map(|i| EndpointProgram::attach(i).with_context(|| format!("attaching to {i}")))
+            .collect()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("attach thread panicked"))?
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
-    let progs = args
-        .endpoint_ifaces
-        .iter()
-        .map(|i| EndpointProgram::attach(i).with_context(|| format!("attaching to {i}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    if args.endpoint_ifaces.is_empty() && args.apiserver.is_none() {
+        anyhow::bail!("nothing to do: give --endpoint-iface and/or --apiserver");
+    }
+    let progs = attach(&args.endpoint_ifaces, args.netns.as_deref())?;
     for p in &progs {
         println!("attached from_endpoint to {}", p.iface());
     }
+    let cancel = CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let (ids_tx, mut ids_rx) = tokio::sync::watch::channel(Vec::new());
+    if let Some(addr) = args.apiserver.clone() {
+        let name = match args.node_name.clone() {
+            Some(n) => n,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_owned())
+                .context("reading the host name (or give --node-name)")?,
+        };
+        let node = proto::Node {
+            name,
+            underlay_ips: args.underlay_ips.clone(),
+            pod_cidrs: args.pod_cidrs.clone(),
+            boot_id: registration::boot_id(),
+            ..Default::default()
+        };
+        tracker.spawn(registration::run(addr, node, args.endpoints.clone(), ids_tx, cancel.clone()));
+    }
+    tracker.close();
     let mut n = 0;
+    let mut ids_open = true;
+    let mut tick = tokio::time::interval(Duration::from_secs(args.report_every.max(1)));
+    tick.tick().await;
     loop {
-        std::thread::sleep(Duration::from_secs(args.report_every.max(1)));
-        for p in &progs {
-            for (dir, verdict, c) in p.counters()? {
-                println!(
-                    "{} {:?} {}: {} packets, {} bytes",
-                    p.iface(),
-                    dir,
-                    verdict.name(),
-                    c.packets,
-                    c.bytes
-                );
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            r = ids_rx.changed(), if ids_open => {
+                if r.is_err() {
+                    ids_open = false;
+                    continue;
+                }
+                for (ip, id) in ids_rx.borrow_and_update().iter() {
+                    println!("endpoint {ip} has identity {id}");
+                }
+            }
+            _ = tick.tick() => {
+                for p in &progs {
+                    for (dir, verdict, c) in p.counters()? {
+                        println!("{} {:?} {}: {} packets, {} bytes", p.iface(), dir, verdict.name(), c.packets, c.bytes);
+                    }
+                }
+                n += 1;
+                if args.reports != 0 && n >= args.reports {
+                    break;
+                }
             }
         }
-        n += 1;
-        if args.reports != 0 && n >= args.reports {
-            return Ok(());
-        }
     }
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tracker.wait()).await;
+    Ok(())
 }

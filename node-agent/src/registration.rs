@@ -1,0 +1,204 @@
+//! Standalone mode: the agent registers its node and its endpoints with its
+//! cluster's clustermesh-apiserver and keeps the registration alive with a
+//! heartbeat stream. When the stream breaks (apiserver restart, network),
+//! it reconnects with jittered exponential backoff and registers again; the
+//! apiserver treats a same-boot-id registration as a refresh.
+
+use std::{collections::HashMap, time::Duration};
+
+use clustermesh_api::proto::{self, cluster_mesh_client::ClusterMeshClient};
+use futures_util::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+/// An endpoint the agent registers: its IP and security labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub ip: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: HashMap<String, String>,
+}
+
+impl std::str::FromStr for EndpointSpec {
+    type Err = String;
+    /// `IP[,ns=NAMESPACE][,name=NAME][,LABEL=VALUE...]`, e.g.
+    /// `10.1.0.2,ns=default,name=web-1,k8s:app=web`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let ip = parts.next().unwrap_or_default().trim().to_owned();
+        if ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(format!("endpoint {s:?}: {ip:?} is not an IP address"));
+        }
+        let mut e = EndpointSpec {
+            ip,
+            namespace: String::new(),
+            name: String::new(),
+            labels: HashMap::new(),
+        };
+        for p in parts {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| format!("endpoint {s:?}: {p:?} is not KEY=VALUE"))?;
+            match k {
+                "ns" => e.namespace = v.to_owned(),
+                "name" => e.name = v.to_owned(),
+                _ => {
+                    e.labels.insert(k.to_owned(), v.to_owned());
+                }
+            }
+        }
+        if e.labels.is_empty() {
+            return Err(format!("endpoint {s:?}: needs at least one LABEL=VALUE"));
+        }
+        Ok(e)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("connecting to the apiserver at {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("apiserver refused {what}: {status}")]
+    Refused { what: String, status: tonic::Status },
+}
+
+/// The node's boot id (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+async fn session(
+    addr: &str,
+    node: &proto::Node,
+    endpoints: &[EndpointSpec],
+    identities: &tokio::sync::watch::Sender<Vec<(String, u32)>>,
+    cancel: &CancellationToken,
+) -> Result<(), Error> {
+    let mut c = ClusterMeshClient::connect(addr.to_owned())
+        .await
+        .map_err(|source| Error::Connect {
+            addr: addr.to_owned(),
+            source,
+        })?;
+    let r = c
+        .register_node(proto::RegisterNodeRequest {
+            node: Some(node.clone()),
+        })
+        .await
+        .map_err(|status| Error::Refused {
+            what: format!("node {}", node.name),
+            status,
+        })?
+        .into_inner();
+    tracing::info!(node = %node.name, cluster = %r.cluster, cluster_id = r.cluster_id, ttl = r.ttl_seconds, "registered");
+    let mut ids = Vec::new();
+    for e in endpoints {
+        let id = c
+            .add_endpoint(proto::AddEndpointRequest {
+                node: node.name.clone(),
+                ip: e.ip.clone(),
+                namespace: e.namespace.clone(),
+                name: e.name.clone(),
+                labels: e.labels.clone(),
+            })
+            .await
+            .map_err(|status| Error::Refused {
+                what: format!("endpoint {}", e.ip),
+                status,
+            })?
+            .into_inner()
+            .identity;
+        tracing::info!(ip = %e.ip, identity = id, "endpoint registered");
+        ids.push((e.ip.clone(), id));
+    }
+    identities.send_replace(ids);
+    let every = Duration::from_secs(u64::from(r.ttl_seconds.max(3)) / 3);
+    let beat = proto::NodeHeartbeatRequest {
+        node: node.name.clone(),
+        boot_id: node.boot_id.clone(),
+    };
+    let c2 = cancel.clone();
+    let out = futures_util::stream::unfold(true, move |first| {
+        let beat = beat.clone();
+        let c2 = c2.clone();
+        async move {
+            if !first {
+                tokio::select! {
+                    _ = c2.cancelled() => return None,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+            Some((beat, false))
+        }
+    });
+    let mut acks = c
+        .node_heartbeat(out)
+        .await
+        .map_err(|status| Error::Refused {
+            what: "heartbeat stream".into(),
+            status,
+        })?
+        .into_inner();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            m = acks.next() => match m {
+                Some(Ok(_)) => {}
+                Some(Err(status)) => return Err(Error::Refused { what: "heartbeat".into(), status }),
+                None => return Err(Error::Refused { what: "heartbeat".into(), status: tonic::Status::unavailable("stream ended") }),
+            },
+        }
+    }
+}
+
+/// Registers and keeps the registration alive until cancelled; publishes the
+/// identities the apiserver allocated for the endpoints.
+pub async fn run(
+    addr: String,
+    node: proto::Node,
+    endpoints: Vec<EndpointSpec>,
+    identities: tokio::sync::watch::Sender<Vec<(String, u32)>>,
+    cancel: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match session(&addr, &node, &endpoints, &identities, &cancel).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "registration lost; retrying in {delay:?}"),
+        }
+        // Jittered exponential backoff, capped at 5 s.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let jitter = delay.mul_f64(f64::from(nanos % 1000) / 2000.0);
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay + jitter) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn endpoint_specs() {
+        let e: EndpointSpec = "10.1.0.2,ns=default,name=web-1,k8s:app=web".parse().unwrap();
+        assert_eq!(e.ip, "10.1.0.2");
+        assert_eq!(e.namespace, "default");
+        assert_eq!(e.labels["k8s:app"], "web");
+        assert!("nope,k8s:app=web".parse::<EndpointSpec>().is_err());
+        assert!("10.1.0.2".parse::<EndpointSpec>().is_err());
+        assert!("10.1.0.2,junk".parse::<EndpointSpec>().is_err());
+    }
+}
