@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The local demo. Until the apiserver and mesh harness land, it runs the
-# smallest real slice of the product on this machine:
-#   - a real etcd holding two clusters' records, written in the stable key
-#     schema after validation by `clustermesh validate-record`;
-#   - per cluster a node namespace and a pod namespace joined by a veth, with
-#     node-agent attaching the eBPF `from_endpoint` program (TCX) on the
-#     node side and reporting the packets it sees from the pod.
+# The local demo. Until the mesh harness (e2e) lands, it runs the real slice
+# of the product that exists, for two clusters c1 (id 1) and c2 (id 2):
+#   - per cluster a real etcd and a clustermesh-apiserver exporting into it
+#     (a global service from a standalone YAML file, encryption policy);
+#   - per cluster a node namespace and a pod namespace joined by a veth, and a
+#     node-agent that attaches the eBPF `from_endpoint` program (TCX) on the
+#     node side and registers its node and the pod with the apiserver, which
+#     allocates the pod's security identity and exports everything.
 # Everything it creates is recorded under target/mesh and removed by `down`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,54 +29,79 @@ down() {
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+wait_for() { # file pattern what
+  for _ in $(seq 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "demo: timed out waiting for $3; log $1:" >&2; tail -20 "$1" >&2; exit 1
+}
+
 up() {
   [ "$(id -u)" = 0 ] || { echo "demo: run as root (network namespaces, eBPF)" >&2; exit 1; }
   down
   mkdir -p "$STATE/pids" "$STATE/logs"
-  local cport pport
-  cport=$(free_port); pport=$(free_port)
-  local ep="http://127.0.0.1:$cport"
-  etcd --name demo --data-dir "$STATE/etcd" \
-    --listen-client-urls "$ep" --advertise-client-urls "$ep" \
-    --listen-peer-urls "http://127.0.0.1:$pport" --initial-advertise-peer-urls "http://127.0.0.1:$pport" \
-    --initial-cluster "demo=http://127.0.0.1:$pport" --log-level warn >"$STATE/logs/etcd.log" 2>&1 &
-  echo $! >"$STATE/pids/etcd"
-  echo "$ep" >"$STATE/etcd-endpoint"
-  for _ in $(seq 100); do ETCDCTL_API=3 etcdctl --endpoints "$ep" endpoint health >/dev/null 2>&1 && break; sleep 0.1; done
-  ETCDCTL_API=3 etcdctl --endpoints "$ep" endpoint health
-
   local id=0
   for c in c1 c2; do
     id=$((id + 1))
+    local cport pport gport mport ep
+    cport=$(free_port); pport=$(free_port); gport=$(free_port); mport=$(free_port)
+    ep="http://127.0.0.1:$cport"
+    echo "$ep" >"$STATE/etcd-$c"
+    echo "127.0.0.1:$gport" >"$STATE/apiserver-$c"
+    echo "127.0.0.1:$mport" >"$STATE/metrics-$c"
+    # 1. the cluster's etcd
+    etcd --name "$c" --data-dir "$STATE/etcd-$c.data" \
+      --listen-client-urls "$ep" --advertise-client-urls "$ep" \
+      --listen-peer-urls "http://127.0.0.1:$pport" --initial-advertise-peer-urls "http://127.0.0.1:$pport" \
+      --initial-cluster "$c=http://127.0.0.1:$pport" --log-level warn >"$STATE/logs/etcd-$c.log" 2>&1 &
+    echo $! >"$STATE/pids/etcd-$c"
+    for _ in $(seq 100); do ETCDCTL_API=3 etcdctl --endpoints "$ep" endpoint health >/dev/null 2>&1 && break; sleep 0.1; done
+
+    # 2. a global service declared in standalone YAML
+    cat >"$STATE/services-$c.yaml" <<YAML
+services:
+  - namespace: default
+    name: web
+    frontends: [10.96.0.10]
+    ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
+    backends: [{ip: 10.$id.0.2, node: node-1}]
+    global: true
+    affinity: local
+YAML
+    # 3. the cluster's apiserver
+    "$BIN/clustermesh-apiserver" --cluster-name "$c" --cluster-id "$id" --etcd-endpoints "$ep" \
+      --listen "127.0.0.1:$gport" --metrics-listen "127.0.0.1:$mport" \
+      --services-file "$STATE/services-$c.yaml" --encryption wireguard --encryption-strict \
+      >"$STATE/logs/apiserver-$c.log" 2>&1 &
+    echo $! >"$STATE/pids/apiserver-$c"
+    wait_for "$STATE/logs/apiserver-$c.log" "serving" "apiserver of $c"
+
+    # 4. a node and a pod: namespaces joined by a veth (addresses exist only there)
     local node="$NS_PREFIX-$c-node" pod="$NS_PREFIX-$c-pod"
     ip netns add "$node"; ip netns add "$pod"
     ip -n "$node" link set lo up; ip -n "$pod" link set lo up
+    ip -n "$node" addr add "192.0.2.$id/32" dev lo
     ip -n "$node" link add lxc0 type veth peer name eth0 netns "$pod"
     ip -n "$node" addr add "10.$id.0.1/24" dev lxc0
     ip -n "$pod" addr add "10.$id.0.2/24" dev eth0
     ip -n "$node" link set lxc0 up; ip -n "$pod" link set eth0 up
-    ip netns exec "$node" "$BIN/node-agent" --endpoint-iface lxc0 --report-every 1 \
-      >"$STATE/logs/agent-$c.log" 2>&1 &
-    echo $! >"$STATE/pids/agent-$c"
 
-    put() { # key json: validated exactly as an agent would decode it
-      echo "$2" | "$BIN/clustermesh" validate-record "$1" >/dev/null
-      ETCDCTL_API=3 etcdctl --endpoints "$ep" put "$1" "$2" >/dev/null
-    }
-    put "clustermesh/cluster-config/$c" "{\"id\":$id,\"name\":\"$c\",\"encryption\":{\"mode\":\"wireguard\",\"strict\":true}}"
-    put "clustermesh/state/nodes/v1/$c/node-1" "{\"name\":\"node-1\",\"cluster\":\"$c\",\"underlayIps\":[\"10.$id.0.1\"],\"podCidrs\":[\"10.$id.0.0/24\"],\"bootId\":\"demo-$c\"}"
-    put "clustermesh/state/ip/v1/$c/10.$id.0.2" "{\"ip\":\"10.$id.0.2\",\"cluster\":\"$c\",\"identity\":$(( (id << 16) | 256 )),\"hostIp\":\"10.$id.0.1\",\"namespace\":\"default\",\"name\":\"pod-1\"}"
+    # 5. the node agent: eBPF on the pod's veth, node + endpoint registered
+    "$BIN/node-agent" --netns "$node" --endpoint-iface lxc0 --report-every 1 \
+      --apiserver "http://127.0.0.1:$gport" --node-name node-1 \
+      --underlay-ip "192.0.2.$id" --pod-cidr "10.$id.0.0/24" \
+      --endpoint "10.$id.0.2,ns=default,name=web-1,k8s:app=web" \
+      >"$STATE/logs/agent-$c.log" 2>"$STATE/logs/agent-$c.err" &
+    echo $! >"$STATE/pids/agent-$c"
+  done
+  for c in c1 c2; do
+    wait_for "$STATE/logs/agent-$c.log" "^attached" "agent of $c to attach"
+    wait_for "$STATE/logs/agent-$c.log" "has identity" "agent of $c to register its endpoint"
   done
 
   echo
   echo "== a record the schema refuses: a node whose pod CIDR has host bits set"
-  echo '{"name":"node-x","cluster":"c1","underlayIps":["10.1.0.9"],"podCidrs":["10.1.0.1/24"],"bootId":"x"}' \
+  echo '{"name":"node-x","cluster":"c1","underlayIps":["192.0.2.9"],"podCidrs":["10.1.0.1/24"],"bootId":"x"}' \
     | "$BIN/clustermesh" validate-record clustermesh/state/nodes/v1/c1/node-x || true
 
-  for c in c1 c2; do # wait until both agents have attached
-    for _ in $(seq 100); do grep -q '^attached' "$STATE/logs/agent-$c.log" && break; sleep 0.1; done
-    grep -q '^attached' "$STATE/logs/agent-$c.log" || { echo "agent of $c did not attach:"; cat "$STATE/logs/agent-$c.log"; exit 1; }
-  done
   for c in c1 c2; do
     local id=${c#c}
     echo "== $c: pod pings its node through the eBPF datapath"
@@ -83,17 +109,35 @@ up() {
   done
   sleep 1.2 # one report interval, so the agents' next report includes the pings
   echo
-  echo "== eBPF counters reported by the node agents"
-  for c in c1 c2; do echo "-- $c"; tail -n 1 "$STATE/logs/agent-$c.log"; done
+  echo "== node agents: identities allocated by the apiservers, eBPF counters"
+  for c in c1 c2; do echo "-- $c"; grep "has identity" "$STATE/logs/agent-$c.log" | tail -1; tail -n 1 "$STATE/logs/agent-$c.log"; done
+  for c in c1 c2; do
+    echo
+    echo "== $c: etcdctl get --prefix clustermesh/ (exported records; internal ones hidden)"
+    ETCDCTL_API=3 etcdctl --endpoints "$(cat "$STATE/etcd-$c")" get --prefix clustermesh/ \
+      | awk 'BEGIN{skip=0} /^clustermesh\/internal\//{skip=2} {if (skip>0) {skip--; next} print}'
+  done
   echo
-  echo "== etcdctl get --prefix clustermesh/"
-  ETCDCTL_API=3 etcdctl --endpoints "$ep" get --prefix clustermesh/
+  echo "== c1 apiserver metrics (excerpt)"
+  python3 - "$(cat "$STATE/metrics-c1")" <<'PY'
+import socket, sys
+host, port = sys.argv[1].split(":")
+s = socket.create_connection((host, int(port))); s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+body = b""
+while True:
+    b = s.recv(65536)
+    if not b: break
+    body += b
+for line in body.decode().split("\r\n\r\n", 1)[1].splitlines():
+    if line.startswith("clustermesh_apiserver_exported_records") or "result=" in line:
+        print(line)
+PY
   echo
   echo "The demo is left running. Explore:"
   echo "  ip netns list | grep $NS_PREFIX"
   echo "  ip netns exec $NS_PREFIX-c1-pod ping 10.1.0.1"
-  echo "  ETCDCTL_API=3 etcdctl --endpoints $ep get --prefix clustermesh/"
-  echo "  tail -f $STATE/logs/agent-c1.log"
+  echo "  ETCDCTL_API=3 etcdctl --endpoints $(cat "$STATE/etcd-c1") get --prefix clustermesh/state/"
+  echo "  tail -f $STATE/logs/agent-c1.log $STATE/logs/apiserver-c1.log"
   echo "Tear down: make demo-down"
 }
 

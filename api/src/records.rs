@@ -187,10 +187,10 @@ pub struct NodeRecord {
     pub pod_cidrs: Vec<IpCidr>,
     /// WireGuard public keys: one normally, two while a rotation overlaps
     /// (the first is the newest).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wireguard_public_keys: Vec<WgPublicKey>,
     /// WireGuard UDP port (default 51871).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wireguard_port: Option<u16>,
     pub boot_id: BootId,
 }
@@ -255,11 +255,11 @@ pub struct EndpointRecord {
     pub identity: Identity,
     /// Underlay address of the node hosting the endpoint (tunnel endpoint).
     pub host_ip: IpAddr,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<NodeName>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<K8sName>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<K8sName>,
 }
 
@@ -350,7 +350,7 @@ impl std::fmt::Display for Protocol {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<K8sName>,
     pub protocol: Protocol,
     pub port: u16,
@@ -374,7 +374,7 @@ pub struct Backend {
     /// The cluster the backend runs in: always the exporting cluster.
     pub cluster: ClusterName,
     pub state: BackendState,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<NodeName>,
 }
 
@@ -519,7 +519,7 @@ pub struct Heartbeat {
     /// Unix time in milliseconds of the last beat.
     pub timestamp_ms: u64,
     /// Release of the exporter.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
 }
 

@@ -59,9 +59,11 @@ fn attach(ifaces: &[String], netns: Option<&str>) -> anyhow::Result<Vec<Endpoint
                 .with_context(|| format!("network namespace {ns}"))?;
             // SAFETY: a valid namespace fd; affects only this thread, which
             // ends after attaching (the TCX links live in their fds).
-            let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
             if rc != 0 {
-                return Err(std::io::Error::last_os_error()).context("entering the network namespace");
+                return Err(std::io::Error::last_os_error())
+                    .context("entering the network namespace");
             }
         }
         ifaces
@@ -106,7 +108,13 @@ async fn main() -> anyhow::Result<()> {
             boot_id: registration::boot_id(),
             ..Default::default()
         };
-        tracker.spawn(registration::run(addr, node, args.endpoints.clone(), ids_tx, cancel.clone()));
+        tracker.spawn(registration::run(
+            addr,
+            node,
+            args.endpoints.clone(),
+            ids_tx,
+            cancel.clone(),
+        ));
     }
     tracker.close();
     let mut n = 0;

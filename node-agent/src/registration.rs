@@ -193,7 +193,9 @@ mod tests {
 
     #[test]
     fn endpoint_specs() {
-        let e: EndpointSpec = "10.1.0.2,ns=default,name=web-1,k8s:app=web".parse().unwrap();
+        let e: EndpointSpec = "10.1.0.2,ns=default,name=web-1,k8s:app=web"
+            .parse()
+            .unwrap();
         assert_eq!(e.ip, "10.1.0.2");
         assert_eq!(e.namespace, "default");
         assert_eq!(e.labels["k8s:app"], "web");

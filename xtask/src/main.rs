@@ -3,8 +3,9 @@
 //!
 //! - `lint`: rustfmt check and clippy with warnings denied, whole workspace
 //!   (the eBPF crate included, type-checked for the host).
-//! - `test`: lint, then every test of the workspace. As root the privileged
-//!   tests (network namespaces, eBPF) run and must not skip.
+//! - `test`: lint, then every test of the workspace, then a smoke run of
+//!   each benchmark with tiny sizes. As root the privileged tests (network
+//!   namespaces, eBPF) run and must not skip.
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
@@ -77,7 +78,24 @@ fn main() -> anyhow::Result<()> {
                 // Privileged tests fail instead of skipping.
                 env.push(("CLUSTERMESH_REQUIRE_PRIVILEGED", "1"));
             }
-            cargo(&["test", "--workspace", "--no-fail-fast"], &env)
+            cargo(&["test", "--workspace", "--no-fail-fast"], &env)?;
+            // Benchmarks are not part of the suite (slow, noisy); a smoke run
+            // with tiny sizes is, so none of them rots.
+            cargo(
+                &[
+                    "test",
+                    "-p",
+                    "clustermesh-apiserver",
+                    "--bench",
+                    "export",
+                    "--",
+                    "--endpoints",
+                    "200",
+                    "--nodes",
+                    "4",
+                ],
+                &env,
+            )
         }
     }
 }
