@@ -4,9 +4,17 @@
 //!   interfaces (TCX) and reads their metrics.
 //! - [`registration`]: standalone mode: registers the node and its
 //!   endpoints with the cluster's apiserver and keeps them alive.
+//! - [`clusters`]: the control plane: one watcher per connected cluster,
+//!   validated per-cluster stores, the pure merge into desired state.
+//! - [`reconcile`]: the one trait side effects go through (update / delete /
+//!   prune) and its in-memory implementation.
+//! - [`status`]: the local status endpoint (JSON and Prometheus).
 //!
-//! The remote-cluster watchers, the pure merge into desired state and the
-//! reconcilers build on this (see docs/architecture.md).
+//! The real eBPF, netlink and WireGuard reconcilers plug into
+//! [`clusters::Reconcilers`] (docs/architecture.md).
 
+pub mod clusters;
 pub mod datapath;
+pub mod reconcile;
 pub mod registration;
+pub mod status;

@@ -48,6 +48,25 @@ struct Args {
     /// Endpoints to register: IP[,ns=NS][,name=NAME],LABEL=VALUE...
     #[arg(long = "endpoint")]
     endpoints: Vec<EndpointSpec>,
+    /// This node's cluster: enables the control plane (watch the local and
+    /// every remote cluster, merge, reconcile).
+    #[arg(long)]
+    cluster_name: Option<String>,
+    /// The local cluster's etcd endpoints (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    local_etcd_endpoints: Vec<String>,
+    /// Directory of remote-cluster files (file name = cluster name).
+    #[arg(long, default_value = "/var/lib/clustermesh/clusters")]
+    clusters_dir: std::path::PathBuf,
+    /// Status endpoint (GET /status JSON, GET /metrics).
+    #[arg(long, default_value = "127.0.0.1:9964")]
+    status_listen: std::net::SocketAddr,
+    /// Seconds an unreachable remote cluster's state is kept (0 = forever).
+    #[arg(long, default_value_t = 300)]
+    stale_ttl: u64,
+    /// Seconds to wait for every cluster's initial sync before pruning.
+    #[arg(long, default_value_t = 60)]
+    sync_timeout: u64,
 }
 
 fn attach(ifaces: &[String], netns: Option<&str>) -> anyhow::Result<Vec<EndpointProgram>> {
@@ -84,8 +103,8 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    if args.endpoint_ifaces.is_empty() && args.apiserver.is_none() {
-        anyhow::bail!("nothing to do: give --endpoint-iface and/or --apiserver");
+    if args.endpoint_ifaces.is_empty() && args.apiserver.is_none() && args.cluster_name.is_none() {
+        anyhow::bail!("nothing to do: give --endpoint-iface, --apiserver and/or --cluster-name");
     }
     let progs = attach(&args.endpoint_ifaces, args.netns.as_deref())?;
     for p in &progs {
@@ -115,6 +134,50 @@ async fn main() -> anyhow::Result<()> {
             ids_tx,
             cancel.clone(),
         ));
+    }
+    if let Some(cluster) = &args.cluster_name {
+        use node_agent::{
+            clusters::{Agent, AgentConfig, Reconcilers, config::ClusterFile},
+            reconcile::MemoryReconciler,
+        };
+        let local_cluster = cluster
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--cluster-name: {e}"))?;
+        if args.local_etcd_endpoints.is_empty() {
+            anyhow::bail!("--cluster-name needs --local-etcd-endpoints");
+        }
+        let cfg = AgentConfig {
+            local_cluster,
+            local: ClusterFile {
+                endpoints: args.local_etcd_endpoints.clone(),
+                trusted_ca_file: None,
+                cert_file: None,
+                key_file: None,
+            },
+            self_node: args.node_name.as_deref().and_then(|n| n.parse().ok()),
+            clusters_dir: args.clusters_dir.clone(),
+            stale_ttl: Duration::from_secs(args.stale_ttl),
+            sync_timeout: Duration::from_secs(args.sync_timeout),
+            poll_interval: Duration::from_secs(1),
+        };
+        // The datapath reconcilers (eBPF maps, routes, WireGuard) plug in
+        // here; until they exist the desired state is held in memory and
+        // shown by the status endpoint.
+        let reconcilers = Reconcilers {
+            ipcache: Box::new(MemoryReconciler::new("ipcache")),
+            tunnels: Box::new(MemoryReconciler::new("tunnels")),
+            peers: Box::new(MemoryReconciler::new("peers")),
+            services: Box::new(MemoryReconciler::new("services")),
+        };
+        let agent = Agent::new(cfg, reconcilers, cancel.clone());
+        let status = agent.status();
+        let listener = tokio::net::TcpListener::bind(args.status_listen)
+            .await
+            .with_context(|| format!("--status-listen {}", args.status_listen))?;
+        tracker.spawn(node_agent::status::serve(listener, status, cancel.clone()));
+        tracker.spawn(async move {
+            agent.run().await;
+        });
     }
     tracker.close();
     let mut n = 0;

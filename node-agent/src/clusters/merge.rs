@@ -1,0 +1,711 @@
+//! The pure merge of every cluster's records into the node's desired
+//! datapath state. No IO, no clock: the same input gives the same output,
+//! which the table tests pin down.
+//!
+//! Rules that span records and clusters live here, because only the merge
+//! sees all clusters:
+//! - **CIDR ownership**: a node is accepted only if none of its pod CIDRs
+//!   overlaps a pod CIDR already accepted for another node. The local
+//!   cluster's nodes are accepted first, then remote ones in the order this
+//!   agent first accepted them (an established cluster's ranges cannot be
+//!   taken over by a newcomer). A refused node contributes nothing.
+//! - **Identity ownership**: a remote cluster's endpoint or identity must
+//!   carry that cluster's id in bits 16-23 (reserved identities excepted for
+//!   endpoints).
+//! - **Endpoints and backends** must lie inside an accepted pod CIDR of their
+//!   own cluster.
+//! - **Global services**: a local service gets remote backends only when it is
+//!   global here and the remote's same-named service is global and shared,
+//!   with the same ports; only ready backends get new flows, terminating
+//!   ones are kept (draining), not-ready ones are left out.
+//!
+//! Everything refused is listed in [`Desired::rejected`] with a reason.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use clustermesh_api::{
+    Affinity, BackendState, ClusterId, ClusterName, EncryptionMode, EncryptionPolicy,
+    EncryptionScope, Identity, IpCidr, NodeName, Protocol, ServiceRecord, WgPublicKey,
+};
+
+use super::store::Records;
+
+pub const DEFAULT_WG_PORT: u16 = 51871;
+
+/// One cluster's input to the merge.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterInput<'a> {
+    pub name: &'a ClusterName,
+    pub id: ClusterId,
+    pub records: &'a Records,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct MergeInput<'a> {
+    pub local: ClusterInput<'a>,
+    /// This node (excluded from tunnels and peers).
+    pub self_node: Option<&'a NodeName>,
+    /// The local cluster's encryption policy.
+    pub encryption: EncryptionPolicy,
+    pub remotes: &'a [ClusterInput<'a>],
+}
+
+/// ip-cache entry: an address or prefix and what the datapath needs for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpCacheEntry {
+    pub identity: Identity,
+    pub cluster_id: u8,
+    /// Underlay address of the node hosting it (None: this node).
+    pub tunnel_endpoint: Option<IpAddr>,
+    /// Traffic to it must go through WireGuard.
+    pub encrypt: bool,
+}
+
+/// Route of a remote pod CIDR to the node that owns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelEntry {
+    pub node_ip: IpAddr,
+    pub cluster_id: u8,
+    pub node: NodeName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub public_key: WgPublicKey,
+    pub endpoint: SocketAddr,
+    pub allowed_ips: Vec<IpCidr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergedBackend {
+    pub ip: IpAddr,
+    pub cluster: ClusterName,
+    pub state: BackendState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergedService {
+    pub frontends: Vec<IpAddr>,
+    pub ports: Vec<(Protocol, u16, u16)>,
+    pub affinity: Affinity,
+    pub backends: Vec<MergedBackend>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub cluster: ClusterName,
+    /// The record, e.g. `node n1`, `endpoint 10.1.0.5`.
+    pub record: String,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub ipcache: BTreeMap<IpCidr, IpCacheEntry>,
+    pub tunnels: BTreeMap<IpCidr, TunnelEntry>,
+    /// Keyed `cluster/node`.
+    pub peers: BTreeMap<String, Peer>,
+    /// Keyed `namespace/name`.
+    pub services: BTreeMap<String, MergedService>,
+    pub rejected: Vec<Rejection>,
+}
+
+fn encrypt_to(policy: &EncryptionPolicy, local: bool) -> bool {
+    policy.mode == EncryptionMode::Wireguard && (policy.scope == EncryptionScope::All || !local)
+}
+
+fn port_set(s: &ServiceRecord) -> Vec<(Option<String>, Protocol, u16)> {
+    let mut v: Vec<_> = s
+        .ports
+        .iter()
+        .map(|p| (p.name.as_ref().map(ToString::to_string), p.protocol, p.port))
+        .collect();
+    v.sort();
+    v
+}
+
+pub fn merge(input: &MergeInput<'_>) -> Desired {
+    let mut out = Desired::default();
+    let all: Vec<(bool, &ClusterInput<'_>)> = std::iter::once((true, &input.local))
+        .chain(input.remotes.iter().map(|r| (false, r)))
+        .collect();
+
+    // 1. Nodes and CIDR ownership.
+    let mut candidates: Vec<(bool, u64, &ClusterInput<'_>, &clustermesh_api::NodeRecord)> =
+        Vec::new();
+    for (local, c) in &all {
+        for (rec, seq) in c.records.nodes.values() {
+            candidates.push((*local, *seq, c, rec));
+        }
+    }
+    // Local first, then by first acceptance, then by name for determinism.
+    candidates.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.name.cmp(b.2.name))
+            .then(a.3.name.cmp(&b.3.name))
+    });
+    let mut owned: Vec<(IpCidr, &ClusterName, &NodeName)> = Vec::new();
+    // Accepted nodes per cluster: (record, is_local).
+    let mut accepted: BTreeMap<&ClusterName, Vec<&clustermesh_api::NodeRecord>> = BTreeMap::new();
+    for (local, _, c, rec) in candidates {
+        let conflict = rec.pod_cidrs.iter().find_map(|cidr| {
+            owned
+                .iter()
+                .find(|(o, _, _)| o.overlaps(cidr))
+                .map(|(o, oc, on)| (cidr, *o, (*oc).clone(), (*on).clone()))
+        });
+        if let Some((cidr, o, oc, on)) = conflict {
+            out.rejected.push(Rejection {
+                cluster: c.name.clone(),
+                record: format!("node {}", rec.name),
+                reason: "cidr_overlap",
+                detail: format!("pod CIDR {cidr} overlaps {o} of node {on} in cluster {oc}"),
+            });
+            continue;
+        }
+        for cidr in &rec.pod_cidrs {
+            owned.push((*cidr, c.name, &rec.name));
+        }
+        accepted.entry(c.name).or_default().push(rec);
+        let is_self = local && input.self_node == Some(&rec.name);
+        if is_self {
+            continue;
+        }
+        let Some(node_ip) = rec.underlay_ips.first().copied() else {
+            continue;
+        };
+        for cidr in &rec.pod_cidrs {
+            out.tunnels.insert(
+                *cidr,
+                TunnelEntry {
+                    node_ip,
+                    cluster_id: c.id.get(),
+                    node: rec.name.clone(),
+                },
+            );
+        }
+        if !local {
+            out.ipcache.insert(
+                IpCidr::host(node_ip),
+                IpCacheEntry {
+                    identity: Identity::REMOTE_NODE,
+                    cluster_id: c.id.get(),
+                    tunnel_endpoint: Some(node_ip),
+                    encrypt: input.encryption.node_to_node && encrypt_to(&input.encryption, local),
+                },
+            );
+        }
+        if encrypt_to(&input.encryption, local)
+            && let Some(key) = rec.wireguard_public_keys.first()
+        {
+            let mut allowed = rec.pod_cidrs.clone();
+            if input.encryption.node_to_node {
+                allowed.push(IpCidr::host(node_ip));
+            }
+            out.peers.insert(
+                format!("{}/{}", c.name, rec.name),
+                Peer {
+                    public_key: *key,
+                    endpoint: SocketAddr::new(
+                        node_ip,
+                        rec.wireguard_port.unwrap_or(DEFAULT_WG_PORT),
+                    ),
+                    allowed_ips: allowed,
+                },
+            );
+        }
+    }
+    let in_own_cidrs = |cluster: &ClusterName, ip: IpAddr| {
+        accepted.get(cluster).is_some_and(|nodes| {
+            nodes
+                .iter()
+                .any(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
+        })
+    };
+    let host_of = |cluster: &ClusterName, ip: IpAddr| {
+        accepted.get(cluster).and_then(|nodes| {
+            nodes
+                .iter()
+                .find(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
+                .map(|n| n.name.clone())
+        })
+    };
+
+    // 2. Endpoints (ip-cache) and identities.
+    for (local, c) in &all {
+        for rec in c.records.identities.values() {
+            if rec.id.cluster() != Some(c.id) {
+                out.rejected.push(Rejection {
+                    cluster: c.name.clone(),
+                    record: format!("identity {}", rec.id),
+                    reason: "identity_cluster_bits",
+                    detail: format!("identity {} does not carry cluster id {}", rec.id, c.id),
+                });
+            }
+        }
+        for rec in c.records.endpoints.values() {
+            if !rec.identity.is_reserved() && rec.identity.cluster() != Some(c.id) {
+                out.rejected.push(Rejection {
+                    cluster: c.name.clone(),
+                    record: format!("endpoint {}", rec.ip),
+                    reason: "identity_cluster_bits",
+                    detail: format!(
+                        "identity {} does not carry cluster id {}",
+                        rec.identity, c.id
+                    ),
+                });
+                continue;
+            }
+            if !in_own_cidrs(c.name, rec.ip) {
+                out.rejected.push(Rejection {
+                    cluster: c.name.clone(),
+                    record: format!("endpoint {}", rec.ip),
+                    reason: "endpoint_outside_cluster_cidrs",
+                    detail: format!(
+                        "{} is not inside an accepted pod CIDR of cluster {}",
+                        rec.ip, c.name
+                    ),
+                });
+                continue;
+            }
+            let on_self = *local && host_of(c.name, rec.ip).as_ref() == input.self_node;
+            out.ipcache.insert(
+                IpCidr::host(rec.ip),
+                IpCacheEntry {
+                    identity: rec.identity,
+                    cluster_id: c.id.get(),
+                    tunnel_endpoint: if on_self { None } else { Some(rec.host_ip) },
+                    encrypt: !on_self && encrypt_to(&input.encryption, *local),
+                },
+            );
+        }
+    }
+
+    // 3. Services: local ones, with remote backends for global services.
+    for (key, svc) in &input.local.records.services {
+        let name = format!("{}/{}", key.0, key.1);
+        let mut backends = Vec::new();
+        let mut take = |cluster: &ClusterName, s: &ServiceRecord, out: &mut Desired| {
+            for b in &s.backends {
+                if b.state == BackendState::NotReady {
+                    continue;
+                }
+                if !in_own_cidrs(cluster, b.ip) {
+                    out.rejected.push(Rejection {
+                        cluster: cluster.clone(),
+                        record: format!("service {name} backend {}", b.ip),
+                        reason: "backend_outside_cluster_cidrs",
+                        detail: format!(
+                            "{} is not inside an accepted pod CIDR of cluster {cluster}",
+                            b.ip
+                        ),
+                    });
+                    continue;
+                }
+                backends.push(MergedBackend {
+                    ip: b.ip,
+                    cluster: cluster.clone(),
+                    state: b.state,
+                });
+            }
+        };
+        take(input.local.name, svc, &mut out);
+        if svc.global {
+            for r in input.remotes {
+                let Some(rs) = r.records.services.get(key) else {
+                    continue;
+                };
+                if !rs.global || !rs.shared {
+                    continue;
+                }
+                if port_set(rs) != port_set(svc) {
+                    out.rejected.push(Rejection {
+                        cluster: r.name.clone(),
+                        record: format!("service {name}"),
+                        reason: "service_port_conflict",
+                        detail: "its ports differ from the local service's".into(),
+                    });
+                    continue;
+                }
+                take(r.name, rs, &mut out);
+            }
+        }
+        out.services.insert(
+            name,
+            MergedService {
+                frontends: svc.frontends.clone(),
+                ports: svc
+                    .ports
+                    .iter()
+                    .map(|p| (p.protocol, p.port, p.target_port))
+                    .collect(),
+                affinity: svc.affinity,
+                backends,
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clustermesh_api::{
+        Backend, ClusterId, EndpointRecord, IdentityRecord, K8sName, Labels, NodeRecord,
+        ServicePort,
+    };
+
+    use super::*;
+
+    fn key(b: u8) -> WgPublicKey {
+        WgPublicKey::from_bytes([b; 32]).unwrap()
+    }
+
+    fn node(r: &mut Records, seq: u64, cluster: &str, name: &str, cidr: &str, ip: &str) {
+        let rec = NodeRecord {
+            name: name.parse().unwrap(),
+            cluster: cluster.parse().unwrap(),
+            underlay_ips: vec![ip.parse().unwrap()],
+            pod_cidrs: vec![cidr.parse().unwrap()],
+            wireguard_public_keys: vec![key(seq as u8 + 10)],
+            wireguard_port: None,
+            boot_id: "b".parse().unwrap(),
+        };
+        r.nodes.insert(rec.name.clone(), (rec, seq));
+    }
+
+    fn ep(r: &mut Records, cluster: &str, ip: &str, identity: u32, host: &str) {
+        let rec = EndpointRecord {
+            ip: ip.parse().unwrap(),
+            cluster: cluster.parse().unwrap(),
+            identity: Identity::from_raw(identity.into()).unwrap(),
+            host_ip: host.parse().unwrap(),
+            node: None,
+            namespace: None,
+            name: None,
+        };
+        r.endpoints.insert(rec.ip, rec);
+    }
+
+    fn svc(
+        r: &mut Records,
+        cluster: &str,
+        global: bool,
+        shared: bool,
+        backends: &[(&str, BackendState)],
+    ) {
+        let rec = ServiceRecord {
+            cluster: cluster.parse().unwrap(),
+            namespace: "default".parse().unwrap(),
+            name: "web".parse().unwrap(),
+            frontends: vec!["10.96.0.10".parse().unwrap()],
+            ports: vec![ServicePort {
+                name: None,
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: 8080,
+            }],
+            backends: backends
+                .iter()
+                .map(|(ip, state)| Backend {
+                    ip: ip.parse().unwrap(),
+                    cluster: cluster.parse().unwrap(),
+                    state: *state,
+                    node: None,
+                })
+                .collect(),
+            global,
+            shared,
+            affinity: Affinity::Local,
+        };
+        r.services
+            .insert((rec.namespace.clone(), rec.name.clone()), rec);
+    }
+
+    fn wg(scope: EncryptionScope) -> EncryptionPolicy {
+        EncryptionPolicy {
+            mode: EncryptionMode::Wireguard,
+            scope,
+            ..Default::default()
+        }
+    }
+
+    struct World {
+        names: Vec<ClusterName>,
+        recs: Vec<Records>,
+    }
+
+    impl World {
+        fn new(n: usize) -> Self {
+            Self {
+                names: (1..=n).map(|i| format!("c{i}").parse().unwrap()).collect(),
+                recs: vec![Records::default(); n],
+            }
+        }
+        fn merge(&self, enc: EncryptionPolicy) -> Desired {
+            let inputs: Vec<ClusterInput<'_>> = (0..self.names.len())
+                .map(|i| ClusterInput {
+                    name: &self.names[i],
+                    id: ClusterId::new(i as u64 + 1).unwrap(),
+                    records: &self.recs[i],
+                })
+                .collect();
+            let self_node: NodeName = "n1".parse().unwrap();
+            merge(&MergeInput {
+                local: inputs[0],
+                self_node: Some(&self_node),
+                encryption: enc,
+                remotes: &inputs[1..],
+            })
+        }
+    }
+
+    fn cidr(s: &str) -> IpCidr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn tunnels_ipcache_and_peers() {
+        let mut w = World::new(2);
+        node(&mut w.recs[0], 1, "c1", "n1", "10.1.0.0/24", "192.0.2.1");
+        node(&mut w.recs[0], 2, "c1", "n2", "10.1.1.0/24", "192.0.2.2");
+        node(&mut w.recs[1], 3, "c2", "m1", "10.2.0.0/24", "192.0.2.11");
+        ep(
+            &mut w.recs[0],
+            "c1",
+            "10.1.0.5",
+            (1 << 16) | 300,
+            "192.0.2.1",
+        );
+        ep(
+            &mut w.recs[0],
+            "c1",
+            "10.1.1.5",
+            (1 << 16) | 301,
+            "192.0.2.2",
+        );
+        ep(
+            &mut w.recs[1],
+            "c2",
+            "10.2.0.5",
+            (2 << 16) | 300,
+            "192.0.2.11",
+        );
+        let d = w.merge(wg(EncryptionScope::All));
+        assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+        // No tunnel to ourselves; one per other node's pod CIDR.
+        assert_eq!(
+            d.tunnels.keys().copied().collect::<Vec<_>>(),
+            vec![cidr("10.1.1.0/24"), cidr("10.2.0.0/24")]
+        );
+        assert_eq!(
+            d.tunnels[&cidr("10.2.0.0/24")].node_ip.to_string(),
+            "192.0.2.11"
+        );
+        assert_eq!(d.tunnels[&cidr("10.2.0.0/24")].cluster_id, 2);
+        // ip-cache: local endpoint on this node has no tunnel and no encryption.
+        let mine = d.ipcache[&cidr("10.1.0.5/32")];
+        assert_eq!((mine.tunnel_endpoint, mine.encrypt), (None, false));
+        let other = d.ipcache[&cidr("10.2.0.5/32")];
+        assert_eq!(other.tunnel_endpoint.unwrap().to_string(), "192.0.2.11");
+        assert!(other.encrypt);
+        assert_eq!(other.identity.get(), (2 << 16) | 300);
+        assert_eq!(
+            d.ipcache[&cidr("192.0.2.11/32")].identity,
+            Identity::REMOTE_NODE
+        );
+        // Peers: every other node with a key, allowed IPs = its pod CIDRs.
+        assert_eq!(
+            d.peers.keys().cloned().collect::<Vec<_>>(),
+            vec!["c1/n2".to_owned(), "c2/m1".to_owned()]
+        );
+        assert_eq!(d.peers["c2/m1"].endpoint.port(), DEFAULT_WG_PORT);
+        assert_eq!(d.peers["c2/m1"].allowed_ips, vec![cidr("10.2.0.0/24")]);
+        // Inter-cluster scope: only remote peers; local traffic unencrypted.
+        let d = w.merge(wg(EncryptionScope::InterCluster));
+        assert_eq!(
+            d.peers.keys().cloned().collect::<Vec<_>>(),
+            vec!["c2/m1".to_owned()]
+        );
+        assert!(!d.ipcache[&cidr("10.1.1.5/32")].encrypt);
+        // No encryption: no peers, nothing encrypted.
+        let d = w.merge(EncryptionPolicy::default());
+        assert!(d.peers.is_empty() && d.ipcache.values().all(|e| !e.encrypt));
+    }
+
+    #[test]
+    fn rejections() {
+        let mut w = World::new(3);
+        node(&mut w.recs[0], 1, "c1", "n1", "10.1.0.0/16", "192.0.2.1");
+        // c2 overlaps the local cluster: refused, whatever its age.
+        node(&mut w.recs[1], 0, "c2", "m1", "10.1.5.0/24", "192.0.2.11");
+        node(&mut w.recs[1], 5, "c2", "m2", "10.2.0.0/24", "192.0.2.12");
+        // c3 overlaps c2's m2, but c2's claim is older: c3's node is refused.
+        node(&mut w.recs[2], 9, "c3", "x1", "10.2.0.128/25", "192.0.2.21");
+        node(&mut w.recs[2], 10, "c3", "x2", "10.3.0.0/24", "192.0.2.22");
+        // Wrong identity bits; endpoint outside the cluster's CIDRs.
+        ep(
+            &mut w.recs[1],
+            "c2",
+            "10.2.0.5",
+            (3 << 16) | 300,
+            "192.0.2.12",
+        );
+        ep(
+            &mut w.recs[2],
+            "c3",
+            "10.9.0.5",
+            (3 << 16) | 300,
+            "192.0.2.22",
+        );
+        ep(
+            &mut w.recs[2],
+            "c3",
+            "10.3.0.5",
+            (3 << 16) | 300,
+            "192.0.2.22",
+        );
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("k8s:app".to_owned(), "x".to_owned());
+        let bad = IdentityRecord {
+            id: Identity::from_raw((1 << 16) | 400).unwrap(),
+            cluster: "c3".parse().unwrap(),
+            labels: Labels::new(labels).unwrap(),
+        };
+        w.recs[2].identities.insert(bad.id, bad);
+        let d = w.merge(EncryptionPolicy::default());
+        let reasons: Vec<(String, &str, &str)> = d
+            .rejected
+            .iter()
+            .map(|r| (r.cluster.to_string(), r.record.as_str(), r.reason))
+            .collect();
+        assert!(
+            reasons.contains(&("c2".into(), "node m1", "cidr_overlap")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.contains(&("c3".into(), "node x1", "cidr_overlap")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.contains(&("c2".into(), "endpoint 10.2.0.5", "identity_cluster_bits")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.contains(&(
+                "c3".into(),
+                "endpoint 10.9.0.5",
+                "endpoint_outside_cluster_cidrs"
+            )),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.0 == "c3"
+                && r.2 == "identity_cluster_bits"
+                && r.1.starts_with("identity"))
+        );
+        assert_eq!(reasons.len(), 5, "{reasons:?}");
+        // Everything else still works.
+        assert!(d.tunnels.contains_key(&cidr("10.2.0.0/24")));
+        assert!(d.tunnels.contains_key(&cidr("10.3.0.0/24")));
+        assert!(!d.tunnels.contains_key(&cidr("10.1.5.0/24")));
+        assert!(d.ipcache.contains_key(&cidr("10.3.0.5/32")));
+        assert!(!d.ipcache.contains_key(&cidr("10.2.0.5/32")));
+    }
+
+    #[test]
+    fn global_service_semantics_table() {
+        use BackendState::*;
+        // (local global, remote global, remote shared) -> remote backends?
+        let table = [
+            (true, true, true, true),
+            (true, true, false, false),
+            (true, false, true, false),
+            (false, true, true, false),
+            (false, false, false, false),
+            (true, false, false, false),
+        ];
+        for (lg, rg, rs, want) in table {
+            let mut w = World::new(2);
+            node(&mut w.recs[0], 1, "c1", "n1", "10.1.0.0/24", "192.0.2.1");
+            node(&mut w.recs[1], 2, "c2", "m1", "10.2.0.0/24", "192.0.2.11");
+            svc(&mut w.recs[0], "c1", lg, true, &[("10.1.0.5", Ready)]);
+            svc(&mut w.recs[1], "c2", rg, rs, &[("10.2.0.5", Ready)]);
+            let d = w.merge(EncryptionPolicy::default());
+            let s = &d.services["default/web"];
+            let remote = s.backends.iter().any(|b| b.cluster.as_str() == "c2");
+            assert_eq!(
+                remote, want,
+                "local global {lg}, remote global {rg}, remote shared {rs}"
+            );
+            assert!(
+                s.backends.iter().any(|b| b.cluster.as_str() == "c1"),
+                "local backends always"
+            );
+        }
+        // A remote-only service is not programmed (no local frontend).
+        let mut w = World::new(2);
+        node(&mut w.recs[1], 2, "c2", "m1", "10.2.0.0/24", "192.0.2.11");
+        svc(&mut w.recs[1], "c2", true, true, &[("10.2.0.5", Ready)]);
+        assert!(w.merge(EncryptionPolicy::default()).services.is_empty());
+    }
+
+    #[test]
+    fn backend_states_ports_and_ownership() {
+        use BackendState::*;
+        let mut w = World::new(3);
+        node(&mut w.recs[0], 1, "c1", "n1", "10.1.0.0/24", "192.0.2.1");
+        node(&mut w.recs[1], 2, "c2", "m1", "10.2.0.0/24", "192.0.2.11");
+        node(&mut w.recs[2], 3, "c3", "x1", "10.3.0.0/24", "192.0.2.21");
+        svc(
+            &mut w.recs[0],
+            "c1",
+            true,
+            true,
+            &[
+                ("10.1.0.5", Ready),
+                ("10.1.0.6", Terminating),
+                ("10.1.0.7", NotReady),
+            ],
+        );
+        // c2 claims a backend in c1's range: refused, its other one kept.
+        svc(
+            &mut w.recs[1],
+            "c2",
+            true,
+            true,
+            &[("10.2.0.5", Ready), ("10.1.0.99", Ready)],
+        );
+        // c3's ports differ: its whole contribution is refused.
+        svc(&mut w.recs[2], "c3", true, true, &[("10.3.0.5", Ready)]);
+        let (ns, n): (K8sName, K8sName) = ("default".parse().unwrap(), "web".parse().unwrap());
+        w.recs[2].services.get_mut(&(ns, n)).unwrap().ports[0].port = 81;
+        let d = w.merge(EncryptionPolicy::default());
+        let s = &d.services["default/web"];
+        let ips: Vec<(String, BackendState)> = s
+            .backends
+            .iter()
+            .map(|b| (b.ip.to_string(), b.state))
+            .collect();
+        assert_eq!(
+            ips,
+            vec![
+                ("10.1.0.5".into(), Ready),
+                ("10.1.0.6".into(), Terminating),
+                ("10.2.0.5".into(), Ready)
+            ]
+        );
+        let reasons: Vec<&str> = d.rejected.iter().map(|r| r.reason).collect();
+        assert_eq!(
+            reasons,
+            vec!["backend_outside_cluster_cidrs", "service_port_conflict"]
+        );
+        assert_eq!(s.ports, vec![(Protocol::Tcp, 80, 8080)]);
+        assert_eq!(s.affinity, Affinity::Local);
+    }
+}

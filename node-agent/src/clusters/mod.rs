@@ -1,0 +1,552 @@
+//! The agent's control plane: one watcher per cluster (the local one and
+//! each remote one configured in the clusters directory), per-cluster
+//! stores, the pure merge into desired state, and the reconcilers.
+//!
+//! ```text
+//! clusters dir (poll) ─> watcher per cluster ─(Init/Apply/Delete/InitDone)─> ClusterStore (validate, mark & sweep)
+//!                                                                              │
+//!                    reconcilers (update / delete / prune) <── diff <── merge(all stores)
+//! ```
+//!
+//! One task owns all state (no locks around it); watchers only send events.
+//! Rules:
+//! - a cluster whose config is invalid, names another cluster, or reuses an
+//!   id or name already connected is refused as a whole (status says why);
+//! - a disconnected cluster keeps serving its last state; after `stale_ttl`
+//!   (0 = never) it is withdrawn; removing its file drains it at once;
+//! - nothing is deleted from the datapath before every cluster has synced
+//!   once (or `sync_timeout` passed): then one prune removes leftovers, and
+//!   from there on every difference is applied.
+
+pub mod config;
+pub mod merge;
+pub mod store;
+pub mod watcher;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use clustermesh_api::{ClusterName, IpCidr, NodeName};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use self::{
+    config::{ClusterFile, DirChange},
+    merge::{ClusterInput, Desired, IpCacheEntry, MergeInput, MergedService, Peer, TunnelEntry},
+    store::{ClusterStore, Counts, Effect},
+    watcher::WatchEvent,
+};
+use crate::reconcile::{Reconciler, apply_diff};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub local_cluster: ClusterName,
+    pub local: ClusterFile,
+    /// This node's name in the local cluster.
+    pub self_node: Option<NodeName>,
+    pub clusters_dir: PathBuf,
+    /// Withdraw a remote cluster's state after it has been unreachable this
+    /// long; zero keeps it forever.
+    pub stale_ttl: Duration,
+    /// Prune the datapath after this long even if a cluster never synced.
+    pub sync_timeout: Duration,
+    pub poll_interval: Duration,
+}
+
+impl AgentConfig {
+    pub const DEFAULT_STALE_TTL: Duration = Duration::from_secs(300);
+    pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+}
+
+/// The side effects, one reconciler per target.
+pub struct Reconcilers {
+    pub ipcache: Box<dyn Reconciler<IpCidr, IpCacheEntry>>,
+    pub tunnels: Box<dyn Reconciler<IpCidr, TunnelEntry>>,
+    pub peers: Box<dyn Reconciler<String, Peer>>,
+    pub services: Box<dyn Reconciler<String, MergedService>>,
+}
+
+impl std::fmt::Debug for Reconcilers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconcilers").finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub id: Option<u8>,
+    pub local: bool,
+    pub connected: bool,
+    pub synced: bool,
+    pub withdrawn: bool,
+    pub last_error: Option<String>,
+    pub counts: Counts,
+    pub last_event_age_ms: Option<u64>,
+    pub events: u64,
+    pub reconnects: u64,
+    /// Records refused since start, by reason (decoding and ownership).
+    pub refused_total: BTreeMap<String, u64>,
+    /// Records refused by the merge right now, by reason.
+    pub rejected_now: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DesiredCounts {
+    pub ipcache: usize,
+    pub tunnels: usize,
+    pub peers: usize,
+    pub services: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub cluster: String,
+    pub node: Option<String>,
+    pub clusters: Vec<ClusterStatus>,
+    pub all_synced: bool,
+    pub pruned: bool,
+    pub desired: DesiredCounts,
+}
+
+struct Slot {
+    local: bool,
+    store: ClusterStore,
+    file_bytes: Vec<u8>,
+    cancel: CancellationToken,
+    connected: bool,
+    synced: bool,
+    withdrawn: bool,
+    refused: Option<String>,
+    last_error: Option<String>,
+    disconnected_since: Option<Instant>,
+    reconnects: u64,
+}
+
+/// The running control plane.
+pub struct Agent {
+    cfg: AgentConfig,
+    slots: BTreeMap<ClusterName, Slot>,
+    scan: config::Scan,
+    last: Desired,
+    pruned: bool,
+    started: Instant,
+    reconcilers: Reconcilers,
+    status: Arc<Mutex<AgentStatus>>,
+    tx: mpsc::Sender<(ClusterName, WatchEvent)>,
+    rx: mpsc::Receiver<(ClusterName, WatchEvent)>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+    dirty: bool,
+    retry: bool,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("clusters", &self.slots.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig, reconcilers: Reconcilers, cancel: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::channel(4096);
+        let status = Arc::new(Mutex::new(AgentStatus {
+            cluster: cfg.local_cluster.to_string(),
+            node: cfg.self_node.as_ref().map(ToString::to_string),
+            ..Default::default()
+        }));
+        Self {
+            cfg,
+            slots: BTreeMap::new(),
+            scan: config::Scan::new(),
+            last: Desired::default(),
+            pruned: false,
+            started: Instant::now(),
+            reconcilers,
+            status,
+            tx,
+            rx,
+            tracker: TaskTracker::new(),
+            cancel,
+            dirty: false,
+            retry: false,
+        }
+    }
+
+    /// Shared status, read by the status endpoint.
+    pub fn status(&self) -> Arc<Mutex<AgentStatus>> {
+        self.status.clone()
+    }
+
+    fn start_watcher(&mut self, name: ClusterName, file: ClusterFile, bytes: Vec<u8>, local: bool) {
+        let cancel = self.cancel.child_token();
+        self.tracker.spawn(watcher::run(
+            name.clone(),
+            file,
+            self.tx.clone(),
+            cancel.clone(),
+        ));
+        match self.slots.get_mut(&name) {
+            // A changed file: the store is kept until the new session's
+            // relist sweeps it, so traffic does not flap.
+            Some(s) => {
+                s.cancel.cancel();
+                s.cancel = cancel;
+                s.file_bytes = bytes;
+                s.refused = None;
+            }
+            None => {
+                self.slots.insert(
+                    name.clone(),
+                    Slot {
+                        local,
+                        store: ClusterStore::new(name),
+                        file_bytes: bytes,
+                        cancel,
+                        connected: false,
+                        synced: false,
+                        withdrawn: false,
+                        refused: None,
+                        last_error: None,
+                        disconnected_since: None,
+                        reconnects: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    fn rescan(&mut self) {
+        let new = match config::scan(&self.cfg.clusters_dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(dir = %self.cfg.clusters_dir.display(), error = %e, "cannot read the clusters directory");
+                return;
+            }
+        };
+        for change in config::diff(&self.scan, &new) {
+            match change {
+                DirChange::Added(n) | DirChange::Changed(n) => {
+                    if n == self.cfg.local_cluster {
+                        tracing::warn!(cluster = %n, "the clusters directory names the local cluster; ignored");
+                        continue;
+                    }
+                    let (bytes, parsed) = &new[&n];
+                    match parsed {
+                        Ok(f) => {
+                            tracing::info!(cluster = %n, "connecting to remote cluster");
+                            self.start_watcher(n, f.clone(), bytes.clone(), false);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "invalid remote cluster file");
+                            if let Some(s) = self.slots.get_mut(&n) {
+                                s.cancel.cancel();
+                                s.last_error = Some(e.to_string());
+                                s.connected = false;
+                            } else {
+                                let slot = Slot {
+                                    local: false,
+                                    store: ClusterStore::new(n.clone()),
+                                    file_bytes: bytes.clone(),
+                                    cancel: CancellationToken::new(),
+                                    connected: false,
+                                    synced: false,
+                                    withdrawn: false,
+                                    refused: None,
+                                    last_error: Some(e.to_string()),
+                                    disconnected_since: None,
+                                    reconnects: 0,
+                                };
+                                slot.cancel.cancel();
+                                self.slots.insert(n, slot);
+                            }
+                        }
+                    }
+                }
+                DirChange::Removed(n) => {
+                    if let Some(s) = self.slots.remove(&n) {
+                        tracing::info!(cluster = %n, "remote cluster removed; draining its state");
+                        s.cancel.cancel();
+                        self.dirty = true;
+                    }
+                }
+            }
+        }
+        self.scan = new;
+    }
+
+    fn check_stale(&mut self, now: Instant) {
+        if self.cfg.stale_ttl.is_zero() {
+            return;
+        }
+        for (name, s) in &mut self.slots {
+            if s.local || s.withdrawn {
+                continue;
+            }
+            if let Some(since) = s.disconnected_since
+                && now.duration_since(since) >= self.cfg.stale_ttl
+            {
+                tracing::warn!(cluster = %name, "unreachable for longer than the stale TTL; withdrawing its state");
+                s.withdrawn = true;
+                if s.store.clear() == Effect::Changed {
+                    self.dirty = true;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, name: ClusterName, ev: WatchEvent, now: Instant) {
+        let taken: Vec<(u8, ClusterName)> = self
+            .slots
+            .iter()
+            .filter(|(n, s)| **n != name && s.refused.is_none())
+            .filter_map(|(n, s)| s.store.config.as_ref().map(|c| (c.id.get(), n.clone())))
+            .collect();
+        let Some(s) = self.slots.get_mut(&name) else {
+            return; // a removed cluster's last words
+        };
+        let effect = match ev {
+            WatchEvent::Connected { config, .. } => {
+                s.connected = true;
+                s.last_error = None;
+                match s.store.check_config(&config) {
+                    Err(e) => {
+                        s.refused = Some(format!("invalid cluster config: {e}"));
+                    }
+                    Ok(c) => {
+                        if let Some((_, other)) = taken.iter().find(|(id, _)| *id == c.id.get()) {
+                            s.refused = Some(format!(
+                                "cluster id {} is already used by cluster {other}; give each cluster a unique id",
+                                c.id
+                            ));
+                        } else {
+                            s.refused = None;
+                            s.store.config = Some(c);
+                        }
+                    }
+                }
+                if let Some(r) = &s.refused {
+                    tracing::warn!(cluster = %name, reason = %r, "cluster refused");
+                    s.store.config = None;
+                    s.store.clear()
+                } else {
+                    Effect::None
+                }
+            }
+            _ if s.refused.is_some() => Effect::None,
+            WatchEvent::Init => {
+                s.store.init();
+                Effect::None
+            }
+            WatchEvent::Apply { key, value } => s.store.apply(&key, &value, now),
+            WatchEvent::Delete { key } => s.store.delete(&key, now),
+            WatchEvent::InitDone => {
+                s.synced = true;
+                s.withdrawn = false;
+                s.disconnected_since = None;
+                s.store.init_done();
+                // A relist may change nothing visible yet still be the first
+                // sync (prune condition): always recompute.
+                Effect::Changed
+            }
+            WatchEvent::Disconnected { error } => {
+                s.connected = false;
+                s.last_error = Some(error);
+                s.disconnected_since.get_or_insert(now);
+                s.reconnects += 1;
+                Effect::None
+            }
+        };
+        if effect == Effect::Changed {
+            self.dirty = true;
+        }
+    }
+
+    fn all_synced(&self) -> bool {
+        self.slots.values().all(|s| s.synced || s.refused.is_some())
+    }
+
+    fn reconcile(&mut self) {
+        let Some(local) = self.slots.get(&self.cfg.local_cluster) else {
+            return;
+        };
+        let Some(local_cfg) = local.store.config.clone() else {
+            return; // the local policy is unknown until the local cluster connects
+        };
+        let remotes: Vec<ClusterInput<'_>> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| !s.local && s.refused.is_none())
+            .filter_map(|(n, s)| {
+                s.store.config.as_ref().map(|c| ClusterInput {
+                    name: n,
+                    id: c.id,
+                    records: &s.store.records,
+                })
+            })
+            .collect();
+        let input = MergeInput {
+            local: ClusterInput {
+                name: &self.cfg.local_cluster,
+                id: local_cfg.id,
+                records: &local.store.records,
+            },
+            self_node: self.cfg.self_node.as_ref(),
+            encryption: local_cfg.encryption,
+            remotes: &remotes,
+        };
+        let desired = merge::merge(&input);
+        let prune_now =
+            !self.pruned && (self.all_synced() || self.started.elapsed() >= self.cfg.sync_timeout);
+        let allow_delete = self.pruned;
+        let r = &mut self.reconcilers;
+        let result = (|| {
+            apply_diff(
+                r.ipcache.as_mut(),
+                &self.last.ipcache,
+                &desired.ipcache,
+                allow_delete,
+            )?;
+            apply_diff(
+                r.tunnels.as_mut(),
+                &self.last.tunnels,
+                &desired.tunnels,
+                allow_delete,
+            )?;
+            apply_diff(
+                r.peers.as_mut(),
+                &self.last.peers,
+                &desired.peers,
+                allow_delete,
+            )?;
+            apply_diff(
+                r.services.as_mut(),
+                &self.last.services,
+                &desired.services,
+                allow_delete,
+            )?;
+            if prune_now {
+                let n = r.ipcache.prune(&desired.ipcache)?
+                    + r.tunnels.prune(&desired.tunnels)?
+                    + r.peers.prune(&desired.peers)?
+                    + r.services.prune(&desired.services)?;
+                tracing::info!(removed = n, "initial sync complete; pruned leftovers");
+            }
+            Ok::<_, crate::reconcile::ReconcileError>(())
+        })();
+        match result {
+            Ok(()) => {
+                if prune_now {
+                    self.pruned = true;
+                }
+                self.last = desired;
+                self.retry = false;
+            }
+            Err(e) => {
+                // Keep the old `last`: the next round re-applies the diff.
+                tracing::warn!(error = %e, "reconcile failed; retrying");
+                self.retry = true;
+            }
+        }
+    }
+
+    fn publish(&self, now: Instant) {
+        let mut rejected: BTreeMap<&ClusterName, BTreeMap<String, u64>> = BTreeMap::new();
+        for r in &self.last.rejected {
+            *rejected
+                .entry(&r.cluster)
+                .or_default()
+                .entry(r.reason.to_owned())
+                .or_default() += 1;
+        }
+        let clusters = self
+            .slots
+            .iter()
+            .map(|(n, s)| ClusterStatus {
+                name: n.to_string(),
+                id: s.store.config.as_ref().map(|c| c.id.get()),
+                local: s.local,
+                connected: s.connected,
+                synced: s.synced,
+                withdrawn: s.withdrawn,
+                last_error: s.refused.clone().or_else(|| s.last_error.clone()),
+                counts: s.store.counts(),
+                last_event_age_ms: s
+                    .store
+                    .last_event
+                    .map(|t| now.duration_since(t).as_millis() as u64),
+                events: s.store.events,
+                reconnects: s.reconnects,
+                refused_total: s
+                    .store
+                    .refused_total
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), *v))
+                    .collect(),
+                rejected_now: rejected.get(n).cloned().unwrap_or_default(),
+            })
+            .collect();
+        let st = AgentStatus {
+            cluster: self.cfg.local_cluster.to_string(),
+            node: self.cfg.self_node.as_ref().map(ToString::to_string),
+            clusters,
+            all_synced: self.all_synced(),
+            pruned: self.pruned,
+            desired: DesiredCounts {
+                ipcache: self.last.ipcache.len(),
+                tunnels: self.last.tunnels.len(),
+                peers: self.last.peers.len(),
+                services: self.last.services.len(),
+            },
+        };
+        if let Ok(mut g) = self.status.lock() {
+            *g = st;
+        }
+    }
+
+    /// Runs until cancelled; returns the reconcilers (tests inspect them).
+    pub async fn run(mut self) -> Reconcilers {
+        let local = self.cfg.local_cluster.clone();
+        let local_file = self.cfg.local.clone();
+        self.start_watcher(local, local_file, Vec::new(), true);
+        self.rescan();
+        let mut tick = tokio::time::interval(self.cfg.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                _ = tick.tick() => {
+                    self.rescan();
+                    self.check_stale(Instant::now());
+                    if self.retry || (!self.pruned && self.started.elapsed() >= self.cfg.sync_timeout) {
+                        self.dirty = true;
+                    }
+                }
+                ev = self.rx.recv() => {
+                    let Some((name, ev)) = ev else { break };
+                    let now = Instant::now();
+                    self.handle(name, ev, now);
+                    // Take everything already queued before recomputing.
+                    while let Ok((name, ev)) = self.rx.try_recv() {
+                        self.handle(name, ev, now);
+                    }
+                }
+            }
+            if self.dirty {
+                self.dirty = false;
+                self.reconcile();
+            }
+            self.publish(Instant::now());
+        }
+        self.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.tracker.wait()).await;
+        self.reconcilers
+    }
+}

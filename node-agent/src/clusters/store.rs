@@ -1,0 +1,314 @@
+//! Per-cluster stores: what one cluster currently exports, as far as this
+//! agent accepted it.
+//!
+//! Invariants:
+//! - A (re)list is buffered from `Init` to `InitDone` and then replaces the
+//!   store at once (mark and sweep): keys not seen again are deleted, others
+//!   are kept or updated, so a reconnect never shows a half or empty state.
+//! - Every value is decoded by the api crate's strict decoder, and the key
+//!   must belong to this cluster (a cluster can never speak for another).
+//!   Refused keys are counted by reason and logged once per key and reason;
+//!   they never enter the store. A key that turns invalid drops its previous
+//!   value.
+//! - Cross-record rules (CIDR ownership, identity bits, endpoints inside
+//!   their cluster's CIDRs) are the merge's job: it sees every cluster.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, btree_map},
+    net::IpAddr,
+    time::Instant,
+};
+
+use clustermesh_api::{
+    ClusterConfig, ClusterName, EndpointRecord, Entry, Identity, IdentityRecord, K8sName, Key,
+    KvKey, NodeName, NodeRecord, ServiceRecord, decode_entry, decode_value,
+};
+
+/// The records one cluster exports, by kind.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Records {
+    /// Node record and the sequence number of its first acceptance (older
+    /// claims win CIDR conflicts).
+    pub nodes: BTreeMap<NodeName, (NodeRecord, u64)>,
+    pub endpoints: BTreeMap<IpAddr, EndpointRecord>,
+    pub identities: BTreeMap<Identity, IdentityRecord>,
+    pub services: BTreeMap<(K8sName, K8sName), ServiceRecord>,
+}
+
+impl Records {
+    pub fn len(&self) -> usize {
+        self.nodes.len() + self.endpoints.len() + self.identities.len() + self.services.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn contains(&self, k: &Key) -> bool {
+        match k {
+            Key::Node { node, .. } => self.nodes.contains_key(node),
+            Key::Ip { ip, .. } => self.endpoints.contains_key(ip),
+            Key::Identity { id, .. } => self.identities.contains_key(id),
+            Key::Service {
+                namespace, name, ..
+            } => self
+                .services
+                .contains_key(&(namespace.clone(), name.clone())),
+            _ => false,
+        }
+    }
+    fn keys(&self, cluster: &ClusterName) -> Vec<Key> {
+        let c = || cluster.clone();
+        self.nodes
+            .keys()
+            .map(|n| Key::Node {
+                cluster: c(),
+                node: n.clone(),
+            })
+            .chain(self.endpoints.keys().map(|ip| Key::Ip {
+                cluster: c(),
+                ip: *ip,
+            }))
+            .chain(self.identities.keys().map(|id| Key::Identity {
+                cluster: c(),
+                id: *id,
+            }))
+            .chain(self.services.keys().map(|(ns, n)| Key::Service {
+                cluster: c(),
+                namespace: ns.clone(),
+                name: n.clone(),
+            }))
+            .collect()
+    }
+}
+
+/// Counts of a cluster's records (for status).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub nodes: usize,
+    pub endpoints: usize,
+    pub identities: usize,
+    pub services: usize,
+}
+
+/// One cluster as this agent sees it.
+#[derive(Debug)]
+pub struct ClusterStore {
+    pub name: ClusterName,
+    pub config: Option<ClusterConfig>,
+    pub records: Records,
+    /// Keys refused now, with the reason (for log-once and status).
+    pub refused: BTreeMap<Vec<u8>, &'static str>,
+    /// Refusals since start, by reason.
+    pub refused_total: BTreeMap<&'static str, u64>,
+    pub events: u64,
+    pub last_event: Option<Instant>,
+    buffer: Option<Records>,
+    /// Keys refused during the current relist.
+    buffered_refusals: BTreeSet<Vec<u8>>,
+    seq: u64,
+}
+
+/// What an event did to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing visible changed (buffered, identical, or refused).
+    None,
+    /// The records changed.
+    Changed,
+}
+
+impl ClusterStore {
+    pub fn new(name: ClusterName) -> Self {
+        Self {
+            name,
+            config: None,
+            records: Records::default(),
+            refused: BTreeMap::new(),
+            refused_total: BTreeMap::new(),
+            events: 0,
+            last_event: None,
+            buffer: None,
+            buffered_refusals: BTreeSet::new(),
+            seq: 0,
+        }
+    }
+
+    pub fn counts(&self) -> Counts {
+        Counts {
+            nodes: self.records.nodes.len(),
+            endpoints: self.records.endpoints.len(),
+            identities: self.records.identities.len(),
+            services: self.records.services.len(),
+        }
+    }
+
+    /// Validates the cluster config read at connect time.
+    pub fn check_config(&self, raw: &[u8]) -> Result<ClusterConfig, String> {
+        let key = Key::ClusterConfig {
+            cluster: self.name.clone(),
+        };
+        decode_value::<ClusterConfig>(&key, raw).map_err(|e| e.to_string())
+    }
+
+    fn refuse(&mut self, key: &[u8], reason: &'static str, detail: &str) {
+        *self.refused_total.entry(reason).or_default() += 1;
+        let first = self.refused.insert(key.to_vec(), reason) != Some(reason);
+        if first {
+            tracing::warn!(cluster = %self.name, key = %String::from_utf8_lossy(key), reason, detail, "record refused");
+        }
+    }
+
+    fn target(&mut self) -> &mut Records {
+        match self.buffer.as_mut() {
+            Some(b) => b,
+            None => &mut self.records,
+        }
+    }
+
+    /// Starts a (re)list.
+    pub fn init(&mut self) {
+        self.buffer = Some(Records::default());
+    }
+
+    /// Ends a (re)list: the buffer replaces the records.
+    pub fn init_done(&mut self) -> Effect {
+        let Some(mut b) = self.buffer.take() else {
+            return Effect::None;
+        };
+        // Keep first-acceptance order of nodes that stay.
+        for (name, (_, seq)) in b.nodes.iter_mut() {
+            if let Some((_, old)) = self.records.nodes.get(name) {
+                *seq = *old;
+            }
+        }
+        // Refusals of keys that are gone are forgotten.
+        let keys: Vec<Vec<u8>> = self.refused.keys().cloned().collect();
+        let seen: BTreeSet<String> = b.keys(&self.name).iter().map(KvKey::build).collect();
+        for k in keys {
+            if let Ok(s) = std::str::from_utf8(&k)
+                && !seen.contains(s)
+                && !self.buffered_refusals.contains(&k)
+            {
+                self.refused.remove(&k);
+            }
+        }
+        self.buffered_refusals.clear();
+        if b == self.records {
+            return Effect::None;
+        }
+        self.records = b;
+        Effect::Changed
+    }
+
+    pub fn apply(&mut self, key: &[u8], value: &[u8], now: Instant) -> Effect {
+        self.events += 1;
+        self.last_event = Some(now);
+        let (k, entry) = match decode_entry(key, value) {
+            Ok(x) => x,
+            Err(e) => {
+                self.refuse(key, e.reason(), &e.to_string());
+                if self.buffer.is_some() {
+                    self.buffered_refusals.insert(key.to_vec());
+                }
+                // A key that turned invalid no longer holds its old value.
+                return match Key::parse(key) {
+                    Ok(k) if *k.cluster() == self.name => self.remove(&k),
+                    _ => Effect::None,
+                };
+            }
+        };
+        if *k.cluster() != self.name {
+            self.refuse(
+                key,
+                "foreign_cluster",
+                &format!(
+                    "key of cluster {} in cluster {}'s etcd",
+                    k.cluster(),
+                    self.name
+                ),
+            );
+            return Effect::None;
+        }
+        self.refused.remove(key);
+        self.seq += 1;
+        let seq = self.seq;
+        let t = self.target();
+        let changed = match entry {
+            Entry::Node(r) => match t.nodes.entry(r.name.clone()) {
+                btree_map::Entry::Occupied(mut o) => {
+                    if o.get().0 == r {
+                        false
+                    } else {
+                        o.get_mut().0 = r;
+                        true
+                    }
+                }
+                btree_map::Entry::Vacant(v) => {
+                    v.insert((r, seq));
+                    true
+                }
+            },
+            Entry::Endpoint(r) => t.endpoints.insert(r.ip, r.clone()).as_ref() != Some(&r),
+            Entry::Identity(r) => t.identities.insert(r.id, r.clone()).as_ref() != Some(&r),
+            Entry::Service(r) => {
+                t.services
+                    .insert((r.namespace.clone(), r.name.clone()), r.clone())
+                    .as_ref()
+                    != Some(&r)
+            }
+            // Only state prefixes are watched; anything else is ignored.
+            _ => false,
+        };
+        if changed && self.buffer.is_none() {
+            Effect::Changed
+        } else {
+            Effect::None
+        }
+    }
+
+    fn remove(&mut self, k: &Key) -> Effect {
+        let t = self.target();
+        let present = t.contains(k);
+        match k {
+            Key::Node { node, .. } => {
+                t.nodes.remove(node);
+            }
+            Key::Ip { ip, .. } => {
+                t.endpoints.remove(ip);
+            }
+            Key::Identity { id, .. } => {
+                t.identities.remove(id);
+            }
+            Key::Service {
+                namespace, name, ..
+            } => {
+                t.services.remove(&(namespace.clone(), name.clone()));
+            }
+            _ => {}
+        }
+        if present && self.buffer.is_none() {
+            Effect::Changed
+        } else {
+            Effect::None
+        }
+    }
+
+    pub fn delete(&mut self, key: &[u8], now: Instant) -> Effect {
+        self.events += 1;
+        self.last_event = Some(now);
+        self.refused.remove(key);
+        match Key::parse(key) {
+            Ok(k) if *k.cluster() == self.name => self.remove(&k),
+            _ => Effect::None,
+        }
+    }
+
+    /// Withdraws everything (stale TTL passed, or the cluster was removed).
+    pub fn clear(&mut self) -> Effect {
+        self.buffer = None;
+        if self.records.is_empty() {
+            return Effect::None;
+        }
+        self.records = Records::default();
+        Effect::Changed
+    }
+}

@@ -1,0 +1,308 @@
+//! One watcher per cluster (the local one and each remote), following the
+//! watch contract: `Init`, `Apply`/`Delete` for every listed key, `InitDone`,
+//! then `Apply`/`Delete` as etcd reports changes.
+//!
+//! A session: connect; read `cluster-config/<name>` (it must exist and name
+//! this cluster); wait until the four sync canaries exist (the exporter's
+//! initial export is complete); list the four state prefixes at one revision;
+//! watch them from the next revision. Any failure ends the session; the next
+//! one starts after a jittered exponential backoff (backon) and lists
+//! again, so the consumer's mark-and-sweep removes what vanished meanwhile.
+//! A compacted watch revision ends the session at once (relist, no missed
+//! delete); so does a change of etcd's cluster id (a rebuilt etcd).
+//!
+//! The watcher never decodes values: it passes raw bytes, and the consumer
+//! validates everything it reads.
+
+use std::time::Duration;
+
+use backon::BackoffBuilder as _;
+use clustermesh_api::{ClusterName, Key, KvKey, StateKind};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use futures_util::StreamExt as _;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::config::ClusterFile;
+
+/// What a watcher reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// Connected; the cluster config's raw value (validated by the consumer).
+    Connected {
+        config: Vec<u8>,
+        etcd_cluster_id: u64,
+    },
+    /// A (re)list starts: buffer until `InitDone`.
+    Init,
+    Apply {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    InitDone,
+    /// The session ended; the consumer keeps the last state.
+    Disconnected {
+        error: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot read TLS files: {0}")]
+    Files(std::io::Error),
+    #[error("etcd {op}: {source}")]
+    Etcd {
+        op: &'static str,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("cluster {0} has no cluster-config key (is its apiserver running?)")]
+    NoClusterConfig(ClusterName),
+    #[error("watch revision compacted at {0}: relisting")]
+    Compacted(i64),
+    #[error("watch cancelled by etcd: {0}")]
+    WatchCancelled(String),
+    #[error("etcd cluster id changed from {old:x} to {new:x} (rebuilt etcd): full resync")]
+    EtcdReplaced { old: u64, new: u64 },
+    #[error("the consumer is gone")]
+    ConsumerGone,
+}
+
+fn etcd(op: &'static str) -> impl FnOnce(etcd_client::Error) -> SessionError {
+    move |source| SessionError::Etcd { op, source }
+}
+
+struct Session<'a> {
+    name: &'a ClusterName,
+    tx: &'a mpsc::Sender<(ClusterName, WatchEvent)>,
+}
+
+impl Session<'_> {
+    async fn send(&self, ev: WatchEvent) -> Result<(), SessionError> {
+        self.tx
+            .send((self.name.clone(), ev))
+            .await
+            .map_err(|_| SessionError::ConsumerGone)
+    }
+}
+
+/// How often the canary check polls while the exporter is still syncing.
+const CANARY_POLL: Duration = Duration::from_millis(200);
+
+async fn session(
+    name: &ClusterName,
+    file: &ClusterFile,
+    tx: &mpsc::Sender<(ClusterName, WatchEvent)>,
+    last_etcd_id: &mut Option<u64>,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
+    let s = Session { name, tx };
+    let opts = file.connect_options().map_err(SessionError::Files)?;
+    let mut client = Client::connect(&file.endpoints, Some(opts))
+        .await
+        .map_err(etcd("connect"))?;
+    let cfg_key = Key::ClusterConfig {
+        cluster: name.clone(),
+    }
+    .build();
+    let r = client
+        .get(cfg_key.as_str(), None)
+        .await
+        .map_err(etcd("get cluster-config"))?;
+    let etcd_id = r.header().map(|h| h.cluster_id()).unwrap_or(0);
+    if let Some(old) = *last_etcd_id
+        && old != etcd_id
+    {
+        *last_etcd_id = Some(etcd_id);
+        // Reported once; the relist below is the full resync.
+        tracing::warn!(cluster = %name, "{}", SessionError::EtcdReplaced { old, new: etcd_id });
+    }
+    *last_etcd_id = Some(etcd_id);
+    let Some(kv) = r.kvs().first() else {
+        return Err(SessionError::NoClusterConfig(name.clone()));
+    };
+    s.send(WatchEvent::Connected {
+        config: kv.value().to_vec(),
+        etcd_cluster_id: etcd_id,
+    })
+    .await?;
+
+    // Wait for the exporter's initial export (all four canaries).
+    let synced = Key::synced_prefix(name);
+    loop {
+        let r = client
+            .get(
+                synced.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
+            .map_err(etcd("get canaries"))?;
+        let have = StateKind::ALL.iter().all(|k| {
+            let want = Key::Synced {
+                cluster: name.clone(),
+                kind: *k,
+            }
+            .build();
+            r.kvs().iter().any(|kv| kv.key() == want.as_bytes())
+        });
+        if have {
+            break;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(CANARY_POLL) => {}
+        }
+    }
+
+    // List every kind at one revision.
+    let prefixes: Vec<String> = StateKind::ALL.iter().map(|k| k.prefix(name)).collect();
+    let first = client
+        .get(prefixes[0].as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(etcd("list"))?;
+    let rev = first.header().map(|h| h.revision()).unwrap_or(0);
+    s.send(WatchEvent::Init).await?;
+    let mut all: Vec<(Vec<u8>, Vec<u8>)> = first
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+        .collect();
+    for p in &prefixes[1..] {
+        let r = client
+            .get(
+                p.as_str(),
+                Some(GetOptions::new().with_prefix().with_revision(rev)),
+            )
+            .await
+            .map_err(etcd("list"))?;
+        all.extend(
+            r.kvs()
+                .iter()
+                .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
+        );
+    }
+    for (key, value) in all {
+        s.send(WatchEvent::Apply { key, value }).await?;
+    }
+    s.send(WatchEvent::InitDone).await?;
+
+    // Watch every kind, and the cluster config, from the next revision.
+    let mut streams = Vec::new();
+    for p in prefixes.iter().chain(std::iter::once(&cfg_key)) {
+        let mut o = WatchOptions::new().with_start_revision(rev + 1);
+        if p.ends_with('/') {
+            o = o.with_prefix();
+        }
+        let w = client
+            .watch(p.as_str(), Some(o))
+            .await
+            .map_err(etcd("watch"))?;
+        streams.push(
+            futures_util::stream::unfold(w, |mut w| async move {
+                let m = w.message().await;
+                Some((m, w))
+            })
+            .boxed(),
+        );
+    }
+    let mut merged = futures_util::stream::select_all(streams);
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            m = merged.next() => m,
+        };
+        let resp = match msg {
+            Some(Ok(Some(r))) => r,
+            Some(Ok(None)) | None => {
+                return Err(SessionError::WatchCancelled("stream ended".into()));
+            }
+            Some(Err(e)) => return Err(etcd("watch")(e)),
+        };
+        if resp.compact_revision() > 0 {
+            return Err(SessionError::Compacted(resp.compact_revision()));
+        }
+        if resp.canceled() {
+            return Err(SessionError::WatchCancelled(
+                resp.cancel_reason().to_owned(),
+            ));
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            if kv.key() == cfg_key.as_bytes() {
+                // A changed or deleted cluster config: start over so the
+                // consumer re-validates identity and policy.
+                return Err(SessionError::WatchCancelled(
+                    "cluster config changed".into(),
+                ));
+            }
+            let e = match ev.event_type() {
+                EventType::Put => WatchEvent::Apply {
+                    key: kv.key().to_vec(),
+                    value: kv.value().to_vec(),
+                },
+                EventType::Delete => WatchEvent::Delete {
+                    key: kv.key().to_vec(),
+                },
+            };
+            s.send(e).await?;
+        }
+    }
+}
+
+/// Runs sessions until cancelled, with jittered exponential backoff between
+/// failed ones (reset after a session that got as far as listing).
+pub async fn run(
+    name: ClusterName,
+    file: ClusterFile,
+    tx: mpsc::Sender<(ClusterName, WatchEvent)>,
+    cancel: CancellationToken,
+) {
+    let builder = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    let mut backoff = builder.build();
+    let mut last_etcd_id = None;
+    loop {
+        let r = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = session(&name, &file, &tx, &mut last_etcd_id, &cancel) => r,
+        };
+        let err = match r {
+            Ok(()) => return,
+            Err(SessionError::ConsumerGone) => return,
+            Err(e) => e,
+        };
+        let immediate = matches!(
+            err,
+            SessionError::Compacted(_) | SessionError::WatchCancelled(_)
+        );
+        tracing::info!(cluster = %name, error = %err, "cluster session ended");
+        if tx
+            .send((
+                name.clone(),
+                WatchEvent::Disconnected {
+                    error: err.to_string(),
+                },
+            ))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let delay = if immediate {
+            backoff = builder.build();
+            Duration::ZERO
+        } else {
+            backoff.next().unwrap_or(Duration::from_secs(5))
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Side effects go through one trait: a reconciler makes one target (an eBPF
+//! map, routes, WireGuard peers) equal to a desired map.
+//!
+//! - `update` and `delete` apply a single difference;
+//! - `prune` removes everything the target holds that is not desired. The
+//!   agent calls it once, after every cluster has synced (or its sync timeout
+//!   passed), so a restarted agent never removes what it has not yet
+//!   re-learned; before that it only adds and updates.
+//!
+//! [`MemoryReconciler`] is the in-memory implementation used to test the
+//! wiring without root; the eBPF, netlink and WireGuard ones implement the
+//! same trait.
+
+use std::collections::BTreeMap;
+
+#[derive(Debug, thiserror::Error)]
+#[error("reconciling {target}: {message}")]
+pub struct ReconcileError {
+    pub target: &'static str,
+    pub message: String,
+}
+
+pub trait Reconciler<K, V>: Send {
+    fn name(&self) -> &'static str;
+    fn update(&mut self, key: &K, value: &V) -> Result<(), ReconcileError>;
+    fn delete(&mut self, key: &K) -> Result<(), ReconcileError>;
+    /// Removes what is not in `desired`; returns how many entries went.
+    fn prune(&mut self, desired: &BTreeMap<K, V>) -> Result<usize, ReconcileError>;
+}
+
+/// What one diff did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DiffStats {
+    pub updated: usize,
+    pub deleted: usize,
+}
+
+/// Applies the difference between `old` and `new` desired maps. With
+/// `allow_delete` false (before the initial sync) removals are deferred to
+/// the prune.
+pub fn apply_diff<K: Ord, V: PartialEq>(
+    r: &mut dyn Reconciler<K, V>,
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    allow_delete: bool,
+) -> Result<DiffStats, ReconcileError> {
+    let mut s = DiffStats::default();
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            r.update(k, v)?;
+            s.updated += 1;
+        }
+    }
+    if allow_delete {
+        for k in old.keys() {
+            if !new.contains_key(k) {
+                r.delete(k)?;
+                s.deleted += 1;
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// One operation seen by a [`MemoryReconciler`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op<K> {
+    Update(K),
+    Delete(K),
+    Prune(usize),
+}
+
+/// A target held in memory, recording every operation.
+#[derive(Debug, Clone)]
+pub struct MemoryReconciler<K, V> {
+    pub name: &'static str,
+    pub contents: BTreeMap<K, V>,
+    pub ops: Vec<Op<K>>,
+}
+
+impl<K, V> MemoryReconciler<K, V> {
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            contents: BTreeMap::new(),
+            ops: Vec::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone + Send, V: Clone + Send> Reconciler<K, V> for MemoryReconciler<K, V> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn update(&mut self, key: &K, value: &V) -> Result<(), ReconcileError> {
+        self.contents.insert(key.clone(), value.clone());
+        self.ops.push(Op::Update(key.clone()));
+        Ok(())
+    }
+    fn delete(&mut self, key: &K) -> Result<(), ReconcileError> {
+        self.contents.remove(key);
+        self.ops.push(Op::Delete(key.clone()));
+        Ok(())
+    }
+    fn prune(&mut self, desired: &BTreeMap<K, V>) -> Result<usize, ReconcileError> {
+        let before = self.contents.len();
+        self.contents.retain(|k, _| desired.contains_key(k));
+        let n = before - self.contents.len();
+        self.ops.push(Op::Prune(n));
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn diff_updates_changed_and_defers_deletes_until_allowed() {
+        let mut r = MemoryReconciler::<u32, &str>::new("t");
+        let old: BTreeMap<u32, &str> = [(1, "a"), (2, "b")].into();
+        let new: BTreeMap<u32, &str> = [(2, "b"), (3, "c")].into();
+        r.contents = old.clone();
+        let s = apply_diff(&mut r, &old, &new, false).unwrap();
+        assert_eq!(
+            s,
+            DiffStats {
+                updated: 1,
+                deleted: 0
+            }
+        );
+        assert!(
+            r.contents.contains_key(&1),
+            "no delete before the initial sync"
+        );
+        assert_eq!(r.prune(&new).unwrap(), 1);
+        assert_eq!(r.contents, new);
+        let s = apply_diff(&mut r, &new, &old, true).unwrap();
+        assert_eq!(
+            s,
+            DiffStats {
+                updated: 1,
+                deleted: 1
+            }
+        );
+        assert_eq!(r.contents, old);
+    }
+}
+
+/// A [`MemoryReconciler`] shared with an observer (tests, status), behind a
+/// mutex.
+#[derive(Debug, Clone)]
+pub struct SharedReconciler<K, V>(pub std::sync::Arc<std::sync::Mutex<MemoryReconciler<K, V>>>);
+
+impl<K: Ord + Clone + Send, V: Clone + Send> SharedReconciler<K, V> {
+    pub fn new(name: &'static str) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(
+            MemoryReconciler::new(name),
+        )))
+    }
+    /// A copy of the target's contents.
+    pub fn contents(&self) -> BTreeMap<K, V> {
+        self.0
+            .lock()
+            .map(|g| g.contents.clone())
+            .unwrap_or_default()
+    }
+    pub fn ops(&self) -> Vec<Op<K>> {
+        self.0.lock().map(|g| g.ops.clone()).unwrap_or_default()
+    }
+}
+
+fn poisoned(target: &'static str) -> ReconcileError {
+    ReconcileError {
+        target,
+        message: "lock poisoned".into(),
+    }
+}
+
+impl<K: Ord + Clone + Send, V: Clone + Send> Reconciler<K, V> for SharedReconciler<K, V> {
+    fn name(&self) -> &'static str {
+        self.0.lock().map(|g| g.name).unwrap_or("shared")
+    }
+    fn update(&mut self, key: &K, value: &V) -> Result<(), ReconcileError> {
+        self.0
+            .lock()
+            .map_err(|_| poisoned("shared"))?
+            .update(key, value)
+    }
+    fn delete(&mut self, key: &K) -> Result<(), ReconcileError> {
+        self.0.lock().map_err(|_| poisoned("shared"))?.delete(key)
+    }
+    fn prune(&mut self, desired: &BTreeMap<K, V>) -> Result<usize, ReconcileError> {
+        self.0
+            .lock()
+            .map_err(|_| poisoned("shared"))?
+            .prune(desired)
+    }
+}
