@@ -26,6 +26,10 @@ pub trait Reconciler<K, V>: Send {
     fn delete(&mut self, key: &K) -> Result<(), ReconcileError>;
     /// Removes what is not in `desired`; returns how many entries went.
     fn prune(&mut self, desired: &BTreeMap<K, V>) -> Result<usize, ReconcileError>;
+    /// What the target holds now (pinned maps surviving a restart). The
+    /// agent starts its diffs from this, so a restart rewrites nothing that
+    /// did not change.
+    fn snapshot(&mut self) -> Result<BTreeMap<K, V>, ReconcileError>;
 }
 
 /// What one diff did.
@@ -101,6 +105,9 @@ impl<K: Ord + Clone + Send, V: Clone + Send> Reconciler<K, V> for MemoryReconcil
         self.contents.remove(key);
         self.ops.push(Op::Delete(key.clone()));
         Ok(())
+    }
+    fn snapshot(&mut self) -> Result<BTreeMap<K, V>, ReconcileError> {
+        Ok(self.contents.clone())
     }
     fn prune(&mut self, desired: &BTreeMap<K, V>) -> Result<usize, ReconcileError> {
         let before = self.contents.len();
@@ -196,5 +203,8 @@ impl<K: Ord + Clone + Send, V: Clone + Send> Reconciler<K, V> for SharedReconcil
             .lock()
             .map_err(|_| poisoned("shared"))?
             .prune(desired)
+    }
+    fn snapshot(&mut self) -> Result<BTreeMap<K, V>, ReconcileError> {
+        self.0.lock().map_err(|_| poisoned("shared"))?.snapshot()
     }
 }

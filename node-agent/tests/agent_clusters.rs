@@ -32,12 +32,18 @@ struct Cluster {
 
 async fn cluster(name: &str, id: u64) -> Cluster {
     let etcd = EtcdServer::start().unwrap();
-    let mut cfg = Config::new(name.parse().unwrap(), ClusterId::new(id).unwrap(), vec![etcd.endpoint()]);
+    let mut cfg = Config::new(
+        name.parse().unwrap(),
+        ClusterId::new(id).unwrap(),
+        vec![etcd.endpoint()],
+    );
     cfg.lease_ttl = Duration::from_secs(30);
     cfg.heartbeat_interval = Duration::from_secs(1);
     cfg.node_ttl = Duration::from_secs(600);
     let api = clustermesh_apiserver::start(cfg).await.unwrap();
-    let g = ClusterMeshClient::connect(format!("http://{}", api.grpc_addr)).await.unwrap();
+    let g = ClusterMeshClient::connect(format!("http://{}", api.grpc_addr))
+        .await
+        .unwrap();
     Cluster {
         name: name.into(),
         etcd,
@@ -82,7 +88,9 @@ impl Cluster {
         write_file(dir, &self.name, &self.etcd.endpoint());
     }
     async fn kv(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.etcd.endpoint()], None).await.unwrap()
+        etcd_client::Client::connect([self.etcd.endpoint()], None)
+            .await
+            .unwrap()
     }
 }
 
@@ -100,7 +108,12 @@ struct Targets {
     services: SharedReconciler<String, MergedService>,
 }
 
-fn agent(local: &Cluster, dir: &Path, stale_ttl: Duration, cancel: &CancellationToken) -> (Agent, Targets) {
+fn agent(
+    local: &Cluster,
+    dir: &Path,
+    stale_ttl: Duration,
+    cancel: &CancellationToken,
+) -> (Agent, Targets) {
     let t = Targets {
         ipcache: SharedReconciler::new("ipcache"),
         tunnels: SharedReconciler::new("tunnels"),
@@ -134,7 +147,10 @@ fn agent(local: &Cluster, dir: &Path, stale_ttl: Duration, cancel: &Cancellation
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -181,74 +197,130 @@ async fn three_clusters_sync_churn_outages_hostility_and_drain() {
     let run = tokio::spawn(a.run());
 
     // 1. Initial sync of all three clusters.
-    until("initial sync", || st().all_synced && st().clusters.len() == 3).await;
-    until("all endpoints", || ips(&t) == set(&["10.1.0.5", "10.1.1.5", "10.2.0.5", "10.3.0.5"])).await;
+    until("initial sync", || {
+        st().all_synced && st().clusters.len() == 3
+    })
+    .await;
+    until("all endpoints", || {
+        ips(&t) == set(&["10.1.0.5", "10.1.1.5", "10.2.0.5", "10.3.0.5"])
+    })
+    .await;
     assert!(st().pruned);
     let e = t.ipcache.contents()[&"10.2.0.5/32".parse::<IpCidr>().unwrap()];
     assert_eq!(e.identity.get(), id2);
     assert_eq!(e.tunnel_endpoint.unwrap().to_string(), "192.0.2.11");
     assert_eq!(e.cluster_id, 2);
     // Tunnels to every other node (a2 in our cluster, b1, x1), not to a1 (us).
-    let tunnels: BTreeSet<String> = t.tunnels.contents().keys().map(ToString::to_string).collect();
+    let tunnels: BTreeSet<String> = t
+        .tunnels
+        .contents()
+        .keys()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(tunnels, set(&["10.1.1.0/24", "10.2.0.0/24", "10.3.0.0/24"]));
-    assert!(t.peers.contents().is_empty(), "no encryption configured: no peers");
+    assert!(
+        t.peers.contents().is_empty(),
+        "no encryption configured: no peers"
+    );
     assert!(t.services.contents().is_empty());
 
     // 2. Churn is reflected exactly.
     c2.endpoint("b1", "10.2.0.6").await;
-    c3.g
-        .remove_endpoint(proto::RemoveEndpointRequest { ip: "10.3.0.5".into() })
-        .await
-        .unwrap();
+    c3.g.remove_endpoint(proto::RemoveEndpointRequest {
+        ip: "10.3.0.5".into(),
+    })
+    .await
+    .unwrap();
     c2.node("b2", "10.2.1.0/24", "192.0.2.12").await;
     until("churn", || {
         ips(&t) == set(&["10.1.0.5", "10.1.1.5", "10.2.0.5", "10.2.0.6"])
-            && t.tunnels.contents().contains_key(&"10.2.1.0/24".parse().unwrap())
+            && t.tunnels
+                .contents()
+                .contains_key(&"10.2.1.0/24".parse().unwrap())
     })
     .await;
-    c2.g
-        .deregister_node(proto::DeregisterNodeRequest {
-            node: "b2".into(),
-            boot_id: "b".into(),
-        })
-        .await
-        .unwrap();
-    until("node removal", || !t.tunnels.contents().contains_key(&"10.2.1.0/24".parse().unwrap())).await;
+    c2.g.deregister_node(proto::DeregisterNodeRequest {
+        node: "b2".into(),
+        boot_id: "b".into(),
+    })
+    .await
+    .unwrap();
+    until("node removal", || {
+        !t.tunnels
+            .contents()
+            .contains_key(&"10.2.1.0/24".parse().unwrap())
+    })
+    .await;
 
     // 3. A remote etcd killed and restarted: state kept while down,
     //    converged after.
     c2.etcd.kill().unwrap();
-    until("c2 disconnected", || status_of(&st(), "c2").is_some_and(|c| !c.connected)).await;
-    assert!(ips(&t).contains("10.2.0.5"), "state kept while the cluster is down");
+    until("c2 disconnected", || {
+        status_of(&st(), "c2").is_some_and(|c| !c.connected)
+    })
+    .await;
+    assert!(
+        ips(&t).contains("10.2.0.5"),
+        "state kept while the cluster is down"
+    );
     c2.etcd.restart().unwrap();
-    until("c2 reconnected", || status_of(&st(), "c2").is_some_and(|c| c.connected && c.synced)).await;
+    until("c2 reconnected", || {
+        status_of(&st(), "c2").is_some_and(|c| c.connected && c.synced)
+    })
+    .await;
     c2.endpoint("b1", "10.2.0.7").await;
-    until("converged after restart", || ips(&t).contains("10.2.0.7") && ips(&t).contains("10.2.0.5")).await;
+    until("converged after restart", || {
+        ips(&t).contains("10.2.0.7") && ips(&t).contains("10.2.0.5")
+    })
+    .await;
 
     // 4. Compaction while the agent is disconnected: point c3's file at a
     //    dead endpoint (the agent keeps c3's last state), delete a key and
     //    compact etcd, then point it back: the deleted key must be gone.
     c3.endpoint("x1", "10.3.0.8").await;
     until("10.3.0.8", || ips(&t).contains("10.3.0.8")).await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     write_file(dir.path(), "c3", &format!("http://127.0.0.1:{dead}"));
-    until("c3 disconnected", || status_of(&st(), "c3").is_some_and(|c| !c.connected)).await;
-    c3.g
-        .remove_endpoint(proto::RemoveEndpointRequest { ip: "10.3.0.8".into() })
-        .await
-        .unwrap();
+    until("c3 disconnected", || {
+        status_of(&st(), "c3").is_some_and(|c| !c.connected)
+    })
+    .await;
+    c3.g.remove_endpoint(proto::RemoveEndpointRequest {
+        ip: "10.3.0.8".into(),
+    })
+    .await
+    .unwrap();
     let mut kv3 = c3.kv().await;
     // Wait for the export of the delete, then compact past it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !kv3.get("clustermesh/state/ip/v1/c3/10.3.0.8", None).await.unwrap().kvs().is_empty() {
+    while !kv3
+        .get("clustermesh/state/ip/v1/c3/10.3.0.8", None)
+        .await
+        .unwrap()
+        .kvs()
+        .is_empty()
+    {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let rev = kv3.get("x", None).await.unwrap().header().unwrap().revision();
+    let rev = kv3
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     kv3.compact(rev, None).await.unwrap();
     assert!(ips(&t).contains("10.3.0.8"), "still the last known state");
     c3.file(dir.path());
-    until("deleted key gone after reconnect", || !ips(&t).contains("10.3.0.8")).await;
+    until("deleted key gone after reconnect", || {
+        !ips(&t).contains("10.3.0.8")
+    })
+    .await;
 
     // 5. A hostile (or broken) c3 writes into its own etcd: a record claiming
     //    cluster c2, bad JSON, a node overlapping c1's pod CIDR, an endpoint
@@ -262,7 +334,9 @@ async fn three_clusters_sync_churn_outages_hostility_and_drain() {
     )
     .await
     .unwrap();
-    kv3.put("clustermesh/state/ip/v1/c3/10.3.0.66", "{not json", None).await.unwrap();
+    kv3.put("clustermesh/state/ip/v1/c3/10.3.0.66", "{not json", None)
+        .await
+        .unwrap();
     kv3.put(
         "clustermesh/state/nodes/v1/c3/evil2",
         r#"{"name":"evil2","cluster":"c3","underlayIps":["192.0.2.98"],"podCidrs":["10.1.0.0/25"],"bootId":"e"}"#,
@@ -272,7 +346,10 @@ async fn three_clusters_sync_churn_outages_hostility_and_drain() {
     .unwrap();
     kv3.put(
         "clustermesh/state/ip/v1/c3/10.3.0.77",
-        format!(r#"{{"ip":"10.3.0.77","cluster":"c3","identity":{},"hostIp":"192.0.2.21"}}"#, (1 << 16) | 300),
+        format!(
+            r#"{{"ip":"10.3.0.77","cluster":"c3","identity":{},"hostIp":"192.0.2.21"}}"#,
+            (1 << 16) | 300
+        ),
         None,
     )
     .await
@@ -281,7 +358,15 @@ async fn three_clusters_sync_churn_outages_hostility_and_drain() {
     until("hostile records refused and counted", || {
         let s = st();
         let c = status_of(&s, "c3").unwrap();
-        c.refused_total.get("cluster_mismatch").copied().unwrap_or(0) > before.refused_total.get("cluster_mismatch").copied().unwrap_or(0)
+        c.refused_total
+            .get("cluster_mismatch")
+            .copied()
+            .unwrap_or(0)
+            > before
+                .refused_total
+                .get("cluster_mismatch")
+                .copied()
+                .unwrap_or(0)
             && c.refused_total.contains_key("bad_json")
             && c.rejected_now.get("cidr_overlap") == Some(&1)
             && c.rejected_now.get("identity_cluster_bits") == Some(&1)
@@ -289,17 +374,30 @@ async fn three_clusters_sync_churn_outages_hostility_and_drain() {
     })
     .await;
     let now = ips(&t);
-    assert!(!now.contains("10.3.0.66") && !now.contains("10.3.0.77"), "{now:?}");
-    assert!(!t.tunnels.contents().keys().any(|c| c.to_string() == "10.1.0.0/25"));
+    assert!(
+        !now.contains("10.3.0.66") && !now.contains("10.3.0.77"),
+        "{now:?}"
+    );
+    assert!(
+        !t.tunnels
+            .contents()
+            .keys()
+            .any(|c| c.to_string() == "10.1.0.0/25")
+    );
     let mine = t.ipcache.contents()[&"10.1.0.5/32".parse::<IpCidr>().unwrap()];
-    assert_eq!(mine.tunnel_endpoint, None, "our endpoint still ours, not c3's");
+    assert_eq!(
+        mine.tunnel_endpoint, None,
+        "our endpoint still ours, not c3's"
+    );
     assert!(now.contains("10.1.0.5"), "our own state untouched");
 
     // 6. Removing c2's file drains exactly c2.
     std::fs::remove_file(dir.path().join("c2")).unwrap();
     until("c2 drained", || {
         let i = ips(&t);
-        !i.iter().any(|ip| ip.starts_with("10.2.")) && i.contains("10.3.0.9") && i.contains("10.1.0.5")
+        !i.iter().any(|ip| ip.starts_with("10.2."))
+            && i.contains("10.3.0.9")
+            && i.contains("10.1.0.5")
     })
     .await;
     assert!(status_of(&st(), "c2").is_none());
@@ -307,8 +405,14 @@ async fn three_clusters_sync_churn_outages_hostility_and_drain() {
     // 7. Bounded staleness: c3 unreachable for longer than the TTL (3 s) is
     //    withdrawn.
     c3.etcd.kill().unwrap();
-    until("c3 withdrawn", || status_of(&st(), "c3").is_some_and(|c| c.withdrawn)).await;
-    until("c3 state gone", || !ips(&t).iter().any(|ip| ip.starts_with("10.3."))).await;
+    until("c3 withdrawn", || {
+        status_of(&st(), "c3").is_some_and(|c| c.withdrawn)
+    })
+    .await;
+    until("c3 state gone", || {
+        !ips(&t).iter().any(|ip| ip.starts_with("10.3."))
+    })
+    .await;
     assert_eq!(ips(&t), set(&["10.1.0.5", "10.1.1.5"]));
 
     cancel.cancel();
@@ -333,7 +437,10 @@ async fn duplicate_cluster_id_is_refused_with_a_reason() {
     let status = a.status();
     let st = move || status.lock().unwrap().clone();
     let run = tokio::spawn(a.run());
-    until("c2 synced", || status_of(&st(), "c2").is_some_and(|c| c.synced)).await;
+    until("c2 synced", || {
+        status_of(&st(), "c2").is_some_and(|c| c.synced)
+    })
+    .await;
     c9.file(dir.path());
     until("c9 refused", || {
         status_of(&st(), "c9").is_some_and(|c| {
@@ -343,7 +450,89 @@ async fn duplicate_cluster_id_is_refused_with_a_reason() {
         })
     })
     .await;
-    assert!(!t.tunnels.contents().contains_key(&"10.9.0.0/24".parse().unwrap()));
+    assert!(
+        !t.tunnels
+            .contents()
+            .contains_key(&"10.9.0.0/24".parse().unwrap())
+    );
+    cancel.cancel();
+    run.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_agent_changes_nothing_that_did_not_change() {
+    let mut c1 = cluster("c1", 1).await;
+    let mut c2 = cluster("c2", 2).await;
+    c1.node("a1", "10.1.0.0/24", "192.0.2.1").await;
+    c2.node("b1", "10.2.0.0/24", "192.0.2.11").await;
+    c2.endpoint("b1", "10.2.0.5").await;
+    let dir = tempfile::tempdir().unwrap();
+    c2.file(dir.path());
+
+    // First run: the targets (think: pinned eBPF maps) get the state.
+    let cancel = CancellationToken::new();
+    let (a, t) = agent(&c1, dir.path(), Duration::ZERO, &cancel);
+    let status = a.status();
+    let run = tokio::spawn(a.run());
+    until("first sync", || {
+        status.lock().unwrap().all_synced && ips(&t).contains("10.2.0.5")
+    })
+    .await;
+    cancel.cancel();
+    run.await.unwrap();
+
+    // While the agent is down, the world changes a little: one endpoint is
+    // removed. The targets keep their contents (the datapath survives).
+    c2.g.remove_endpoint(proto::RemoveEndpointRequest {
+        ip: "10.2.0.5".into(),
+    })
+    .await
+    .unwrap();
+    c2.endpoint("b1", "10.2.0.6").await;
+    let kept = t.ipcache.contents();
+    t.ipcache.0.lock().unwrap().ops.clear();
+    t.tunnels.0.lock().unwrap().ops.clear();
+    t.peers.0.lock().unwrap().ops.clear();
+    t.services.0.lock().unwrap().ops.clear();
+
+    // Second run on the same targets.
+    let cancel = CancellationToken::new();
+    let cfg_targets = Reconcilers {
+        ipcache: Box::new(t.ipcache.clone()),
+        tunnels: Box::new(t.tunnels.clone()),
+        peers: Box::new(t.peers.clone()),
+        services: Box::new(t.services.clone()),
+    };
+    let cfg = AgentConfig {
+        local_cluster: "c1".parse().unwrap(),
+        local: ClusterFile {
+            endpoints: vec![c1.etcd.endpoint()],
+            trusted_ca_file: None,
+            cert_file: None,
+            key_file: None,
+        },
+        self_node: Some("a1".parse().unwrap()),
+        clusters_dir: dir.path().to_owned(),
+        stale_ttl: Duration::ZERO,
+        sync_timeout: Duration::from_secs(60),
+        poll_interval: Duration::from_millis(100),
+    };
+    let a = Agent::new(cfg, cfg_targets, cancel.clone());
+    let status = a.status();
+    let run = tokio::spawn(a.run());
+    until("second sync", || status.lock().unwrap().pruned).await;
+    use node_agent::reconcile::Op;
+    let ops = t.ipcache.ops();
+    // Exactly: the new endpoint written, the removed one pruned, nothing else
+    // rewritten, and no delete before the prune.
+    assert_eq!(
+        ops,
+        vec![Op::Update("10.2.0.6/32".parse().unwrap()), Op::Prune(1)],
+        "kept before restart: {:?}",
+        kept.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(t.tunnels.ops(), vec![Op::Prune(0)]);
+    assert_eq!(ips(&t), set(&["10.2.0.6"]));
     cancel.cancel();
     run.await.unwrap();
 }

@@ -511,8 +511,36 @@ impl Agent {
         }
     }
 
+    /// Starts the diffs from what the targets already hold (adoption).
+    fn adopt(&mut self) {
+        let r = &mut self.reconcilers;
+        let snap = (|| {
+            Ok::<_, crate::reconcile::ReconcileError>(Desired {
+                ipcache: r.ipcache.snapshot()?,
+                tunnels: r.tunnels.snapshot()?,
+                peers: r.peers.snapshot()?,
+                services: r.services.snapshot()?,
+                rejected: Vec::new(),
+            })
+        })();
+        match snap {
+            Ok(d) => {
+                tracing::info!(
+                    ipcache = d.ipcache.len(),
+                    tunnels = d.tunnels.len(),
+                    peers = d.peers.len(),
+                    services = d.services.len(),
+                    "adopted the datapath state"
+                );
+                self.last = d;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the datapath state; rewriting it"),
+        }
+    }
+
     /// Runs until cancelled; returns the reconcilers (tests inspect them).
     pub async fn run(mut self) -> Reconcilers {
+        self.adopt();
         let local = self.cfg.local_cluster.clone();
         let local_file = self.cfg.local.clone();
         self.start_watcher(local, local_file, Vec::new(), true);
