@@ -80,22 +80,18 @@ fn main() -> anyhow::Result<()> {
             }
             cargo(&["test", "--workspace", "--no-fail-fast"], &env)?;
             // Benchmarks are not part of the suite (slow, noisy); a smoke run
-            // with tiny sizes is, so none of them rots.
-            cargo(
-                &[
-                    "test",
-                    "-p",
-                    "clustermesh-apiserver",
-                    "--bench",
-                    "export",
-                    "--",
-                    "--endpoints",
-                    "200",
-                    "--nodes",
-                    "4",
-                ],
-                &env,
-            )
+            // of each with tiny sizes is, so none of them rots. --workspace
+            // keeps feature unification (no rebuild).
+            let smoke: [&[&str]; 2] = [
+                &["export", "--endpoints", "200", "--nodes", "4"],
+                &["bootstrap", "--clusters", "2", "--nodes", "2", "--endpoints", "5"],
+            ];
+            for s in smoke {
+                let mut args = vec!["test", "--workspace", "--bench", s[0], "--"];
+                args.extend_from_slice(&s[1..]);
+                cargo(&args, &env)?;
+            }
+            Ok(())
         }
     }
 }
