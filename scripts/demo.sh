@@ -84,11 +84,29 @@ YAML
     ip -n "$pod" addr add "10.$id.0.2/24" dev eth0
     ip -n "$node" link set lxc0 up; ip -n "$pod" link set eth0 up
 
-    # 5. the node agent: eBPF on the pod's veth, node + endpoint registered
-    "$BIN/node-agent" --netns "$node" --endpoint-iface lxc0 --report-every 1 \
-      --apiserver "http://127.0.0.1:$gport" --node-name node-1 \
+  done
+  # 5. connect the clusters: each agent's clusters directory holds the
+  #    other cluster's etcd (what `clustermesh connect` will write)
+  for c in c1 c2; do
+    mkdir -p "$STATE/clusters-$c"
+    for o in c1 c2; do
+      [ "$o" = "$c" ] && continue
+      printf 'endpoints:\n  - %s\n' "$(cat "$STATE/etcd-$o")" >"$STATE/clusters-$c/$o"
+    done
+  done
+  # 6. the node agents: eBPF on the pod's veth, node + endpoint registered,
+  #    and the control plane watching the local and the remote cluster
+  local id=0
+  for c in c1 c2; do
+    id=$((id + 1))
+    local sport; sport=$(free_port)
+    echo "127.0.0.1:$sport" >"$STATE/agent-status-$c"
+    "$BIN/node-agent" --netns "$NS_PREFIX-$c-node" --endpoint-iface lxc0 --report-every 1 \
+      --apiserver "http://$(cat "$STATE/apiserver-$c")" --node-name node-1 \
       --underlay-ip "192.0.2.$id" --pod-cidr "10.$id.0.0/24" \
       --endpoint "10.$id.0.2,ns=default,name=web-1,k8s:app=web" \
+      --cluster-name "$c" --local-etcd-endpoints "$(cat "$STATE/etcd-$c")" \
+      --clusters-dir "$STATE/clusters-$c" --status-listen "127.0.0.1:$sport" \
       >"$STATE/logs/agent-$c.log" 2>"$STATE/logs/agent-$c.err" &
     echo $! >"$STATE/pids/agent-$c"
   done
@@ -118,6 +136,22 @@ YAML
       | awk 'BEGIN{skip=0} /^clustermesh\/internal\//{skip=2} {if (skip>0) {skip--; next} print}'
   done
   echo
+  echo "== c1's node agent: its view of the mesh (GET /status)"
+  http_get() { python3 - "$1" "$2" <<'PY'
+import socket, sys
+host, port = sys.argv[1].split(":")
+s = socket.create_connection((host, int(port))); s.sendall(("GET %s HTTP/1.0\r\n\r\n" % sys.argv[2]).encode())
+body = b""
+while True:
+    b = s.recv(65536)
+    if not b: break
+    body += b
+print(body.decode().split("\r\n\r\n", 1)[1])
+PY
+  }
+  for _ in $(seq 100); do http_get "$(cat "$STATE/agent-status-c1")" /status | grep -q '"all_synced": true' && break; sleep 0.1; done
+  http_get "$(cat "$STATE/agent-status-c1")" /status
+  echo
   echo "== c1 apiserver metrics (excerpt)"
   python3 - "$(cat "$STATE/metrics-c1")" <<'PY'
 import socket, sys
@@ -138,6 +172,7 @@ PY
   echo "  ip netns exec $NS_PREFIX-c1-pod ping 10.1.0.1"
   echo "  ETCDCTL_API=3 etcdctl --endpoints $(cat "$STATE/etcd-c1") get --prefix clustermesh/state/"
   echo "  tail -f $STATE/logs/agent-c1.log $STATE/logs/apiserver-c1.log"
+  echo "  agent status: python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://$(cat "$STATE/agent-status-c1")/status\").read().decode())'"
   echo "Tear down: make demo-down"
 }
 

@@ -65,7 +65,11 @@ async fn fill(etcd: &EtcdServer, c: usize, nodes: usize, per_node: usize) {
             let ip = format!("10.{c}.{n}.{}", e + 1);
             ops.push(TxnOp::put(
                 format!("clustermesh/state/ip/v1/{name}/{ip}"),
-                format!(r#"{{"ip":"{ip}","cluster":"{name}","identity":{},"hostIp":"172.16.{c}.{}"}}"#, (c << 16) | 256 + e % 50, n + 1),
+                format!(
+                    r#"{{"ip":"{ip}","cluster":"{name}","identity":{},"hostIp":"172.16.{c}.{}"}}"#,
+                    (c << 16) | 256 + e % 50,
+                    n + 1
+                ),
                 None,
             ));
             if ops.len() >= 100 {
@@ -102,7 +106,10 @@ async fn main() {
     for (i, e) in etcds.iter().enumerate() {
         let mut kv = Client::connect([e.endpoint()], None).await.unwrap();
         read += kv
-            .get(format!("clustermesh/state/ip/v1/c{}/", i + 1), Some(GetOptions::new().with_prefix()))
+            .get(
+                format!("clustermesh/state/ip/v1/c{}/", i + 1),
+                Some(GetOptions::new().with_prefix()),
+            )
             .await
             .unwrap()
             .kvs()
@@ -113,9 +120,14 @@ async fn main() {
 
     let dir = tempfile::tempdir().unwrap();
     for (i, e) in etcds.iter().enumerate().skip(1) {
-        std::fs::write(dir.path().join(format!("c{}", i + 1)), format!("endpoints: [{}]\n", e.endpoint())).unwrap();
+        std::fs::write(
+            dir.path().join(format!("c{}", i + 1)),
+            format!("endpoints: [{}]\n", e.endpoint()),
+        )
+        .unwrap();
     }
-    let ipcache: SharedReconciler<IpCidr, node_agent::clusters::merge::IpCacheEntry> = SharedReconciler::new("ipcache");
+    let ipcache: SharedReconciler<IpCidr, node_agent::clusters::merge::IpCacheEntry> =
+        SharedReconciler::new("ipcache");
     let rss_before = rss_kib();
     let cancel = CancellationToken::new();
     let cfg = AgentConfig {
@@ -144,11 +156,17 @@ async fn main() {
     let run = tokio::spawn(agent.run());
     let want_entries = clusters * nodes * per_node + (clusters - 1) * nodes;
     loop {
-        let synced = status.lock().map(|s| s.all_synced && s.clusters.len() == clusters).unwrap_or(false);
+        let synced = status
+            .lock()
+            .map(|s| s.all_synced && s.clusters.len() == clusters)
+            .unwrap_or(false);
         if synced && ipcache.0.lock().map(|g| g.contents.len()).unwrap_or(0) >= want_entries {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(600), "no full sync within 10 minutes");
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "no full sync within 10 minutes"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let sync = t.elapsed();
@@ -162,14 +180,21 @@ async fn main() {
         "bootstrap benchmark: {clusters} clusters x {nodes} nodes x {per_node} endpoints ({} endpoints, {remote_endpoints} remote), one etcd process per cluster on loopback",
         clusters * nodes * per_node
     );
-    println!("  baseline: plain prefix reads of all etcds: {:.2?} ({:.0} records/s)", baseline, read as f64 / baseline.as_secs_f64());
+    println!(
+        "  baseline: plain prefix reads of all etcds: {:.2?} ({:.0} records/s)",
+        baseline,
+        read as f64 / baseline.as_secs_f64()
+    );
     println!(
         "  agent: time to full sync:                 {:.2?} ({:.0} records/s)  ratio to baseline {:.2}",
         sync,
         read as f64 / sync.as_secs_f64(),
         baseline.as_secs_f64() / sync.as_secs_f64()
     );
-    println!("  agent: ipcache updates:                   {updates} ({:.0} updates/s)", updates as f64 / sync.as_secs_f64());
+    println!(
+        "  agent: ipcache updates:                   {updates} ({:.0} updates/s)",
+        updates as f64 / sync.as_secs_f64()
+    );
     println!(
         "  agent: resident memory growth:            {} KiB ({:.0} bytes per remote endpoint, in-memory targets included)",
         rss_after.saturating_sub(rss_before),

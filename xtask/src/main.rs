@@ -84,7 +84,15 @@ fn main() -> anyhow::Result<()> {
             // keeps feature unification (no rebuild).
             let smoke: [&[&str]; 2] = [
                 &["export", "--endpoints", "200", "--nodes", "4"],
-                &["bootstrap", "--clusters", "2", "--nodes", "2", "--endpoints", "5"],
+                &[
+                    "bootstrap",
+                    "--clusters",
+                    "2",
+                    "--nodes",
+                    "2",
+                    "--endpoints",
+                    "5",
+                ],
             ];
             for s in smoke {
                 let mut args = vec!["test", "--workspace", "--bench", s[0], "--"];
