@@ -67,7 +67,7 @@ async fn fill(etcd: &EtcdServer, c: usize, nodes: usize, per_node: usize) {
                 format!("clustermesh/state/ip/v1/{name}/{ip}"),
                 format!(
                     r#"{{"ip":"{ip}","cluster":"{name}","identity":{},"hostIp":"172.16.{c}.{}"}}"#,
-                    (c << 16) | 256 + e % 50,
+                    (c << 16) | (256 + e % 50),
                     n + 1
                 ),
                 None,

@@ -120,7 +120,28 @@ fn agent(
         peers: SharedReconciler::new("peers"),
         services: SharedReconciler::new("services"),
     };
-    let cfg = AgentConfig {
+    let a = Agent::new(
+        agent_config(local, dir, stale_ttl),
+        t.reconcilers(),
+        cancel.clone(),
+    );
+    (a, t)
+}
+
+impl Targets {
+    /// Reconcilers writing into these (shared) targets.
+    fn reconcilers(&self) -> Reconcilers {
+        Reconcilers {
+            ipcache: Box::new(self.ipcache.clone()),
+            tunnels: Box::new(self.tunnels.clone()),
+            peers: Box::new(self.peers.clone()),
+            services: Box::new(self.services.clone()),
+        }
+    }
+}
+
+fn agent_config(local: &Cluster, dir: &Path, stale_ttl: Duration) -> AgentConfig {
+    AgentConfig {
         local_cluster: local.name.parse().unwrap(),
         local: ClusterFile {
             endpoints: vec![local.etcd.endpoint()],
@@ -133,14 +154,7 @@ fn agent(
         stale_ttl,
         sync_timeout: Duration::from_secs(60),
         poll_interval: Duration::from_millis(100),
-    };
-    let r = Reconcilers {
-        ipcache: Box::new(t.ipcache.clone()),
-        tunnels: Box::new(t.tunnels.clone()),
-        peers: Box::new(t.peers.clone()),
-        services: Box::new(t.services.clone()),
-    };
-    (Agent::new(cfg, r, cancel.clone()), t)
+    }
 }
 
 /// Waits (bounded) until `cond` holds.
@@ -497,27 +511,11 @@ async fn restarted_agent_changes_nothing_that_did_not_change() {
 
     // Second run on the same targets.
     let cancel = CancellationToken::new();
-    let cfg_targets = Reconcilers {
-        ipcache: Box::new(t.ipcache.clone()),
-        tunnels: Box::new(t.tunnels.clone()),
-        peers: Box::new(t.peers.clone()),
-        services: Box::new(t.services.clone()),
-    };
-    let cfg = AgentConfig {
-        local_cluster: "c1".parse().unwrap(),
-        local: ClusterFile {
-            endpoints: vec![c1.etcd.endpoint()],
-            trusted_ca_file: None,
-            cert_file: None,
-            key_file: None,
-        },
-        self_node: Some("a1".parse().unwrap()),
-        clusters_dir: dir.path().to_owned(),
-        stale_ttl: Duration::ZERO,
-        sync_timeout: Duration::from_secs(60),
-        poll_interval: Duration::from_millis(100),
-    };
-    let a = Agent::new(cfg, cfg_targets, cancel.clone());
+    let a = Agent::new(
+        agent_config(&c1, dir.path(), Duration::ZERO),
+        t.reconcilers(),
+        cancel.clone(),
+    );
     let status = a.status();
     let run = tokio::spawn(a.run());
     until("second sync", || status.lock().unwrap().pruned).await;
