@@ -24,6 +24,7 @@ down() {
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NS_PREFIX-" || true); do
     ip netns del "$ns" 2>/dev/null || true
   done
+  rm -rf /sys/fs/bpf/"$NS_PREFIX"-* 2>/dev/null || true
   rm -rf "$STATE"
 }
 
@@ -102,6 +103,7 @@ YAML
     local sport; sport=$(free_port)
     echo "127.0.0.1:$sport" >"$STATE/agent-status-$c"
     "$BIN/node-agent" --netns "$NS_PREFIX-$c-node" --endpoint-iface lxc0 --report-every 1 \
+      --bpf-pin-dir "/sys/fs/bpf/$NS_PREFIX-$c" \
       --apiserver "http://$(cat "$STATE/apiserver-$c")" --node-name node-1 \
       --underlay-ip "192.0.2.$id" --pod-cidr "10.$id.0.0/24" \
       --endpoint "10.$id.0.2,ns=default,name=web-1,k8s:app=web" \

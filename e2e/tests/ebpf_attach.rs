@@ -3,9 +3,9 @@
 //! veth in real network namespaces, and real packets move its counters.
 #![allow(clippy::unwrap_used)]
 
-use clustermesh_testkit::netns::{NetNs, sweep_stale, veth_pair};
+use clustermesh_testkit::netns::{NetNs, PinDir, sweep_stale, veth_pair};
 use e2e::require_root;
-use node_agent::datapath::EndpointProgram;
+use node_agent::datapath::Datapath;
 use tunnel_common::{Direction, Verdict};
 
 #[test]
@@ -17,11 +17,14 @@ fn from_endpoint_counts_real_packets() {
     // Addresses live only inside the two namespaces.
     veth_pair(&host, "lxc0", "192.0.2.1/24", &pod, "eth0", "192.0.2.2/24").unwrap();
 
+    let pins = PinDir::new("attach").unwrap();
     // Attach from a dedicated thread that enters the host namespace.
     let prog = std::thread::scope(|s| {
         s.spawn(|| {
             let _in = host.enter().unwrap();
-            EndpointProgram::attach("lxc0")
+            let mut dp = Datapath::load(pins.path())?;
+            dp.attach_endpoint("lxc0")?;
+            Ok::<_, node_agent::datapath::Error>(dp)
         })
         .join()
         .unwrap()
@@ -55,7 +58,8 @@ fn from_endpoint_counts_real_packets() {
     assert!(after.packets >= PINGS, "counted {after:?}");
     // 100 bytes payload + 8 ICMP + 20 IP + 14 Ethernet per echo request.
     assert!(after.bytes >= PINGS * 142, "counted {after:?}");
-    // Nothing was dropped or redirected.
+    // The datapath is not configured (no tunnel mode): nothing was dropped
+    // or redirected, everything went to the host stack.
     for (dir, v, c) in prog.counters().unwrap() {
         assert!(
             dir == Direction::Egress && v == Verdict::Pass,

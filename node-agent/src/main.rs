@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use clustermesh_api::proto;
 use node_agent::{
-    datapath::EndpointProgram,
+    datapath::Datapath,
     registration::{self, EndpointSpec},
 };
 use tokio_util::sync::CancellationToken;
@@ -27,6 +27,10 @@ struct Args {
     /// the agent itself stays in its own namespace.
     #[arg(long)]
     netns: Option<String>,
+    /// bpffs directory where the datapath's maps are pinned (adopted on
+    /// restart).
+    #[arg(long, default_value = "/sys/fs/bpf/clustermesh")]
+    bpf_pin_dir: std::path::PathBuf,
     /// Seconds between counter reports.
     #[arg(long, default_value_t = 5)]
     report_every: u64,
@@ -69,10 +73,18 @@ struct Args {
     sync_timeout: u64,
 }
 
-fn attach(ifaces: &[String], netns: Option<&str>) -> anyhow::Result<Vec<EndpointProgram>> {
+fn attach(
+    ifaces: &[String],
+    netns: Option<&str>,
+    pin_dir: &std::path::Path,
+) -> anyhow::Result<Option<Datapath>> {
+    if ifaces.is_empty() {
+        return Ok(None);
+    }
     let ifaces = ifaces.to_vec();
     let netns = netns.map(str::to_owned);
-    std::thread::spawn(move || -> anyhow::Result<Vec<EndpointProgram>> {
+    let pin_dir = pin_dir.to_owned();
+    std::thread::spawn(move || -> anyhow::Result<Option<Datapath>> {
         if let Some(ns) = &netns {
             let f = std::fs::File::open(format!("/var/run/netns/{ns}"))
                 .with_context(|| format!("network namespace {ns}"))?;
@@ -85,10 +97,12 @@ fn attach(ifaces: &[String], netns: Option<&str>) -> anyhow::Result<Vec<Endpoint
                     .context("entering the network namespace");
             }
         }
-        ifaces
-            .iter()
-            .map(|i| EndpointProgram::attach(i).with_context(|| format!("attaching to {i}")))
-            .collect()
+        let mut dp = Datapath::load(&pin_dir).context("loading the datapath")?;
+        for i in &ifaces {
+            dp.attach_endpoint(i)
+                .with_context(|| format!("attaching to {i}"))?;
+        }
+        Ok(Some(dp))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("attach thread panicked"))?
@@ -106,9 +120,13 @@ async fn main() -> anyhow::Result<()> {
     if args.endpoint_ifaces.is_empty() && args.apiserver.is_none() && args.cluster_name.is_none() {
         anyhow::bail!("nothing to do: give --endpoint-iface, --apiserver and/or --cluster-name");
     }
-    let progs = attach(&args.endpoint_ifaces, args.netns.as_deref())?;
-    for p in &progs {
-        println!("attached from_endpoint to {}", p.iface());
+    let dp = attach(
+        &args.endpoint_ifaces,
+        args.netns.as_deref(),
+        &args.bpf_pin_dir,
+    )?;
+    for i in &args.endpoint_ifaces {
+        println!("attached from_endpoint to {i}");
     }
     let cancel = CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
@@ -160,12 +178,27 @@ async fn main() -> anyhow::Result<()> {
             sync_timeout: Duration::from_secs(args.sync_timeout),
             poll_interval: Duration::from_secs(1),
         };
-        // The datapath reconcilers (eBPF maps, routes, WireGuard) plug in
-        // here; until they exist the desired state is held in memory and
-        // shown by the status endpoint.
+        // With the datapath loaded, the ip-cache and tunnel routes go into
+        // its pinned maps; WireGuard peers and services are held in memory
+        // (and shown by the status endpoint) until their datapath lands.
+        let (ipcache, tunnels): (
+            Box<dyn node_agent::reconcile::Reconciler<_, _>>,
+            Box<dyn node_agent::reconcile::Reconciler<_, _>>,
+        ) = if dp.is_some() {
+            use node_agent::datapath::reconcilers::{IpCacheMap, TunnelMap};
+            (
+                Box::new(IpCacheMap::open(&args.bpf_pin_dir)?),
+                Box::new(TunnelMap::open(&args.bpf_pin_dir)?),
+            )
+        } else {
+            (
+                Box::new(MemoryReconciler::new("ipcache")),
+                Box::new(MemoryReconciler::new("tunnels")),
+            )
+        };
         let reconcilers = Reconcilers {
-            ipcache: Box::new(MemoryReconciler::new("ipcache")),
-            tunnels: Box::new(MemoryReconciler::new("tunnels")),
+            ipcache,
+            tunnels,
             peers: Box::new(MemoryReconciler::new("peers")),
             services: Box::new(MemoryReconciler::new("services")),
         };
@@ -197,9 +230,9 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             _ = tick.tick() => {
-                for p in &progs {
-                    for (dir, verdict, c) in p.counters()? {
-                        println!("{} {:?} {}: {} packets, {} bytes", p.iface(), dir, verdict.name(), c.packets, c.bytes);
+                if let Some(dp) = &dp {
+                    for (dir, verdict, c) in dp.counters()? {
+                        println!("{:?} {}: {} packets, {} bytes", dir, verdict.name(), c.packets, c.bytes);
                     }
                 }
                 n += 1;

@@ -11,13 +11,87 @@
 pub mod programs {
     /// TC ingress of a pod's host-side veth: traffic leaving the pod.
     pub const FROM_ENDPOINT: &str = "from_endpoint";
+    /// TC ingress of the overlay (VXLAN) device: decapsulated traffic.
+    pub const FROM_OVERLAY: &str = "from_overlay";
 }
 
-/// Map names (the static names in tunnel-ebpf).
+/// Map names (the static names in tunnel-ebpf). Every map is pinned by name
+/// under the node's pin directory, so both programs share them and a
+/// restarted agent adopts them.
 pub mod maps {
     /// Per-CPU array of [`crate::Counter`], indexed by [`crate::metric_index`].
     pub const METRICS: &str = "CM_METRICS";
+    /// Hash: local endpoint IPv4 (network order) -> [`crate::EndpointInfo`].
+    pub const ENDPOINTS: &str = "CM_ENDPOINTS";
+    /// LPM trie: IPv4 prefix -> [`crate::IpCacheValue`].
+    pub const IPCACHE: &str = "CM_IPCACHE";
+    /// Array of one [`crate::DatapathConfig`].
+    pub const CONFIG: &str = "CM_CONFIG";
+    /// LRU hash: remote source IPv4 -> identity it last arrived with.
+    pub const SOURCE_IDENTITY: &str = "CM_SRC_IDENTITY";
 }
+
+/// Entries of the maps (sizes are fixed at load).
+pub const MAX_ENDPOINTS: u32 = 4096;
+pub const MAX_IPCACHE: u32 = 512 * 1024;
+pub const MAX_SOURCE_IDENTITIES: u32 = 65536;
+
+/// How pod traffic to remote nodes leaves this node.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TunnelMode {
+    /// Not configured: everything goes to the host stack.
+    None = 0,
+    /// VXLAN (UDP 8472) through an external-mode VXLAN device.
+    Vxlan = 1,
+}
+
+/// A local endpoint: where to deliver packets for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// ifindex of the endpoint's host-side veth.
+    pub ifindex: u32,
+    /// The endpoint's security identity.
+    pub identity: u32,
+    /// The endpoint's MAC (destination of delivered frames).
+    pub mac: [u8; 6],
+    /// MAC of the host-side veth (source of delivered frames).
+    pub host_mac: [u8; 6],
+}
+
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 20);
+
+/// What the ip-cache knows about an address or prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpCacheValue {
+    pub identity: u32,
+    /// Underlay IPv4 of the node to tunnel to (network order); 0: local or
+    /// not reachable through the tunnel.
+    pub tunnel_endpoint: u32,
+    pub cluster_id: u8,
+    /// [`IPCACHE_FLAG_ENCRYPT`], ...
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<IpCacheValue>() == 12);
+
+/// Traffic to this entry must be encrypted.
+pub const IPCACHE_FLAG_ENCRYPT: u8 = 1;
+
+/// The node's datapath configuration (one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// A [`TunnelMode`] value.
+    pub mode: u32,
+    /// ifindex of the overlay device (VXLAN).
+    pub overlay_ifindex: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
 
 /// Direction of a counted packet.
 #[repr(u8)]
@@ -48,10 +122,12 @@ pub enum Verdict {
     DropStrictPlaintext = 66,
     /// Dropped: a helper call failed.
     DropInternal = 67,
+    /// Dropped: arrived from the overlay for an address with no local endpoint.
+    DropUnknownEndpoint = 68,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 7] = [
+    pub const ALL: [Verdict; 8] = [
         Verdict::Pass,
         Verdict::Local,
         Verdict::Tunnel,
@@ -59,6 +135,7 @@ impl Verdict {
         Verdict::DropNoTunnelEndpoint,
         Verdict::DropStrictPlaintext,
         Verdict::DropInternal,
+        Verdict::DropUnknownEndpoint,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -74,6 +151,7 @@ impl Verdict {
             Verdict::DropNoTunnelEndpoint => "drop_no_tunnel_endpoint",
             Verdict::DropStrictPlaintext => "drop_strict_plaintext",
             Verdict::DropInternal => "drop_internal",
+            Verdict::DropUnknownEndpoint => "drop_unknown_endpoint",
         }
     }
 }
@@ -100,8 +178,14 @@ pub struct Counter {
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
 #[cfg(feature = "user")]
-// SAFETY: Counter is repr(C), Copy, has no padding and every bit pattern is valid.
-unsafe impl aya::Pod for Counter {}
+// SAFETY: all four are repr(C), Copy, have no implicit padding (explicit
+// pad fields, size asserted) and every bit pattern is valid.
+mod pod {
+    unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    unsafe impl aya::Pod for super::IpCacheValue {}
+    unsafe impl aya::Pod for super::DatapathConfig {}
+}
 
 #[cfg(test)]
 mod tests {

@@ -131,4 +131,51 @@ pub fn sweep_stale() {
             let _ = run("ip", &["netns", "del", name]);
         }
     }
+    // Pin directories of dead test processes.
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf") {
+        for ent in rd.flatten() {
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(PREFIX) else {
+                continue;
+            };
+            let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_dir_all(ent.path());
+            }
+        }
+    }
+}
+
+/// A directory on bpffs for one test's pinned maps, removed on drop.
+#[derive(Debug)]
+pub struct PinDir {
+    path: std::path::PathBuf,
+}
+
+impl PinDir {
+    pub fn new(tag: &str) -> io::Result<Self> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let root = std::path::Path::new("/sys/fs/bpf");
+        if !root.join(".").exists() {
+            return Err(io::Error::other(
+                "bpffs is not mounted at /sys/fs/bpf (run scripts/setup.sh)",
+            ));
+        }
+        let path = root.join(format!("{PREFIX}{}x{n}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            eprintln!("testkit: removing {}: {e}", self.path.display());
+        }
+    }
 }

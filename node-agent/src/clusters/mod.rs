@@ -443,8 +443,25 @@ impl Agent {
         })();
         match result {
             Ok(()) => {
+                let mut desired = desired;
                 if prune_now {
                     self.pruned = true;
+                } else if !allow_delete {
+                    // Before the prune nothing is deleted, so the targets
+                    // still hold what left the desired state: keep it in
+                    // `last`, or it would be rewritten when it comes back.
+                    fn keep<K: Ord + Clone, V: Clone>(
+                        old: &BTreeMap<K, V>,
+                        new: &mut BTreeMap<K, V>,
+                    ) {
+                        for (k, v) in old {
+                            new.entry(k.clone()).or_insert_with(|| v.clone());
+                        }
+                    }
+                    keep(&self.last.ipcache, &mut desired.ipcache);
+                    keep(&self.last.tunnels, &mut desired.tunnels);
+                    keep(&self.last.peers, &mut desired.peers);
+                    keep(&self.last.services, &mut desired.services);
                 }
                 self.last = desired;
                 self.retry = false;

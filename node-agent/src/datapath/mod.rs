@@ -1,26 +1,50 @@
 //! The node's eBPF datapath: the compiled tunnel-ebpf objects, a loader that
-//! attaches them, and metrics read back from the kernel.
+//! pins their maps in the node's bpffs directory and attaches the programs
+//! (TCX), typed access to the maps, and metrics read back from the kernel.
 //!
-//! Invariant: map and program names come from `tunnel_common`, the one place
-//! the kernel and user side agree on them.
+//! Invariants:
+//! - map and program names come from `tunnel_common`, the one place the
+//!   kernel and user side agree on them;
+//! - every map is pinned by name under the pin directory: both programs
+//!   share them, and a restarted agent loading with the same directory
+//!   adopts them with their contents (traffic keeps flowing meanwhile).
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::PerCpuArray,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{SchedClassifier, TcAttachType, links::LinkOrder, tc::TcAttach},
 };
-use tunnel_common::{Counter, Direction, Verdict, maps, metric_index, programs};
+use tunnel_common::{
+    Counter, DatapathConfig, Direction, EndpointInfo, IpCacheValue, Verdict, maps, metric_index,
+    programs,
+};
+
+pub mod reconcilers;
 
 /// ELF objects built by build.rs (aya-build) from tunnel-ebpf.
 pub mod objects {
     /// `from_endpoint`, for the TC ingress of a pod's host-side veth.
     pub static FROM_ENDPOINT: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/from-endpoint"));
+    /// `from_overlay`, for the TC ingress of the VXLAN device.
+    pub static FROM_OVERLAY: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/from-overlay"));
 }
 
 /// Errors of the datapath loader.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("creating pin directory {path}: {source}")]
+    PinDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("loading eBPF object {object}: {source}")]
     Load {
         object: &'static str,
@@ -49,21 +73,6 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The `from_endpoint` program loaded and attached to one interface. The TCX
-/// link lives as long as this value.
-pub struct EndpointProgram {
-    ebpf: Ebpf,
-    iface: String,
-}
-
-impl std::fmt::Debug for EndpointProgram {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EndpointProgram")
-            .field("iface", &self.iface)
-            .finish_non_exhaustive()
-    }
-}
-
 fn ifindex(iface: &str) -> Result<u32> {
     let name = std::ffi::CString::new(iface).map_err(|_| Error::NoSuchInterface {
         iface: iface.to_owned(),
@@ -78,65 +87,224 @@ fn ifindex(iface: &str) -> Result<u32> {
     Ok(idx)
 }
 
-impl EndpointProgram {
-    /// Loads `from_endpoint` and attaches it (TCX ingress) to `iface` in the
-    /// calling thread's network namespace.
-    pub fn attach(iface: &str) -> Result<Self> {
-        let idx = ifindex(iface)?;
-        let mut ebpf = EbpfLoader::new()
-            .load(objects::FROM_ENDPOINT)
-            .map_err(|source| Error::Load {
-                object: "from-endpoint",
-                source,
-            })?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(programs::FROM_ENDPOINT)
-            .ok_or(Error::MissingProgram(programs::FROM_ENDPOINT))?
-            .try_into()
-            .map_err(|source| Error::Program {
-                program: programs::FROM_ENDPOINT,
-                source,
-            })?;
-        let perr = |source| Error::Program {
-            program: programs::FROM_ENDPOINT,
+/// The interface's MAC address, from sysfs of the calling thread's netns.
+pub fn mac_of(iface: &str) -> Result<[u8; 6]> {
+    let err = || Error::NoSuchInterface {
+        iface: iface.to_owned(),
+    };
+    // sysfs shows the mounting netns; ask the kernel through an ioctl instead.
+    let name = std::ffi::CString::new(iface).map_err(|_| err())?;
+    // SAFETY: a plain datagram socket, closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+    if fd < 0 {
+        return Err(err());
+    }
+    // SAFETY: ifreq is plain data; the name fits (checked by the kernel's
+    // IFNAMSIZ, we copy at most 15 bytes).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes().iter().take(15)) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: valid fd and ifreq for SIOCGIFHWADDR.
+    let rc = unsafe { libc::ioctl(fd, libc::SIOCGIFHWADDR, &mut req) };
+    // SAFETY: fd is ours.
+    unsafe { libc::close(fd) };
+    if rc != 0 {
+        return Err(err());
+    }
+    // SAFETY: SIOCGIFHWADDR filled ifru_hwaddr.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data.iter()) {
+        *m = *d as u8;
+    }
+    Ok(mac)
+}
+
+fn load(object: &'static str, bytes: &[u8], pin_dir: &Path, program: &'static str) -> Result<Ebpf> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(bytes)
+        .map_err(|source| Error::Load { object, source })?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(program)
+        .ok_or(Error::MissingProgram(program))?
+        .try_into()
+        .map_err(|source| Error::Program { program, source })?;
+    prog.load()
+        .map_err(|source| Error::Program { program, source })?;
+    Ok(ebpf)
+}
+
+fn attach(ebpf: &mut Ebpf, program: &'static str, iface: &str) -> Result<()> {
+    let idx = ifindex(iface)?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(program)
+        .ok_or(Error::MissingProgram(program))?
+        .try_into()
+        .map_err(|source| Error::Program { program, source })?;
+    prog.attach(
+        idx,
+        TcAttach::Tcx {
+            attach_type: TcAttachType::Ingress,
+            order: LinkOrder::default(),
+        },
+    )
+    .map_err(|source| Error::Program { program, source })?;
+    Ok(())
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
+    move |source| Error::Map { map, source }
+}
+
+/// The loaded datapath of one node. TCX links live as long as this value
+/// (or longer once pinned); maps live in the pin directory.
+pub struct Datapath {
+    endpoint: Ebpf,
+    overlay: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Loads both programs, creating or adopting the maps pinned in
+    /// `pin_dir` (which must be on bpffs).
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| Error::PinDir {
+            path: pin_dir.display().to_string(),
             source,
-        };
-        prog.load().map_err(perr)?;
-        prog.attach(
-            idx,
-            TcAttach::Tcx {
-                attach_type: TcAttachType::Ingress,
-                order: LinkOrder::default(),
-            },
-        )
-        .map_err(perr)?;
+        })?;
+        let endpoint = load(
+            "from-endpoint",
+            objects::FROM_ENDPOINT,
+            pin_dir,
+            programs::FROM_ENDPOINT,
+        )?;
+        let overlay = load(
+            "from-overlay",
+            objects::FROM_OVERLAY,
+            pin_dir,
+            programs::FROM_OVERLAY,
+        )?;
         Ok(Self {
-            ebpf,
-            iface: iface.to_owned(),
+            endpoint,
+            overlay,
+            pin_dir: pin_dir.to_owned(),
         })
     }
 
-    pub fn iface(&self) -> &str {
-        &self.iface
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Attaches `from_endpoint` to the TC ingress of a pod's host-side veth
+    /// (in the calling thread's network namespace).
+    pub fn attach_endpoint(&mut self, iface: &str) -> Result<()> {
+        attach(&mut self.endpoint, programs::FROM_ENDPOINT, iface)
+    }
+
+    /// Attaches `from_overlay` to the TC ingress of the VXLAN device.
+    pub fn attach_overlay(&mut self, iface: &str) -> Result<()> {
+        attach(&mut self.overlay, programs::FROM_OVERLAY, iface)
+    }
+
+    pub fn set_config(&mut self, cfg: DatapathConfig) -> Result<()> {
+        let map = self
+            .endpoint
+            .map_mut(maps::CONFIG)
+            .ok_or(Error::MissingMap(maps::CONFIG))?;
+        let mut a: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(map).map_err(map_err(maps::CONFIG))?;
+        a.set(0, &cfg, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    fn endpoints(&mut self) -> Result<HashMap<&mut MapData, u32, EndpointInfo>> {
+        let map = self
+            .endpoint
+            .map_mut(maps::ENDPOINTS)
+            .ok_or(Error::MissingMap(maps::ENDPOINTS))?;
+        HashMap::try_from(map).map_err(map_err(maps::ENDPOINTS))
+    }
+
+    /// Declares a local endpoint (delivery target).
+    pub fn upsert_endpoint(&mut self, ip: Ipv4Addr, info: EndpointInfo) -> Result<()> {
+        self.endpoints()?
+            .insert(&u32::from(ip).to_be(), &info, 0)
+            .map_err(map_err(maps::ENDPOINTS))
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
+        match self.endpoints()?.remove(&u32::from(ip).to_be()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::ENDPOINTS)(e)),
+        }
+    }
+
+    fn ipcache(&mut self) -> Result<LpmTrie<&mut MapData, u32, IpCacheValue>> {
+        let map = self
+            .endpoint
+            .map_mut(maps::IPCACHE)
+            .ok_or(Error::MissingMap(maps::IPCACHE))?;
+        LpmTrie::try_from(map).map_err(map_err(maps::IPCACHE))
+    }
+
+    /// Sets the ip-cache entry of an IPv4 prefix.
+    pub fn upsert_ipcache(
+        &mut self,
+        addr: Ipv4Addr,
+        prefix_len: u8,
+        v: IpCacheValue,
+    ) -> Result<()> {
+        self.ipcache()?
+            .insert(&Key::new(prefix_len.into(), u32::from(addr).to_be()), &v, 0)
+            .map_err(map_err(maps::IPCACHE))
+    }
+
+    pub fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        match self
+            .ipcache()?
+            .remove(&Key::new(prefix_len.into(), u32::from(addr).to_be()))
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::IPCACHE)(e)),
+        }
+    }
+
+    /// The identity traffic from `src` last arrived with over the overlay.
+    pub fn source_identity(&mut self, src: Ipv4Addr) -> Result<Option<u32>> {
+        let map = self
+            .overlay
+            .map_mut(maps::SOURCE_IDENTITY)
+            .ok_or(Error::MissingMap(maps::SOURCE_IDENTITY))?;
+        // aya's HashMap handle also reads LRU hash maps.
+        let m: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(map).map_err(map_err(maps::SOURCE_IDENTITY))?;
+        match m.get(&u32::from(src).to_be(), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(maps::SOURCE_IDENTITY)(e)),
+        }
     }
 
     /// The counter of (direction, verdict), summed over CPUs.
     pub fn counter(&self, dir: Direction, verdict: Verdict) -> Result<Counter> {
         let map = self
-            .ebpf
+            .endpoint
             .map(maps::METRICS)
             .ok_or(Error::MissingMap(maps::METRICS))?;
         let arr: PerCpuArray<_, Counter> =
-            PerCpuArray::try_from(map).map_err(|source| Error::Map {
-                map: maps::METRICS,
-                source,
-            })?;
+            PerCpuArray::try_from(map).map_err(map_err(maps::METRICS))?;
         let per_cpu = arr
             .get(&metric_index(dir, verdict), 0)
-            .map_err(|source| Error::Map {
-                map: maps::METRICS,
-                source,
-            })?;
+            .map_err(map_err(maps::METRICS))?;
         Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
             packets: acc.packets + c.packets,
             bytes: acc.bytes + c.bytes,

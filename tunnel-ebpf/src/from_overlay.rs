@@ -1,0 +1,79 @@
+//! `from_overlay`: TC ingress of the node's VXLAN device (external mode):
+//! decapsulated traffic from remote nodes.
+//!
+//! Reads the tunnel key (VNI = the sender's security identity), records the
+//! identity per source address in CM_SRC_IDENTITY, and delivers to the local
+//! endpoint with `redirect_peer`. A destination that is not a local endpoint
+//! is dropped with a counted reason, never handed on silently.
+//!
+//! The host build exists only for workspace tools (see from_endpoint.rs).
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
+// Not every shared helper is used by this program.
+#[allow(dead_code)]
+mod shared;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
+    helpers::generated::{bpf_redirect_peer, bpf_skb_get_tunnel_key},
+    macros::classifier,
+    programs::TcContext,
+};
+use shared::{CM_SRC_IDENTITY, count, endpoint, ipv4_addrs, set_macs};
+use tunnel_common::{Direction, Verdict};
+
+#[classifier]
+pub fn from_overlay(ctx: TcContext) -> i32 {
+    let len = ctx.len();
+    let (verdict, action) = try_from_overlay(&ctx);
+    count(Direction::Ingress, verdict, len);
+    action
+}
+
+#[inline(always)]
+fn try_from_overlay(ctx: &TcContext) -> (Verdict, i32) {
+    let Some((src, dst)) = ipv4_addrs(ctx) else {
+        return (Verdict::Pass, TC_ACT_OK);
+    };
+    // SAFETY: zeroed is a valid bpf_tunnel_key.
+    let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
+    // SAFETY: ctx is a live skb, key a valid stack struct of the given size.
+    let r = unsafe {
+        bpf_skb_get_tunnel_key(
+            ctx.as_ptr().cast(),
+            &mut key,
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
+    };
+    if r != 0 {
+        return (Verdict::DropMalformed, TC_ACT_SHOT);
+    }
+    let identity = key.tunnel_id & 0x00ff_ffff;
+    let _ = CM_SRC_IDENTITY.insert(&src, &identity, 0);
+    let Some(ep) = endpoint(dst) else {
+        return (Verdict::DropUnknownEndpoint, TC_ACT_SHOT);
+    };
+    if set_macs(ctx, &ep).is_err() {
+        return (Verdict::DropInternal, TC_ACT_SHOT);
+    }
+    // SAFETY: plain helper call; the kernel checks the ifindex.
+    let r = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
+    (Verdict::Local, r as i32)
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual BSD/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
