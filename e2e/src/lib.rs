@@ -4,6 +4,8 @@
 
 pub use clustermesh_testkit as testkit;
 
+pub mod topo;
+
 /// Skips a privileged test when not root, loudly (CI runs as root, so a skip
 /// there would show in the log).
 #[macro_export]

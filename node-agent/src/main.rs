@@ -27,8 +27,11 @@ struct Args {
     /// the agent itself stays in its own namespace.
     #[arg(long)]
     netns: Option<String>,
-    /// bpffs directory where the datapath's maps are pinned (adopted on
-    /// restart).
+    /// The node's VXLAN device (external mode) to attach `from_overlay` to.
+    #[arg(long)]
+    overlay_iface: Option<String>,
+    /// bpffs directory where the datapath's maps and links are pinned
+    /// (adopted on restart).
     #[arg(long, default_value = "/sys/fs/bpf/clustermesh")]
     bpf_pin_dir: std::path::PathBuf,
     /// Seconds between counter reports.
@@ -117,7 +120,11 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    if args.endpoint_ifaces.is_empty() && args.apiserver.is_none() && args.cluster_name.is_none() {
+    if args.endpoint_ifaces.is_empty()
+        && args.overlay_iface.is_none()
+        && args.apiserver.is_none()
+        && args.cluster_name.is_none()
+    {
         anyhow::bail!("nothing to do: give --endpoint-iface, --apiserver and/or --cluster-name");
     }
     let dp = attach(

@@ -17,7 +17,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
-    programs::{SchedClassifier, TcAttachType, links::LinkOrder, tc::TcAttach},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttach},
+    },
 };
 use tunnel_common::{
     Counter, DatapathConfig, Direction, EndpointInfo, IpCacheValue, Verdict, maps, metric_index,
@@ -60,6 +64,11 @@ pub enum Error {
         program: &'static str,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    #[error("program {program}: link: {message}")]
+    Link {
+        program: &'static str,
+        message: String,
     },
     #[error("interface {iface:?} not found in this network namespace")]
     NoSuchInterface { iface: String },
@@ -136,22 +145,68 @@ fn load(object: &'static str, bytes: &[u8], pin_dir: &Path, program: &'static st
     Ok(ebpf)
 }
 
-fn attach(ebpf: &mut Ebpf, program: &'static str, iface: &str) -> Result<()> {
+/// Attaches `program` to the TCX ingress of `iface` and pins the link under
+/// `pin_dir`, so the program stays attached when the agent exits or dies.
+/// If a previous agent's pinned link exists, the program is swapped into it
+/// atomically (`bpf_link_update`): no moment without a program, and never
+/// two programs on one interface.
+fn attach(ebpf: &mut Ebpf, program: &'static str, iface: &str, pin_dir: &Path) -> Result<Attached> {
     let idx = ifindex(iface)?;
     let prog: &mut SchedClassifier = ebpf
         .program_mut(program)
         .ok_or(Error::MissingProgram(program))?
         .try_into()
         .map_err(|source| Error::Program { program, source })?;
-    prog.attach(
-        idx,
-        TcAttach::Tcx {
-            attach_type: TcAttachType::Ingress,
-            order: LinkOrder::default(),
-        },
-    )
-    .map_err(|source| Error::Program { program, source })?;
-    Ok(())
+    let perr = |source| Error::Program { program, source };
+    let lerr = |e: aya::programs::links::LinkError| Error::Link {
+        program,
+        message: e.to_string(),
+    };
+    let path = pin_dir.join(format!("link_{program}_{idx}"));
+    if path.exists() {
+        let adopted = PinnedLink::from_pin(&path)
+            .map_err(lerr)
+            .and_then(|p| SchedClassifierLink::try_from(FdLink::from(p)).map_err(lerr))
+            .and_then(|link| prog.attach_to_link(link).map_err(perr));
+        match adopted {
+            Ok(id) => {
+                // The pin keeps the link; our handle may go.
+                let link = prog.take_link(id).map_err(perr)?;
+                drop(link);
+                return Ok(Attached::Adopted);
+            }
+            Err(e) => {
+                // A stale pin (the interface was recreated): start fresh.
+                tracing::warn!(path = %path.display(), error = %e, "stale pinned link; attaching anew");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    let id = prog
+        .attach(
+            idx,
+            TcAttach::Tcx {
+                attach_type: TcAttachType::Ingress,
+                order: LinkOrder::default(),
+            },
+        )
+        .map_err(perr)?;
+    let link = prog.take_link(id).map_err(perr)?;
+    let fd: FdLink = link.try_into().map_err(lerr)?;
+    fd.pin(&path).map_err(|e| Error::Link {
+        program,
+        message: format!("pinning {}: {e}", path.display()),
+    })?;
+    Ok(Attached::New)
+}
+
+/// How a program got attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// A new TCX link, now pinned.
+    New,
+    /// A previous agent's pinned link, now running this agent's program.
+    Adopted,
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
@@ -206,14 +261,26 @@ impl Datapath {
     }
 
     /// Attaches `from_endpoint` to the TC ingress of a pod's host-side veth
-    /// (in the calling thread's network namespace).
-    pub fn attach_endpoint(&mut self, iface: &str) -> Result<()> {
-        attach(&mut self.endpoint, programs::FROM_ENDPOINT, iface)
+    /// (in the calling thread's network namespace), or adopts the pinned
+    /// link a previous agent left.
+    pub fn attach_endpoint(&mut self, iface: &str) -> Result<Attached> {
+        attach(
+            &mut self.endpoint,
+            programs::FROM_ENDPOINT,
+            iface,
+            &self.pin_dir,
+        )
     }
 
-    /// Attaches `from_overlay` to the TC ingress of the VXLAN device.
-    pub fn attach_overlay(&mut self, iface: &str) -> Result<()> {
-        attach(&mut self.overlay, programs::FROM_OVERLAY, iface)
+    /// Attaches (or adopts) `from_overlay` on the TC ingress of the VXLAN
+    /// device.
+    pub fn attach_overlay(&mut self, iface: &str) -> Result<Attached> {
+        attach(
+            &mut self.overlay,
+            programs::FROM_OVERLAY,
+            iface,
+            &self.pin_dir,
+        )
     }
 
     pub fn set_config(&mut self, cfg: DatapathConfig) -> Result<()> {
