@@ -78,13 +78,15 @@ struct Args {
 
 fn attach(
     ifaces: &[String],
+    overlay: Option<&str>,
     netns: Option<&str>,
     pin_dir: &std::path::Path,
 ) -> anyhow::Result<Option<Datapath>> {
-    if ifaces.is_empty() {
+    if ifaces.is_empty() && overlay.is_none() {
         return Ok(None);
     }
     let ifaces = ifaces.to_vec();
+    let overlay = overlay.map(str::to_owned);
     let netns = netns.map(str::to_owned);
     let pin_dir = pin_dir.to_owned();
     std::thread::spawn(move || -> anyhow::Result<Option<Datapath>> {
@@ -92,7 +94,7 @@ fn attach(
             let f = std::fs::File::open(format!("/var/run/netns/{ns}"))
                 .with_context(|| format!("network namespace {ns}"))?;
             // SAFETY: a valid namespace fd; affects only this thread, which
-            // ends after attaching (the TCX links live in their fds).
+            // ends after attaching (the TCX links are pinned).
             let rc =
                 unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
             if rc != 0 {
@@ -102,8 +104,16 @@ fn attach(
         }
         let mut dp = Datapath::load(&pin_dir).context("loading the datapath")?;
         for i in &ifaces {
-            dp.attach_endpoint(i)
+            let how = dp
+                .attach_endpoint(i)
                 .with_context(|| format!("attaching to {i}"))?;
+            println!("attached from_endpoint to {i} ({how:?})");
+        }
+        if let Some(o) = &overlay {
+            let how = dp
+                .attach_overlay(o)
+                .with_context(|| format!("attaching to {o}"))?;
+            println!("attached from_overlay to {o} ({how:?})");
         }
         Ok(Some(dp))
     })
@@ -129,12 +139,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let dp = attach(
         &args.endpoint_ifaces,
+        args.overlay_iface.as_deref(),
         args.netns.as_deref(),
         &args.bpf_pin_dir,
     )?;
-    for i in &args.endpoint_ifaces {
-        println!("attached from_endpoint to {i}");
-    }
     let cancel = CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
     let (ids_tx, mut ids_rx) = tokio::sync::watch::channel(Vec::new());

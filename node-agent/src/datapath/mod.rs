@@ -200,6 +200,22 @@ fn attach(ebpf: &mut Ebpf, program: &'static str, iface: &str, pin_dir: &Path) -
     Ok(Attached::New)
 }
 
+/// Names of the programs attached to the TCX ingress of `iface` (in the
+/// calling thread's network namespace), in order.
+pub fn attached_programs(iface: &str) -> Result<Vec<String>> {
+    let idx = ifindex(iface)?;
+    let (_, progs) = SchedClassifier::query_tcx(idx, TcAttachType::Ingress).map_err(|source| {
+        Error::Program {
+            program: "query",
+            source,
+        }
+    })?;
+    Ok(progs
+        .iter()
+        .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+        .collect())
+}
+
 /// How a program got attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attached {
