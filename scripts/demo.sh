@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# The local demo. Until the mesh harness (e2e) lands, it runs the real slice
-# of the product that exists, for two clusters c1 (id 1) and c2 (id 2):
+# The local demo: two clusters c1 (id 1) and c2 (id 2), one node and one
+# pod each, made one mesh by the product's own parts:
 #   - per cluster a real etcd and a clustermesh-apiserver exporting into it
-#     (a global service from a standalone YAML file, encryption policy);
-#   - per cluster a node namespace and a pod namespace joined by a veth, and a
-#     node-agent that attaches the eBPF `from_endpoint` program (TCX) on the
-#     node side and registers its node and the pod with the apiserver, which
-#     allocates the pod's security identity and exports everything.
+#     (a global service declared in a standalone YAML file);
+#   - per cluster a node namespace (VXLAN device, underlay link to the other
+#     node) and a pod namespace behind a veth;
+#   - per node a node-agent that loads the eBPF datapath (maps and TCX links
+#     pinned in bpffs), registers its node and pod with its apiserver (which
+#     allocates the pod's identity), watches its own and the other cluster's
+#     etcd, merges both and programs the ip-cache map: the pods then reach
+#     each other across clusters over eBPF VXLAN, the VNI carrying the
+#     sender's identity. No encryption yet (WireGuard is a later issue).
 # Everything it creates is recorded under target/mesh and removed by `down`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,22 +74,39 @@ YAML
     # 3. the cluster's apiserver
     "$BIN/clustermesh-apiserver" --cluster-name "$c" --cluster-id "$id" --etcd-endpoints "$ep" \
       --listen "127.0.0.1:$gport" --metrics-listen "127.0.0.1:$mport" \
-      --services-file "$STATE/services-$c.yaml" --encryption wireguard --encryption-strict \
+      --services-file "$STATE/services-$c.yaml" \
       >"$STATE/logs/apiserver-$c.log" 2>&1 &
     echo $! >"$STATE/pids/apiserver-$c"
     wait_for "$STATE/logs/apiserver-$c.log" "serving" "apiserver of $c"
 
-    # 4. a node and a pod: namespaces joined by a veth (addresses exist only there)
+    # 4. a node and a pod: namespaces joined by a veth (addresses exist only
+    #    there). The pod has its /32, a fixed gateway 169.254.1.1 with a
+    #    permanent neighbour entry for the host-side veth's MAC; MTU 1450
+    #    leaves room for VXLAN. The node gets a VXLAN device (external mode).
     local node="$NS_PREFIX-$c-node" pod="$NS_PREFIX-$c-pod"
+    local hmac pmac
+    hmac=$(printf '02:00:0a:%02x:00:01' "$id"); pmac=$(printf '02:00:0a:%02x:00:02' "$id")
+    echo "$pmac" >"$STATE/podmac-$c"
     ip netns add "$node"; ip netns add "$pod"
     ip -n "$node" link set lo up; ip -n "$pod" link set lo up
-    ip -n "$node" addr add "192.0.2.$id/32" dev lo
-    ip -n "$node" link add lxc0 type veth peer name eth0 netns "$pod"
+    ip -n "$node" link add lxc0 address "$hmac" type veth peer name eth0 netns "$pod"
     ip -n "$node" addr add "10.$id.0.1/24" dev lxc0
-    ip -n "$pod" addr add "10.$id.0.2/24" dev eth0
-    ip -n "$node" link set lxc0 up; ip -n "$pod" link set eth0 up
-
+    ip -n "$node" link set lxc0 up
+    ip -n "$pod" link set eth0 address "$pmac" mtu 1450 up
+    ip -n "$pod" addr add "10.$id.0.2/32" dev eth0
+    ip -n "$pod" route add 169.254.1.1 dev eth0 scope link
+    ip -n "$pod" route add default via 169.254.1.1 dev eth0
+    ip -n "$pod" neigh add 169.254.1.1 dev eth0 lladdr "$hmac" nud permanent
+    ip -n "$node" link add cm_vxlan type vxlan external dstport 8472
+    ip -n "$node" link set cm_vxlan up
   done
+  # The underlay: the two nodes on one link (like routable node IPs across
+  # VPCs), 192.0.2.1 and 192.0.2.2.
+  ip -n "$NS_PREFIX-c1-node" link add ul0 type veth peer name ul0 netns "$NS_PREFIX-c2-node"
+  ip -n "$NS_PREFIX-c1-node" addr add 192.0.2.1/24 dev ul0
+  ip -n "$NS_PREFIX-c2-node" addr add 192.0.2.2/24 dev ul0
+  ip -n "$NS_PREFIX-c1-node" link set ul0 up
+  ip -n "$NS_PREFIX-c2-node" link set ul0 up
   # 5. connect the clusters: each agent's clusters directory holds the
   #    other cluster's etcd (what `clustermesh connect` will write)
   for c in c1 c2; do
@@ -103,10 +124,11 @@ YAML
     local sport; sport=$(free_port)
     echo "127.0.0.1:$sport" >"$STATE/agent-status-$c"
     "$BIN/node-agent" --netns "$NS_PREFIX-$c-node" --endpoint-iface lxc0 --report-every 1 \
+      --overlay-iface cm_vxlan --tunnel vxlan \
       --bpf-pin-dir "/sys/fs/bpf/$NS_PREFIX-$c" \
       --apiserver "http://$(cat "$STATE/apiserver-$c")" --node-name node-1 \
       --underlay-ip "192.0.2.$id" --pod-cidr "10.$id.0.0/24" \
-      --endpoint "10.$id.0.2,ns=default,name=web-1,k8s:app=web" \
+      --endpoint "10.$id.0.2,ns=default,name=web-1,iface=lxc0,mac=$(cat "$STATE/podmac-$c"),k8s:app=web" \
       --cluster-name "$c" --local-etcd-endpoints "$(cat "$STATE/etcd-$c")" \
       --clusters-dir "$STATE/clusters-$c" --status-listen "127.0.0.1:$sport" \
       >"$STATE/logs/agent-$c.log" 2>"$STATE/logs/agent-$c.err" &
@@ -122,23 +144,8 @@ YAML
   echo '{"name":"node-x","cluster":"c1","underlayIps":["192.0.2.9"],"podCidrs":["10.1.0.1/24"],"bootId":"x"}' \
     | "$BIN/clustermesh" validate-record clustermesh/state/nodes/v1/c1/node-x || true
 
-  for c in c1 c2; do
-    local id=${c#c}
-    echo "== $c: pod pings its node through the eBPF datapath"
-    ip netns exec "$NS_PREFIX-$c-pod" ping -c 3 -i 0.2 "10.$id.0.1" | tail -2
-  done
-  sleep 1.2 # one report interval, so the agents' next report includes the pings
-  echo
-  echo "== node agents: identities allocated by the apiservers, eBPF counters"
-  for c in c1 c2; do echo "-- $c"; grep "has identity" "$STATE/logs/agent-$c.log" | tail -1; tail -n 1 "$STATE/logs/agent-$c.log"; done
-  for c in c1 c2; do
-    echo
-    echo "== $c: etcdctl get --prefix clustermesh/ (exported records; internal ones hidden)"
-    ETCDCTL_API=3 etcdctl --endpoints "$(cat "$STATE/etcd-$c")" get --prefix clustermesh/ \
-      | awk 'BEGIN{skip=0} /^clustermesh\/internal\//{skip=2} {if (skip>0) {skip--; next} print}'
-  done
-  echo
-  echo "== c1's node agent: its view of the mesh (GET /status)"
+  # Wait until each agent's control plane has synced both clusters (the
+  # remote pod is in its ip-cache map), then ping across clusters.
   http_get() { python3 - "$1" "$2" <<'PY'
 import socket, sys
 host, port = sys.argv[1].split(":")
@@ -151,7 +158,35 @@ while True:
 print(body.decode().split("\r\n\r\n", 1)[1])
 PY
   }
-  for _ in $(seq 100); do http_get "$(cat "$STATE/agent-status-c1")" /status | grep -q '"all_synced": true' && break; sleep 0.1; done
+  for c in c1 c2; do
+    for _ in $(seq 200); do
+      http_get "$(cat "$STATE/agent-status-$c")" /status 2>/dev/null | grep -q '"all_synced": true' && break
+      sleep 0.1
+    done
+  done
+  echo
+  for c in c1 c2; do
+    local id=${c#c} other
+    other=$(( 3 - id ))
+    echo "== $c: pod 10.$id.0.2 pings its node (host stack) and the pod of c$other (eBPF VXLAN)"
+    ip netns exec "$NS_PREFIX-$c-pod" ping -c 3 -i 0.2 "10.$id.0.1" | tail -2 | head -1
+    ip netns exec "$NS_PREFIX-$c-pod" ping -c 5 -i 0.2 "10.$other.0.2" | tail -2
+  done
+  sleep 1.2 # one report interval, so the agents' next report includes the pings
+  echo
+  echo "== node agents: identities allocated by the apiservers, eBPF counters (tunnel = sent over VXLAN, local = delivered)"
+  for c in c1 c2; do
+    echo "-- $c"; grep "has identity" "$STATE/logs/agent-$c.log" | tail -1
+    awk '/packets/ {last[$1" "$2]=$0} END {for (k in last) print last[k]}' "$STATE/logs/agent-$c.log" | sort
+  done
+  for c in c1 c2; do
+    echo
+    echo "== $c: etcdctl get --prefix clustermesh/ (exported records; internal ones hidden)"
+    ETCDCTL_API=3 etcdctl --endpoints "$(cat "$STATE/etcd-$c")" get --prefix clustermesh/ \
+      | awk 'BEGIN{skip=0} /^clustermesh\/internal\//{skip=2} {if (skip>0) {skip--; next} print}'
+  done
+  echo
+  echo "== c1's node agent: its view of the mesh (GET /status)"
   http_get "$(cat "$STATE/agent-status-c1")" /status
   echo
   echo "== c1 apiserver metrics (excerpt)"
@@ -171,7 +206,8 @@ PY
   echo
   echo "The demo is left running. Explore:"
   echo "  ip netns list | grep $NS_PREFIX"
-  echo "  ip netns exec $NS_PREFIX-c1-pod ping 10.1.0.1"
+  echo "  ip netns exec $NS_PREFIX-c1-pod ping 10.2.0.2      # c1's pod to c2's pod over eBPF VXLAN"
+  echo "  ip netns exec $NS_PREFIX-c2-node tcpdump -ni ul0 udp port 8472   # the VXLAN on the underlay"
   echo "  ETCDCTL_API=3 etcdctl --endpoints $(cat "$STATE/etcd-c1") get --prefix clustermesh/state/"
   echo "  tail -f $STATE/logs/agent-c1.log $STATE/logs/apiserver-c1.log"
   echo "  agent status: python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://$(cat "$STATE/agent-status-c1")/status\").read().decode())'"

@@ -30,6 +30,10 @@ struct Args {
     /// The node's VXLAN device (external mode) to attach `from_overlay` to.
     #[arg(long)]
     overlay_iface: Option<String>,
+    /// How pod traffic to remote nodes leaves: none (host stack) or vxlan
+    /// (needs --overlay-iface).
+    #[arg(long, default_value = "none", value_parser = ["none", "vxlan"])]
+    tunnel: String,
     /// bpffs directory where the datapath's maps and links are pinned
     /// (adopted on restart).
     #[arg(long, default_value = "/sys/fs/bpf/clustermesh")]
@@ -76,12 +80,20 @@ struct Args {
     sync_timeout: u64,
 }
 
+/// What the attach thread learnt inside the node's namespace.
+struct Attachment {
+    dp: Datapath,
+    overlay_ifindex: u32,
+    /// Host-side interface -> (ifindex, MAC).
+    ifaces: std::collections::BTreeMap<String, (u32, [u8; 6])>,
+}
+
 fn attach(
     ifaces: &[String],
     overlay: Option<&str>,
     netns: Option<&str>,
     pin_dir: &std::path::Path,
-) -> anyhow::Result<Option<Datapath>> {
+) -> anyhow::Result<Option<Attachment>> {
     if ifaces.is_empty() && overlay.is_none() {
         return Ok(None);
     }
@@ -89,7 +101,7 @@ fn attach(
     let overlay = overlay.map(str::to_owned);
     let netns = netns.map(str::to_owned);
     let pin_dir = pin_dir.to_owned();
-    std::thread::spawn(move || -> anyhow::Result<Option<Datapath>> {
+    std::thread::spawn(move || -> anyhow::Result<Option<Attachment>> {
         if let Some(ns) = &netns {
             let f = std::fs::File::open(format!("/var/run/netns/{ns}"))
                 .with_context(|| format!("network namespace {ns}"))?;
@@ -103,19 +115,33 @@ fn attach(
             }
         }
         let mut dp = Datapath::load(&pin_dir).context("loading the datapath")?;
+        let mut known = std::collections::BTreeMap::new();
         for i in &ifaces {
             let how = dp
                 .attach_endpoint(i)
                 .with_context(|| format!("attaching to {i}"))?;
+            known.insert(
+                i.clone(),
+                (
+                    node_agent::datapath::ifindex(i)?,
+                    node_agent::datapath::mac_of(i)?,
+                ),
+            );
             println!("attached from_endpoint to {i} ({how:?})");
         }
+        let mut overlay_ifindex = 0;
         if let Some(o) = &overlay {
             let how = dp
                 .attach_overlay(o)
                 .with_context(|| format!("attaching to {o}"))?;
+            overlay_ifindex = node_agent::datapath::ifindex(o)?;
             println!("attached from_overlay to {o} ({how:?})");
         }
-        Ok(Some(dp))
+        Ok(Some(Attachment {
+            dp,
+            overlay_ifindex,
+            ifaces: known,
+        }))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("attach thread panicked"))?
@@ -137,12 +163,28 @@ async fn main() -> anyhow::Result<()> {
     {
         anyhow::bail!("nothing to do: give --endpoint-iface, --apiserver and/or --cluster-name");
     }
-    let dp = attach(
+    if args.tunnel == "vxlan" && args.overlay_iface.is_none() {
+        anyhow::bail!("--tunnel vxlan needs --overlay-iface");
+    }
+    let attachment = attach(
         &args.endpoint_ifaces,
         args.overlay_iface.as_deref(),
         args.netns.as_deref(),
         &args.bpf_pin_dir,
     )?;
+    let (mut dp, ifaces) = match attachment {
+        Some(a) => {
+            let mut dp = a.dp;
+            if args.tunnel == "vxlan" {
+                dp.set_config(tunnel_common::DatapathConfig {
+                    mode: tunnel_common::TunnelMode::Vxlan as u32,
+                    overlay_ifindex: a.overlay_ifindex,
+                })?;
+            }
+            (Some(dp), a.ifaces)
+        }
+        None => (None, Default::default()),
+    };
     let cancel = CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
     let (ids_tx, mut ids_rx) = tokio::sync::watch::channel(Vec::new());
@@ -240,8 +282,21 @@ async fn main() -> anyhow::Result<()> {
                     ids_open = false;
                     continue;
                 }
-                for (ip, id) in ids_rx.borrow_and_update().iter() {
+                let ids = ids_rx.borrow_and_update().clone();
+                for (ip, id) in &ids {
                     println!("endpoint {ip} has identity {id}");
+                    // A local endpoint with a veth and MAC: deliverable.
+                    let spec = args.endpoints.iter().find(|e| e.ip == *ip);
+                    if let (Some(dp), Some(spec)) = (dp.as_mut(), spec)
+                        && let (Some(iface), Some(mac)) = (&spec.iface, spec.mac)
+                        && let Some((ifindex, host_mac)) = ifaces.get(iface)
+                        && let Ok(std::net::IpAddr::V4(v4)) = ip.parse::<std::net::IpAddr>()
+                    {
+                        dp.upsert_endpoint(
+                            v4,
+                            tunnel_common::EndpointInfo { ifindex: *ifindex, identity: *id, mac, host_mac: *host_mac },
+                        )?;
+                    }
                 }
             }
             _ = tick.tick() => {

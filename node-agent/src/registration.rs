@@ -16,13 +16,17 @@ pub struct EndpointSpec {
     pub ip: String,
     pub namespace: String,
     pub name: String,
+    /// Host-side veth of the endpoint (datapath delivery), if local.
+    pub iface: Option<String>,
+    /// The endpoint's own MAC (destination of delivered frames).
+    pub mac: Option<[u8; 6]>,
     pub labels: HashMap<String, String>,
 }
 
 impl std::str::FromStr for EndpointSpec {
     type Err = String;
-    /// `IP[,ns=NAMESPACE][,name=NAME][,LABEL=VALUE...]`, e.g.
-    /// `10.1.0.2,ns=default,name=web-1,k8s:app=web`.
+    /// `IP[,ns=NAMESPACE][,name=NAME][,iface=HOST_VETH,mac=POD_MAC][,LABEL=VALUE...]`,
+    /// e.g. `10.1.0.2,ns=default,name=web-1,iface=lxc0,mac=02:00:0a:01:00:02,k8s:app=web`.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
         let ip = parts.next().unwrap_or_default().trim().to_owned();
@@ -33,6 +37,8 @@ impl std::str::FromStr for EndpointSpec {
             ip,
             namespace: String::new(),
             name: String::new(),
+            iface: None,
+            mac: None,
             labels: HashMap::new(),
         };
         for p in parts {
@@ -42,6 +48,13 @@ impl std::str::FromStr for EndpointSpec {
             match k {
                 "ns" => e.namespace = v.to_owned(),
                 "name" => e.name = v.to_owned(),
+                "iface" => e.iface = Some(v.to_owned()),
+                "mac" => {
+                    e.mac = Some(
+                        parse_mac(v)
+                            .ok_or_else(|| format!("endpoint {s:?}: {v:?} is not a MAC address"))?,
+                    )
+                }
                 _ => {
                     e.labels.insert(k.to_owned(), v.to_owned());
                 }
@@ -52,6 +65,15 @@ impl std::str::FromStr for EndpointSpec {
         }
         Ok(e)
     }
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,5 +224,16 @@ mod tests {
         assert!("nope,k8s:app=web".parse::<EndpointSpec>().is_err());
         assert!("10.1.0.2".parse::<EndpointSpec>().is_err());
         assert!("10.1.0.2,junk".parse::<EndpointSpec>().is_err());
+        let e: EndpointSpec = "10.1.0.2,iface=lxc0,mac=02:00:0a:01:00:02,k8s:app=web"
+            .parse()
+            .unwrap();
+        assert_eq!(e.iface.as_deref(), Some("lxc0"));
+        assert_eq!(e.mac, Some([2, 0, 0x0a, 1, 0, 2]));
+        assert!(!e.labels.contains_key("iface"));
+        assert!(
+            "10.1.0.2,mac=zz,k8s:app=web"
+                .parse::<EndpointSpec>()
+                .is_err()
+        );
     }
 }

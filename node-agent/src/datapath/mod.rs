@@ -82,7 +82,8 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-fn ifindex(iface: &str) -> Result<u32> {
+/// The ifindex of `iface` in the calling thread's network namespace.
+pub fn ifindex(iface: &str) -> Result<u32> {
     let name = std::ffi::CString::new(iface).map_err(|_| Error::NoSuchInterface {
         iface: iface.to_owned(),
     })?;
