@@ -158,6 +158,54 @@ fn vxlan_between_clusters_carries_identity() {
         assert_eq!(out.trim(), "olleh", "TCP reply from {ip}");
     }
 
+    // MTU: the pod's 1450 leaves room for VXLAN's 50 bytes. A DF ping that
+    // fills it exactly crosses; one byte more is refused at the pod with an
+    // error (EMSGSIZE), never silently dropped on the way.
+    let fits = a
+        .pod
+        .exec(
+            "ping",
+            &[
+                "-c",
+                "2",
+                "-i",
+                "0.05",
+                "-M",
+                "do",
+                "-s",
+                "1422",
+                &b.pod_ip.to_string(),
+            ],
+        )
+        .unwrap();
+    assert!(fits.contains("2 received"), "{fits}");
+    let too_big = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            a.pod.name(),
+            "ping",
+            "-c",
+            "1",
+            "-M",
+            "do",
+            "-s",
+            "1423",
+        ])
+        .arg(b.pod_ip.to_string())
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&too_big.stdout),
+        String::from_utf8_lossy(&too_big.stderr)
+    );
+    assert!(!too_big.status.success());
+    assert!(
+        said.contains("message too long") || said.contains("mtu"),
+        "{said}"
+    );
+
     // Counters: tunnelled out of A, delivered into B.
     let out_a = dpa.counter(Direction::Egress, Verdict::Tunnel).unwrap();
     let in_b = dpb.counter(Direction::Ingress, Verdict::Local).unwrap();

@@ -52,7 +52,12 @@ fn try_from_overlay(ctx: &TcContext) -> (Verdict, i32) {
         return (Verdict::DropMalformed, TC_ACT_SHOT);
     }
     let identity = key.tunnel_id & 0x00ff_ffff;
-    let _ = CM_SRC_IDENTITY.insert(&src, &identity, 0);
+    // Write only when it changed: a per-packet hash update costs more than
+    // the lookup.
+    // SAFETY: the value is copied out at once.
+    if unsafe { CM_SRC_IDENTITY.get(&src) }.copied() != Some(identity) {
+        let _ = CM_SRC_IDENTITY.insert(&src, &identity, 0);
+    }
     let Some(ep) = endpoint(dst) else {
         return (Verdict::DropUnknownEndpoint, TC_ACT_SHOT);
     };
