@@ -23,19 +23,10 @@ use clustermesh_apiserver::Config;
 use clustermesh_testkit::etcd::EtcdServer;
 use etcd_client::{Client, GetOptions, Txn, TxnOp};
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() {
-    let n = arg("--endpoints", 10_000);
-    let nodes = arg("--nodes", 100).clamp(1, 250);
+    let n = clustermesh_testkit::bench_arg("--endpoints", 10_000) as usize;
+    let nodes = (clustermesh_testkit::bench_arg("--nodes", 100) as usize).clamp(1, 250);
     let per_node = n.div_ceil(nodes);
     assert!(
         per_node <= 250,

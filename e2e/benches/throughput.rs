@@ -16,15 +16,6 @@ use std::process::{Command, Stdio};
 use clustermesh_testkit::netns::{NetNs, sweep_stale};
 use e2e::topo::{Node, underlay};
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(5301);
 
 /// One iperf3 run from `client` to `server_ip`; Gbit/s received. Each run
@@ -99,8 +90,8 @@ fn main() {
         }
         return;
     }
-    let runs = arg("--runs", 5).max(1) as usize;
-    let seconds = arg("--seconds", 3).max(1);
+    let runs = clustermesh_testkit::bench_arg("--runs", 5).max(1) as usize;
+    let seconds = clustermesh_testkit::bench_arg("--seconds", 3).max(1);
     sweep_stale();
     let a = Node::new(1).unwrap();
     let b = Node::new(2).unwrap();

@@ -26,15 +26,6 @@ use node_agent::{
 };
 use tokio_util::sync::CancellationToken;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
@@ -89,9 +80,9 @@ async fn fill(etcd: &EtcdServer, c: usize, nodes: usize, per_node: usize) {
 
 #[tokio::main]
 async fn main() {
-    let clusters = arg("--clusters", 10).clamp(2, 200);
-    let nodes = arg("--nodes", 100).clamp(1, 250);
-    let per_node = arg("--endpoints", 100).clamp(1, 250);
+    let clusters = (clustermesh_testkit::bench_arg("--clusters", 10) as usize).clamp(2, 200);
+    let nodes = (clustermesh_testkit::bench_arg("--nodes", 100) as usize).clamp(1, 250);
+    let per_node = (clustermesh_testkit::bench_arg("--endpoints", 100) as usize).clamp(1, 250);
     let remote_endpoints = (clusters - 1) * nodes * per_node;
     let mut etcds = Vec::new();
     for c in 1..=clusters {

@@ -69,16 +69,5 @@ fn try_from_overlay(ctx: &TcContext) -> (Verdict, i32) {
     (Verdict::Local, r as i32)
 }
 
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
-    loop {}
-}
-
-#[cfg(target_arch = "bpf")]
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual BSD/GPL\0";
-
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

@@ -1,4 +1,5 @@
-//! Maps and helpers shared by the programs. Every map is pinned by name, so
+//! Maps, helpers, the panic handler and the license shared by the programs
+//! (each binary includes this module once). Every map is pinned by name, so
 //! the two objects (one per attach point) share them through the node's pin
 //! directory, and a restarted agent adopts them with their contents.
 
@@ -82,3 +83,15 @@ pub fn set_macs(ctx: &TcContext, ep: &EndpointInfo) -> Result<(), i64> {
     ctx.store(6, &ep.host_mac, 0)?;
     Ok(())
 }
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    loop {}
+}
+
+/// GPL-compatible, so the kernel allows every helper we call.
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual BSD/GPL\0";
