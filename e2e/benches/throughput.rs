@@ -177,10 +177,8 @@ fn main() {
     // 3. Ours: eBPF VXLAN (programs take the packets before routing).
     let mut dpa = a.datapath(true).unwrap();
     let mut dpb = b.datapath(true).unwrap();
-    a.program(&mut dpa).unwrap();
-    b.program(&mut dpb).unwrap();
-    a.learn(&mut dpa, &b, ulb).unwrap();
-    b.learn(&mut dpb, &a, ula).unwrap();
+    a.connect(&mut dpa, &b, ulb).unwrap();
+    b.connect(&mut dpb, &a, ula).unwrap();
     let ours = measure("eBPF VXLAN (ours)");
 
     println!(

@@ -152,8 +152,19 @@ impl Node {
         })
     }
 
-    /// Programs the maps as the agent does: tunnel mode, the local pod.
-    pub fn program(&self, dp: &mut Datapath) -> Result<(), node_agent::datapath::Error> {
+    /// Programs the maps as the agent does: tunnel mode, the local pod, and
+    /// `peer`'s pod CIDR and pod through the tunnel to its `underlay` address.
+    pub fn connect(
+        &self,
+        dp: &mut Datapath,
+        peer: &Node,
+        underlay: Ipv4Addr,
+    ) -> Result<(), node_agent::datapath::Error> {
+        self.program(dp)?;
+        self.learn(dp, peer, underlay)
+    }
+
+    fn program(&self, dp: &mut Datapath) -> Result<(), node_agent::datapath::Error> {
         let lxc = ifindex(&self.ns, "lxc0").map_err(|e| io(self, e))?;
         let vx = ifindex(&self.ns, "cm_vxlan").map_err(|e| io(self, e))?;
         dp.set_config(DatapathConfig {
@@ -171,8 +182,7 @@ impl Node {
         )
     }
 
-    /// Routes `peer`'s pod CIDR and pod through the tunnel to `underlay`.
-    pub fn learn(
+    fn learn(
         &self,
         dp: &mut Datapath,
         peer: &Node,

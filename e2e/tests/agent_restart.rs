@@ -96,8 +96,7 @@ fn agent_killed_and_restarted_under_ping_loses_nothing() {
     let (ula, ulb) = underlay(&a, &b).unwrap();
     // Node B's datapath stays up for the whole test.
     let mut dpb = b.datapath(true).unwrap();
-    b.program(&mut dpb).unwrap();
-    b.learn(&mut dpb, &a, ula).unwrap();
+    b.connect(&mut dpb, &a, ula).unwrap();
 
     // Node A: the real agent binary attaches and pins the programs.
     let (mut agent, how) = start_agent(&a);
@@ -105,8 +104,7 @@ fn agent_killed_and_restarted_under_ping_loses_nothing() {
     // The maps are programmed through their pins by a second handle, as the
     // agent's reconcilers do.
     let mut dpa = a.datapath(false).unwrap();
-    a.program(&mut dpa).unwrap();
-    a.learn(&mut dpa, &b, ulb).unwrap();
+    a.connect(&mut dpa, &b, ulb).unwrap();
 
     const PINGS: u32 = 400; // 4 s at 10 ms
     let ping = Command::new("ip")

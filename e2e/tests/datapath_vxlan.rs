@@ -36,10 +36,8 @@ fn vxlan_between_clusters_carries_identity() {
     let (ula, ulb) = underlay(&a, &b).unwrap();
     let mut dpa = a.datapath(true).unwrap();
     let mut dpb = b.datapath(true).unwrap();
-    a.program(&mut dpa).unwrap();
-    b.program(&mut dpb).unwrap();
-    a.learn(&mut dpa, &b, ulb).unwrap();
-    b.learn(&mut dpb, &a, ula).unwrap();
+    a.connect(&mut dpa, &b, ulb).unwrap();
+    b.connect(&mut dpb, &a, ula).unwrap();
     let (ida, idb) = (a.identity, b.identity);
 
     // Capture the underlay on B while traffic flows.

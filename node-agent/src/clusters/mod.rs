@@ -128,6 +128,24 @@ struct Slot {
     reconnects: u64,
 }
 
+impl Slot {
+    fn new(name: ClusterName, local: bool, file_bytes: Vec<u8>, cancel: CancellationToken) -> Self {
+        Self {
+            local,
+            store: ClusterStore::new(name),
+            file_bytes,
+            cancel,
+            connected: false,
+            synced: false,
+            withdrawn: false,
+            refused: None,
+            last_error: None,
+            disconnected_since: None,
+            reconnects: 0,
+        }
+    }
+}
+
 /// The running control plane.
 pub struct Agent {
     cfg: AgentConfig,
@@ -203,22 +221,8 @@ impl Agent {
                 s.refused = None;
             }
             None => {
-                self.slots.insert(
-                    name.clone(),
-                    Slot {
-                        local,
-                        store: ClusterStore::new(name),
-                        file_bytes: bytes,
-                        cancel,
-                        connected: false,
-                        synced: false,
-                        withdrawn: false,
-                        refused: None,
-                        last_error: None,
-                        disconnected_since: None,
-                        reconnects: 0,
-                    },
-                );
+                self.slots
+                    .insert(name.clone(), Slot::new(name, local, bytes, cancel));
             }
         }
     }
@@ -251,19 +255,13 @@ impl Agent {
                                 s.last_error = Some(e.to_string());
                                 s.connected = false;
                             } else {
-                                let slot = Slot {
-                                    local: false,
-                                    store: ClusterStore::new(n.clone()),
-                                    file_bytes: bytes.clone(),
-                                    cancel: CancellationToken::new(),
-                                    connected: false,
-                                    synced: false,
-                                    withdrawn: false,
-                                    refused: None,
-                                    last_error: Some(e.to_string()),
-                                    disconnected_since: None,
-                                    reconnects: 0,
-                                };
+                                let mut slot = Slot::new(
+                                    n.clone(),
+                                    false,
+                                    bytes.clone(),
+                                    CancellationToken::new(),
+                                );
+                                slot.last_error = Some(e.to_string());
                                 slot.cancel.cancel();
                                 self.slots.insert(n, slot);
                             }

@@ -116,7 +116,6 @@ async fn session(
     if let Some(old) = *last_etcd_id
         && old != etcd_id
     {
-        *last_etcd_id = Some(etcd_id);
         // Reported once; the relist below is the full resync.
         tracing::warn!(cluster = %name, "{}", SessionError::EtcdReplaced { old, new: etcd_id });
     }

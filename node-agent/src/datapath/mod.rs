@@ -170,12 +170,8 @@ fn attach(ebpf: &mut Ebpf, program: &'static str, iface: &str, pin_dir: &Path) -
             .and_then(|p| SchedClassifierLink::try_from(FdLink::from(p)).map_err(lerr))
             .and_then(|link| prog.attach_to_link(link).map_err(perr));
         match adopted {
-            Ok(id) => {
-                // The pin keeps the link; our handle may go.
-                let link = prog.take_link(id).map_err(perr)?;
-                drop(link);
-                return Ok(Attached::Adopted);
-            }
+            // The pin keeps the link attached whatever happens to our handle.
+            Ok(_) => return Ok(Attached::Adopted),
             Err(e) => {
                 // A stale pin (the interface was recreated): start fresh.
                 tracing::warn!(path = %path.display(), error = %e, "stale pinned link; attaching anew");
