@@ -144,6 +144,10 @@ impl Node {
                 if attach {
                     dp.attach_endpoint("lxc0")?;
                     dp.attach_overlay("cm_vxlan")?;
+                    // The underlay exists once `underlay()` wired the nodes.
+                    if node_agent::datapath::ifindex("ul0").is_ok() {
+                        dp.attach_underlay("ul0")?;
+                    }
                 }
                 Ok(dp)
             })
@@ -152,7 +156,7 @@ impl Node {
         })
     }
 
-    /// Programs the maps as the agent does: tunnel mode, the local pod, and
+    /// Programs the maps as the agent does: VXLAN, the local pod, and
     /// `peer`'s pod CIDR and pod through the tunnel to its `underlay` address.
     pub fn connect(
         &self,
@@ -160,16 +164,47 @@ impl Node {
         peer: &Node,
         underlay: Ipv4Addr,
     ) -> Result<(), node_agent::datapath::Error> {
-        self.program(dp)?;
+        self.connect_with(dp, peer, TunnelMode::Vxlan, Ipv4Addr::UNSPECIFIED, underlay)
+    }
+
+    /// [`Node::connect`] in any mode; `own` is this node's underlay address
+    /// (the outer source of Geneve). Direct routing also needs the routes
+    /// of [`Node::routes`].
+    pub fn connect_with(
+        &self,
+        dp: &mut Datapath,
+        peer: &Node,
+        mode: TunnelMode,
+        own: Ipv4Addr,
+        underlay: Ipv4Addr,
+    ) -> Result<(), node_agent::datapath::Error> {
+        self.program(dp, mode, own)?;
         self.learn(dp, peer, underlay)
     }
 
-    fn program(&self, dp: &mut Datapath) -> Result<(), node_agent::datapath::Error> {
+    /// The node's direct-routing route table (netlink, in its namespace,
+    /// out of `ul0`).
+    pub fn routes(
+        &self,
+    ) -> Result<node_agent::datapath::routes::RouteTable, node_agent::reconcile::ReconcileError>
+    {
+        let path = std::path::PathBuf::from(format!("/var/run/netns/{}", self.ns.name()));
+        node_agent::datapath::routes::RouteTable::open(Some(&path), "ul0")
+    }
+
+    fn program(
+        &self,
+        dp: &mut Datapath,
+        mode: TunnelMode,
+        own: Ipv4Addr,
+    ) -> Result<(), node_agent::datapath::Error> {
         let lxc = ifindex(&self.ns, "lxc0").map_err(|e| io(self, e))?;
         let vx = ifindex(&self.ns, "cm_vxlan").map_err(|e| io(self, e))?;
         dp.set_config(DatapathConfig {
-            mode: TunnelMode::Vxlan as u32,
+            mode: mode as u32,
             overlay_ifindex: vx,
+            underlay_ifindex: ifindex(&self.ns, "ul0").unwrap_or(0),
+            underlay_ip: u32::from(own).to_be(),
         })?;
         dp.upsert_endpoint(
             self.pod_ip,

@@ -30,10 +30,15 @@ struct Args {
     /// The node's VXLAN device (external mode) to attach `from_overlay` to.
     #[arg(long)]
     overlay_iface: Option<String>,
-    /// How pod traffic to remote nodes leaves: none (host stack) or vxlan
-    /// (needs --overlay-iface).
-    #[arg(long, default_value = "none", value_parser = ["none", "vxlan"])]
+    /// How pod traffic to remote nodes leaves: none (host stack), vxlan
+    /// (needs --overlay-iface), geneve or direct (need --underlay-iface and
+    /// an IPv4 --underlay-ip).
+    #[arg(long, default_value = "none", value_parser = ["none", "vxlan", "geneve", "direct"])]
     tunnel: String,
+    /// The node's underlay interface: `from_underlay` is attached to it
+    /// (Geneve, direct routing) and direct routes point out of it.
+    #[arg(long)]
+    underlay_iface: Option<String>,
     /// bpffs directory where the datapath's maps and links are pinned
     /// (adopted on restart).
     #[arg(long, default_value = "/sys/fs/bpf/clustermesh")]
@@ -84,6 +89,7 @@ struct Args {
 struct Attachment {
     dp: Datapath,
     overlay_ifindex: u32,
+    underlay_ifindex: u32,
     /// Host-side interface -> (ifindex, MAC).
     ifaces: std::collections::BTreeMap<String, (u32, [u8; 6])>,
 }
@@ -91,14 +97,16 @@ struct Attachment {
 fn attach(
     ifaces: &[String],
     overlay: Option<&str>,
+    underlay: Option<&str>,
     netns: Option<&str>,
     pin_dir: &std::path::Path,
 ) -> anyhow::Result<Option<Attachment>> {
-    if ifaces.is_empty() && overlay.is_none() {
+    if ifaces.is_empty() && overlay.is_none() && underlay.is_none() {
         return Ok(None);
     }
     let ifaces = ifaces.to_vec();
     let overlay = overlay.map(str::to_owned);
+    let underlay = underlay.map(str::to_owned);
     let netns = netns.map(str::to_owned);
     let pin_dir = pin_dir.to_owned();
     std::thread::spawn(move || -> anyhow::Result<Option<Attachment>> {
@@ -137,9 +145,18 @@ fn attach(
             overlay_ifindex = node_agent::datapath::ifindex(o)?;
             println!("attached from_overlay to {o} ({how:?})");
         }
+        let mut underlay_ifindex = 0;
+        if let Some(u) = &underlay {
+            let how = dp
+                .attach_underlay(u)
+                .with_context(|| format!("attaching to {u}"))?;
+            underlay_ifindex = node_agent::datapath::ifindex(u)?;
+            println!("attached from_underlay to {u} ({how:?})");
+        }
         Ok(Some(Attachment {
             dp,
             overlay_ifindex,
+            underlay_ifindex,
             ifaces: known,
         }))
     })
@@ -163,22 +180,45 @@ async fn main() -> anyhow::Result<()> {
     {
         anyhow::bail!("nothing to do: give --endpoint-iface, --apiserver and/or --cluster-name");
     }
-    if args.tunnel == "vxlan" && args.overlay_iface.is_none() {
-        anyhow::bail!("--tunnel vxlan needs --overlay-iface");
+    let mode = match args.tunnel.as_str() {
+        "vxlan" => tunnel_common::TunnelMode::Vxlan,
+        "geneve" => tunnel_common::TunnelMode::Geneve,
+        "direct" => tunnel_common::TunnelMode::Direct,
+        _ => tunnel_common::TunnelMode::None,
+    };
+    if mode == tunnel_common::TunnelMode::Vxlan && args.overlay_iface.is_none() {
+        anyhow::bail!("--tunnel vxlan needs --overlay-iface (an external-mode VXLAN device)");
+    }
+    let underlay_ip = args
+        .underlay_ips
+        .iter()
+        .find_map(|s| s.parse::<std::net::Ipv4Addr>().ok());
+    if matches!(
+        mode,
+        tunnel_common::TunnelMode::Geneve | tunnel_common::TunnelMode::Direct
+    ) && (args.underlay_iface.is_none() || underlay_ip.is_none())
+    {
+        anyhow::bail!(
+            "--tunnel {} needs --underlay-iface and an IPv4 --underlay-ip",
+            args.tunnel
+        );
     }
     let attachment = attach(
         &args.endpoint_ifaces,
         args.overlay_iface.as_deref(),
+        args.underlay_iface.as_deref(),
         args.netns.as_deref(),
         &args.bpf_pin_dir,
     )?;
     let (mut dp, ifaces) = match attachment {
         Some(a) => {
             let mut dp = a.dp;
-            if args.tunnel == "vxlan" {
+            if mode != tunnel_common::TunnelMode::None {
                 dp.set_config(tunnel_common::DatapathConfig {
-                    mode: tunnel_common::TunnelMode::Vxlan as u32,
+                    mode: mode as u32,
                     overlay_ifindex: a.overlay_ifindex,
+                    underlay_ifindex: a.underlay_ifindex,
+                    underlay_ip: underlay_ip.map_or(0, |ip| u32::from(ip).to_be()),
                 })?;
             }
             (Some(dp), a.ifaces)
@@ -242,11 +282,26 @@ async fn main() -> anyhow::Result<()> {
             Box<dyn node_agent::reconcile::Reconciler<_, _>>,
             Box<dyn node_agent::reconcile::Reconciler<_, _>>,
         ) = if dp.is_some() {
-            use node_agent::datapath::reconcilers::{IpCacheMap, TunnelMap};
-            (
-                Box::new(IpCacheMap::open(&args.bpf_pin_dir)?),
-                Box::new(TunnelMap::open(&args.bpf_pin_dir)?),
-            )
+            use node_agent::datapath::{
+                reconcilers::{IpCacheMap, TunnelMap},
+                routes::{RouteTable, RoutedTunnels},
+            };
+            let map = TunnelMap::open(&args.bpf_pin_dir)?;
+            let tunnels: Box<dyn node_agent::reconcile::Reconciler<_, _>> =
+                if mode == tunnel_common::TunnelMode::Direct {
+                    let netns = args
+                        .netns
+                        .as_ref()
+                        .map(|n| std::path::PathBuf::from(format!("/var/run/netns/{n}")));
+                    let dev = args.underlay_iface.as_deref().unwrap_or_default();
+                    Box::new(RoutedTunnels {
+                        map,
+                        routes: RouteTable::open(netns.as_deref(), dev)?,
+                    })
+                } else {
+                    Box::new(map)
+                };
+            (Box::new(IpCacheMap::open(&args.bpf_pin_dir)?), tunnels)
         } else {
             (
                 Box::new(MemoryReconciler::new("ipcache")),

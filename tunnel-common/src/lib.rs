@@ -13,6 +13,9 @@ pub mod programs {
     pub const FROM_ENDPOINT: &str = "from_endpoint";
     /// TC ingress of the overlay (VXLAN) device: decapsulated traffic.
     pub const FROM_OVERLAY: &str = "from_overlay";
+    /// TC ingress of the node's underlay interface: Geneve decapsulation
+    /// and direct-routing delivery.
+    pub const FROM_UNDERLAY: &str = "from_underlay";
 }
 
 /// Map names (the static names in tunnel-ebpf). Every map is pinned by name
@@ -44,7 +47,24 @@ pub enum TunnelMode {
     None = 0,
     /// VXLAN (UDP 8472) through an external-mode VXLAN device.
     Vxlan = 1,
+    /// Geneve (UDP 6081), encapsulated and decapsulated by the programs
+    /// themselves (no kernel Geneve device).
+    Geneve = 2,
+    /// No encapsulation: routed to the remote node through the routes the
+    /// agent installs; identity resolved from the ip-cache on receipt.
+    Direct = 3,
 }
+
+/// UDP destination port of VXLAN (the Linux default, as Cilium uses).
+pub const VXLAN_PORT: u16 = 8472;
+/// UDP destination port of Geneve (IANA).
+pub const GENEVE_PORT: u16 = 6081;
+/// Bytes added in front of an Ethernet frame's payload by VXLAN or Geneve
+/// (outer IPv4 20 + UDP 8 + tunnel header 8 + inner Ethernet 14): the pod
+/// MTU is the underlay MTU minus this.
+pub const ENCAP_OVERHEAD: u32 = 50;
+/// The identity of traffic from outside the mesh (Cilium's `world`).
+pub const IDENTITY_WORLD: u32 = 2;
 
 /// A local endpoint: where to deliver packets for it.
 #[repr(C)]
@@ -80,6 +100,9 @@ const _: () = assert!(core::mem::size_of::<IpCacheValue>() == 12);
 
 /// Traffic to this entry must be encrypted.
 pub const IPCACHE_FLAG_ENCRYPT: u8 = 1;
+/// A remote range whose node is gone: traffic to it is dropped with
+/// [`Verdict::DropNoTunnelEndpoint`] instead of leaking to the host stack.
+pub const IPCACHE_FLAG_UNREACHABLE: u8 = 2;
 
 /// The node's datapath configuration (one entry).
 #[repr(C)]
@@ -89,9 +112,14 @@ pub struct DatapathConfig {
     pub mode: u32,
     /// ifindex of the overlay device (VXLAN).
     pub overlay_ifindex: u32,
+    /// ifindex of the underlay interface (Geneve, direct routing).
+    pub underlay_ifindex: u32,
+    /// This node's underlay IPv4 (network order): the outer source of
+    /// Geneve packets, and the address Geneve is accepted on.
+    pub underlay_ip: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 16);
 
 /// Direction of a counted packet.
 #[repr(u8)]
@@ -114,6 +142,8 @@ pub enum Verdict {
     Local = 1,
     /// Sent to a remote node through the tunnel.
     Tunnel = 2,
+    /// Sent to a remote node unencapsulated (direct routing).
+    Routed = 3,
     /// Dropped: packet too short or not parseable.
     DropMalformed = 64,
     /// Dropped: destination is a known remote range without a live node.
@@ -127,10 +157,11 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 8] = [
+    pub const ALL: [Verdict; 9] = [
         Verdict::Pass,
         Verdict::Local,
         Verdict::Tunnel,
+        Verdict::Routed,
         Verdict::DropMalformed,
         Verdict::DropNoTunnelEndpoint,
         Verdict::DropStrictPlaintext,
@@ -147,6 +178,7 @@ impl Verdict {
             Verdict::Pass => "pass",
             Verdict::Local => "local",
             Verdict::Tunnel => "tunnel",
+            Verdict::Routed => "routed",
             Verdict::DropMalformed => "drop_malformed",
             Verdict::DropNoTunnelEndpoint => "drop_no_tunnel_endpoint",
             Verdict::DropStrictPlaintext => "drop_strict_plaintext",

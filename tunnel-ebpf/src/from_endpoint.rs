@@ -3,9 +3,18 @@
 //!
 //! - destination is a local endpoint: rewrite MACs, `redirect_peer` straight
 //!   into its namespace (no host stack);
-//! - destination is in the ip-cache with a tunnel endpoint and the node runs
-//!   VXLAN: set the tunnel key (remote node, VNI = the source endpoint's
-//!   security identity) and redirect to the VXLAN device;
+//! - destination is in the ip-cache with a tunnel endpoint (a remote node),
+//!   by the node's mode:
+//!   - VXLAN: set the tunnel key (remote node, VNI = the source endpoint's
+//!     security identity) and redirect to the external-mode VXLAN device;
+//!   - Geneve: encapsulate here (`bpf_skb_adjust_room` + outer IPv4/UDP
+//!     6081/Geneve headers, VNI = identity) and send out of the underlay
+//!     interface with `bpf_redirect_neigh` (the kernel fills in the MACs of
+//!     the next hop);
+//!   - direct routing: `bpf_redirect_neigh` to the underlay interface, whose
+//!     FIB lookup uses the routes the agent installed (pod CIDR via node);
+//! - destination is a remote range whose node is gone (ip-cache entry marked
+//!   unreachable): dropped with a counted reason;
 //! - anything else (unknown destination, not IPv4, datapath not configured):
 //!   hand to the host stack unchanged.
 //!
@@ -18,17 +27,29 @@
 // `#[classifier]` generates the kernel entry point taking `*mut __sk_buff`.
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
+// Not every shared helper is used by this program.
+#[allow(dead_code)]
 mod shared;
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
-    helpers::generated::{bpf_redirect, bpf_redirect_peer, bpf_skb_set_tunnel_key},
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_tunnel_key,
+    },
+    helpers::generated::{
+        bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_skb_adjust_room,
+        bpf_skb_set_tunnel_key,
+    },
     macros::classifier,
     programs::TcContext,
 };
-use shared::{config, count, endpoint, ipcache, ipv4_addrs, set_macs};
-use tunnel_common::{Direction, TunnelMode, Verdict};
+use shared::{ETH_HLEN, config, count, deliver, endpoint, ipcache, ipv4_addrs};
+use tunnel_common::{
+    DatapathConfig, Direction, ENCAP_OVERHEAD, GENEVE_PORT, IDENTITY_WORLD,
+    IPCACHE_FLAG_UNREACHABLE, TunnelMode, Verdict,
+};
 
 #[classifier]
 pub fn from_endpoint(ctx: TcContext) -> i32 {
@@ -48,28 +69,40 @@ fn try_from_endpoint(ctx: &TcContext) -> (Verdict, i32) {
         return (Verdict::Pass, TC_ACT_OK);
     }
     if let Some(ep) = endpoint(dst) {
-        if set_macs(ctx, &ep).is_err() {
-            return (Verdict::DropInternal, TC_ACT_SHOT);
-        }
-        // SAFETY: plain helper call; the kernel checks the ifindex.
-        let r = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
-        return (Verdict::Local, r as i32);
+        return deliver(ctx, &ep);
     }
     let Some(dest) = ipcache(dst) else {
         return (Verdict::Pass, TC_ACT_OK);
     };
-    if dest.tunnel_endpoint == 0 || cfg.mode != TunnelMode::Vxlan as u32 {
+    if dest.flags & IPCACHE_FLAG_UNREACHABLE != 0 {
+        return (Verdict::DropNoTunnelEndpoint, TC_ACT_SHOT);
+    }
+    if dest.tunnel_endpoint == 0 {
         return (Verdict::Pass, TC_ACT_OK);
     }
-    // The VNI carries the sender's identity (24 bits: cluster id + local id).
+    // The sender's identity (24 bits: cluster id + local id) rides in the
+    // VNI of either tunnel.
     let identity = match endpoint(src) {
         Some(ep) => ep.identity,
-        None => 2, // world
-    };
+        None => IDENTITY_WORLD,
+    } & 0x00ff_ffff;
+    if cfg.mode == TunnelMode::Vxlan as u32 {
+        vxlan(ctx, &cfg, dest.tunnel_endpoint, identity)
+    } else if cfg.mode == TunnelMode::Geneve as u32 {
+        geneve(ctx, &cfg, dest.tunnel_endpoint, identity)
+    } else if cfg.mode == TunnelMode::Direct as u32 {
+        to_underlay(&cfg, Verdict::Routed)
+    } else {
+        (Verdict::Pass, TC_ACT_OK)
+    }
+}
+
+#[inline(always)]
+fn vxlan(ctx: &TcContext, cfg: &DatapathConfig, remote: u32, identity: u32) -> (Verdict, i32) {
     // SAFETY: zeroed is a valid bpf_tunnel_key.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
-    key.tunnel_id = identity & 0x00ff_ffff;
-    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(dest.tunnel_endpoint);
+    key.tunnel_id = identity;
+    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(remote);
     key.tunnel_ttl = 64;
     // SAFETY: ctx is a live skb, key a valid stack struct of the given size.
     let r = unsafe {
@@ -86,6 +119,98 @@ fn try_from_endpoint(ctx: &TcContext) -> (Verdict, i32) {
     // SAFETY: plain helper call.
     let r = unsafe { bpf_redirect(cfg.overlay_ifindex, 0) };
     (Verdict::Tunnel, r as i32)
+}
+
+/// Bytes inserted after the MAC header: outer IPv4, UDP, Geneve, inner
+/// Ethernet.
+const GENEVE_ROOM: usize = ENCAP_OVERHEAD as usize;
+/// Geneve protocol type of an Ethernet payload ("transparent Ethernet
+/// bridging").
+const ETH_P_TEB: u16 = 0x6558;
+
+/// One's-complement checksum of an IPv4 header without options.
+#[inline(always)]
+fn ipv4_csum(h: &[u8; 20]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([h[i], h[i + 1]]));
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn geneve(ctx: &TcContext, cfg: &DatapathConfig, remote: u32, identity: u32) -> (Verdict, i32) {
+    // The pod's MACs become the inner Ethernet header (the receiver
+    // rewrites them anyway); the outer ones are filled by redirect_neigh.
+    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
+        return (Verdict::DropMalformed, TC_ACT_SHOT);
+    };
+    let inner_l3 = ctx.len() as usize - ETH_HLEN;
+    // Entropy for ECMP on the underlay, from the inner flow.
+    // SAFETY: ctx is a live skb.
+    let hash = unsafe { bpf_get_hash_recalc(ctx.as_ptr().cast()) };
+    let flags = u64::from(
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+            | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+            | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
+            // The inner segments keep their size: the pod MTU already
+            // leaves room for the headers.
+            | BPF_F_ADJ_ROOM_FIXED_GSO,
+    ) | ((ETH_HLEN as u64 & 0xff) << 56); // BPF_F_ADJ_ROOM_ENCAP_L2(14)
+    // SAFETY: ctx is a live skb; the helper validates the arguments.
+    let r = unsafe {
+        bpf_skb_adjust_room(
+            ctx.as_ptr().cast(),
+            GENEVE_ROOM as i32,
+            BPF_ADJ_ROOM_MAC,
+            flags,
+        )
+    };
+    if r != 0 {
+        return (Verdict::DropInternal, TC_ACT_SHOT);
+    }
+    let ip_len = (inner_l3 + GENEVE_ROOM) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    ip[6] = 0x40; // DF: the underlay must not fragment; the MTU accounts for it
+    ip[8] = 64;
+    ip[9] = 17; // UDP
+    ip[12..16].copy_from_slice(&cfg.underlay_ip.to_ne_bytes());
+    ip[16..20].copy_from_slice(&remote.to_ne_bytes());
+    let csum = ipv4_csum(&ip);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+
+    let mut hdr = [0u8; GENEVE_ROOM];
+    hdr[..20].copy_from_slice(&ip);
+    let sport = 49152 | (hash as u16 & 0x3fff);
+    hdr[20..22].copy_from_slice(&sport.to_be_bytes());
+    hdr[22..24].copy_from_slice(&GENEVE_PORT.to_be_bytes());
+    hdr[24..26].copy_from_slice(&(ip_len - 20).to_be_bytes());
+    // UDP checksum 0: allowed over IPv4, and the inner packet has its own.
+    // Geneve: version 0, no options, not OAM, not critical.
+    hdr[30..32].copy_from_slice(&ETH_P_TEB.to_be_bytes());
+    hdr[32..35].copy_from_slice(&identity.to_be_bytes()[1..4]);
+    hdr[36..48].copy_from_slice(&macs);
+    hdr[48..50].copy_from_slice(&0x0800u16.to_be_bytes());
+    if ctx.store(ETH_HLEN, &hdr, 0).is_err() {
+        return (Verdict::DropInternal, TC_ACT_SHOT);
+    }
+    to_underlay(cfg, Verdict::Tunnel)
+}
+
+/// Out of the underlay interface, next hop resolved by the kernel's FIB and
+/// neighbour tables (routes to remote pod CIDRs in direct mode, the
+/// underlay's own routes for Geneve).
+#[inline(always)]
+fn to_underlay(cfg: &DatapathConfig, verdict: Verdict) -> (Verdict, i32) {
+    // SAFETY: no parameters (a FIB lookup on the packet's destination).
+    let r = unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) };
+    (verdict, r as i32)
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -17,11 +17,11 @@ mod shared;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_tunnel_key},
-    helpers::generated::{bpf_redirect_peer, bpf_skb_get_tunnel_key},
+    helpers::generated::bpf_skb_get_tunnel_key,
     macros::classifier,
     programs::TcContext,
 };
-use shared::{CM_SRC_IDENTITY, count, endpoint, ipv4_addrs, set_macs};
+use shared::{count, deliver, endpoint, ipv4_addrs, record_identity};
 use tunnel_common::{Direction, Verdict};
 
 #[classifier]
@@ -51,22 +51,11 @@ fn try_from_overlay(ctx: &TcContext) -> (Verdict, i32) {
     if r != 0 {
         return (Verdict::DropMalformed, TC_ACT_SHOT);
     }
-    let identity = key.tunnel_id & 0x00ff_ffff;
-    // Write only when it changed: a per-packet hash update costs more than
-    // the lookup.
-    // SAFETY: the value is copied out at once.
-    if unsafe { CM_SRC_IDENTITY.get(&src) }.copied() != Some(identity) {
-        let _ = CM_SRC_IDENTITY.insert(&src, &identity, 0);
-    }
+    record_identity(src, key.tunnel_id & 0x00ff_ffff);
     let Some(ep) = endpoint(dst) else {
         return (Verdict::DropUnknownEndpoint, TC_ACT_SHOT);
     };
-    if set_macs(ctx, &ep).is_err() {
-        return (Verdict::DropInternal, TC_ACT_SHOT);
-    }
-    // SAFETY: plain helper call; the kernel checks the ifindex.
-    let r = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
-    (Verdict::Local, r as i32)
+    deliver(ctx, &ep)
 }
 
 #[cfg(not(target_arch = "bpf"))]

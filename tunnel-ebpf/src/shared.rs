@@ -76,6 +76,28 @@ pub fn ipv4_addrs(ctx: &TcContext) -> Option<(u32, u32)> {
     Some((src, dst))
 }
 
+/// Remembers the identity `src` last arrived with. Written only when it
+/// changed: a per-packet hash update costs more than the lookup.
+#[inline(always)]
+pub fn record_identity(src: u32, identity: u32) {
+    // SAFETY: the value is copied out at once.
+    if unsafe { CM_SRC_IDENTITY.get(&src) }.copied() != Some(identity) {
+        let _ = CM_SRC_IDENTITY.insert(&src, &identity, 0);
+    }
+}
+
+/// Delivers the frame to a local endpoint: MACs rewritten, then
+/// `redirect_peer` straight into its namespace (no host stack, no backlog).
+#[inline(always)]
+pub fn deliver(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32) {
+    if set_macs(ctx, ep).is_err() {
+        return (Verdict::DropInternal, aya_ebpf::bindings::TC_ACT_SHOT);
+    }
+    // SAFETY: plain helper call; the kernel checks the ifindex.
+    let r = unsafe { aya_ebpf::helpers::generated::bpf_redirect_peer(ep.ifindex, 0) };
+    (Verdict::Local, r as i32)
+}
+
 /// Rewrites the MACs for delivery to a local endpoint.
 #[inline(always)]
 pub fn set_macs(ctx: &TcContext, ep: &EndpointInfo) -> Result<(), i64> {

@@ -29,6 +29,7 @@ use tunnel_common::{
 };
 
 pub mod reconcilers;
+pub mod routes;
 
 /// ELF objects built by build.rs (aya-build) from tunnel-ebpf.
 pub mod objects {
@@ -38,6 +39,10 @@ pub mod objects {
     /// `from_overlay`, for the TC ingress of the VXLAN device.
     pub static FROM_OVERLAY: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/from-overlay"));
+    /// `from_underlay`, for the TC ingress of the underlay interface
+    /// (Geneve and direct routing).
+    pub static FROM_UNDERLAY: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/from-underlay"));
 }
 
 /// Errors of the datapath loader.
@@ -231,6 +236,7 @@ fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Error {
 pub struct Datapath {
     endpoint: Ebpf,
     overlay: Ebpf,
+    underlay: Ebpf,
     pin_dir: PathBuf,
 }
 
@@ -243,7 +249,7 @@ impl std::fmt::Debug for Datapath {
 }
 
 impl Datapath {
-    /// Loads both programs, creating or adopting the maps pinned in
+    /// Loads the three programs, creating or adopting the maps pinned in
     /// `pin_dir` (which must be on bpffs).
     pub fn load(pin_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(pin_dir).map_err(|source| Error::PinDir {
@@ -262,9 +268,16 @@ impl Datapath {
             pin_dir,
             programs::FROM_OVERLAY,
         )?;
+        let underlay = load(
+            "from-underlay",
+            objects::FROM_UNDERLAY,
+            pin_dir,
+            programs::FROM_UNDERLAY,
+        )?;
         Ok(Self {
             endpoint,
             overlay,
+            underlay,
             pin_dir: pin_dir.to_owned(),
         })
     }
@@ -291,6 +304,17 @@ impl Datapath {
         attach(
             &mut self.overlay,
             programs::FROM_OVERLAY,
+            iface,
+            &self.pin_dir,
+        )
+    }
+
+    /// Attaches (or adopts) `from_underlay` on the TC ingress of the
+    /// underlay interface (Geneve decapsulation, direct-routing delivery).
+    pub fn attach_underlay(&mut self, iface: &str) -> Result<Attached> {
+        attach(
+            &mut self.underlay,
+            programs::FROM_UNDERLAY,
             iface,
             &self.pin_dir,
         )

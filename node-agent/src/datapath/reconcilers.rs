@@ -3,15 +3,30 @@
 //! Both write the one LPM map `CM_IPCACHE` and split it by prefix length:
 //! [`IpCacheMap`] owns the host entries (/32: endpoints and remote nodes),
 //! [`TunnelMap`] the pod-CIDR routes (shorter prefixes, identity 0), so each
-//! one's prune only removes its own entries. Each opens the map through its
+//! one's prune only removes its own entries.
+//!
+//! A pod CIDR whose node goes away is not simply removed: [`TunnelMap`]
+//! leaves a tombstone (flag `IPCACHE_FLAG_UNREACHABLE`) for
+//! [`TOMBSTONE_TTL`], so traffic still addressed to those pods is dropped
+//! with a counted reason (`drop_no_tunnel_endpoint`) instead of leaking to
+//! the host stack and its default route. Each opens the map through its
 //! pin, independently of the loader. IPv6 entries are not in the eBPF
 //! datapath yet; they are skipped (and counted by the caller's status).
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
 use clustermesh_api::{Identity, IpCidr, NodeName};
-use tunnel_common::{IPCACHE_FLAG_ENCRYPT, IpCacheValue, maps};
+use tunnel_common::{IPCACHE_FLAG_ENCRYPT, IPCACHE_FLAG_UNREACHABLE, IpCacheValue, maps};
+
+/// How long a removed node's pod CIDR keeps dropping traffic (long enough
+/// for clients to notice and stop; then the range is forgotten).
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(300);
 
 use crate::{
     clusters::merge::{IpCacheEntry, TunnelEntry},
@@ -151,6 +166,9 @@ pub struct TunnelMap {
     map: LpmTrie<MapData, u32, IpCacheValue>,
     /// Node names are not in the map; kept to answer snapshots exactly.
     names: BTreeMap<IpCidr, NodeName>,
+    /// Removed ranges still marked unreachable, with when they were removed.
+    tombstones: BTreeMap<IpCidr, Instant>,
+    tombstone_ttl: Duration,
 }
 
 impl TunnelMap {
@@ -158,7 +176,41 @@ impl TunnelMap {
         Ok(Self {
             map: open(pin_dir, "tunnels")?,
             names: BTreeMap::new(),
+            tombstones: BTreeMap::new(),
+            tombstone_ttl: TOMBSTONE_TTL,
         })
+    }
+
+    /// Overrides [`TOMBSTONE_TTL`] (tests).
+    pub fn with_tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = ttl;
+        self
+    }
+
+    /// Ranges currently held as tombstones.
+    pub fn tombstones(&self) -> impl Iterator<Item = &IpCidr> {
+        self.tombstones.keys()
+    }
+
+    /// Removes tombstones older than the TTL.
+    fn expire(&mut self) -> Result<(), ReconcileError> {
+        let ttl = self.tombstone_ttl;
+        let expired: Vec<IpCidr> = self
+            .tombstones
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= ttl)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in expired {
+            self.tombstones.remove(&k);
+            if let Some(key) = key(&k) {
+                match self.map.remove(&key) {
+                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(err("tunnels")(e)),
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -176,28 +228,55 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
             _pad: [0; 2],
         };
         self.names.insert(*k, v.node.clone());
-        self.map.insert(&key, &value, 0).map_err(err("tunnels"))
+        self.tombstones.remove(k);
+        self.map.insert(&key, &value, 0).map_err(err("tunnels"))?;
+        self.expire()
     }
     fn delete(&mut self, k: &IpCidr) -> Result<(), ReconcileError> {
         self.names.remove(k);
         let Some(key) = key(k) else { return Ok(()) };
-        match self.map.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(err("tunnels")(e)),
-        }
+        let previous = match self.map.get(&key, 0) {
+            Ok(v) => v,
+            Err(aya::maps::MapError::KeyNotFound) => return self.expire(),
+            Err(e) => return Err(err("tunnels")(e)),
+        };
+        // Overwritten in place: the range goes from "tunnel to the node"
+        // to "drop" with no moment in between.
+        let tomb = IpCacheValue {
+            identity: 0,
+            tunnel_endpoint: 0,
+            cluster_id: previous.cluster_id,
+            flags: IPCACHE_FLAG_UNREACHABLE,
+            _pad: [0; 2],
+        };
+        self.map.insert(&key, &tomb, 0).map_err(err("tunnels"))?;
+        self.tombstones.insert(*k, Instant::now());
+        self.expire()
     }
     fn prune(&mut self, desired: &BTreeMap<IpCidr, TunnelEntry>) -> Result<usize, ReconcileError> {
         let mut n = 0;
-        for (k, _) in entries(&self.map, "tunnels")? {
+        for (k, v) in entries(&self.map, "tunnels")? {
             if k.prefix_len() == 32 {
                 continue;
             }
-            if cidr(&k).is_none_or(|c| !desired.contains_key(&c)) {
+            let Some(c) = cidr(&k) else {
                 self.map.remove(&k).map_err(err("tunnels"))?;
                 n += 1;
+                continue;
+            };
+            if desired.contains_key(&c) {
+                continue;
             }
+            if v.flags & IPCACHE_FLAG_UNREACHABLE != 0 {
+                // A tombstone; one a previous process left starts its TTL now.
+                self.tombstones.entry(c).or_insert_with(Instant::now);
+                continue;
+            }
+            self.map.remove(&k).map_err(err("tunnels"))?;
+            n += 1;
         }
         self.names.retain(|k, _| desired.contains_key(k));
+        self.expire()?;
         Ok(n)
     }
     fn snapshot(&mut self) -> Result<BTreeMap<IpCidr, TunnelEntry>, ReconcileError> {

@@ -1,9 +1,14 @@
 //! Privileged: two nodes of two clusters, a pod on each, connected by the
-//! eBPF datapath over VXLAN (external-mode devices, UDP 8472) in real
-//! network namespaces. Proves ping and TCP both ways, that the receiver
-//! records the sender's identity carried in the VNI, that the wire carries
-//! VXLAN with that VNI (tcpdump + tshark on the underlay), and that traffic
-//! to an unknown address is dropped with a counted reason.
+//! eBPF datapath in real network namespaces, once per mode:
+//! - VXLAN (external-mode devices, UDP 8472, VNI = sender identity),
+//! - Geneve (encapsulated by the programs, UDP 6081, VNI = identity),
+//! - direct routing (no encapsulation; netlink routes to the peer's pod
+//!   CIDR; identity resolved from the ip-cache on receipt).
+//!
+//! Each proves ping and TCP both ways, that the receiver records the
+//! sender's identity, what the wire carries (tcpdump + tshark on the
+//! underlay), the MTU boundary with DF pings, and that traffic to an
+//! unknown address is dropped.
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -17,7 +22,8 @@ use e2e::{
     require_root,
     topo::{Node, ping, underlay},
 };
-use tunnel_common::{Direction, Verdict};
+use node_agent::{clusters::merge::TunnelEntry, reconcile::Reconciler as _};
+use tunnel_common::{Direction, TunnelMode, Verdict};
 
 /// A one-connection TCP server: replies with the request reversed. Every
 /// step has a timeout, so a broken datapath fails the test instead of
@@ -28,6 +34,36 @@ const TCP_CLIENT: &str = "import socket,sys\nc=socket.create_connection((sys.arg
 #[test]
 fn vxlan_between_clusters_carries_identity() {
     require_root!();
+    exercise(TunnelMode::Vxlan);
+}
+
+#[test]
+fn geneve_between_clusters_carries_identity() {
+    require_root!();
+    exercise(TunnelMode::Geneve);
+}
+
+#[test]
+fn direct_routing_between_clusters_resolves_identity() {
+    require_root!();
+    exercise(TunnelMode::Direct);
+}
+
+/// The tcpdump filter, tshark decode arguments and VNI field of a mode.
+fn wire(mode: TunnelMode) -> (&'static str, &'static [&'static str], Option<&'static str>) {
+    match mode {
+        TunnelMode::Vxlan => (
+            "udp port 8472",
+            &["-d", "udp.port==8472,vxlan"],
+            Some("vxlan.vni"),
+        ),
+        // tshark knows 6081 as Geneve by itself.
+        TunnelMode::Geneve => ("udp port 6081", &[], Some("geneve.vni")),
+        _ => ("icmp", &[], None),
+    }
+}
+
+fn exercise(mode: TunnelMode) {
     sweep_stale();
     let a = Node::new(1).unwrap();
     let b = Node::new(2).unwrap();
@@ -36,9 +72,30 @@ fn vxlan_between_clusters_carries_identity() {
     let (ula, ulb) = underlay(&a, &b).unwrap();
     let mut dpa = a.datapath(true).unwrap();
     let mut dpb = b.datapath(true).unwrap();
-    a.connect(&mut dpa, &b, ulb).unwrap();
-    b.connect(&mut dpb, &a, ula).unwrap();
+    a.connect_with(&mut dpa, &b, mode, ula, ulb).unwrap();
+    b.connect_with(&mut dpb, &a, mode, ulb, ula).unwrap();
     let (ida, idb) = (a.identity, b.identity);
+    // Direct routing: the routes the agent installs over netlink.
+    let mut routes = Vec::new();
+    if mode == TunnelMode::Direct {
+        for (n, peer, via) in [(&a, &b, ulb), (&b, &a, ula)] {
+            let mut t = n.routes().unwrap();
+            let cidr = format!("10.{}.0.0/24", peer.id).parse().unwrap();
+            let entry = TunnelEntry {
+                node_ip: via.into(),
+                cluster_id: peer.id,
+                node: "peer".parse().unwrap(),
+            };
+            t.update(&cidr, &entry).unwrap();
+            let shown = n.ns.exec("ip", &["route", "show", "proto", "222"]).unwrap();
+            assert!(
+                shown.contains(&format!("10.{}.0.0/24 via {via} dev ul0", peer.id)),
+                "{shown}"
+            );
+            routes.push(t);
+        }
+    }
+    let (filter, decode, vni_field) = wire(mode);
 
     // Capture the underlay on B while traffic flows.
     let pcap = tempfile::NamedTempFile::new().unwrap();
@@ -57,7 +114,7 @@ fn vxlan_between_clusters_carries_identity() {
             "-w",
         ])
         .arg(pcap.path())
-        .args(["udp", "port", "8472"])
+        .args(filter.split(' '))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -81,22 +138,22 @@ fn vxlan_between_clusters_carries_identity() {
     while dump.try_wait().unwrap().is_none() {
         assert!(
             Instant::now() < deadline,
-            "tcpdump saw fewer than 4 VXLAN packets"
+            "tcpdump saw fewer than 4 packets ({filter})"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // The wire carries VXLAN on 8472 with the sender's identity as VNI.
+    // The wire: VXLAN on 8472 or Geneve on 6081 with the sender's identity
+    // as VNI; direct routing: the pods' own packets, one IP header.
     let fields = Command::new("tshark")
         .args(["-r"])
         .arg(pcap.path())
+        .args(decode)
         .args([
-            "-d",
-            "udp.port==8472,vxlan",
             "-T",
             "fields",
             "-e",
-            "vxlan.vni",
+            vni_field.unwrap_or("udp.port"),
             "-e",
             "ip.src",
             "-e",
@@ -107,13 +164,26 @@ fn vxlan_between_clusters_carries_identity() {
     let text = String::from_utf8_lossy(&fields.stdout);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 4, "{text}");
+    let pods = [a.pod_ip.to_string(), b.pod_ip.to_string()];
     for l in &lines {
         let cols: Vec<&str> = l.split('\t').collect();
-        let vni: u32 = cols[0]
-            .parse()
-            .unwrap_or_else(|_| panic!("no VNI in {l:?}"));
         // ip.src lists outer then inner source.
-        let inner_src = cols[1].split(',').next_back().unwrap();
+        let srcs: Vec<&str> = cols[1].split(',').collect();
+        let inner_src = *srcs.last().unwrap();
+        assert!(pods.iter().any(|p| p == inner_src), "{l}");
+        assert!(cols[2] == "8" || cols[2] == "0", "ICMP echo expected: {l}");
+        let Some(_) = vni_field else {
+            assert_eq!(srcs.len(), 1, "direct routing must not encapsulate: {l}");
+            assert!(cols[0].is_empty(), "direct routing must not use UDP: {l}");
+            continue;
+        };
+        assert_eq!(srcs.len(), 2, "outer and inner IPv4 expected: {l}");
+        // tshark shows the VXLAN VNI in decimal, Geneve's in hex.
+        let vni = match cols[0].strip_prefix("0x") {
+            Some(hex) => u32::from_str_radix(hex, 16),
+            None => cols[0].parse(),
+        }
+        .unwrap_or_else(|_| panic!("no VNI in {l:?}"));
         let want = if inner_src == a.pod_ip.to_string() {
             ida
         } else {
@@ -156,7 +226,7 @@ fn vxlan_between_clusters_carries_identity() {
         assert_eq!(out.trim(), "olleh", "TCP reply from {ip}");
     }
 
-    // MTU: the pod's 1450 leaves room for VXLAN's 50 bytes. A DF ping that
+    // MTU: the pod's 1450 leaves room for VXLAN's or Geneve's 50 bytes. A DF ping that
     // fills it exactly crosses; one byte more is refused at the pod with an
     // error (EMSGSIZE), never silently dropped on the way.
     let fits = a
@@ -204,16 +274,21 @@ fn vxlan_between_clusters_carries_identity() {
         "{said}"
     );
 
-    // Counters: tunnelled out of A, delivered into B.
-    let out_a = dpa.counter(Direction::Egress, Verdict::Tunnel).unwrap();
+    // Counters: tunnelled (or routed) out of A, delivered into B.
+    let sent = if mode == TunnelMode::Direct {
+        Verdict::Routed
+    } else {
+        Verdict::Tunnel
+    };
+    let out_a = dpa.counter(Direction::Egress, sent).unwrap();
     let in_b = dpb.counter(Direction::Ingress, Verdict::Local).unwrap();
     assert!(
         out_a.packets >= 5 && in_b.packets >= 5,
         "{out_a:?} {in_b:?}"
     );
 
-    // An address in B's pod CIDR without an endpoint: tunnelled, then dropped
-    // at B with a counted reason (not handed on).
+    // An address in B's pod CIDR without an endpoint: sent, then dropped at
+    // B (tunnels: with a counted reason, not handed on).
     let before = dpb
         .counter(Direction::Ingress, Verdict::DropUnknownEndpoint)
         .unwrap();
@@ -222,14 +297,22 @@ fn vxlan_between_clusters_carries_identity() {
     let after = dpb
         .counter(Direction::Ingress, Verdict::DropUnknownEndpoint)
         .unwrap();
-    assert_eq!(after.packets - before.packets, 3);
+    if mode != TunnelMode::Direct {
+        assert_eq!(after.packets - before.packets, 3);
+    }
 
     // Removing B from A's ip-cache: traffic goes to the host stack instead of
-    // the tunnel (no tunnel counted).
-    let t0 = dpa.counter(Direction::Egress, Verdict::Tunnel).unwrap();
+    // the tunnel (nothing more sent).
+    let t0 = dpa.counter(Direction::Egress, sent).unwrap();
     dpa.remove_ipcache("10.2.0.0".parse().unwrap(), 24).unwrap();
     dpa.remove_ipcache(b.pod_ip, 32).unwrap();
     let out = ping(&a.pod, b.pod_ip, 2, "0.05");
     assert!(out.contains("0 received"), "{out}");
-    assert_eq!(dpa.counter(Direction::Egress, Verdict::Tunnel).unwrap(), t0);
+    assert_eq!(dpa.counter(Direction::Egress, sent).unwrap(), t0);
+    // Direct routes are removed through the same reconciler.
+    for (mut t, peer) in routes.into_iter().zip([&b, &a]) {
+        let cidr = format!("10.{}.0.0/24", peer.id).parse().unwrap();
+        t.delete(&cidr).unwrap();
+        assert!(t.list().unwrap().is_empty());
+    }
 }
