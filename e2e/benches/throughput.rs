@@ -5,7 +5,9 @@
 //!   per remote pod CIDR via the other node;
 //! - kernel classic VXLAN (baseline): a VXLAN device with a fixed remote and
 //!   routes through it;
-//! - ours: the eBPF datapath, VXLAN with the identity in the VNI.
+//! - ours, the eBPF datapath in each mode: VXLAN (external-mode device,
+//!   identity in the VNI), Geneve (encapsulated by the programs), direct
+//!   routing (netlink routes, no encapsulation).
 //!
 //! Prints Gbit/s and each as a ratio to plain. Needs root.
 //! Usage: throughput [--runs N] [--seconds S]
@@ -15,6 +17,8 @@ use std::process::{Command, Stdio};
 
 use clustermesh_testkit::netns::{NetNs, sweep_stale};
 use e2e::topo::{Node, underlay};
+use node_agent::{clusters::merge::TunnelEntry, reconcile::Reconciler as _};
+use tunnel_common::TunnelMode;
 
 static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(5301);
 
@@ -181,6 +185,31 @@ fn main() {
     b.connect(&mut dpb, &a, ula).unwrap();
     let ours = measure("eBPF VXLAN (ours)");
 
+    // 4. Ours, Geneve: same maps, another mode.
+    a.connect_with(&mut dpa, &b, TunnelMode::Geneve, ula, ulb)
+        .unwrap();
+    b.connect_with(&mut dpb, &a, TunnelMode::Geneve, ulb, ula)
+        .unwrap();
+    let geneve = measure("eBPF Geneve (ours)");
+
+    // 5. Ours, direct routing: the agent's netlink routes (replacing the
+    // baselines' routes to the same CIDRs).
+    let mut tables = Vec::new();
+    for (n, dp, peer, own, via) in [(&a, &mut dpa, &b, ula, ulb), (&b, &mut dpb, &a, ulb, ula)] {
+        let mut t = n.routes().unwrap();
+        let entry = TunnelEntry {
+            node_ip: via.into(),
+            cluster_id: peer.id,
+            node: "peer".parse().unwrap(),
+        };
+        t.update(&format!("10.{}.0.0/24", peer.id).parse().unwrap(), &entry)
+            .unwrap();
+        n.connect_with(dp, peer, TunnelMode::Direct, own, via)
+            .unwrap();
+        tables.push(t);
+    }
+    let direct = measure("eBPF direct routing (ours)");
+
     println!(
         "throughput benchmark: pod to pod across two nodes (network namespaces, one iperf3 TCP stream, {runs} runs x {seconds} s, median [min..max])"
     );
@@ -188,6 +217,8 @@ fn main() {
         ("plain routing (baseline)", plain),
         ("kernel classic VXLAN (baseline)", kvx),
         ("eBPF VXLAN (ours)", ours),
+        ("eBPF Geneve (ours)", geneve),
+        ("eBPF direct routing (ours)", direct),
     ] {
         println!(
             "  {name:<32} {:>6.2} Gbit/s [{:.2}..{:.2}]  ratio to plain {:.2}",

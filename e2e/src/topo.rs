@@ -192,7 +192,10 @@ impl Node {
         node_agent::datapath::routes::RouteTable::open(Some(&path), "ul0")
     }
 
-    fn program(
+    /// Configures the mode and declares the local pod (what the agent does
+    /// at start); remote entries come from [`Node::connect_with`] or from
+    /// the agent's reconcilers.
+    pub fn program(
         &self,
         dp: &mut Datapath,
         mode: TunnelMode,

@@ -382,6 +382,16 @@ impl Datapath {
         }
     }
 
+    /// What the programs find for `ip` in the ip-cache (longest prefix
+    /// match, as the kernel looks it up).
+    pub fn lookup(&mut self, ip: Ipv4Addr) -> Result<Option<IpCacheValue>> {
+        match self.ipcache()?.get(&Key::new(32, u32::from(ip).to_be()), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(maps::IPCACHE)(e)),
+        }
+    }
+
     /// The identity traffic from `src` last arrived with over the overlay.
     pub fn source_identity(&mut self, src: Ipv4Addr) -> Result<Option<u32>> {
         let map = self

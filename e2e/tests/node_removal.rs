@@ -1,0 +1,225 @@
+//! Privileged: a remote node is removed from its cluster while a node of
+//! another cluster talks to it, end to end through the real control plane:
+//! two clusters, each a real etcd with a real clustermesh-apiserver; node
+//! A's agent (in process) watches both and programs A's pinned eBPF maps and
+//! direct-routing routes (netlink) through its reconcilers.
+//!
+//! Proves: once node B deregisters, A's route and map entries for B go
+//! within one second (the figure is printed), and A's pod traffic to B's
+//! pod is then dropped at A with a counted reason (`drop_no_tunnel_endpoint`)
+//! instead of being sent into the void.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use clustermesh_api::{
+    ClusterId,
+    proto::{self, cluster_mesh_client::ClusterMeshClient},
+};
+use clustermesh_testkit::{etcd::EtcdServer, netns::sweep_stale};
+use e2e::{
+    require_root,
+    topo::{Node, ping, underlay},
+};
+use node_agent::{
+    clusters::{Agent, AgentConfig, Reconcilers, config::ClusterFile, merge::TunnelEntry},
+    datapath::{
+        reconcilers::{IpCacheMap, TunnelMap},
+        routes::RoutedTunnels,
+    },
+    reconcile::{MemoryReconciler, Reconciler as _},
+};
+use tokio_util::sync::CancellationToken;
+use tunnel_common::{Direction, IPCACHE_FLAG_UNREACHABLE, TunnelMode, Verdict};
+
+async fn apiserver(name: &str, id: u64, etcd: &EtcdServer) -> clustermesh_apiserver::Running {
+    let mut cfg = clustermesh_apiserver::Config::new(
+        name.parse().unwrap(),
+        ClusterId::new(id).unwrap(),
+        vec![etcd.endpoint()],
+    );
+    cfg.heartbeat_interval = Duration::from_secs(1);
+    clustermesh_apiserver::start(cfg).await.unwrap()
+}
+
+async fn register(
+    api: &clustermesh_apiserver::Running,
+    node: &str,
+    cidr: &str,
+    underlay: &str,
+    pod: &str,
+) -> ClusterMeshClient<tonic::transport::Channel> {
+    let mut g = ClusterMeshClient::connect(format!("http://{}", api.grpc_addr))
+        .await
+        .unwrap();
+    g.register_node(proto::RegisterNodeRequest {
+        node: Some(proto::Node {
+            name: node.into(),
+            underlay_ips: vec![underlay.into()],
+            pod_cidrs: vec![cidr.into()],
+            boot_id: "boot-1".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    g.add_endpoint(proto::AddEndpointRequest {
+        node: node.into(),
+        ip: pod.into(),
+        namespace: "default".into(),
+        name: format!("pod-{node}"),
+        labels: [("k8s:app".to_owned(), "web".to_owned())].into(),
+    })
+    .await
+    .unwrap();
+    g
+}
+
+/// Polls `cond` every 5 ms for at most 20 s; returns how long it took.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    t0.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_remote_node_is_unreachable_within_a_second_with_counted_drops() {
+    require_root!();
+    sweep_stale();
+    let a = Node::new(1).unwrap();
+    let b = Node::new(2).unwrap();
+    let (ula, ulb) = underlay(&a, &b).unwrap();
+
+    let (etcd1, etcd2) = (EtcdServer::start().unwrap(), EtcdServer::start().unwrap());
+    let api1 = apiserver("c1", 1, &etcd1).await;
+    let api2 = apiserver("c2", 2, &etcd2).await;
+    register(
+        &api1,
+        "a1",
+        "10.1.0.0/24",
+        &ula.to_string(),
+        &a.pod_ip.to_string(),
+    )
+    .await;
+    let mut g2 = register(
+        &api2,
+        "b1",
+        "10.2.0.0/24",
+        &ulb.to_string(),
+        &b.pod_ip.to_string(),
+    )
+    .await;
+
+    // Node B is programmed by hand (direct routing back to A).
+    let mut dpb = b.datapath(true).unwrap();
+    b.connect_with(&mut dpb, &a, TunnelMode::Direct, ulb, ula)
+        .unwrap();
+    let mut back = b.routes().unwrap();
+    back.update(
+        &"10.1.0.0/24".parse().unwrap(),
+        &TunnelEntry {
+            node_ip: ula.into(),
+            cluster_id: 1,
+            node: "a1".parse().unwrap(),
+        },
+    )
+    .unwrap();
+
+    // Node A: datapath configured, remote state from the agent.
+    let mut dpa = a.datapath(true).unwrap();
+    a.program(&mut dpa, TunnelMode::Direct, ula).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c2"),
+        format!("endpoints:\n  - {}\n", etcd2.endpoint()),
+    )
+    .unwrap();
+    let reconcilers = Reconcilers {
+        ipcache: Box::new(IpCacheMap::open(a.pins.path()).unwrap()),
+        tunnels: Box::new(RoutedTunnels {
+            map: TunnelMap::open(a.pins.path()).unwrap(),
+            routes: a.routes().unwrap(),
+        }),
+        peers: Box::new(MemoryReconciler::new("peers")),
+        services: Box::new(MemoryReconciler::new("services")),
+    };
+    let cancel = CancellationToken::new();
+    let agent = Agent::new(
+        AgentConfig {
+            local_cluster: "c1".parse().unwrap(),
+            local: ClusterFile {
+                endpoints: vec![etcd1.endpoint()],
+                trusted_ca_file: None,
+                cert_file: None,
+                key_file: None,
+            },
+            self_node: Some("a1".parse().unwrap()),
+            clusters_dir: dir.path().to_owned(),
+            stale_ttl: Duration::from_secs(300),
+            sync_timeout: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(100),
+        },
+        reconcilers,
+        cancel.clone(),
+    );
+    let running = tokio::spawn(agent.run());
+
+    // The agent learns B: its pod via the tunnel map and routes.
+    let routes_of_a = a.routes().unwrap();
+    until("A learns B's pod", || {
+        dpa.lookup(b.pod_ip)
+            .unwrap()
+            .is_some_and(|v| v.identity != 0)
+            && routes_of_a
+                .list()
+                .unwrap()
+                .contains_key(&"10.2.0.0/24".parse().unwrap())
+    })
+    .await;
+    let out = ping(&a.pod, b.pod_ip, 5, "0.05");
+    assert!(out.contains("5 received"), "A -> B before removal: {out}");
+
+    // B leaves its cluster.
+    let t0 = Instant::now();
+    g2.deregister_node(proto::DeregisterNodeRequest {
+        node: "b1".into(),
+        boot_id: "boot-1".into(),
+    })
+    .await
+    .unwrap();
+    let gone = until("B's entries leave A", || {
+        let v = dpa.lookup(b.pod_ip).unwrap();
+        v.is_some_and(|v| v.flags & IPCACHE_FLAG_UNREACHABLE != 0 && v.tunnel_endpoint == 0)
+            && routes_of_a.list().unwrap().is_empty()
+    })
+    .await
+    .max(t0.elapsed());
+    eprintln!("remote node removal reached A's maps and routes in {gone:?}");
+    assert!(
+        gone < Duration::from_secs(1),
+        "B's entries took {gone:?} to leave A (limit 1 s)"
+    );
+
+    // Traffic to B's pod is now dropped at A, counted.
+    let before = dpa
+        .counter(Direction::Egress, Verdict::DropNoTunnelEndpoint)
+        .unwrap();
+    let routed = dpa.counter(Direction::Egress, Verdict::Routed).unwrap();
+    let out = ping(&a.pod, b.pod_ip, 3, "0.05");
+    assert!(out.contains("0 received"), "{out}");
+    let after = dpa
+        .counter(Direction::Egress, Verdict::DropNoTunnelEndpoint)
+        .unwrap();
+    assert_eq!(after.packets - before.packets, 3, "drops must be counted");
+    assert_eq!(
+        dpa.counter(Direction::Egress, Verdict::Routed).unwrap(),
+        routed
+    );
+
+    cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), running).await;
+    drop((api1, api2));
+}
