@@ -1,0 +1,29 @@
+//! `clustermesh-cni`: the CNI plugin that attaches pods to a clustermesh node.
+//!
+//! For each pod (ADD) it hands out an IPv4 address (its own lease store over
+//! the node's pod CIDR, or a delegated IPAM plugin), creates a veth pair
+//! with the host side `lxc<hash>` in the node namespace and the pod side in
+//! the pod's namespace with the address as /32, a default route via the
+//! fixed gateway 169.254.1.1 and a permanent neighbour entry for it (the
+//! host veth's MAC), and records the attachment in an endpoint file the
+//! node agent reads. DEL undoes it; CHECK verifies it. See `docs/cni.md`.
+//!
+//! Modules: [`env`](mod@env) (the `CNI_*` variables), [`config`] (the network
+//! configuration), [`ipam`] (own address leases), [`delegate`] (delegated
+//! IPAM), [`link`] (netlink), [`endpoint`] (endpoint files, read by the
+//! agent), [`result`] (output shapes), [`error`] (error codes), [`cmd`]
+//! (the commands).
+
+pub mod cmd;
+pub mod config;
+pub mod delegate;
+pub mod endpoint;
+pub mod env;
+pub mod error;
+pub mod ipam;
+pub mod link;
+pub mod result;
+
+pub use cmd::{Outcome, run};
+pub use endpoint::{EndpointError, EndpointFile, MacAddr, read_endpoint_dir};
+pub use error::Error;
