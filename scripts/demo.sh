@@ -4,19 +4,25 @@
 #   - per cluster a real etcd and a clustermesh-apiserver exporting into it
 #     (a global service declared in a standalone YAML file);
 #   - per cluster a node namespace (VXLAN device, underlay link to the other
-#     node) and a pod namespace behind a veth;
+#     node) and a pod namespace attached by the CNI plugin (clustermesh-cni,
+#     called as a container runtime would: veth, address from the node's pod
+#     CIDR, gateway, endpoint file for the agent);
 #   - per node a node-agent that loads the eBPF datapath (maps and TCX links
-#     pinned in bpffs), registers its node and pod with its apiserver (which
-#     allocates the pod's identity), watches its own and the other cluster's
-#     etcd, merges both and programs the ip-cache map: the pods then reach
-#     each other across clusters over eBPF VXLAN, the VNI carrying the
-#     sender's identity. No encryption yet (WireGuard is a later issue).
+#     pinned in bpffs), picks the pod up from the CNI's endpoint directory,
+#     registers its node and pod with its apiserver (which allocates the
+#     pod's identity), watches its own and the other cluster's etcd, merges
+#     both and programs the ip-cache map: the pods then reach each other
+#     across clusters over eBPF, the tunnel carrying the sender's identity.
+#     TUNNEL=vxlan (default), geneve or direct picks the mode. No encryption
+#     yet (WireGuard is a later issue).
 # Everything it creates is recorded under target/mesh and removed by `down`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STATE=target/mesh
 BIN=target/debug
 NS_PREFIX=cmdemo
+TUNNEL=${TUNNEL:-vxlan}
+case "$TUNNEL" in vxlan|geneve|direct) ;; *) echo "demo: TUNNEL must be vxlan, geneve or direct" >&2; exit 2 ;; esac
 
 down() {
   if [ -d "$STATE/pids" ]; then
@@ -60,18 +66,39 @@ up() {
     echo $! >"$STATE/pids/etcd-$c"
     for _ in $(seq 100); do ETCDCTL_API=3 etcdctl --endpoints "$ep" endpoint health >/dev/null 2>&1 && break; sleep 0.1; done
 
-    # 2. a global service declared in standalone YAML
+    # 2. a node namespace with a VXLAN device (external mode), and a pod
+    #    attached by the CNI plugin exactly as a container runtime calls it
+    #    (config on stdin, CNI_* variables, run in the node's namespace).
+    local node="$NS_PREFIX-$c-node" pod="$NS_PREFIX-$c-pod"
+    ip netns add "$node"; ip netns add "$pod"
+    ip -n "$node" link set lo up
+    ip -n "$node" link add cm_vxlan type vxlan external dstport 8472
+    ip -n "$node" link set cm_vxlan up
+    mkdir -p "$STATE/endpoints-$c"
+    cat >"$STATE/cni-$c.json" <<JSON
+{"cniVersion": "1.1.0", "name": "clustermesh", "type": "clustermesh-cni",
+ "podCIDR": "10.$id.0.0/24", "mtu": 1450, "endpointDir": "$PWD/$STATE/endpoints-$c",
+ "args": {"cni": {"labels": [{"key": "k8s:app", "value": "web"}]}}}
+JSON
+    ip netns exec "$node" env CNI_COMMAND=ADD CNI_CONTAINERID="$c-web-1" CNI_NETNS="/var/run/netns/$pod" \
+      CNI_IFNAME=eth0 CNI_ARGS="K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-1" CNI_PATH=/usr/lib/cni \
+      "$BIN/clustermesh-cni" <"$STATE/cni-$c.json" >"$STATE/cni-result-$c.json"
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ips"][0]["address"].split("/")[0])' \
+      "$STATE/cni-result-$c.json" >"$STATE/podip-$c"
+    echo "CNI ADD $c-web-1: pod $(cat "$STATE/podip-$c") in $pod"
+
+    # 3. a global service declared in standalone YAML
     cat >"$STATE/services-$c.yaml" <<YAML
 services:
   - namespace: default
     name: web
     frontends: [10.96.0.10]
     ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
-    backends: [{ip: 10.$id.0.2, node: node-1}]
+    backends: [{ip: $(cat "$STATE/podip-$c"), node: node-1}]
     global: true
     affinity: local
 YAML
-    # 3. the cluster's apiserver
+    # 4. the cluster's apiserver
     "$BIN/clustermesh-apiserver" --cluster-name "$c" --cluster-id "$id" --etcd-endpoints "$ep" \
       --listen "127.0.0.1:$gport" --metrics-listen "127.0.0.1:$mport" \
       --services-file "$STATE/services-$c.yaml" \
@@ -79,26 +106,6 @@ YAML
     echo $! >"$STATE/pids/apiserver-$c"
     wait_for "$STATE/logs/apiserver-$c.log" "serving" "apiserver of $c"
 
-    # 4. a node and a pod: namespaces joined by a veth (addresses exist only
-    #    there). The pod has its /32, a fixed gateway 169.254.1.1 with a
-    #    permanent neighbour entry for the host-side veth's MAC; MTU 1450
-    #    leaves room for VXLAN. The node gets a VXLAN device (external mode).
-    local node="$NS_PREFIX-$c-node" pod="$NS_PREFIX-$c-pod"
-    local hmac pmac
-    hmac=$(printf '02:00:0a:%02x:00:01' "$id"); pmac=$(printf '02:00:0a:%02x:00:02' "$id")
-    echo "$pmac" >"$STATE/podmac-$c"
-    ip netns add "$node"; ip netns add "$pod"
-    ip -n "$node" link set lo up; ip -n "$pod" link set lo up
-    ip -n "$node" link add lxc0 address "$hmac" type veth peer name eth0 netns "$pod"
-    ip -n "$node" addr add "10.$id.0.1/24" dev lxc0
-    ip -n "$node" link set lxc0 up
-    ip -n "$pod" link set eth0 address "$pmac" mtu 1450 up
-    ip -n "$pod" addr add "10.$id.0.2/32" dev eth0
-    ip -n "$pod" route add 169.254.1.1 dev eth0 scope link
-    ip -n "$pod" route add default via 169.254.1.1 dev eth0
-    ip -n "$pod" neigh add 169.254.1.1 dev eth0 lladdr "$hmac" nud permanent
-    ip -n "$node" link add cm_vxlan type vxlan external dstport 8472
-    ip -n "$node" link set cm_vxlan up
   done
   # The underlay: the two nodes on one link (like routable node IPs across
   # VPCs), 192.0.2.1 and 192.0.2.2.
@@ -123,12 +130,11 @@ YAML
     id=$((id + 1))
     local sport; sport=$(free_port)
     echo "127.0.0.1:$sport" >"$STATE/agent-status-$c"
-    "$BIN/node-agent" --netns "$NS_PREFIX-$c-node" --endpoint-iface lxc0 --report-every 1 \
-      --overlay-iface cm_vxlan --tunnel vxlan \
+    "$BIN/node-agent" --netns "$NS_PREFIX-$c-node" --endpoint-dir "$STATE/endpoints-$c" --report-every 1 \
+      --overlay-iface cm_vxlan --underlay-iface ul0 --tunnel "$TUNNEL" \
       --bpf-pin-dir "/sys/fs/bpf/$NS_PREFIX-$c" \
       --apiserver "http://$(cat "$STATE/apiserver-$c")" --node-name node-1 \
       --underlay-ip "192.0.2.$id" --pod-cidr "10.$id.0.0/24" \
-      --endpoint "10.$id.0.2,ns=default,name=web-1,iface=lxc0,mac=$(cat "$STATE/podmac-$c"),k8s:app=web" \
       --cluster-name "$c" --local-etcd-endpoints "$(cat "$STATE/etcd-$c")" \
       --clusters-dir "$STATE/clusters-$c" --status-listen "127.0.0.1:$sport" \
       >"$STATE/logs/agent-$c.log" 2>"$STATE/logs/agent-$c.err" &
@@ -168,13 +174,12 @@ PY
   for c in c1 c2; do
     local id=${c#c} other
     other=$(( 3 - id ))
-    echo "== $c: pod 10.$id.0.2 pings its node (host stack) and the pod of c$other (eBPF VXLAN)"
-    ip netns exec "$NS_PREFIX-$c-pod" ping -c 3 -i 0.2 "10.$id.0.1" | tail -2 | head -1
-    ip netns exec "$NS_PREFIX-$c-pod" ping -c 5 -i 0.2 "10.$other.0.2" | tail -2
+    echo "== $c: pod $(cat "$STATE/podip-$c") pings the pod of c$other, $(cat "$STATE/podip-c$other") (eBPF, $TUNNEL)"
+    ip netns exec "$NS_PREFIX-$c-pod" ping -c 5 -i 0.2 "$(cat "$STATE/podip-c$other")" | tail -2
   done
   sleep 1.2 # one report interval, so the agents' next report includes the pings
   echo
-  echo "== node agents: identities allocated by the apiservers, eBPF counters (tunnel = sent over VXLAN, local = delivered)"
+  echo "== node agents: identities allocated by the apiservers, eBPF counters (tunnel/routed = sent to the other node, local = delivered)"
   for c in c1 c2; do
     echo "-- $c"; grep "has identity" "$STATE/logs/agent-$c.log" | tail -1
     awk '/packets/ {last[$1" "$2]=$0} END {for (k in last) print last[k]}' "$STATE/logs/agent-$c.log" | sort
@@ -206,8 +211,9 @@ PY
   echo
   echo "The demo is left running. Explore:"
   echo "  ip netns list | grep $NS_PREFIX"
-  echo "  ip netns exec $NS_PREFIX-c1-pod ping 10.2.0.2      # c1's pod to c2's pod over eBPF VXLAN"
-  echo "  ip netns exec $NS_PREFIX-c2-node tcpdump -ni ul0 udp port 8472   # the VXLAN on the underlay"
+  echo "  ip netns exec $NS_PREFIX-c1-pod ping $(cat "$STATE/podip-c2")      # c1's pod to c2's pod over eBPF ($TUNNEL)"
+  echo "  ip netns exec $NS_PREFIX-c2-node tcpdump -ni ul0                # the underlay (VXLAN: udp 8472, Geneve: udp 6081)"
+  echo "  ls $STATE/endpoints-c1                            # the CNI plugin's endpoint files"
   echo "  ETCDCTL_API=3 etcdctl --endpoints $(cat "$STATE/etcd-c1") get --prefix clustermesh/state/"
   echo "  tail -f $STATE/logs/agent-c1.log $STATE/logs/apiserver-c1.log"
   echo "  agent status: python3 -c 'import urllib.request;print(urllib.request.urlopen(\"http://$(cat "$STATE/agent-status-c1")/status\").read().decode())'"

@@ -64,6 +64,11 @@ struct Args {
     /// Endpoints to register: IP[,ns=NS][,name=NAME],LABEL=VALUE...
     #[arg(long = "endpoint")]
     endpoints: Vec<EndpointSpec>,
+    /// Directory where the CNI plugin (clustermesh-cni) leaves one file per
+    /// pod: watched, and each pod attached, registered and made deliverable
+    /// as it comes; removed as its file goes.
+    #[arg(long)]
+    endpoint_dir: Option<std::path::PathBuf>,
     /// This node's cluster: enables the control plane (watch the local and
     /// every remote cluster, merge, reconcile).
     #[arg(long)]
@@ -94,14 +99,121 @@ struct Attachment {
     ifaces: std::collections::BTreeMap<String, (u32, [u8; 6])>,
 }
 
+/// Runs `f` on a thread inside network namespace `netns` (None: ours);
+/// attaching by ifindex resolves in the caller's namespace.
+fn in_netns<T: Send>(netns: Option<&str>, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if let Some(ns) = netns {
+                let file = std::fs::File::open(format!("/var/run/netns/{ns}"))
+                    .with_context(|| format!("network namespace {ns}"))?;
+                // SAFETY: a valid namespace fd; affects only this thread,
+                // which ends with the scope.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .context("entering the network namespace");
+                }
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("network namespace thread panicked"))?
+    })
+}
+
+/// Pods the CNI plugin attached, by container id.
+#[derive(Default)]
+struct CniEndpoints {
+    known: std::collections::BTreeMap<String, clustermesh_cni::EndpointFile>,
+}
+
+impl CniEndpoints {
+    /// Reads the directory and applies what changed: new pods get
+    /// `from_endpoint` attached (or adopted) on their host veth; removed
+    /// ones leave the endpoint map and their link pin. Returns whether the
+    /// set changed.
+    fn poll(
+        &mut self,
+        dir: &std::path::Path,
+        dp: &mut Datapath,
+        netns: Option<&str>,
+        ifaces: &mut std::collections::BTreeMap<String, (u32, [u8; 6])>,
+    ) -> bool {
+        let (files, errors) = clustermesh_cni::read_endpoint_dir(dir);
+        for (path, e) in errors {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring endpoint file");
+        }
+        let now: std::collections::BTreeMap<_, _> = files
+            .into_iter()
+            .map(|f| (f.container_id.clone(), f))
+            .collect();
+        let mut changed = false;
+        let gone: Vec<String> = self
+            .known
+            .keys()
+            .filter(|k| !now.contains_key(*k))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(f) = self.known.remove(&id) {
+                if let Err(e) = dp.remove_endpoint(f.ip) {
+                    tracing::warn!(ip = %f.ip, error = %e, "removing endpoint from the datapath");
+                }
+                dp.forget_endpoint_link(f.host_ifindex);
+                ifaces.remove(&f.host_iface);
+                tracing::info!(container = %id, ip = %f.ip, "pod detached");
+                changed = true;
+            }
+        }
+        for (id, f) in now {
+            if self.known.get(&id) == Some(&f) {
+                continue;
+            }
+            let iface = f.host_iface.clone();
+            match in_netns(netns, || dp.attach_endpoint(&iface)) {
+                Ok(Ok(how)) => {
+                    tracing::info!(container = %id, ip = %f.ip, iface = %iface, ?how, "pod attached");
+                    ifaces.insert(iface, (f.host_ifindex, f.host_mac.0));
+                    self.known.insert(id, f);
+                    changed = true;
+                }
+                // Retried on the next poll (the veth may be mid-creation).
+                Ok(Err(e)) => tracing::warn!(container = %id, error = %e, "attaching pod"),
+                Err(e) => tracing::warn!(container = %id, error = %e, "attaching pod"),
+            }
+        }
+        changed
+    }
+
+    fn specs(&self) -> impl Iterator<Item = EndpointSpec> + '_ {
+        self.known.values().map(|f| EndpointSpec {
+            ip: f.ip.to_string(),
+            namespace: f.namespace.clone().unwrap_or_default(),
+            name: f.name.clone().unwrap_or_else(|| f.container_id.clone()),
+            iface: Some(f.host_iface.clone()),
+            mac: Some(f.mac.0),
+            labels: if f.labels.is_empty() {
+                // An identity needs at least one label.
+                [("cni:container".to_owned(), "unlabelled".to_owned())].into()
+            } else {
+                f.labels.clone().into_iter().collect()
+            },
+        })
+    }
+}
+
 fn attach(
     ifaces: &[String],
     overlay: Option<&str>,
     underlay: Option<&str>,
     netns: Option<&str>,
     pin_dir: &std::path::Path,
+    always: bool,
 ) -> anyhow::Result<Option<Attachment>> {
-    if ifaces.is_empty() && overlay.is_none() && underlay.is_none() {
+    if !always && ifaces.is_empty() && overlay.is_none() && underlay.is_none() {
         return Ok(None);
     }
     let ifaces = ifaces.to_vec();
@@ -174,6 +286,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     if args.endpoint_ifaces.is_empty()
+        && args.endpoint_dir.is_none()
         && args.overlay_iface.is_none()
         && args.apiserver.is_none()
         && args.cluster_name.is_none()
@@ -209,8 +322,9 @@ async fn main() -> anyhow::Result<()> {
         args.underlay_iface.as_deref(),
         args.netns.as_deref(),
         &args.bpf_pin_dir,
+        args.endpoint_dir.is_some(),
     )?;
-    let (mut dp, ifaces) = match attachment {
+    let (mut dp, mut ifaces) = match attachment {
         Some(a) => {
             let mut dp = a.dp;
             if mode != tunnel_common::TunnelMode::None {
@@ -228,6 +342,13 @@ async fn main() -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
     let (ids_tx, mut ids_rx) = tokio::sync::watch::channel(Vec::new());
+    let mut cni = CniEndpoints::default();
+    let mut specs = args.endpoints.clone();
+    if let (Some(dir), Some(dp)) = (&args.endpoint_dir, dp.as_mut()) {
+        cni.poll(dir, dp, args.netns.as_deref(), &mut ifaces);
+        specs.extend(cni.specs());
+    }
+    let (specs_tx, specs_rx) = tokio::sync::watch::channel(specs.clone());
     if let Some(addr) = args.apiserver.clone() {
         let name = match args.node_name.clone() {
             Some(n) => n,
@@ -245,7 +366,7 @@ async fn main() -> anyhow::Result<()> {
         tracker.spawn(registration::run(
             addr,
             node,
-            args.endpoints.clone(),
+            specs_rx,
             ids_tx,
             cancel.clone(),
         ));
@@ -329,8 +450,16 @@ async fn main() -> anyhow::Result<()> {
     let mut ids_open = true;
     let mut tick = tokio::time::interval(Duration::from_secs(args.report_every.max(1)));
     tick.tick().await;
+    let mut cni_tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
+            _ = cni_tick.tick(), if args.endpoint_dir.is_some() && dp.is_some() => {
+                let (Some(dir), Some(d)) = (&args.endpoint_dir, dp.as_mut()) else { continue };
+                if cni.poll(dir, d, args.netns.as_deref(), &mut ifaces) {
+                    specs = args.endpoints.iter().cloned().chain(cni.specs()).collect();
+                    specs_tx.send_replace(specs.clone());
+                }
+            }
             _ = tokio::signal::ctrl_c() => break,
             r = ids_rx.changed(), if ids_open => {
                 if r.is_err() {
@@ -341,7 +470,7 @@ async fn main() -> anyhow::Result<()> {
                 for (ip, id) in &ids {
                     println!("endpoint {ip} has identity {id}");
                     // A local endpoint with a veth and MAC: deliverable.
-                    let spec = args.endpoints.iter().find(|e| e.ip == *ip);
+                    let spec = specs.iter().find(|e| e.ip == *ip);
                     if let (Some(dp), Some(spec)) = (dp.as_mut(), spec)
                         && let (Some(iface), Some(mac)) = (&spec.iface, spec.mac)
                         && let Some((ifindex, host_mac)) = ifaces.get(iface)

@@ -3,6 +3,10 @@
 //! heartbeat stream. When the stream breaks (apiserver restart, network),
 //! it reconnects with jittered exponential backoff and registers again; the
 //! apiserver treats a same-boot-id registration as a refresh.
+//!
+//! The set of endpoints is live (a watch channel): endpoints the CNI plugin
+//! adds or removes while the session runs are registered or removed at
+//! once, and every session starts by registering the current set.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -95,10 +99,63 @@ pub fn boot_id() -> String {
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
+/// Endpoints registered in this session: IP -> (what was sent, identity).
+type Registered = std::collections::BTreeMap<String, (EndpointSpec, u32)>;
+
+/// Brings the apiserver's endpoints of this node to `want`, publishing the
+/// identities.
+async fn sync_endpoints(
+    c: &mut ClusterMeshClient<tonic::transport::Channel>,
+    node: &proto::Node,
+    want: &[EndpointSpec],
+    done: &mut Registered,
+    identities: &tokio::sync::watch::Sender<Vec<(String, u32)>>,
+) -> Result<(), Error> {
+    let gone: Vec<String> = done
+        .keys()
+        .filter(|ip| !want.iter().any(|e| &e.ip == *ip))
+        .cloned()
+        .collect();
+    for ip in gone {
+        c.remove_endpoint(proto::RemoveEndpointRequest { ip: ip.clone() })
+            .await
+            .map_err(|status| Error::Refused {
+                what: format!("removing endpoint {ip}"),
+                status,
+            })?;
+        tracing::info!(%ip, "endpoint removed");
+        done.remove(&ip);
+    }
+    for e in want {
+        if done.get(&e.ip).is_some_and(|(sent, _)| sent == e) {
+            continue;
+        }
+        let id = c
+            .add_endpoint(proto::AddEndpointRequest {
+                node: node.name.clone(),
+                ip: e.ip.clone(),
+                namespace: e.namespace.clone(),
+                name: e.name.clone(),
+                labels: e.labels.clone(),
+            })
+            .await
+            .map_err(|status| Error::Refused {
+                what: format!("endpoint {}", e.ip),
+                status,
+            })?
+            .into_inner()
+            .identity;
+        tracing::info!(ip = %e.ip, identity = id, "endpoint registered");
+        done.insert(e.ip.clone(), (e.clone(), id));
+    }
+    identities.send_replace(done.iter().map(|(ip, (_, id))| (ip.clone(), *id)).collect());
+    Ok(())
+}
+
 async fn session(
     addr: &str,
     node: &proto::Node,
-    endpoints: &[EndpointSpec],
+    endpoints: &mut tokio::sync::watch::Receiver<Vec<EndpointSpec>>,
     identities: &tokio::sync::watch::Sender<Vec<(String, u32)>>,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
@@ -119,27 +176,10 @@ async fn session(
         })?
         .into_inner();
     tracing::info!(node = %node.name, cluster = %r.cluster, cluster_id = r.cluster_id, ttl = r.ttl_seconds, "registered");
-    let mut ids = Vec::new();
-    for e in endpoints {
-        let id = c
-            .add_endpoint(proto::AddEndpointRequest {
-                node: node.name.clone(),
-                ip: e.ip.clone(),
-                namespace: e.namespace.clone(),
-                name: e.name.clone(),
-                labels: e.labels.clone(),
-            })
-            .await
-            .map_err(|status| Error::Refused {
-                what: format!("endpoint {}", e.ip),
-                status,
-            })?
-            .into_inner()
-            .identity;
-        tracing::info!(ip = %e.ip, identity = id, "endpoint registered");
-        ids.push((e.ip.clone(), id));
-    }
-    identities.send_replace(ids);
+    let mut done = Registered::new();
+    let want = endpoints.borrow_and_update().clone();
+    sync_endpoints(&mut c, node, &want, &mut done, identities).await?;
+    let mut endpoints_open = true;
     let every = Duration::from_secs(u64::from(r.ttl_seconds.max(3)) / 3);
     let beat = proto::NodeHeartbeatRequest {
         node: node.name.clone(),
@@ -170,6 +210,14 @@ async fn session(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
+            r = endpoints.changed(), if endpoints_open => {
+                if r.is_err() {
+                    endpoints_open = false;
+                    continue;
+                }
+                let want = endpoints.borrow_and_update().clone();
+                sync_endpoints(&mut c, node, &want, &mut done, identities).await?;
+            }
             m = acks.next() => match m {
                 Some(Ok(_)) => {}
                 Some(Err(status)) => return Err(Error::Refused { what: "heartbeat".into(), status }),
@@ -184,13 +232,13 @@ async fn session(
 pub async fn run(
     addr: String,
     node: proto::Node,
-    endpoints: Vec<EndpointSpec>,
+    mut endpoints: tokio::sync::watch::Receiver<Vec<EndpointSpec>>,
     identities: tokio::sync::watch::Sender<Vec<(String, u32)>>,
     cancel: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match session(&addr, &node, &endpoints, &identities, &cancel).await {
+        match session(&addr, &node, &mut endpoints, &identities, &cancel).await {
             Ok(()) => return,
             Err(e) => tracing::warn!(error = %e, "registration lost; retrying in {delay:?}"),
         }

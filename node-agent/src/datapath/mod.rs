@@ -298,6 +298,20 @@ impl Datapath {
         )
     }
 
+    /// Forgets the pinned link of a pod's host veth that is gone (the
+    /// kernel detached the program with the interface; the pin would
+    /// otherwise stay in bpffs).
+    pub fn forget_endpoint_link(&mut self, ifindex: u32) {
+        let path = self
+            .pin_dir
+            .join(format!("link_{}_{ifindex}", programs::FROM_ENDPOINT));
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "removing a link pin");
+        }
+    }
+
     /// Attaches (or adopts) `from_overlay` on the TC ingress of the VXLAN
     /// device.
     pub fn attach_overlay(&mut self, iface: &str) -> Result<Attached> {
