@@ -406,6 +406,38 @@ impl Datapath {
         }
     }
 
+    /// Every ip-cache entry: (address, prefix length, value), in key order.
+    pub fn ipcache_entries(&mut self) -> Result<Vec<(Ipv4Addr, u8, IpCacheValue)>> {
+        let m = self.ipcache()?;
+        let mut out = Vec::new();
+        for k in m.keys() {
+            let k = k.map_err(map_err(maps::IPCACHE))?;
+            match m.get(&k, 0) {
+                Ok(v) => out.push((
+                    Ipv4Addr::from(u32::from_be(k.data())),
+                    k.prefix_len() as u8,
+                    v,
+                )),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::IPCACHE)(e)),
+            }
+        }
+        out.sort_by_key(|(a, l, _)| (*a, *l));
+        Ok(out)
+    }
+
+    /// Every local endpoint, in address order.
+    pub fn endpoint_entries(&mut self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>> {
+        let m = self.endpoints()?;
+        let mut out = Vec::new();
+        for r in m.iter() {
+            let (k, v) = r.map_err(map_err(maps::ENDPOINTS))?;
+            out.push((Ipv4Addr::from(u32::from_be(k)), v));
+        }
+        out.sort_by_key(|(a, _)| *a);
+        Ok(out)
+    }
+
     /// The identity traffic from `src` last arrived with over the overlay.
     pub fn source_identity(&mut self, src: Ipv4Addr) -> Result<Option<u32>> {
         let map = self
