@@ -5,11 +5,16 @@
 //!   per remote pod CIDR via the other node;
 //! - kernel classic VXLAN (baseline): a VXLAN device with a fixed remote and
 //!   routes through it;
-//! - ours, the eBPF datapath in each mode: VXLAN (external-mode device,
-//!   identity in the VNI), Geneve (encapsulated by the programs), direct
+//! - ours, the eBPF datapath in each mode: VXLAN (sent through the
+//!   external-mode device, decapsulated by `from_underlay`; identity in the
+//!   VNI), Geneve (encapsulated by the programs), direct
 //!   routing (netlink routes, no encapsulation).
 //!
-//! Prints Gbit/s and each as a ratio to plain. Needs root.
+//! Each configuration runs on its own pair of nodes, all set up first, and
+//! the runs are interleaved round-robin (plain, kernel VXLAN, ours..., then
+//! again), so drift in the machine's load hits every configuration alike.
+//! Prints Gbit/s (median [min..max]) and each as a ratio to plain, plus the
+//! median of the per-round ratios. Needs root.
 //! Usage: throughput [--runs N] [--seconds S]
 #![allow(clippy::unwrap_used)]
 
@@ -23,8 +28,10 @@ use tunnel_common::TunnelMode;
 static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(5301);
 
 /// One iperf3 run from `client` to `server_ip`; Gbit/s received. Each run
-/// uses a fresh port (no clash with a server still exiting) and is retried
-/// if iperf3 reports an error instead of a result.
+/// uses a fresh port (no clash with a server still exiting). The client is
+/// retried while the server is not listening yet: iperf3 -J reports
+/// "connection refused" as JSON, sometimes with exit status 0, so the JSON
+/// decides, not the exit status. Any other error retries with a new server.
 fn iperf(server: &NetNs, client: &NetNs, server_ip: &str, seconds: u64) -> f64 {
     let mut last = String::new();
     for _ in 0..3 {
@@ -46,33 +53,29 @@ fn iperf(server: &NetNs, client: &NetNs, server_ip: &str, seconds: u64) -> f64 {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let mut out = None;
+        let mut result = None;
         for _ in 0..100 {
-            if let Ok(o) = client.exec(
-                "iperf3",
-                &[
-                    "-c",
-                    server_ip,
-                    "-p",
-                    &port,
-                    "-t",
-                    &seconds.to_string(),
-                    "-J",
-                ],
-            ) {
-                out = Some(o);
+            let out = Command::new("ip")
+                .args(["netns", "exec", client.name(), "iperf3", "-c", server_ip])
+                .args(["-p", &port, "-t", &seconds.to_string(), "-J"])
+                .output()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+                result = Some(bps / 1e9);
+                break;
+            }
+            last = v["error"].to_string();
+            if !last.contains("refused") {
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         let _ = srv.kill();
         let _ = srv.wait();
-        let Some(out) = out else { continue };
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
-            return bps / 1e9;
+        if let Some(r) = result {
+            return r;
         }
-        last = v["error"].to_string();
     }
     panic!("iperf3 gave no result: {last}");
 }
@@ -97,136 +100,127 @@ fn main() {
     let runs = clustermesh_testkit::bench_arg("--runs", 5).max(1) as usize;
     let seconds = clustermesh_testkit::bench_arg("--seconds", 3).max(1);
     sweep_stale();
-    let a = Node::new(1).unwrap();
-    let b = Node::new(2).unwrap();
-    let (ula, ulb) = underlay(&a, &b).unwrap();
-    let measure = |what: &str| {
-        let v: Vec<f64> = (0..runs)
-            .map(|_| iperf(&b.pod, &a.pod, &b.pod_ip.to_string(), seconds))
-            .collect();
-        let m = median(v);
-        eprintln!("  {what}: {:.2} Gbit/s", m.0);
-        m
+    let pair = |id: u8| {
+        let a = Node::new(id).unwrap();
+        let b = Node::new(id + 1).unwrap();
+        let (ula, ulb) = underlay(&a, &b).unwrap();
+        (a, b, ula, ulb)
     };
 
-    // 1. Plain routing (no mesh).
-    for (n, peer, via) in [(&a, &b, ulb), (&b, &a, ula)] {
-        sh(&n.ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        sh(
-            &n.ns,
-            &[
-                "ip",
-                "route",
-                "add",
-                &format!("{}/32", n.pod_ip),
-                "dev",
-                "lxc0",
-            ],
-        );
-        sh(
-            &n.ns,
-            &[
-                "ip",
-                "route",
-                "add",
-                &format!("10.{}.0.0/24", peer.id),
-                "via",
-                &via.to_string(),
-            ],
-        );
+    // 1. Plain routing (no mesh): kernel forwarding, a route per pod.
+    let plain = pair(1);
+    {
+        let (a, b, ula, ulb) = &plain;
+        for (n, peer, via) in [(a, b, ulb), (b, a, ula)] {
+            sh(&n.ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            let pod = format!("{}/32", n.pod_ip);
+            sh(&n.ns, &["ip", "route", "add", &pod, "dev", "lxc0"]);
+            let cidr = format!("10.{}.0.0/24", peer.id);
+            sh(
+                &n.ns,
+                &["ip", "route", "add", &cidr, "via", &via.to_string()],
+            );
+        }
     }
-    let plain = measure("plain routing");
 
-    // 2. Kernel classic VXLAN (VNI 42, fixed remote).
-    for (n, peer, remote, local_vx, peer_vx) in [
-        (&a, &b, ulb, "198.51.100.1", "198.51.100.2"),
-        (&b, &a, ula, "198.51.100.2", "198.51.100.1"),
-    ] {
-        let r = remote.to_string();
-        sh(
-            &n.ns,
-            &[
-                "ip", "link", "add", "vx42", "type", "vxlan", "id", "42", "remote", &r, "dstport",
-                "4789", "dev", "ul0",
-            ],
-        );
-        sh(
-            &n.ns,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{local_vx}/24"),
-                "dev",
-                "vx42",
-            ],
-        );
-        sh(&n.ns, &["ip", "link", "set", "vx42", "up"]);
-        sh(
-            &n.ns,
-            &[
-                "ip",
-                "route",
-                "replace",
-                &format!("10.{}.0.0/24", peer.id),
-                "via",
-                peer_vx,
-                "dev",
-                "vx42",
-            ],
-        );
+    // 2. Kernel classic VXLAN (VNI 42, fixed remote), routes through it.
+    let kvx = pair(3);
+    {
+        let (a, b, ula, ulb) = &kvx;
+        for (n, peer, remote, local_vx, peer_vx) in [
+            (a, b, ulb, "198.51.100.1", "198.51.100.2"),
+            (b, a, ula, "198.51.100.2", "198.51.100.1"),
+        ] {
+            sh(&n.ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            let pod = format!("{}/32", n.pod_ip);
+            sh(&n.ns, &["ip", "route", "add", &pod, "dev", "lxc0"]);
+            let r = remote.to_string();
+            sh(
+                &n.ns,
+                &[
+                    "ip", "link", "add", "vx42", "type", "vxlan", "id", "42", "remote", &r,
+                    "dstport", "4789", "dev", "ul0",
+                ],
+            );
+            let addr = format!("{local_vx}/24");
+            sh(&n.ns, &["ip", "addr", "add", &addr, "dev", "vx42"]);
+            sh(&n.ns, &["ip", "link", "set", "vx42", "up"]);
+            let cidr = format!("10.{}.0.0/24", peer.id);
+            sh(
+                &n.ns,
+                &["ip", "route", "add", &cidr, "via", peer_vx, "dev", "vx42"],
+            );
+        }
     }
-    let kvx = measure("kernel VXLAN");
 
-    // 3. Ours: eBPF VXLAN (programs take the packets before routing).
-    let mut dpa = a.datapath(true).unwrap();
-    let mut dpb = b.datapath(true).unwrap();
-    a.connect(&mut dpa, &b, ulb).unwrap();
-    b.connect(&mut dpb, &a, ula).unwrap();
-    let ours = measure("eBPF VXLAN (ours)");
+    // 3-5. Ours: the eBPF datapath in each mode (programs take the packets
+    // before routing; direct routing uses the agent's netlink routes).
+    let ours = |id: u8, mode: TunnelMode| {
+        let (a, b, ula, ulb) = pair(id);
+        let mut dpa = a.datapath(true).unwrap();
+        let mut dpb = b.datapath(true).unwrap();
+        a.connect_with(&mut dpa, &b, mode, ula, ulb).unwrap();
+        b.connect_with(&mut dpb, &a, mode, ulb, ula).unwrap();
+        let mut tables = Vec::new();
+        if mode == TunnelMode::Direct {
+            for (n, peer, via) in [(&a, &b, ulb), (&b, &a, ula)] {
+                let mut t = n.routes().unwrap();
+                let entry = TunnelEntry {
+                    node_ip: via.into(),
+                    cluster_id: peer.id,
+                    node: "peer".parse().unwrap(),
+                };
+                let cidr = format!("10.{}.0.0/24", peer.id).parse().unwrap();
+                t.update(&cidr, &entry).unwrap();
+                tables.push(t);
+            }
+        }
+        ((a, b, ula, ulb), (dpa, dpb, tables))
+    };
+    let (vxlan, _keep_vxlan) = ours(5, TunnelMode::Vxlan);
+    let (geneve, _keep_geneve) = ours(7, TunnelMode::Geneve);
+    let (direct, _keep_direct) = ours(9, TunnelMode::Direct);
 
-    // 4. Ours, Geneve: same maps, another mode.
-    a.connect_with(&mut dpa, &b, TunnelMode::Geneve, ula, ulb)
-        .unwrap();
-    b.connect_with(&mut dpb, &a, TunnelMode::Geneve, ulb, ula)
-        .unwrap();
-    let geneve = measure("eBPF Geneve (ours)");
-
-    // 5. Ours, direct routing: the agent's netlink routes (replacing the
-    // baselines' routes to the same CIDRs).
-    let mut tables = Vec::new();
-    for (n, dp, peer, own, via) in [(&a, &mut dpa, &b, ula, ulb), (&b, &mut dpb, &a, ulb, ula)] {
-        let mut t = n.routes().unwrap();
-        let entry = TunnelEntry {
-            node_ip: via.into(),
-            cluster_id: peer.id,
-            node: "peer".parse().unwrap(),
-        };
-        t.update(&format!("10.{}.0.0/24", peer.id).parse().unwrap(), &entry)
-            .unwrap();
-        n.connect_with(dp, peer, TunnelMode::Direct, own, via)
-            .unwrap();
-        tables.push(t);
+    let configs = [
+        ("plain routing (baseline)", &plain),
+        ("kernel classic VXLAN (baseline)", &kvx),
+        ("eBPF VXLAN (ours)", &vxlan),
+        ("eBPF Geneve (ours)", &geneve),
+        ("eBPF direct routing (ours)", &direct),
+    ];
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    for round in 0..runs {
+        for (i, (name, (a, b, _, _))) in configs.iter().enumerate() {
+            let g = iperf(&b.pod, &a.pod, &b.pod_ip.to_string(), seconds);
+            eprintln!("  round {}: {name}: {g:.2} Gbit/s", round + 1);
+            results[i].push(g);
+        }
     }
-    let direct = measure("eBPF direct routing (ours)");
 
     println!(
-        "throughput benchmark: pod to pod across two nodes (network namespaces, one iperf3 TCP stream, {runs} runs x {seconds} s, median [min..max])"
+        "throughput benchmark: pod to pod across two nodes (network namespaces, one iperf3 TCP stream, {runs} interleaved rounds x {seconds} s, median [min..max])"
     );
-    for (name, m) in [
-        ("plain routing (baseline)", plain),
-        ("kernel classic VXLAN (baseline)", kvx),
-        ("eBPF VXLAN (ours)", ours),
-        ("eBPF Geneve (ours)", geneve),
-        ("eBPF direct routing (ours)", direct),
-    ] {
+    let plain_m = median(results[0].clone());
+    for (i, (name, _)) in configs.iter().enumerate() {
+        let m = median(results[i].clone());
+        // The ratio within each round, then its median: robust to drift.
+        let per_round = median(
+            results[i]
+                .iter()
+                .zip(&results[0])
+                .map(|(x, p)| x / p)
+                .collect(),
+        );
         println!(
-            "  {name:<32} {:>6.2} Gbit/s [{:.2}..{:.2}]  ratio to plain {:.2}",
+            "  {name:<32} {:>6.2} Gbit/s [{:.2}..{:.2}]  ratio to plain {:.2} (per-round median {:.2})",
             m.0,
             m.1,
             m.2,
-            m.0 / plain.0
+            m.0 / plain_m.0,
+            per_round.0
         );
     }
-    println!("  ours / kernel VXLAN: {:.2}", ours.0 / kvx.0);
+    let kvx_m = median(results[1].clone());
+    let vx_m = median(results[2].clone());
+    println!("  ours VXLAN / kernel VXLAN: {:.2}", vx_m.0 / kvx_m.0);
 }

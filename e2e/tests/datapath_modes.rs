@@ -1,6 +1,7 @@
 //! Privileged: two nodes of two clusters, a pod on each, connected by the
 //! eBPF datapath in real network namespaces, once per mode:
-//! - VXLAN (external-mode devices, UDP 8472, VNI = sender identity),
+//! - VXLAN (sent through external-mode devices, UDP 8472, VNI = sender
+//!   identity; received by the device or decapsulated in eBPF),
 //! - Geneve (encapsulated by the programs, UDP 6081, VNI = identity),
 //! - direct routing (no encapsulation; netlink routes to the peer's pod
 //!   CIDR; identity resolved from the ip-cache on receipt).
@@ -72,7 +73,15 @@ fn exercise(mode: TunnelMode) {
     let (ula, ulb) = underlay(&a, &b).unwrap();
     let mut dpa = a.datapath(true).unwrap();
     let mut dpb = b.datapath(true).unwrap();
-    a.connect_with(&mut dpa, &b, mode, ula, ulb).unwrap();
+    // VXLAN: A leaves its underlay IP unset, so A receives through the
+    // kernel device and `from_overlay`, while B decapsulates in
+    // `from_underlay`: both receive paths are exercised.
+    let own_a = if mode == TunnelMode::Vxlan {
+        std::net::Ipv4Addr::UNSPECIFIED
+    } else {
+        ula
+    };
+    a.connect_with(&mut dpa, &b, mode, own_a, ulb).unwrap();
     b.connect_with(&mut dpb, &a, mode, ulb, ula).unwrap();
     let (ida, idb) = (a.identity, b.identity);
     // Direct routing: the routes the agent installs over netlink.
@@ -192,6 +201,21 @@ fn exercise(mode: TunnelMode) {
         assert_eq!(vni, want, "VNI must be the sender's identity: {l}");
     }
 
+    if mode == TunnelMode::Vxlan {
+        let rx = |n: &Node| -> u64 {
+            n.ns.exec("cat", &["/sys/class/net/cm_vxlan/statistics/rx_packets"])
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert!(rx(&a) >= 5, "A receives through its VXLAN device");
+        assert_eq!(
+            rx(&b),
+            0,
+            "B decapsulates in from_underlay, before the device"
+        );
+    }
     // The receivers recorded the senders' identities.
     assert_eq!(dpb.source_identity(a.pod_ip).unwrap(), Some(ida));
     assert_eq!(dpa.source_identity(b.pod_ip).unwrap(), Some(idb));

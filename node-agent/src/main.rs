@@ -291,7 +291,9 @@ async fn main() -> anyhow::Result<()> {
         && args.apiserver.is_none()
         && args.cluster_name.is_none()
     {
-        anyhow::bail!("nothing to do: give --endpoint-iface, --apiserver and/or --cluster-name");
+        anyhow::bail!(
+            "nothing to do: give --endpoint-dir, --endpoint-iface, --overlay-iface, --apiserver and/or --cluster-name"
+        );
     }
     let mode = match args.tunnel.as_str() {
         "vxlan" => tunnel_common::TunnelMode::Vxlan,
@@ -347,6 +349,16 @@ async fn main() -> anyhow::Result<()> {
     if let (Some(dir), Some(dp)) = (&args.endpoint_dir, dp.as_mut()) {
         cni.poll(dir, dp, args.netns.as_deref(), &mut ifaces);
         specs.extend(cni.specs());
+        // Pods deleted while no agent ran: their entries and link pins go
+        // (the live ones stay untouched, so traffic never pauses).
+        let live: std::collections::BTreeSet<&str> = specs.iter().map(|e| e.ip.as_str()).collect();
+        for (ip, info) in dp.endpoint_entries()? {
+            if !live.contains(ip.to_string().as_str()) {
+                dp.remove_endpoint(ip)?;
+                dp.forget_endpoint_link(info.ifindex);
+                println!("removed stale endpoint {ip}");
+            }
+        }
     }
     let (specs_tx, specs_rx) = tokio::sync::watch::channel(specs.clone());
     if let Some(addr) = args.apiserver.clone() {

@@ -35,8 +35,8 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_tunnel_key,
+        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_DONT_FRAGMENT, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key,
     },
     helpers::generated::{
         bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_skb_adjust_room,
@@ -104,13 +104,16 @@ fn vxlan(ctx: &TcContext, cfg: &DatapathConfig, remote: u32, identity: u32) -> (
     key.tunnel_id = identity;
     key.__bindgen_anon_1.remote_ipv4 = u32::from_be(remote);
     key.tunnel_ttl = 64;
+    // No outer UDP checksum (as Geneve: the inner packet carries its own;
+    // saves a checksum per GSO segment) and DF, like Geneve's outer header:
+    // the pod MTU leaves room, the underlay must not fragment.
     // SAFETY: ctx is a live skb, key a valid stack struct of the given size.
     let r = unsafe {
         bpf_skb_set_tunnel_key(
             ctx.as_ptr().cast(),
             &mut key,
             core::mem::size_of::<bpf_tunnel_key>() as u32,
-            0,
+            u64::from(BPF_F_ZERO_CSUM_TX | BPF_F_DONT_FRAGMENT),
         )
     };
     if r != 0 {

@@ -6,6 +6,11 @@
 //!   Ethernet with `bpf_skb_adjust_room` and deliver to the local endpoint;
 //!   an inner destination that is not a local endpoint is dropped with a
 //!   counted reason, never handed on.
+//! - VXLAN (UDP 8472 to this node's underlay IP, when the agent configured
+//!   that IP): decapsulated here the same way, VNI = identity. Sending
+//!   still goes through the external-mode VXLAN device; receiving here
+//!   skips the host's UDP stack and the device's GRO cells (the device and
+//!   `from_overlay` remain the path when no underlay IP is configured).
 //! - Direct routing: a packet for a local endpoint is delivered; the
 //!   sender's identity is what the ip-cache says about its source address
 //!   (no header carries it).
@@ -32,7 +37,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use shared::{ETH_HLEN, config, count, deliver, endpoint, ipcache, ipv4_addrs, record_identity};
-use tunnel_common::{Direction, GENEVE_PORT, IDENTITY_WORLD, TunnelMode, Verdict};
+use tunnel_common::{Direction, GENEVE_PORT, IDENTITY_WORLD, TunnelMode, VXLAN_PORT, Verdict};
 
 #[classifier]
 pub fn from_underlay(ctx: TcContext) -> i32 {
@@ -58,14 +63,25 @@ const ETH_P_IP: u16 = 0x0800;
 fn try_from_underlay(ctx: &TcContext) -> Option<(Verdict, i32)> {
     let (src, dst) = ipv4_addrs(ctx)?;
     let cfg = config();
-    if cfg.mode == TunnelMode::Geneve as u32 && dst == cfg.underlay_ip {
+    let tunnel_port = if cfg.mode == TunnelMode::Geneve as u32 {
+        GENEVE_PORT
+    } else if cfg.mode == TunnelMode::Vxlan as u32 {
+        VXLAN_PORT
+    } else {
+        0
+    };
+    if tunnel_port != 0 && cfg.underlay_ip != 0 && dst == cfg.underlay_ip {
         let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
         let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
         let dport: u16 = ctx.load(ETH_HLEN + 22).ok()?;
-        if vihl == 0x45 && proto == IPPROTO_UDP && u16::from_be(dport) == GENEVE_PORT {
-            return Some(geneve(ctx));
+        if vihl != 0x45 || proto != IPPROTO_UDP || u16::from_be(dport) != tunnel_port {
+            return None;
         }
-        return None;
+        return Some(if tunnel_port == GENEVE_PORT {
+            geneve(ctx)
+        } else {
+            vxlan(ctx)
+        });
     }
     if cfg.mode == TunnelMode::Direct as u32 {
         let ep = endpoint(dst)?;
@@ -91,7 +107,34 @@ fn geneve(ctx: &TcContext) -> (Verdict, i32) {
     }
     let opts = usize::from(hdr[0] & 0x3f) * 4;
     let identity = u32::from_be_bytes([0, hdr[4], hdr[5], hdr[6]]);
-    let inner = g + GENEVE_HLEN + opts;
+    decap(ctx, GENEVE_HLEN + opts, identity)
+}
+
+/// VXLAN header: flags (I = VNI valid), reserved, VNI (24 bits), reserved.
+const VXLAN_HLEN: usize = 8;
+const VXLAN_FLAG_VNI: u8 = 0x08;
+
+#[inline(always)]
+fn vxlan(ctx: &TcContext) -> (Verdict, i32) {
+    let Ok(hdr) = ctx.load::<[u8; VXLAN_HLEN]>(ETH_HLEN + OUTER_L3_L4) else {
+        return (Verdict::DropMalformed, TC_ACT_SHOT);
+    };
+    if hdr[0] & VXLAN_FLAG_VNI == 0 {
+        return (Verdict::DropMalformed, TC_ACT_SHOT);
+    }
+    decap(
+        ctx,
+        VXLAN_HLEN,
+        u32::from_be_bytes([0, hdr[4], hdr[5], hdr[6]]),
+    )
+}
+
+/// Strips outer IPv4 + UDP + a `tunnel_hlen`-byte tunnel header + the
+/// inner Ethernet header, records the sender's identity and delivers the
+/// inner packet to its local endpoint.
+#[inline(always)]
+fn decap(ctx: &TcContext, tunnel_hlen: usize, identity: u32) -> (Verdict, i32) {
+    let inner = ETH_HLEN + OUTER_L3_L4 + tunnel_hlen;
     let Ok(ethertype) = ctx.load::<u16>(inner + 12) else {
         return (Verdict::DropMalformed, TC_ACT_SHOT);
     };
@@ -108,7 +151,7 @@ fn geneve(ctx: &TcContext) -> (Verdict, i32) {
     let Some(ep) = endpoint(dst) else {
         return (Verdict::DropUnknownEndpoint, TC_ACT_SHOT);
     };
-    let strip = (OUTER_L3_L4 + GENEVE_HLEN + opts + ETH_HLEN) as i32;
+    let strip = (OUTER_L3_L4 + tunnel_hlen + ETH_HLEN) as i32;
     // SAFETY: ctx is a live skb; the helper validates the arguments.
     let r = unsafe {
         bpf_skb_adjust_room(

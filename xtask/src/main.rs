@@ -82,10 +82,8 @@ fn main() -> anyhow::Result<()> {
             // Benchmarks are not part of the suite (slow, noisy); a smoke run
             // of each with tiny sizes is, so none of them rots. --workspace
             // keeps feature unification (no rebuild).
-            // The throughput benchmark is left out until an intermittent
-            // iperf3 failure over the eBPF path is understood (see
-            // docs/benchmarks.md); its functional TCP test runs above.
-            let smoke: [&[&str]; 2] = [
+            let smoke: [&[&str]; 3] = [
+                &["throughput", "--runs", "1", "--seconds", "1"],
                 &["export", "--endpoints", "200", "--nodes", "4"],
                 &[
                     "bootstrap",
