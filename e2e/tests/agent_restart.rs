@@ -287,17 +287,23 @@ fn agent_killed_and_restarted_under_ping_loses_nothing_and_maps_stay_desired() {
             .is_ok()
     });
     let mut dpa = a.datapath();
+    // Converged: both pods (with identities) in A's ip-cache.
+    let has_pod = |entries: &[(Ipv4Addr, u8, tunnel_common::IpCacheValue)], pod: Ipv4Addr| {
+        entries
+            .iter()
+            .any(|(ip, len, v)| *ip == pod && *len == 32 && v.identity != 0)
+    };
+    until(
+        "A's ip-cache holds both pods",
+        Duration::from_secs(30),
+        || {
+            let e = dpa.ipcache_entries().unwrap();
+            has_pod(&e, a.pod_ip) && has_pod(&e, b.pod_ip)
+        },
+    );
     let desired = (
         dpa.ipcache_entries().unwrap(),
         dpa.endpoint_entries().unwrap(),
-    );
-    assert!(
-        desired
-            .0
-            .iter()
-            .any(|(ip, len, v)| *ip == b.pod_ip && *len == 32 && v.identity != 0),
-        "B's pod with its identity in A's ip-cache: {:?}",
-        desired.0
     );
     assert_eq!(desired.1.len(), 1, "A's pod in A's endpoint map");
 
