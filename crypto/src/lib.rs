@@ -1,9 +1,11 @@
-//! clustermesh key material.
+//! clustermesh key material and encryption.
 //!
 //! - [`pki`]: the control plane's X.509 CA and certificates (etcd and
 //!   apiserver TLS, remote-cluster client identities).
-//!
-//! WireGuard (x25519 keys, boringtun tunnels over TUN, rotation) is to come
-//! here as well (docs/architecture.md).
+//! - [`keys`]: WireGuard x25519 keys and the node's private key file.
+//! - [`wg`]: a userspace WireGuard device (boringtun over TUN) with the
+//!   standard control protocol; the `clustermesh-wg` binary runs it.
 
+pub mod keys;
 pub mod pki;
+pub mod wg;

@@ -1,0 +1,309 @@
+//! The cross-platform WireGuard control protocol ("UAPI",
+//! <https://www.wireguard.com/xplatform/>) over a unix socket at
+//! `<dir>/<interface>.sock` (`/var/run/wireguard` by default, where the
+//! standard `wg` tool looks for userspace devices): `get=1` reports the
+//! device and its peers, `set=1` changes them. Keys travel in hex. Errors
+//! answer `errno=N` (22 EINVAL for malformed input) and change nothing of
+//! the operation that failed; a bad peer is refused without touching the
+//! others.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::SocketAddr,
+    os::unix::{
+        fs::PermissionsExt as _,
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::UNIX_EPOCH,
+};
+
+use clustermesh_api::{IpCidr, WgPublicKey};
+
+use super::{Device, PeerConfig};
+use crate::keys::PrivateKey;
+
+const EINVAL: i32 = 22;
+const EIO: i32 = 5;
+
+fn hex(k: &[u8; 32]) -> String {
+    k.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// The `get=1` answer (without the final `errno=0` and blank line).
+pub fn get(dev: &Device) -> String {
+    let mut out = String::new();
+    if let Some(k) = dev.private_key() {
+        out += &format!("private_key={}\n", hex(k.expose_bytes()));
+    }
+    out += &format!("listen_port={}\n", dev.listen_port());
+    for p in dev.peers() {
+        out += &format!("public_key={}\n", hex(&p.public));
+        if let Some(e) = p.endpoint() {
+            out += &format!("endpoint={e}\n");
+        }
+        out += &format!(
+            "persistent_keepalive_interval={}\n",
+            p.persistent_keepalive().unwrap_or(0)
+        );
+        for c in p.allowed_ips() {
+            out += &format!("allowed_ip={c}\n");
+        }
+        let (sec, nsec) = p
+            .last_handshake()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or((0, 0), |d| (d.as_secs(), d.subsec_nanos()));
+        out += &format!("last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\n");
+        let (tx, rx) = p.transfer();
+        out += &format!("tx_bytes={tx}\nrx_bytes={rx}\nprotocol_version=1\n");
+    }
+    out
+}
+
+#[derive(Debug, Default)]
+struct PeerOp {
+    public: [u8; 32],
+    remove: bool,
+    update_only: bool,
+    endpoint: Option<SocketAddr>,
+    keepalive: Option<u16>,
+    preshared: Option<[u8; 32]>,
+    replace_allowed: bool,
+    allowed: Vec<IpCidr>,
+}
+
+/// A parsed `set=1` body.
+#[derive(Debug, Default)]
+struct SetOp {
+    private_key: Option<PrivateKey>,
+    listen_port: Option<u16>,
+    replace_peers: bool,
+    peers: Vec<PeerOp>,
+}
+
+/// Parses `set=1` lines; the error names the offending line.
+fn parse_set(lines: &[String]) -> Result<SetOp, String> {
+    let mut op = SetOp::default();
+    for l in lines {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| format!("{l:?} is not key=value"))?;
+        let bad = || format!("{k}: invalid value {v:?}");
+        match (k, op.peers.last_mut()) {
+            ("public_key", _) => {
+                let public = unhex(v).ok_or_else(bad)?;
+                WgPublicKey::from_bytes(public).map_err(|e| format!("public_key: {e}"))?;
+                op.peers.push(PeerOp {
+                    public,
+                    ..Default::default()
+                });
+            }
+            ("private_key", None) => {
+                op.private_key = Some(PrivateKey::from_bytes(unhex(v).ok_or_else(bad)?));
+            }
+            ("listen_port", None) => op.listen_port = Some(v.parse().map_err(|_| bad())?),
+            ("fwmark", None) => {}
+            ("replace_peers", None) => op.replace_peers = v == "true",
+            ("remove", Some(p)) => p.remove = v == "true",
+            ("update_only", Some(p)) => p.update_only = v == "true",
+            ("endpoint", Some(p)) => p.endpoint = Some(v.parse().map_err(|_| bad())?),
+            ("persistent_keepalive_interval", Some(p)) => {
+                p.keepalive = Some(v.parse().map_err(|_| bad())?)
+            }
+            ("preshared_key", Some(p)) => {
+                let k = unhex(v).ok_or_else(bad)?;
+                p.preshared = (k != [0; 32]).then_some(k);
+            }
+            ("replace_allowed_ips", Some(p)) => p.replace_allowed = v == "true",
+            ("allowed_ip", Some(p)) => p.allowed.push(v.parse().map_err(|_| bad())?),
+            ("protocol_version", Some(_)) if v == "1" => {}
+            _ => return Err(format!("unexpected {k:?} here")),
+        }
+    }
+    Ok(op)
+}
+
+/// Applies a `set=1` body; returns the errno (0 on success).
+pub fn set(dev: &Device, lines: &[String]) -> i32 {
+    let op = match parse_set(lines) {
+        Ok(op) => op,
+        Err(e) => {
+            tracing::warn!(device = dev.name(), error = %e, "refused a set");
+            return EINVAL;
+        }
+    };
+    if let Some(k) = op.private_key {
+        dev.set_private_key(k);
+    }
+    if let Some(port) = op.listen_port
+        && let Err(e) = dev.set_listen_port(port)
+    {
+        tracing::warn!(device = dev.name(), error = %e, "listen port");
+        return EIO;
+    }
+    if op.replace_peers {
+        dev.remove_all_peers();
+    }
+    let mut errno = 0;
+    for p in op.peers {
+        if p.remove {
+            dev.remove_peer(&p.public);
+            continue;
+        }
+        let existing = dev.peers().into_iter().find(|x| x.public == p.public);
+        if p.update_only && existing.is_none() {
+            continue;
+        }
+        let mut cfg = PeerConfig {
+            endpoint: p
+                .endpoint
+                .or_else(|| existing.as_ref().and_then(|e| e.endpoint())),
+            allowed_ips: if p.replace_allowed {
+                Vec::new()
+            } else {
+                existing
+                    .as_ref()
+                    .map(|e| e.allowed_ips())
+                    .unwrap_or_default()
+            },
+            persistent_keepalive: match p.keepalive {
+                Some(0) => None,
+                Some(k) => Some(k),
+                None => existing.as_ref().and_then(|e| e.persistent_keepalive()),
+            },
+            preshared_key: p.preshared,
+        };
+        for c in p.allowed {
+            if !cfg.allowed_ips.contains(&c) {
+                cfg.allowed_ips.push(c);
+            }
+        }
+        if let Err(e) = dev.upsert_peer(p.public, &cfg) {
+            tracing::warn!(device = dev.name(), error = %e, "refused a peer");
+            errno = EINVAL;
+        }
+    }
+    errno
+}
+
+fn serve_conn(dev: &Device, s: UnixStream) -> std::io::Result<()> {
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    loop {
+        let mut first = String::new();
+        if r.read_line(&mut first)? == 0 {
+            return Ok(());
+        }
+        let mut body = Vec::new();
+        loop {
+            let mut l = String::new();
+            if r.read_line(&mut l)? == 0 {
+                break;
+            }
+            let l = l.trim_end_matches('\n').to_owned();
+            if l.is_empty() {
+                break;
+            }
+            body.push(l);
+        }
+        match first.trim_end() {
+            "get=1" => write!(w, "{}errno=0\n\n", get(dev))?,
+            "set=1" => write!(w, "errno={}\n\n", set(dev, &body))?,
+            _ => {
+                write!(w, "errno={EINVAL}\n\n")?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The control socket path of `iface` under `dir`.
+pub fn socket_path(dir: &Path, iface: &str) -> PathBuf {
+    dir.join(format!("{iface}.sock"))
+}
+
+/// Serves the control protocol for `dev` at `<dir>/<name>.sock` (directory
+/// mode 0755 as `wg` expects, socket 0600: root only). Returns once
+/// listening; connections are served on threads.
+pub fn serve(dev: Arc<Device>, dir: &Path) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = socket_path(dir, dev.name());
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    std::thread::Builder::new()
+        .name("wg-uapi".into())
+        .spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { continue };
+                let d = dev.clone();
+                let _ = std::thread::Builder::new()
+                    .name("wg-uapi-conn".into())
+                    .spawn(move || {
+                        if let Err(e) = serve_conn(&d, c) {
+                            tracing::debug!(error = %e, "control connection");
+                        }
+                    });
+            }
+        })?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn lines(s: &[&str]) -> Vec<String> {
+        s.iter().map(|l| (*l).to_owned()).collect()
+    }
+
+    #[test]
+    fn set_parsing_refuses_bad_input_by_line() {
+        let k = hex(&[7u8; 32]);
+        let ok = parse_set(&lines(&[
+            "listen_port=51871",
+            &format!("public_key={k}"),
+            "endpoint=192.0.2.2:51871",
+            "replace_allowed_ips=true",
+            "allowed_ip=10.2.0.0/24",
+            "persistent_keepalive_interval=25",
+        ]))
+        .unwrap();
+        assert_eq!(ok.listen_port, Some(51871));
+        assert_eq!(ok.peers.len(), 1);
+        assert_eq!(ok.peers[0].allowed.len(), 1);
+        assert_eq!(ok.peers[0].keepalive, Some(25));
+        for (bad, want) in [
+            (vec!["public_key=zz".to_owned()], "public_key"),
+            (vec![format!("public_key={}", hex(&[0u8; 32]))], "low-order"),
+            (
+                vec![format!("public_key={k}"), "endpoint=nope".into()],
+                "endpoint",
+            ),
+            (
+                vec![format!("public_key={k}"), "allowed_ip=10.0.0.1/24".into()],
+                "allowed_ip",
+            ),
+            (vec!["endpoint=192.0.2.2:1".into()], "unexpected"),
+            (vec!["garbage".into()], "key=value"),
+            (vec!["listen_port=99999".into()], "listen_port"),
+        ] {
+            let e = parse_set(&bad).unwrap_err();
+            assert!(e.contains(want), "{bad:?}: {e}");
+        }
+        assert_eq!(unhex(&k), Some([7u8; 32]));
+    }
+}
