@@ -1,19 +1,21 @@
 //! Privileged: our WireGuard device (`clustermesh-wg`, boringtun over TUN)
 //! in one network namespace and a standard WireGuard peer (Debian's
 //! `wireguard-go`) in another, both configured with the standard `wg` tool
-//! over their control sockets. Proves the handshake completes and traffic
-//! passes both ways, that the wire carries WireGuard (tshark's dissector)
-//! and never the inner ICMP, that our key derivation matches `wg pubkey`,
-//! and that `wg show` reads our device.
+//! over their control sockets (testkit's `WgPair`). Proves the handshake
+//! completes and traffic passes both ways, that the wire carries WireGuard
+//! (tshark's dissector) and never the inner ICMP, that our key derivation
+//! matches `wg pubkey`, and that `wg show` reads our device.
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    io::BufRead as _,
+    process::{Command, Stdio},
 };
 
-use clustermesh_testkit::netns::{NetNs, sweep_stale, veth_pair};
+use clustermesh_testkit::{
+    netns::sweep_stale,
+    wireguard::{Impl, WgPair},
+};
 
 macro_rules! require_root {
     () => {
@@ -27,183 +29,53 @@ macro_rules! require_root {
     };
 }
 
-/// A child process killed on drop, with its control socket removed.
-struct Proc(Child, PathBuf);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_file(&self.1);
-    }
-}
-
-fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wg(ns: &NetNs, args: &[&str]) -> String {
-    ns.exec("wg", args)
-        .unwrap_or_else(|e| panic!("wg {}: {e}", args.join(" ")))
-}
-
-fn pubkey(private_file: &Path) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("wg pubkey < {}", private_file.display()))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 #[test]
 fn handshake_and_traffic_with_wireguard_go() {
     require_root!();
     sweep_stale();
-    let a = NetNs::new("wga").unwrap();
-    let b = NetNs::new("wgb").unwrap();
-    veth_pair(&a, "ul0", "10.99.0.1/24", &b, "ul0", "10.99.0.2/24").unwrap();
-    let tag = std::process::id() % 100_000;
-    let (ifa, ifb) = (format!("cmwg{tag}a"), format!("cmwg{tag}b"));
-    let run = Path::new("/var/run/wireguard");
-    let dir = tempfile::tempdir().unwrap();
-
-    // Ours in A, its key file created by the device (mode 0600).
-    let akey = dir.path().join("a.key");
-    let log = std::fs::File::create(dir.path().join("a.log")).unwrap();
-    let _ours = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", a.name()])
-            .arg(env!("CARGO_BIN_EXE_clustermesh-wg"))
-            .args([&ifa, "--port", "51871", "--private-key-file"])
-            .arg(&akey)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-        run.join(format!("{ifa}.sock")),
-    );
-    // wireguard-go in B.
-    let _theirs = Proc(
-        Command::new("ip")
-            .args(["netns", "exec", b.name(), "wireguard-go", "-f", &ifb])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        run.join(format!("{ifb}.sock")),
-    );
-    until("both control sockets", || {
-        run.join(format!("{ifa}.sock")).exists() && run.join(format!("{ifb}.sock")).exists()
-    });
-
-    let bkey = dir.path().join("b.key");
-    let genkey = Command::new("wg").arg("genkey").output().unwrap();
-    std::fs::write(&bkey, &genkey.stdout).unwrap();
-    let (apub, bpub) = (pubkey(&akey), pubkey(&bkey));
+    let ours = Impl::Ours(env!("CARGO_BIN_EXE_clustermesh-wg").into());
+    let pair = WgPair::new(ours, Impl::WireguardGo).unwrap();
+    let (a, b) = (&pair.a, &pair.b);
     // Our device derives the same public key as `wg pubkey`.
-    assert_eq!(wg(&a, &["show", &ifa, "public-key"]).trim(), apub);
-    let mode =
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&akey).unwrap().permissions());
-    assert_eq!(mode & 0o777, 0o600);
+    let shown = a.ns.exec("wg", &["show", &a.iface, "public-key"]).unwrap();
+    assert_eq!(shown.trim(), a.public);
 
-    // Configure both sides with the standard tool.
-    wg(
-        &a,
-        &[
-            "set",
-            &ifa,
-            "peer",
-            &bpub,
-            "endpoint",
-            "10.99.0.2:51872",
-            "allowed-ips",
-            "10.100.0.2/32",
-        ],
-    );
-    a.exec("ip", &["addr", "add", "10.100.0.1/24", "dev", &ifa])
-        .unwrap();
-    wg(
-        &b,
-        &[
-            "set",
-            &ifb,
-            "listen-port",
-            "51872",
-            "private-key",
-            bkey.to_str().unwrap(),
-            "peer",
-            &apub,
-            "endpoint",
-            "10.99.0.1:51871",
-            "allowed-ips",
-            "10.100.0.1/32",
-        ],
-    );
-    b.exec("ip", &["addr", "add", "10.100.0.2/24", "dev", &ifb])
-        .unwrap();
-    b.exec("ip", &["link", "set", &ifb, "up"]).unwrap();
-
-    // Capture B's underlay while the peers talk.
-    let pcap = dir.path().join("ul.pcap");
+    // Capture B's underlay while the peers talk. Its stderr stays open to
+    // the end (a closed pipe would kill it before it flushes).
+    let pcap = pair.dir.path().join("ul.pcap");
     let mut dump = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            b.name(),
-            "tcpdump",
-            "-Z",
-            "root",
-            "-i",
-            "ul0",
-            "-nn",
-            "-U",
-            "--immediate-mode",
-            "-w",
-        ])
+        .args(["netns", "exec", b.ns.name(), "tcpdump", "-Z", "root"])
+        .args(["-i", "ul0", "-nn", "-U", "--immediate-mode", "-w"])
         .arg(&pcap)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Its stderr stays open until the end (a closed pipe would kill it
-    // with SIGPIPE before it flushes).
     let mut dump_err = std::io::BufReader::new(dump.stderr.take().unwrap());
-    {
-        use std::io::BufRead as _;
-        let mut line = String::new();
-        while !line.contains("listening on") {
-            line.clear();
-            assert!(
-                dump_err.read_line(&mut line).unwrap() > 0,
-                "tcpdump did not start"
-            );
-        }
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        assert!(
+            dump_err.read_line(&mut line).unwrap() > 0,
+            "tcpdump did not start"
+        );
     }
 
-    // Handshake (initiated by our side's first packet), then both ways.
-    until("A reaches B through the tunnel", || {
-        a.exec("ping", &["-c", "1", "-W", "1", "10.100.0.2"])
-            .is_ok()
-    });
-    let out = a
-        .exec("ping", &["-c", "5", "-i", "0.05", "10.100.0.2"])
-        .unwrap();
+    // Handshake (started by our side's first packet), then both ways.
+    pair.wait_connected().unwrap();
+    let out =
+        a.ns.exec("ping", &["-c", "5", "-i", "0.05", &b.tunnel_ip])
+            .unwrap();
     assert!(out.contains("5 received"), "{out}");
-    let out = b
-        .exec("ping", &["-c", "5", "-i", "0.05", "10.100.0.1"])
-        .unwrap();
+    let out =
+        b.ns.exec("ping", &["-c", "5", "-i", "0.05", &a.tunnel_ip])
+            .unwrap();
     assert!(out.contains("5 received"), "{out}");
 
-    // Both sides report the handshake and the traffic.
-    let ours = wg(&a, &["show", &ifa, "dump"]);
-    let theirs = wg(&b, &["show", &ifb, "dump"]);
-    let peer_line = |dump: &str, key: &str| -> Vec<String> {
+    // Both sides report the handshake and the traffic (`wg show dump`:
+    // public-key preshared endpoint allowed-ips handshake rx tx keepalive).
+    let peer_line = |n: &clustermesh_testkit::wireguard::WgNode, key: &str| -> Vec<String> {
+        let dump = n.ns.exec("wg", &["show", &n.iface, "dump"]).unwrap();
         dump.lines()
             .find(|l| l.starts_with(key))
             .unwrap_or_else(|| panic!("no peer {key} in {dump}"))
@@ -211,31 +83,26 @@ fn handshake_and_traffic_with_wireguard_go() {
             .map(str::to_owned)
             .collect()
     };
-    // public-key preshared endpoint allowed-ips latest-handshake rx tx keepalive
-    let p = peer_line(&ours, &bpub);
-    assert_eq!(p[2], "10.99.0.2:51872", "{ours}");
+    let p = peer_line(a, &b.public);
+    assert_eq!(p[2], format!("{}:{}", b.underlay_ip, b.port), "{p:?}");
     assert!(
         p[4].parse::<u64>().unwrap() > 0,
-        "our latest handshake: {ours}"
+        "our latest handshake: {p:?}"
     );
     assert!(
         p[5].parse::<u64>().unwrap() > 0 && p[6].parse::<u64>().unwrap() > 0,
-        "{ours}"
+        "{p:?}"
     );
-    let p = peer_line(&theirs, &apub);
+    let p = peer_line(b, &a.public);
     assert!(
         p[4].parse::<u64>().unwrap() > 0,
-        "wireguard-go's latest handshake: {theirs}"
+        "wireguard-go's latest handshake: {p:?}"
     );
 
     // The wire: WireGuard messages only, never the inner ICMP.
-    // SIGTERM: tcpdump flushes and closes the file.
-    // SAFETY: signalling our own child by pid.
+    // SAFETY: signalling our own child by pid (tcpdump flushes on SIGTERM).
     unsafe { libc::kill(dump.id() as i32, libc::SIGTERM) };
     let _ = dump.wait();
-    let mut rest = String::new();
-    let _ = std::io::Read::read_to_string(&mut dump_err, &mut rest);
-    eprintln!("tcpdump: {rest}");
     let fields = Command::new("tshark")
         .arg("-r")
         .arg(&pcap)

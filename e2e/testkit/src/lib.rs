@@ -7,7 +7,9 @@
 //! a killed run left behind.
 
 pub mod etcd;
+pub mod iperf;
 pub mod netns;
+pub mod wireguard;
 
 /// Runs a command, returning its stdout, or an error with its stderr.
 pub fn run(program: &str, args: &[&str]) -> std::io::Result<String> {

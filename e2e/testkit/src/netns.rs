@@ -12,6 +12,11 @@ use crate::run;
 const PREFIX: &str = "cmt";
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// A number unique within this process (for names of things tests create).
+pub fn next_tag() -> u32 {
+    COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
 /// A named network namespace (`ip netns`), deleted on drop with everything
 /// in it (veths inside are destroyed with it).
 #[derive(Debug)]

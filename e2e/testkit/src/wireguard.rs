@@ -1,0 +1,189 @@
+//! Two network namespaces joined by a veth "underlay" (10.99.0.1 and
+//! 10.99.0.2), each with a WireGuard device, ours (`clustermesh-wg`) or
+//! Debian's `wireguard-go`, configured as each other's peer with the
+//! standard `wg` tool: tunnel addresses 10.100.0.1 and 10.100.0.2, UDP
+//! ports 51871 and 51872. Processes are killed, control sockets removed
+//! and namespaces deleted on drop.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::netns::{NetNs, veth_pair};
+
+/// Which WireGuard implementation a node runs.
+#[derive(Debug, Clone)]
+pub enum Impl {
+    /// `clustermesh-wg` at this path.
+    Ours(PathBuf),
+    WireguardGo,
+}
+
+/// A device process, killed on drop with its control socket removed.
+#[derive(Debug)]
+struct Proc(Child, PathBuf);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+/// One side.
+#[derive(Debug)]
+pub struct WgNode {
+    pub ns: NetNs,
+    pub iface: String,
+    pub key_file: PathBuf,
+    pub public: String,
+    pub underlay_ip: String,
+    pub tunnel_ip: String,
+    pub port: u16,
+    _proc: Proc,
+}
+
+/// Both sides (field order: processes go before their namespaces).
+#[derive(Debug)]
+pub struct WgPair {
+    pub a: WgNode,
+    pub b: WgNode,
+    pub dir: tempfile::TempDir,
+}
+
+fn wg(ns: &NetNs, args: &[&str]) -> io::Result<String> {
+    ns.exec("wg", args)
+}
+
+fn until(what: &str, mut cond: impl FnMut() -> bool) -> io::Result<()> {
+    let t0 = Instant::now();
+    while !cond() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            return Err(io::Error::other(format!("timed out waiting for {what}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The control socket directory both implementations use.
+pub const RUN_DIR: &str = "/var/run/wireguard";
+
+fn start(which: &Impl, ns: &NetNs, iface: &str, log: &Path) -> io::Result<Proc> {
+    let sock = Path::new(RUN_DIR).join(format!("{iface}.sock"));
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns.name()]);
+    match which {
+        Impl::Ours(bin) => cmd.arg(bin).arg(iface),
+        Impl::WireguardGo => cmd.args(["wireguard-go", "-f", iface]),
+    };
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()?;
+    let p = Proc(child, sock.clone());
+    until(&format!("control socket {}", sock.display()), || {
+        sock.exists()
+    })?;
+    Ok(p)
+}
+
+impl WgPair {
+    pub fn new(a: Impl, b: Impl) -> io::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let nsa = NetNs::new("wga")?;
+        let nsb = NetNs::new("wgb")?;
+        veth_pair(&nsa, "ul0", "10.99.0.1/24", &nsb, "ul0", "10.99.0.2/24")?;
+        // Unique names: the control sockets share one directory.
+        let tag = format!(
+            "{}{}",
+            std::process::id() % 100_000,
+            crate::netns::next_tag()
+        );
+        let mut nodes = Vec::new();
+        for (i, (which, ns)) in [(a, nsa), (b, nsb)].into_iter().enumerate() {
+            let iface = format!("cmwg{tag}{}", ["a", "b"][i]);
+            let key_file = dir.path().join(format!("{iface}.key"));
+            let out = Command::new("wg").arg("genkey").output()?;
+            {
+                use std::io::Write as _;
+                use std::os::unix::fs::OpenOptionsExt as _;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&key_file)?
+                    .write_all(&out.stdout)?;
+            }
+            let public = String::from_utf8_lossy(
+                &Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("wg pubkey < {}", key_file.display()))
+                    .output()?
+                    .stdout,
+            )
+            .trim()
+            .to_owned();
+            let proc = start(
+                &which,
+                &ns,
+                &iface,
+                &dir.path().join(format!("{iface}.log")),
+            )?;
+            nodes.push(WgNode {
+                ns,
+                iface,
+                key_file,
+                public,
+                underlay_ip: format!("10.99.0.{}", i + 1),
+                tunnel_ip: format!("10.100.0.{}", i + 1),
+                port: 51871 + i as u16,
+                _proc: proc,
+            });
+        }
+        let b = nodes.pop().ok_or_else(|| io::Error::other("no node b"))?;
+        let a = nodes.pop().ok_or_else(|| io::Error::other("no node a"))?;
+        for (n, peer) in [(&a, &b), (&b, &a)] {
+            let port = n.port.to_string();
+            let endpoint = format!("{}:{}", peer.underlay_ip, peer.port);
+            let allowed = format!("{}/32", peer.tunnel_ip);
+            let key = n.key_file.to_string_lossy().into_owned();
+            wg(
+                &n.ns,
+                &[
+                    "set",
+                    &n.iface,
+                    "listen-port",
+                    &port,
+                    "private-key",
+                    &key,
+                    "peer",
+                    &peer.public,
+                    "endpoint",
+                    &endpoint,
+                    "allowed-ips",
+                    &allowed,
+                ],
+            )?;
+            let addr = format!("{}/24", n.tunnel_ip);
+            n.ns.exec("ip", &["addr", "add", &addr, "dev", &n.iface])?;
+            n.ns.exec("ip", &["link", "set", &n.iface, "mtu", "1420", "up"])?;
+        }
+        Ok(Self { a, b, dir })
+    }
+
+    /// Waits until A reaches B through the tunnel (the first packet starts
+    /// the handshake).
+    pub fn wait_connected(&self) -> io::Result<()> {
+        until("the tunnel", || {
+            self.a
+                .ns
+                .exec("ping", &["-c", "1", "-W", "1", &self.b.tunnel_ip])
+                .is_ok()
+        })
+    }
+}
