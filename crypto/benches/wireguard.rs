@@ -46,7 +46,7 @@ fn main() {
             } else {
                 &p.b.underlay_ip
             };
-            let g = iperf(&p.b.ns, &p.a.ns, ip, seconds);
+            let g = iperf(&p.b.ns, &p.a.ns, ip, seconds).unwrap();
             eprintln!("  round {}: {name}: {g:.2} Gbit/s", round + 1);
             results[i].push(g);
         }

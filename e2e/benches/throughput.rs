@@ -134,7 +134,7 @@ fn main() {
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for round in 0..runs {
         for (i, (name, (a, b, _, _))) in configs.iter().enumerate() {
-            let g = iperf(&b.pod, &a.pod, &b.pod_ip.to_string(), seconds);
+            let g = iperf(&b.pod, &a.pod, &b.pod_ip.to_string(), seconds).unwrap();
             eprintln!("  round {}: {name}: {g:.2} Gbit/s", round + 1);
             results[i].push(g);
         }

@@ -5,12 +5,18 @@ use crate::netns::NetNs;
 
 static PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(5301);
 
-/// One iperf3 run from `client` to `server_ip`; Gbit/s received. Each run
+/// One iperf3 run from `client` to `server_ip`; Gbit/s received, or why
+/// there was no result after three tries. Each run
 /// uses a fresh port (no clash with a server still exiting). The client is
 /// retried while the server is not listening yet: iperf3 -J reports
 /// "connection refused" as JSON, sometimes with exit status 0, so the JSON
 /// decides, not the exit status. Any other error retries with a new server.
-pub fn iperf(server: &NetNs, client: &NetNs, server_ip: &str, seconds: u64) -> f64 {
+pub fn iperf(
+    server: &NetNs,
+    client: &NetNs,
+    server_ip: &str,
+    seconds: u64,
+) -> std::io::Result<f64> {
     let mut last = String::new();
     for _ in 0..3 {
         let port = PORT
@@ -29,15 +35,13 @@ pub fn iperf(server: &NetNs, client: &NetNs, server_ip: &str, seconds: u64) -> f
             ])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+            .spawn()?;
         let mut result = None;
         for _ in 0..100 {
             let out = std::process::Command::new("ip")
                 .args(["netns", "exec", client.name(), "iperf3", "-c", server_ip])
                 .args(["-p", &port, "-t", &seconds.to_string(), "-J"])
-                .output()
-                .unwrap();
+                .output()?;
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
             if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
                 result = Some(bps / 1e9);
@@ -52,10 +56,12 @@ pub fn iperf(server: &NetNs, client: &NetNs, server_ip: &str, seconds: u64) -> f
         let _ = srv.kill();
         let _ = srv.wait();
         if let Some(r) = result {
-            return r;
+            return Ok(r);
         }
     }
-    panic!("iperf3 gave no result: {last}");
+    Err(std::io::Error::other(format!(
+        "iperf3 gave no result: {last}"
+    )))
 }
 
 /// (median, min, max); `v` must not be empty.
