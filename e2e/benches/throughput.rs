@@ -18,8 +18,6 @@
 //! Usage: throughput [--runs N] [--seconds S]
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Stdio};
-
 use clustermesh_testkit::{
     iperf::{iperf, median},
     netns::{NetNs, sweep_stale},
