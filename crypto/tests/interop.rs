@@ -7,12 +7,8 @@
 //! matches `wg pubkey`, and that `wg show` reads our device.
 #![allow(clippy::unwrap_used)]
 
-use std::{
-    io::BufRead as _,
-    process::{Command, Stdio},
-};
-
 use clustermesh_testkit::{
+    capture::Capture,
     netns::sweep_stale,
     wireguard::{Impl, WgPair},
 };
@@ -40,26 +36,8 @@ fn handshake_and_traffic_with_wireguard_go() {
     let shown = a.ns.exec("wg", &["show", &a.iface, "public-key"]).unwrap();
     assert_eq!(shown.trim(), a.public);
 
-    // Capture B's underlay while the peers talk. Its stderr stays open to
-    // the end (a closed pipe would kill it before it flushes).
-    let pcap = pair.dir.path().join("ul.pcap");
-    let mut dump = Command::new("ip")
-        .args(["netns", "exec", b.ns.name(), "tcpdump", "-Z", "root"])
-        .args(["-i", "ul0", "-nn", "-U", "--immediate-mode", "-w"])
-        .arg(&pcap)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut dump_err = std::io::BufReader::new(dump.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("listening on") {
-        line.clear();
-        assert!(
-            dump_err.read_line(&mut line).unwrap() > 0,
-            "tcpdump did not start"
-        );
-    }
+    // Capture B's underlay while the peers talk.
+    let cap = Capture::start(&b.ns, "ul0", &pair.dir.path().join("ul.pcap")).unwrap();
 
     // Handshake (started by our side's first packet), then both ways.
     pair.wait_connected().unwrap();
@@ -100,48 +78,10 @@ fn handshake_and_traffic_with_wireguard_go() {
     );
 
     // The wire: WireGuard messages only, never the inner ICMP.
-    // SAFETY: signalling our own child by pid (tcpdump flushes on SIGTERM).
-    unsafe { libc::kill(dump.id() as i32, libc::SIGTERM) };
-    let _ = dump.wait();
-    let fields = Command::new("tshark")
-        .arg("-r")
-        .arg(&pcap)
-        .args([
-            "-T",
-            "fields",
-            "-e",
-            "wg.type",
-            "-e",
-            "icmp.type",
-            "-e",
-            "udp.port",
-        ])
-        .output()
-        .unwrap();
+    let wire = cap.wireguard_only().unwrap();
     assert!(
-        fields.status.success(),
-        "tshark: {}",
-        String::from_utf8_lossy(&fields.stderr)
+        wire.initiations >= 1 && wire.responses >= 1,
+        "handshake: {wire:?}"
     );
-    let text = String::from_utf8_lossy(&fields.stdout);
-    let types: Vec<&str> = text
-        .lines()
-        .map(|l| l.split('\t').next().unwrap_or(""))
-        .collect();
-    assert!(
-        types.contains(&"1") && types.contains(&"2"),
-        "handshake initiation and response: {text}"
-    );
-    assert!(
-        types.iter().filter(|t| **t == "4").count() >= 10,
-        "transport data: {text}"
-    );
-    for l in text.lines() {
-        let cols: Vec<&str> = l.split('\t').collect();
-        assert!(cols[1].is_empty(), "plaintext ICMP on the underlay: {l}");
-        assert!(
-            !cols[0].is_empty() || cols[2].is_empty(),
-            "UDP that is not WireGuard: {l}"
-        );
-    }
+    assert!(wire.data >= 10, "transport data: {wire:?}");
 }

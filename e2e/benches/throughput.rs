@@ -110,6 +110,7 @@ fn main() {
                     node_ip: via.into(),
                     cluster_id: peer.id,
                     node: "peer".parse().unwrap(),
+                    encrypt: false,
                 };
                 let cidr = format!("10.{}.0.0/24", peer.id).parse().unwrap();
                 t.update(&cidr, &entry).unwrap();

@@ -4,6 +4,7 @@
 
 pub use clustermesh_testkit as testkit;
 
+pub mod product;
 pub mod topo;
 
 /// Skips a privileged test when not root, loudly (CI runs as root, so a skip

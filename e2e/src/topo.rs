@@ -208,6 +208,7 @@ impl Node {
             overlay_ifindex: vx,
             underlay_ifindex: ifindex(&self.ns, "ul0").unwrap_or(0),
             underlay_ip: u32::from(own).to_be(),
+            ..Default::default()
         })?;
         dp.upsert_endpoint(
             self.pod_ip,

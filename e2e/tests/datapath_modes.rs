@@ -94,6 +94,7 @@ fn exercise(mode: TunnelMode) {
                 node_ip: via.into(),
                 cluster_id: peer.id,
                 node: "peer".parse().unwrap(),
+                encrypt: false,
             };
             t.update(&cidr, &entry).unwrap();
             let shown = n.ns.exec("ip", &["route", "show", "proto", "222"]).unwrap();

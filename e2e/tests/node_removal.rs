@@ -124,6 +124,7 @@ async fn removed_remote_node_is_unreachable_within_a_second_with_counted_drops()
             node_ip: ula.into(),
             cluster_id: 1,
             node: "a1".parse().unwrap(),
+            encrypt: false,
         },
     )
     .unwrap();

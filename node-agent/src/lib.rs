@@ -9,8 +9,10 @@
 //! - [`reconcile`]: the one trait side effects go through (update / delete /
 //!   prune) and its in-memory implementation.
 //! - [`status`]: the local status endpoint (JSON and Prometheus).
+//! - [`wireguard`]: the node's WireGuard device (started once, adopted by
+//!   every later agent) and its peers reconciler.
 //!
-//! The real eBPF, netlink and WireGuard reconcilers plug into
+//! The eBPF map, netlink route and WireGuard peer reconcilers plug into
 //! [`clusters::Reconcilers`] (docs/architecture.md).
 
 pub mod clusters;
@@ -18,3 +20,4 @@ pub mod datapath;
 pub mod reconcile;
 pub mod registration;
 pub mod status;
+pub mod wireguard;

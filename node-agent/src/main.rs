@@ -64,6 +64,24 @@ struct Args {
     /// Endpoints to register: IP[,ns=NS][,name=NAME],LABEL=VALUE...
     #[arg(long = "endpoint")]
     endpoints: Vec<EndpointSpec>,
+    /// The node's WireGuard device (enables encryption): started as a
+    /// separate `clustermesh-wg` process if not running, adopted if it is.
+    /// Traffic the cluster's encryption policy covers goes through it.
+    #[arg(long)]
+    wireguard_iface: Option<String>,
+    /// UDP port of the WireGuard device.
+    #[arg(long, default_value_t = 51871)]
+    wireguard_port: u16,
+    /// The node's WireGuard private key file (created 0600 if missing).
+    #[arg(long, default_value = "/var/lib/clustermesh/wireguard.key")]
+    wireguard_key_file: std::path::PathBuf,
+    /// The `clustermesh-wg` binary (default: next to this one, else PATH).
+    #[arg(long)]
+    wireguard_bin: Option<std::path::PathBuf>,
+    /// Log file of the WireGuard device process
+    /// (default /var/log/clustermesh-wg-<iface>.log).
+    #[arg(long)]
+    wireguard_log: Option<std::path::PathBuf>,
     /// Directory where the CNI plugin (clustermesh-cni) leaves one file per
     /// pod: watched, and each pod attached, registered and made deliverable
     /// as it comes; removed as its file goes.
@@ -95,6 +113,7 @@ struct Attachment {
     dp: Datapath,
     overlay_ifindex: u32,
     underlay_ifindex: u32,
+    wg_ifindex: u32,
     /// Host-side interface -> (ifindex, MAC).
     ifaces: std::collections::BTreeMap<String, (u32, [u8; 6])>,
 }
@@ -209,6 +228,7 @@ fn attach(
     ifaces: &[String],
     overlay: Option<&str>,
     underlay: Option<&str>,
+    wireguard: Option<&str>,
     netns: Option<&str>,
     pin_dir: &std::path::Path,
     always: bool,
@@ -219,6 +239,7 @@ fn attach(
     let ifaces = ifaces.to_vec();
     let overlay = overlay.map(str::to_owned);
     let underlay = underlay.map(str::to_owned);
+    let wireguard = wireguard.map(str::to_owned);
     let netns = netns.map(str::to_owned);
     let pin_dir = pin_dir.to_owned();
     std::thread::spawn(move || -> anyhow::Result<Option<Attachment>> {
@@ -265,10 +286,19 @@ fn attach(
             underlay_ifindex = node_agent::datapath::ifindex(u)?;
             println!("attached from_underlay to {u} ({how:?})");
         }
+        let mut wg_ifindex = 0;
+        if let Some(w) = &wireguard {
+            let how = dp
+                .attach_wireguard(w)
+                .with_context(|| format!("attaching to {w}"))?;
+            wg_ifindex = node_agent::datapath::ifindex(w)?;
+            println!("attached from_wireguard to {w} ({how:?})");
+        }
         Ok(Some(Attachment {
             dp,
             overlay_ifindex,
             underlay_ifindex,
+            wg_ifindex,
             ifaces: known,
         }))
     })
@@ -318,24 +348,56 @@ async fn main() -> anyhow::Result<()> {
             args.tunnel
         );
     }
+    // The WireGuard device first: its TUN must exist to attach to it.
+    let wg = match &args.wireguard_iface {
+        Some(iface) => Some(
+            node_agent::wireguard::ensure(&node_agent::wireguard::DeviceSpec {
+                iface: iface.clone(),
+                port: args.wireguard_port,
+                key_file: args.wireguard_key_file.clone(),
+                bin: args
+                    .wireguard_bin
+                    .clone()
+                    .unwrap_or_else(node_agent::wireguard::default_bin),
+                log: args
+                    .wireguard_log
+                    .clone()
+                    .unwrap_or_else(|| node_agent::wireguard::default_log(iface)),
+                uapi_dir: "/var/run/wireguard".into(),
+                netns: args.netns.clone(),
+            })
+            .context("the WireGuard device")?,
+        ),
+        None => None,
+    };
     let attachment = attach(
         &args.endpoint_ifaces,
         args.overlay_iface.as_deref(),
         args.underlay_iface.as_deref(),
+        args.wireguard_iface.as_deref(),
         args.netns.as_deref(),
         &args.bpf_pin_dir,
         args.endpoint_dir.is_some(),
     )?;
+    let mut dp_cfg = tunnel_common::DatapathConfig::default();
     let (mut dp, mut ifaces) = match attachment {
         Some(a) => {
             let mut dp = a.dp;
             if mode != tunnel_common::TunnelMode::None {
-                dp.set_config(tunnel_common::DatapathConfig {
+                dp_cfg = tunnel_common::DatapathConfig {
                     mode: mode as u32,
                     overlay_ifindex: a.overlay_ifindex,
                     underlay_ifindex: a.underlay_ifindex,
                     underlay_ip: underlay_ip.map_or(0, |ip| u32::from(ip).to_be()),
-                })?;
+                    wg_ifindex: a.wg_ifindex,
+                    // Strict until the cluster's policy is read: fail closed.
+                    flags: if wg.is_some() {
+                        tunnel_common::CONFIG_FLAG_STRICT
+                    } else {
+                        0
+                    },
+                };
+                dp.set_config(dp_cfg)?;
             }
             (Some(dp), a.ifaces)
         }
@@ -373,6 +435,8 @@ async fn main() -> anyhow::Result<()> {
             underlay_ips: args.underlay_ips.clone(),
             pod_cidrs: args.pod_cidrs.clone(),
             boot_id: registration::boot_id(),
+            wireguard_public_keys: wg.iter().map(|w| w.public.to_string()).collect(),
+            wireguard_port: wg.as_ref().map_or(0, |w| u32::from(w.port)),
             ..Default::default()
         };
         tracker.spawn(registration::run(
@@ -383,6 +447,7 @@ async fn main() -> anyhow::Result<()> {
             cancel.clone(),
         ));
     }
+    let mut agent_status = None;
     if let Some(cluster) = &args.cluster_name {
         use node_agent::{
             clusters::{Agent, AgentConfig, Reconcilers, config::ClusterFile},
@@ -444,11 +509,15 @@ async fn main() -> anyhow::Result<()> {
         let reconcilers = Reconcilers {
             ipcache,
             tunnels,
-            peers: Box::new(MemoryReconciler::new("peers")),
+            peers: match &wg {
+                Some(w) => Box::new(node_agent::wireguard::WgPeers::new(w.client.clone())),
+                None => Box::new(MemoryReconciler::new("peers")),
+            },
             services: Box::new(MemoryReconciler::new("services")),
         };
         let agent = Agent::new(cfg, reconcilers, cancel.clone());
         let status = agent.status();
+        agent_status = Some(status.clone());
         let listener = tokio::net::TcpListener::bind(args.status_listen)
             .await
             .with_context(|| format!("--status-listen {}", args.status_listen))?;
@@ -463,8 +532,22 @@ async fn main() -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(args.report_every.max(1)));
     tick.tick().await;
     let mut cni_tick = tokio::time::interval(Duration::from_millis(200));
+    let mut policy_tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
+            // The cluster's strict-encryption switch reaches the datapath.
+            _ = policy_tick.tick(), if agent_status.is_some() && dp.is_some() && dp_cfg.mode != 0 => {
+                let policy = agent_status
+                    .as_ref()
+                    .and_then(|s| s.lock().ok().and_then(|g| g.encryption));
+                let Some(policy) = policy else { continue };
+                let flags = if policy.strict { tunnel_common::CONFIG_FLAG_STRICT } else { 0 };
+                if flags != dp_cfg.flags && let Some(d) = dp.as_mut() {
+                    dp_cfg.flags = flags;
+                    d.set_config(dp_cfg)?;
+                    tracing::info!(strict = policy.strict, "encryption policy applied to the datapath");
+                }
+            }
             _ = cni_tick.tick(), if args.endpoint_dir.is_some() && dp.is_some() => {
                 let (Some(dir), Some(d)) = (&args.endpoint_dir, dp.as_mut()) else { continue };
                 if cni.poll(dir, d, args.netns.as_deref(), &mut ifaces) {

@@ -16,6 +16,8 @@ pub mod programs {
     /// TC ingress of the node's underlay interface: Geneve decapsulation
     /// and direct-routing delivery.
     pub const FROM_UNDERLAY: &str = "from_underlay";
+    /// TC ingress of the WireGuard (TUN) device: decrypted traffic.
+    pub const FROM_WIREGUARD: &str = "from_wireguard";
 }
 
 /// Map names (the static names in tunnel-ebpf). Every map is pinned by name
@@ -117,9 +119,19 @@ pub struct DatapathConfig {
     /// This node's underlay IPv4 (network order): the outer source of
     /// Geneve packets, and the address Geneve is accepted on.
     pub underlay_ip: u32,
+    /// ifindex of the WireGuard (TUN) device; 0: none.
+    pub wg_ifindex: u32,
+    /// [`CONFIG_FLAG_STRICT`], ...
+    pub flags: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
+
+/// Strict encryption (fail closed): pod traffic to an ip-cache entry marked
+/// [`IPCACHE_FLAG_ENCRYPT`] is dropped ([`Verdict::DropStrictPlaintext`])
+/// whenever it cannot go through the WireGuard device, never sent in
+/// plaintext.
+pub const CONFIG_FLAG_STRICT: u32 = 1;
 
 /// Direction of a counted packet.
 #[repr(u8)]
@@ -144,6 +156,8 @@ pub enum Verdict {
     Tunnel = 2,
     /// Sent to a remote node unencapsulated (direct routing).
     Routed = 3,
+    /// Handed to the WireGuard device for a remote node.
+    Encrypted = 4,
     /// Dropped: packet too short or not parseable.
     DropMalformed = 64,
     /// Dropped: destination is a known remote range without a live node.
@@ -157,11 +171,12 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 9] = [
+    pub const ALL: [Verdict; 10] = [
         Verdict::Pass,
         Verdict::Local,
         Verdict::Tunnel,
         Verdict::Routed,
+        Verdict::Encrypted,
         Verdict::DropMalformed,
         Verdict::DropNoTunnelEndpoint,
         Verdict::DropStrictPlaintext,
@@ -179,6 +194,7 @@ impl Verdict {
             Verdict::Local => "local",
             Verdict::Tunnel => "tunnel",
             Verdict::Routed => "routed",
+            Verdict::Encrypted => "encrypted",
             Verdict::DropMalformed => "drop_malformed",
             Verdict::DropNoTunnelEndpoint => "drop_no_tunnel_endpoint",
             Verdict::DropStrictPlaintext => "drop_strict_plaintext",

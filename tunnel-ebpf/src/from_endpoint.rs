@@ -13,6 +13,10 @@
 //!     the next hop);
 //!   - direct routing: `bpf_redirect_neigh` to the underlay interface, whose
 //!     FIB lookup uses the routes the agent installed (pod CIDR via node);
+//! - destination marked for encryption (ip-cache `IPCACHE_FLAG_ENCRYPT`):
+//!   redirected to the WireGuard (TUN) device, which encrypts it to the
+//!   remote node; with no device configured, strict mode drops it
+//!   (`drop_strict_plaintext`), otherwise it takes the tunnel unencrypted;
 //! - destination is a remote range whose node is gone (ip-cache entry marked
 //!   unreachable): dropped with a counted reason;
 //! - anything else (unknown destination, not IPv4, datapath not configured):
@@ -47,8 +51,8 @@ use aya_ebpf::{
 };
 use shared::{ETH_HLEN, config, count, deliver, endpoint, ipcache, ipv4_addrs};
 use tunnel_common::{
-    DatapathConfig, Direction, ENCAP_OVERHEAD, GENEVE_PORT, IDENTITY_WORLD,
-    IPCACHE_FLAG_UNREACHABLE, TunnelMode, Verdict,
+    CONFIG_FLAG_STRICT, DatapathConfig, Direction, ENCAP_OVERHEAD, GENEVE_PORT, IDENTITY_WORLD,
+    IPCACHE_FLAG_ENCRYPT, IPCACHE_FLAG_UNREACHABLE, TunnelMode, Verdict,
 };
 
 #[classifier]
@@ -76,6 +80,18 @@ fn try_from_endpoint(ctx: &TcContext) -> (Verdict, i32) {
     };
     if dest.flags & IPCACHE_FLAG_UNREACHABLE != 0 {
         return (Verdict::DropNoTunnelEndpoint, TC_ACT_SHOT);
+    }
+    if dest.flags & IPCACHE_FLAG_ENCRYPT != 0 {
+        if cfg.wg_ifindex != 0 {
+            // The TUN device is layer 3: the kernel strips the Ethernet
+            // header on the way.
+            // SAFETY: plain helper call.
+            let r = unsafe { bpf_redirect(cfg.wg_ifindex, 0) };
+            return (Verdict::Encrypted, r as i32);
+        }
+        if cfg.flags & CONFIG_FLAG_STRICT != 0 {
+            return (Verdict::DropStrictPlaintext, TC_ACT_SHOT);
+        }
     }
     if dest.tunnel_endpoint == 0 {
         return (Verdict::Pass, TC_ACT_OK);

@@ -198,6 +198,23 @@ pub fn set(dev: &Device, lines: &[String]) -> i32 {
     errno
 }
 
+/// Lines up to a blank line or the end of the stream.
+fn read_block(r: &mut impl std::io::BufRead) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    loop {
+        let mut l = String::new();
+        if r.read_line(&mut l)? == 0 {
+            break;
+        }
+        let l = l.trim_end_matches('\n').to_owned();
+        if l.is_empty() {
+            break;
+        }
+        out.push(l);
+    }
+    Ok(out)
+}
+
 fn serve_conn(dev: &Device, s: UnixStream) -> std::io::Result<()> {
     let mut w = s.try_clone()?;
     let mut r = BufReader::new(s);
@@ -206,18 +223,7 @@ fn serve_conn(dev: &Device, s: UnixStream) -> std::io::Result<()> {
         if r.read_line(&mut first)? == 0 {
             return Ok(());
         }
-        let mut body = Vec::new();
-        loop {
-            let mut l = String::new();
-            if r.read_line(&mut l)? == 0 {
-                break;
-            }
-            let l = l.trim_end_matches('\n').to_owned();
-            if l.is_empty() {
-                break;
-            }
-            body.push(l);
-        }
+        let body = read_block(&mut r)?;
         match first.trim_end() {
             "get=1" => write!(w, "{}errno=0\n\n", get(dev))?,
             "set=1" => write!(w, "errno={}\n\n", set(dev, &body))?,
@@ -305,5 +311,136 @@ mod tests {
             assert!(e.contains(want), "{bad:?}: {e}");
         }
         assert_eq!(unhex(&k), Some([7u8; 32]));
+    }
+}
+
+/// What `get=1` reports about one peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub public_key: [u8; 32],
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpCidr>,
+    /// Seconds since the epoch of the last handshake (0: none).
+    pub last_handshake_sec: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// What `get=1` reports about a device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub public_of_private: Option<WgPublicKey>,
+    pub listen_port: u16,
+    pub peers: Vec<PeerInfo>,
+}
+
+/// A client of a device's control socket (ours or any userspace
+/// WireGuard). Each call is one connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub path: PathBuf,
+}
+
+impl Client {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    fn request(&self, req: &str) -> std::io::Result<Vec<String>> {
+        let mut s = UnixStream::connect(&self.path)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        s.write_all(req.as_bytes())?;
+        let mut r = BufReader::new(s);
+        let mut lines = read_block(&mut r)?;
+        match lines.last().and_then(|l| l.strip_prefix("errno=")) {
+            Some("0") => {
+                lines.pop();
+                Ok(lines)
+            }
+            Some(n) => Err(std::io::Error::other(format!(
+                "{}: the device answered errno={n}",
+                self.path.display()
+            ))),
+            None => Err(std::io::Error::other(format!(
+                "{}: no errno in the answer",
+                self.path.display()
+            ))),
+        }
+    }
+
+    /// `set=1` with these `key=value` lines.
+    pub fn set(&self, lines: &[String]) -> std::io::Result<()> {
+        let mut req = String::from("set=1\n");
+        for l in lines {
+            req += l;
+            req.push('\n');
+        }
+        req.push('\n');
+        self.request(&req).map(drop)
+    }
+
+    /// `get=1`, parsed (the private key itself is not kept: only its
+    /// public key, to compare with the key file).
+    pub fn get(&self) -> std::io::Result<DeviceInfo> {
+        let mut d = DeviceInfo::default();
+        for l in self.request("get=1\n\n")? {
+            let Some((k, v)) = l.split_once('=') else {
+                continue;
+            };
+            match k {
+                "private_key" => {
+                    d.public_of_private = unhex(v)
+                        .map(PrivateKey::from_bytes)
+                        .and_then(|k| k.public_key().ok());
+                }
+                "listen_port" => d.listen_port = v.parse().unwrap_or(0),
+                "public_key" => d.peers.push(PeerInfo {
+                    public_key: unhex(v).unwrap_or_default(),
+                    ..Default::default()
+                }),
+                _ => {
+                    let Some(p) = d.peers.last_mut() else {
+                        continue;
+                    };
+                    match k {
+                        "endpoint" => p.endpoint = v.parse().ok(),
+                        "allowed_ip" => p.allowed_ips.extend(v.parse::<IpCidr>().ok()),
+                        "last_handshake_time_sec" => p.last_handshake_sec = v.parse().unwrap_or(0),
+                        "rx_bytes" => p.rx_bytes = v.parse().unwrap_or(0),
+                        "tx_bytes" => p.tx_bytes = v.parse().unwrap_or(0),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(d)
+    }
+
+    /// Adds or updates a peer: its endpoint and exactly these allowed IPs.
+    pub fn set_peer(
+        &self,
+        public: &WgPublicKey,
+        endpoint: SocketAddr,
+        allowed: &[IpCidr],
+    ) -> std::io::Result<()> {
+        let mut lines = vec![
+            format!("public_key={}", hex(public.as_bytes())),
+            format!("endpoint={endpoint}"),
+            "replace_allowed_ips=true".to_owned(),
+        ];
+        lines.extend(allowed.iter().map(|c| format!("allowed_ip={c}")));
+        self.set(&lines)
+    }
+
+    pub fn remove_peer(&self, public: &[u8; 32]) -> std::io::Result<()> {
+        self.set(&[
+            format!("public_key={}", hex(public)),
+            "remove=true".to_owned(),
+        ])
+    }
+
+    /// Sets the device's private key.
+    pub fn set_private_key(&self, key: &PrivateKey) -> std::io::Result<()> {
+        self.set(&[format!("private_key={}", hex(key.expose_bytes()))])
     }
 }

@@ -6,6 +6,7 @@
 //! can run in parallel and after a crash; [`netns::sweep_stale`] removes what
 //! a killed run left behind.
 
+pub mod capture;
 pub mod etcd;
 pub mod iperf;
 pub mod netns;

@@ -70,6 +70,9 @@ pub struct TunnelEntry {
     pub node_ip: IpAddr,
     pub cluster_id: u8,
     pub node: NodeName,
+    /// Traffic to the range must go through WireGuard (so that an address
+    /// not yet in the ip-cache is never sent in plaintext either).
+    pub encrypt: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +189,7 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
                     node_ip,
                     cluster_id: c.id.get(),
                     node: rec.name.clone(),
+                    encrypt: encrypt_to(&input.encryption, local),
                 },
             );
         }

@@ -112,6 +112,8 @@ pub struct AgentStatus {
     pub all_synced: bool,
     pub pruned: bool,
     pub desired: DesiredCounts,
+    /// The local cluster's encryption policy, once its config is read.
+    pub encryption: Option<clustermesh_api::EncryptionPolicy>,
 }
 
 struct Slot {
@@ -514,6 +516,11 @@ impl Agent {
             clusters,
             all_synced: self.all_synced(),
             pruned: self.pruned,
+            encryption: self
+                .slots
+                .get(&self.cfg.local_cluster)
+                .and_then(|s| s.store.config.as_ref())
+                .map(|c| c.encryption),
             desired: DesiredCounts {
                 ipcache: self.last.ipcache.len(),
                 tunnels: self.last.tunnels.len(),

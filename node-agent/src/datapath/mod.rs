@@ -43,6 +43,9 @@ pub mod objects {
     /// (Geneve and direct routing).
     pub static FROM_UNDERLAY: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/from-underlay"));
+    /// `from_wireguard`, for the TC ingress of the WireGuard (TUN) device.
+    pub static FROM_WIREGUARD: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/from-wireguard"));
 }
 
 /// Errors of the datapath loader.
@@ -237,6 +240,7 @@ pub struct Datapath {
     endpoint: Ebpf,
     overlay: Ebpf,
     underlay: Ebpf,
+    wireguard: Ebpf,
     pin_dir: PathBuf,
 }
 
@@ -249,7 +253,7 @@ impl std::fmt::Debug for Datapath {
 }
 
 impl Datapath {
-    /// Loads the three programs, creating or adopting the maps pinned in
+    /// Loads the four programs, creating or adopting the maps pinned in
     /// `pin_dir` (which must be on bpffs).
     pub fn load(pin_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(pin_dir).map_err(|source| Error::PinDir {
@@ -274,10 +278,17 @@ impl Datapath {
             pin_dir,
             programs::FROM_UNDERLAY,
         )?;
+        let wireguard = load(
+            "from-wireguard",
+            objects::FROM_WIREGUARD,
+            pin_dir,
+            programs::FROM_WIREGUARD,
+        )?;
         Ok(Self {
             endpoint,
             overlay,
             underlay,
+            wireguard,
             pin_dir: pin_dir.to_owned(),
         })
     }
@@ -329,6 +340,17 @@ impl Datapath {
         attach(
             &mut self.underlay,
             programs::FROM_UNDERLAY,
+            iface,
+            &self.pin_dir,
+        )
+    }
+
+    /// Attaches (or adopts) `from_wireguard` on the TC ingress of the
+    /// WireGuard (TUN) device.
+    pub fn attach_wireguard(&mut self, iface: &str) -> Result<Attached> {
+        attach(
+            &mut self.wireguard,
+            programs::FROM_WIREGUARD,
             iface,
             &self.pin_dir,
         )

@@ -224,7 +224,7 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
             identity: 0,
             tunnel_endpoint: v4_be(Some(v.node_ip)),
             cluster_id: v.cluster_id,
-            flags: 0,
+            flags: if v.encrypt { IPCACHE_FLAG_ENCRYPT } else { 0 },
             _pad: [0; 2],
         };
         self.names.insert(*k, v.node.clone());
@@ -298,6 +298,7 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
                     node_ip: IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(v.tunnel_endpoint))),
                     cluster_id: v.cluster_id,
                     node,
+                    encrypt: v.flags & IPCACHE_FLAG_ENCRYPT != 0,
                 },
             );
         }

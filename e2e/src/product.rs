@@ -1,0 +1,344 @@
+//! The whole product on two nodes of two clusters, for end-to-end tests:
+//! each cluster a real etcd with a real clustermesh-apiserver (in process);
+//! each node a namespace with a VXLAN device, an underlay veth to the other
+//! node, a pod attached by the real CNI plugin binary (as a container
+//! runtime calls it) and the real node-agent binary.
+//!
+//! A test harness: it panics (with what failed) instead of returning errors.
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use clustermesh_api::{ClusterId, EncryptionPolicy};
+use clustermesh_testkit::{
+    etcd::EtcdServer,
+    netns::{NetNs, PinDir, sweep_stale, veth_pair},
+};
+use node_agent::datapath::{Datapath, attached_programs};
+
+/// target/<profile>/deps/<this test> -> target/<profile>/<name>
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace (cargo test --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One node of cluster `id`: its namespace, its pod's namespace, its pins,
+/// the CNI endpoint directory and the agent's configuration.
+pub struct Node {
+    pub id: u8,
+    pub ns: NetNs,
+    pub pod: NetNs,
+    pub pins: PinDir,
+    pub dir: tempfile::TempDir,
+    pub pod_ip: Ipv4Addr,
+    pub status: String,
+}
+
+impl Node {
+    pub fn new(id: u8) -> Self {
+        let ns = NetNs::new(&format!("n{id}")).unwrap();
+        let pod = NetNs::new(&format!("p{id}")).unwrap();
+        Node {
+            id,
+            ns,
+            pod,
+            pins: PinDir::new(&format!("n{id}")).unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+            pod_ip: Ipv4Addr::UNSPECIFIED,
+            status: format!("127.0.0.1:{}", free_port()),
+        }
+    }
+
+    pub fn endpoints(&self) -> PathBuf {
+        self.dir.path().join("endpoints")
+    }
+
+    /// CNI ADD through the plugin binary, run in the node's namespace.
+    pub fn cni_add(&mut self) {
+        std::fs::create_dir_all(self.endpoints()).unwrap();
+        let conf = format!(
+            r#"{{"cniVersion":"1.1.0","name":"clustermesh","type":"clustermesh-cni","podCIDR":"10.{}.0.0/24","mtu":1450,"endpointDir":"{}","args":{{"cni":{{"labels":[{{"key":"k8s:app","value":"web"}}]}}}}}}"#,
+            self.id,
+            self.endpoints().display()
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", self.ns.name()])
+            .arg(binary("clustermesh-cni"))
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", format!("web-{}", self.id))
+            .env("CNI_NETNS", format!("/var/run/netns/{}", self.pod.name()))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "CNI ADD: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let addr = v["ips"][0]["address"].as_str().unwrap();
+        self.pod_ip = addr.split('/').next().unwrap().parse().unwrap();
+    }
+
+    pub fn underlay_ip(&self) -> String {
+        format!("192.0.2.{}", self.id)
+    }
+
+    /// Starts the agent binary; returns it once it has attached the three
+    /// programs, with how each got attached (New or Adopted).
+    pub fn start_agent(&self, etcd: &str, apiserver: &str) -> (Child, Vec<String>) {
+        self.start_agent_with(etcd, apiserver, "geneve", &[], 3)
+    }
+
+    /// [`Node::start_agent`] with a tunnel mode and extra arguments;
+    /// returns once `expect` programs are attached.
+    pub fn start_agent_with(
+        &self,
+        etcd: &str,
+        apiserver: &str,
+        tunnel: &str,
+        extra: &[&str],
+        expect: usize,
+    ) -> (Child, Vec<String>) {
+        let mut child = Command::new(binary("node-agent"))
+            .args(["--netns", self.ns.name(), "--endpoint-dir"])
+            .arg(self.endpoints())
+            .args([
+                "--overlay-iface",
+                "cm_vxlan",
+                "--underlay-iface",
+                "ul0",
+                "--tunnel",
+                tunnel,
+                "--bpf-pin-dir",
+            ])
+            .arg(self.pins.path())
+            .args(["--apiserver", &format!("http://{apiserver}")])
+            .args(["--node-name", &format!("node-{}", self.id)])
+            .args(["--underlay-ip", &self.underlay_ip()])
+            .args(["--pod-cidr", &format!("10.{}.0.0/24", self.id)])
+            .args(["--cluster-name", &format!("c{}", self.id)])
+            .args(["--local-etcd-endpoints", etcd])
+            .arg("--clusters-dir")
+            .arg(self.dir.path().join("clusters"))
+            .args(["--status-listen", &self.status, "--report-every", "1"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Both streams are read on threads, so a silent agent fails the
+        // test instead of hanging it; they keep draining afterwards.
+        let (tx, rx) = mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            out.lines()
+                .map_while(Result::ok)
+                .for_each(|l| drop(tx.send(l)))
+        });
+        std::thread::spawn(move || {
+            err.lines()
+                .map_while(Result::ok)
+                .for_each(|l| drop(tx2.send(l)))
+        });
+        let mut how = Vec::new();
+        while how.len() < expect {
+            match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(l) if l.starts_with("attached") => how.push(l.trim().to_owned()),
+                Ok(l) if l.contains("pod attached") => {
+                    let adopted = if l.contains("Adopted") {
+                        "(Adopted)"
+                    } else {
+                        "(New)"
+                    };
+                    how.push(format!("attached from_endpoint {adopted}"));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    panic!("agent did not attach its {expect} programs ({e}): {how:?}");
+                }
+            }
+        }
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        (child, how)
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let mut s = TcpStream::connect(&self.status).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET /status HTTP/1.0\r\n\r\n").ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        serde_json::from_str(body.split_once("\r\n\r\n")?.1).ok()
+    }
+
+    pub fn datapath(&self) -> Datapath {
+        Datapath::load(self.pins.path()).unwrap()
+    }
+
+    pub fn programs_on(&self, iface: &str) -> Vec<String> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _in = self.ns.enter().unwrap();
+                attached_programs(iface).unwrap()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+pub fn until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn write_cluster_file(dir: &Path, name: &str, etcd: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join(name), format!("endpoints:\n  - {etcd}\n")).unwrap();
+}
+
+/// Two clusters (c1, c2) with one node each (A, B), pods attached, the
+/// clusters connected (each node's clusters directory names the other).
+/// Field order matters on drop: apiservers before their etcds.
+pub struct Mesh {
+    pub a: Node,
+    pub b: Node,
+    pub apis: Vec<clustermesh_apiserver::Running>,
+    pub etcds: Vec<EtcdServer>,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl Mesh {
+    pub fn new(encryption: EncryptionPolicy) -> Self {
+        sweep_stale();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut a = Node::new(1);
+        let mut b = Node::new(2);
+        for n in [&a, &b] {
+            n.ns.exec(
+                "ip",
+                &[
+                    "link", "add", "cm_vxlan", "type", "vxlan", "external", "dstport", "8472",
+                ],
+            )
+            .unwrap();
+            n.ns.exec("ip", &["link", "set", "cm_vxlan", "up"]).unwrap();
+        }
+        veth_pair(&a.ns, "ul0", "192.0.2.1/24", &b.ns, "ul0", "192.0.2.2/24").unwrap();
+        a.cni_add();
+        b.cni_add();
+        let etcds = vec![EtcdServer::start().unwrap(), EtcdServer::start().unwrap()];
+        let apis: Vec<_> = etcds
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mut cfg = clustermesh_apiserver::Config::new(
+                    format!("c{}", i + 1).parse().unwrap(),
+                    ClusterId::new(i as u64 + 1).unwrap(),
+                    vec![e.endpoint()],
+                );
+                cfg.heartbeat_interval = Duration::from_secs(1);
+                cfg.encryption = encryption;
+                rt.block_on(clustermesh_apiserver::start(cfg)).unwrap()
+            })
+            .collect();
+        write_cluster_file(&a.dir.path().join("clusters"), "c2", &etcds[1].endpoint());
+        write_cluster_file(&b.dir.path().join("clusters"), "c1", &etcds[0].endpoint());
+        Mesh {
+            a,
+            b,
+            apis,
+            etcds,
+            rt,
+        }
+    }
+
+    /// The etcd endpoint and apiserver address of node `n`'s cluster.
+    pub fn cluster_of(&self, n: &Node) -> (String, String) {
+        let i = usize::from(n.id - 1);
+        (self.etcds[i].endpoint(), self.apis[i].grpc_addr.to_string())
+    }
+
+    /// Whether node `n`'s agent reports every cluster synced.
+    pub fn synced(n: &Node) -> bool {
+        n.status()
+            .is_some_and(|s| s["all_synced"] == serde_json::Value::Bool(true))
+    }
+}
+
+/// A WireGuard device the agent started for node `n` (a detached process of
+/// its own, which outlives agents by design): killed, and its control
+/// socket removed, on drop.
+pub struct WgDevice {
+    pub iface: String,
+    pub key_file: PathBuf,
+    pub log: PathBuf,
+}
+
+impl WgDevice {
+    pub fn for_node(n: &Node) -> Self {
+        WgDevice {
+            iface: format!("cmwg{}n{}", std::process::id() % 100_000, n.id),
+            key_file: n.dir.path().join("wg.key"),
+            log: n.dir.path().join("wg.log"),
+        }
+    }
+
+    /// The agent arguments that enable it.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--wireguard-iface".into(),
+            self.iface.clone(),
+            "--wireguard-key-file".into(),
+            self.key_file.display().to_string(),
+            "--wireguard-log".into(),
+            self.log.display().to_string(),
+        ]
+    }
+}
+
+impl Drop for WgDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-f", &format!("clustermesh-wg {} ", self.iface)])
+            .status();
+        let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.iface));
+    }
+}

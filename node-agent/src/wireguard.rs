@@ -1,0 +1,231 @@
+//! The node's WireGuard device and its peers.
+//!
+//! The device is `clustermesh-wg` (boringtun over TUN), a process of its
+//! own: the agent starts it once (detached, in the node's network
+//! namespace) and on every later start finds it by its control socket and
+//! adopts it, so an agent restart never interrupts encrypted traffic and
+//! never resets a session. The private key lives in a 0600 file the device
+//! reads; the agent publishes the public key in its NodeRecord.
+//!
+//! [`WgPeers`] keeps the device's peers equal to the merged desired state
+//! (one per remote node: public key, underlay endpoint, pod CIDRs) over the
+//! standard control protocol. Updating a peer's endpoint or allowed IPs
+//! keeps its session; a node whose key changed has its old peer removed.
+
+use std::{
+    collections::BTreeMap,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clustermesh_api::WgPublicKey;
+use clustermesh_crypto::{
+    keys::KeyFile,
+    wg::uapi::{Client, socket_path},
+};
+
+use crate::{
+    clusters::merge::Peer,
+    reconcile::{ReconcileError, Reconciler},
+};
+
+/// How to find or start the device.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    pub iface: String,
+    pub port: u16,
+    pub key_file: PathBuf,
+    /// The `clustermesh-wg` binary.
+    pub bin: PathBuf,
+    /// Where the device process logs.
+    pub log: PathBuf,
+    /// Control socket directory.
+    pub uapi_dir: PathBuf,
+    /// Network namespace (`ip netns` name) to create the device in.
+    pub netns: Option<String>,
+}
+
+/// The running device.
+#[derive(Debug, Clone)]
+pub struct WgDevice {
+    pub client: Client,
+    pub public: WgPublicKey,
+    pub port: u16,
+    /// True when an existing device was adopted (not started).
+    pub adopted: bool,
+}
+
+/// `clustermesh-wg` next to this executable, else from PATH.
+pub fn default_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("clustermesh-wg")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("clustermesh-wg"))
+}
+
+/// Finds the device by its control socket, or starts it; makes sure it
+/// runs with the key file's key.
+pub fn ensure(spec: &DeviceSpec) -> anyhow::Result<WgDevice> {
+    let key_file = KeyFile::new(&spec.key_file);
+    let (key, created) = key_file.load_or_create().context("WireGuard private key")?;
+    let public = key.public_key()?;
+    if created {
+        tracing::info!(path = %spec.key_file.display(), public = %public.fingerprint(), "created the WireGuard key");
+    }
+    let client = Client::new(socket_path(&spec.uapi_dir, &spec.iface));
+    if let Ok(info) = client.get() {
+        if info.public_of_private != Some(public) {
+            // Someone changed the file (rotation by hand): the device follows.
+            client
+                .set_private_key(&key)
+                .context("setting the device's key")?;
+        }
+        tracing::info!(iface = %spec.iface, "adopted the running WireGuard device");
+        return Ok(WgDevice {
+            client,
+            public,
+            port: info.listen_port,
+            adopted: true,
+        });
+    }
+    start(spec).with_context(|| format!("starting {}", spec.bin.display()))?;
+    let t0 = Instant::now();
+    let info = loop {
+        match client.get() {
+            Ok(i) => break i,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => {
+                return Err(anyhow::anyhow!(
+                    "WireGuard device {} did not come up within 10 s ({e}); see {}",
+                    spec.iface,
+                    spec.log.display()
+                ));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    tracing::info!(iface = %spec.iface, port = info.listen_port, "started the WireGuard device");
+    Ok(WgDevice {
+        client,
+        public,
+        port: info.listen_port,
+        adopted: false,
+    })
+}
+
+/// Starts the device detached (own session, log file, in the namespace):
+/// it outlives this agent.
+fn start(spec: &DeviceSpec) -> anyhow::Result<()> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&spec.log)
+        .with_context(|| format!("device log {}", spec.log.display()))?;
+    let ns = match &spec.netns {
+        Some(n) => Some(
+            std::fs::File::open(format!("/var/run/netns/{n}"))
+                .with_context(|| format!("network namespace {n}"))?,
+        ),
+        None => None,
+    };
+    let ns_fd = ns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    let mut cmd = Command::new(&spec.bin);
+    cmd.arg(&spec.iface)
+        .args(["--port", &spec.port.to_string(), "--uapi-dir"])
+        .arg(&spec.uapi_dir)
+        .arg("--private-key-file")
+        .arg(&spec.key_file)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: between fork and exec only async-signal-safe calls (setsid,
+    // setns on an fd opened before the fork).
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if let Some(fd) = ns_fd
+                && libc::setns(fd, libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()?;
+    Ok(())
+}
+
+fn rerr(e: std::io::Error) -> ReconcileError {
+    ReconcileError {
+        target: "wireguard peers",
+        message: e.to_string(),
+    }
+}
+
+/// The device's peers as a reconcile target (key: `cluster/node`).
+pub struct WgPeers {
+    client: Client,
+    keys: BTreeMap<String, WgPublicKey>,
+}
+
+impl WgPeers {
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            keys: BTreeMap::new(),
+        }
+    }
+}
+
+impl Reconciler<String, Peer> for WgPeers {
+    fn name(&self) -> &'static str {
+        "wireguard peers"
+    }
+    fn update(&mut self, k: &String, v: &Peer) -> Result<(), ReconcileError> {
+        if let Some(old) = self.keys.get(k)
+            && *old != v.public_key
+        {
+            self.client.remove_peer(old.as_bytes()).map_err(rerr)?;
+            tracing::info!(peer = %k, old = %old.fingerprint(), new = %v.public_key.fingerprint(), "peer key changed");
+        }
+        self.client
+            .set_peer(&v.public_key, v.endpoint, &v.allowed_ips)
+            .map_err(rerr)?;
+        if self.keys.insert(k.clone(), v.public_key).is_none() {
+            tracing::info!(peer = %k, key = %v.public_key.fingerprint(), endpoint = %v.endpoint, "peer added");
+        }
+        Ok(())
+    }
+    fn delete(&mut self, k: &String) -> Result<(), ReconcileError> {
+        if let Some(key) = self.keys.remove(k) {
+            self.client.remove_peer(key.as_bytes()).map_err(rerr)?;
+            tracing::info!(peer = %k, key = %key.fingerprint(), "peer removed");
+        }
+        Ok(())
+    }
+    fn prune(&mut self, desired: &BTreeMap<String, Peer>) -> Result<usize, ReconcileError> {
+        let want: Vec<[u8; 32]> = desired.values().map(|p| *p.public_key.as_bytes()).collect();
+        let mut n = 0;
+        for p in self.client.get().map_err(rerr)?.peers {
+            if !want.contains(&p.public_key) {
+                self.client.remove_peer(&p.public_key).map_err(rerr)?;
+                n += 1;
+            }
+        }
+        self.keys.retain(|k, _| desired.contains_key(k));
+        Ok(n)
+    }
+    /// Empty: the first diff re-applies every desired peer, which keeps the
+    /// sessions of unchanged peers (same key).
+    fn snapshot(&mut self) -> Result<BTreeMap<String, Peer>, ReconcileError> {
+        Ok(BTreeMap::new())
+    }
+}
+
+/// The default place of the device's log.
+pub fn default_log(iface: &str) -> PathBuf {
+    Path::new("/var/log").join(format!("clustermesh-wg-{iface}.log"))
+}
