@@ -1,0 +1,184 @@
+//! Privileged: strict encryption never leaks, across the moments where
+//! meshes leak in practice. The whole product (two clusters, real etcd and
+//! apiservers, CNI, agents, WireGuard devices) with the policy WireGuard +
+//! strict; B's underlay is captured for the whole test while A's pod pings
+//! B's pod every 10 ms throughout:
+//!
+//! (a) the nodes start (agents and devices come up while traffic is sent);
+//! (b) a peer goes and comes back: B's agent is stopped and B deregistered
+//!     (A removes the peer, traffic to B's pod is dropped with a counted
+//!     reason), then B's agent starts again (A adds the peer back);
+//! (d) A's agent is killed with SIGKILL and restarted under a separate 10 ms
+//!     ping: the gap is reported and must be zero (the device is a process
+//!     of its own and the datapath is pinned).
+//!
+//! Then the capture must hold WireGuard only: no pod packet in the clear,
+//! no unencrypted tunnel. (Key rotation, case (c), is not built yet.)
+#![allow(clippy::unwrap_used)]
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use clustermesh_api::{
+    EncryptionMode, EncryptionPolicy, EncryptionScope,
+    proto::{self, cluster_mesh_client::ClusterMeshClient},
+};
+use clustermesh_testkit::capture::Capture;
+use e2e::{
+    product::{Mesh, Node, WgDevice, until},
+    require_root,
+};
+use tunnel_common::{Direction, Verdict};
+
+fn ping_summary(out: &std::process::Output) -> (u32, u32) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or("");
+    let num = |i: usize| {
+        line.split(',')
+            .nth(i)
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (num(0), num(1))
+}
+
+fn start_agent(m: &Mesh, n: &Node, wg: &WgDevice) -> (std::process::Child, Vec<String>) {
+    let (etcd, api) = m.cluster_of(n);
+    let args = wg.args();
+    let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    n.start_agent_with(&etcd, &api, "geneve", &extra, 4)
+}
+
+#[test]
+fn strict_mode_leaks_nothing_at_start_peer_churn_and_agent_restart() {
+    require_root!();
+    let m = Mesh::new(EncryptionPolicy {
+        mode: EncryptionMode::Wireguard,
+        scope: EncryptionScope::All,
+        strict: true,
+        ..Default::default()
+    });
+    let (a, b) = (&m.a, &m.b);
+    let (wga, wgb) = (WgDevice::for_node(a), WgDevice::for_node(b));
+    let cap = Capture::start(&b.ns, "ul0", &b.dir.path().join("ul.pcap")).unwrap();
+    // Traffic for the whole test, from before anything runs.
+    let mut background = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            a.pod.name(),
+            "ping",
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+        ])
+        .arg(b.pod_ip.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // (a) Start.
+    let (mut agent_b, _) = start_agent(&m, b, &wgb);
+    let (mut agent_a, how) = start_agent(&m, a, &wga);
+    assert!(how.iter().all(|l| l.ends_with("(New)")), "{how:?}");
+    until("A's pod reaches B's pod", Duration::from_secs(30), || {
+        a.pod
+            .exec("ping", &["-c", "1", "-W", "1", &b.pod_ip.to_string()])
+            .is_ok()
+    });
+
+    // (d) Agent restart under a 10 ms ping.
+    const PINGS: u32 = 300;
+    let ping = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            a.pod.name(),
+            "ping",
+            "-c",
+            &PINGS.to_string(),
+        ])
+        .args(["-i", "0.01", "-W", "1", &b.pod_ip.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    agent_a.kill().unwrap();
+    agent_a.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (agent_a2, how) = start_agent(&m, a, &wga);
+    agent_a = agent_a2;
+    assert!(how.iter().all(|l| l.ends_with("(Adopted)")), "{how:?}");
+    let (sent, received) = ping_summary(&ping.wait_with_output().unwrap());
+    eprintln!(
+        "encrypted, strict: agent kill -9 + restart under 10 ms ping: {sent} sent, {received} received, gap {} ms",
+        (sent - received) * 10
+    );
+    assert_eq!(
+        (sent, received),
+        (PINGS, PINGS),
+        "lost pings across the agent restart"
+    );
+
+    // (b) Peer churn: B goes away (agent stopped, node deregistered) ...
+    agent_b.kill().unwrap();
+    agent_b.wait().unwrap();
+    let (_, api_b) = m.cluster_of(b);
+    m.rt.block_on(async {
+        let mut g = ClusterMeshClient::connect(format!("http://{api_b}"))
+            .await
+            .unwrap();
+        g.deregister_node(proto::DeregisterNodeRequest {
+            node: format!("node-{}", b.id),
+            boot_id: node_agent::registration::boot_id(),
+        })
+        .await
+        .unwrap();
+    });
+    let dpa = a.datapath();
+    let drops = |dp: &node_agent::datapath::Datapath| {
+        dp.counter(Direction::Egress, Verdict::DropNoTunnelEndpoint)
+            .unwrap()
+            .packets
+    };
+    let before = drops(&dpa);
+    until(
+        "A drops traffic to the gone node, counted",
+        Duration::from_secs(10),
+        || drops(&dpa) >= before + 20,
+    );
+    let peers = a.ns.exec("wg", &["show", &wga.iface, "peers"]).unwrap();
+    assert!(peers.trim().is_empty(), "A still has peer(s): {peers}");
+    // ... and comes back.
+    let (mut agent_b, _) = start_agent(&m, b, &wgb);
+    until(
+        "A's pod reaches B's pod again",
+        Duration::from_secs(30),
+        || {
+            a.pod
+                .exec("ping", &["-c", "1", "-W", "1", &b.pod_ip.to_string()])
+                .is_ok()
+        },
+    );
+    let enc = dpa.counter(Direction::Egress, Verdict::Encrypted).unwrap();
+    assert!(enc.packets > u64::from(PINGS), "{enc:?}");
+
+    // Nothing but WireGuard crossed the underlay the whole time.
+    let wire = cap.wireguard_only().unwrap();
+    eprintln!("underlay during the test: {wire:?}");
+    assert!(wire.data > PINGS as usize, "{wire:?}");
+
+    for c in [&mut background, &mut agent_a, &mut agent_b] {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
