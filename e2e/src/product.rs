@@ -158,8 +158,9 @@ impl Node {
             .spawn()
             .unwrap();
         // Both streams are read on threads, so a silent agent fails the
-        // test instead of hanging it; they keep draining afterwards.
-        let (tx, rx) = mpsc::channel();
+        // test instead of hanging it; they keep draining afterwards, into
+        // `agent.log` in the node's directory (tests read it back).
+        let (tx, rx) = mpsc::channel::<String>();
         let out = BufReader::new(child.stdout.take().unwrap());
         let err = BufReader::new(child.stderr.take().unwrap());
         let tx2 = tx.clone();
@@ -192,8 +193,23 @@ impl Node {
                 }
             }
         }
-        std::thread::spawn(move || while rx.recv().is_ok() {});
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.agent_log())
+            .unwrap();
+        writeln!(log, "{}", how.join("\n")).unwrap();
+        std::thread::spawn(move || {
+            while let Ok(l) = rx.recv() {
+                let _ = writeln!(log, "{l}");
+            }
+        });
         (child, how)
+    }
+
+    /// Everything the node's agents printed after attaching.
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
     }
 
     pub fn status(&self) -> Option<serde_json::Value> {

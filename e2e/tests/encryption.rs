@@ -97,4 +97,25 @@ fn pods_talk_through_wireguard_and_the_underlay_carries_no_plaintext() {
         c.kill().unwrap();
         c.wait().unwrap();
     }
+
+    // No key material in any log of the run (agents and devices), in any
+    // of the encodings it exists in (base64 as in the key file, hex as on
+    // the control socket).
+    for (n, wg) in [(a, &wga), (b, &wgb)] {
+        let b64 = std::fs::read_to_string(&wg.key_file)
+            .unwrap()
+            .trim()
+            .to_owned();
+        let raw = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &b64).unwrap();
+        let hex: String = raw.iter().map(|x| format!("{x:02x}")).collect();
+        for log in [n.agent_log(), wg.log.clone()] {
+            let text = std::fs::read_to_string(&log).unwrap();
+            assert!(!text.is_empty(), "{} is empty", log.display());
+            assert!(
+                !text.contains(&b64) && !text.to_lowercase().contains(&hex),
+                "private key material in {}",
+                log.display()
+            );
+        }
+    }
 }
