@@ -87,6 +87,11 @@ impl PrivateKey {
         x25519::StaticSecret::from(*self.0)
     }
 
+    /// The raw public key.
+    pub fn public_bytes(&self) -> [u8; 32] {
+        x25519::PublicKey::from(&self.secret()).to_bytes()
+    }
+
     /// The public key (what peers and the NodeRecord carry).
     pub fn public_key(&self) -> Result<WgPublicKey, KeyError> {
         let p = x25519::PublicKey::from(&self.secret());

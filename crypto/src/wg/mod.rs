@@ -7,14 +7,27 @@
 //!   its source is within that peer's allowed IPs (else dropped, counted).
 //! - Roaming: a peer's endpoint follows the source of its last
 //!   authenticated packet.
+//! - Long-term key rotation without loss (make before break), beyond the
+//!   standard protocol:
+//!   - the device may hold several private keys: the newest is used to
+//!     start sessions, every one still accepts handshakes, and each peer
+//!     has one session slot (a `Tunn`) per key, so sessions under the old
+//!     key keep working while peers move to the new one. Outgoing packets
+//!     take the newest slot with a live session;
+//!   - a peer can be *draining*: it decrypts and validates what its
+//!     sessions still carry but is no longer routed to, so the node that
+//!     learnt its peer's new key moves its routes to the new peer entry in
+//!     one step and keeps accepting the old sessions' last packets.
 //! - Control: [`uapi`], the cross-platform WireGuard control protocol, over
 //!   a unix socket: the standard `wg` tool configures and shows this device,
-//!   and the node agent uses the same protocol.
+//!   and the node agent uses the same protocol (plus `x_` keys for the
+//!   rotation features). A `set` is applied as one transaction: the data
+//!   path sees the routes before or after it, never half of it.
 //!
 //! Threads: one reads the TUN and encrypts, one reads the socket and
 //! decrypts, one drives the protocol timers (handshakes, keepalives,
-//! rekeys). Each peer's tunnel state is behind its own lock; the peer table
-//! behind a read-write lock written only by control operations.
+//! rekeys). Each session slot is behind its own lock; the peer table behind
+//! a read-write lock written only by control operations.
 
 pub mod tun;
 pub mod uapi;
@@ -40,7 +53,7 @@ use crate::keys::PrivateKey;
 /// Largest UDP payload / IP packet handled (a 64 KiB datagram).
 const BUF: usize = 65536;
 
-/// Counters of the whole device (also exported through `get`).
+/// Counters of the whole device.
 #[derive(Debug, Default)]
 pub struct DeviceStats {
     /// Decrypted packets whose source is outside the sending peer's
@@ -54,15 +67,25 @@ pub struct DeviceStats {
     pub rx_errors: AtomicU64,
 }
 
+/// One session slot of a peer: a `Tunn` under one of our private keys.
+struct Slot {
+    /// The upper 24 bits of this slot's session indexes.
+    index: u32,
+    /// Our public key this slot's handshakes use.
+    local: [u8; 32],
+    tunn: Mutex<Tunn>,
+}
+
 /// One peer.
 pub struct Peer {
     pub public: [u8; 32],
-    /// The upper 24 bits of this peer's session indexes.
-    index: u32,
-    tunn: Mutex<Tunn>,
+    /// Newest key last.
+    slots: RwLock<Vec<Arc<Slot>>>,
     endpoint: RwLock<Option<SocketAddr>>,
     allowed: RwLock<Vec<IpCidr>>,
     keepalive: Option<u16>,
+    preshared: Option<[u8; 32]>,
+    draining: AtomicBool,
 }
 
 impl Peer {
@@ -72,23 +95,52 @@ impl Peer {
     pub fn allowed_ips(&self) -> Vec<IpCidr> {
         self.allowed.read().map(|a| a.clone()).unwrap_or_default()
     }
-    /// (tx bytes, rx bytes) of payload.
-    pub fn transfer(&self) -> (u64, u64) {
-        match self.tunn.lock() {
-            Ok(t) => {
-                let (_, tx, rx, _, _) = t.stats();
-                (tx as u64, rx as u64)
-            }
-            Err(_) => (0, 0),
-        }
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.read().map(|s| s.clone()).unwrap_or_default()
     }
-    /// Wall-clock time of the last completed handshake.
+    /// (tx bytes, rx bytes) of payload, over all slots.
+    pub fn transfer(&self) -> (u64, u64) {
+        self.slots()
+            .iter()
+            .fold((0, 0), |(tx, rx), s| match s.tunn.lock() {
+                Ok(t) => {
+                    let (_, t_tx, t_rx, _, _) = t.stats();
+                    (tx + t_tx as u64, rx + t_rx as u64)
+                }
+                Err(_) => (tx, rx),
+            })
+    }
+    /// Wall-clock time of the last completed handshake (any slot).
     pub fn last_handshake(&self) -> Option<SystemTime> {
-        let age = self.tunn.lock().ok()?.time_since_last_handshake()?;
+        let age = self
+            .slots()
+            .iter()
+            .filter_map(|s| s.tunn.lock().ok()?.time_since_last_handshake())
+            .min()?;
         SystemTime::now().checked_sub(age)
     }
     pub fn persistent_keepalive(&self) -> Option<u16> {
         self.keepalive
+    }
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+    /// The slot to send with: the newest with a live session, else the
+    /// newest (which starts a handshake).
+    fn send_slot(&self) -> Option<Arc<Slot>> {
+        let slots = self.slots();
+        slots
+            .iter()
+            .rev()
+            .find(|s| {
+                s.tunn
+                    .lock()
+                    .ok()
+                    .and_then(|t| t.time_since_last_handshake())
+                    .is_some()
+            })
+            .or_else(|| slots.last())
+            .cloned()
     }
 }
 
@@ -99,15 +151,27 @@ pub struct PeerConfig {
     pub allowed_ips: Vec<IpCidr>,
     pub persistent_keepalive: Option<u16>,
     pub preshared_key: Option<[u8; 32]>,
+    /// Decrypt and validate only; never routed to.
+    pub draining: bool,
 }
 
 struct State {
-    key: Option<PrivateKey>,
+    /// Our private keys, newest last.
+    keys: Vec<PrivateKey>,
     peers: HashMap<[u8; 32], Arc<Peer>>,
-    by_index: HashMap<u32, Arc<Peer>>,
+    by_index: HashMap<u32, (Arc<Peer>, Arc<Slot>)>,
     next_index: u32,
     /// Allowed-IP routes, by prefix length, longest first.
     routes: Vec<(u8, HashMap<IpAddr, Arc<Peer>>)>,
+}
+
+/// A peer's mutable parts, kept to undo a failed transaction.
+struct SavedPeer {
+    peer: Arc<Peer>,
+    slots: Vec<Arc<Slot>>,
+    endpoint: Option<SocketAddr>,
+    allowed: Vec<IpCidr>,
+    draining: bool,
 }
 
 /// The device.
@@ -143,6 +207,23 @@ pub enum DeviceError {
     },
     #[error("no private key set")]
     NoKey,
+    #[error("the device's state lock is poisoned")]
+    Poisoned,
+}
+
+/// One change of a control transaction.
+#[derive(Debug)]
+pub enum Change {
+    /// Standard `private_key=`: this key only (sessions under other keys
+    /// end). Setting the key the device already uses alone changes nothing.
+    SetKey(PrivateKey),
+    /// Adds a newest key; older keys keep working (rotation overlap).
+    AddKey(PrivateKey),
+    /// Drops a key (by its public key) and its sessions.
+    DropKey([u8; 32]),
+    RemoveAllPeers,
+    RemovePeer([u8; 32]),
+    UpsertPeer([u8; 32], PeerConfig),
 }
 
 fn b64(k: &[u8; 32]) -> String {
@@ -183,7 +264,7 @@ impl State {
     fn rebuild_routes(&mut self) {
         let mut by_len: std::collections::BTreeMap<u8, HashMap<IpAddr, Arc<Peer>>> =
             Default::default();
-        for p in self.peers.values() {
+        for p in self.peers.values().filter(|p| !p.is_draining()) {
             for c in p.allowed_ips() {
                 by_len
                     .entry(c.prefix_len())
@@ -195,8 +276,8 @@ impl State {
     }
 
     fn route(&self, dst: IpAddr) -> Option<Arc<Peer>> {
+        let max = if dst.is_ipv4() { 32 } else { 128 };
         for (len, m) in &self.routes {
-            let max = if dst.is_ipv4() { 32 } else { 128 };
             if *len > max {
                 continue;
             }
@@ -205,6 +286,108 @@ impl State {
             }
         }
         None
+    }
+
+    fn new_slot(&mut self, key: &PrivateKey, peer: &[u8; 32], cfg: &PeerConfig) -> Arc<Slot> {
+        let index = self.next_index;
+        self.next_index = (self.next_index + 1) & 0x00ff_ffff;
+        let secret = key.secret();
+        let local = x25519::PublicKey::from(&secret).to_bytes();
+        Arc::new(Slot {
+            index,
+            local,
+            tunn: Mutex::new(Tunn::new(
+                secret,
+                x25519::PublicKey::from(*peer),
+                cfg.preshared_key,
+                cfg.persistent_keepalive,
+                index,
+                None,
+            )),
+        })
+    }
+
+    fn reindex(&mut self) {
+        self.by_index.clear();
+        for p in self.peers.values() {
+            for sl in p.slots() {
+                self.by_index.insert(sl.index, (p.clone(), sl));
+            }
+        }
+    }
+
+    /// Gives every peer a slot per key (creating missing ones, dropping
+    /// those of removed keys).
+    fn sync_slots(&mut self) {
+        let keys: Vec<PrivateKey> = self.keys.clone();
+        let peers: Vec<Arc<Peer>> = self.peers.values().cloned().collect();
+        for p in peers {
+            let cfg = PeerConfig {
+                persistent_keepalive: p.keepalive,
+                preshared_key: p.preshared,
+                ..Default::default()
+            };
+            let old = p.slots();
+            let mut slots = Vec::new();
+            for k in &keys {
+                let local = k.public_bytes();
+                match old.iter().find(|s| s.local == local) {
+                    Some(s) => slots.push(s.clone()),
+                    None => slots.push(self.new_slot(k, &p.public, &cfg)),
+                }
+            }
+            if let Ok(mut g) = p.slots.write() {
+                *g = slots;
+            }
+        }
+        self.reindex();
+    }
+
+    fn upsert(&mut self, public: [u8; 32], cfg: PeerConfig) -> Result<(), DeviceError> {
+        if !cfg.draining {
+            for c in &cfg.allowed_ips {
+                for (k, p) in &self.peers {
+                    if *k != public && !p.is_draining() && p.allowed_ips().contains(c) {
+                        return Err(DeviceError::AllowedIpTaken {
+                            peer: b64(&public),
+                            cidr: *c,
+                            other: b64(k),
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(p) = self.peers.get(&public).cloned()
+            && p.keepalive == cfg.persistent_keepalive
+            && p.preshared == cfg.preshared_key
+        {
+            // Same peer: its sessions stay.
+            if let Ok(mut e) = p.endpoint.write()
+                && cfg.endpoint.is_some()
+            {
+                *e = cfg.endpoint;
+            }
+            if let Ok(mut a) = p.allowed.write() {
+                *a = cfg.allowed_ips;
+            }
+            p.draining.store(cfg.draining, Ordering::Relaxed);
+            return Ok(());
+        }
+        if self.keys.is_empty() {
+            return Err(DeviceError::NoKey);
+        }
+        let peer = Arc::new(Peer {
+            public,
+            slots: RwLock::new(Vec::new()),
+            endpoint: RwLock::new(cfg.endpoint),
+            allowed: RwLock::new(cfg.allowed_ips.clone()),
+            keepalive: cfg.persistent_keepalive,
+            preshared: cfg.preshared_key,
+            draining: AtomicBool::new(cfg.draining),
+        });
+        self.peers.insert(public, peer);
+        self.sync_slots();
+        Ok(())
     }
 }
 
@@ -226,7 +409,7 @@ impl Device {
             socket: RwLock::new(Arc::new(socket)),
             port: port.into(),
             state: RwLock::new(State {
-                key: None,
+                keys: Vec::new(),
                 peers: HashMap::new(),
                 by_index: HashMap::new(),
                 next_index: 1,
@@ -266,24 +449,109 @@ impl Device {
         Ok(())
     }
 
-    /// Sets the private key; every peer's sessions restart with it.
-    pub fn set_private_key(&self, key: PrivateKey) {
-        let Ok(mut st) = self.state.write() else {
-            return;
-        };
-        let secret = key.secret();
-        let public = x25519::PublicKey::from(&secret);
-        for p in st.peers.values() {
-            if let Ok(mut t) = p.tunn.lock() {
-                t.set_static_private(secret.clone(), public, None);
+    /// Applies the changes as one transaction: all or, on the first error,
+    /// none (the state is restored), routes rebuilt once at the end.
+    pub fn apply(&self, changes: Vec<Change>) -> Result<(), DeviceError> {
+        let mut st = self.state.write().map_err(|_| DeviceError::Poisoned)?;
+        let saved: Vec<SavedPeer> = st
+            .peers
+            .values()
+            .map(|p| SavedPeer {
+                peer: p.clone(),
+                slots: p.slots(),
+                endpoint: p.endpoint(),
+                allowed: p.allowed_ips(),
+                draining: p.is_draining(),
+            })
+            .collect();
+        let saved_keys = st.keys.clone();
+        let saved_next = st.next_index;
+        let mut result = Ok(());
+        for c in changes {
+            let r = match c {
+                Change::SetKey(k) => {
+                    let same = st.keys.len() == 1 && st.keys[0].public_bytes() == k.public_bytes();
+                    if !same {
+                        st.keys = vec![k];
+                        st.sync_slots();
+                    }
+                    Ok(())
+                }
+                Change::AddKey(k) => {
+                    let p = k.public_bytes();
+                    st.keys.retain(|x| x.public_bytes() != p);
+                    st.keys.push(k);
+                    st.sync_slots();
+                    Ok(())
+                }
+                Change::DropKey(p) => {
+                    st.keys.retain(|x| x.public_bytes() != p);
+                    st.sync_slots();
+                    Ok(())
+                }
+                Change::RemoveAllPeers => {
+                    st.peers.clear();
+                    st.reindex();
+                    Ok(())
+                }
+                Change::RemovePeer(p) => {
+                    st.peers.remove(&p);
+                    st.reindex();
+                    Ok(())
+                }
+                Change::UpsertPeer(p, cfg) => st.upsert(p, cfg),
+            };
+            if let Err(e) = r {
+                result = Err(e);
+                break;
             }
         }
-        st.key = Some(key);
+        if result.is_err() {
+            st.keys = saved_keys;
+            st.next_index = saved_next;
+            st.peers.clear();
+            for SavedPeer {
+                peer: p,
+                slots,
+                endpoint,
+                allowed,
+                draining,
+            } in saved
+            {
+                if let Ok(mut g) = p.slots.write() {
+                    *g = slots;
+                }
+                if let Ok(mut g) = p.endpoint.write() {
+                    *g = endpoint;
+                }
+                if let Ok(mut g) = p.allowed.write() {
+                    *g = allowed;
+                }
+                p.draining.store(draining, Ordering::Relaxed);
+                st.peers.insert(p.public, p);
+            }
+            st.reindex();
+        }
+        st.rebuild_routes();
+        result
     }
 
-    /// The private key, for the control protocol's `get`.
+    /// Sets the one private key (see [`Change::SetKey`]).
+    pub fn set_private_key(&self, key: PrivateKey) {
+        let _ = self.apply(vec![Change::SetKey(key)]);
+    }
+
+    /// The newest private key, for the control protocol's `get`.
     pub fn private_key(&self) -> Option<PrivateKey> {
-        self.state.read().ok().and_then(|s| s.key.clone())
+        self.state.read().ok().and_then(|s| s.keys.last().cloned())
+    }
+
+    /// Public keys of every private key held, newest last.
+    pub fn public_keys(&self) -> Vec<[u8; 32]> {
+        self.state
+            .read()
+            .map(|s| s.keys.iter().map(PrivateKey::public_bytes).collect())
+            .unwrap_or_default()
     }
 
     pub fn peers(&self) -> Vec<Arc<Peer>> {
@@ -293,82 +561,18 @@ impl Device {
             .unwrap_or_default()
     }
 
-    /// Adds or replaces a peer. A replaced peer keeps its session when only
-    /// its endpoint or allowed IPs change, so traffic does not pause.
+    /// Adds or replaces a peer (see [`Change::UpsertPeer`]).
     pub fn upsert_peer(&self, public: [u8; 32], cfg: &PeerConfig) -> Result<(), DeviceError> {
-        let mut st = self.state.write().map_err(|_| DeviceError::NoKey)?;
-        // Allowed IPs must not be routed to another peer already.
-        for c in &cfg.allowed_ips {
-            for (k, p) in &st.peers {
-                if *k != public && p.allowed_ips().contains(c) {
-                    return Err(DeviceError::AllowedIpTaken {
-                        peer: b64(&public),
-                        cidr: *c,
-                        other: b64(k),
-                    });
-                }
-            }
-        }
-        if let Some(p) = st.peers.get(&public).cloned()
-            && p.keepalive == cfg.persistent_keepalive
-            && cfg.preshared_key.is_none()
-        {
-            if let Ok(mut e) = p.endpoint.write()
-                && cfg.endpoint.is_some()
-            {
-                *e = cfg.endpoint;
-            }
-            if let Ok(mut a) = p.allowed.write() {
-                *a = cfg.allowed_ips.clone();
-            }
-            st.rebuild_routes();
-            return Ok(());
-        }
-        let secret = st.key.as_ref().ok_or(DeviceError::NoKey)?.secret();
-        let index = st.next_index;
-        st.next_index = (st.next_index + 1) & 0x00ff_ffff;
-        let tunn = Tunn::new(
-            secret,
-            x25519::PublicKey::from(public),
-            cfg.preshared_key,
-            cfg.persistent_keepalive,
-            index,
-            None,
-        );
-        let peer = Arc::new(Peer {
-            public,
-            index,
-            tunn: Mutex::new(tunn),
-            endpoint: RwLock::new(cfg.endpoint),
-            allowed: RwLock::new(cfg.allowed_ips.clone()),
-            keepalive: cfg.persistent_keepalive,
-        });
-        if let Some(old) = st.peers.insert(public, peer.clone()) {
-            st.by_index.remove(&old.index);
-        }
-        st.by_index.insert(index, peer);
-        st.rebuild_routes();
-        Ok(())
+        self.apply(vec![Change::UpsertPeer(public, cfg.clone())])
     }
 
     pub fn remove_peer(&self, public: &[u8; 32]) -> bool {
-        let Ok(mut st) = self.state.write() else {
-            return false;
-        };
-        let Some(p) = st.peers.remove(public) else {
-            return false;
-        };
-        st.by_index.remove(&p.index);
-        st.rebuild_routes();
-        true
-    }
-
-    pub fn remove_all_peers(&self) {
-        if let Ok(mut st) = self.state.write() {
-            st.peers.clear();
-            st.by_index.clear();
-            st.routes.clear();
-        }
+        let had = self
+            .state
+            .read()
+            .map(|s| s.peers.contains_key(public))
+            .unwrap_or(false);
+        had && self.apply(vec![Change::RemovePeer(*public)]).is_ok()
     }
 
     /// Asks the device's threads to end (they notice within 250 ms).
@@ -422,7 +626,10 @@ impl Device {
                 self.stats.tx_no_peer.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let Ok(mut t) = peer.tunn.lock() else {
+            let Some(slot) = peer.send_slot() else {
+                continue;
+            };
+            let Ok(mut t) = slot.tunn.lock() else {
                 continue;
             };
             if let TunnResult::WriteToNetwork(b) = t.encapsulate(&pkt[..n], &mut out) {
@@ -433,20 +640,31 @@ impl Device {
         }
     }
 
-    fn peer_for(&self, datagram: &[u8]) -> Option<Arc<Peer>> {
+    fn slot_for(&self, datagram: &[u8]) -> Option<(Arc<Peer>, Arc<Slot>)> {
         let st = self.state.read().ok()?;
-        match Tunn::parse_incoming_packet(datagram).ok()? {
+        let index = match Tunn::parse_incoming_packet(datagram).ok()? {
             Packet::HandshakeInit(p) => {
-                let key = st.key.as_ref()?;
-                let secret = key.secret();
-                let public = x25519::PublicKey::from(&secret);
-                let half = parse_handshake_anon(&secret, &public, &p).ok()?;
-                st.peers.get(&half.peer_static_public).cloned()
+                // Addressed to one of our keys, from one of our peers.
+                for key in st.keys.iter().rev() {
+                    let secret = key.secret();
+                    let public = x25519::PublicKey::from(&secret);
+                    let Ok(half) = parse_handshake_anon(&secret, &public, &p) else {
+                        continue;
+                    };
+                    let peer = st.peers.get(&half.peer_static_public)?;
+                    let slot = peer
+                        .slots()
+                        .into_iter()
+                        .find(|s| s.local == public.to_bytes())?;
+                    return Some((peer.clone(), slot));
+                }
+                return None;
             }
-            Packet::HandshakeResponse(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
-            Packet::PacketCookieReply(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
-            Packet::PacketData(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
-        }
+            Packet::HandshakeResponse(p) => p.receiver_idx,
+            Packet::PacketCookieReply(p) => p.receiver_idx,
+            Packet::PacketData(p) => p.receiver_idx,
+        };
+        st.by_index.get(&(index >> 8)).cloned()
     }
 
     /// UDP -> decrypt -> TUN (or a handshake reply back to the network).
@@ -473,11 +691,11 @@ impl Device {
                     continue;
                 }
             };
-            let Some(peer) = self.peer_for(&buf[..n]) else {
+            let Some((peer, slot)) = self.slot_for(&buf[..n]) else {
                 self.stats.rx_unknown.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let Ok(mut t) = peer.tunn.lock() else {
+            let Ok(mut t) = slot.tunn.lock() else {
                 continue;
             };
             let mut first = true;
@@ -527,23 +745,25 @@ impl Device {
         let _ = self.tun.send(pkt);
     }
 
-    /// Handshake retries, keepalives and rekeys.
+    /// Handshake retries, keepalives and rekeys, for every slot.
     fn timer_loop(&self) {
         let mut out = vec![0u8; BUF];
         while !self.stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(250));
             for p in self.peers() {
-                let Ok(mut t) = p.tunn.lock() else { continue };
-                match t.update_timers(&mut out) {
-                    TunnResult::WriteToNetwork(b) => {
-                        let to = p.endpoint();
-                        self.send(to, b);
+                for sl in p.slots() {
+                    let Ok(mut t) = sl.tunn.lock() else { continue };
+                    match t.update_timers(&mut out) {
+                        TunnResult::WriteToNetwork(b) => {
+                            let to = p.endpoint();
+                            self.send(to, b);
+                        }
+                        TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                        TunnResult::Err(e) => {
+                            tracing::debug!(peer = %b64(&p.public), error = ?e, "timers");
+                        }
+                        _ => {}
                     }
-                    TunnResult::Err(WireGuardError::ConnectionExpired) => {}
-                    TunnResult::Err(e) => {
-                        tracing::debug!(peer = %b64(&p.public), error = ?e, "timers");
-                    }
-                    _ => {}
                 }
             }
         }

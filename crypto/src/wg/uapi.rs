@@ -4,8 +4,12 @@
 //! standard `wg` tool looks for userspace devices): `get=1` reports the
 //! device and its peers, `set=1` changes them. Keys travel in hex. Errors
 //! answer `errno=N` (22 EINVAL for malformed input) and change nothing of
-//! the operation that failed; a bad peer is refused without touching the
-//! others.
+//! the operation that failed: a `set` is one transaction, all or nothing.
+//!
+//! Extensions for lossless key rotation (ignored by nothing: only our agent
+//! sends them): device keys `x_add_private_key` (a newest key, older keys
+//! keep working) and `x_drop_public_key` (retire a key), and the peer key
+//! `x_draining=true|false` (decrypt only, no longer routed to).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -21,7 +25,7 @@ use std::{
 
 use clustermesh_api::{IpCidr, WgPublicKey};
 
-use super::{Device, PeerConfig};
+use super::{Change, Device, PeerConfig};
 use crate::keys::PrivateKey;
 
 const EINVAL: i32 = 22;
@@ -82,12 +86,15 @@ struct PeerOp {
     preshared: Option<[u8; 32]>,
     replace_allowed: bool,
     allowed: Vec<IpCidr>,
+    draining: Option<bool>,
 }
 
 /// A parsed `set=1` body.
 #[derive(Debug, Default)]
 struct SetOp {
     private_key: Option<PrivateKey>,
+    add_key: Option<PrivateKey>,
+    drop_key: Option<[u8; 32]>,
     listen_port: Option<u16>,
     replace_peers: bool,
     peers: Vec<PeerOp>,
@@ -113,6 +120,11 @@ fn parse_set(lines: &[String]) -> Result<SetOp, String> {
             ("private_key", None) => {
                 op.private_key = Some(PrivateKey::from_bytes(unhex(v).ok_or_else(bad)?));
             }
+            ("x_add_private_key", None) => {
+                op.add_key = Some(PrivateKey::from_bytes(unhex(v).ok_or_else(bad)?));
+            }
+            ("x_drop_public_key", None) => op.drop_key = Some(unhex(v).ok_or_else(bad)?),
+            ("x_draining", Some(p)) => p.draining = Some(v == "true"),
             ("listen_port", None) => op.listen_port = Some(v.parse().map_err(|_| bad())?),
             ("fwmark", None) => {}
             ("replace_peers", None) => op.replace_peers = v == "true",
@@ -144,58 +156,66 @@ pub fn set(dev: &Device, lines: &[String]) -> i32 {
             return EINVAL;
         }
     };
-    if let Some(k) = op.private_key {
-        dev.set_private_key(k);
-    }
     if let Some(port) = op.listen_port
         && let Err(e) = dev.set_listen_port(port)
     {
         tracing::warn!(device = dev.name(), error = %e, "listen port");
         return EIO;
     }
-    if op.replace_peers {
-        dev.remove_all_peers();
+    let mut changes = Vec::new();
+    if let Some(k) = op.private_key {
+        changes.push(Change::SetKey(k));
     }
-    let mut errno = 0;
+    if let Some(k) = op.add_key {
+        changes.push(Change::AddKey(k));
+    }
+    if let Some(k) = op.drop_key {
+        changes.push(Change::DropKey(k));
+    }
+    if op.replace_peers {
+        changes.push(Change::RemoveAllPeers);
+    }
+    let current = dev.peers();
     for p in op.peers {
         if p.remove {
-            dev.remove_peer(&p.public);
+            changes.push(Change::RemovePeer(p.public));
             continue;
         }
-        let existing = dev.peers().into_iter().find(|x| x.public == p.public);
+        let existing = current.iter().find(|x| x.public == p.public);
         if p.update_only && existing.is_none() {
             continue;
         }
         let mut cfg = PeerConfig {
-            endpoint: p
-                .endpoint
-                .or_else(|| existing.as_ref().and_then(|e| e.endpoint())),
+            endpoint: p.endpoint.or_else(|| existing.and_then(|e| e.endpoint())),
             allowed_ips: if p.replace_allowed {
                 Vec::new()
             } else {
-                existing
-                    .as_ref()
-                    .map(|e| e.allowed_ips())
-                    .unwrap_or_default()
+                existing.map(|e| e.allowed_ips()).unwrap_or_default()
             },
             persistent_keepalive: match p.keepalive {
                 Some(0) => None,
                 Some(k) => Some(k),
-                None => existing.as_ref().and_then(|e| e.persistent_keepalive()),
+                None => existing.and_then(|e| e.persistent_keepalive()),
             },
             preshared_key: p.preshared,
+            draining: p
+                .draining
+                .unwrap_or_else(|| existing.is_some_and(|e| e.is_draining())),
         };
         for c in p.allowed {
             if !cfg.allowed_ips.contains(&c) {
                 cfg.allowed_ips.push(c);
             }
         }
-        if let Err(e) = dev.upsert_peer(p.public, &cfg) {
-            tracing::warn!(device = dev.name(), error = %e, "refused a peer");
-            errno = EINVAL;
+        changes.push(Change::UpsertPeer(p.public, cfg));
+    }
+    match dev.apply(changes) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::warn!(device = dev.name(), error = %e, "refused a set");
+            EINVAL
         }
     }
-    errno
 }
 
 /// Lines up to a blank line or the end of the stream.
@@ -442,5 +462,36 @@ impl Client {
     /// Sets the device's private key.
     pub fn set_private_key(&self, key: &PrivateKey) -> std::io::Result<()> {
         self.set(&[format!("private_key={}", hex(key.expose_bytes()))])
+    }
+
+    /// Rotation, step 1: a newest key; the current one keeps working.
+    pub fn add_private_key(&self, key: &PrivateKey) -> std::io::Result<()> {
+        self.set(&[format!("x_add_private_key={}", hex(key.expose_bytes()))])
+    }
+
+    /// Rotation, last step: retire a key and its sessions.
+    pub fn drop_key(&self, public: &WgPublicKey) -> std::io::Result<()> {
+        self.set(&[format!("x_drop_public_key={}", hex(public.as_bytes()))])
+    }
+
+    /// A peer's key changed: in one transaction the old peer turns
+    /// draining (still decrypts its sessions' last packets, no longer
+    /// routed to) and the new one takes the routes.
+    pub fn replace_peer_key(
+        &self,
+        old: &WgPublicKey,
+        new: &WgPublicKey,
+        endpoint: SocketAddr,
+        allowed: &[IpCidr],
+    ) -> std::io::Result<()> {
+        let mut lines = vec![
+            format!("public_key={}", hex(old.as_bytes())),
+            "x_draining=true".to_owned(),
+            format!("public_key={}", hex(new.as_bytes())),
+            format!("endpoint={endpoint}"),
+            "replace_allowed_ips=true".to_owned(),
+        ];
+        lines.extend(allowed.iter().map(|c| format!("allowed_ip={c}")));
+        self.set(&lines)
     }
 }
