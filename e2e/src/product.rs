@@ -346,6 +346,9 @@ impl WgDevice {
             self.key_file.display().to_string(),
             "--wireguard-log".into(),
             self.log.display().to_string(),
+            // Short rotation overlap, so tests see a rotation end.
+            "--wireguard-overlap".into(),
+            "2".into(),
         ]
     }
 }

@@ -5,6 +5,9 @@
 //! B's pod every 10 ms throughout:
 //!
 //! (a) the nodes start (agents and devices come up while traffic is sent);
+//! (c) A's WireGuard key rotates (SIGUSR1 to its agent) under a separate
+//!     10 ms ping: no ping lost; afterwards A runs on the new key only and
+//!     B's one peer entry for A carries it;
 //! (b) a peer goes and comes back: B's agent is stopped and B deregistered
 //!     (A removes the peer, traffic to B's pod is dropped with a counted
 //!     reason), then B's agent starts again (A adds the peer back);
@@ -13,7 +16,7 @@
 //!     of its own and the datapath is pinned).
 //!
 //! Then the capture must hold WireGuard only: no pod packet in the clear,
-//! no unencrypted tunnel. (Key rotation, case (c), is not built yet.)
+//! no unencrypted tunnel.
 #![allow(clippy::unwrap_used)]
 
 use std::{
@@ -56,7 +59,7 @@ fn start_agent(m: &Mesh, n: &Node, wg: &WgDevice) -> (std::process::Child, Vec<S
 }
 
 #[test]
-fn strict_mode_leaks_nothing_at_start_peer_churn_and_agent_restart() {
+fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     require_root!();
     let m = Mesh::new(EncryptionPolicy {
         mode: EncryptionMode::Wireguard,
@@ -128,6 +131,56 @@ fn strict_mode_leaks_nothing_at_start_peer_churn_and_agent_restart() {
         (PINGS, PINGS),
         "lost pings across the agent restart"
     );
+
+    // (c) Key rotation under a 10 ms ping.
+    let key_before =
+        a.ns.exec("wg", &["show", &wga.iface, "public-key"])
+            .unwrap();
+    let ping = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            a.pod.name(),
+            "ping",
+            "-c",
+            &PINGS.to_string(),
+        ])
+        .args(["-i", "0.01", "-W", "1", &b.pod_ip.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let usr1 = Command::new("kill")
+        .args(["-USR1", &agent_a.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(usr1.success());
+    let (sent, received) = ping_summary(&ping.wait_with_output().unwrap());
+    eprintln!("encrypted, strict: key rotation under 10 ms ping: {sent} sent, {received} received");
+    assert_eq!(
+        (sent, received),
+        (PINGS, PINGS),
+        "lost pings across the key rotation"
+    );
+    let key_after =
+        a.ns.exec("wg", &["show", &wga.iface, "public-key"])
+            .unwrap();
+    assert_ne!(key_before, key_after, "A's key did not change");
+    // After the overlap (2 s) and B's drain: one key each side.
+    until(
+        "the rotation completes on both sides",
+        Duration::from_secs(15),
+        || {
+            let peers = b.ns.exec("wg", &["show", &wgb.iface, "peers"]).unwrap();
+            peers.trim() == key_after.trim()
+        },
+    );
+    let out = a
+        .pod
+        .exec("ping", &["-c", "5", "-i", "0.05", &b.pod_ip.to_string()])
+        .unwrap();
+    assert!(out.contains("5 received"), "after the rotation: {out}");
 
     // (b) Peer churn: B goes away (agent stopped, node deregistered) ...
     agent_b.kill().unwrap();

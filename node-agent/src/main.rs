@@ -82,6 +82,15 @@ struct Args {
     /// (default /var/log/clustermesh-wg-<iface>.log).
     #[arg(long)]
     wireguard_log: Option<std::path::PathBuf>,
+    /// Rotate the WireGuard key every this many seconds (0: only on
+    /// SIGUSR1). Make before break: the device holds both keys for
+    /// --wireguard-overlap seconds while peers move to the new one.
+    #[arg(long, default_value_t = 0)]
+    wireguard_rotate_every: u64,
+    /// Seconds both keys stay valid during a rotation; peers keep a
+    /// node's old key draining as long.
+    #[arg(long, default_value_t = 120)]
+    wireguard_overlap: u64,
     /// Directory where the CNI plugin (clustermesh-cni) leaves one file per
     /// pod: watched, and each pod attached, registered and made deliverable
     /// as it comes; removed as its file goes.
@@ -439,9 +448,20 @@ async fn main() -> anyhow::Result<()> {
             wireguard_port: wg.as_ref().map_or(0, |w| u32::from(w.port)),
             ..Default::default()
         };
+        let (node_tx, node_rx) = tokio::sync::watch::channel(node);
+        if let Some(w) = &wg {
+            tracker.spawn(node_agent::wireguard::rotation(
+                w.clone(),
+                args.wireguard_key_file.clone(),
+                Duration::from_secs(args.wireguard_rotate_every),
+                Duration::from_secs(args.wireguard_overlap),
+                node_tx,
+                cancel.clone(),
+            ));
+        }
         tracker.spawn(registration::run(
             addr,
-            node,
+            node_rx,
             specs_rx,
             ids_tx,
             cancel.clone(),
@@ -510,7 +530,10 @@ async fn main() -> anyhow::Result<()> {
             ipcache,
             tunnels,
             peers: match &wg {
-                Some(w) => Box::new(node_agent::wireguard::WgPeers::new(w.client.clone())),
+                Some(w) => Box::new(node_agent::wireguard::WgPeers::new(
+                    w.client.clone(),
+                    Duration::from_secs(args.wireguard_overlap),
+                )),
                 None => Box::new(MemoryReconciler::new("peers")),
             },
             services: Box::new(MemoryReconciler::new("services")),

@@ -154,7 +154,7 @@ async fn sync_endpoints(
 
 async fn session(
     addr: &str,
-    node: &proto::Node,
+    node_rx: &mut tokio::sync::watch::Receiver<proto::Node>,
     endpoints: &mut tokio::sync::watch::Receiver<Vec<EndpointSpec>>,
     identities: &tokio::sync::watch::Sender<Vec<(String, u32)>>,
     cancel: &CancellationToken,
@@ -165,6 +165,7 @@ async fn session(
             addr: addr.to_owned(),
             source,
         })?;
+    let node = &node_rx.borrow_and_update().clone();
     let r = c
         .register_node(proto::RegisterNodeRequest {
             node: Some(node.clone()),
@@ -210,6 +211,18 @@ async fn session(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
+            // The node record changed (a WireGuard key rotation): the
+            // apiserver updates it in place (same boot id).
+            r = node_rx.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                let n = node_rx.borrow_and_update().clone();
+                c.register_node(proto::RegisterNodeRequest { node: Some(n.clone()) })
+                    .await
+                    .map_err(|status| Error::Refused { what: format!("node {}", n.name), status })?;
+                tracing::info!(node = %n.name, keys = n.wireguard_public_keys.len(), "node record updated");
+            }
             r = endpoints.changed(), if endpoints_open => {
                 if r.is_err() {
                     endpoints_open = false;
@@ -231,14 +244,14 @@ async fn session(
 /// identities the apiserver allocated for the endpoints.
 pub async fn run(
     addr: String,
-    node: proto::Node,
+    mut node: tokio::sync::watch::Receiver<proto::Node>,
     mut endpoints: tokio::sync::watch::Receiver<Vec<EndpointSpec>>,
     identities: tokio::sync::watch::Sender<Vec<(String, u32)>>,
     cancel: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match session(&addr, &node, &mut endpoints, &identities, &cancel).await {
+        match session(&addr, &mut node, &mut endpoints, &identities, &cancel).await {
             Ok(()) => return,
             Err(e) => tracing::warn!(error = %e, "registration lost; retrying in {delay:?}"),
         }

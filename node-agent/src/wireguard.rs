@@ -10,7 +10,14 @@
 //! [`WgPeers`] keeps the device's peers equal to the merged desired state
 //! (one per remote node: public key, underlay endpoint, pod CIDRs) over the
 //! standard control protocol. Updating a peer's endpoint or allowed IPs
-//! keeps its session; a node whose key changed has its old peer removed.
+//! keeps its session. A node whose key changed (it rotated) gets its new
+//! key routed to in one transaction while the old entry stays *draining*
+//! (decrypts the old sessions' last packets) for the overlap, then goes.
+//!
+//! [`rotation`] rotates this node's key, on a schedule and on SIGUSR1, make
+//! before break: new key in the key file, added to the device next to the
+//! old one, published first in the NodeRecord with the old one second;
+//! after the overlap the old key is dropped from the device and the record.
 
 use std::{
     collections::BTreeMap,
@@ -169,13 +176,16 @@ fn rerr(e: std::io::Error) -> ReconcileError {
 pub struct WgPeers {
     client: Client,
     keys: BTreeMap<String, WgPublicKey>,
+    /// How long a rotated-away key stays draining.
+    overlap: Duration,
 }
 
 impl WgPeers {
-    pub fn new(client: Client) -> Self {
+    pub fn new(client: Client, overlap: Duration) -> Self {
         Self {
             client,
             keys: BTreeMap::new(),
+            overlap,
         }
     }
 }
@@ -185,11 +195,27 @@ impl Reconciler<String, Peer> for WgPeers {
         "wireguard peers"
     }
     fn update(&mut self, k: &String, v: &Peer) -> Result<(), ReconcileError> {
-        if let Some(old) = self.keys.get(k)
-            && *old != v.public_key
+        if let Some(old) = self.keys.get(k).copied()
+            && old != v.public_key
         {
-            self.client.remove_peer(old.as_bytes()).map_err(rerr)?;
-            tracing::info!(peer = %k, old = %old.fingerprint(), new = %v.public_key.fingerprint(), "peer key changed");
+            // Make before break: routes move to the new key at once, the
+            // old entry drains, and goes after the overlap.
+            self.client
+                .replace_peer_key(&old, &v.public_key, v.endpoint, &v.allowed_ips)
+                .map_err(rerr)?;
+            tracing::info!(peer = %k, old = %old.fingerprint(), new = %v.public_key.fingerprint(), "peer rotated its key; old key draining");
+            let client = self.client.clone();
+            let overlap = self.overlap;
+            let name = k.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(overlap);
+                match client.remove_peer(old.as_bytes()) {
+                    Ok(()) => tracing::info!(peer = %name, key = %old.fingerprint(), "drained key removed"),
+                    Err(e) => tracing::warn!(peer = %name, error = %e, "removing a drained key"),
+                }
+            });
+            self.keys.insert(k.clone(), v.public_key);
+            return Ok(());
         }
         self.client
             .set_peer(&v.public_key, v.endpoint, &v.allowed_ips)
@@ -228,4 +254,61 @@ impl Reconciler<String, Peer> for WgPeers {
 /// The default place of the device's log.
 pub fn default_log(iface: &str) -> PathBuf {
     Path::new("/var/log").join(format!("clustermesh-wg-{iface}.log"))
+}
+
+/// Rotates this node's WireGuard key every `every` (zero: never) and on
+/// SIGUSR1, until cancelled. See the module docs for the steps.
+pub async fn rotation(
+    wg: WgDevice,
+    key_file: PathBuf,
+    every: Duration,
+    overlap: Duration,
+    node: tokio::sync::watch::Sender<clustermesh_api::proto::Node>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut usr1 =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGUSR1 handler: rotation on command is off");
+                None
+            }
+        };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every), if !every.is_zero() => {}
+            Some(()) = async { match usr1.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {}
+        }
+        if let Err(e) = rotate_once(&wg, &key_file, overlap, &node, &cancel).await {
+            tracing::error!(error = %e, "WireGuard key rotation failed; the current key stays");
+        }
+    }
+}
+
+async fn rotate_once(
+    wg: &WgDevice,
+    key_file: &Path,
+    overlap: Duration,
+    node: &tokio::sync::watch::Sender<clustermesh_api::proto::Node>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let file = KeyFile::new(key_file);
+    let old = file.load()?.public_key()?;
+    let new_key = clustermesh_crypto::keys::PrivateKey::generate()?;
+    let new = new_key.public_key()?;
+    // The file first: a device or agent restarted from here on uses the
+    // new key.
+    file.replace(&new_key)?;
+    wg.client.add_private_key(&new_key)?;
+    node.send_modify(|n| n.wireguard_public_keys = vec![new.to_string(), old.to_string()]);
+    tracing::info!(old = %old.fingerprint(), new = %new.fingerprint(), overlap_s = overlap.as_secs(), "WireGuard key rotation: both keys valid");
+    tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        _ = tokio::time::sleep(overlap) => {}
+    }
+    wg.client.drop_key(&old)?;
+    node.send_modify(|n| n.wireguard_public_keys = vec![new.to_string()]);
+    tracing::info!(retired = %old.fingerprint(), current = %new.fingerprint(), "WireGuard key rotation complete");
+    Ok(())
 }
