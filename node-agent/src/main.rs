@@ -564,11 +564,12 @@ async fn main() -> anyhow::Result<()> {
                     .as_ref()
                     .and_then(|s| s.lock().ok().and_then(|g| g.encryption));
                 let Some(policy) = policy else { continue };
-                let flags = if policy.strict { tunnel_common::CONFIG_FLAG_STRICT } else { 0 };
+                let flags = if policy.strict { tunnel_common::CONFIG_FLAG_STRICT } else { 0 }
+                    | if policy.strict_ingress { tunnel_common::CONFIG_FLAG_STRICT_INGRESS } else { 0 };
                 if flags != dp_cfg.flags && let Some(d) = dp.as_mut() {
                     dp_cfg.flags = flags;
                     d.set_config(dp_cfg)?;
-                    tracing::info!(strict = policy.strict, "encryption policy applied to the datapath");
+                    tracing::info!(strict = policy.strict, strict_ingress = policy.strict_ingress, "encryption policy applied to the datapath");
                 }
             }
             _ = cni_tick.tick(), if args.endpoint_dir.is_some() && dp.is_some() => {

@@ -210,7 +210,9 @@ impl Reconciler<String, Peer> for WgPeers {
             std::thread::spawn(move || {
                 std::thread::sleep(overlap);
                 match client.remove_peer(old.as_bytes()) {
-                    Ok(()) => tracing::info!(peer = %name, key = %old.fingerprint(), "drained key removed"),
+                    Ok(()) => {
+                        tracing::info!(peer = %name, key = %old.fingerprint(), "drained key removed")
+                    }
                     Err(e) => tracing::warn!(peer = %name, error = %e, "removing a drained key"),
                 }
             });

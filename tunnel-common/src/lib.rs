@@ -132,6 +132,10 @@ const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
 /// whenever it cannot go through the WireGuard device, never sent in
 /// plaintext.
 pub const CONFIG_FLAG_STRICT: u32 = 1;
+/// Strict ingress: pod traffic arriving from remote nodes outside WireGuard
+/// (through a tunnel or routed in the clear) is dropped
+/// ([`Verdict::DropStrictPlaintext`], ingress) instead of delivered.
+pub const CONFIG_FLAG_STRICT_INGRESS: u32 = 2;
 
 /// Direction of a counted packet.
 #[repr(u8)]

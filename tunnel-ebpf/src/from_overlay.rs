@@ -21,7 +21,7 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use shared::{count, deliver, endpoint, ipv4_addrs, record_identity};
+use shared::{count, deliver_unencrypted, endpoint, ipv4_addrs, record_identity};
 use tunnel_common::{Direction, Verdict};
 
 #[classifier]
@@ -55,7 +55,7 @@ fn try_from_overlay(ctx: &TcContext) -> (Verdict, i32) {
     let Some(ep) = endpoint(dst) else {
         return (Verdict::DropUnknownEndpoint, TC_ACT_SHOT);
     };
-    deliver(ctx, &ep)
+    deliver_unencrypted(ctx, &ep)
 }
 
 #[cfg(not(target_arch = "bpf"))]

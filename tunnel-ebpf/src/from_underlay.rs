@@ -36,7 +36,9 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use shared::{ETH_HLEN, config, count, deliver, endpoint, ipcache, ipv4_addrs, record_identity};
+use shared::{
+    ETH_HLEN, config, count, deliver_unencrypted, endpoint, ipcache, ipv4_addrs, record_identity,
+};
 use tunnel_common::{Direction, GENEVE_PORT, IDENTITY_WORLD, TunnelMode, VXLAN_PORT, Verdict};
 
 #[classifier]
@@ -90,7 +92,7 @@ fn try_from_underlay(ctx: &TcContext) -> Option<(Verdict, i32)> {
             _ => IDENTITY_WORLD,
         };
         record_identity(src, identity);
-        return Some(deliver(ctx, &ep));
+        return Some(deliver_unencrypted(ctx, &ep));
     }
     None
 }
@@ -164,7 +166,7 @@ fn decap(ctx: &TcContext, tunnel_hlen: usize, identity: u32) -> (Verdict, i32) {
     if r != 0 {
         return (Verdict::DropInternal, TC_ACT_SHOT);
     }
-    deliver(ctx, &ep)
+    deliver_unencrypted(ctx, &ep)
 }
 
 #[cfg(not(target_arch = "bpf"))]

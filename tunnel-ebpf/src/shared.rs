@@ -86,6 +86,19 @@ pub fn record_identity(src: u32, identity: u32) {
     }
 }
 
+/// Delivers a frame that arrived from a remote node outside WireGuard:
+/// dropped under strict ingress, else [`deliver`].
+#[inline(always)]
+pub fn deliver_unencrypted(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32) {
+    if config().flags & tunnel_common::CONFIG_FLAG_STRICT_INGRESS != 0 {
+        return (
+            Verdict::DropStrictPlaintext,
+            aya_ebpf::bindings::TC_ACT_SHOT,
+        );
+    }
+    deliver(ctx, ep)
+}
+
 /// Delivers the frame to a local endpoint: MACs rewritten, then
 /// `redirect_peer` straight into its namespace (no host stack, no backlog).
 #[inline(always)]

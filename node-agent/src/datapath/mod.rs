@@ -356,6 +356,17 @@ impl Datapath {
         )
     }
 
+    /// The configuration the programs run with.
+    pub fn config(&self) -> Result<DatapathConfig> {
+        let map = self
+            .endpoint
+            .map(maps::CONFIG)
+            .ok_or(Error::MissingMap(maps::CONFIG))?;
+        let a: Array<&MapData, DatapathConfig> =
+            Array::try_from(map).map_err(map_err(maps::CONFIG))?;
+        a.get(&0, 0).map_err(map_err(maps::CONFIG))
+    }
+
     pub fn set_config(&mut self, cfg: DatapathConfig) -> Result<()> {
         let map = self
             .endpoint
