@@ -22,6 +22,10 @@ STATE=target/mesh
 BIN=target/debug
 NS_PREFIX=cmdemo
 TUNNEL=${TUNNEL:-vxlan}
+# ENCRYPTION=strict (default): WireGuard between the nodes, fail closed;
+# wireguard: WireGuard, not strict; none: no encryption.
+ENCRYPTION=${ENCRYPTION:-strict}
+case "$ENCRYPTION" in strict|wireguard|none) ;; *) echo "demo: ENCRYPTION must be strict, wireguard or none" >&2; exit 2 ;; esac
 case "$TUNNEL" in vxlan|geneve|direct) ;; *) echo "demo: TUNNEL must be vxlan, geneve or direct" >&2; exit 2 ;; esac
 
 down() {
@@ -31,6 +35,9 @@ down() {
       kill "$(cat "$f")" 2>/dev/null || true
     done
   fi
+  # The WireGuard devices are processes of their own (they outlive agents).
+  pkill -f "clustermesh-wg cmwg-c[12] " 2>/dev/null || true
+  rm -f /var/run/wireguard/cmwg-c1.sock /var/run/wireguard/cmwg-c2.sock
   for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep "^$NS_PREFIX-" || true); do
     ip netns del "$ns" 2>/dev/null || true
   done
@@ -102,6 +109,7 @@ YAML
     "$BIN/clustermesh-apiserver" --cluster-name "$c" --cluster-id "$id" --etcd-endpoints "$ep" \
       --listen "127.0.0.1:$gport" --metrics-listen "127.0.0.1:$mport" \
       --services-file "$STATE/services-$c.yaml" \
+      $(case "$ENCRYPTION" in strict) echo "--encryption wireguard --encryption-strict" ;; wireguard) echo "--encryption wireguard" ;; esac) \
       >"$STATE/logs/apiserver-$c.log" 2>&1 &
     echo $! >"$STATE/pids/apiserver-$c"
     wait_for "$STATE/logs/apiserver-$c.log" "serving" "apiserver of $c"
@@ -137,6 +145,8 @@ YAML
       --underlay-ip "192.0.2.$id" --pod-cidr "10.$id.0.0/24" \
       --cluster-name "$c" --local-etcd-endpoints "$(cat "$STATE/etcd-$c")" \
       --clusters-dir "$STATE/clusters-$c" --status-listen "127.0.0.1:$sport" \
+      --audit-log "$STATE/audit-$c.jsonl" \
+      $( [ "$ENCRYPTION" = none ] || echo "--wireguard-iface cmwg-$c --wireguard-key-file $STATE/wg-$c.key --wireguard-log $STATE/logs/wg-$c.log" ) \
       >"$STATE/logs/agent-$c.log" 2>"$STATE/logs/agent-$c.err" &
     echo $! >"$STATE/pids/agent-$c"
   done
@@ -174,9 +184,16 @@ PY
   for c in c1 c2; do
     local id=${c#c} other
     other=$(( 3 - id ))
-    echo "== $c: pod $(cat "$STATE/podip-$c") pings the pod of c$other, $(cat "$STATE/podip-c$other") (eBPF, $TUNNEL)"
+    echo "== $c: pod $(cat "$STATE/podip-$c") pings the pod of c$other, $(cat "$STATE/podip-c$other") (eBPF, $TUNNEL, encryption $ENCRYPTION)"
     ip netns exec "$NS_PREFIX-$c-pod" ping -c 5 -i 0.2 "$(cat "$STATE/podip-c$other")" | tail -2
   done
+  if [ "$ENCRYPTION" != none ]; then
+    echo
+    echo "== c1's WireGuard device (userspace, its own process; wg show reads it)"
+    ip netns exec "$NS_PREFIX-c1-node" wg show cmwg-c1 | sed 's/^/  /'
+    echo "== c1's encryption audit trail"
+    sed 's/^/  /' "$STATE/audit-c1.jsonl"
+  fi
   sleep 1.2 # one report interval, so the agents' next report includes the pings
   echo
   echo "== node agents: identities allocated by the apiservers, eBPF counters (tunnel/routed = sent to the other node, local = delivered)"

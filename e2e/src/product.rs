@@ -151,6 +151,8 @@ impl Node {
             .arg("--clusters-dir")
             .arg(self.dir.path().join("clusters"))
             .args(["--status-listen", &self.status, "--report-every", "1"])
+            .arg("--audit-log")
+            .arg(self.audit_log())
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -205,6 +207,11 @@ impl Node {
             }
         });
         (child, how)
+    }
+
+    /// The agent's encryption audit trail.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
     }
 
     /// Everything the node's agents printed after attaching.

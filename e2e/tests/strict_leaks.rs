@@ -225,6 +225,57 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     let enc = dpa.counter(Direction::Egress, Verdict::Encrypted).unwrap();
     assert!(enc.packets > u64::from(PINGS), "{enc:?}");
 
+    // The audit trails hold the posture changes, keys as fingerprints.
+    let events = |n: &Node| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(n.audit_log())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let has = |ev: &[serde_json::Value], name: &str| ev.iter().any(|e| e["event"] == name);
+    let ea = events(a);
+    for name in [
+        "encryption_policy",
+        "peer_added",
+        "key_rotation_started",
+        "key_rotation_completed",
+        "peer_removed",
+    ] {
+        assert!(has(&ea, name), "A's audit trail lacks {name}: {ea:?}");
+    }
+    let policy = ea
+        .iter()
+        .find(|e| e["event"] == "encryption_policy")
+        .unwrap();
+    assert_eq!(policy["strict"], true, "{policy}");
+    assert!(has(&events(b), "peer_key_changed"), "B's audit trail");
+    let rotated = ea
+        .iter()
+        .find(|e| e["event"] == "key_rotation_completed")
+        .unwrap();
+    assert_eq!(
+        rotated["current_key"].as_str().unwrap().len(),
+        8,
+        "{rotated}"
+    );
+    // Status: the encryption section (refreshed every 500 ms).
+    until(
+        "A's status shows the peer back",
+        Duration::from_secs(10),
+        || {
+            a.status()
+                .is_some_and(|st| st["encryption"]["peers"].as_array().map(Vec::len) == Some(1))
+        },
+    );
+    let st = a.status().unwrap();
+    let enc = &st["encryption"];
+    assert_eq!(enc["rotations_completed"], 1, "{enc}");
+    assert!(
+        enc["peers"][0]["last_handshake_age_s"].as_u64().is_some(),
+        "{enc}"
+    );
+
     // Nothing but WireGuard crossed the underlay the whole time.
     let wire = cap.wireguard_only().unwrap();
     eprintln!("underlay during the test: {wire:?}");

@@ -9,12 +9,15 @@
 //! - [`reconcile`]: the one trait side effects go through (update / delete /
 //!   prune) and its in-memory implementation.
 //! - [`status`]: the local status endpoint (JSON and Prometheus).
+//! - [`audit`]: the append-only JSON-lines audit trail of encryption
+//!   posture changes.
 //! - [`wireguard`]: the node's WireGuard device (started once, adopted by
 //!   every later agent) and its peers reconciler.
 //!
 //! The eBPF map, netlink route and WireGuard peer reconcilers plug into
 //! [`clusters::Reconcilers`] (docs/architecture.md).
 
+pub mod audit;
 pub mod clusters;
 pub mod datapath;
 pub mod reconcile;

@@ -91,6 +91,9 @@ struct Args {
     /// node's old key draining as long.
     #[arg(long, default_value_t = 120)]
     wireguard_overlap: u64,
+    /// The encryption audit trail (append-only JSON lines).
+    #[arg(long, default_value = "/var/log/clustermesh/audit.jsonl")]
+    audit_log: std::path::PathBuf,
     /// Directory where the CNI plugin (clustermesh-cni) leaves one file per
     /// pod: watched, and each pod attached, registered and made deliverable
     /// as it comes; removed as its file goes.
@@ -432,13 +435,22 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let (specs_tx, specs_rx) = tokio::sync::watch::channel(specs.clone());
+    let node_name = match args.node_name.clone() {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_owned())
+            .context("reading the host name (or give --node-name)")?,
+    };
+    let audit = node_agent::audit::Audit::open(&args.audit_log, &node_name);
+    let enc_status = std::sync::Arc::new(std::sync::Mutex::new(
+        node_agent::wireguard::EncryptionStatus {
+            device: args.wireguard_iface.clone(),
+            public_key: wg.as_ref().map(|w| w.public.fingerprint()),
+            ..Default::default()
+        },
+    ));
     if let Some(addr) = args.apiserver.clone() {
-        let name = match args.node_name.clone() {
-            Some(n) => n,
-            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|s| s.trim().to_owned())
-                .context("reading the host name (or give --node-name)")?,
-        };
+        let name = node_name.clone();
         let node = proto::Node {
             name,
             underlay_ips: args.underlay_ips.clone(),
@@ -451,11 +463,15 @@ async fn main() -> anyhow::Result<()> {
         let (node_tx, node_rx) = tokio::sync::watch::channel(node);
         if let Some(w) = &wg {
             tracker.spawn(node_agent::wireguard::rotation(
-                w.clone(),
-                args.wireguard_key_file.clone(),
-                Duration::from_secs(args.wireguard_rotate_every),
-                Duration::from_secs(args.wireguard_overlap),
-                node_tx,
+                node_agent::wireguard::Rotation {
+                    wg: w.clone(),
+                    key_file: args.wireguard_key_file.clone(),
+                    every: Duration::from_secs(args.wireguard_rotate_every),
+                    overlap: Duration::from_secs(args.wireguard_overlap),
+                    node: node_tx,
+                    audit: audit.clone(),
+                    status: enc_status.clone(),
+                },
                 cancel.clone(),
             ));
         }
@@ -533,6 +549,7 @@ async fn main() -> anyhow::Result<()> {
                 Some(w) => Box::new(node_agent::wireguard::WgPeers::new(
                     w.client.clone(),
                     Duration::from_secs(args.wireguard_overlap),
+                    audit.clone(),
                 )),
                 None => Box::new(MemoryReconciler::new("peers")),
             },
@@ -544,7 +561,12 @@ async fn main() -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(args.status_listen)
             .await
             .with_context(|| format!("--status-listen {}", args.status_listen))?;
-        tracker.spawn(node_agent::status::serve(listener, status, cancel.clone()));
+        tracker.spawn(node_agent::status::serve(
+            listener,
+            status,
+            enc_status.clone(),
+            cancel.clone(),
+        ));
         tracker.spawn(async move {
             agent.run().await;
         });
@@ -556,14 +578,35 @@ async fn main() -> anyhow::Result<()> {
     tick.tick().await;
     let mut cni_tick = tokio::time::interval(Duration::from_millis(200));
     let mut policy_tick = tokio::time::interval(Duration::from_millis(500));
+    let mut reported_drops = node_agent::wireguard::PlaintextDrops::default();
     loop {
         tokio::select! {
             // The cluster's strict-encryption switch reaches the datapath.
-            _ = policy_tick.tick(), if agent_status.is_some() && dp.is_some() && dp_cfg.mode != 0 => {
+            _ = policy_tick.tick(), if agent_status.is_some() => {
                 let policy = agent_status
                     .as_ref()
                     .and_then(|s| s.lock().ok().and_then(|g| g.encryption));
                 let Some(policy) = policy else { continue };
+                let peers = wg.as_ref().and_then(|w| node_agent::wireguard::peer_status(&w.client).ok());
+                let drops = dp.as_ref().map(|d| node_agent::wireguard::PlaintextDrops {
+                    egress: d.counter(tunnel_common::Direction::Egress, tunnel_common::Verdict::DropStrictPlaintext).map_or(0, |c| c.packets),
+                    ingress: d.counter(tunnel_common::Direction::Ingress, tunnel_common::Verdict::DropStrictPlaintext).map_or(0, |c| c.packets),
+                });
+                if let Ok(mut e) = enc_status.lock() {
+                    if e.policy != Some(policy) {
+                        audit.record("encryption_policy", serde_json::to_value(policy).unwrap_or_default());
+                    }
+                    e.policy = Some(policy);
+                    if let Some(p) = peers {
+                        e.peers = p;
+                    }
+                    if let Some(d) = drops {
+                        e.plaintext_drops = d;
+                    }
+                }
+                if dp.is_none() || dp_cfg.mode == 0 {
+                    continue;
+                }
                 let flags = if policy.strict { tunnel_common::CONFIG_FLAG_STRICT } else { 0 }
                     | if policy.strict_ingress { tunnel_common::CONFIG_FLAG_STRICT_INGRESS } else { 0 };
                 if flags != dp_cfg.flags && let Some(d) = dp.as_mut() {
@@ -603,6 +646,16 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             _ = tick.tick() => {
+                // Strict-mode refusals since the last report, as evidence.
+                let now = enc_status.lock().map(|e| e.plaintext_drops).unwrap_or_default();
+                if now.egress + now.ingress > reported_drops.egress + reported_drops.ingress {
+                    audit.record("plaintext_drops", serde_json::json!({
+                        "egress": now.egress - reported_drops.egress,
+                        "ingress": now.ingress - reported_drops.ingress,
+                        "interval_s": args.report_every.max(1),
+                    }));
+                }
+                reported_drops = now;
                 if let Some(dp) = &dp {
                     for (dir, verdict, c) in dp.counters()? {
                         println!("{:?} {}: {} packets, {} bytes", dir, verdict.name(), c.packets, c.bytes);

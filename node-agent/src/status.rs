@@ -1,6 +1,8 @@
 //! The agent's local status endpoint (HTTP on a loopback address):
-//! `GET /status` is the [`AgentStatus`] as JSON (what `clustermesh status`
-//! reads), `GET /metrics` the same as Prometheus text.
+//! `GET /status` is the [`AgentStatus`] as JSON with an `encryption`
+//! section ([`EncryptionStatus`]: device, key fingerprint, policy, per-peer
+//! handshake age and bytes, strict-mode drops), what `clustermesh status`
+//! reads; `GET /metrics` the same as Prometheus text.
 
 use std::{
     fmt::Write as _,
@@ -10,10 +12,10 @@ use std::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
-use crate::clusters::AgentStatus;
+use crate::{clusters::AgentStatus, wireguard::EncryptionStatus};
 
 /// Prometheus text of a status snapshot.
-pub fn metrics(s: &AgentStatus) -> String {
+pub fn metrics(s: &AgentStatus, e: &EncryptionStatus) -> String {
     let mut o = String::new();
     let mut gauge = |name: &str, help: &str, kind: &str, rows: Vec<(String, u64)>| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -96,6 +98,44 @@ pub fn metrics(s: &AgentStatus) -> String {
             ("target=\"services\"".into(), s.desired.services as u64),
         ],
     );
+    gauge(
+        "clustermesh_agent_wireguard_peer_handshake_age_seconds",
+        "Seconds since each WireGuard peer's last handshake.",
+        "gauge",
+        e.peers
+            .iter()
+            .filter_map(|p| Some((format!("peer=\"{}\"", p.key), p.last_handshake_age_s?)))
+            .collect(),
+    );
+    gauge(
+        "clustermesh_agent_wireguard_peer_bytes_total",
+        "Bytes through each WireGuard peer.",
+        "counter",
+        e.peers
+            .iter()
+            .flat_map(|p| {
+                [
+                    (format!("peer=\"{}\",direction=\"rx\"", p.key), p.rx_bytes),
+                    (format!("peer=\"{}\",direction=\"tx\"", p.key), p.tx_bytes),
+                ]
+            })
+            .collect(),
+    );
+    gauge(
+        "clustermesh_agent_plaintext_drops_total",
+        "Pod packets strict encryption refused, by direction.",
+        "counter",
+        vec![
+            ("direction=\"egress\"".into(), e.plaintext_drops.egress),
+            ("direction=\"ingress\"".into(), e.plaintext_drops.ingress),
+        ],
+    );
+    gauge(
+        "clustermesh_agent_wireguard_key_rotations_total",
+        "WireGuard key rotations completed.",
+        "counter",
+        vec![(String::new(), e.rotations_completed)],
+    );
     o
 }
 
@@ -103,6 +143,7 @@ pub fn metrics(s: &AgentStatus) -> String {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     status: Arc<Mutex<AgentStatus>>,
+    encryption: Arc<Mutex<EncryptionStatus>>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -125,14 +166,26 @@ pub async fn serve(
         };
         let req = String::from_utf8_lossy(&buf[..n]);
         let snapshot = status.lock().map(|s| s.clone()).unwrap_or_default();
+        let enc = encryption.lock().map(|s| s.clone()).unwrap_or_default();
         let (code, ctype, body) = if req.starts_with("GET /status ") {
+            let mut v = serde_json::to_value(&snapshot).unwrap_or_default();
+            if let Some(m) = v.as_object_mut() {
+                m.insert(
+                    "encryption".into(),
+                    serde_json::to_value(&enc).unwrap_or_default(),
+                );
+            }
             (
                 "200 OK",
                 "application/json",
-                serde_json::to_string_pretty(&snapshot).unwrap_or_default(),
+                serde_json::to_string_pretty(&v).unwrap_or_default(),
             )
         } else if req.starts_with("GET /metrics ") {
-            ("200 OK", "text/plain; version=0.0.4", metrics(&snapshot))
+            (
+                "200 OK",
+                "text/plain; version=0.0.4",
+                metrics(&snapshot, &enc),
+            )
         } else {
             ("404 Not Found", "text/plain", String::new())
         };

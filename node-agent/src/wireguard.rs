@@ -35,9 +35,64 @@ use clustermesh_crypto::{
 };
 
 use crate::{
+    audit::Audit,
     clusters::merge::Peer,
     reconcile::{ReconcileError, Reconciler},
 };
+
+/// What `/status` shows about encryption on this node.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EncryptionStatus {
+    /// The WireGuard device, if this node runs one.
+    pub device: Option<String>,
+    /// Fingerprint of this node's current public key.
+    pub public_key: Option<String>,
+    /// The cluster's policy as last read.
+    pub policy: Option<clustermesh_api::EncryptionPolicy>,
+    pub peers: Vec<PeerStatus>,
+    /// Pod packets refused by strict mode since the agent started.
+    pub plaintext_drops: PlaintextDrops,
+    pub rotations_completed: u64,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PeerStatus {
+    pub key: String,
+    pub endpoint: Option<String>,
+    /// Seconds since the last handshake (None: never).
+    pub last_handshake_age_s: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PlaintextDrops {
+    pub egress: u64,
+    pub ingress: u64,
+}
+
+/// The device's peers as [`PeerStatus`] rows.
+pub fn peer_status(client: &Client) -> std::io::Result<Vec<PeerStatus>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(client
+        .get()?
+        .peers
+        .into_iter()
+        .map(|p| PeerStatus {
+            key: WgPublicKey::from_bytes(p.public_key)
+                .map(|k| k.fingerprint())
+                .unwrap_or_default(),
+            endpoint: p.endpoint.map(|e| e.to_string()),
+            last_handshake_age_s: (p.last_handshake_sec != 0)
+                .then(|| now.saturating_sub(p.last_handshake_sec)),
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+        })
+        .collect())
+}
 
 /// How to find or start the device.
 #[derive(Debug, Clone)]
@@ -178,14 +233,16 @@ pub struct WgPeers {
     keys: BTreeMap<String, WgPublicKey>,
     /// How long a rotated-away key stays draining.
     overlap: Duration,
+    audit: Audit,
 }
 
 impl WgPeers {
-    pub fn new(client: Client, overlap: Duration) -> Self {
+    pub fn new(client: Client, overlap: Duration, audit: Audit) -> Self {
         Self {
             client,
             keys: BTreeMap::new(),
             overlap,
+            audit,
         }
     }
 }
@@ -203,7 +260,10 @@ impl Reconciler<String, Peer> for WgPeers {
             self.client
                 .replace_peer_key(&old, &v.public_key, v.endpoint, &v.allowed_ips)
                 .map_err(rerr)?;
-            tracing::info!(peer = %k, old = %old.fingerprint(), new = %v.public_key.fingerprint(), "peer rotated its key; old key draining");
+            self.audit.record(
+                "peer_key_changed",
+                serde_json::json!({"peer": k, "old_key": old.fingerprint(), "new_key": v.public_key.fingerprint(), "drain_s": self.overlap.as_secs()}),
+            );
             let client = self.client.clone();
             let overlap = self.overlap;
             let name = k.clone();
@@ -223,14 +283,20 @@ impl Reconciler<String, Peer> for WgPeers {
             .set_peer(&v.public_key, v.endpoint, &v.allowed_ips)
             .map_err(rerr)?;
         if self.keys.insert(k.clone(), v.public_key).is_none() {
-            tracing::info!(peer = %k, key = %v.public_key.fingerprint(), endpoint = %v.endpoint, "peer added");
+            self.audit.record(
+                "peer_added",
+                serde_json::json!({"peer": k, "key": v.public_key.fingerprint(), "endpoint": v.endpoint.to_string()}),
+            );
         }
         Ok(())
     }
     fn delete(&mut self, k: &String) -> Result<(), ReconcileError> {
         if let Some(key) = self.keys.remove(k) {
             self.client.remove_peer(key.as_bytes()).map_err(rerr)?;
-            tracing::info!(peer = %k, key = %key.fingerprint(), "peer removed");
+            self.audit.record(
+                "peer_removed",
+                serde_json::json!({"peer": k, "key": key.fingerprint()}),
+            );
         }
         Ok(())
     }
@@ -240,6 +306,13 @@ impl Reconciler<String, Peer> for WgPeers {
         for p in self.client.get().map_err(rerr)?.peers {
             if !want.contains(&p.public_key) {
                 self.client.remove_peer(&p.public_key).map_err(rerr)?;
+                let key = WgPublicKey::from_bytes(p.public_key)
+                    .map(|k| k.fingerprint())
+                    .unwrap_or_default();
+                self.audit.record(
+                    "peer_removed",
+                    serde_json::json!({"peer": null, "key": key, "reason": "not desired after resync"}),
+                );
                 n += 1;
             }
         }
@@ -258,16 +331,32 @@ pub fn default_log(iface: &str) -> PathBuf {
     Path::new("/var/log").join(format!("clustermesh-wg-{iface}.log"))
 }
 
-/// Rotates this node's WireGuard key every `every` (zero: never) and on
-/// SIGUSR1, until cancelled. See the module docs for the steps.
-pub async fn rotation(
-    wg: WgDevice,
-    key_file: PathBuf,
-    every: Duration,
-    overlap: Duration,
-    node: tokio::sync::watch::Sender<clustermesh_api::proto::Node>,
-    cancel: tokio_util::sync::CancellationToken,
-) {
+/// What key rotation works with.
+pub struct Rotation {
+    pub wg: WgDevice,
+    pub key_file: PathBuf,
+    /// Rotate this often (zero: only on SIGUSR1).
+    pub every: Duration,
+    /// How long both keys stay valid.
+    pub overlap: Duration,
+    /// The node record the registration publishes.
+    pub node: tokio::sync::watch::Sender<clustermesh_api::proto::Node>,
+    pub audit: Audit,
+    pub status: std::sync::Arc<std::sync::Mutex<EncryptionStatus>>,
+}
+
+/// Rotates this node's WireGuard key on `r.every` and on SIGUSR1, until
+/// cancelled. See the module docs for the steps.
+pub async fn rotation(r: Rotation, cancel: tokio_util::sync::CancellationToken) {
+    let Rotation {
+        wg,
+        key_file,
+        every,
+        overlap,
+        node,
+        audit,
+        status,
+    } = r;
     let mut usr1 =
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) {
             Ok(s) => Some(s),
@@ -282,8 +371,19 @@ pub async fn rotation(
             _ = tokio::time::sleep(every), if !every.is_zero() => {}
             Some(()) = async { match usr1.as_mut() { Some(s) => s.recv().await, None => std::future::pending().await } } => {}
         }
-        if let Err(e) = rotate_once(&wg, &key_file, overlap, &node, &cancel).await {
-            tracing::error!(error = %e, "WireGuard key rotation failed; the current key stays");
+        match rotate_once(&wg, &key_file, overlap, &node, &audit, &cancel).await {
+            Ok(new) => {
+                if let Ok(mut s) = status.lock() {
+                    s.rotations_completed += 1;
+                    s.public_key = Some(new.fingerprint());
+                }
+            }
+            Err(e) => {
+                audit.record(
+                    "key_rotation_failed",
+                    serde_json::json!({"error": e.to_string()}),
+                );
+            }
         }
     }
 }
@@ -293,8 +393,9 @@ async fn rotate_once(
     key_file: &Path,
     overlap: Duration,
     node: &tokio::sync::watch::Sender<clustermesh_api::proto::Node>,
+    audit: &Audit,
     cancel: &tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<WgPublicKey> {
     let file = KeyFile::new(key_file);
     let old = file.load()?.public_key()?;
     let new_key = clustermesh_crypto::keys::PrivateKey::generate()?;
@@ -304,13 +405,19 @@ async fn rotate_once(
     file.replace(&new_key)?;
     wg.client.add_private_key(&new_key)?;
     node.send_modify(|n| n.wireguard_public_keys = vec![new.to_string(), old.to_string()]);
-    tracing::info!(old = %old.fingerprint(), new = %new.fingerprint(), overlap_s = overlap.as_secs(), "WireGuard key rotation: both keys valid");
+    audit.record(
+        "key_rotation_started",
+        serde_json::json!({"old_key": old.fingerprint(), "new_key": new.fingerprint(), "overlap_s": overlap.as_secs()}),
+    );
     tokio::select! {
-        _ = cancel.cancelled() => return Ok(()),
+        _ = cancel.cancelled() => return Ok(new),
         _ = tokio::time::sleep(overlap) => {}
     }
     wg.client.drop_key(&old)?;
     node.send_modify(|n| n.wireguard_public_keys = vec![new.to_string()]);
-    tracing::info!(retired = %old.fingerprint(), current = %new.fingerprint(), "WireGuard key rotation complete");
-    Ok(())
+    audit.record(
+        "key_rotation_completed",
+        serde_json::json!({"retired_key": old.fingerprint(), "current_key": new.fingerprint()}),
+    );
+    Ok(new)
 }
