@@ -29,6 +29,7 @@
 //! rekeys). Each session slot is behind its own lock; the peer table behind
 //! a read-write lock written only by control operations.
 
+pub mod offload;
 pub mod tun;
 pub mod uapi;
 
@@ -257,6 +258,10 @@ fn bind(port: u16) -> Result<UdpSocket, DeviceError> {
         .map_err(|source| DeviceError::Socket { port, source })?;
     s.set_read_timeout(Some(Duration::from_millis(250)))
         .map_err(|source| DeviceError::Socket { port, source })?;
+    offload::set_buffers(&s, 4 << 20);
+    if let Err(e) = offload::enable_gro(&s) {
+        tracing::warn!(error = %e, "UDP GRO unavailable; one datagram per receive");
+    }
     Ok(s)
 }
 
@@ -605,10 +610,15 @@ impl Device {
         }
     }
 
-    /// TUN -> encrypt -> UDP.
+    /// TUN -> encrypt -> UDP. A TCP super-packet is cut into segments,
+    /// each encrypted into one contiguous buffer, and the datagrams leave
+    /// in as few `sendmsg` calls as UDP GSO allows.
     fn tun_loop(&self) {
-        let mut pkt = vec![0u8; BUF];
-        let mut out = vec![0u8; BUF + 32];
+        let mut pkt = vec![0u8; BUF + offload::VNET_HDR_LEN];
+        let mut scratch = Vec::with_capacity(2048);
+        let mut out = vec![0u8; 2 * BUF];
+        // (offset, length) of each datagram written into `out`.
+        let mut dgrams: Vec<(usize, usize)> = Vec::with_capacity(64);
         while !self.stop.load(Ordering::Relaxed) {
             let n = match self.tun.recv(&mut pkt) {
                 Ok(n) => n,
@@ -618,7 +628,8 @@ impl Device {
                     return;
                 }
             };
-            let Some(dst) = Tunn::dst_address(&pkt[..n]) else {
+            let ip = pkt.get(offload::VNET_HDR_LEN..n).unwrap_or_default();
+            let Some(dst) = Tunn::dst_address(ip) else {
                 continue;
             };
             let peer = self.state.read().ok().and_then(|s| s.route(dst));
@@ -632,10 +643,45 @@ impl Device {
             let Ok(mut t) = slot.tunn.lock() else {
                 continue;
             };
-            if let TunnResult::WriteToNetwork(b) = t.encapsulate(&pkt[..n], &mut out) {
-                let to = peer.endpoint();
-                drop(t);
-                self.send(to, b);
+            dgrams.clear();
+            let mut used = 0;
+            let ok = offload::segments(&mut pkt[..n], &mut scratch, |seg| {
+                let room = out.len() - used;
+                if room < seg.len() + 32 || room < 148 {
+                    return;
+                }
+                if let TunnResult::WriteToNetwork(b) = t.encapsulate(seg, &mut out[used..]) {
+                    let len = b.len();
+                    dgrams.push((used, len));
+                    used += len;
+                }
+            });
+            drop(t);
+            if !ok {
+                self.stats.tx_no_peer.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let (Some(to), Some(sock)) = (peer.endpoint(), self.socket()) else {
+                continue;
+            };
+            // Runs of equal-size datagrams (a shorter one may end a run),
+            // at most 64 KiB per send.
+            let mut i = 0;
+            while i < dgrams.len() {
+                let (start, size) = dgrams[i];
+                let mut end = start + size;
+                let mut j = i + 1;
+                while j < dgrams.len() && dgrams[j].1 <= size && end + dgrams[j].1 <= 65000 {
+                    end += dgrams[j].1;
+                    j += 1;
+                    if dgrams[j - 1].1 < size {
+                        break;
+                    }
+                }
+                if let Err(e) = offload::send_gso(&sock, to, &out[start..end], size) {
+                    tracing::debug!(error = %e, "sending");
+                }
+                i = j;
             }
         }
     }
@@ -673,7 +719,7 @@ impl Device {
         let mut out = vec![0u8; BUF];
         while !self.stop.load(Ordering::Relaxed) {
             let Some(sock) = self.socket() else { return };
-            let (n, from) = match sock.recv_from(&mut buf) {
+            let (n, from, seg) = match offload::recv_gro(&sock, &mut buf) {
                 Ok(x) => x,
                 Err(e)
                     if matches!(
@@ -691,40 +737,47 @@ impl Device {
                     continue;
                 }
             };
-            let Some((peer, slot)) = self.slot_for(&buf[..n]) else {
-                self.stats.rx_unknown.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let Ok(mut t) = slot.tunn.lock() else {
-                continue;
-            };
-            let mut first = true;
-            loop {
-                let datagram: &[u8] = if first { &buf[..n] } else { &[] };
-                let r = t.decapsulate(Some(from.ip()), datagram, &mut out);
-                first = false;
-                match r {
-                    TunnResult::WriteToNetwork(b) => {
-                        // Handshake replies (and packets queued for the new
-                        // session) go to where the peer is now.
-                        self.send(Some(from), b);
-                        continue;
-                    }
-                    TunnResult::WriteToTunnelV4(p, src) => {
-                        self.deliver(&peer, p, IpAddr::V4(src), from);
-                    }
-                    TunnResult::WriteToTunnelV6(p, src) => {
-                        self.deliver(&peer, p, IpAddr::V6(src), from);
-                    }
-                    TunnResult::Err(WireGuardError::DuplicateCounter) => {}
-                    TunnResult::Err(e) => {
-                        self.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(peer = %b64(&peer.public), error = ?e, "decapsulate");
-                    }
-                    TunnResult::Done => {}
-                }
-                break;
+            for d in buf[..n].chunks(seg.max(1)) {
+                self.receive(d, from, &mut out);
             }
+        }
+    }
+
+    /// One datagram from the network.
+    fn receive(&self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+        let Some((peer, slot)) = self.slot_for(datagram) else {
+            self.stats.rx_unknown.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Ok(mut t) = slot.tunn.lock() else {
+            return;
+        };
+        let mut first = true;
+        loop {
+            let input: &[u8] = if first { datagram } else { &[] };
+            let r = t.decapsulate(Some(from.ip()), input, out);
+            first = false;
+            match r {
+                TunnResult::WriteToNetwork(b) => {
+                    // Handshake replies (and packets queued for the new
+                    // session) go to where the peer is now.
+                    self.send(Some(from), b);
+                    continue;
+                }
+                TunnResult::WriteToTunnelV4(p, src) => {
+                    self.deliver(&peer, p, IpAddr::V4(src), from);
+                }
+                TunnResult::WriteToTunnelV6(p, src) => {
+                    self.deliver(&peer, p, IpAddr::V6(src), from);
+                }
+                TunnResult::Err(WireGuardError::DuplicateCounter) => {}
+                TunnResult::Err(e) => {
+                    self.stats.rx_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(peer = %b64(&peer.public), error = ?e, "decapsulate");
+                }
+                TunnResult::Done => {}
+            }
+            break;
         }
     }
 
