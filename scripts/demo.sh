@@ -26,6 +26,9 @@ TUNNEL=${TUNNEL:-vxlan}
 # wireguard: WireGuard, not strict; none: no encryption.
 ENCRYPTION=${ENCRYPTION:-strict}
 case "$ENCRYPTION" in strict|wireguard|none) ;; *) echo "demo: ENCRYPTION must be strict, wireguard or none" >&2; exit 2 ;; esac
+# Pod MTU: the underlay's 1500 minus what the path adds (WireGuard 80,
+# VXLAN/Geneve 50).
+if [ "$ENCRYPTION" = none ]; then POD_MTU=1450; else POD_MTU=1420; fi
 case "$TUNNEL" in vxlan|geneve|direct) ;; *) echo "demo: TUNNEL must be vxlan, geneve or direct" >&2; exit 2 ;; esac
 
 down() {
@@ -84,7 +87,7 @@ up() {
     mkdir -p "$STATE/endpoints-$c"
     cat >"$STATE/cni-$c.json" <<JSON
 {"cniVersion": "1.1.0", "name": "clustermesh", "type": "clustermesh-cni",
- "podCIDR": "10.$id.0.0/24", "mtu": 1450, "endpointDir": "$PWD/$STATE/endpoints-$c",
+ "podCIDR": "10.$id.0.0/24", "mtu": $POD_MTU, "endpointDir": "$PWD/$STATE/endpoints-$c",
  "args": {"cni": {"labels": [{"key": "k8s:app", "value": "web"}]}}}
 JSON
     ip netns exec "$node" env CNI_COMMAND=ADD CNI_CONTAINERID="$c-web-1" CNI_NETNS="/var/run/netns/$pod" \

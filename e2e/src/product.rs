@@ -75,10 +75,12 @@ impl Node {
     }
 
     /// CNI ADD through the plugin binary, run in the node's namespace.
-    pub fn cni_add(&mut self) {
+    /// `mtu`: the pod's MTU (1450 leaves room for VXLAN/Geneve's 50 bytes,
+    /// 1420 for WireGuard's 80 over an IPv4 or IPv6 underlay).
+    pub fn cni_add(&mut self, mtu: u32) {
         std::fs::create_dir_all(self.endpoints()).unwrap();
         let conf = format!(
-            r#"{{"cniVersion":"1.1.0","name":"clustermesh","type":"clustermesh-cni","podCIDR":"10.{}.0.0/24","mtu":1450,"endpointDir":"{}","args":{{"cni":{{"labels":[{{"key":"k8s:app","value":"web"}}]}}}}}}"#,
+            r#"{{"cniVersion":"1.1.0","name":"clustermesh","type":"clustermesh-cni","podCIDR":"10.{}.0.0/24","mtu":{mtu},"endpointDir":"{}","args":{{"cni":{{"labels":[{{"key":"k8s:app","value":"web"}}]}}}}}}"#,
             self.id,
             self.endpoints().display()
         );
@@ -285,8 +287,14 @@ impl Mesh {
             n.ns.exec("ip", &["link", "set", "cm_vxlan", "up"]).unwrap();
         }
         veth_pair(&a.ns, "ul0", "192.0.2.1/24", &b.ns, "ul0", "192.0.2.2/24").unwrap();
-        a.cni_add();
-        b.cni_add();
+        // Pod MTU: the underlay's 1500 minus what the path adds.
+        let mtu = if encryption.mode == clustermesh_api::EncryptionMode::Wireguard {
+            1500 - 80
+        } else {
+            1500 - 50
+        };
+        a.cni_add(mtu);
+        b.cni_add(mtu);
         let etcds = vec![EtcdServer::start().unwrap(), EtcdServer::start().unwrap()];
         let apis: Vec<_> = etcds
             .iter()

@@ -64,6 +64,14 @@ fn pods_talk_through_wireguard_and_the_underlay_carries_no_plaintext() {
         .unwrap();
     assert!(out.contains("10 received"), "B -> A: {out}");
 
+    // Bulk TCP (TSO super-packets into the device, GRO super-packets out
+    // of it, through both eBPF programs) arrives intact.
+    let gbits =
+        clustermesh_testkit::iperf::iperf(&b.pod, &a.pod, &b.pod_ip.to_string(), 1).unwrap();
+    eprintln!("pod to pod TCP through WireGuard: {gbits:.2} Gbit/s");
+    // (A path that drops large packets manages ~0.00 here.)
+    assert!(gbits > 0.05, "bulk TCP through WireGuard: {gbits} Gbit/s");
+
     // The datapath took the encrypted path and the receivers know who sent.
     let mut dpa = a.datapath();
     let mut dpb = b.datapath();

@@ -717,6 +717,7 @@ impl Device {
     fn udp_loop(&self) {
         let mut buf = vec![0u8; BUF];
         let mut out = vec![0u8; BUF];
+        let mut gro = offload::TcpCoalescer::default();
         while !self.stop.load(Ordering::Relaxed) {
             let Some(sock) = self.socket() else { return };
             let (n, from, seg) = match offload::recv_gro(&sock, &mut buf) {
@@ -737,14 +738,24 @@ impl Device {
                     continue;
                 }
             };
+            // What a batch decrypts goes to the TUN coalesced.
             for d in buf[..n].chunks(seg.max(1)) {
-                self.receive(d, from, &mut out);
+                self.receive(d, from, &mut out, &mut gro);
             }
+            gro.flush(|b| {
+                let _ = self.tun.send_with_header(b);
+            });
         }
     }
 
     /// One datagram from the network.
-    fn receive(&self, datagram: &[u8], from: SocketAddr, out: &mut [u8]) {
+    fn receive(
+        &self,
+        datagram: &[u8],
+        from: SocketAddr,
+        out: &mut [u8],
+        gro: &mut offload::TcpCoalescer,
+    ) {
         let Some((peer, slot)) = self.slot_for(datagram) else {
             self.stats.rx_unknown.fetch_add(1, Ordering::Relaxed);
             return;
@@ -765,10 +776,10 @@ impl Device {
                     continue;
                 }
                 TunnResult::WriteToTunnelV4(p, src) => {
-                    self.deliver(&peer, p, IpAddr::V4(src), from);
+                    self.deliver(&peer, p, IpAddr::V4(src), from, gro);
                 }
                 TunnResult::WriteToTunnelV6(p, src) => {
-                    self.deliver(&peer, p, IpAddr::V6(src), from);
+                    self.deliver(&peer, p, IpAddr::V6(src), from, gro);
                 }
                 TunnResult::Err(WireGuardError::DuplicateCounter) => {}
                 TunnResult::Err(e) => {
@@ -781,7 +792,14 @@ impl Device {
         }
     }
 
-    fn deliver(&self, peer: &Peer, pkt: &[u8], src: IpAddr, from: SocketAddr) {
+    fn deliver(
+        &self,
+        peer: &Peer,
+        pkt: &[u8],
+        src: IpAddr,
+        from: SocketAddr,
+        gro: &mut offload::TcpCoalescer,
+    ) {
         // Authenticated: the peer is at `from` now (roaming).
         if let Ok(mut e) = peer.endpoint.write()
             && *e != Some(from)
@@ -795,7 +813,9 @@ impl Device {
             self.stats.rx_not_allowed.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let _ = self.tun.send(pkt);
+        gro.push(pkt, |b| {
+            let _ = self.tun.send_with_header(b);
+        });
     }
 
     /// Handshake retries, keepalives and rekeys, for every slot.

@@ -302,6 +302,130 @@ pub fn recv_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAd
     Ok((n, from, seg))
 }
 
+/// User-space TCP GRO for what the device decrypted: consecutive
+/// segments of one TCP/IPv4 flow (same addresses, ports, header bytes
+/// apart from sequence number and checksum, full-size payloads, no FIN,
+/// SYN, RST, URG) are merged into one super-packet written to the TUN
+/// device in one call with a TCPV4 GSO virtio-net header; anything else
+/// is written as it is.
+#[derive(Debug, Default)]
+pub struct TcpCoalescer {
+    /// virtio-net header room + the packet being built.
+    buf: Vec<u8>,
+    segments: usize,
+    mss: usize,
+    hdr_len: usize,
+    next_seq: u32,
+}
+
+/// Largest coalesced IP packet.
+const MAX_COALESCED: usize = 65_000;
+
+impl TcpCoalescer {
+    fn mergeable(&self, pkt: &[u8]) -> bool {
+        if self.segments == 0 || pkt.len() < 40 {
+            return false;
+        }
+        let cur = &self.buf[VNET_HDR_LEN..];
+        let h = self.hdr_len;
+        if pkt.len() <= h || pkt.len() - h > self.mss || cur.len() + pkt.len() - h > MAX_COALESCED {
+            return false;
+        }
+        // The last merged segment was full-size and had no PSH.
+        if cur[33] & 0x08 != 0 || (cur.len() - h) % self.mss != 0 {
+            return false;
+        }
+        let seq = u32::from_be_bytes([pkt[24], pkt[25], pkt[26], pkt[27]]);
+        // Same IP header apart from length, id, checksum; same TCP header
+        // apart from sequence number, PSH and checksum.
+        seq == self.next_seq
+            && pkt[0] == cur[0]
+            && pkt[1] == cur[1]
+            && pkt[6..10] == cur[6..10]
+            && pkt[12..20] == cur[12..20]
+            && pkt[20..24] == cur[20..24]
+            && pkt[28..33] == cur[28..33]
+            && (pkt[33] & !0x08) == (cur[33] & !0x08)
+            && pkt[34..36] == cur[34..36]
+            && pkt[38..h] == cur[38..h]
+    }
+
+    /// A packet that may start a run: TCP/IPv4 without options in IP, no
+    /// fragments, only ACK (and PSH).
+    fn candidate(pkt: &[u8]) -> Option<usize> {
+        if pkt.len() < 40 || pkt[0] != 0x45 || pkt[9] != 6 || pkt[6] & 0x3f != 0 || pkt[7] != 0 {
+            return None;
+        }
+        let doff = usize::from(pkt[32] >> 4) * 4;
+        let h = 20 + doff;
+        let flags = pkt[33];
+        (doff >= 20 && pkt.len() > h && flags & !(0x10 | 0x08) == 0 && flags & 0x10 != 0)
+            .then_some(h)
+    }
+
+    /// Adds one decrypted IP packet; writes out (with `write`) whatever can
+    /// no longer grow.
+    pub fn push(&mut self, pkt: &[u8], mut write: impl FnMut(&[u8])) {
+        if self.mergeable(pkt) {
+            let h = self.hdr_len;
+            self.buf.extend_from_slice(&pkt[h..]);
+            // PSH travels with the last segment.
+            let psh = pkt[33] & 0x08;
+            self.buf[VNET_HDR_LEN + 33] |= psh;
+            self.segments += 1;
+            self.next_seq = self.next_seq.wrapping_add((pkt.len() - h) as u32);
+            return;
+        }
+        self.flush(&mut write);
+        self.buf.clear();
+        self.buf.resize(VNET_HDR_LEN, 0);
+        self.buf.extend_from_slice(pkt);
+        match Self::candidate(pkt) {
+            Some(h) => {
+                self.segments = 1;
+                self.hdr_len = h;
+                self.mss = pkt.len() - h;
+                let seq = u32::from_be_bytes([pkt[24], pkt[25], pkt[26], pkt[27]]);
+                self.next_seq = seq.wrapping_add(self.mss as u32);
+            }
+            None => {
+                // Not mergeable: out at once.
+                write(&self.buf);
+                self.buf.clear();
+                self.segments = 0;
+            }
+        }
+    }
+
+    /// Writes out the packet being built, if any.
+    pub fn flush(&mut self, mut write: impl FnMut(&[u8])) {
+        if self.segments == 0 {
+            return;
+        }
+        if self.segments > 1 {
+            let h = self.hdr_len;
+            let total = self.buf.len() - VNET_HDR_LEN;
+            let pkt = &mut self.buf[VNET_HDR_LEN..];
+            pkt[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            ipv4_csum(&mut pkt[..20]);
+            // Partial checksum: the folded pseudo-header sum.
+            let mut acc = sum16(&pkt[12..20], 0);
+            acc += 6 + (total - 20) as u64;
+            pkt[36..38].copy_from_slice(&fold(acc).to_be_bytes());
+            let vh = &mut self.buf[..VNET_HDR_LEN];
+            vh[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+            vh[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+            vh[2..4].copy_from_slice(&(h as u16).to_le_bytes());
+            vh[4..6].copy_from_slice(&(self.mss as u16).to_le_bytes());
+            vh[6..8].copy_from_slice(&20u16.to_le_bytes());
+            vh[8..10].copy_from_slice(&16u16.to_le_bytes());
+        }
+        write(&self.buf);
+        self.buf.clear();
+        self.segments = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -356,6 +480,49 @@ mod tests {
             payload.extend_from_slice(&s[40..]);
         }
         assert_eq!(payload, (0..3000).map(|i| i as u8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn coalescing_undoes_segmentation() {
+        let mut pkt = super_packet(5000, 1400);
+        pkt[VNET_HDR_LEN + 33] = 0x18; // PSH ACK (a CWR segment is not merged)
+        let mut scratch = Vec::new();
+        let mut segs: Vec<Vec<u8>> = Vec::new();
+        assert!(segments(&mut pkt, &mut scratch, |s| segs.push(s.to_vec())));
+        assert_eq!(segs.len(), 4);
+        let mut c = TcpCoalescer::default();
+        let mut written: Vec<Vec<u8>> = Vec::new();
+        for s in &segs {
+            c.push(s, |w| written.push(w.to_vec()));
+        }
+        // A packet of another flow ends the run.
+        let mut other = segs[0].clone();
+        other[20] ^= 1;
+        c.push(&other, |w| written.push(w.to_vec()));
+        c.flush(|w| written.push(w.to_vec()));
+        assert_eq!(written.len(), 2, "one super-packet, then the other flow");
+        let big = &written[0];
+        let h = VnetHdr::parse(big).unwrap();
+        assert_eq!((h.gso_type, h.gso_size, h.flags), (1, 1400, 1));
+        let ip = &big[VNET_HDR_LEN..];
+        assert_eq!(ip.len(), 40 + 5000);
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, ip.len());
+        assert_eq!(fold(sum16(&ip[..20], 0)), 0xffff);
+        assert_eq!(
+            &ip[40..],
+            &(0..5000).map(|i| i as u8).collect::<Vec<_>>()[..]
+        );
+        assert_eq!(ip[33] & 0x08, 0x08, "PSH of the last segment kept");
+        // Completing the partial checksum gives a valid TCP checksum.
+        let mut done = big.clone();
+        assert!(segments(&mut done.clone(), &mut scratch, |_| {}));
+        let ipd = &mut done[VNET_HDR_LEN..];
+        complete_csum(ipd, 20, 16).unwrap();
+        let pseudo = sum16(&ipd[12..20], 6 + (ipd.len() as u64 - 20));
+        assert_eq!(fold(sum16(&ipd[20..], pseudo)), 0xffff);
+        // The other flow's packet went out unchanged behind an empty header.
+        assert_eq!(&written[1][VNET_HDR_LEN..], &other[..]);
+        assert_eq!(&written[1][..VNET_HDR_LEN], &[0u8; VNET_HDR_LEN]);
     }
 
     #[test]

@@ -110,6 +110,12 @@ impl Tun {
         (&self.file).read(buf)
     }
 
+    /// Writes a virtio-net header and the (super-)packet after it.
+    pub fn send_with_header(&self, buf: &[u8]) -> io::Result<usize> {
+        use std::io::Write as _;
+        (&self.file).write(buf)
+    }
+
     /// Writes one IP packet (behind an empty virtio-net header).
     pub fn send(&self, pkt: &[u8]) -> io::Result<usize> {
         use std::io::Write as _;
