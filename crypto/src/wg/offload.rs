@@ -332,7 +332,7 @@ impl TcpCoalescer {
             return false;
         }
         // The last merged segment was full-size and had no PSH.
-        if cur[33] & 0x08 != 0 || (cur.len() - h) % self.mss != 0 {
+        if cur[33] & 0x08 != 0 || !(cur.len() - h).is_multiple_of(self.mss) {
             return false;
         }
         let seq = u32::from_be_bytes([pkt[24], pkt[25], pkt[26], pkt[27]]);
