@@ -578,7 +578,25 @@ async fn main() -> anyhow::Result<()> {
     tick.tick().await;
     let mut cni_tick = tokio::time::interval(Duration::from_millis(200));
     let mut policy_tick = tokio::time::interval(Duration::from_millis(500));
-    let mut reported_drops = node_agent::wireguard::PlaintextDrops::default();
+    // The pinned counters outlive agents: start from what they say now, so
+    // the first report counts only new drops.
+    let mut reported_drops = dp
+        .as_ref()
+        .map(|d| node_agent::wireguard::PlaintextDrops {
+            egress: d
+                .counter(
+                    tunnel_common::Direction::Egress,
+                    tunnel_common::Verdict::DropStrictPlaintext,
+                )
+                .map_or(0, |c| c.packets),
+            ingress: d
+                .counter(
+                    tunnel_common::Direction::Ingress,
+                    tunnel_common::Verdict::DropStrictPlaintext,
+                )
+                .map_or(0, |c| c.packets),
+        })
+        .unwrap_or_default();
     loop {
         tokio::select! {
             // The cluster's strict-encryption switch reaches the datapath.
