@@ -50,6 +50,19 @@ fn handshake_and_traffic_with_wireguard_go() {
             .unwrap();
     assert!(out.contains("5 received"), "{out}");
 
+    // Traffic for an address no peer covers is dropped by our device and
+    // counted (x_stats), not sent anywhere.
+    let ours = clustermesh_crypto::wg::uapi::Client::new(format!(
+        "{}/{}.sock",
+        clustermesh_testkit::wireguard::RUN_DIR,
+        a.iface
+    ));
+    let before = ours.stats().unwrap();
+    let _ =
+        a.ns.exec("ping", &["-c", "3", "-i", "0.05", "-W", "1", "10.100.0.9"]);
+    let after = ours.stats().unwrap();
+    assert_eq!(after.tx_no_peer - before.tx_no_peer, 3, "{after:?}");
+
     // Both sides report the handshake and the traffic (`wg show dump`:
     // public-key preshared endpoint allowed-ips handshake rx tx keepalive).
     let peer_line = |n: &clustermesh_testkit::wireguard::WgNode, key: &str| -> Vec<String> {

@@ -578,6 +578,9 @@ async fn main() -> anyhow::Result<()> {
     tick.tick().await;
     let mut cni_tick = tokio::time::interval(Duration::from_millis(200));
     let mut policy_tick = tokio::time::interval(Duration::from_millis(500));
+    let mut reported_device = clustermesh_crypto::wg::uapi::DeviceCounters::default();
+    // The device outlives agents too: its first reading is the baseline.
+    let mut reported_device_known = false;
     // The pinned counters outlive agents: start from what they say now, so
     // the first report counts only new drops.
     let mut reported_drops = dp
@@ -606,6 +609,7 @@ async fn main() -> anyhow::Result<()> {
                     .and_then(|s| s.lock().ok().and_then(|g| g.encryption));
                 let Some(policy) = policy else { continue };
                 let peers = wg.as_ref().and_then(|w| node_agent::wireguard::peer_status(&w.client).ok());
+                let device_drops = wg.as_ref().and_then(|w| w.client.stats().ok());
                 let drops = dp.as_ref().map(|d| node_agent::wireguard::PlaintextDrops {
                     egress: d.counter(tunnel_common::Direction::Egress, tunnel_common::Verdict::DropStrictPlaintext).map_or(0, |c| c.packets),
                     ingress: d.counter(tunnel_common::Direction::Ingress, tunnel_common::Verdict::DropStrictPlaintext).map_or(0, |c| c.packets),
@@ -620,6 +624,9 @@ async fn main() -> anyhow::Result<()> {
                     }
                     if let Some(d) = drops {
                         e.plaintext_drops = d;
+                    }
+                    if let Some(d) = device_drops {
+                        e.device_drops = d;
                     }
                 }
                 if dp.is_none() || dp_cfg.mode == 0 {
@@ -674,6 +681,23 @@ async fn main() -> anyhow::Result<()> {
                     }));
                 }
                 reported_drops = now;
+                // Handshake and decryption failures, and traffic refused for
+                // want of a peer, since the last report.
+                let dev = enc_status.lock().map(|e| e.device_drops).unwrap_or_default();
+                let delta = |now: u64, was: u64| now.saturating_sub(was);
+                let failures = delta(dev.rx_errors, reported_device.rx_errors);
+                let no_peer = delta(dev.tx_no_peer, reported_device.tx_no_peer);
+                if failures + no_peer + delta(dev.rx_unknown, reported_device.rx_unknown) > 0 && reported_device_known {
+                    audit.record("wireguard_drops", serde_json::json!({
+                        "handshake_or_decrypt_failures": failures,
+                        "no_peer": no_peer,
+                        "unknown_sender": delta(dev.rx_unknown, reported_device.rx_unknown),
+                        "source_not_allowed": delta(dev.rx_not_allowed, reported_device.rx_not_allowed),
+                        "interval_s": args.report_every.max(1),
+                    }));
+                }
+                reported_device = dev;
+                reported_device_known = true;
                 if let Some(dp) = &dp {
                     for (dir, verdict, c) in dp.counters()? {
                         println!("{:?} {}: {} packets, {} bytes", dir, verdict.name(), c.packets, c.bytes);

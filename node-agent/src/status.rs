@@ -130,6 +130,21 @@ pub fn metrics(s: &AgentStatus, e: &EncryptionStatus) -> String {
             ("direction=\"ingress\"".into(), e.plaintext_drops.ingress),
         ],
     );
+    let d = &e.device_drops;
+    gauge(
+        "clustermesh_agent_wireguard_device_drops_total",
+        "Packets the WireGuard device dropped, by reason.",
+        "counter",
+        vec![
+            ("reason=\"no_peer\"".into(), d.tx_no_peer),
+            ("reason=\"source_not_allowed\"".into(), d.rx_not_allowed),
+            ("reason=\"unknown_sender\"".into(), d.rx_unknown),
+            (
+                "reason=\"handshake_or_decrypt_failure\"".into(),
+                d.rx_errors,
+            ),
+        ],
+    );
     gauge(
         "clustermesh_agent_wireguard_key_rotations_total",
         "WireGuard key rotations completed.",

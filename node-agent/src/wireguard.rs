@@ -50,8 +50,13 @@ pub struct EncryptionStatus {
     /// The cluster's policy as last read.
     pub policy: Option<clustermesh_api::EncryptionPolicy>,
     pub peers: Vec<PeerStatus>,
-    /// Pod packets refused by strict mode since the agent started.
+    /// Pod packets refused by strict mode (eBPF counters, pinned: since
+    /// the datapath was created).
     pub plaintext_drops: PlaintextDrops,
+    /// The device's drop counters (since the device started): no peer
+    /// for a destination (a peer whose key is not known yet), source not
+    /// allowed, unknown sender, handshake/decryption failures.
+    pub device_drops: clustermesh_crypto::wg::uapi::DeviceCounters,
     pub rotations_completed: u64,
 }
 

@@ -9,7 +9,8 @@
 //! Extensions for lossless key rotation (ignored by nothing: only our agent
 //! sends them): device keys `x_add_private_key` (a newest key, older keys
 //! keep working) and `x_drop_public_key` (retire a key), and the peer key
-//! `x_draining=true|false` (decrypt only, no longer routed to).
+//! `x_draining=true|false` (decrypt only, no longer routed to); and the
+//! request `x_stats=1`, the device's drop counters.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -246,6 +247,19 @@ fn serve_conn(dev: &Device, s: UnixStream) -> std::io::Result<()> {
         let body = read_block(&mut r)?;
         match first.trim_end() {
             "get=1" => write!(w, "{}errno=0\n\n", get(dev))?,
+            "x_stats=1" => {
+                let st = &dev.stats;
+                let v =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                write!(
+                    w,
+                    "tx_no_peer={}\nrx_not_allowed={}\nrx_unknown={}\nrx_errors={}\nerrno=0\n\n",
+                    v(&st.tx_no_peer),
+                    v(&st.rx_not_allowed),
+                    v(&st.rx_unknown),
+                    v(&st.rx_errors)
+                )?
+            }
             "set=1" => write!(w, "errno={}\n\n", set(dev, &body))?,
             _ => {
                 write!(w, "errno={EINVAL}\n\n")?;
@@ -354,6 +368,20 @@ pub struct DeviceInfo {
     pub peers: Vec<PeerInfo>,
 }
 
+/// The device's drop counters (`x_stats=1`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceCounters {
+    /// Packets for which no peer's allowed IPs match (in strict mode:
+    /// pod traffic whose peer key is not known yet, refused).
+    pub tx_no_peer: u64,
+    /// Decrypted packets from a source outside the peer's allowed IPs.
+    pub rx_not_allowed: u64,
+    /// Datagrams matching no peer (e.g. handshakes to an unknown key).
+    pub rx_unknown: u64,
+    /// Handshake and decryption failures.
+    pub rx_errors: u64,
+}
+
 /// A client of a device's control socket (ours or any userspace
 /// WireGuard). Each call is one connection.
 #[derive(Debug, Clone)]
@@ -386,6 +414,25 @@ impl Client {
                 self.path.display()
             ))),
         }
+    }
+
+    /// Our device's drop counters.
+    pub fn stats(&self) -> std::io::Result<DeviceCounters> {
+        let mut c = DeviceCounters::default();
+        for l in self.request("x_stats=1\n\n")? {
+            let Some((k, v)) = l.split_once('=') else {
+                continue;
+            };
+            let v = v.parse().unwrap_or(0);
+            match k {
+                "tx_no_peer" => c.tx_no_peer = v,
+                "rx_not_allowed" => c.rx_not_allowed = v,
+                "rx_unknown" => c.rx_unknown = v,
+                "rx_errors" => c.rx_errors = v,
+                _ => {}
+            }
+        }
+        Ok(c)
     }
 
     /// `set=1` with these `key=value` lines.
