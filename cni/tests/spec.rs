@@ -28,18 +28,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_clustermesh-cni");
 const PLUGIN_TIMEOUT: &str = "60";
 const HOST_LOCAL: &str = "/usr/lib/cni/host-local";
 
-/// Same logic as e2e's `require_root!` (this crate may not depend on e2e).
-macro_rules! require_root {
-    () => {
-        if !clustermesh_testkit::is_root() {
-            eprintln!("SKIPPED: this test needs root (network namespaces, veths)");
-            if std::env::var_os("CLUSTERMESH_REQUIRE_PRIVILEGED").is_some() {
-                panic!("CLUSTERMESH_REQUIRE_PRIVILEGED is set but the test is not root");
-            }
-            return;
-        }
-    };
-}
+use clustermesh_testkit::require_root;
 
 /// One plugin run's outcome.
 #[derive(Debug)]

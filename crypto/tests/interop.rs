@@ -13,17 +13,7 @@ use clustermesh_testkit::{
     wireguard::{Impl, WgPair},
 };
 
-macro_rules! require_root {
-    () => {
-        if !clustermesh_testkit::is_root() {
-            eprintln!("SKIPPED: this test needs root (network namespaces, TUN)");
-            if std::env::var_os("CLUSTERMESH_REQUIRE_PRIVILEGED").is_some() {
-                panic!("CLUSTERMESH_REQUIRE_PRIVILEGED is set but the test is not root");
-            }
-            return;
-        }
-    };
-}
+use clustermesh_testkit::require_root;
 
 #[test]
 fn handshake_and_traffic_with_wireguard_go() {

@@ -11,30 +11,18 @@
 //! The underlay carries WireGuard only throughout.
 #![allow(clippy::unwrap_used)]
 
-use std::{
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use clustermesh_api::WgPublicKey;
 use clustermesh_crypto::{keys::PrivateKey, wg::uapi::Client};
 use clustermesh_testkit::{
     capture::Capture,
     netns::sweep_stale,
+    ping::Ping,
     wireguard::{Impl, RUN_DIR, WgPair},
 };
 
-macro_rules! require_root {
-    () => {
-        if !clustermesh_testkit::is_root() {
-            eprintln!("SKIPPED: this test needs root (network namespaces, TUN)");
-            if std::env::var_os("CLUSTERMESH_REQUIRE_PRIVILEGED").is_some() {
-                panic!("CLUSTERMESH_REQUIRE_PRIVILEGED is set but the test is not root");
-            }
-            return;
-        }
-    };
-}
+use clustermesh_testkit::require_root;
 
 #[test]
 fn key_rotation_under_ping_loses_nothing() {
@@ -49,20 +37,7 @@ fn key_rotation_under_ping_loses_nothing() {
     let cap = Capture::start(&b.ns, "ul0", &pair.dir.path().join("ul.pcap")).unwrap();
 
     const PINGS: u32 = 400;
-    let ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            a.ns.name(),
-            "ping",
-            "-c",
-            &PINGS.to_string(),
-        ])
-        .args(["-i", "0.01", "-W", "1", &b.tunnel_ip])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let ping = Ping::start(&a.ns, &b.tunnel_ip, PINGS, "0.01").unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
     let old: WgPublicKey = a.public.parse().unwrap();
@@ -80,16 +55,12 @@ fn key_rotation_under_ping_loses_nothing() {
     ca.drop_key(&old).unwrap();
     cb.remove_peer(old.as_bytes()).unwrap();
 
-    let out = ping.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let summary = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or("");
-    eprintln!("key rotation under 10 ms ping: {summary}");
-    assert!(
-        summary.starts_with(&format!("{PINGS} packets transmitted, {PINGS} received")),
-        "lost pings across the rotation: {summary}"
+    let sum = ping.finish().unwrap();
+    eprintln!("key rotation under 10 ms ping: {sum:?}");
+    assert_eq!(
+        (sum.sent, sum.received),
+        (PINGS, PINGS),
+        "lost pings across the rotation"
     );
     // A now runs on the new key only; B's one peer for A is the new key.
     let shown = a.ns.exec("wg", &["show", &a.iface, "public-key"]).unwrap();

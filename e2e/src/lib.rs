@@ -7,17 +7,6 @@ pub use clustermesh_testkit as testkit;
 pub mod product;
 pub mod topo;
 
-/// Skips a privileged test when not root, loudly (CI runs as root, so a skip
-/// there would show in the log).
-#[macro_export]
-macro_rules! require_root {
-    () => {
-        if !$crate::testkit::is_root() {
-            eprintln!("SKIPPED: this test needs root (network namespaces, eBPF)");
-            if std::env::var_os("CLUSTERMESH_REQUIRE_PRIVILEGED").is_some() {
-                panic!("CLUSTERMESH_REQUIRE_PRIVILEGED is set but the test is not root");
-            }
-            return;
-        }
-    };
-}
+/// Skips (or, when CI requires privileged tests, fails) a test that needs
+/// root; one definition, in the testkit.
+pub use clustermesh_testkit::require_root;

@@ -16,13 +16,10 @@
 //! were, i.e. the desired state, entry for entry.
 #![allow(clippy::unwrap_used)]
 
-use std::{
-    net::Ipv4Addr,
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{net::Ipv4Addr, time::Duration};
 
 use clustermesh_api::EncryptionPolicy;
+use clustermesh_testkit::ping::Ping;
 use e2e::{
     product::{Mesh, until},
     require_root,
@@ -72,20 +69,7 @@ fn agent_killed_and_restarted_under_ping_loses_nothing_and_maps_stay_desired() {
     assert_eq!(desired.1.len(), 1, "A's pod in A's endpoint map");
 
     const PINGS: u32 = 400; // 4 s at 10 ms
-    let ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            a.pod.name(),
-            "ping",
-            "-c",
-            &PINGS.to_string(),
-        ])
-        .args(["-i", "0.01", "-W", "1", &b.pod_ip.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let ping = Ping::start(&a.pod, &b.pod_ip.to_string(), PINGS, "0.01").unwrap();
     let tunnelled = |dp: &Datapath| {
         dp.counter(Direction::Egress, Verdict::Tunnel)
             .unwrap()
@@ -110,16 +94,12 @@ fn agent_killed_and_restarted_under_ping_loses_nothing_and_maps_stay_desired() {
     until("A resynced", Duration::from_secs(30), || synced(a));
     wait_more(&dpa, 50, "traffic after the restart");
 
-    let out = ping.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let summary = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or("");
-    eprintln!("agent kill -9 + restart under 10 ms ping: {summary}");
-    assert!(
-        summary.starts_with(&format!("{PINGS} packets transmitted, {PINGS} received")),
-        "lost pings across the agent restart: {summary}"
+    let sum = ping.finish().unwrap();
+    eprintln!("agent kill -9 + restart under 10 ms ping: {sum:?}");
+    assert_eq!(
+        (sum.sent, sum.received),
+        (PINGS, PINGS),
+        "lost pings across the agent restart"
     );
     // Exactly one program per hook: adoption swapped, it did not add.
     let pod_iface = std::fs::read_dir(a.endpoints())

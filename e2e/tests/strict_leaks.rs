@@ -19,37 +19,18 @@
 //! no unencrypted tunnel.
 #![allow(clippy::unwrap_used)]
 
-use std::{
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use clustermesh_api::{
     EncryptionMode, EncryptionPolicy, EncryptionScope,
     proto::{self, cluster_mesh_client::ClusterMeshClient},
 };
-use clustermesh_testkit::capture::Capture;
+use clustermesh_testkit::{capture::Capture, ping::Ping};
 use e2e::{
     product::{Mesh, Node, WgDevice, until},
     require_root,
 };
 use tunnel_common::{Direction, Verdict};
-
-fn ping_summary(out: &std::process::Output) -> (u32, u32) {
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or("");
-    let num = |i: usize| {
-        line.split(',')
-            .nth(i)
-            .and_then(|p| p.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    (num(0), num(1))
-}
 
 fn start_agent(m: &Mesh, n: &Node, wg: &WgDevice) -> (std::process::Child, Vec<String>) {
     let (etcd, api) = m.cluster_of(n);
@@ -71,22 +52,7 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     let (wga, wgb) = (WgDevice::for_node(a), WgDevice::for_node(b));
     let cap = Capture::start(&b.ns, "ul0", &b.dir.path().join("ul.pcap")).unwrap();
     // Traffic for the whole test, from before anything runs.
-    let mut background = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            a.pod.name(),
-            "ping",
-            "-i",
-            "0.01",
-            "-W",
-            "1",
-        ])
-        .arg(b.pod_ip.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let background = Ping::start(&a.pod, &b.pod_ip.to_string(), 0, "0.01").unwrap();
 
     // (a) Start.
     let (mut agent_b, _) = start_agent(&m, b, &wgb);
@@ -100,20 +66,7 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
 
     // (d) Agent restart under a 10 ms ping.
     const PINGS: u32 = 300;
-    let ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            a.pod.name(),
-            "ping",
-            "-c",
-            &PINGS.to_string(),
-        ])
-        .args(["-i", "0.01", "-W", "1", &b.pod_ip.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let ping = Ping::start(&a.pod, &b.pod_ip.to_string(), PINGS, "0.01").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     agent_a.kill().unwrap();
     agent_a.wait().unwrap();
@@ -121,10 +74,11 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     let (agent_a2, how) = start_agent(&m, a, &wga);
     agent_a = agent_a2;
     assert!(how.iter().all(|l| l.ends_with("(Adopted)")), "{how:?}");
-    let (sent, received) = ping_summary(&ping.wait_with_output().unwrap());
+    let sum = ping.finish().unwrap();
+    let (sent, received) = (sum.sent, sum.received);
     eprintln!(
         "encrypted, strict: agent kill -9 + restart under 10 ms ping: {sent} sent, {received} received, gap {} ms",
-        (sent - received) * 10
+        sum.gap_ms(10)
     );
     assert_eq!(
         (sent, received),
@@ -136,27 +90,15 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     let key_before =
         a.ns.exec("wg", &["show", &wga.iface, "public-key"])
             .unwrap();
-    let ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            a.pod.name(),
-            "ping",
-            "-c",
-            &PINGS.to_string(),
-        ])
-        .args(["-i", "0.01", "-W", "1", &b.pod_ip.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let ping = Ping::start(&a.pod, &b.pod_ip.to_string(), PINGS, "0.01").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let usr1 = Command::new("kill")
         .args(["-USR1", &agent_a.id().to_string()])
         .status()
         .unwrap();
     assert!(usr1.success());
-    let (sent, received) = ping_summary(&ping.wait_with_output().unwrap());
+    let sum = ping.finish().unwrap();
+    let (sent, received) = (sum.sent, sum.received);
     eprintln!("encrypted, strict: key rotation under 10 ms ping: {sent} sent, {received} received");
     assert_eq!(
         (sent, received),
@@ -281,7 +223,8 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     eprintln!("underlay during the test: {wire:?}");
     assert!(wire.data > PINGS as usize, "{wire:?}");
 
-    for c in [&mut background, &mut agent_a, &mut agent_b] {
+    background.stop();
+    for c in [&mut agent_a, &mut agent_b] {
         c.kill().unwrap();
         c.wait().unwrap();
     }

@@ -10,6 +10,7 @@ pub mod capture;
 pub mod etcd;
 pub mod iperf;
 pub mod netns;
+pub mod ping;
 pub mod wireguard;
 
 /// Runs a command, returning its stdout, or an error with its stderr.
@@ -40,4 +41,20 @@ pub fn bench_arg(name: &str, default: u64) -> u64 {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Skips a privileged test when not root, loudly; with
+/// `CLUSTERMESH_REQUIRE_PRIVILEGED` set (CI runs as root with it) it fails
+/// instead, so a skip can never pass for a success.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("SKIPPED: this test needs root (network namespaces, eBPF, TUN)");
+            if std::env::var_os("CLUSTERMESH_REQUIRE_PRIVILEGED").is_some() {
+                panic!("CLUSTERMESH_REQUIRE_PRIVILEGED is set but the test is not root");
+            }
+            return;
+        }
+    };
 }
