@@ -17,11 +17,7 @@ use clustermesh_testkit::{
 };
 
 fn main() {
-    if !clustermesh_testkit::is_root() {
-        eprintln!("SKIPPED: the WireGuard benchmark needs root (network namespaces, TUN)");
-        if std::env::var_os("CLUSTERMESH_REQUIRE_PRIVILEGED").is_some() {
-            std::process::exit(1);
-        }
+    if !clustermesh_testkit::bench_may_run("WireGuard", "network namespaces, TUN") {
         return;
     }
     let runs = clustermesh_testkit::bench_arg("--runs", 5).max(1) as usize;

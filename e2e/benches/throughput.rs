@@ -31,11 +31,7 @@ fn sh(ns: &NetNs, args: &[&str]) {
 }
 
 fn main() {
-    if !clustermesh_testkit::is_root() {
-        eprintln!("SKIPPED: the throughput benchmark needs root (network namespaces, eBPF)");
-        if std::env::var_os("CLUSTERMESH_REQUIRE_PRIVILEGED").is_some() {
-            std::process::exit(1);
-        }
+    if !clustermesh_testkit::bench_may_run("throughput", "network namespaces, eBPF") {
         return;
     }
     let runs = clustermesh_testkit::bench_arg("--runs", 5).max(1) as usize;

@@ -327,6 +327,26 @@ impl Mesh {
         (self.etcds[i].endpoint(), self.apis[i].grpc_addr.to_string())
     }
 
+    /// The policy the encryption tests run under: WireGuard, all traffic,
+    /// strict.
+    pub fn strict_wireguard() -> EncryptionPolicy {
+        EncryptionPolicy {
+            mode: clustermesh_api::EncryptionMode::Wireguard,
+            scope: clustermesh_api::EncryptionScope::All,
+            strict: true,
+            ..Default::default()
+        }
+    }
+
+    /// Starts node `n`'s agent (Geneve) with its WireGuard device `wg`;
+    /// returns once its four programs are attached.
+    pub fn start_encrypted_agent(&self, n: &Node, wg: &WgDevice) -> (Child, Vec<String>) {
+        let (etcd, api) = self.cluster_of(n);
+        let args = wg.args();
+        let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+        n.start_agent_with(&etcd, &api, "geneve", &extra, 4)
+    }
+
     /// Whether node `n`'s agent reports every cluster synced.
     pub fn synced(n: &Node) -> bool {
         n.status()

@@ -13,7 +13,6 @@
 
 use std::time::Duration;
 
-use clustermesh_api::{EncryptionMode, EncryptionPolicy, EncryptionScope};
 use clustermesh_testkit::capture::Capture;
 use e2e::{
     product::{Mesh, WgDevice, until},
@@ -24,20 +23,12 @@ use tunnel_common::{Direction, Verdict};
 #[test]
 fn pods_talk_through_wireguard_and_the_underlay_carries_no_plaintext() {
     require_root!();
-    let m = Mesh::new(EncryptionPolicy {
-        mode: EncryptionMode::Wireguard,
-        scope: EncryptionScope::All,
-        strict: true,
-        ..Default::default()
-    });
+    let m = Mesh::new(Mesh::strict_wireguard());
     let (a, b) = (&m.a, &m.b);
     let (wga, wgb) = (WgDevice::for_node(a), WgDevice::for_node(b));
     let mut agents = Vec::new();
     for (n, wg) in [(a, &wga), (b, &wgb)] {
-        let (etcd, api) = m.cluster_of(n);
-        let args = wg.args();
-        let extra: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (child, how) = n.start_agent_with(&etcd, &api, "geneve", &extra, 4);
+        let (child, how) = m.start_encrypted_agent(n, wg);
         assert!(how.iter().any(|l| l.contains("from_wireguard")), "{how:?}");
         agents.push(child);
     }

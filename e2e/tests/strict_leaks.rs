@@ -21,10 +21,7 @@
 
 use std::{process::Command, time::Duration};
 
-use clustermesh_api::{
-    EncryptionMode, EncryptionPolicy, EncryptionScope,
-    proto::{self, cluster_mesh_client::ClusterMeshClient},
-};
+use clustermesh_api::proto::{self, cluster_mesh_client::ClusterMeshClient};
 use clustermesh_testkit::{capture::Capture, ping::Ping};
 use e2e::{
     product::{Mesh, Node, WgDevice, until},
@@ -32,22 +29,10 @@ use e2e::{
 };
 use tunnel_common::{Direction, Verdict};
 
-fn start_agent(m: &Mesh, n: &Node, wg: &WgDevice) -> (std::process::Child, Vec<String>) {
-    let (etcd, api) = m.cluster_of(n);
-    let args = wg.args();
-    let extra: Vec<&str> = args.iter().map(String::as_str).collect();
-    n.start_agent_with(&etcd, &api, "geneve", &extra, 4)
-}
-
 #[test]
 fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     require_root!();
-    let m = Mesh::new(EncryptionPolicy {
-        mode: EncryptionMode::Wireguard,
-        scope: EncryptionScope::All,
-        strict: true,
-        ..Default::default()
-    });
+    let m = Mesh::new(Mesh::strict_wireguard());
     let (a, b) = (&m.a, &m.b);
     let (wga, wgb) = (WgDevice::for_node(a), WgDevice::for_node(b));
     let cap = Capture::start(&b.ns, "ul0", &b.dir.path().join("ul.pcap")).unwrap();
@@ -55,8 +40,8 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     let background = Ping::start(&a.pod, &b.pod_ip.to_string(), 0, "0.01").unwrap();
 
     // (a) Start.
-    let (mut agent_b, _) = start_agent(&m, b, &wgb);
-    let (mut agent_a, how) = start_agent(&m, a, &wga);
+    let (mut agent_b, _) = m.start_encrypted_agent(b, &wgb);
+    let (mut agent_a, how) = m.start_encrypted_agent(a, &wga);
     assert!(how.iter().all(|l| l.ends_with("(New)")), "{how:?}");
     until("A's pod reaches B's pod", Duration::from_secs(30), || {
         a.pod
@@ -71,7 +56,7 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     agent_a.kill().unwrap();
     agent_a.wait().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let (agent_a2, how) = start_agent(&m, a, &wga);
+    let (agent_a2, how) = m.start_encrypted_agent(a, &wga);
     agent_a = agent_a2;
     assert!(how.iter().all(|l| l.ends_with("(Adopted)")), "{how:?}");
     let sum = ping.finish().unwrap();
@@ -154,7 +139,7 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     let peers = a.ns.exec("wg", &["show", &wga.iface, "peers"]).unwrap();
     assert!(peers.trim().is_empty(), "A still has peer(s): {peers}");
     // ... and comes back.
-    let (mut agent_b, _) = start_agent(&m, b, &wgb);
+    let (mut agent_b, _) = m.start_encrypted_agent(b, &wgb);
     until(
         "A's pod reaches B's pod again",
         Duration::from_secs(30),

@@ -33,6 +33,20 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// For a benchmark's `main`: false (after saying so) when not root, so the
+/// benchmark returns; with `CLUSTERMESH_REQUIRE_PRIVILEGED` set the
+/// process exits with status 1 instead (a skip must not pass in CI).
+pub fn bench_may_run(name: &str, needs: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    eprintln!("SKIPPED: the {name} benchmark needs root ({needs})");
+    if std::env::var_os("CLUSTERMESH_REQUIRE_PRIVILEGED").is_some() {
+        std::process::exit(1);
+    }
+    false
+}
+
 /// A numeric command-line option of a benchmark (`--name N`), or `default`.
 pub fn bench_arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
