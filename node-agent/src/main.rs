@@ -115,6 +115,11 @@ struct Args {
     /// Seconds an unreachable remote cluster's state is kept (0 = forever).
     #[arg(long, default_value_t = 300)]
     stale_ttl: u64,
+    /// Affinity `local` services spill new flows over to remote backends
+    /// when their ready local backends fall below this fraction of the
+    /// local ones declared (0: only when none is ready).
+    #[arg(long, default_value_t = node_agent::datapath::services::DEFAULT_FAILOVER_THRESHOLD)]
+    lb_failover_threshold: f64,
     /// Seconds to wait for every cluster's initial sync before pruning.
     #[arg(long, default_value_t = 60)]
     sync_timeout: u64,
@@ -337,6 +342,12 @@ async fn main() -> anyhow::Result<()> {
             "nothing to do: give --endpoint-dir, --endpoint-iface, --overlay-iface, --apiserver and/or --cluster-name"
         );
     }
+    if !(0.0..=1.0).contains(&args.lb_failover_threshold) {
+        anyhow::bail!(
+            "--lb-failover-threshold {}: must be a fraction between 0 and 1",
+            args.lb_failover_threshold
+        );
+    }
     let mode = match args.tunnel.as_str() {
         "vxlan" => tunnel_common::TunnelMode::Vxlan,
         "geneve" => tunnel_common::TunnelMode::Geneve,
@@ -489,12 +500,16 @@ async fn main() -> anyhow::Result<()> {
             clusters::{Agent, AgentConfig, Reconcilers, config::ClusterFile},
             reconcile::MemoryReconciler,
         };
-        let local_cluster = cluster
+        let local_cluster: clustermesh_api::ClusterName = cluster
             .parse()
             .map_err(|e| anyhow::anyhow!("--cluster-name: {e}"))?;
         if args.local_etcd_endpoints.is_empty() {
             anyhow::bail!("--cluster-name needs --local-etcd-endpoints");
         }
+        let lb_policy = node_agent::datapath::services::LbPolicy {
+            local_cluster: local_cluster.clone(),
+            failover_threshold: args.lb_failover_threshold,
+        };
         let cfg = AgentConfig {
             local_cluster,
             local: ClusterFile {
@@ -510,8 +525,8 @@ async fn main() -> anyhow::Result<()> {
             poll_interval: Duration::from_secs(1),
         };
         // With the datapath loaded, the ip-cache and tunnel routes go into
-        // its pinned maps; WireGuard peers and services are held in memory
-        // (and shown by the status endpoint) until their datapath lands.
+        // its pinned maps, services into the load-balancer's maps; without
+        // it they are held in memory (and shown by the status endpoint).
         let (ipcache, tunnels): (
             Box<dyn node_agent::reconcile::Reconciler<_, _>>,
             Box<dyn node_agent::reconcile::Reconciler<_, _>>,
@@ -553,7 +568,14 @@ async fn main() -> anyhow::Result<()> {
                 )),
                 None => Box::new(MemoryReconciler::new("peers")),
             },
-            services: Box::new(MemoryReconciler::new("services")),
+            services: if dp.is_some() {
+                Box::new(node_agent::datapath::services::ServiceMap::open(
+                    &args.bpf_pin_dir,
+                    lb_policy,
+                )?)
+            } else {
+                Box::new(MemoryReconciler::new("services"))
+            },
         };
         let agent = Agent::new(cfg, reconcilers, cancel.clone());
         let status = agent.status();

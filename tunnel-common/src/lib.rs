@@ -34,12 +34,34 @@ pub mod maps {
     pub const CONFIG: &str = "CM_CONFIG";
     /// LRU hash: remote source IPv4 -> identity it last arrived with.
     pub const SOURCE_IDENTITY: &str = "CM_SRC_IDENTITY";
+    /// Hash: [`crate::LbServiceKey`] -> [`crate::LbServiceValue`]. Slot 0 of
+    /// a frontend holds the number of backends new flows are spread over;
+    /// slots 1..=count hold those backends.
+    pub const LB_SERVICES: &str = "CM_LB_SERVICES";
+    /// Hash: [`crate::LbBackendKey`] -> [`crate::LbBackendValue`]: every
+    /// backend a frontend's existing flows may keep (the selectable ones
+    /// and the draining ones). A flow whose backend is not here any more
+    /// (removed, or its cluster withdrawn) is balanced again.
+    pub const LB_BACKENDS: &str = "CM_LB_BACKENDS";
+    /// LRU hash: [`crate::LbFlowKey`] of a client's flow to a frontend ->
+    /// the backend it was given ([`crate::LbAddr`]).
+    pub const LB_FLOWS: &str = "CM_LB_FLOWS";
+    /// LRU hash: [`crate::LbFlowKey`] of the reply (backend -> client) ->
+    /// the frontend to restore as its source ([`crate::LbAddr`]).
+    pub const LB_REVERSE: &str = "CM_LB_REVERSE";
 }
 
 /// Entries of the maps (sizes are fixed at load).
 pub const MAX_ENDPOINTS: u32 = 4096;
 pub const MAX_IPCACHE: u32 = 512 * 1024;
 pub const MAX_SOURCE_IDENTITIES: u32 = 65536;
+/// Frontend slots (slot 0 plus one per selectable backend, per frontend
+/// address, port and protocol).
+pub const MAX_LB_SLOTS: u32 = 65536;
+/// (frontend, backend) pairs flows may use.
+pub const MAX_LB_BACKENDS: u32 = 65536;
+/// Balanced flows remembered (each has a forward and a reverse entry).
+pub const MAX_LB_FLOWS: u32 = 262_144;
 
 /// How pod traffic to remote nodes leaves this node.
 #[repr(u32)]
@@ -105,6 +127,93 @@ pub const IPCACHE_FLAG_ENCRYPT: u8 = 1;
 /// A remote range whose node is gone: traffic to it is dropped with
 /// [`Verdict::DropNoTunnelEndpoint`] instead of leaking to the host stack.
 pub const IPCACHE_FLAG_UNREACHABLE: u8 = 2;
+
+/// IP protocol numbers the load-balancer handles.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// A service frontend slot: address, port (both network order), protocol
+/// and slot (0: the frontend itself, 1..=count: its backends).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbServiceKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub slot: u16,
+    pub _pad2: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<LbServiceKey>() == 12);
+
+/// Slot 0: `count` backends are selectable (0: the frontend exists but has
+/// none; its packets are dropped with [`Verdict::DropNoServiceBackend`]).
+/// Other slots: the backend's address and port (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbServiceValue {
+    pub addr: u32,
+    pub port: u16,
+    pub count: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<LbServiceValue>() == 8);
+
+/// A (frontend, backend) pair flows may use.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbBackendKey {
+    pub frontend: u32,
+    pub frontend_port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub backend: u32,
+    pub backend_port: u16,
+    pub _pad2: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<LbBackendKey>() == 16);
+
+/// [`LB_BACKEND_SELECTABLE`] or [`LB_BACKEND_DRAINING`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbBackendValue {
+    pub state: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<LbBackendValue>() == 4);
+
+/// The backend is in the frontend's slots (gets new flows).
+pub const LB_BACKEND_SELECTABLE: u32 = 1;
+/// The backend keeps its flows but gets no new ones (terminating, or a
+/// preferred-cluster policy moved new flows elsewhere).
+pub const LB_BACKEND_DRAINING: u32 = 2;
+
+/// One direction of a balanced flow: addresses and ports in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct LbFlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<LbFlowKey>() == 16);
+
+/// An address and port (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbAddr {
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<LbAddr>() == 8);
 
 /// The node's datapath configuration (one entry).
 #[repr(C)]
@@ -172,10 +281,13 @@ pub enum Verdict {
     DropInternal = 67,
     /// Dropped: arrived from the overlay for an address with no local endpoint.
     DropUnknownEndpoint = 68,
+    /// Dropped: addressed to a service frontend that has no backend to
+    /// give a new flow.
+    DropNoServiceBackend = 69,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 10] = [
+    pub const ALL: [Verdict; 11] = [
         Verdict::Pass,
         Verdict::Local,
         Verdict::Tunnel,
@@ -186,6 +298,7 @@ impl Verdict {
         Verdict::DropStrictPlaintext,
         Verdict::DropInternal,
         Verdict::DropUnknownEndpoint,
+        Verdict::DropNoServiceBackend,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -204,6 +317,7 @@ impl Verdict {
             Verdict::DropStrictPlaintext => "drop_strict_plaintext",
             Verdict::DropInternal => "drop_internal",
             Verdict::DropUnknownEndpoint => "drop_unknown_endpoint",
+            Verdict::DropNoServiceBackend => "drop_no_service_backend",
         }
     }
 }
@@ -230,13 +344,19 @@ pub struct Counter {
 const _: () = assert!(core::mem::size_of::<Counter>() == 16);
 
 #[cfg(feature = "user")]
-// SAFETY: all four are repr(C), Copy, have no implicit padding (explicit
+// SAFETY: all of them are repr(C), Copy, have no implicit padding (explicit
 // pad fields, size asserted) and every bit pattern is valid.
 mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::EndpointInfo {}
     unsafe impl aya::Pod for super::IpCacheValue {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::LbServiceKey {}
+    unsafe impl aya::Pod for super::LbServiceValue {}
+    unsafe impl aya::Pod for super::LbBackendKey {}
+    unsafe impl aya::Pod for super::LbBackendValue {}
+    unsafe impl aya::Pod for super::LbFlowKey {}
+    unsafe impl aya::Pod for super::LbAddr {}
 }
 
 #[cfg(test)]

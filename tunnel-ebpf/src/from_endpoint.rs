@@ -1,6 +1,11 @@
 //! `from_endpoint`: TC ingress of a pod's host-side veth, i.e. every packet a
 //! local endpoint sends.
 //!
+//! - destination is a service frontend (address, port, TCP or UDP): the
+//!   destination becomes the flow's backend (kept for the flow's life while
+//!   the backend is allowed, else drawn from the selectable ones; replies
+//!   are translated back on delivery), then routed as below; a frontend
+//!   with no selectable backend drops new flows (`drop_no_service_backend`);
 //! - destination is a local endpoint: rewrite MACs, `redirect_peer` straight
 //!   into its namespace (no host stack);
 //! - destination is in the ip-cache with a tunnel endpoint (a remote node),
@@ -49,7 +54,9 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use shared::{ETH_HLEN, config, count, deliver, endpoint, ipcache, ipv4_addrs};
+use shared::{
+    Balanced, ETH_HLEN, config, count, deliver, endpoint, ipcache, ipv4_addrs, lb_forward,
+};
 use tunnel_common::{
     CONFIG_FLAG_STRICT, DatapathConfig, Direction, ENCAP_OVERHEAD, GENEVE_PORT, IDENTITY_WORLD,
     IPCACHE_FLAG_ENCRYPT, IPCACHE_FLAG_UNREACHABLE, TunnelMode, Verdict,
@@ -72,6 +79,13 @@ fn try_from_endpoint(ctx: &TcContext) -> (Verdict, i32) {
     if cfg.mode == TunnelMode::None as u32 {
         return (Verdict::Pass, TC_ACT_OK);
     }
+    // A service frontend is translated to its flow's backend first; the
+    // rest routes the backend's address.
+    let dst = match lb_forward(ctx, src, dst) {
+        Ok(Balanced::No) => dst,
+        Ok(Balanced::To(backend)) => backend,
+        Err(v) => return (v, TC_ACT_SHOT),
+    };
     if let Some(ep) = endpoint(dst) {
         return deliver(ctx, &ep);
     }

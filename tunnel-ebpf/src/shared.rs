@@ -1,5 +1,6 @@
-//! Maps, helpers, the panic handler and the license shared by the programs
-//! (each binary includes this module once). Every map is pinned by name, so
+//! Maps, helpers (delivery, service load-balancing), the panic handler and
+//! the license shared by the programs (each binary includes this module
+//! once). Every map is pinned by name, so
 //! the two objects (one per attach point) share them through the node's pin
 //! directory, and a restarted agent adopts them with their contents.
 
@@ -9,8 +10,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tunnel_common::{
-    Counter, DatapathConfig, Direction, EndpointInfo, IpCacheValue, MAX_ENDPOINTS, MAX_IPCACHE,
-    MAX_SOURCE_IDENTITIES, METRICS_ENTRIES, Verdict, metric_index,
+    Counter, DatapathConfig, Direction, EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, IpCacheValue,
+    LbAddr, LbBackendKey, LbBackendValue, LbFlowKey, LbServiceKey, LbServiceValue, MAX_ENDPOINTS,
+    MAX_IPCACHE, MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES,
+    METRICS_ENTRIES, Verdict, metric_index,
 };
 
 #[map]
@@ -23,6 +26,15 @@ pub static CM_IPCACHE: LpmTrie<u32, IpCacheValue> = LpmTrie::pinned(MAX_IPCACHE,
 pub static CM_CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 #[map]
 pub static CM_SRC_IDENTITY: LruHashMap<u32, u32> = LruHashMap::pinned(MAX_SOURCE_IDENTITIES, 0);
+#[map]
+pub static CM_LB_SERVICES: HashMap<LbServiceKey, LbServiceValue> = HashMap::pinned(MAX_LB_SLOTS, 0);
+#[map]
+pub static CM_LB_BACKENDS: HashMap<LbBackendKey, LbBackendValue> =
+    HashMap::pinned(MAX_LB_BACKENDS, 0);
+#[map]
+pub static CM_LB_FLOWS: LruHashMap<LbFlowKey, LbAddr> = LruHashMap::pinned(MAX_LB_FLOWS, 0);
+#[map]
+pub static CM_LB_REVERSE: LruHashMap<LbFlowKey, LbAddr> = LruHashMap::pinned(MAX_LB_FLOWS, 0);
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -99,11 +111,12 @@ pub fn deliver_unencrypted(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32)
     deliver(ctx, ep)
 }
 
-/// Delivers the frame to a local endpoint: MACs rewritten, then
+/// Delivers the frame to a local endpoint: a service reply gets its
+/// frontend back as source ([`lb_reverse`]), MACs rewritten, then
 /// `redirect_peer` straight into its namespace (no host stack, no backlog).
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32) {
-    if set_macs(ctx, ep).is_err() {
+    if lb_reverse(ctx).is_err() || set_macs(ctx, ep).is_err() {
         return (Verdict::DropInternal, aya_ebpf::bindings::TC_ACT_SHOT);
     }
     // SAFETY: plain helper call; the kernel checks the ifindex.
@@ -117,6 +130,237 @@ pub fn set_macs(ctx: &TcContext, ep: &EndpointInfo) -> Result<(), i64> {
     ctx.store(0, &ep.mac, 0)?;
     ctx.store(6, &ep.host_mac, 0)?;
     Ok(())
+}
+
+// ---- Service load-balancing -------------------------------------------
+//
+// A client pod's packet to a frontend (service address, port, protocol) is
+// translated in `from_endpoint` to a backend: the flow's backend comes from
+// CM_LB_FLOWS while that backend is still allowed for the frontend
+// (CM_LB_BACKENDS), otherwise a selectable slot is drawn at random and the
+// flow (and its reverse, for the replies) remembered. Replies are translated
+// back on delivery to the client (`deliver`). Which backends are selectable
+// (affinity, failover) is decided in user space.
+
+/// Offset of the IP checksum in an Ethernet + IPv4 frame.
+const IP_CSUM: usize = ETH_HLEN + 10;
+const BPF_F_PSEUDO_HDR: u64 = 0x10;
+const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+
+/// Protocol and L4 header offset of a TCP or UDP IPv4 packet that is not a
+/// fragment (fragments carry no ports; they are not balanced).
+#[inline(always)]
+fn l4(ctx: &TcContext) -> Option<(u8, usize)> {
+    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
+    // More-fragments flag or a fragment offset.
+    if u16::from_be(frag) & 0x3fff != 0 {
+        return None;
+    }
+    let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return None;
+    }
+    Some((proto, ETH_HLEN + ihl))
+}
+
+/// Offset of the L4 checksum and the flags `l4_csum_replace` needs for it
+/// (a UDP checksum of 0 means "none" and must stay 0).
+#[inline(always)]
+fn l4_csum(proto: u8, l4off: usize) -> (usize, u64) {
+    if proto == IPPROTO_TCP {
+        (l4off + 16, 0)
+    } else {
+        (l4off + 6, BPF_F_MARK_MANGLED_0)
+    }
+}
+
+/// Rewrites the address at `addr_off` and the port at `port_off`, fixing the
+/// IP and L4 checksums (the address is in the L4 pseudo-header).
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    proto: u8,
+    l4off: usize,
+    addr_off: usize,
+    (old_addr, new_addr): (u32, u32),
+    port_off: usize,
+    (old_port, new_port): (u16, u16),
+) -> Result<(), i64> {
+    let (csum_off, mangled) = l4_csum(proto, l4off);
+    if old_addr != new_addr {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_addr),
+            u64::from(new_addr),
+            BPF_F_PSEUDO_HDR | mangled | 4,
+        )?;
+        ctx.l3_csum_replace(IP_CSUM, u64::from(old_addr), u64::from(new_addr), 4)?;
+        ctx.store(addr_off, &new_addr, 0)?;
+    }
+    if old_port != new_port {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(old_port),
+            u64::from(new_port),
+            mangled | 2,
+        )?;
+        ctx.store(port_off, &new_port, 0)?;
+    }
+    Ok(())
+}
+
+/// What the load-balancer did with a packet leaving a pod.
+pub enum Balanced {
+    /// Not addressed to a frontend.
+    No,
+    /// Translated: the new destination address.
+    To(u32),
+}
+
+/// Translates a packet addressed to a service frontend to its flow's
+/// backend. `Err` is the verdict of a packet that must be dropped.
+#[inline(always)]
+pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdict> {
+    let Some((proto, l4off)) = l4(ctx) else {
+        return Ok(Balanced::No);
+    };
+    // Source and destination port, network order.
+    let Ok(ports) = ctx.load::<[u16; 2]>(l4off) else {
+        return Ok(Balanced::No);
+    };
+    let mut skey = LbServiceKey {
+        addr: dst,
+        port: ports[1],
+        proto,
+        _pad: 0,
+        slot: 0,
+        _pad2: 0,
+    };
+    // SAFETY: values are copied out at once.
+    let Some(svc) = (unsafe { CM_LB_SERVICES.get(&skey) }).copied() else {
+        return Ok(Balanced::No);
+    };
+    let flow = LbFlowKey {
+        saddr: src,
+        daddr: dst,
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: as above.
+    let known = match unsafe { CM_LB_FLOWS.get(&flow) }.copied() {
+        Some(b) => {
+            let bkey = LbBackendKey {
+                frontend: dst,
+                frontend_port: ports[1],
+                proto,
+                _pad: 0,
+                backend: b.addr,
+                backend_port: b.port,
+                _pad2: 0,
+            };
+            // SAFETY: as above.
+            unsafe { CM_LB_BACKENDS.get(&bkey) }.map(|_| b)
+        }
+        None => None,
+    };
+    let backend = match known {
+        Some(b) => b,
+        None => {
+            let count = u32::from(svc.count);
+            if count == 0 {
+                return Err(Verdict::DropNoServiceBackend);
+            }
+            // SAFETY: plain helper call.
+            let r = unsafe { aya_ebpf::helpers::generated::bpf_get_prandom_u32() };
+            skey.slot = (1 + r % count) as u16;
+            // SAFETY: as above. A slot missing here is a frontend being
+            // shrunk by user space at this moment.
+            let Some(v) = (unsafe { CM_LB_SERVICES.get(&skey) }).copied() else {
+                return Err(Verdict::DropNoServiceBackend);
+            };
+            let b = LbAddr {
+                addr: v.addr,
+                port: v.port,
+                _pad: 0,
+            };
+            let reply = LbFlowKey {
+                saddr: b.addr,
+                daddr: src,
+                sport: b.port,
+                dport: ports[0],
+                proto,
+                _pad: [0; 3],
+            };
+            let frontend = LbAddr {
+                addr: dst,
+                port: ports[1],
+                _pad: 0,
+            };
+            // The reverse first: a reply can never beat it.
+            if CM_LB_REVERSE.insert(&reply, &frontend, 0).is_err()
+                || CM_LB_FLOWS.insert(&flow, &b, 0).is_err()
+            {
+                return Err(Verdict::DropInternal);
+            }
+            b
+        }
+    };
+    if rewrite(
+        ctx,
+        proto,
+        l4off,
+        IP_DST,
+        (dst, backend.addr),
+        l4off + 2,
+        (ports[1], backend.port),
+    )
+    .is_err()
+    {
+        return Err(Verdict::DropInternal);
+    }
+    Ok(Balanced::To(backend.addr))
+}
+
+/// Restores the frontend as the source of a reply from a backend.
+#[inline(always)]
+pub fn lb_reverse(ctx: &TcContext) -> Result<(), i64> {
+    let Some((src, dst)) = ipv4_addrs(ctx) else {
+        return Ok(());
+    };
+    let Some((proto, l4off)) = l4(ctx) else {
+        return Ok(());
+    };
+    let Ok(ports) = ctx.load::<[u16; 2]>(l4off) else {
+        return Ok(());
+    };
+    let key = LbFlowKey {
+        saddr: src,
+        daddr: dst,
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out at once.
+    let Some(fe) = (unsafe { CM_LB_REVERSE.get(&key) }).copied() else {
+        return Ok(());
+    };
+    rewrite(
+        ctx,
+        proto,
+        l4off,
+        IP_SRC,
+        (src, fe.addr),
+        l4off,
+        (ports[0], fe.port),
+    )
 }
 
 #[cfg(target_arch = "bpf")]

@@ -16,8 +16,11 @@
 //!   own cluster.
 //! - **Global services**: a local service gets remote backends only when it is
 //!   global here and the remote's same-named service is global and shared,
-//!   with the same ports; only ready backends get new flows, terminating
-//!   ones are kept (draining), not-ready ones are left out.
+//!   with the same ports. Backends keep their state (ready, terminating,
+//!   not ready): which ones get new flows is the load-balancer's choice
+//!   (`datapath::services::select`). Two local services may not share a
+//!   frontend (address, port, protocol): the later one (by name) is
+//!   refused.
 //!
 //! Everything refused is listed in [`Desired::rejected`] with a reason.
 
@@ -291,14 +294,36 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
     }
 
     // 3. Services: local ones, with remote backends for global services.
+    let mut frontends: BTreeMap<(IpAddr, Protocol, u16), String> = BTreeMap::new();
     for (key, svc) in &input.local.records.services {
         let name = format!("{}/{}", key.0, key.1);
+        let taken = svc.frontends.iter().find_map(|ip| {
+            svc.ports.iter().find_map(|p| {
+                frontends
+                    .get(&(*ip, p.protocol, p.port))
+                    .map(|o| (ip, p, o))
+            })
+        });
+        if let Some((ip, p, other)) = taken {
+            out.rejected.push(Rejection {
+                cluster: input.local.name.clone(),
+                record: format!("service {name}"),
+                reason: "service_frontend_conflict",
+                detail: format!(
+                    "{ip}:{}/{} is already the frontend of service {other}",
+                    p.port, p.protocol
+                ),
+            });
+            continue;
+        }
+        for ip in &svc.frontends {
+            for p in &svc.ports {
+                frontends.insert((*ip, p.protocol, p.port), name.clone());
+            }
+        }
         let mut backends = Vec::new();
         let mut take = |cluster: &ClusterName, s: &ServiceRecord, out: &mut Desired| {
             for b in &s.backends {
-                if b.state == BackendState::NotReady {
-                    continue;
-                }
                 if !in_own_cidrs(cluster, b.ip) {
                     out.rejected.push(Rejection {
                         cluster: cluster.clone(),
@@ -701,6 +726,7 @@ mod tests {
             vec![
                 ("10.1.0.5".into(), Ready),
                 ("10.1.0.6".into(), Terminating),
+                ("10.1.0.7".into(), NotReady),
                 ("10.2.0.5".into(), Ready)
             ]
         );
@@ -711,5 +737,30 @@ mod tests {
         );
         assert_eq!(s.ports, vec![(Protocol::Tcp, 80, 8080)]);
         assert_eq!(s.affinity, Affinity::Local);
+    }
+
+    #[test]
+    fn two_local_services_may_not_share_a_frontend() {
+        use BackendState::*;
+        let mut w = World::new(1);
+        node(&mut w.recs[0], 1, "c1", "n1", "10.1.0.0/24", "192.0.2.1");
+        svc(&mut w.recs[0], "c1", false, true, &[("10.1.0.5", Ready)]);
+        let mut other = w.recs[0].services.values().next().unwrap().clone();
+        other.name = "api".parse().unwrap();
+        w.recs[0]
+            .services
+            .insert((other.namespace.clone(), other.name.clone()), other);
+        let d = w.merge(EncryptionPolicy::default());
+        // "default/api" sorts first and keeps the frontend.
+        assert!(d.services.contains_key("default/api"));
+        assert!(!d.services.contains_key("default/web"));
+        assert_eq!(d.rejected.len(), 1);
+        assert_eq!(d.rejected[0].reason, "service_frontend_conflict");
+        assert!(
+            d.rejected[0].detail.contains("10.96.0.10:80/TCP")
+                && d.rejected[0].detail.contains("default/api"),
+            "{}",
+            d.rejected[0].detail
+        );
     }
 }

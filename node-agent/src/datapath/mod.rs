@@ -30,6 +30,7 @@ use tunnel_common::{
 
 pub mod reconcilers;
 pub mod routes;
+pub mod services;
 
 /// ELF objects built by build.rs (aya-build) from tunnel-ebpf.
 pub mod objects {
