@@ -5,6 +5,7 @@
 pub use clustermesh_testkit as testkit;
 
 pub mod product;
+pub mod services;
 pub mod topo;
 
 /// Skips (or, when CI requires privileged tests, fails) a test that needs

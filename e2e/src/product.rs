@@ -23,16 +23,22 @@ use clustermesh_testkit::{
 };
 use node_agent::datapath::{Datapath, attached_programs};
 
-/// target/<profile>/deps/<this test> -> target/<profile>/<name>
+/// target/<profile>/deps/<this test> -> target/<profile>/<name>, else the
+/// debug build's (`cargo bench` builds no other package's binaries).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join(name);
+    let profile = exe.parent().unwrap().parent().unwrap();
+    let bin = profile.join(name);
+    if bin.exists() {
+        return bin;
+    }
+    let debug = profile.parent().unwrap().join("debug").join(name);
     assert!(
-        bin.exists(),
-        "{} is missing: build the workspace (cargo test --workspace)",
+        debug.exists(),
+        "{} is missing: build the workspace (cargo build --workspace)",
         bin.display()
     );
-    bin
+    debug
 }
 
 pub fn free_port() -> u16 {
@@ -78,9 +84,15 @@ impl Node {
     /// `mtu`: the pod's MTU (1450 leaves room for VXLAN/Geneve's 50 bytes,
     /// 1420 for WireGuard's 80 over an IPv4 or IPv6 underlay).
     pub fn cni_add(&mut self, mtu: u32) {
+        self.pod_ip = self.add_pod(&self.pod, "web", mtu);
+    }
+
+    /// Attaches the pod namespace `pod` (app label and pod name `app`)
+    /// through CNI ADD; returns its address.
+    pub fn add_pod(&self, pod: &NetNs, app: &str, mtu: u32) -> Ipv4Addr {
         std::fs::create_dir_all(self.endpoints()).unwrap();
         let conf = format!(
-            r#"{{"cniVersion":"1.1.0","name":"clustermesh","type":"clustermesh-cni","podCIDR":"10.{}.0.0/24","mtu":{mtu},"endpointDir":"{}","args":{{"cni":{{"labels":[{{"key":"k8s:app","value":"web"}}]}}}}}}"#,
+            r#"{{"cniVersion":"1.1.0","name":"clustermesh","type":"clustermesh-cni","podCIDR":"10.{}.0.0/24","mtu":{mtu},"endpointDir":"{}","args":{{"cni":{{"labels":[{{"key":"k8s:app","value":"{app}"}}]}}}}}}"#,
             self.id,
             self.endpoints().display()
         );
@@ -88,10 +100,13 @@ impl Node {
             .args(["netns", "exec", self.ns.name()])
             .arg(binary("clustermesh-cni"))
             .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", format!("web-{}", self.id))
-            .env("CNI_NETNS", format!("/var/run/netns/{}", self.pod.name()))
+            .env("CNI_CONTAINERID", format!("{app}-{}", self.id))
+            .env("CNI_NETNS", format!("/var/run/netns/{}", pod.name()))
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_ARGS", "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web")
+            .env(
+                "CNI_ARGS",
+                format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={app}"),
+            )
             .env("CNI_PATH", "/usr/lib/cni")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -108,7 +123,7 @@ impl Node {
         assert!(out.status.success(), "CNI ADD: {text}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         let addr = v["ips"][0]["address"].as_str().unwrap();
-        self.pod_ip = addr.split('/').next().unwrap().parse().unwrap();
+        addr.split('/').next().unwrap().parse().unwrap()
     }
 
     pub fn underlay_ip(&self) -> String {
@@ -347,6 +362,21 @@ impl Mesh {
         n.start_agent_with(&etcd, &api, "geneve", &extra, 4)
     }
 
+    /// Declares (or replaces) a service in cluster `i` (0: c1) through its
+    /// apiserver, as `clustermesh service create` does.
+    pub fn upsert_service(&self, i: usize, svc: clustermesh_api::proto::Service) {
+        use clustermesh_api::proto::{
+            UpsertServiceRequest, cluster_mesh_client::ClusterMeshClient,
+        };
+        let addr = format!("http://{}", self.apis[i].grpc_addr);
+        self.rt.block_on(async {
+            let mut g = ClusterMeshClient::connect(addr).await.unwrap();
+            g.upsert_service(UpsertServiceRequest { service: Some(svc) })
+                .await
+                .unwrap();
+        });
+    }
+
     /// Whether node `n`'s agent reports every cluster synced.
     pub fn synced(n: &Node) -> bool {
         n.status()
@@ -394,5 +424,16 @@ impl Drop for WgDevice {
             .args(["-f", &format!("clustermesh-wg {} ", self.iface)])
             .status();
         let _ = std::fs::remove_file(format!("/var/run/wireguard/{}.sock", self.iface));
+    }
+}
+
+/// A spawned process (an agent) killed and reaped on drop, so a failing
+/// test leaves none behind.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -40,8 +40,10 @@ pub mod maps {
     pub const LB_SERVICES: &str = "CM_LB_SERVICES";
     /// Hash: [`crate::LbBackendKey`] -> [`crate::LbBackendValue`]: every
     /// backend a frontend's existing flows may keep (the selectable ones
-    /// and the draining ones). A flow whose backend is not here any more
-    /// (removed, or its cluster withdrawn) is balanced again.
+    /// and the draining ones). A new TCP connection or a UDP flow whose
+    /// remembered backend is not here any more (removed, or its cluster
+    /// withdrawn) is balanced again; an established TCP connection keeps
+    /// its backend.
     pub const LB_BACKENDS: &str = "CM_LB_BACKENDS";
     /// LRU hash: [`crate::LbFlowKey`] of a client's flow to a frontend ->
     /// the backend it was given ([`crate::LbAddr`]).

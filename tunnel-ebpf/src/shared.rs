@@ -11,9 +11,9 @@ use aya_ebpf::{
 };
 use tunnel_common::{
     Counter, DatapathConfig, Direction, EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, IpCacheValue,
-    LbAddr, LbBackendKey, LbBackendValue, LbFlowKey, LbServiceKey, LbServiceValue, MAX_ENDPOINTS,
-    MAX_IPCACHE, MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES,
-    METRICS_ENTRIES, Verdict, metric_index,
+    LB_BACKEND_SELECTABLE, LbAddr, LbBackendKey, LbBackendValue, LbFlowKey, LbServiceKey,
+    LbServiceValue, MAX_ENDPOINTS, MAX_IPCACHE, MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_SLOTS,
+    MAX_SOURCE_IDENTITIES, METRICS_ENTRIES, Verdict, metric_index,
 };
 
 #[map]
@@ -136,9 +136,11 @@ pub fn set_macs(ctx: &TcContext, ep: &EndpointInfo) -> Result<(), i64> {
 //
 // A client pod's packet to a frontend (service address, port, protocol) is
 // translated in `from_endpoint` to a backend: the flow's backend comes from
-// CM_LB_FLOWS while that backend is still allowed for the frontend
-// (CM_LB_BACKENDS), otherwise a selectable slot is drawn at random and the
-// flow (and its reverse, for the replies) remembered. Replies are translated
+// CM_LB_FLOWS (always for an established TCP connection; for UDP while that
+// backend is still allowed for the frontend, CM_LB_BACKENDS; for a new TCP
+// connection while it is selectable),
+// otherwise a selectable slot is drawn at random and the flow (and its
+// reverse, for the replies) remembered. Replies are translated
 // back on delivery to the client (`deliver`). Which backends are selectable
 // (affinity, failover) is decided in user space.
 
@@ -146,6 +148,8 @@ pub fn set_macs(ctx: &TcContext, ep: &EndpointInfo) -> Result<(), i64> {
 const IP_CSUM: usize = ETH_HLEN + 10;
 const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// Protocol and L4 header offset of a TCP or UDP IPv4 packet that is not a
 /// fragment (fragments carry no ports; they are not balanced).
@@ -253,8 +257,20 @@ pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdi
         proto,
         _pad: [0; 3],
     };
+    // A flow keeps its backend while that backend is allowed for the
+    // frontend (selectable or draining). An established TCP connection
+    // keeps it regardless: moving it could only be answered by a reset,
+    // while the old backend may well finish it (a removed backend often
+    // still runs). A new TCP connection (SYN without ACK) whose 4-tuple was
+    // seen before keeps it only while it is selectable: draining means no
+    // new connections.
+    let established = proto == IPPROTO_TCP
+        && ctx
+            .load::<u8>(l4off + 13)
+            .is_ok_and(|f| f & (TCP_SYN | TCP_ACK) != TCP_SYN);
     // SAFETY: as above.
     let known = match unsafe { CM_LB_FLOWS.get(&flow) }.copied() {
+        Some(b) if established => Some(b),
         Some(b) => {
             let bkey = LbBackendKey {
                 frontend: dst,
@@ -266,7 +282,13 @@ pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdi
                 _pad2: 0,
             };
             // SAFETY: as above.
-            unsafe { CM_LB_BACKENDS.get(&bkey) }.map(|_| b)
+            match unsafe { CM_LB_BACKENDS.get(&bkey) } {
+                // A new TCP connection (this flow's port reused, or its
+                // SYN retransmitted) only to a backend that takes new ones.
+                Some(v) if proto == IPPROTO_TCP && v.state != LB_BACKEND_SELECTABLE => None,
+                Some(_) => Some(b),
+                None => None,
+            }
         }
         None => None,
     };

@@ -82,8 +82,9 @@ fn main() -> anyhow::Result<()> {
             // Benchmarks are not part of the suite (slow, noisy); a smoke run
             // of each with tiny sizes is, so none of them rots. --workspace
             // keeps feature unification (no rebuild).
-            let smoke: [&[&str]; 4] = [
+            let smoke: [&[&str]; 5] = [
                 &["throughput", "--runs", "1", "--seconds", "1"],
+                &["services", "--runs", "1", "--seconds", "1"],
                 &["wireguard", "--runs", "1", "--seconds", "1"],
                 &["export", "--endpoints", "200", "--nodes", "4"],
                 &[

@@ -24,8 +24,8 @@ use aya::{
     },
 };
 use tunnel_common::{
-    Counter, DatapathConfig, Direction, EndpointInfo, IpCacheValue, Verdict, maps, metric_index,
-    programs,
+    Counter, DatapathConfig, Direction, EndpointInfo, IpCacheValue, LbBackendKey, LbBackendValue,
+    LbServiceKey, LbServiceValue, Verdict, maps, metric_index, programs,
 };
 
 pub mod reconcilers;
@@ -486,6 +486,70 @@ impl Datapath {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(maps::SOURCE_IDENTITY)(e)),
         }
+    }
+
+    /// The backends new flows to a frontend (address, port, IP protocol)
+    /// are spread over, in slot order; None: not a frontend.
+    pub fn lb_selectable(
+        &mut self,
+        frontend: Ipv4Addr,
+        port: u16,
+        proto: u8,
+    ) -> Result<Option<Vec<(Ipv4Addr, u16)>>> {
+        let map = self
+            .endpoint
+            .map_mut(maps::LB_SERVICES)
+            .ok_or(Error::MissingMap(maps::LB_SERVICES))?;
+        let m: HashMap<&mut MapData, LbServiceKey, LbServiceValue> =
+            HashMap::try_from(map).map_err(map_err(maps::LB_SERVICES))?;
+        let mut key = LbServiceKey {
+            addr: u32::from(frontend).to_be(),
+            port: port.to_be(),
+            proto,
+            ..Default::default()
+        };
+        let count = match m.get(&key, 0) {
+            Ok(v) => v.count,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err(maps::LB_SERVICES)(e)),
+        };
+        let mut out = Vec::new();
+        for slot in 1..=count {
+            key.slot = slot;
+            let v = m.get(&key, 0).map_err(map_err(maps::LB_SERVICES))?;
+            out.push((Ipv4Addr::from(u32::from_be(v.addr)), u16::from_be(v.port)));
+        }
+        Ok(Some(out))
+    }
+
+    /// Every backend flows to a frontend (address, port, IP protocol) may
+    /// keep: (address, port, `LB_BACKEND_*` state), sorted.
+    pub fn lb_allowed(
+        &mut self,
+        frontend: Ipv4Addr,
+        port: u16,
+        proto: u8,
+    ) -> Result<Vec<(Ipv4Addr, u16, u32)>> {
+        let map = self
+            .endpoint
+            .map_mut(maps::LB_BACKENDS)
+            .ok_or(Error::MissingMap(maps::LB_BACKENDS))?;
+        let m: HashMap<&mut MapData, LbBackendKey, LbBackendValue> =
+            HashMap::try_from(map).map_err(map_err(maps::LB_BACKENDS))?;
+        let (fe, port) = (u32::from(frontend).to_be(), port.to_be());
+        let mut out = Vec::new();
+        for kv in m.iter() {
+            let (k, v) = kv.map_err(map_err(maps::LB_BACKENDS))?;
+            if k.frontend == fe && k.frontend_port == port && k.proto == proto {
+                out.push((
+                    Ipv4Addr::from(u32::from_be(k.backend)),
+                    u16::from_be(k.backend_port),
+                    v.state,
+                ));
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// The counter of (direction, verdict), summed over CPUs.

@@ -14,9 +14,11 @@
 //! - affinity `remote`: remote ready backends; the local ones only when no
 //!   remote one is ready.
 //!
-//! A withdrawn or stale cluster's backends are not in the merge any more:
-//! they are neither selectable nor allowed, so new flows and flows that had
-//! them are balanced onto the others at once.
+//! A removed backend, or a withdrawn or stale cluster's, is not in the
+//! merge any more: it is neither selectable nor allowed, so new
+//! connections, and UDP flows that had it, go to the others at once;
+//! established TCP connections stay with it (moving them could only end in
+//! a reset).
 //!
 //! Map layout (see `tunnel_common::maps`): per frontend address, port and
 //! protocol, slot 0 holds the selectable count and slots 1..=count the
