@@ -143,11 +143,22 @@ impl ClusterState {
                             .or_else(|| self.kube_services.get(&sk))
                             .and_then(|s| encode(s).ok())
                     }
+                    Key::ClusterConfig { .. } => encode(&self.cluster_config()).ok(),
                     _ => None,
                 };
                 (k.build(), v)
             })
             .collect()
+    }
+
+    /// Changes the exported encryption policy (the cluster config key).
+    pub fn set_encryption(&mut self, p: EncryptionPolicy) {
+        if self.encryption != p {
+            self.encryption = p;
+            self.touch(Key::ClusterConfig {
+                cluster: self.cluster.clone(),
+            });
+        }
     }
 
     /// Forgets pending changes (a full sync covers them).
