@@ -132,7 +132,8 @@ impl ConfigDir {
         }
         let hint = known
             .iter()
-            .find(|k| close(k, name))
+            .filter(|k| close(k, name))
+            .min_by_key(|k| distance(k, name))
             .map(|k| format!("did you mean {k:?}? "))
             .unwrap_or_default();
         bail!(
@@ -183,11 +184,13 @@ pub fn validate_entry(c: &ClusterEntry) -> Result<()> {
     Ok(())
 }
 
-/// One edit apart (a typo), or one is a prefix of the other.
+/// At most two edits apart (a typo), or one is a prefix of the other.
 fn close(a: &str, b: &str) -> bool {
-    if a.starts_with(b) || b.starts_with(a) {
-        return true;
-    }
+    a.starts_with(b) || b.starts_with(a) || distance(a, b) <= 2
+}
+
+/// Levenshtein distance.
+fn distance(a: &str, b: &str) -> usize {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for i in 1..=a.len() {
@@ -198,7 +201,7 @@ fn close(a: &str, b: &str) -> bool {
         }
         prev = cur;
     }
-    prev[b.len()] <= 2
+    prev[b.len()]
 }
 
 /// Writes `bytes` to `path` atomically (a dotfile in the same directory,
