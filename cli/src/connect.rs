@@ -226,12 +226,44 @@ async fn etcd_admin(cd: &ConfigDir, c: &ClusterEntry) -> Result<etcd_client::Cli
         .with_tls(tls)
         .with_connect_timeout(Duration::from_secs(3))
         .with_timeout(Duration::from_secs(10));
-    let mut client = etcd_client::Client::connect(&c.etcd_endpoints, Some(opts))
+    let r = async {
+        let mut client = etcd_client::Client::connect(&c.etcd_endpoints, Some(opts)).await?;
+        // The connection is lazy: probe it so a wrong certificate shows here.
+        client.status().await?;
+        Ok::<_, etcd_client::Error>(client)
+    }
+    .await;
+    match r {
+        Ok(client) => Ok(client),
+        // A refused TLS handshake reads like a closed connection: if etcd's
+        // port answers, it is the credentials.
+        Err(e) if port_answers(&c.etcd_endpoints).await => Err(anyhow!(
+            "etcd of cluster {} refused the CLI's admin certificate ({}); check that etcd runs with --client-cert-auth --trusted-ca-file pki/{}/ca.pem and that pki/{}/admin.pem is the one enable created",
+            c.name,
+            one_line(&e.to_string()),
+            c.name,
+            c.name
+        )),
+        Err(e) => Err(etcd_error(c, &e)),
+    }
+}
+
+/// Whether any endpoint's TCP port accepts a connection.
+async fn port_answers(endpoints: &[String]) -> bool {
+    for e in endpoints {
+        let Some(hostport) = e.split_once("://").map(|(_, r)| r.trim_end_matches('/')) else {
+            continue;
+        };
+        if let Ok(Ok(_)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(hostport),
+        )
         .await
-        .map_err(|e| etcd_error(c, &e))?;
-    // The connection is lazy: probe it so a wrong certificate shows here.
-    client.status().await.map_err(|e| etcd_error(c, &e))?;
-    Ok(client)
+        {
+            return true;
+        }
+    }
+    false
 }
 
 fn etcd_error(c: &ClusterEntry, e: &dyn std::fmt::Display) -> anyhow::Error {
@@ -311,30 +343,37 @@ pub async fn connect(ctx: &Ctx, a: Args) -> Result<bool> {
             }
         }
     }
+    let endpoints_of = |x: &str| {
+        if infos[x].etcd_endpoints.is_empty() {
+            entries[x].etcd_endpoints.clone()
+        } else {
+            infos[x].etcd_endpoints.clone()
+        }
+    };
+    // Reach every TLS etcd before changing anything: a wrong credential
+    // or an unreachable etcd changes nothing.
+    let mut admins = BTreeMap::new();
+    for (_, x) in &pairs {
+        let tls = endpoints_of(x).iter().any(|e| e.starts_with("https://"));
+        if tls && !admins.contains_key(x) {
+            admins.insert(x.clone(), etcd_admin(cd, &entries[x]).await?);
+        }
+    }
     // Apply.
     let mut actions = Vec::new();
     let mut users = Vec::new();
     for (r, x) in &pairs {
         let (reader, exporter) = (&entries[r], &entries[x]);
         let info = &infos[x];
-        let endpoints = if info.etcd_endpoints.is_empty() {
-            exporter.etcd_endpoints.clone()
-        } else {
-            info.etcd_endpoints.clone()
-        };
-        let tls = endpoints.iter().any(|e| e.starts_with("https://"));
+        let endpoints = endpoints_of(x);
         let mut creds = None;
-        if tls {
-            let mut admin = etcd_admin(cd, exporter).await?;
-            clustermesh_apiserver::remote_access::enable_auth(
-                &mut admin,
-                &format!("apiserver-{x}"),
-            )
-            .await
-            .map_err(|e| etcd_error(exporter, &e))?;
+        if let Some(admin) = admins.get_mut(x) {
+            clustermesh_apiserver::remote_access::enable_auth(admin, &format!("apiserver-{x}"))
+                .await
+                .map_err(|e| etcd_error(exporter, &e))?;
             let name: clustermesh_api::ClusterName =
                 r.parse().map_err(|e| anyhow!("cluster name {r:?}: {e}"))?;
-            let user = clustermesh_apiserver::remote_access::grant_remote_reader(&mut admin, &name)
+            let user = clustermesh_apiserver::remote_access::grant_remote_reader(admin, &name)
                 .await
                 .map_err(|e| etcd_error(exporter, &e))?;
             users.push(serde_json::json!({"etcd_of": x, "user": user, "read_only": true}));
@@ -434,6 +473,14 @@ pub async fn disconnect(ctx: &Ctx, a: Args) -> Result<bool> {
     for n in &names {
         entries.insert(n.clone(), cd.get(n)?);
     }
+    // Reach every TLS etcd first: a wrong credential changes nothing.
+    let mut admins = BTreeMap::new();
+    for (_, x) in &pairs {
+        let exporter = &entries[x];
+        if exporter.tls() && !admins.contains_key(x) {
+            admins.insert(x.clone(), etcd_admin(cd, exporter).await?);
+        }
+    }
     let mut actions = Vec::new();
     let mut revoked = Vec::new();
     for (r, x) in &pairs {
@@ -457,13 +504,12 @@ pub async fn disconnect(ctx: &Ctx, a: Args) -> Result<bool> {
     // The files are gone (the agents drain); now revoke the read access.
     for (r, x) in &pairs {
         let exporter = &entries[x];
-        if !exporter.tls() {
+        let Some(admin) = admins.get_mut(x) else {
             continue;
-        }
-        let mut admin = etcd_admin(cd, exporter).await?;
+        };
         let name: clustermesh_api::ClusterName =
             r.parse().map_err(|e| anyhow!("cluster name {r:?}: {e}"))?;
-        clustermesh_apiserver::remote_access::revoke_remote_reader(&mut admin, &name)
+        clustermesh_apiserver::remote_access::revoke_remote_reader(admin, &name)
             .await
             .map_err(|e| etcd_error(exporter, &e))?;
         let pki = cd.pki(x);

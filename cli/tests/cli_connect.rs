@@ -20,7 +20,13 @@ async fn enable_connect_status_disconnect() {
 
     let out = enable(&dir, &c1).await;
     assert!(out.contains("created") && out.contains("next:"), "{out}");
-    for f in ["ca.pem", "ca-key.pem", "etcd-server.pem", "apiserver.pem", "admin.pem"] {
+    for f in [
+        "ca.pem",
+        "ca-key.pem",
+        "etcd-server.pem",
+        "apiserver.pem",
+        "admin.pem",
+    ] {
         assert!(dir.join("pki/c1").join(f).is_file(), "{f} missing");
     }
     use std::os::unix::fs::PermissionsExt as _;
@@ -40,7 +46,15 @@ async fn enable_connect_status_disconnect() {
         let etcd = c2.etcd.endpoint();
         let nodes = c2.node_args();
         let mut args = vec![
-            "enable", "--cluster", "c2", "--id", &id, "--apiserver", &api, "--etcd-endpoints", &etcd,
+            "enable",
+            "--cluster",
+            "c2",
+            "--id",
+            &id,
+            "--apiserver",
+            &api,
+            "--etcd-endpoints",
+            &etcd,
         ];
         args.extend(nodes.iter().map(String::as_str));
         run_json(&dir, &args).await
@@ -59,11 +73,23 @@ async fn enable_connect_status_disconnect() {
     // Connect (bidirectional by default) and wait for every node.
     let out = run_ok(
         &dir,
-        &["connect", "--cluster", "c1", "--destination", "c2", "--wait", "--timeout", "45s"],
+        &[
+            "connect",
+            "--cluster",
+            "c1",
+            "--destination",
+            "c2",
+            "--wait",
+            "--timeout",
+            "45s",
+        ],
     )
     .await;
     assert_eq!(out.matches("wrote").count(), 3, "{out}");
-    assert!(out.contains("every node reports the change (3/3 synced)"), "{out}");
+    assert!(
+        out.contains("every node reports the change (3/3 synced)"),
+        "{out}"
+    );
     assert_eq!(c1.remote_files(0), vec!["c2"]);
     assert_eq!(c1.remote_files(1), vec!["c2"]);
     assert_eq!(c2.remote_files(0), vec!["c1"]);
@@ -84,7 +110,10 @@ async fn enable_connect_status_disconnect() {
     }
     // c1's nodes see c2's node; c2's see c1's node and endpoint.
     assert_eq!(nodes_of(&s, "c1")[0]["remotes"][0]["counts"]["nodes"], 1);
-    assert_eq!(nodes_of(&s, "c2")[0]["remotes"][0]["counts"]["endpoints"], 1);
+    assert_eq!(
+        nodes_of(&s, "c2")[0]["remotes"][0]["counts"]["endpoints"],
+        1
+    );
     let text = run_ok(&dir, &["status"]).await;
     assert!(
         text.contains("clusters 1/1 configured, 1/1 connected, 1/1 synced"),
@@ -100,7 +129,16 @@ async fn enable_connect_status_disconnect() {
     // Disconnect: files gone, every node drains c2 / c1.
     let v = run_json(
         &dir,
-        &["disconnect", "--cluster", "c1", "--destination", "c2", "--wait", "--timeout", "30s"],
+        &[
+            "disconnect",
+            "--cluster",
+            "c1",
+            "--destination",
+            "c2",
+            "--wait",
+            "--timeout",
+            "30s",
+        ],
     )
     .await;
     assert_eq!(v["drained"], true, "{v:#}");
@@ -115,13 +153,28 @@ async fn enable_connect_status_disconnect() {
         }
     }
     // Disconnecting again is harmless too.
-    let out = run_ok(&dir, &["disconnect", "--cluster", "c1", "--destination", "c2"]).await;
+    let out = run_ok(
+        &dir,
+        &["disconnect", "--cluster", "c1", "--destination", "c2"],
+    )
+    .await;
     assert_eq!(out.matches("already absent").count(), 3, "{out}");
 
     // Unicast: only c1's nodes watch c2.
     run_ok(
         &dir,
-        &["connect", "--cluster", "c1", "--destination", "c2", "--mode", "unicast", "--wait", "--timeout", "45s"],
+        &[
+            "connect",
+            "--cluster",
+            "c1",
+            "--destination",
+            "c2",
+            "--mode",
+            "unicast",
+            "--wait",
+            "--timeout",
+            "45s",
+        ],
     )
     .await;
     assert_eq!(c1.remote_files(0), vec!["c2"]);
@@ -138,16 +191,26 @@ async fn status_is_unhealthy_when_a_remote_is_down() {
     enable(&dir, &c2).await;
     run_ok(
         &dir,
-        &["connect", "--cluster", "c1", "--destination", "c2", "--mode", "unicast", "--wait", "--timeout", "45s"],
+        &[
+            "connect",
+            "--cluster",
+            "c1",
+            "--destination",
+            "c2",
+            "--mode",
+            "unicast",
+            "--wait",
+            "--timeout",
+            "45s",
+        ],
     )
     .await;
     // c2's etcd dies: c1's node loses it, status says so in words, exit 1.
     c2.etcd.kill().unwrap();
     let s = until_status(&dir, "c2 disconnected on c1's node", |v| {
         v["clusters"].as_array().is_some_and(|cs| {
-            cs.iter().any(|c| {
-                c["name"] == "c1" && c["nodes"][0]["remotes"][0]["connected"] == false
-            })
+            cs.iter()
+                .any(|c| c["name"] == "c1" && c["nodes"][0]["remotes"][0]["connected"] == false)
         })
     })
     .await;
@@ -155,15 +218,32 @@ async fn status_is_unhealthy_when_a_remote_is_down() {
     let o = cli(&dir, &["status", "--cluster", "c1"]).await;
     assert_eq!(o.status.code(), Some(1));
     let text = stdout(&o);
-    assert!(text.contains("NOT healthy") && text.contains("remote cluster c2 is not connected"), "{text}");
-    let o = cli(&dir, &["status", "--wait", "--timeout", "1s", "--cluster", "c1"]).await;
+    assert!(
+        text.contains("NOT healthy") && text.contains("remote cluster c2 is not connected"),
+        "{text}"
+    );
+    let o = cli(
+        &dir,
+        &["status", "--wait", "--timeout", "1s", "--cluster", "c1"],
+    )
+    .await;
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("waiting:"), "{}", stderr(&o));
     // Its apiserver is unreachable too: said in one sentence.
-    c2.api.take().unwrap().shutdown(std::time::Duration::from_secs(2)).await;
+    c2.api
+        .take()
+        .unwrap()
+        .shutdown(std::time::Duration::from_secs(2))
+        .await;
     let v = run_json_fail(&dir, &["status", "--cluster", "c2"]).await;
-    let err = v["clusters"][0]["apiserver_error"].as_str().unwrap().to_owned();
-    assert!(err.contains("cannot reach the apiserver of cluster c2"), "{err}");
+    let err = v["clusters"][0]["apiserver_error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        err.contains("cannot reach the apiserver of cluster c2"),
+        "{err}"
+    );
 }
 
 async fn run_json_fail(dir: &std::path::Path, args: &[&str]) -> serde_json::Value {

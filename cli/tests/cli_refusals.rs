@@ -46,20 +46,35 @@ async fn connect_refuses_what_cannot_work_and_writes_nothing() {
     enable(&dir, &c2).await;
 
     // Misspelt names.
-    let e = run_fail(&dir, &["connect", "--cluster", "c1", "--destination", "c22"]).await;
+    let e = run_fail(
+        &dir,
+        &["connect", "--cluster", "c1", "--destination", "c22"],
+    )
+    .await;
     assert!(
         e.contains("cluster \"c22\" is not known: did you mean \"c2\"?"),
         "{e}"
     );
     let e = run_fail(&dir, &["status", "--cluster", "west"]).await;
-    assert!(e.contains("enabled clusters in") && e.contains("c1, c2"), "{e}");
+    assert!(
+        e.contains("enabled clusters in") && e.contains("c1, c2"),
+        "{e}"
+    );
     let e = run_fail(&dir, &["connect", "--cluster", "c1", "--destination", "c1"]).await;
     assert!(e.contains("cannot connect cluster c1 to itself"), "{e}");
 
     // enable refuses a second cluster with the same id.
     let e = run_fail(
         &dir,
-        &["enable", "--cluster", "c9", "--id", "1", "--etcd-endpoints", "http://127.0.0.1:1"],
+        &[
+            "enable",
+            "--cluster",
+            "c9",
+            "--id",
+            "1",
+            "--etcd-endpoints",
+            "http://127.0.0.1:1",
+        ],
     )
     .await;
     assert!(
@@ -91,7 +106,9 @@ async fn connect_refuses_what_cannot_work_and_writes_nothing() {
     enable(&dir, &c5).await;
     let e = run_fail(&dir, &["connect", "--cluster", "c1", "--destination", "c5"]).await;
     assert!(
-        e.contains("pod CIDR 10.1.0.0/24 of cluster c1 overlaps pod CIDR 10.1.0.128/25 of cluster c5"),
+        e.contains(
+            "pod CIDR 10.1.0.0/24 of cluster c1 overlaps pod CIDR 10.1.0.128/25 of cluster c5"
+        ),
         "{e}"
     );
 
@@ -114,7 +131,15 @@ async fn connect_refuses_what_cannot_work_and_writes_nothing() {
     // An id already used by a cluster c1 is connected to.
     run_ok(
         &dir,
-        &["connect", "--cluster", "c1", "--destination", "c2", "--mode", "unicast"],
+        &[
+            "connect",
+            "--cluster",
+            "c1",
+            "--destination",
+            "c2",
+            "--mode",
+            "unicast",
+        ],
     )
     .await;
     let c7 = cluster(root.path(), ClusterSpec::new("c7", 2, 1)).await;
@@ -147,7 +172,15 @@ async fn connect_refuses_what_cannot_work_and_writes_nothing() {
     // Usage errors exit 2; Kubernetes mode is refused in words.
     for args in [
         vec!["connect", "--cluster", "c1"],
-        vec!["connect", "--cluster", "c1", "--destination", "c2", "--mode", "ring"],
+        vec![
+            "connect",
+            "--cluster",
+            "c1",
+            "--destination",
+            "c2",
+            "--mode",
+            "ring",
+        ],
         vec!["status", "--timeout", "soon"],
         vec!["bogus"],
     ] {
@@ -155,7 +188,10 @@ async fn connect_refuses_what_cannot_work_and_writes_nothing() {
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
     }
     let e = run_fail(&dir, &["--context", "kind-east", "status"]).await;
-    assert!(e.contains("Kubernetes mode (--context kind-east) is not implemented yet"), "{e}");
+    assert!(
+        e.contains("Kubernetes mode (--context kind-east) is not implemented yet"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -192,6 +228,9 @@ async fn every_subcommand_has_help_and_completions_are_generated() {
     ] {
         let out = run_ok(dir.path(), &["completion", shell]).await;
         assert!(out.contains(marker), "{shell}: {out}");
-        assert!(out.contains("connect") && out.contains("rotate-keys"), "{shell}");
+        assert!(
+            out.contains("connect") && out.contains("rotate-keys"),
+            "{shell}"
+        );
     }
 }

@@ -18,26 +18,62 @@ async fn global_services_across_two_clusters() {
     enable(&dir, &c2).await;
     run_ok(
         &dir,
-        &["connect", "--cluster", "c1", "--destination", "c2", "--wait", "--timeout", "45s"],
+        &[
+            "connect",
+            "--cluster",
+            "c1",
+            "--destination",
+            "c2",
+            "--wait",
+            "--timeout",
+            "45s",
+        ],
     )
     .await;
 
     let out = run_ok(
         &dir,
         &[
-            "service", "create", "--cluster", "c1", "default/web", "--frontend", "10.96.0.10",
-            "--port", "http=80:8080/TCP", "--backend", "10.1.0.5@n1", "--global", "--affinity",
+            "service",
+            "create",
+            "--cluster",
+            "c1",
+            "default/web",
+            "--frontend",
+            "10.96.0.10",
+            "--port",
+            "http=80:8080/TCP",
+            "--backend",
+            "10.1.0.5@n1",
+            "--global",
+            "--affinity",
             "local",
         ],
     )
     .await;
-    assert!(out.contains("service default/web created in cluster c1"), "{out}");
+    assert!(
+        out.contains("service default/web created in cluster c1"),
+        "{out}"
+    );
     run_ok(
         &dir,
         &[
-            "service", "create", "--cluster", "c2", "web", "-n", "default", "--frontend",
-            "10.96.0.10", "--port", "http=80:8080", "--backend", "10.2.0.7",
-            "--backend", "10.2.0.8,terminating", "--global",
+            "service",
+            "create",
+            "--cluster",
+            "c2",
+            "web",
+            "-n",
+            "default",
+            "--frontend",
+            "10.96.0.10",
+            "--port",
+            "http=80:8080",
+            "--backend",
+            "10.2.0.7",
+            "--backend",
+            "10.2.0.8,terminating",
+            "--global",
         ],
     )
     .await;
@@ -58,18 +94,33 @@ async fn global_services_across_two_clusters() {
     assert_eq!(v["clusters"].as_array().unwrap().len(), 2);
     assert_eq!(v["global_backends"].as_array().unwrap().len(), 3, "{v:#}");
     let text = run_ok(&dir, &["service", "show", "web"]).await;
-    assert!(text.contains("global backends (global and shared): 3 in 2 cluster(s)"), "{text}");
+    assert!(
+        text.contains("global backends (global and shared): 3 in 2 cluster(s)"),
+        "{text}"
+    );
 
     // c2 stops sharing its backends.
     let v = run_json(
         &dir,
-        &["service", "annotate", "--cluster", "c2", "default/web", "--shared", "false"],
+        &[
+            "service",
+            "annotate",
+            "--cluster",
+            "c2",
+            "default/web",
+            "--shared",
+            "false",
+        ],
     )
     .await;
     assert_eq!(v["updated"]["shared"], false);
     let v = run_json(&dir, &["service", "show", "default/web"]).await;
     assert_eq!(v["global_backends"].as_array().unwrap().len(), 1, "{v:#}");
-    let e = run_fail(&dir, &["service", "annotate", "--cluster", "c2", "default/web"]).await;
+    let e = run_fail(
+        &dir,
+        &["service", "annotate", "--cluster", "c2", "default/web"],
+    )
+    .await;
     assert!(e.contains("nothing to change"), "{e}");
 
     // The agents see the services (local and remote).
@@ -86,21 +137,59 @@ async fn global_services_across_two_clusters() {
     // Refusals in one sentence.
     let e = run_fail(
         &dir,
-        &["service", "create", "--cluster", "c1", "bad", "--frontend", "banana", "--port", "80"],
+        &[
+            "service",
+            "create",
+            "--cluster",
+            "c1",
+            "bad",
+            "--frontend",
+            "banana",
+            "--port",
+            "80",
+        ],
     )
     .await;
-    assert!(e.contains("UpsertService on cluster c1 failed") && e.contains("frontends"), "{e}");
-    let o = cli(&dir, &["service", "create", "--cluster", "c1", "x", "--frontend", "10.96.0.1", "--port", "0"]).await;
+    assert!(
+        e.contains("UpsertService on cluster c1 failed") && e.contains("frontends"),
+        "{e}"
+    );
+    let o = cli(
+        &dir,
+        &[
+            "service",
+            "create",
+            "--cluster",
+            "c1",
+            "x",
+            "--frontend",
+            "10.96.0.1",
+            "--port",
+            "0",
+        ],
+    )
+    .await;
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 
-    let v = run_json(&dir, &["service", "delete", "--cluster", "c2", "default/web"]).await;
+    let v = run_json(
+        &dir,
+        &["service", "delete", "--cluster", "c2", "default/web"],
+    )
+    .await;
     assert_eq!(v["deleted"]["cluster"], "c2");
-    let e = run_fail(&dir, &["service", "delete", "--cluster", "c2", "default/web"]).await;
+    let e = run_fail(
+        &dir,
+        &["service", "delete", "--cluster", "c2", "default/web"],
+    )
+    .await;
     assert!(e.contains("cluster c2 has no service default/web"), "{e}");
     let v = run_json(&dir, &["service", "list"]).await;
     assert_eq!(v.as_array().unwrap().len(), 1);
     let e = run_fail(&dir, &["service", "show", "default/nothing"]).await;
-    assert!(e.contains("no enabled cluster has service default/nothing"), "{e}");
+    assert!(
+        e.contains("no enabled cluster has service default/nothing"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,16 +213,31 @@ async fn encryption_switches_audit_and_rotation() {
 
     let e = run_fail(&dir, &["encryption", "strict", "on", "--cluster", "c1"]).await;
     assert!(
-        e.contains("strict mode needs encryption on") && e.contains("clustermesh encryption enable --cluster c1"),
+        e.contains("strict mode needs encryption on")
+            && e.contains("clustermesh encryption enable --cluster c1"),
         "{e}"
     );
     let v = run_json(&dir, &["encryption", "enable", "--cluster", "c1"]).await;
     assert_eq!(v["now"]["mode"], "wireguard");
     assert_eq!(v["changed"], true);
-    let v = run_json(&dir, &["encryption", "strict", "on", "--ingress", "--cluster", "c1"]).await;
-    assert_eq!((v["now"]["strict"].clone(), v["now"]["strict_ingress"].clone()), (true.into(), true.into()));
+    let v = run_json(
+        &dir,
+        &["encryption", "strict", "on", "--ingress", "--cluster", "c1"],
+    )
+    .await;
+    assert_eq!(
+        (
+            v["now"]["strict"].clone(),
+            v["now"]["strict_ingress"].clone()
+        ),
+        (true.into(), true.into())
+    );
     // Re-running changes nothing.
-    let v = run_json(&dir, &["encryption", "strict", "on", "--ingress", "--cluster", "c1"]).await;
+    let v = run_json(
+        &dir,
+        &["encryption", "strict", "on", "--ingress", "--cluster", "c1"],
+    )
+    .await;
     assert_eq!(v["changed"], false);
 
     // The node applies it; it has no WireGuard device, which status calls
@@ -146,16 +250,26 @@ async fn encryption_switches_audit_and_rotation() {
             assert_eq!(o.status.code(), Some(1));
             break v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "policy not applied: {v:#}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "policy not applied: {v:#}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(v["compliant"], false);
     let problems = v["clusters"][0]["nodes"][0]["problems"].to_string();
-    assert!(problems.contains("node n1 has no WireGuard device"), "{problems}");
+    assert!(
+        problems.contains("node n1 has no WireGuard device"),
+        "{problems}"
+    );
 
     // Persisted: an apiserver restarted with its flags (encryption none)
     // keeps the policy set through the CLI.
-    c1.api.take().unwrap().shutdown(Duration::from_secs(5)).await;
+    c1.api
+        .take()
+        .unwrap()
+        .shutdown(Duration::from_secs(5))
+        .await;
     let mut cfg = clustermesh_apiserver::Config::new(
         "c1".parse().unwrap(),
         clustermesh_api::ClusterId::new(1).unwrap(),
@@ -173,8 +287,25 @@ async fn encryption_switches_audit_and_rotation() {
     // Disabling is refused while strict; strict off, then disable.
     let e = run_fail(&dir, &["encryption", "disable", "--cluster", "c1"]).await;
     assert!(e.contains("turn it off first"), "{e}");
-    let v = run_json(&dir, &["encryption", "strict", "off", "--ingress", "--cluster", "c1"]).await;
-    assert_eq!((v["now"]["strict"].clone(), v["now"]["strict_ingress"].clone()), (true.into(), false.into()));
+    let v = run_json(
+        &dir,
+        &[
+            "encryption",
+            "strict",
+            "off",
+            "--ingress",
+            "--cluster",
+            "c1",
+        ],
+    )
+    .await;
+    assert_eq!(
+        (
+            v["now"]["strict"].clone(),
+            v["now"]["strict_ingress"].clone()
+        ),
+        (true.into(), false.into())
+    );
     run_ok(&dir, &["encryption", "strict", "off", "--cluster", "c1"]).await;
     let v = run_json(&dir, &["encryption", "disable", "--cluster", "c1"]).await;
     assert_eq!(v["now"]["mode"], "none");
@@ -188,15 +319,34 @@ async fn encryption_switches_audit_and_rotation() {
     )
     .unwrap();
     let audit = node_agent::audit::Audit::open(&audit_path, "n1");
-    audit.record("encryption_policy", serde_json::json!({"mode": "wireguard", "strict": true}));
-    audit.record("key_rotation_completed", serde_json::json!({"old": "aa", "new": "bb"}));
+    audit.record(
+        "encryption_policy",
+        serde_json::json!({"mode": "wireguard", "strict": true}),
+    );
+    audit.record(
+        "key_rotation_completed",
+        serde_json::json!({"old": "aa", "new": "bb"}),
+    );
     let v = run_json(&dir, &["encryption", "audit", "--cluster", "c1"]).await;
     assert_eq!(v["events"].as_array().unwrap().len(), 3, "{v:#}");
-    let v = run_json(&dir, &["encryption", "audit", "--cluster", "c1", "--since", "1h"]).await;
+    let v = run_json(
+        &dir,
+        &["encryption", "audit", "--cluster", "c1", "--since", "1h"],
+    )
+    .await;
     assert_eq!(v["events"].as_array().unwrap().len(), 2, "{v:#}");
     let v = run_json(
         &dir,
-        &["encryption", "audit", "--cluster", "c1", "--since", "1h", "--event", "key_rotation_completed"],
+        &[
+            "encryption",
+            "audit",
+            "--cluster",
+            "c1",
+            "--since",
+            "1h",
+            "--event",
+            "key_rotation_completed",
+        ],
     )
     .await;
     assert_eq!(v["events"].as_array().unwrap().len(), 1);

@@ -160,7 +160,13 @@ pub async fn cluster(root: &Path, spec: ClusterSpec<'_>) -> Cluster {
     let api = clustermesh_apiserver::start(cfg).await.unwrap();
     let mut nodes = Vec::new();
     for i in 0..spec.nodes {
-        nodes.push(agent(root, spec.name, &format!("n{}", i + 1), &etcd.endpoint()).await);
+        let local = ClusterFile {
+            endpoints: vec![etcd.endpoint()],
+            trusted_ca_file: None,
+            cert_file: None,
+            key_file: None,
+        };
+        nodes.push(agent(root, spec.name, &format!("n{}", i + 1), local).await);
     }
     Cluster {
         name: spec.name.into(),
@@ -174,18 +180,13 @@ pub async fn cluster(root: &Path, spec: ClusterSpec<'_>) -> Cluster {
 /// A node agent's control plane and its `/status` endpoint, as node-agent's
 /// main runs them (the encryption section follows the cluster's policy as
 /// its policy loop does).
-pub async fn agent(root: &Path, cluster: &str, node: &str, etcd: &str) -> Node {
+pub async fn agent(root: &Path, cluster: &str, node: &str, local: ClusterFile) -> Node {
     let clusters_dir = root.join(format!("{cluster}-{node}")).join("clusters");
     std::fs::create_dir_all(&clusters_dir).unwrap();
     let cancel = CancellationToken::new();
     let cfg = AgentConfig {
         local_cluster: cluster.parse().unwrap(),
-        local: ClusterFile {
-            endpoints: vec![etcd.to_owned()],
-            trusted_ca_file: None,
-            cert_file: None,
-            key_file: None,
-        },
+        local,
         self_node: node.parse().ok(),
         clusters_dir: clusters_dir.clone(),
         stale_ttl: Duration::from_secs(300),
