@@ -403,4 +403,36 @@ mod tests {
             "service.affinity"
         );
     }
+
+    #[test]
+    fn encryption_policies_round_trip_and_strict_needs_wireguard() {
+        let p = proto::EncryptionPolicy {
+            mode: "wireguard".into(),
+            scope: "inter-cluster".into(),
+            strict: true,
+            strict_ingress: true,
+            node_to_node: false,
+        };
+        let e = encryption_from_proto(&p).unwrap();
+        assert_eq!(encryption_to_proto(&e), p);
+        let bad = proto::EncryptionPolicy {
+            mode: "none".into(),
+            strict: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            encryption_from_proto(&bad).unwrap_err().field,
+            "policy.strict"
+        );
+        let bad = proto::EncryptionPolicy {
+            mode: "ipsec".into(),
+            ..Default::default()
+        };
+        assert!(
+            encryption_from_proto(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown mode")
+        );
+    }
 }

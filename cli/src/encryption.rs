@@ -100,6 +100,21 @@ fn policy_json(p: &proto::EncryptionPolicy) -> Value {
     })
 }
 
+/// A policy as an agent reports it (the record's camelCase JSON) in the
+/// CLI's field names; null stays null.
+fn applied_policy(v: &Value) -> Value {
+    if v.is_null() {
+        return Value::Null;
+    }
+    json!({
+        "mode": v["mode"].as_str().unwrap_or("none"),
+        "scope": v["scope"].as_str().unwrap_or("all"),
+        "strict": v["strict"] == true,
+        "strict_ingress": v["strictIngress"] == true || v["strict_ingress"] == true,
+        "node_to_node": v["nodeToNode"] == true || v["node_to_node"] == true,
+    })
+}
+
 fn policy_text(p: &Value) -> String {
     let mut s = p["mode"].as_str().unwrap_or("none").to_owned();
     if p["scope"] == "inter-cluster" {
@@ -407,7 +422,7 @@ async fn status(ctx: &Ctx, cluster: Option<String>) -> Result<bool> {
                 }
             };
             if !enc.is_null() {
-                let applied = &enc["policy"];
+                let applied = &applied_policy(&enc["policy"]);
                 if applied.is_null() {
                     problems.push(format!(
                         "node {} has not read the cluster's policy yet",

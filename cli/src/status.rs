@@ -73,6 +73,8 @@ struct NodeReport {
     reachable: bool,
     error: Option<String>,
     local_synced: bool,
+    /// Other clusters: those the CLI knows and those configured here.
+    known: usize,
     configured: usize,
     connected: usize,
     synced: usize,
@@ -100,7 +102,7 @@ struct ClusterReport {
     problems: Vec<String>,
 }
 
-async fn cluster_report(ctx: &Ctx, c: &ClusterEntry) -> ClusterReport {
+async fn cluster_report(ctx: &Ctx, c: &ClusterEntry, known: &[String]) -> ClusterReport {
     let mut r = ClusterReport {
         name: c.name.clone(),
         id: c.id,
@@ -171,6 +173,11 @@ async fn cluster_report(ctx: &Ctx, c: &ClusterEntry) -> ClusterReport {
             reachable: false,
             error: None,
             local_synced: false,
+            known: known
+                .iter()
+                .filter(|k| **k != c.name && !files.contains(k))
+                .count()
+                + files.len(),
             configured: files.len(),
             connected: 0,
             synced: 0,
@@ -322,7 +329,7 @@ fn print_text(reports: &[ClusterReport]) {
                 "  node {}: clusters {}/{} configured, {}/{} connected, {}/{} synced; local {}",
                 n.name,
                 n.configured,
-                n.configured,
+                n.known,
                 n.connected,
                 n.configured,
                 n.synced,
@@ -380,9 +387,14 @@ fn print_text(reports: &[ClusterReport]) {
 }
 
 async fn reports(ctx: &Ctx, clusters: &[ClusterEntry]) -> Vec<ClusterReport> {
+    let known: Vec<String> = ctx
+        .dir
+        .all()
+        .map(|m| m.into_keys().collect())
+        .unwrap_or_default();
     let mut out = Vec::new();
     for c in clusters {
-        out.push(cluster_report(ctx, c).await);
+        out.push(cluster_report(ctx, c, &known).await);
     }
     out
 }
@@ -399,15 +411,17 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
         );
     }
     let deadline = tokio::time::Instant::now() + a.timeout;
+    let mut progress = false;
     let rs = loop {
         let rs = reports(ctx, &clusters).await;
         let problems: Vec<&String> = rs.iter().flat_map(|r| &r.problems).collect();
         if !a.wait || problems.is_empty() || tokio::time::Instant::now() >= deadline {
-            if a.wait {
+            if progress {
                 eprintln!();
             }
             break rs;
         }
+        progress = true;
         let checks: usize = rs.iter().map(|r| 1 + r.nodes.len()).sum();
         let bad = rs
             .iter()

@@ -67,8 +67,14 @@ async fn enable_connect_status_disconnect() {
     let s = until_status(&dir, "both clusters healthy", |v| v["healthy"] == true).await;
     for n in nodes_of(&s, "c1") {
         assert_eq!(n["configured"], 0);
+        assert_eq!(n["known"], 1);
         assert_eq!(n["local_synced"], true);
     }
+    let text = run_ok(&dir, &["status", "--cluster", "c1"]).await;
+    assert!(
+        text.contains("clusters 0/1 configured, 0/0 connected, 0/0 synced"),
+        "{text}"
+    );
 
     // Connect (bidirectional by default) and wait for every node.
     let out = run_ok(
