@@ -115,6 +115,21 @@ pub fn configured_remotes(c: &ClusterEntry) -> BTreeMap<String, Vec<String>> {
     out
 }
 
+/// Clusters connected to `c` in either direction (as the nodes' files say).
+pub fn connected_clusters(
+    all: &BTreeMap<String, ClusterEntry>,
+    c: &ClusterEntry,
+) -> std::collections::BTreeSet<String> {
+    let mut out: std::collections::BTreeSet<String> = configured_remotes(c).into_keys().collect();
+    for (name, other) in all {
+        if name != &c.name && configured_remotes(other).contains_key(&c.name) {
+            out.insert(name.clone());
+        }
+    }
+    out.remove(&c.name);
+    out
+}
+
 fn cidrs(info: &proto::ClusterInfo) -> Vec<IpCidr> {
     info.pod_cidrs
         .iter()
@@ -134,6 +149,26 @@ fn encryption_off(info: &proto::ClusterInfo) -> bool {
 
 /// Refusals between two clusters that would be connected.
 fn check_pair(a: &proto::ClusterInfo, b: &proto::ClusterInfo) -> Result<()> {
+    check_merge(a, b)?;
+    for (s, o) in [(a, b), (b, a)] {
+        if strict(s) && encryption_off(o) {
+            bail!(
+                "cluster {} enforces strict encryption but cluster {} has encryption off, so their traffic would be dropped; turn WireGuard on in {} (`clustermesh encryption enable --cluster {}`) or strict mode off in {} (`clustermesh encryption strict off --cluster {}`)",
+                s.name,
+                o.name,
+                o.name,
+                o.name,
+                s.name,
+                s.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refusals between two clusters one node would merge: ids, names and
+/// pod CIDRs must not collide.
+fn check_merge(a: &proto::ClusterInfo, b: &proto::ClusterInfo) -> Result<()> {
     if a.id == b.id {
         bail!(
             "clusters {} and {} both have cluster id {}; cluster ids must be unique in the mesh: give one of them another id (`clustermesh enable --cluster {} --id N`, then restart its apiserver with --cluster-id N)",
@@ -158,19 +193,6 @@ fn check_pair(a: &proto::ClusterInfo, b: &proto::ClusterInfo) -> Result<()> {
                     b.name
                 );
             }
-        }
-    }
-    for (s, o) in [(a, b), (b, a)] {
-        if strict(s) && encryption_off(o) {
-            bail!(
-                "cluster {} enforces strict encryption but cluster {} has encryption off, so their traffic would be dropped; turn WireGuard on in {} (`clustermesh encryption enable --cluster {}`) or strict mode off in {} (`clustermesh encryption strict off --cluster {}`)",
-                s.name,
-                o.name,
-                o.name,
-                o.name,
-                s.name,
-                s.name
-            );
         }
     }
     Ok(())
@@ -321,6 +343,7 @@ pub async fn connect(ctx: &Ctx, a: Args) -> Result<bool> {
         }
     }
     let all = cd.all()?;
+    let mut existing_infos = BTreeMap::new();
     for (r, x) in &pairs {
         let reader = &entries[r];
         if reader.nodes.is_empty() {
@@ -333,13 +356,27 @@ pub async fn connect(ctx: &Ctx, a: Args) -> Result<bool> {
             if existing == x || names.contains(existing) {
                 continue;
             }
-            if let Some(e) = all.get(existing)
-                && u64::from(infos[x].id) == e.id
-            {
+            let Some(e) = all.get(existing) else {
+                continue;
+            };
+            if u64::from(infos[x].id) == e.id {
                 bail!(
                     "cluster {r} is already connected to cluster {existing}, which has the same cluster id {} as cluster {x}; cluster ids must be unique in the mesh: give one of them another id",
                     e.id
                 );
+            }
+            // R's nodes will merge X with E: their pod CIDRs must not
+            // collide either. An unreachable E is checked by its id only.
+            if !existing_infos.contains_key(existing)
+                && let Ok(mut api) = Api::connect(cd, e).await
+                && let Ok(info) = api.info().await
+            {
+                existing_infos.insert(existing.clone(), info);
+            }
+            if let Some(info) = existing_infos.get(existing) {
+                check_merge(&infos[x], info).map_err(|err| {
+                    anyhow!("cluster {r} is already connected to cluster {existing}, so: {err}")
+                })?;
             }
         }
     }

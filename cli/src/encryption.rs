@@ -242,6 +242,21 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<bool> {
         } => {
             let c = ctx.dir.get(&cluster)?;
             let name = c.name.clone();
+            if state == OnOff::On {
+                // Strict here would drop the traffic of a connected cluster
+                // that does not encrypt: refuse, as connect does.
+                let all = ctx.dir.all()?;
+                for other in crate::connect::connected_clusters(&all, &c) {
+                    let Some(e) = all.get(&other) else { continue };
+                    let mut api = Api::connect(&ctx.dir, e).await?;
+                    let p = api.info().await?.encryption.unwrap_or_default();
+                    if p.mode.is_empty() || p.mode == "none" {
+                        bail!(
+                            "cluster {name} is connected to cluster {other}, which has encryption off, so strict mode would drop their traffic; turn WireGuard on in {other} first (`clustermesh encryption enable --cluster {other}`) or disconnect it"
+                        );
+                    }
+                }
+            }
             set(ctx, &c, |p| {
                 match state {
                     OnOff::On => {

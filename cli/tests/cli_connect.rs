@@ -259,3 +259,64 @@ async fn run_json_fail(dir: &std::path::Path, args: &[&str]) -> serde_json::Valu
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     serde_json::from_slice(&o.stdout).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_mode_connects_every_pair() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("config");
+    let a = cluster(root.path(), ClusterSpec::new("a", 1, 1)).await;
+    let b = cluster(root.path(), ClusterSpec::new("b", 2, 1)).await;
+    let c = cluster(root.path(), ClusterSpec::new("c", 3, 1)).await;
+    for x in [&a, &b, &c] {
+        enable(&dir, x).await;
+    }
+    let v = run_json(
+        &dir,
+        &[
+            "connect",
+            "--cluster",
+            "a",
+            "--destination",
+            "b,c",
+            "--mode",
+            "mesh",
+            "--wait",
+            "--timeout",
+            "45s",
+        ],
+    )
+    .await;
+    assert_eq!(v["connected"].as_array().unwrap().len(), 6);
+    assert_eq!(v["synced"], true);
+    assert_eq!(a.remote_files(0), vec!["b", "c"]);
+    assert_eq!(b.remote_files(0), vec!["a", "c"]);
+    assert_eq!(c.remote_files(0), vec!["a", "b"]);
+    let s = run_json(&dir, &["status"]).await;
+    assert_eq!(s["healthy"], true, "{s:#}");
+    for x in ["a", "b", "c"] {
+        let n = nodes_of(&s, x)[0];
+        assert_eq!(
+            (&n["configured"], &n["synced"], &n["known"]),
+            (&2.into(), &2.into(), &2.into())
+        );
+    }
+    run_ok(
+        &dir,
+        &[
+            "disconnect",
+            "--cluster",
+            "a",
+            "--destination",
+            "b,c",
+            "--mode",
+            "mesh",
+            "--wait",
+            "--timeout",
+            "30s",
+        ],
+    )
+    .await;
+    for x in [&a, &b, &c] {
+        assert!(x.remote_files(0).is_empty());
+    }
+}

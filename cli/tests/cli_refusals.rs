@@ -150,6 +150,21 @@ async fn connect_refuses_what_cannot_work_and_writes_nothing() {
         "{e}"
     );
 
+    // A pod CIDR overlapping one of a cluster c1 already watches (c2).
+    c2.register("n1", "10.2.0.0/24", "192.0.2.2").await;
+    let c10 = cluster(root.path(), ClusterSpec::new("c10", 10, 1)).await;
+    c10.register("n1", "10.2.0.0/16", "192.0.2.10").await;
+    enable(&dir, &c10).await;
+    let e = run_fail(
+        &dir,
+        &["connect", "--cluster", "c1", "--destination", "c10"],
+    )
+    .await;
+    assert!(
+        e.contains("cluster c1 is already connected to cluster c2, so: pod CIDR 10.2.0.0/16 of cluster c10 overlaps pod CIDR 10.2.0.0/24 of cluster c2"),
+        "{e}"
+    );
+
     // An unreachable apiserver.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
@@ -165,7 +180,7 @@ async fn connect_refuses_what_cannot_work_and_writes_nothing() {
 
     // Nothing but the one accepted connection was written anywhere.
     assert_eq!(c1.remote_files(0), vec!["c2"]);
-    for c in [&c2, &c3, &c5, &c6, &c7] {
+    for c in [&c2, &c3, &c5, &c6, &c7, &c10] {
         assert!(c.remote_files(0).is_empty(), "{} got files", c.name);
     }
 

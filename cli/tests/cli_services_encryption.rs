@@ -211,6 +211,43 @@ async fn encryption_switches_audit_and_rotation() {
     );
     run_ok(&dir, &["enable", "--cluster", "c1", "--node", &spec]).await;
 
+    // A connected cluster without encryption: strict would cut it off.
+    let c2 = cluster(root.path(), ClusterSpec::new("c2", 2, 1)).await;
+    enable(&dir, &c2).await;
+    run_ok(
+        &dir,
+        &[
+            "connect",
+            "--cluster",
+            "c2",
+            "--destination",
+            "c1",
+            "--mode",
+            "unicast",
+        ],
+    )
+    .await;
+    run_ok(&dir, &["encryption", "enable", "--cluster", "c1"]).await;
+    let e = run_fail(&dir, &["encryption", "strict", "on", "--cluster", "c1"]).await;
+    assert!(
+        e.contains("cluster c1 is connected to cluster c2, which has encryption off"),
+        "{e}"
+    );
+    run_ok(
+        &dir,
+        &[
+            "disconnect",
+            "--cluster",
+            "c2",
+            "--destination",
+            "c1",
+            "--mode",
+            "unicast",
+        ],
+    )
+    .await;
+    run_ok(&dir, &["encryption", "disable", "--cluster", "c1"]).await;
+
     let e = run_fail(&dir, &["encryption", "strict", "on", "--cluster", "c1"]).await;
     assert!(
         e.contains("strict mode needs encryption on")
@@ -220,6 +257,7 @@ async fn encryption_switches_audit_and_rotation() {
     let v = run_json(&dir, &["encryption", "enable", "--cluster", "c1"]).await;
     assert_eq!(v["now"]["mode"], "wireguard");
     assert_eq!(v["changed"], true);
+    assert_eq!(v["before"]["mode"], "none");
     let v = run_json(
         &dir,
         &["encryption", "strict", "on", "--ingress", "--cluster", "c1"],
