@@ -86,10 +86,25 @@ impl Api {
                 .tls_config(tls)
                 .map_err(|e| unreachable(c, cd, error_text(&e)))?;
         }
-        let ch = ep
-            .connect()
-            .await
-            .map_err(|e| unreachable(c, cd, error_text(&e)))?;
+        let ch = match ep.connect().await {
+            Ok(ch) => ch,
+            // A refused TLS handshake reads like a failed connection: if
+            // the port answers, it is the credentials.
+            Err(e)
+                if c.apiserver.starts_with("https://")
+                    && crate::connect::port_answers(std::slice::from_ref(&c.apiserver)).await =>
+            {
+                return Err(anyhow!(
+                    "the apiserver of cluster {} at {} refused the TLS handshake ({}); check that it runs with --tls-client-ca pki/{}/ca.pem and a certificate from that CA, and that pki/{}/admin.pem is the one enable created",
+                    c.name,
+                    c.apiserver,
+                    error_text(&e),
+                    c.name,
+                    c.name
+                ));
+            }
+            Err(e) => return Err(unreachable(c, cd, error_text(&e))),
+        };
         Ok(Self {
             cluster: c.name.clone(),
             addr: c.apiserver.clone(),
@@ -97,13 +112,28 @@ impl Api {
         })
     }
 
-    fn status_error(&self, what: &str, s: tonic::Status) -> anyhow::Error {
+    async fn status_error(&self, what: &str, s: tonic::Status) -> anyhow::Error {
         use tonic::Code;
         let msg = one_line(s.message());
+        // With TLS 1.3 a refused client certificate shows on the first
+        // call, as a transport error: if the port answers, say so.
+        // A status made on this side from a transport error has a source;
+        // one the apiserver sent has none.
+        let transport = std::error::Error::source(&s).is_some();
+        if self.addr.starts_with("https://")
+            && transport
+            && crate::connect::port_answers(std::slice::from_ref(&self.addr)).await
+        {
+            return anyhow!(
+                "the apiserver of cluster {} at {} refused the TLS handshake or dropped the connection on {what} ({msg}); check that it runs with --tls-client-ca pki/{}/ca.pem and a certificate from that CA, and that pki/{}/admin.pem is the one enable created",
+                self.cluster,
+                self.addr,
+                self.cluster,
+                self.cluster
+            );
+        }
         match s.code() {
-            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown
-                if msg.contains("transport") || msg.is_empty() =>
-            {
+            _ if transport || s.code() == Code::DeadlineExceeded => {
                 anyhow!(
                     "the apiserver of cluster {} at {} did not answer {what} ({msg}); check that it is running",
                     self.cluster,
@@ -119,57 +149,81 @@ impl Api {
     }
 
     pub async fn info(&mut self) -> Result<proto::ClusterInfo> {
-        self.client
+        let r = self
+            .client
             .get_cluster_info(proto::GetClusterInfoRequest {})
             .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| self.status_error("GetClusterInfo", s))
+            .map(tonic::Response::into_inner);
+        match r {
+            Ok(v) => Ok(v),
+            Err(s) => Err(self.status_error("GetClusterInfo", s).await),
+        }
     }
 
     pub async fn status(&mut self) -> Result<proto::StatusResponse> {
-        self.client
+        let r = self
+            .client
             .status(proto::StatusRequest {})
             .await
-            .map(tonic::Response::into_inner)
-            .map_err(|s| self.status_error("Status", s))
+            .map(tonic::Response::into_inner);
+        match r {
+            Ok(v) => Ok(v),
+            Err(s) => Err(self.status_error("Status", s).await),
+        }
     }
 
     pub async fn list_services(&mut self) -> Result<Vec<proto::Service>> {
-        self.client
+        let r = self
+            .client
             .list_services(proto::ListServicesRequest {})
             .await
-            .map(|r| r.into_inner().services)
-            .map_err(|s| self.status_error("ListServices", s))
+            .map(|r| r.into_inner().services);
+        match r {
+            Ok(v) => Ok(v),
+            Err(s) => Err(self.status_error("ListServices", s).await),
+        }
     }
 
     pub async fn upsert_service(&mut self, s: proto::Service) -> Result<()> {
-        self.client
+        let r = self
+            .client
             .upsert_service(proto::UpsertServiceRequest { service: Some(s) })
             .await
-            .map(|_| ())
-            .map_err(|s| self.status_error("UpsertService", s))
+            .map(|_| ());
+        match r {
+            Ok(v) => Ok(v),
+            Err(s) => Err(self.status_error("UpsertService", s).await),
+        }
     }
 
     pub async fn delete_service(&mut self, namespace: &str, name: &str) -> Result<()> {
-        self.client
+        let r = self
+            .client
             .delete_service(proto::DeleteServiceRequest {
                 namespace: namespace.into(),
                 name: name.into(),
             })
             .await
-            .map(|_| ())
-            .map_err(|s| self.status_error("DeleteService", s))
+            .map(|_| ());
+        match r {
+            Ok(v) => Ok(v),
+            Err(s) => Err(self.status_error("DeleteService", s).await),
+        }
     }
 
     pub async fn set_encryption(
         &mut self,
         p: proto::EncryptionPolicy,
     ) -> Result<proto::EncryptionPolicy> {
-        self.client
+        let r = self
+            .client
             .set_encryption_policy(proto::SetEncryptionPolicyRequest { policy: Some(p) })
             .await
-            .map(|r| r.into_inner())
-            .map_err(|s| self.status_error("SetEncryptionPolicy", s))
+            .map(|r| r.into_inner());
+        match r {
+            Ok(v) => Ok(v),
+            Err(s) => Err(self.status_error("SetEncryptionPolicy", s).await),
+        }
     }
 }
 

@@ -271,7 +271,7 @@ async fn etcd_admin(cd: &ConfigDir, c: &ClusterEntry) -> Result<etcd_client::Cli
 }
 
 /// Whether any endpoint's TCP port accepts a connection.
-async fn port_answers(endpoints: &[String]) -> bool {
+pub async fn port_answers(endpoints: &[String]) -> bool {
     for e in endpoints {
         let Some(hostport) = e.split_once("://").map(|(_, r)| r.trim_end_matches('/')) else {
             continue;

@@ -2,8 +2,10 @@
 //! file in the configuration directory.
 //!
 //! Certificates (all under `pki/<cluster>/`, issued once and kept on
-//! re-runs): `etcd-server` (SANs: the etcd endpoints' hosts, 127.0.0.1,
-//! localhost, `--etcd-san`), `apiserver` (client, CN `apiserver-<cluster>`:
+//! re-runs): `etcd-server` and `apiserver-server` (the gRPC API's, for an
+//! `https://` apiserver; SANs of both: the etcd endpoints' and apiserver's
+//! hosts, 127.0.0.1, localhost, `--san`), `apiserver` (client, CN
+//! `apiserver-<cluster>`:
 //! the apiserver's etcd user), `admin` (client, CN `root`: the CLI's etcd
 //! user for managing remote readers). The per-connection remote-client
 //! certificates (CN `remote-<reader>`) are issued by `connect`.
@@ -38,10 +40,10 @@ pub struct Args {
     /// The cluster's etcd endpoints, comma separated.
     #[arg(long, value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
-    /// Extra subject alternative names (IPs or DNS names) of etcd's server
-    /// certificate.
-    #[arg(long = "etcd-san", value_delimiter = ',')]
-    pub etcd_sans: Vec<String>,
+    /// Extra subject alternative names (IPs or DNS names) of the server
+    /// certificates (etcd's and the apiserver's).
+    #[arg(long = "san", value_delimiter = ',')]
+    pub sans: Vec<String>,
     /// A node: NAME,clusters-dir=PATH,status=HOST:PORT[,audit-log=PATH][,pid-file=PATH].
     /// Repeat for each node; a node given again replaces its entry.
     #[arg(long = "node", value_parser = parse_node)]
@@ -193,7 +195,8 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
     let (ca, ca_created) = load_or_create_ca(&pki, &entry.name)?;
     let mut sans: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
     sans.extend(entry.etcd_endpoints.iter().filter_map(|e| host_of(e)));
-    sans.extend(a.etcd_sans);
+    sans.extend(host_of(&entry.apiserver));
+    sans.extend(a.sans);
     sans.sort();
     sans.dedup();
     let san_refs: Vec<&str> = sans.iter().map(String::as_str).collect();
@@ -216,6 +219,17 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
     note(
         "apiserver",
         ensure_cert(&pki, "apiserver", &ca, &api_user, &[], Usage::Client)?,
+    );
+    note(
+        "apiserver-server",
+        ensure_cert(
+            &pki,
+            "apiserver-server",
+            &ca,
+            "clustermesh-apiserver",
+            &san_refs,
+            Usage::Server,
+        )?,
     );
     note(
         "admin",
@@ -252,8 +266,17 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
             )
         } else {
             String::new()
-        }
-    ));
+        },
+    ) + &if entry.apiserver.starts_with("https://") {
+        format!(
+            " --tls-cert {} --tls-key {} --tls-client-ca {}",
+            p("apiserver-server.pem"),
+            p("apiserver-server-key.pem"),
+            p("ca.pem")
+        )
+    } else {
+        String::new()
+    });
     if entry.nodes.is_empty() {
         next.push(format!(
             "add the nodes: clustermesh enable --cluster {} --node NAME,clusters-dir=PATH,status=HOST:PORT",

@@ -1,6 +1,8 @@
 //! Connect with TLS etcds and client-certificate users, all certificates
 //! from `clustermesh enable`: etcd runs with enable's server certificate and
-//! `--client-cert-auth`, the apiserver with enable's apiserver certificate.
+//! `--client-cert-auth`, the apiserver with enable's apiserver certificate
+//! and its gRPC API with mutual TLS (enable's server certificate; the CLI
+//! dials it with the cluster CA and its admin certificate).
 //! Connect creates a read-only user per direction and gives the nodes its
 //! certificate; the test proves it can read and cannot write, that a wrong
 //! admin certificate is refused in one sentence without changing anything,
@@ -58,7 +60,15 @@ async fn tls_cluster(root: &Path, dir: &Path, name: &str, id: u64) -> TlsCluster
     cfg.etcd.key_file = Some(pki.join("apiserver-key.pem"));
     cfg.lease_ttl = Duration::from_secs(30);
     cfg.heartbeat_interval = Duration::from_secs(1);
+    // The gRPC API with mutual TLS: enable's server certificate, clients
+    // of the cluster CA (the CLI's admin certificate).
+    cfg.grpc_tls = Some(clustermesh_apiserver::config::GrpcTls {
+        cert_file: pki.join("apiserver-server.pem"),
+        key_file: pki.join("apiserver-server-key.pem"),
+        client_ca_file: Some(pki.join("ca.pem")),
+    });
     let api = clustermesh_apiserver::start(cfg).await.unwrap();
+    let https = format!("https://{}", api.grpc_addr);
     // The node reads its own etcd with the apiserver's identity (the test's
     // shortcut; the remote clusters are read with connect's users).
     let local = ClusterFile {
@@ -75,7 +85,20 @@ async fn tls_cluster(root: &Path, dir: &Path, name: &str, id: u64) -> TlsCluster
         api: Some(api),
         nodes: vec![node],
     };
-    enable(dir, &c).await;
+    let etcd = c.etcd.endpoint();
+    let nodes = c.node_args();
+    let mut args = vec![
+        "enable",
+        "--cluster",
+        name,
+        "--apiserver",
+        &https,
+        "--etcd-endpoints",
+        &etcd,
+    ];
+    args.extend(nodes.iter().map(String::as_str));
+    let out = run_ok(dir, &args).await;
+    assert!(out.contains("--tls-client-ca"), "{out}");
     TlsCluster { c }
 }
 
@@ -192,6 +215,12 @@ async fn tls_connect_creates_read_only_users_and_disconnect_revokes_them() {
     .await;
     assert!(
         e.contains("etcd of cluster c2 refused the CLI's admin certificate"),
+        "{e}"
+    );
+    let e = run_fail(&dir, &["connect", "--cluster", "c1", "--destination", "c2"]).await;
+    assert!(
+        e.contains("the apiserver of cluster c2 at https://")
+            && e.contains("refused the TLS handshake"),
         "{e}"
     );
     assert_eq!(
