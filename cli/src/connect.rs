@@ -605,6 +605,7 @@ async fn wait(
 ) -> Result<bool> {
     let deadline = tokio::time::Instant::now() + timeout;
     let total: usize = pairs.iter().map(|(r, _)| entries[r].nodes.len()).sum();
+    let mut progress = crate::Progress::default();
     loop {
         let mut missing = Vec::new();
         for (r, x) in pairs {
@@ -634,16 +635,16 @@ async fn wait(
             }
         }
         if !ctx.json() {
-            eprint!(
-                "\rwaiting: {}/{} node connections {}   ",
+            progress.show(&format!(
+                "waiting: {}/{} node connections {}",
                 total - missing.len(),
                 total,
                 if present { "synced" } else { "drained" }
-            );
+            ));
         }
         if missing.is_empty() {
+            progress.done();
             if !ctx.json() {
-                eprintln!();
                 println!(
                     "every node reports the change ({total}/{total} {})",
                     if present { "synced" } else { "drained" }
@@ -652,9 +653,7 @@ async fn wait(
             return Ok(true);
         }
         if tokio::time::Instant::now() >= deadline {
-            if !ctx.json() {
-                eprintln!();
-            }
+            progress.done();
             eprintln!(
                 "error: not every node reported the change within {timeout:?}: {}",
                 missing.join("; ")

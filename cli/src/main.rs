@@ -121,6 +121,35 @@ pub fn print_json(v: &serde_json::Value) {
     );
 }
 
+/// A live progress line on standard error: rewritten in place on a
+/// terminal; otherwise printed as a line only when it changes.
+#[derive(Default)]
+pub struct Progress {
+    last: String,
+    shown: bool,
+}
+
+impl Progress {
+    pub fn show(&mut self, line: &str) {
+        use std::io::IsTerminal as _;
+        if std::io::stderr().is_terminal() {
+            eprint!("\r{line}\x1b[K");
+            self.shown = true;
+        } else if line != self.last {
+            eprintln!("{line}");
+        }
+        self.last = line.to_owned();
+    }
+
+    /// Ends the line (on a terminal).
+    pub fn done(&mut self) {
+        if self.shown {
+            eprintln!();
+            self.shown = false;
+        }
+    }
+}
+
 /// Parses `30s`, `2m`, `1h` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

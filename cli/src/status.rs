@@ -411,28 +411,25 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
         );
     }
     let deadline = tokio::time::Instant::now() + a.timeout;
-    let mut progress = false;
+    let mut progress = crate::Progress::default();
     let rs = loop {
         let rs = reports(ctx, &clusters).await;
         let problems: Vec<&String> = rs.iter().flat_map(|r| &r.problems).collect();
         if !a.wait || problems.is_empty() || tokio::time::Instant::now() >= deadline {
-            if progress {
-                eprintln!();
-            }
+            progress.done();
             break rs;
         }
-        progress = true;
         let checks: usize = rs.iter().map(|r| 1 + r.nodes.len()).sum();
         let bad = rs
             .iter()
             .map(|r| usize::from(!r.problems.is_empty()))
             .sum::<usize>();
-        eprint!(
-            "\rwaiting: {} problem(s) in {bad} of {} cluster(s) ({checks} checks); first: {}\x1b[K",
+        progress.show(&format!(
+            "waiting: {} problem(s) in {bad} of {} cluster(s) ({checks} checks); first: {}",
             problems.len(),
             rs.len(),
             problems[0]
-        );
+        ));
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let healthy = rs.iter().all(|r| r.healthy);
