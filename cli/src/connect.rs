@@ -8,7 +8,8 @@
 //!    changes nothing if anything is refused;
 //! 2. with a TLS etcd (https endpoints), creates in X's etcd the read-only
 //!    user `remote-R` (role `clustermesh-remote-read`, the apiserver's
-//!    `remote_access`; etcd auth is enabled if it was not) and issues from
+//!    `remote_access`; etcd auth is enabled if it was not, after granting
+//!    X's own nodes their reader `remote-X`) and issues from
 //!    X's CA a client certificate whose CN is that user
 //!    (`pki/X/remote-R.pem`): etcd `--client-cert-auth` maps it to the
 //!    user, so R's nodes can read X's public prefixes and nothing else. A
@@ -405,6 +406,13 @@ pub async fn connect(ctx: &Ctx, a: Args) -> Result<bool> {
         let endpoints = endpoints_of(x);
         let mut creds = None;
         if let Some(admin) = admins.get_mut(x) {
+            // X's own nodes read their etcd as remote-X (enable's node.pem):
+            // granted before auth goes on, so they never lose access.
+            let own: clustermesh_api::ClusterName =
+                x.parse().map_err(|e| anyhow!("cluster name {x:?}: {e}"))?;
+            clustermesh_apiserver::remote_access::grant_remote_reader(admin, &own)
+                .await
+                .map_err(|e| etcd_error(exporter, &e))?;
             clustermesh_apiserver::remote_access::enable_auth(admin, &format!("apiserver-{x}"))
                 .await
                 .map_err(|e| etcd_error(exporter, &e))?;

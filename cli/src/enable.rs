@@ -5,10 +5,11 @@
 //! re-runs): `etcd-server` and `apiserver-server` (the gRPC API's, for an
 //! `https://` apiserver; SANs of both: the etcd endpoints' and apiserver's
 //! hosts, 127.0.0.1, localhost, `--san`), `apiserver` (client, CN
-//! `apiserver-<cluster>`:
-//! the apiserver's etcd user), `admin` (client, CN `root`: the CLI's etcd
-//! user for managing remote readers). The per-connection remote-client
-//! certificates (CN `remote-<reader>`) are issued by `connect`.
+//! `apiserver-<cluster>`: the apiserver's etcd user), `node` (client, CN
+//! `remote-<cluster>`: the nodes' read-only user of their own etcd, the
+//! role remote readers have), `admin` (client, CN `root`: the CLI's etcd
+//! user for managing users). The per-connection remote-client certificates
+//! (CN `remote-<reader>`, from the exporter's CA) are issued by `connect`.
 
 use std::path::Path;
 
@@ -231,6 +232,11 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
             Usage::Server,
         )?,
     );
+    let node_user = format!("remote-{}", entry.name);
+    note(
+        "node",
+        ensure_cert(&pki, "node", &ca, &node_user, &[], Usage::Client)?,
+    );
     note(
         "admin",
         ensure_cert(&pki, "admin", &ca, "root", &[], Usage::Client)?,
@@ -285,10 +291,20 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
     }
     for n in &entry.nodes {
         next.push(format!(
-            "run the agent of node {}: node-agent --cluster-name {} --node-name {} --local-etcd-endpoints {endpoints} --clusters-dir {} --status-listen {}",
+            "run the agent of node {}: node-agent --cluster-name {} --node-name {} --local-etcd-endpoints {endpoints}{} --clusters-dir {} --status-listen {}",
             n.name,
             entry.name,
             n.name,
+            if entry.tls() {
+                format!(
+                    " --local-etcd-ca {} --local-etcd-cert {} --local-etcd-key {}",
+                    p("ca.pem"),
+                    p("node.pem"),
+                    p("node-key.pem")
+                )
+            } else {
+                String::new()
+            },
             n.clusters_dir.display(),
             n.status
         ));

@@ -69,13 +69,14 @@ async fn tls_cluster(root: &Path, dir: &Path, name: &str, id: u64) -> TlsCluster
     });
     let api = clustermesh_apiserver::start(cfg).await.unwrap();
     let https = format!("https://{}", api.grpc_addr);
-    // The node reads its own etcd with the apiserver's identity (the test's
-    // shortcut; the remote clusters are read with connect's users).
+    // The node reads its own etcd with enable's node certificate (CN
+    // remote-<cluster>), as `node-agent --local-etcd-cert` would; connect
+    // grants that user before it turns auth on.
     let local = ClusterFile {
         endpoints: vec![etcd.endpoint()],
         trusted_ca_file: Some(pki.join("ca.pem")),
-        cert_file: Some(pki.join("apiserver.pem")),
-        key_file: Some(pki.join("apiserver-key.pem")),
+        cert_file: Some(pki.join("node.pem")),
+        key_file: Some(pki.join("node-key.pem")),
     };
     let node = agent(root, name, "n1", local).await;
     let c = Cluster {
@@ -98,7 +99,10 @@ async fn tls_cluster(root: &Path, dir: &Path, name: &str, id: u64) -> TlsCluster
     ];
     args.extend(nodes.iter().map(String::as_str));
     let out = run_ok(dir, &args).await;
-    assert!(out.contains("--tls-client-ca"), "{out}");
+    assert!(
+        out.contains("--tls-client-ca") && out.contains("--local-etcd-cert"),
+        "{out}"
+    );
     TlsCluster { c }
 }
 
@@ -194,6 +198,27 @@ async fn tls_connect_creates_read_only_users_and_disconnect_revokes_them() {
         .put("clustermesh/state/nodes/v1/c2/evil", "x", None)
         .await
         .unwrap_err();
+    assert!(e.to_string().contains("permission denied"), "{e}");
+
+    // c1's nodes still read their own etcd now that auth is on (enable's
+    // node certificate, user remote-c1), and only read.
+    let pki1 = dir.join("pki/c1");
+    let mut own = client_as(
+        &c1.c.etcd.endpoint(),
+        &pki1.join("ca.pem"),
+        &pki1.join("node.pem"),
+        &pki1.join("node-key.pem"),
+    )
+    .await;
+    assert_eq!(
+        own.get("clustermesh/cluster-config/c1", None)
+            .await
+            .unwrap()
+            .kvs()
+            .len(),
+        1
+    );
+    let e = own.put("clustermesh/x", "x", None).await.unwrap_err();
     assert!(e.to_string().contains("permission denied"), "{e}");
 
     // A wrong admin certificate (another CA): one sentence, nothing changed.
