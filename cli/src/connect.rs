@@ -35,7 +35,6 @@ use crate::{
 };
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example:\n  clustermesh connect --cluster east --destination west --wait")]
 pub struct Args {
     /// The source cluster.
     #[arg(long)]

@@ -37,11 +37,13 @@ pub enum OnOff {
 pub enum Command {
     /// The policy of each cluster and what each node applies.
     Status {
+        /// Only this cluster (default: every enabled one).
         #[arg(long)]
         cluster: Option<String>,
     },
     /// Turn WireGuard encryption on for a cluster.
     Enable {
+        /// The cluster (a name given to `enable`).
         #[arg(long)]
         cluster: String,
         /// all | inter-cluster
@@ -53,6 +55,7 @@ pub enum Command {
     },
     /// Turn encryption off for a cluster (refused while strict mode is on).
     Disable {
+        /// The cluster (a name given to `enable`).
         #[arg(long)]
         cluster: String,
     },
@@ -60,8 +63,10 @@ pub enum Command {
     /// unencrypted; with --ingress, unencrypted pod traffic arriving is
     /// dropped too.
     Strict {
+        /// on | off
         #[arg(value_enum)]
         state: OnOff,
+        /// The cluster (a name given to `enable`).
         #[arg(long)]
         cluster: String,
         /// Only the ingress half (on: egress and ingress; off: ingress only).
@@ -71,6 +76,7 @@ pub enum Command {
     /// Rotate the WireGuard keys of a cluster's nodes now (SIGUSR1 to each
     /// agent; needs `pid-file` in the node entry).
     RotateKeys {
+        /// The cluster (a name given to `enable`).
         #[arg(long)]
         cluster: String,
         /// Only this node.
@@ -79,6 +85,7 @@ pub enum Command {
     },
     /// The encryption audit trail of a cluster's nodes (JSON lines).
     Audit {
+        /// The cluster (a name given to `enable`).
         #[arg(long)]
         cluster: String,
         /// Only events newer than this (e.g. 1h, 30m).

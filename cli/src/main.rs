@@ -73,9 +73,15 @@ enum Command {
     Enable(enable::Args),
     /// Connect clusters: validate, create read-only etcd access, write the
     /// remote-cluster files on every node.
+    #[command(
+        after_help = "Example:\n  clustermesh connect --cluster east --destination west --wait"
+    )]
     Connect(connect::Args),
     /// Disconnect clusters: remove the remote-cluster files and revoke the
     /// read-only access.
+    #[command(
+        after_help = "Example:\n  clustermesh disconnect --cluster east --destination west --wait"
+    )]
     Disconnect(connect::Args),
     /// Health of every cluster and node: connections, sync, counts,
     /// encryption. Exits 1 when not healthy.

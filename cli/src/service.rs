@@ -15,6 +15,7 @@ use crate::{Ctx, clients::Api, config::ClusterEntry, print_json};
 pub enum Command {
     /// List services of every cluster (or one), with backends per cluster.
     List {
+        /// Only this cluster (default: every enabled one).
         #[arg(long)]
         cluster: Option<String>,
     },
@@ -22,6 +23,7 @@ pub enum Command {
     Show {
         /// NAMESPACE/NAME, or NAME with --namespace.
         service: String,
+        /// The namespace, when SERVICE is a bare NAME.
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
     },
@@ -30,10 +32,12 @@ pub enum Command {
         after_help = "Example:\n  clustermesh service create --cluster east default/web --frontend 10.96.0.10 \\\n    --port 80:8080/TCP --backend 10.1.0.5 --global --affinity local"
     )]
     Create {
+        /// The cluster (a name given to `enable`).
         #[arg(long)]
         cluster: String,
         /// NAMESPACE/NAME, or NAME with --namespace.
         service: String,
+        /// The namespace, when SERVICE is a bare NAME.
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
         /// Frontend (cluster) IP; repeat for several.
@@ -58,23 +62,32 @@ pub enum Command {
     },
     /// Delete a service from a cluster.
     Delete {
+        /// The cluster (a name given to `enable`).
         #[arg(long)]
         cluster: String,
+        /// NAMESPACE/NAME, or NAME with --namespace.
         service: String,
+        /// The namespace, when SERVICE is a bare NAME.
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
     },
     /// Change a service's global, shared or affinity setting.
     Annotate {
+        /// The cluster (a name given to `enable`).
         #[arg(long)]
         cluster: String,
+        /// NAMESPACE/NAME, or NAME with --namespace.
         service: String,
+        /// The namespace, when SERVICE is a bare NAME.
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
+        /// true | false (service.cilium.io/global).
         #[arg(long, action = clap::ArgAction::Set)]
         global: Option<bool>,
+        /// true | false (service.cilium.io/shared).
         #[arg(long, action = clap::ArgAction::Set)]
         shared: Option<bool>,
+        /// none | local | remote (service.cilium.io/affinity).
         #[arg(long, value_parser = ["none", "local", "remote"])]
         affinity: Option<String>,
     },
