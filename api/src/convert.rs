@@ -272,6 +272,47 @@ pub fn service_to_proto(s: &ServiceRecord) -> proto::Service {
     }
 }
 
+/// An encryption policy from its message, validated as a cluster config
+/// would validate it (strict needs WireGuard).
+pub fn encryption_from_proto(p: &proto::EncryptionPolicy) -> Result<EncryptionPolicy, FieldError> {
+    let e = EncryptionPolicy {
+        mode: match p.mode.as_str() {
+            "none" | "" => EncryptionMode::None,
+            "wireguard" => EncryptionMode::Wireguard,
+            o => {
+                return Err(FieldError::new(
+                    "policy.mode",
+                    format!("unknown mode {o:?} (none or wireguard)"),
+                ));
+            }
+        },
+        scope: match p.scope.as_str() {
+            "all" | "" => EncryptionScope::All,
+            "inter-cluster" => EncryptionScope::InterCluster,
+            o => {
+                return Err(FieldError::new(
+                    "policy.scope",
+                    format!("unknown scope {o:?} (all or inter-cluster)"),
+                ));
+            }
+        },
+        strict: p.strict,
+        strict_ingress: p.strict_ingress,
+        node_to_node: p.node_to_node,
+    };
+    if e.mode == EncryptionMode::None && (e.strict || e.strict_ingress) {
+        return Err(FieldError::new(
+            if e.strict {
+                "policy.strict"
+            } else {
+                "policy.strict_ingress"
+            },
+            "strict mode needs encryption mode wireguard",
+        ));
+    }
+    Ok(e)
+}
+
 pub fn encryption_to_proto(e: &EncryptionPolicy) -> proto::EncryptionPolicy {
     proto::EncryptionPolicy {
         mode: match e.mode {
@@ -360,6 +401,38 @@ mod tests {
         assert_eq!(
             service_from_proto(&bad, &c).unwrap_err().field,
             "service.affinity"
+        );
+    }
+
+    #[test]
+    fn encryption_policies_round_trip_and_strict_needs_wireguard() {
+        let p = proto::EncryptionPolicy {
+            mode: "wireguard".into(),
+            scope: "inter-cluster".into(),
+            strict: true,
+            strict_ingress: true,
+            node_to_node: false,
+        };
+        let e = encryption_from_proto(&p).unwrap();
+        assert_eq!(encryption_to_proto(&e), p);
+        let bad = proto::EncryptionPolicy {
+            mode: "none".into(),
+            strict: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            encryption_from_proto(&bad).unwrap_err().field,
+            "policy.strict"
+        );
+        let bad = proto::EncryptionPolicy {
+            mode: "ipsec".into(),
+            ..Default::default()
+        };
+        assert!(
+            encryption_from_proto(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown mode")
         );
     }
 }

@@ -408,6 +408,34 @@ impl ClusterMesh for Api {
         self.done("UpsertService", r)
     }
 
+    async fn set_encryption_policy(
+        &self,
+        req: Request<proto::SetEncryptionPolicyRequest>,
+    ) -> Result<Response<proto::EncryptionPolicy>, Status> {
+        let sh = &self.shared;
+        let req = req.into_inner();
+        let r = async {
+            let p = req
+                .policy
+                .ok_or_else(|| invalid(FieldError::new("policy", "required")))?;
+            let p = convert::encryption_from_proto(&p).map_err(invalid)?;
+            let mut st = sh.state.lock().await;
+            if st.encryption != p {
+                store::put_encryption_policy(&mut sh.client.clone(), &sh.keys, &p)
+                    .await
+                    .map_err(unavailable)?;
+                tracing::info!(policy = ?p, "encryption policy changed through the API");
+                st.set_encryption(p);
+                drop(st);
+                sh.changed.notify_one();
+            }
+            Ok(convert::encryption_to_proto(&p))
+        }
+        .await
+        .map(Response::new);
+        self.done("SetEncryptionPolicy", r)
+    }
+
     async fn delete_service(
         &self,
         req: Request<proto::DeleteServiceRequest>,

@@ -143,11 +143,22 @@ impl ClusterState {
                             .or_else(|| self.kube_services.get(&sk))
                             .and_then(|s| encode(s).ok())
                     }
+                    Key::ClusterConfig { .. } => encode(&self.cluster_config()).ok(),
                     _ => None,
                 };
                 (k.build(), v)
             })
             .collect()
+    }
+
+    /// Changes the exported encryption policy (the cluster config key).
+    pub fn set_encryption(&mut self, p: EncryptionPolicy) {
+        if self.encryption != p {
+            self.encryption = p;
+            self.touch(Key::ClusterConfig {
+                cluster: self.cluster.clone(),
+            });
+        }
     }
 
     /// Forgets pending changes (a full sync covers them).
@@ -625,5 +636,28 @@ mod tests {
         assert!(changes.iter().all(|(_, v)| v.is_none()));
         assert!(s.take_changes().is_empty());
         assert!(d.cluster_config.0.ends_with("cluster-config/c1"));
+    }
+
+    #[test]
+    fn a_new_encryption_policy_changes_the_cluster_config_only() {
+        let mut s = ClusterState::new(
+            "c1".parse().unwrap(),
+            ClusterId::new(1).unwrap(),
+            EncryptionPolicy::default(),
+        );
+        let strict = EncryptionPolicy {
+            mode: clustermesh_api::EncryptionMode::Wireguard,
+            strict: true,
+            ..Default::default()
+        };
+        s.set_encryption(strict);
+        let changes = s.take_changes();
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(changes[0].0.ends_with("cluster-config/c1"));
+        let v: serde_json::Value = serde_json::from_slice(changes[0].1.as_ref().unwrap()).unwrap();
+        assert_eq!(v["encryption"]["strict"], true);
+        // The same policy again: nothing to export.
+        s.set_encryption(strict);
+        assert!(s.take_changes().is_empty());
     }
 }

@@ -74,6 +74,10 @@ impl Internal {
     pub fn identity(&self, id: Identity) -> String {
         format!("{}identities/{id}", self.prefix)
     }
+    /// The encryption policy set through the API (`SetEncryptionPolicy`).
+    pub fn encryption_policy(&self) -> String {
+        format!("{}encryption-policy", self.prefix)
+    }
     pub fn identity_labels(&self, labels: &Labels) -> String {
         let canon: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         format!("{}identity-labels/{}", self.prefix, canon.join(" "))
@@ -119,7 +123,21 @@ pub async fn load(client: &mut Client, state: &mut ClusterState, now: Instant) -
             continue;
         };
         let v = kv.value();
-        if rest.starts_with("nodes/") {
+        if rest == "encryption-policy" {
+            // Set through the API: takes precedence over the flags.
+            match serde_json::from_slice::<clustermesh_api::EncryptionPolicy>(v) {
+                Ok(p)
+                    if p.mode != clustermesh_api::EncryptionMode::None
+                        || !(p.strict || p.strict_ingress) =>
+                {
+                    if p != state.encryption {
+                        tracing::warn!(stored = ?p, flags = ?state.encryption, "the encryption policy set with `clustermesh encryption` overrides the --encryption flags");
+                    }
+                    state.encryption = p;
+                }
+                _ => tracing::warn!(key, "skipping invalid stored encryption policy"),
+            }
+        } else if rest.starts_with("nodes/") {
             if let Some(r) = parse::<NodeRecord>(key, v)
                 && r.cluster == state.cluster
             {
@@ -215,6 +233,18 @@ pub async fn put_endpoint(client: &mut Client, keys: &Internal, r: &EndpointReco
 
 pub async fn delete_endpoint(client: &mut Client, keys: &Internal, ip: &IpAddr) -> Result<()> {
     write(client, vec![], vec![keys.endpoint(ip)]).await
+}
+
+pub async fn put_encryption_policy(
+    client: &mut Client,
+    keys: &Internal,
+    p: &clustermesh_api::EncryptionPolicy,
+) -> Result<()> {
+    let v = serde_json::to_vec(p).map_err(|e| Error::Encode {
+        what: "encryption policy",
+        reason: e.to_string(),
+    })?;
+    write(client, vec![(keys.encryption_policy(), v)], vec![]).await
 }
 
 pub async fn put_service(client: &mut Client, keys: &Internal, r: &ServiceRecord) -> Result<()> {

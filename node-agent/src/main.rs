@@ -106,6 +106,15 @@ struct Args {
     /// The local cluster's etcd endpoints (comma separated).
     #[arg(long, value_delimiter = ',')]
     local_etcd_endpoints: Vec<String>,
+    /// CA of the local etcd's server certificate (https endpoints).
+    #[arg(long)]
+    local_etcd_ca: Option<std::path::PathBuf>,
+    /// Client certificate and key for the local etcd (its CN is the etcd
+    /// user; `clustermesh enable` issues `node.pem`, CN remote-<cluster>).
+    #[arg(long, requires = "local_etcd_key")]
+    local_etcd_cert: Option<std::path::PathBuf>,
+    #[arg(long, requires = "local_etcd_cert")]
+    local_etcd_key: Option<std::path::PathBuf>,
     /// Directory of remote-cluster files (file name = cluster name).
     #[arg(long, default_value = "/var/lib/clustermesh/clusters")]
     clusters_dir: std::path::PathBuf,
@@ -514,9 +523,9 @@ async fn main() -> anyhow::Result<()> {
             local_cluster,
             local: ClusterFile {
                 endpoints: args.local_etcd_endpoints.clone(),
-                trusted_ca_file: None,
-                cert_file: None,
-                key_file: None,
+                trusted_ca_file: args.local_etcd_ca.clone(),
+                cert_file: args.local_etcd_cert.clone(),
+                key_file: args.local_etcd_key.clone(),
             },
             self_node: args.node_name.as_deref().and_then(|n| n.parse().ok()),
             clusters_dir: args.clusters_dir.clone(),

@@ -1,0 +1,388 @@
+//! `clustermesh enable`: a cluster's CA and certificates, and its cluster
+//! file in the configuration directory.
+//!
+//! Certificates (all under `pki/<cluster>/`, issued once and kept on
+//! re-runs): `etcd-server` and `apiserver-server` (the gRPC API's, for an
+//! `https://` apiserver; SANs of both: the etcd endpoints' and apiserver's
+//! hosts, 127.0.0.1, localhost, `--san`), `apiserver` (client, CN
+//! `apiserver-<cluster>`: the apiserver's etcd user), `node` (client, CN
+//! `remote-<cluster>`: the nodes' read-only user of their own etcd, the
+//! role remote readers have), `admin` (client, CN `root`: the CLI's etcd
+//! user for managing users). The per-connection remote-client certificates
+//! (CN `remote-<reader>`, from the exporter's CA) are issued by `connect`.
+
+use std::path::Path;
+
+use anyhow::{Result, anyhow, bail};
+use clustermesh_api::{ClusterId, ClusterName};
+use clustermesh_crypto::pki::{Ca, Usage};
+
+use crate::{
+    Ctx,
+    config::{self, ClusterEntry, NodeEntry},
+    print_json,
+};
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  clustermesh enable --cluster east --id 1 \\\n    --apiserver http://10.0.0.5:9950 --etcd-endpoints https://10.0.0.5:2379 \\\n    --node node-1,clusters-dir=/var/lib/clustermesh/clusters,status=10.0.0.11:9964"
+)]
+pub struct Args {
+    /// The cluster's name (1-32 of a-z, 0-9, '-').
+    #[arg(long)]
+    pub cluster: String,
+    /// The cluster's id (1..=255), unique in the mesh. Required the first
+    /// time.
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// The apiserver's gRPC address (default http://127.0.0.1:9950).
+    #[arg(long)]
+    pub apiserver: Option<String>,
+    /// The cluster's etcd endpoints, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// Extra subject alternative names (IPs or DNS names) of the server
+    /// certificates (etcd's and the apiserver's).
+    #[arg(long = "san", value_delimiter = ',')]
+    pub sans: Vec<String>,
+    /// A node: NAME,clusters-dir=PATH,status=HOST:PORT[,audit-log=PATH][,pid-file=PATH].
+    /// Repeat for each node; a node given again replaces its entry.
+    #[arg(long = "node", value_parser = parse_node)]
+    pub nodes: Vec<NodeEntry>,
+    /// Remove a node from the cluster file.
+    #[arg(long = "remove-node")]
+    pub remove_nodes: Vec<String>,
+}
+
+fn parse_node(s: &str) -> Result<NodeEntry, String> {
+    let mut parts = s.split(',');
+    let name = parts.next().unwrap_or_default().trim().to_owned();
+    if name.is_empty() || name.contains('=') {
+        return Err("starts with the node's name, e.g. node-1,clusters-dir=/var/lib/clustermesh/clusters,status=127.0.0.1:9964".into());
+    }
+    name.parse::<clustermesh_api::NodeName>()
+        .map_err(|e| format!("node name {name:?}: {e}"))?;
+    let (mut dir, mut status, mut audit, mut pid) = (None, None, None, None);
+    for p in parts {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| format!("{p:?} is not key=value"))?;
+        match k.trim() {
+            "clusters-dir" => dir = Some(v.into()),
+            "status" => status = Some(v.to_owned()),
+            "audit-log" => audit = Some(v.into()),
+            "pid-file" => pid = Some(v.into()),
+            o => {
+                return Err(format!(
+                    "unknown key {o:?} (clusters-dir, status, audit-log, pid-file)"
+                ));
+            }
+        }
+    }
+    let status = status.ok_or("status=HOST:PORT (the agent's --status-listen) is required")?;
+    if !status.contains(':') {
+        return Err(format!("status {status:?} is not HOST:PORT"));
+    }
+    Ok(NodeEntry {
+        name,
+        clusters_dir: dir.ok_or("clusters-dir=PATH (the agent's --clusters-dir) is required")?,
+        status,
+        audit_log: audit,
+        pid_file: pid,
+    })
+}
+
+fn host_of(endpoint: &str) -> Option<String> {
+    let rest = endpoint.split_once("://")?.1;
+    let hostport = rest.split('/').next()?;
+    let host = if let Some(h) = hostport.strip_prefix('[') {
+        h.split(']').next()?
+    } else {
+        hostport.rsplit_once(':').map_or(hostport, |(h, _)| h)
+    };
+    (!host.is_empty()).then(|| host.to_owned())
+}
+
+/// Writes a certificate pair unless it exists; returns whether it was
+/// created.
+fn ensure_cert(
+    dir: &Path,
+    file: &str,
+    ca: &Ca,
+    cn: &str,
+    sans: &[&str],
+    usage: Usage,
+) -> Result<bool> {
+    let cert = dir.join(format!("{file}.pem"));
+    let key = dir.join(format!("{file}-key.pem"));
+    if cert.is_file() && key.is_file() {
+        return Ok(false);
+    }
+    let issued = ca
+        .issue(cn, sans, usage)
+        .map_err(|e| anyhow!("issuing the {file} certificate: {e}"))?;
+    config::write_atomic(&key, issued.key_pem.as_bytes(), 0o600)?;
+    config::write_atomic(&cert, issued.cert_pem.as_bytes(), 0o644)?;
+    Ok(true)
+}
+
+/// Loads the cluster's CA, creating it the first time.
+pub fn load_or_create_ca(dir: &Path, cluster: &str) -> Result<(Ca, bool)> {
+    let name = format!("clustermesh-ca-{cluster}");
+    let (cert, key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    if cert.is_file() && key.is_file() {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| anyhow!("cannot read {}: {e}", p.display()))
+        };
+        let ca = Ca::load(&name, &read(&cert)?, &read(&key)?)
+            .map_err(|e| anyhow!("the CA in {} cannot be used: {e}", dir.display()))?;
+        return Ok((ca, false));
+    }
+    let ca = Ca::generate(&name).map_err(|e| anyhow!("creating the CA: {e}"))?;
+    config::write_atomic(&key, ca.key_pem().as_bytes(), 0o600)?;
+    config::write_atomic(&cert, ca.cert_pem().as_bytes(), 0o644)?;
+    Ok((ca, true))
+}
+
+pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
+    let name: ClusterName = a
+        .cluster
+        .parse()
+        .map_err(|e| anyhow!("--cluster {:?}: {e}", a.cluster))?;
+    let all = ctx.dir.all()?;
+    let existing = all.get(name.as_str()).cloned();
+    let id = match (a.id, &existing) {
+        (Some(id), _) => id,
+        (None, Some(e)) => e.id,
+        (None, None) => {
+            bail!("--id is required to enable a new cluster (a number 1..=255, unique in the mesh)")
+        }
+    };
+    ClusterId::new(id).map_err(|e| anyhow!("--id {id}: {e}"))?;
+    if let Some(other) = all.values().find(|c| c.id == id && c.name != name.as_str()) {
+        bail!(
+            "cluster id {id} is already used by cluster {} ({}); give each cluster a unique id (1..=255)",
+            other.name,
+            ctx.dir.cluster_file(&other.name).display()
+        );
+    }
+    let mut entry = existing.clone().unwrap_or_else(|| ClusterEntry {
+        name: name.to_string(),
+        id,
+        apiserver: "http://127.0.0.1:9950".into(),
+        etcd_endpoints: vec![],
+        nodes: vec![],
+    });
+    entry.id = id;
+    if let Some(api) = a.apiserver {
+        entry.apiserver = api;
+    }
+    if !a.etcd_endpoints.is_empty() {
+        entry.etcd_endpoints = a.etcd_endpoints;
+    }
+    if entry.etcd_endpoints.is_empty() {
+        bail!("--etcd-endpoints is required to enable a new cluster (e.g. https://10.0.0.5:2379)");
+    }
+    for n in a.nodes {
+        match entry.nodes.iter_mut().find(|x| x.name == n.name) {
+            Some(x) => *x = n,
+            None => entry.nodes.push(n),
+        }
+    }
+    entry.nodes.retain(|n| !a.remove_nodes.contains(&n.name));
+    config::validate_entry(&entry)?;
+
+    let pki = ctx.dir.pki(&entry.name);
+    let (ca, ca_created) = load_or_create_ca(&pki, &entry.name)?;
+    let mut sans: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
+    sans.extend(entry.etcd_endpoints.iter().filter_map(|e| host_of(e)));
+    sans.extend(host_of(&entry.apiserver));
+    sans.extend(a.sans);
+    sans.sort();
+    sans.dedup();
+    let san_refs: Vec<&str> = sans.iter().map(String::as_str).collect();
+    let mut created = Vec::new();
+    let mut kept = Vec::new();
+    let mut note = |file: &str, was_created: bool| {
+        let p = pki.join(format!("{file}.pem")).display().to_string();
+        if was_created {
+            created.push(p)
+        } else {
+            kept.push(p)
+        }
+    };
+    note("ca", ca_created);
+    note(
+        "etcd-server",
+        ensure_cert(&pki, "etcd-server", &ca, "etcd", &san_refs, Usage::Server)?,
+    );
+    let api_user = format!("apiserver-{}", entry.name);
+    note(
+        "apiserver",
+        ensure_cert(&pki, "apiserver", &ca, &api_user, &[], Usage::Client)?,
+    );
+    note(
+        "apiserver-server",
+        ensure_cert(
+            &pki,
+            "apiserver-server",
+            &ca,
+            "clustermesh-apiserver",
+            &san_refs,
+            Usage::Server,
+        )?,
+    );
+    let node_user = format!("remote-{}", entry.name);
+    note(
+        "node",
+        ensure_cert(&pki, "node", &ca, &node_user, &[], Usage::Client)?,
+    );
+    note(
+        "admin",
+        ensure_cert(&pki, "admin", &ca, "root", &[], Usage::Client)?,
+    );
+    let changed = existing.as_ref() != Some(&entry);
+    let file = ctx.dir.save(&entry)?;
+
+    let p = |f: &str| pki.join(f).display().to_string();
+    let endpoints = entry.etcd_endpoints.join(",");
+    let mut next = Vec::new();
+    if entry.tls() {
+        next.push(format!(
+            "run etcd with --cert-file {} --key-file {} --trusted-ca-file {} --client-cert-auth",
+            p("etcd-server.pem"),
+            p("etcd-server-key.pem"),
+            p("ca.pem")
+        ));
+    }
+    next.push(format!(
+        "run the apiserver: clustermesh-apiserver --cluster-name {} --cluster-id {} --etcd-endpoints {endpoints} --listen {}{}",
+        entry.name,
+        entry.id,
+        entry
+            .apiserver
+            .split_once("://")
+            .map_or(entry.apiserver.as_str(), |(_, r)| r),
+        if entry.tls() {
+            format!(
+                " --etcd-ca {} --etcd-cert {} --etcd-key {}",
+                p("ca.pem"),
+                p("apiserver.pem"),
+                p("apiserver-key.pem")
+            )
+        } else {
+            String::new()
+        },
+    ) + &if entry.apiserver.starts_with("https://") {
+        format!(
+            " --tls-cert {} --tls-key {} --tls-client-ca {}",
+            p("apiserver-server.pem"),
+            p("apiserver-server-key.pem"),
+            p("ca.pem")
+        )
+    } else {
+        String::new()
+    });
+    if entry.nodes.is_empty() {
+        next.push(format!(
+            "add the nodes: clustermesh enable --cluster {} --node NAME,clusters-dir=PATH,status=HOST:PORT",
+            entry.name
+        ));
+    }
+    for n in &entry.nodes {
+        next.push(format!(
+            "run the agent of node {}: node-agent --cluster-name {} --node-name {} --local-etcd-endpoints {endpoints}{} --clusters-dir {} --status-listen {}",
+            n.name,
+            entry.name,
+            n.name,
+            if entry.tls() {
+                format!(
+                    " --local-etcd-ca {} --local-etcd-cert {} --local-etcd-key {}",
+                    p("ca.pem"),
+                    p("node.pem"),
+                    p("node-key.pem")
+                )
+            } else {
+                String::new()
+            },
+            n.clusters_dir.display(),
+            n.status
+        ));
+    }
+    next.push(format!(
+        "connect it: clustermesh connect --cluster {} --destination <other cluster>",
+        entry.name
+    ));
+    if ctx.json() {
+        print_json(&serde_json::json!({
+            "cluster": entry.name,
+            "id": entry.id,
+            "file": file,
+            "file_changed": changed,
+            "created": created,
+            "kept": kept,
+            "next": next,
+        }));
+    } else {
+        println!(
+            "cluster {} (id {}): {} {}",
+            entry.name,
+            entry.id,
+            if existing.is_none() {
+                "wrote"
+            } else if changed {
+                "updated"
+            } else {
+                "unchanged"
+            },
+            file.display()
+        );
+        for c in &created {
+            println!("  created {c}");
+        }
+        for k in &kept {
+            println!("  kept    {k}");
+        }
+        println!("next:");
+        for (i, n) in next.iter().enumerate() {
+            println!("  {}. {n}", i + 1);
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn node_specs() {
+        let n = parse_node("n1,clusters-dir=/x,status=127.0.0.1:1").unwrap();
+        assert_eq!(n.name, "n1");
+        assert_eq!(n.status, "127.0.0.1:1");
+        assert!(
+            parse_node("n1,status=127.0.0.1:1")
+                .unwrap_err()
+                .contains("clusters-dir")
+        );
+        assert!(
+            parse_node("n1,clusters-dir=/x")
+                .unwrap_err()
+                .contains("status")
+        );
+        assert!(
+            parse_node("n1,bogus=1")
+                .unwrap_err()
+                .contains("unknown key")
+        );
+        assert!(parse_node("Bad_Name,clusters-dir=/x,status=a:1").is_err());
+    }
+
+    #[test]
+    fn hosts() {
+        assert_eq!(host_of("https://10.0.0.5:2379").unwrap(), "10.0.0.5");
+        assert_eq!(host_of("http://etcd.local:2379").unwrap(), "etcd.local");
+        assert_eq!(host_of("https://[::1]:2379").unwrap(), "::1");
+    }
+}

@@ -1,0 +1,442 @@
+//! `clustermesh status`: per cluster (apiserver `Status` and
+//! `GetClusterInfo`) and per node (agent `/status`): remote clusters
+//! configured / connected / synced, last errors in words, counts, and the
+//! encryption posture.
+//!
+//! Healthy means: every apiserver answers, its etcd is healthy and every
+//! kind has been exported; every node's agent answers, has synced its own
+//! cluster, and has connected to and synced every remote cluster it is
+//! configured with. Anything else is listed as a problem and exits 1.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{
+    Ctx,
+    clients::{Api, agent_status},
+    config::ClusterEntry,
+    connect::configured_remotes,
+    parse_duration, print_json,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Only this cluster (default: every enabled cluster).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Wait (with a live progress line) until healthy or --timeout.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits (e.g. 90s, 5m).
+    #[arg(long, value_parser = parse_duration, default_value = "2m")]
+    pub timeout: Duration,
+}
+
+/// What a node's agent says about one remote cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct RemoteView {
+    pub name: String,
+    pub connected: bool,
+    pub synced: bool,
+    pub withdrawn: bool,
+    pub last_error: Option<String>,
+    pub counts: Value,
+}
+
+fn remote_view(c: &Value) -> RemoteView {
+    RemoteView {
+        name: c["name"].as_str().unwrap_or_default().to_owned(),
+        connected: c["connected"].as_bool().unwrap_or(false),
+        synced: c["synced"].as_bool().unwrap_or(false),
+        withdrawn: c["withdrawn"].as_bool().unwrap_or(false),
+        last_error: c["last_error"].as_str().map(str::to_owned),
+        counts: c["counts"].clone(),
+    }
+}
+
+/// The remote cluster `name` in an agent's status, if it is there.
+pub fn remote_of(status: &Value, name: &str) -> Option<RemoteView> {
+    status["clusters"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name && c["local"] != true)
+        .map(remote_view)
+}
+
+#[derive(Debug, Serialize)]
+struct NodeReport {
+    name: String,
+    status_address: String,
+    reachable: bool,
+    error: Option<String>,
+    local_synced: bool,
+    /// Other clusters: those the CLI knows and those configured here.
+    known: usize,
+    configured: usize,
+    connected: usize,
+    synced: usize,
+    remotes: Vec<RemoteView>,
+    /// Clusters configured on disk that the agent does not show (yet).
+    not_seen: Vec<String>,
+    local_counts: Value,
+    encryption: Value,
+}
+
+#[derive(Debug, Serialize)]
+struct ClusterReport {
+    name: String,
+    id: u64,
+    apiserver: String,
+    apiserver_reachable: bool,
+    apiserver_error: Option<String>,
+    etcd_healthy: bool,
+    etcd_error: Option<String>,
+    /// kind -> {count, synced}
+    exported: Value,
+    encryption_policy: Value,
+    nodes: Vec<NodeReport>,
+    healthy: bool,
+    problems: Vec<String>,
+}
+
+async fn cluster_report(ctx: &Ctx, c: &ClusterEntry, known: &[String]) -> ClusterReport {
+    let mut r = ClusterReport {
+        name: c.name.clone(),
+        id: c.id,
+        apiserver: c.apiserver.clone(),
+        apiserver_reachable: false,
+        apiserver_error: None,
+        etcd_healthy: false,
+        etcd_error: None,
+        exported: json!({}),
+        encryption_policy: Value::Null,
+        nodes: Vec::new(),
+        healthy: false,
+        problems: Vec::new(),
+    };
+    match Api::connect(&ctx.dir, c).await {
+        Err(e) => r.apiserver_error = Some(e.to_string()),
+        Ok(mut api) => match api.status().await {
+            Err(e) => r.apiserver_error = Some(e.to_string()),
+            Ok(s) => {
+                r.apiserver_reachable = true;
+                r.etcd_healthy = s.etcd_healthy;
+                r.etcd_error = (!s.etcd_error.is_empty()).then_some(s.etcd_error);
+                let mut m = serde_json::Map::new();
+                for k in s.kinds {
+                    m.insert(k.kind, json!({"count": k.count, "synced": k.synced}));
+                }
+                r.exported = Value::Object(m);
+                if let Ok(info) = api.info().await
+                    && let Some(e) = info.encryption
+                {
+                    r.encryption_policy = json!({
+                        "mode": e.mode, "scope": e.scope, "strict": e.strict,
+                        "strict_ingress": e.strict_ingress, "node_to_node": e.node_to_node,
+                    });
+                }
+            }
+        },
+    }
+    if let Some(e) = &r.apiserver_error {
+        r.problems.push(e.clone());
+    } else {
+        if !r.etcd_healthy {
+            r.problems.push(format!(
+                "the apiserver of cluster {} cannot use its etcd: {}",
+                c.name,
+                r.etcd_error.clone().unwrap_or_default()
+            ));
+        }
+        if let Some(m) = r.exported.as_object() {
+            for (k, v) in m {
+                if v["synced"] != true {
+                    r.problems
+                        .push(format!("cluster {}: {k} not exported yet", c.name));
+                }
+            }
+        }
+    }
+    let configured = configured_remotes(c);
+    for n in &c.nodes {
+        let files: Vec<String> = configured
+            .iter()
+            .filter(|(_, nodes)| nodes.contains(&n.name))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut nr = NodeReport {
+            name: n.name.clone(),
+            status_address: n.status.clone(),
+            reachable: false,
+            error: None,
+            local_synced: false,
+            known: known
+                .iter()
+                .filter(|k| **k != c.name && !files.contains(k))
+                .count()
+                + files.len(),
+            configured: files.len(),
+            connected: 0,
+            synced: 0,
+            remotes: Vec::new(),
+            not_seen: Vec::new(),
+            local_counts: Value::Null,
+            encryption: Value::Null,
+        };
+        match agent_status(&n.status).await {
+            Err(e) => {
+                let msg = format!(
+                    "cannot read the status of node {} of cluster {} at {} ({e}); check that its node-agent runs with --status-listen {}",
+                    n.name, c.name, n.status, n.status
+                );
+                nr.error = Some(msg.clone());
+                r.problems.push(msg);
+            }
+            Ok(v) => {
+                nr.reachable = true;
+                for cl in v["clusters"].as_array().into_iter().flatten() {
+                    if cl["local"] == true {
+                        nr.local_synced = cl["synced"] == true;
+                        nr.local_counts = cl["counts"].clone();
+                        if !nr.local_synced {
+                            r.problems.push(format!(
+                                "node {}: its own cluster {} is not synced{}",
+                                n.name,
+                                c.name,
+                                cl["last_error"]
+                                    .as_str()
+                                    .map(|e| format!(" ({e})"))
+                                    .unwrap_or_default()
+                            ));
+                        }
+                    } else {
+                        nr.remotes.push(remote_view(cl));
+                    }
+                }
+                for f in &files {
+                    match nr.remotes.iter().find(|x| &x.name == f) {
+                        None => {
+                            nr.not_seen.push(f.clone());
+                            r.problems.push(format!(
+                                "node {}: remote cluster {f} is configured but the agent does not show it yet",
+                                n.name
+                            ));
+                        }
+                        Some(x) => {
+                            nr.connected += usize::from(x.connected);
+                            nr.synced += usize::from(x.synced);
+                            if !(x.connected && x.synced) {
+                                r.problems.push(format!(
+                                    "node {}: remote cluster {f} is {}{}",
+                                    n.name,
+                                    if x.connected {
+                                        "connected, not synced"
+                                    } else {
+                                        "not connected"
+                                    },
+                                    x.last_error
+                                        .as_ref()
+                                        .map(|e| format!(": {e}"))
+                                        .unwrap_or_default()
+                                ));
+                            }
+                        }
+                    }
+                }
+                nr.encryption = v["encryption"].clone();
+            }
+        }
+        r.nodes.push(nr);
+    }
+    if c.nodes.is_empty() {
+        r.problems.push(format!(
+            "cluster {} has no nodes in its cluster file (add them with `clustermesh enable --cluster {} --node ...`)",
+            c.name, c.name
+        ));
+    }
+    r.healthy = r.problems.is_empty();
+    r
+}
+
+fn print_text(reports: &[ClusterReport]) {
+    for r in reports {
+        println!(
+            "cluster {} (id {}): {}",
+            r.name,
+            r.id,
+            if r.healthy { "healthy" } else { "NOT healthy" }
+        );
+        if r.apiserver_reachable {
+            let kinds: Vec<String> = r
+                .exported
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| {
+                            format!(
+                                "{k} {}{}",
+                                v["count"],
+                                if v["synced"] == true {
+                                    ""
+                                } else {
+                                    " (not synced)"
+                                }
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!(
+                "  apiserver {}: etcd {}; exported: {}",
+                r.apiserver,
+                if r.etcd_healthy {
+                    "healthy"
+                } else {
+                    "UNHEALTHY"
+                },
+                kinds.join(", ")
+            );
+            let e = &r.encryption_policy;
+            if !e.is_null() {
+                println!(
+                    "  encryption policy: {}{}{}{}",
+                    e["mode"].as_str().unwrap_or("none"),
+                    if e["strict"] == true { ", strict" } else { "" },
+                    if e["strict_ingress"] == true {
+                        ", strict ingress"
+                    } else {
+                        ""
+                    },
+                    if e["scope"] == "inter-cluster" {
+                        ", inter-cluster only"
+                    } else {
+                        ""
+                    },
+                );
+            }
+        } else {
+            println!("  apiserver {}: unreachable", r.apiserver);
+        }
+        for n in &r.nodes {
+            if !n.reachable {
+                println!("  node {} ({}): unreachable", n.name, n.status_address);
+                continue;
+            }
+            println!(
+                "  node {}: clusters {}/{} configured, {}/{} connected, {}/{} synced; local {}",
+                n.name,
+                n.configured,
+                n.known,
+                n.connected,
+                n.configured,
+                n.synced,
+                n.configured,
+                if n.local_synced {
+                    "synced"
+                } else {
+                    "NOT synced"
+                }
+            );
+            let lc = &n.local_counts;
+            if !lc.is_null() {
+                println!(
+                    "    {} (local): nodes {}, endpoints {}, identities {}, services {}",
+                    r.name, lc["nodes"], lc["endpoints"], lc["identities"], lc["services"]
+                );
+            }
+            for x in &n.remotes {
+                println!(
+                    "    {}: {}, {}{}; nodes {}, endpoints {}, identities {}, services {}{}",
+                    x.name,
+                    if x.connected {
+                        "connected"
+                    } else {
+                        "NOT connected"
+                    },
+                    if x.synced { "synced" } else { "NOT synced" },
+                    if x.withdrawn { ", withdrawn" } else { "" },
+                    x.counts["nodes"],
+                    x.counts["endpoints"],
+                    x.counts["identities"],
+                    x.counts["services"],
+                    x.last_error
+                        .as_ref()
+                        .map(|e| format!("; last error: {e}"))
+                        .unwrap_or_default()
+                );
+            }
+            let e = &n.encryption;
+            if !e.is_null() {
+                println!(
+                    "    encryption: device {}, key {}, {} peers, plaintext drops egress {} ingress {}",
+                    e["device"].as_str().unwrap_or("none"),
+                    e["public_key"].as_str().unwrap_or("-"),
+                    e["peers"].as_array().map_or(0, Vec::len),
+                    e["plaintext_drops"]["egress"],
+                    e["plaintext_drops"]["ingress"],
+                );
+            }
+        }
+        for p in &r.problems {
+            println!("  problem: {p}");
+        }
+    }
+}
+
+async fn reports(ctx: &Ctx, clusters: &[ClusterEntry]) -> Vec<ClusterReport> {
+    let known: Vec<String> = ctx
+        .dir
+        .all()
+        .map(|m| m.into_keys().collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for c in clusters {
+        out.push(cluster_report(ctx, c, &known).await);
+    }
+    out
+}
+
+pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
+    let clusters: Vec<ClusterEntry> = match &a.cluster {
+        Some(n) => vec![ctx.dir.get(n)?],
+        None => ctx.dir.all()?.into_values().collect(),
+    };
+    if clusters.is_empty() {
+        anyhow::bail!(
+            "no cluster is enabled in {} (run `clustermesh enable`, or pass the right --config-dir)",
+            ctx.dir.root.display()
+        );
+    }
+    let deadline = tokio::time::Instant::now() + a.timeout;
+    let mut progress = crate::Progress::default();
+    let rs = loop {
+        let rs = reports(ctx, &clusters).await;
+        let problems: Vec<&String> = rs.iter().flat_map(|r| &r.problems).collect();
+        if !a.wait || problems.is_empty() || tokio::time::Instant::now() >= deadline {
+            progress.done();
+            break rs;
+        }
+        let checks: usize = rs.iter().map(|r| 1 + r.nodes.len()).sum();
+        let bad = rs
+            .iter()
+            .map(|r| usize::from(!r.problems.is_empty()))
+            .sum::<usize>();
+        progress.show(&format!(
+            "waiting: {} problem(s) in {bad} of {} cluster(s) ({checks} checks); first: {}",
+            problems.len(),
+            rs.len(),
+            problems[0]
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let healthy = rs.iter().all(|r| r.healthy);
+    if ctx.json() {
+        print_json(&json!({ "healthy": healthy, "clusters": rs }));
+    } else {
+        print_text(&rs);
+    }
+    Ok(healthy)
+}
