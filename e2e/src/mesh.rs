@@ -76,6 +76,12 @@ pub struct Options {
     pub prefix: String,
     /// Directory holding the product's binaries.
     pub bin_dir: PathBuf,
+    /// The apiservers' `--lease-ttl` (seconds; None: their default): how
+    /// long a stopped apiserver's exported state outlives it.
+    pub lease_ttl: Option<u64>,
+    /// The agents' `--stale-ttl` (seconds; None: their default, 300): how
+    /// long an unreachable cluster's last state is kept.
+    pub stale_ttl: Option<u64>,
 }
 
 impl Options {
@@ -124,6 +130,9 @@ pub struct Process {
     pub role: String,
     pub pid: u32,
     pub log: PathBuf,
+    /// Program and arguments, to start it again ([`restart`]).
+    #[serde(default)]
+    pub cmd: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -293,7 +302,11 @@ fn free_port() -> anyhow::Result<u16> {
 /// caller does not reach it), output to `log`.
 fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<u32> {
     use std::os::unix::process::CommandExt as _;
-    let f = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let f = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
     let child = cmd
         .stdin(Stdio::null())
         .stdout(f.try_clone()?)
@@ -302,6 +315,76 @@ fn spawn(cmd: &mut Command, log: &Path) -> anyhow::Result<u32> {
         .spawn()
         .with_context(|| format!("starting {cmd:?}"))?;
     Ok(child.id())
+}
+
+fn cmdline(cmd: &Command) -> Vec<String> {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Starts `cmd` detached and records it in the topology as `role`.
+fn start(t: &mut Topology, role: String, cmd: &mut Command, log: &Path) -> anyhow::Result<u32> {
+    let pid = spawn(cmd, log)?;
+    t.processes.push(Process {
+        role,
+        pid,
+        log: log.to_owned(),
+        cmd: cmdline(cmd),
+    });
+    t.save()?;
+    Ok(pid)
+}
+
+/// Kills the process `role` (SIGKILL) and waits until it is gone.
+pub fn kill(t: &Topology, role: &str) -> anyhow::Result<()> {
+    let p = t
+        .processes
+        .iter()
+        .find(|p| p.role == role)
+        .with_context(|| format!("no process {role:?} in the topology"))?;
+    signal(p.pid, libc::SIGKILL);
+    wait_for(&format!("{role} to exit"), Duration::from_secs(10), || {
+        !alive(p.pid)
+    })
+}
+
+/// Starts the process `role` again with the same command (after [`kill`]
+/// or a crash), appending to its log; every pid field naming the old
+/// process is updated and the topology saved.
+pub fn restart(t: &mut Topology, role: &str) -> anyhow::Result<u32> {
+    let i = t
+        .processes
+        .iter()
+        .position(|p| p.role == role)
+        .with_context(|| format!("no process {role:?} in the topology"))?;
+    let old = t.processes[i].clone();
+    if alive(old.pid) {
+        bail!("{role} (pid {}) is still running", old.pid);
+    }
+    let (prog, args) = old.cmd.split_first().context("no command recorded")?;
+    let mut cmd = Command::new(prog);
+    cmd.args(args).env("RUST_LOG", "info");
+    let pid = spawn(&mut cmd, &old.log)?;
+    t.processes[i].pid = pid;
+    for c in &mut t.clusters {
+        if c.etcd.pid == old.pid {
+            c.etcd.pid = pid;
+        }
+        if c.apiserver.pid == old.pid {
+            c.apiserver.pid = pid;
+        }
+    }
+    for n in &mut t.nodes {
+        if n.agent.pid == old.pid {
+            n.agent.pid = pid;
+            let pid_file = n.agent.clusters_dir.with_file_name("agent.pid");
+            std::fs::write(pid_file, pid.to_string())?;
+        }
+    }
+    t.save()?;
+    Ok(pid)
 }
 
 fn alive(pid: u32) -> bool {
@@ -488,7 +571,9 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
         let data_dir = s.join(format!("etcd-{name}"));
         let log = logs.join(format!("etcd-{name}.log"));
         let peer = format!("http://127.0.0.1:{peer_port}");
-        let pid = spawn(
+        let pid = start(
+            t,
+            format!("etcd {name}"),
             Command::new("etcd")
                 .args(["--name", &name, "--data-dir"])
                 .arg(&data_dir)
@@ -506,12 +591,7 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 .args(["--client-cert-auth", "--log-level", "warn"]),
             &log,
         )?;
-        t.processes.push(Process {
-            role: format!("etcd {name}"),
-            pid,
-            log: log.clone(),
-        });
-        t.save()?;
+
         let health = || {
             Command::new("etcdctl")
                 .args(["--endpoints", &etcd_ep, "--cacert"])
@@ -552,12 +632,10 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 api.args(["--encryption", "wireguard", "--encryption-strict"]);
             }
         }
-        let apid = spawn(&mut api, &alog)?;
-        t.processes.push(Process {
-            role: format!("apiserver {name}"),
-            pid: apid,
-            log: alog.clone(),
-        });
+        if let Some(ttl) = o.lease_ttl {
+            api.args(["--lease-ttl", &ttl.to_string(), "--heartbeat-interval", "1"]);
+        }
+        let apid = start(t, format!("apiserver {name}"), &mut api, &alog)?;
         t.clusters.push(Cluster {
             name: name.clone(),
             id: c,
@@ -674,12 +752,7 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 let exe = std::env::current_exe()?;
                 let mut serve_cmd = Command::new(mesh_binary(&exe, &o.bin_dir));
                 serve_cmd.args(["serve", "--netns", &pod_ns, "--answer", &answer]);
-                let rpid = spawn(&mut serve_cmd, &rlog)?;
-                t.processes.push(Process {
-                    role: format!("responder {pod_ns}"),
-                    pid: rpid,
-                    log: rlog,
-                });
+                start(t, format!("responder {pod_ns}"), &mut serve_cmd, &rlog)?;
                 t.pods.push(Pod {
                     name: pod_name,
                     cluster: cname.clone(),
@@ -726,14 +799,12 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                     .arg("--wireguard-log")
                     .arg(logs.join(format!("wg-{cname}-n{n}.log")));
             }
+            if let Some(ttl) = o.stale_ttl {
+                agent.args(["--stale-ttl", &ttl.to_string()]);
+            }
             agent.env("RUST_LOG", "info");
-            let apid = spawn(&mut agent, &alog)?;
+            let apid = start(t, format!("agent {cname}/{node_name}"), &mut agent, &alog)?;
             std::fs::write(dir.join("agent.pid"), apid.to_string())?;
-            t.processes.push(Process {
-                role: format!("agent {cname}/{node_name}"),
-                pid: apid,
-                log: alog.clone(),
-            });
             t.nodes.push(Node {
                 name: node_name,
                 cluster: cname.clone(),
@@ -969,7 +1040,8 @@ pub fn check(t: &Topology) -> anyhow::Result<Vec<Row>> {
     }
     // The global service: from the last pod of each cluster's first node
     // (not a backend when nodes have 2 pods or more), answers counted per
-    // cluster; with affinity none every cluster must answer.
+    // cluster; with affinity none every cluster must answer (but not with
+    // the client itself: a client is never balanced to itself).
     let frontend = SocketAddr::from((SERVICE_FRONTEND, SERVICE_PORT));
     let n = 20 * t.clusters.len();
     for c in &t.clusters {
@@ -997,7 +1069,13 @@ pub fn check(t: &Topology) -> anyhow::Result<Vec<Row>> {
                 Err(_) => failed += 1,
             }
         }
-        let all = t.clusters.iter().all(|c| per.contains_key(&c.name));
+        // Every cluster with a backend other than the client itself (a
+        // client is never balanced to itself) must answer.
+        let all = t
+            .services
+            .iter()
+            .filter(|s| s.backends.iter().any(|b| *b != src.ip))
+            .all(|s| per.contains_key(&s.cluster));
         rows.push(Row {
             check: "service".into(),
             from: format!("{}/{}/{}", src.cluster, src.node, src.name),

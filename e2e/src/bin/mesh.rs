@@ -47,6 +47,14 @@ enum Cmd {
         /// Prefix of namespaces, pin directories and devices.
         #[arg(long, default_value = "cmd")]
         prefix: String,
+        /// The apiservers' --lease-ttl (seconds): how long a stopped
+        /// apiserver's exported state outlives it.
+        #[arg(long)]
+        lease_ttl: Option<u64>,
+        /// The agents' --stale-ttl (seconds): how long an unreachable
+        /// cluster's last state is kept (default 300).
+        #[arg(long)]
+        stale_ttl: Option<u64>,
         /// Leave what was built in place when up fails (for debugging).
         #[arg(long)]
         keep_on_failure: bool,
@@ -109,6 +117,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tunnel,
             encryption,
             prefix,
+            lease_ttl,
+            stale_ttl,
             keep_on_failure,
         } => {
             if !clustermesh_testkit::is_root() {
@@ -123,6 +133,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 state_dir: cli.state_dir,
                 prefix,
                 bin_dir: bin_dir(),
+                lease_ttl,
+                stale_ttl,
             };
             let t0 = std::time::Instant::now();
             let t = mesh::up(&o, keep_on_failure)?;
