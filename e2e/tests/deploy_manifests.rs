@@ -46,7 +46,10 @@ const ALLOWED_CAPS: &[&str] = &["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN", "SYS
 const CLUSTER_SCOPED: &[&str] = &["Namespace", "ClusterRole", "ClusterRoleBinding"];
 const WORKLOADS: &[&str] = &["Deployment", "DaemonSet", "StatefulSet"];
 /// etcd's official images.
-const ETCD_IMAGES: &[&str] = &["gcr.io/etcd-development/etcd:v3.", "quay.io/coreos/etcd:v3."];
+const ETCD_IMAGES: &[&str] = &[
+    "gcr.io/etcd-development/etcd:v3.",
+    "quay.io/coreos/etcd:v3.",
+];
 
 /// Our images and the programs each holds (deploy/images/).
 fn our_images() -> BTreeMap<String, &'static [&'static str]> {
@@ -110,10 +113,7 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 stack.push(p);
-            } else if p
-                .extension()
-                .is_some_and(|x| x == "yaml" || x == "yml")
-            {
+            } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
                 out.push(p);
             }
         }
@@ -250,7 +250,9 @@ fn check_docs(docs: &[Doc], known: &Known) -> Vec<String> {
         let ns = str_at(&d.v, &["metadata", "namespace"]);
         if CLUSTER_SCOPED.contains(&k) {
             if ns.is_some() {
-                p.push(format!("{at}: {k} {n} is cluster-scoped but has a namespace"));
+                p.push(format!(
+                    "{at}: {k} {n} is cluster-scoped but has a namespace"
+                ));
             }
         } else if ns != Some(NAMESPACE) {
             p.push(format!(
@@ -274,10 +276,14 @@ fn check_docs(docs: &[Doc], known: &Known) -> Vec<String> {
                 let sn = str_at(s, &["name"]).unwrap_or_default();
                 if str_at(s, &["kind"]) == Some("ServiceAccount") {
                     if !known.service_accounts.contains(sn) {
-                        p.push(format!("{at}: subject ServiceAccount {sn:?} is not defined"));
+                        p.push(format!(
+                            "{at}: subject ServiceAccount {sn:?} is not defined"
+                        ));
                     }
                     if str_at(s, &["namespace"]) != Some(NAMESPACE) {
-                        p.push(format!("{at}: subject {sn:?} must name namespace {NAMESPACE}"));
+                        p.push(format!(
+                            "{at}: subject {sn:?} must name namespace {NAMESPACE}"
+                        ));
                     }
                 }
             }
@@ -399,16 +405,27 @@ fn check_workload(d: &Doc, known: &Known, p: &mut Vec<String>) {
                 }
                 for prog in programs(&command) {
                     if !progs.contains(&prog.as_str()) {
-                        p.push(format!("{at}: runs {prog}, which image {image} does not hold"));
+                        p.push(format!(
+                            "{at}: runs {prog}, which image {image} does not hold"
+                        ));
                     }
                 }
             }
         }
         // Resources.
         for (path, what) in [
-            (&["resources", "requests", "cpu"][..], "resources.requests.cpu"),
-            (&["resources", "requests", "memory"][..], "resources.requests.memory"),
-            (&["resources", "limits", "memory"][..], "resources.limits.memory"),
+            (
+                &["resources", "requests", "cpu"][..],
+                "resources.requests.cpu",
+            ),
+            (
+                &["resources", "requests", "memory"][..],
+                "resources.requests.memory",
+            ),
+            (
+                &["resources", "limits", "memory"][..],
+                "resources.limits.memory",
+            ),
         ] {
             if get(c, path).is_none() {
                 p.push(format!("{at}: no {what}"));
@@ -420,7 +437,9 @@ fn check_workload(d: &Doc, known: &Known, p: &mut Vec<String>) {
             continue;
         };
         if get(sc, &["privileged"]) == Some(&Value::Bool(true)) {
-            p.push(format!("{at}: privileged (add explicit capabilities instead)"));
+            p.push(format!(
+                "{at}: privileged (add explicit capabilities instead)"
+            ));
         }
         if get(sc, &["allowPrivilegeEscalation"]) != Some(&Value::Bool(false)) {
             p.push(format!("{at}: allowPrivilegeEscalation must be false"));
@@ -431,7 +450,9 @@ fn check_workload(d: &Doc, known: &Known, p: &mut Vec<String>) {
         let added = strings(seq_at(sc, &["capabilities", "add"]));
         for cap in &added {
             if !ALLOWED_CAPS.contains(&cap.as_str()) {
-                p.push(format!("{at}: adds capability {cap}, not one of {ALLOWED_CAPS:?}"));
+                p.push(format!(
+                    "{at}: adds capability {cap}, not one of {ALLOWED_CAPS:?}"
+                ));
             }
         }
         if !added.is_empty() && get(pod, &["hostNetwork"]) != Some(&Value::Bool(true)) {
@@ -441,7 +462,9 @@ fn check_workload(d: &Doc, known: &Known, p: &mut Vec<String>) {
         for m in seq_at(c, &["volumeMounts"]) {
             let mn = str_at(m, &["name"]).unwrap_or_default();
             match volumes.get(mn) {
-                None => p.push(format!("{at}: mounts {mn:?}, which is not a volume of the pod")),
+                None => p.push(format!(
+                    "{at}: mounts {mn:?}, which is not a volume of the pod"
+                )),
                 Some(true) => host_paths = true,
                 Some(false) => {}
             }
@@ -490,11 +513,7 @@ fn var_refs(s: &str) -> Vec<String> {
         let after = &rest[i + 2..];
         let Some(j) = after.find(')') else { break };
         let var = &after[..j];
-        if !var.is_empty()
-            && var
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        {
+        if !var.is_empty() && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             out.push(var.to_owned());
         }
         rest = &after[j..];
@@ -589,7 +608,10 @@ fn programs(command: &[String]) -> Vec<String> {
 
 /// Every program of our images and etcd.
 fn image_programs_all() -> Vec<&'static str> {
-    let mut all: Vec<&str> = our_images().values().flat_map(|p| p.iter().copied()).collect();
+    let mut all: Vec<&str> = our_images()
+        .values()
+        .flat_map(|p| p.iter().copied())
+        .collect();
     all.push("etcd");
     all
 }
@@ -624,7 +646,11 @@ fn manifest_flags(docs: &[Doc]) -> Vec<FlagUse> {
     for d in docs.iter().filter(|d| WORKLOADS.contains(&kind(d))) {
         let pod = get(&d.v, &["spec", "template", "spec"]);
         let containers = pod
-            .map(|p| seq_at(p, &["containers"]).iter().chain(seq_at(p, &["initContainers"])))
+            .map(|p| {
+                seq_at(p, &["containers"])
+                    .iter()
+                    .chain(seq_at(p, &["initContainers"]))
+            })
             .into_iter()
             .flatten();
         for c in containers {
@@ -798,14 +824,20 @@ fn kustomization_lists_every_manifest() {
     let k = &parse_docs("kustomization.yaml", &text).unwrap()[0].v;
     let listed: BTreeSet<String> = strings(seq_at(k, &["resources"])).into_iter().collect();
     for r in &listed {
-        assert!(root.join(r).is_file(), "kustomization lists {r}, which does not exist");
+        assert!(
+            root.join(r).is_file(),
+            "kustomization lists {r}, which does not exist"
+        );
     }
     for f in yaml_files(&root) {
         let rel = f.strip_prefix(&root).unwrap().display().to_string();
         if rel == "kustomization.yaml" || rel.starts_with("examples/") {
             continue;
         }
-        assert!(listed.contains(&rel), "kustomization.yaml does not list {rel}");
+        assert!(
+            listed.contains(&rel),
+            "kustomization.yaml does not list {rel}"
+        );
     }
 }
 
@@ -851,13 +883,94 @@ fn apiserver_watches_kubernetes_with_the_rbac_it_needs() {
     ] {
         for verb in ["get", "list", "watch"] {
             let granted = seq_at(&role.v, &["rules"]).iter().any(|r| {
-                strings(seq_at(r, &["apiGroups"])).iter().any(|g| g == group)
-                    && strings(seq_at(r, &["resources"])).iter().any(|x| x == resource)
+                strings(seq_at(r, &["apiGroups"]))
+                    .iter()
+                    .any(|g| g == group)
+                    && strings(seq_at(r, &["resources"]))
+                        .iter()
+                        .any(|x| x == resource)
                     && strings(seq_at(r, &["verbs"])).iter().any(|v| v == verb)
             });
-            assert!(granted, "ClusterRole {role_name} does not grant {verb} on {group}/{resource}");
+            assert!(
+                granted,
+                "ClusterRole {role_name} does not grant {verb} on {group}/{resource}"
+            );
         }
     }
+}
+
+/// The flag value a list of words gives (`--flag value` or `--flag=value`).
+fn flag_value(words: &[String], flag: &str) -> Option<String> {
+    words.iter().enumerate().find_map(|(i, w)| {
+        if w == flag {
+            words.get(i + 1).cloned()
+        } else {
+            w.strip_prefix(&format!("{flag}=")).map(str::to_owned)
+        }
+    })
+}
+
+#[test]
+fn cni_configuration_is_accepted_by_the_plugin() {
+    let d = load();
+    let ds = d
+        .manifests
+        .iter()
+        .find(|x| kind(x) == "DaemonSet" && name(x) == "clustermesh-agent")
+        .unwrap();
+    let pod = get(&ds.v, &["spec", "template", "spec"]).unwrap();
+    let init = seq_at(pod, &["initContainers"])
+        .iter()
+        .find(|c| str_at(c, &["name"]) == Some("install-cni"))
+        .expect("an install-cni init container");
+    let script = &strings(seq_at(init, &["command"]))[2];
+    // The here-document the script writes, with this node's values.
+    let conf = script
+        .split_once("<<CONF\n")
+        .and_then(|(_, rest)| rest.split_once("\nCONF"))
+        .map(|(conf, _)| conf)
+        .expect("the CNI configuration as a <<CONF here-document");
+    let cm = d
+        .manifests
+        .iter()
+        .find(|x| kind(x) == "ConfigMap" && name(x) == "clustermesh-config")
+        .unwrap();
+    let mtu = str_at(&cm.v, &["data", "pod-mtu"]).unwrap();
+    let conf = conf
+        .replace("${cidr}", "10.1.3.0/24")
+        .replace("${POD_MTU}", mtu);
+    let parsed = clustermesh_cni::config::Config::parse(conf.as_bytes())
+        .unwrap_or_else(|e| panic!("clustermesh-cni refuses the configuration: {e}\n{conf}"));
+    assert_eq!(parsed.mtu.to_string(), mtu);
+    let v: serde_json::Value = serde_json::from_str(&conf).unwrap();
+    assert_eq!(
+        v["type"], "clustermesh-cni",
+        "the runtime runs the plugin by this name"
+    );
+    // The agent reads the endpoint files where the plugin writes them, on
+    // a host path.
+    let agent = seq_at(pod, &["containers"])
+        .iter()
+        .find(|c| programs(&strings(seq_at(c, &["command"]))) == ["node-agent"])
+        .unwrap();
+    let dir = flag_value(&strings(seq_at(agent, &["args"])), "--endpoint-dir").unwrap();
+    assert_eq!(Path::new(&dir), parsed.endpoint_dir);
+    let host_path_mounted = seq_at(agent, &["volumeMounts"]).iter().any(|m| {
+        let mounted = str_at(m, &["mountPath"]).unwrap_or_default();
+        let vol = str_at(m, &["name"]).unwrap_or_default();
+        Path::new(&dir).starts_with(mounted)
+            && seq_at(pod, &["volumes"]).iter().any(|v| {
+                str_at(v, &["name"]) == Some(vol)
+                    && str_at(v, &["hostPath", "path"]) == Some(mounted)
+            })
+    });
+    assert!(
+        host_path_mounted,
+        "{dir} is not on a host path of the same name"
+    );
+    // And the file lands where the runtime looks.
+    assert!(script.contains("/host/etc/cni/net.d/10-clustermesh.conf"));
+    assert!(script.contains("/host/opt/cni/bin/clustermesh-cni"));
 }
 
 #[test]
@@ -870,8 +983,8 @@ fn images_hold_the_programs_the_manifests_run() {
             .and_then(|s| s.split(':').next())
             .unwrap();
         let file = images.join(format!("{short}.Dockerfile"));
-        let text = std::fs::read_to_string(&file)
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         for p in progs {
             assert!(
                 text.contains(&format!("/usr/local/bin/{p}")),
@@ -915,12 +1028,20 @@ fn every_flag_exists_in_its_binary() {
         );
     }
     let mut helps = BTreeMap::new();
-    for p in ["clustermesh-apiserver", "node-agent", "clustermesh-wg", "clustermesh-cni"] {
+    for p in [
+        "clustermesh-apiserver",
+        "node-agent",
+        "clustermesh-wg",
+        "clustermesh-cni",
+    ] {
         let bin = e2e::product::binary(p);
         let help = help_of(&bin).unwrap_or_else(|| panic!("{} --help did not run", bin.display()));
         helps.insert(p.to_owned(), help_flags(&help));
     }
-    assert!(helps["node-agent"].contains("--clusters-dir"), "node-agent --help unreadable");
+    assert!(
+        helps["node-agent"].contains("--clusters-dir"),
+        "node-agent --help unreadable"
+    );
     match help_of(Path::new("etcd")) {
         Some(h) if help_flags(&h).contains("--listen-client-urls") => {
             helps.insert("etcd".to_owned(), help_flags(&h));
@@ -970,10 +1091,17 @@ fn a_misspelt_flag_is_reported() {
     );
     let bad = unknown_flags(&uses, &helps);
     assert_eq!(bad.len(), 2, "{bad:?}");
-    assert!(bad[0].contains("--pod-cdir") && bad[1].contains("--custer-name"), "{bad:?}");
+    assert!(
+        bad[0].contains("--pod-cdir") && bad[1].contains("--custer-name"),
+        "{bad:?}"
+    );
     // A shell's other commands are not ours.
     let uses = container_flags(
-        &s(&["sh", "-c", "curl --cacert x https://y | grep -o z && cp a b"]),
+        &s(&[
+            "sh",
+            "-c",
+            "curl --cacert x https://y | grep -o z && cp a b",
+        ]),
         &[],
         "tools",
     );
@@ -983,11 +1111,17 @@ fn a_misspelt_flag_is_reported() {
     let bad = unknown_flags(&unit_flags("u.service", unit), &helps);
     assert_eq!(
         bad,
-        ["u.service ExecStart: clustermesh-apiserver has no flag --kubernets (see clustermesh-apiserver --help)"]
+        [
+            "u.service ExecStart: clustermesh-apiserver has no flag --kubernets (see clustermesh-apiserver --help)"
+        ]
     );
     // An environment file's EXTRA_ARGS.
     let bad = unknown_flags(
-        &env_file_flags("a.env", "# --nothing\nEXTRA_ARGS=--kubernetes --kube\n", "clustermesh-apiserver"),
+        &env_file_flags(
+            "a.env",
+            "# --nothing\nEXTRA_ARGS=--kubernetes --kube\n",
+            "clustermesh-apiserver",
+        ),
         &helps,
     );
     assert_eq!(bad.len(), 1, "{bad:?}");
@@ -1062,7 +1196,10 @@ metadata: {{name: Bad_Name, namespace: {NAMESPACE}}}
         "#3: no apiVersion",
         "metadata.name \"Bad_Name\" is missing or invalid",
     ] {
-        assert!(problems.contains(expected), "{expected:?} not reported in:\n{problems}");
+        assert!(
+            problems.contains(expected),
+            "{expected:?} not reported in:\n{problems}"
+        );
     }
     // Not YAML at all.
     assert!(parse_docs("x.yaml", "a: [b\n").is_err());
