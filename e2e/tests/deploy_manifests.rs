@@ -24,7 +24,13 @@
 //!   `EXTRA_ARGS` of the environment-file examples appears in the `--help`
 //!   of the binary it is given to (the built binaries, next to this test);
 //!   etcd's flags (and the `ETCD_*` variables of etcd.env.example) are
-//!   checked against the installed `etcd --help` when there is one.
+//!   checked against the installed `etcd --help` when there is one;
+//! - the binaries accept those arguments with the values filled in (the
+//!   ConfigMap's, the environment-file examples'): each is run with one
+//!   deliberately bad value that its own checks refuse only after clap
+//!   and everything else passed, so nothing starts;
+//! - the CNI configuration the init container writes is accepted by the
+//!   plugin's own parser, and its endpoint directory is the agent's.
 //!
 //! The last tests feed the same checks broken input, so they are known to
 //! fail when they should.
@@ -1051,6 +1057,177 @@ fn every_flag_exists_in_its_binary() {
     let bad = unknown_flags(&uses, &helps);
     assert!(bad.is_empty(), "unknown flags:\n  {}", bad.join("\n  "));
     eprintln!("{} flag uses checked", uses.len());
+}
+
+/// A container's args with Kubernetes' `$(VAR)` expansion done: env
+/// values, ConfigMap keys, and made-up values for the downward API.
+fn resolved_args(c: &Value, config_maps: &[Doc]) -> Vec<String> {
+    let mut env = BTreeMap::new();
+    for e in seq_at(c, &["env"]) {
+        let n = str_at(e, &["name"]).unwrap_or_default().to_owned();
+        let v = if let Some(v) = str_at(e, &["value"]) {
+            v.to_owned()
+        } else if let Some(r) = get(e, &["valueFrom", "configMapKeyRef"]) {
+            let cm = config_maps
+                .iter()
+                .find(|d| kind(d) == "ConfigMap" && Some(name(d)) == str_at(r, &["name"]))
+                .unwrap();
+            str_at(&cm.v, &["data", str_at(r, &["key"]).unwrap()])
+                .unwrap()
+                .to_owned()
+        } else {
+            match str_at(e, &["valueFrom", "fieldRef", "fieldPath"]) {
+                Some("spec.nodeName") => "node-1".to_owned(),
+                Some("status.hostIP") => "192.0.2.11".to_owned(),
+                other => panic!("env {n}: no made-up value for {other:?}"),
+            }
+        };
+        env.insert(n, v);
+    }
+    strings(seq_at(c, &["args"]))
+        .into_iter()
+        .map(|mut a| {
+            for (k, v) in &env {
+                a = a.replace(&format!("$({k})"), v);
+            }
+            a
+        })
+        .collect()
+}
+
+fn workload_container<'a>(d: &'a Deploy, kind_: &str, program: &str) -> &'a Value {
+    d.manifests
+        .iter()
+        .filter(|x| kind(x) == kind_)
+        .flat_map(|x| seq_at(&x.v, &["spec", "template", "spec", "containers"]))
+        .find(|c| programs(&strings(seq_at(c, &["command"]))) == [program])
+        .unwrap_or_else(|| panic!("no {kind_} container runs {program}"))
+}
+
+/// node-agent parses `args` (clap: values, `requires`) and gets as far as
+/// its own checks: a failover threshold of 2, added last, is the one
+/// error expected; nothing is touched before it.
+fn assert_agent_accepts(mut args: Vec<String>, what: &str) {
+    args.extend(["--lb-failover-threshold".to_owned(), "2".to_owned()]);
+    let out = Command::new(e2e::product::binary("node-agent"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--lb-failover-threshold 2: must be a fraction"),
+        "{what}: node-agent {args:?}:\n{err}"
+    );
+}
+
+/// clustermesh-apiserver parses `args` and validates its configuration
+/// (before dialling etcd): the key files it names are made in a temporary
+/// directory, `--kubernetes` is left out (it needs a cluster; the flag
+/// test covers it), and a heartbeat interval above the lease TTL, added
+/// last, is the one error expected.
+fn assert_apiserver_accepts(args: Vec<String>, what: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut run = Vec::new();
+    for a in args {
+        if a == "--kubernetes" {
+            continue;
+        }
+        if a.starts_with("/etc/clustermesh/") {
+            let p = tmp.path().join(a.trim_start_matches('/'));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, "").unwrap();
+            run.push(p.display().to_string());
+        } else {
+            run.push(a);
+        }
+    }
+    run.extend(["--heartbeat-interval".to_owned(), "100".to_owned()]);
+    let out = Command::new(e2e::product::binary("clustermesh-apiserver"))
+        .args(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(64) && err.contains("heartbeat_interval"),
+        "{what}: clustermesh-apiserver {run:?} stopped on something else ({:?}):\n{err}",
+        out.status.code()
+    );
+}
+
+/// The binaries accept the manifests' arguments with the ConfigMap's
+/// values.
+#[test]
+fn binaries_accept_the_manifests_arguments() {
+    let d = load();
+    let agent = workload_container(&d, "DaemonSet", "node-agent");
+    // --pod-cidr is added by the container's shell from the init
+    // container's file.
+    let mut args = vec!["--pod-cidr".to_owned(), "10.1.3.0/24".to_owned()];
+    args.extend(resolved_args(agent, &d.manifests));
+    assert_agent_accepts(args, "agent.yaml");
+    let api = workload_container(&d, "Deployment", "clustermesh-apiserver");
+    assert_apiserver_accepts(resolved_args(api, &d.manifests), "apiserver.yaml");
+}
+
+/// A unit's `ExecStart=` words (continuations joined).
+fn exec_start(text: &str) -> Vec<String> {
+    let joined = text.replace("\\\n", " ");
+    let line = joined
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart= line");
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
+/// `KEY=value` lines of an environment file.
+fn env_file(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// systemd's expansion: `${VAR}` stays one word, a word that is just
+/// `$VAR` is split at whitespace.
+fn systemd_expand(words: &[String], env: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in words {
+        if let Some(var) = w.strip_prefix('$').filter(|v| !v.starts_with('{')) {
+            let v = env.get(var).map(String::as_str).unwrap_or_default();
+            out.extend(v.split_whitespace().map(str::to_owned));
+            continue;
+        }
+        let mut w = w.clone();
+        for (k, v) in env {
+            w = w.replace(&format!("${{{k}}}"), v);
+        }
+        assert!(
+            !w.contains("${"),
+            "{w}: a variable the environment example lacks"
+        );
+        out.push(w);
+    }
+    out
+}
+
+/// The systemd units with their environment-file examples.
+#[test]
+fn binaries_accept_the_systemd_units_arguments() {
+    let dir = deploy_dir().join("systemd");
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    let args = |unit: &str, env: &str| {
+        let words = exec_start(&read(unit));
+        systemd_expand(&words[1..], &env_file(&read(env)))
+    };
+    assert_agent_accepts(
+        args("node-agent.service", "node-agent.env.example"),
+        "node-agent.service",
+    );
+    assert_apiserver_accepts(
+        args("clustermesh-apiserver.service", "apiserver.env.example"),
+        "clustermesh-apiserver.service",
+    );
 }
 
 // ---------------------------------------------------------------- the checks fail when they should
