@@ -48,7 +48,7 @@ use serde_norway::Value;
 const NAMESPACE: &str = "clustermesh-system";
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Capabilities a container may add (the node agent's, agent.yaml says why).
-const ALLOWED_CAPS: &[&str] = &["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN", "SYS_RESOURCE"];
+const ALLOWED_CAPS: &[&str] = &["NET_ADMIN", "BPF", "PERFMON", "SYS_ADMIN"];
 const CLUSTER_SCOPED: &[&str] = &["Namespace", "ClusterRole", "ClusterRoleBinding"];
 const WORKLOADS: &[&str] = &["Deployment", "DaemonSet", "StatefulSet"];
 /// etcd's official images.
