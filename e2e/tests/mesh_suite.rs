@@ -140,6 +140,40 @@ fn cli(t: &Topology, args: &[&str]) -> String {
     text
 }
 
+/// What docs/demo.md promises: from topology.json alone (as untyped JSON,
+/// as a script would read it), every pod's namespace and address, and
+/// every cluster's etcd with its admin credentials.
+fn topology_file_serves_an_outside_script(t: &Topology) {
+    let text = std::fs::read_to_string(Topology::path(&t.state_dir)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let pods = v["pods"].as_array().unwrap();
+    assert_eq!(pods.len(), 2);
+    for p in pods {
+        let (ns, ip) = (p["netns"].as_str().unwrap(), p["ip"].as_str().unwrap());
+        let addrs = mesh::in_ns(ns, &["ip", "-4", "-o", "addr", "show", "eth0"]).unwrap();
+        assert!(addrs.contains(&format!("{ip}/")), "{ns}: {addrs}");
+    }
+    for c in v["clusters"].as_array().unwrap() {
+        let e = &c["etcd"];
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", e["endpoints"][0].as_str().unwrap()])
+            .args(["--cacert", e["ca_file"].as_str().unwrap()])
+            .args(["--cert", e["admin_cert_file"].as_str().unwrap()])
+            .args(["--key", e["admin_key_file"].as_str().unwrap()])
+            .args(["get", "--prefix", "--keys-only", "clustermesh/state/nodes/"])
+            .output()
+            .unwrap();
+        let keys = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && keys.contains("/node-1"),
+            "etcd of {}: {keys} {}",
+            c["name"],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 #[test]
 fn runtime_disconnect_etcd_restart_agent_restart_and_apiserver_stop() {
     require_root!();
@@ -148,6 +182,7 @@ fn runtime_disconnect_etcd_restart_agent_restart_and_apiserver_stop() {
     let mut up = Up(mesh::up(&o, false).unwrap());
     let failed = failed_rows(&mesh::check(&up.0).unwrap());
     assert!(failed.is_empty(), "{failed:#?}");
+    topology_file_serves_an_outside_script(&up.0);
     let (c1_pod, c2_ip) = (up.0.pods[0].netns.clone(), up.0.pods[1].ip.to_string());
     assert_eq!(up.0.pods[1].cluster, "c2");
 
