@@ -294,8 +294,25 @@ pub fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<String> {
     run(Command::new("ip").args(["netns", "exec", ns]).args(args))
 }
 
+/// A free loopback port below the ephemeral range (32768 and up): a port
+/// the kernel hands out for binding 0 can be taken by any outgoing
+/// connection before the process it is meant for binds it.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    for _ in 0..1000 {
+        let n = NEXT.fetch_add(7919, Ordering::Relaxed).wrapping_add(seed);
+        let port = 20000 + (n % 12000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port between 20000 and 32000")
 }
 
 /// Starts a detached process (its own process group, so a Ctrl-C of the
@@ -418,8 +435,18 @@ fn log_has(log: &Path, needle: &str) -> bool {
     std::fs::read_to_string(log).is_ok_and(|s| s.contains(needle))
 }
 
+/// What a failed process's log says: its error and panic lines (before any
+/// backtrace), else its last lines.
 fn tail(log: &Path) -> String {
     let s = std::fs::read_to_string(log).unwrap_or_default();
+    let errors: Vec<&str> = s
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.contains("Error:") || l.contains("panicked"))
+        .take(10)
+        .collect();
+    if !errors.is_empty() {
+        return errors.join("\n");
+    }
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
