@@ -71,7 +71,9 @@ fn matrix_for_each_tunnel_mode_with_and_without_encryption() {
     for tunnel in ["vxlan", "geneve", "direct"] {
         for enc in [Encryption::None, Encryption::Strict] {
             let t0 = Instant::now();
-            let o = options(&format!("sm{}", &tunnel[..1]), tunnel, enc, 2);
+            // A prefix of its own per mesh: nothing of one is reused by
+            // the next.
+            let o = options(&format!("s{}{}", &tunnel[..1], enc as u8), tunnel, enc, 2);
             let up = Up(mesh::up(&o, false).unwrap());
             let rows = mesh::check(&up.0).unwrap();
             let failed = failed_rows(&rows);
