@@ -208,7 +208,23 @@ pub fn tcp_rr(
                     return Err(e);
                 }
             };
-            let (mut c, _) = l.accept()?;
+            // Accept with a deadline: a client that never connects must not
+            // leave this thread (and the scope) waiting forever.
+            l.set_nonblocking(true)?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut c = loop {
+                match l.accept() {
+                    Ok((c, _)) => break c,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Err(std::io::Error::other("no client within 10 s"));
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            c.set_nonblocking(false)?;
             c.set_nodelay(true)?;
             let mut buf = vec![0u8; size];
             loop {
