@@ -4,6 +4,7 @@
 
 pub use clustermesh_testkit as testkit;
 
+pub mod mesh;
 pub mod product;
 pub mod services;
 pub mod topo;

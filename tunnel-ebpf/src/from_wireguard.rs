@@ -3,8 +3,9 @@
 //!
 //! The TUN device is layer 3, so the packet starts at its IP header. For a
 //! local endpoint the program pushes an Ethernet header
-//! (`bpf_skb_change_head`), fills the endpoint's MACs and delivers with
-//! `redirect_peer`; the sender's identity is what the ip-cache says about
+//! (`bpf_skb_change_head`) and delivers it as every program does
+//! (`deliver`: a service reply translated back to its frontend, the
+//! endpoint's MACs, `redirect_peer`); the sender's identity is what the ip-cache says about
 //! the source address (WireGuard authenticated the sending node, and the
 //! device only accepts sources within that node's allowed IPs). A
 //! destination that is not a local endpoint (e.g. the node itself, with
@@ -21,11 +22,11 @@ mod shared;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::generated::{bpf_redirect_peer, bpf_skb_change_head},
+    helpers::generated::bpf_skb_change_head,
     macros::classifier,
     programs::TcContext,
 };
-use shared::{ETH_HLEN, ETH_P_IP, count, endpoint, ipcache, record_identity};
+use shared::{ETH_HLEN, ETH_P_IP, count, deliver, endpoint, ipcache, record_identity};
 use tunnel_common::{Direction, IDENTITY_WORLD, Verdict};
 
 #[classifier]
@@ -59,16 +60,12 @@ fn try_from_wireguard(ctx: &TcContext) -> (Verdict, i32) {
     if unsafe { bpf_skb_change_head(ctx.as_ptr().cast(), ETH_HLEN as u32, 0) } != 0 {
         return (Verdict::DropInternal, TC_ACT_SHOT);
     }
-    let mut eth = [0u8; ETH_HLEN];
-    eth[..6].copy_from_slice(&ep.mac);
-    eth[6..12].copy_from_slice(&ep.host_mac);
-    eth[12..].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    if ctx.store(0, &eth, 0).is_err() {
+    // The MACs are written by `deliver`, which also translates a service
+    // reply back to its frontend.
+    if ctx.store(12, &ETH_P_IP.to_be_bytes(), 0).is_err() {
         return (Verdict::DropInternal, TC_ACT_SHOT);
     }
-    // SAFETY: plain helper call; the kernel checks the ifindex.
-    let r = unsafe { bpf_redirect_peer(ep.ifindex, 0) };
-    (Verdict::Local, r as i32)
+    deliver(ctx, &ep)
 }
 
 #[cfg(not(target_arch = "bpf"))]

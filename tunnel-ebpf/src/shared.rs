@@ -304,9 +304,20 @@ pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdi
             skey.slot = (1 + r % count) as u16;
             // SAFETY: as above. A slot missing here is a frontend being
             // shrunk by user space at this moment.
-            let Some(v) = (unsafe { CM_LB_SERVICES.get(&skey) }).copied() else {
+            let Some(mut v) = (unsafe { CM_LB_SERVICES.get(&skey) }).copied() else {
                 return Err(Verdict::DropNoServiceBackend);
             };
+            // Never the client itself while there is another backend: its
+            // reply would not leave its namespace to be translated back
+            // (hairpin needs source translation, not done).
+            if v.addr == src && count > 1 {
+                skey.slot = (u32::from(skey.slot) % count + 1) as u16;
+                // SAFETY: as above.
+                match unsafe { CM_LB_SERVICES.get(&skey) } {
+                    Some(w) => v = *w,
+                    None => return Err(Verdict::DropNoServiceBackend),
+                }
+            }
             let b = LbAddr {
                 addr: v.addr,
                 port: v.port,

@@ -403,6 +403,19 @@ impl Agent {
             remotes: &remotes,
         };
         let desired = merge::merge(&input);
+        // Each refusal is logged once, when it appears (the metric
+        // clustermesh_agent_records_rejected counts the current ones).
+        for r in &desired.rejected {
+            if !self.last.rejected.contains(r) {
+                tracing::warn!(
+                    cluster = %r.cluster,
+                    record = %r.record,
+                    reason = r.reason,
+                    "record refused: {}",
+                    r.detail
+                );
+            }
+        }
         let prune_now =
             !self.pruned && (self.all_synced() || self.started.elapsed() >= self.cfg.sync_timeout);
         let allow_delete = self.pruned;

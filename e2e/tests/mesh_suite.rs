@@ -1,0 +1,274 @@
+//! Privileged: the end-to-end suite on the mesh harness (`e2e::mesh`, the
+//! same code as `mesh up|check|down` and `make demo`): real etcds (TLS),
+//! apiservers, agents, CNI pods, connected with the `clustermesh` CLI.
+//!
+//! - the connectivity matrix, the global service and (encrypted) the wire,
+//!   for each tunnel mode with and without strict WireGuard;
+//! - at runtime: a cluster disconnected (its pods unreachable, drops
+//!   counted) and connected again; an etcd killed and restarted while
+//!   traffic flows (no loss, convergence after); a node-agent killed -9 and
+//!   restarted under continuous ping (loss reported); a remote cluster's
+//!   apiserver stopped (its entries expire with their lease, its traffic is
+//!   dropped with a counted reason).
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use e2e::{
+    mesh::{self, Encryption, Options, Topology},
+    product::binary,
+    require_root,
+};
+use tunnel_common::{Direction, Verdict};
+
+/// One mesh at a time: they share the machine's two cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A mesh removed on drop (also when the test panics).
+struct Up(Topology);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Err(e) = mesh::down(&self.0) {
+            eprintln!("mesh down: {e:#}");
+        }
+    }
+}
+
+fn options(prefix: &str, tunnel: &str, encryption: Encryption, nodes: u8) -> Options {
+    let state: PathBuf =
+        std::env::temp_dir().join(format!("cm-suite-{prefix}-{}", std::process::id()));
+    Options {
+        clusters: 2,
+        nodes,
+        pods: 1,
+        tunnel: tunnel.into(),
+        encryption,
+        state_dir: state,
+        prefix: prefix.into(),
+        bin_dir: binary("node-agent").parent().unwrap().to_owned(),
+        lease_ttl: Some(4),
+        stale_ttl: Some(5),
+    }
+}
+
+fn failed_rows(rows: &[mesh::Row]) -> Vec<String> {
+    rows.iter()
+        .filter(|r| !r.ok)
+        .map(|r| format!("{} {} -> {}: {}", r.check, r.from, r.to, r.detail))
+        .collect()
+}
+
+#[test]
+fn matrix_for_each_tunnel_mode_with_and_without_encryption() {
+    require_root!();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for tunnel in ["vxlan", "geneve", "direct"] {
+        for enc in [Encryption::None, Encryption::Strict] {
+            let t0 = Instant::now();
+            let o = options(&format!("sm{}", &tunnel[..1]), tunnel, enc, 2);
+            let up = Up(mesh::up(&o, false).unwrap());
+            let rows = mesh::check(&up.0).unwrap();
+            let failed = failed_rows(&rows);
+            eprintln!(
+                "{tunnel}, encryption {enc:?}: {} checks, {} failed ({:.1} s with up and check)",
+                rows.len(),
+                failed.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            assert!(failed.is_empty(), "{tunnel}/{enc:?}: {failed:#?}");
+            // Every kind of check ran: ping, TCP, service, and the wire
+            // when encrypted.
+            for kind in ["ping", "tcp", "service"] {
+                assert!(rows.iter().any(|r| r.check == kind), "no {kind} check");
+            }
+            assert_eq!(
+                rows.iter().any(|r| r.check == "encryption"),
+                enc != Encryption::None
+            );
+        }
+    }
+}
+
+/// Continuous ping from a pod (10 ms), in the background.
+struct Ping(std::process::Child);
+
+impl Ping {
+    fn start(from: &str, to: &str, count: u32) -> Self {
+        Ping(
+            Command::new("ip")
+                .args(["netns", "exec", from, "ping", "-i", "0.01", "-c"])
+                .arg(count.to_string())
+                .arg(to)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        )
+    }
+    fn finish(self) -> clustermesh_testkit::ping::PingSummary {
+        let out = self.0.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        clustermesh_testkit::ping::summary(&text).unwrap_or_else(|| panic!("ping output: {text}"))
+    }
+}
+
+fn reachable(from: &str, to: &str) -> bool {
+    mesh::in_ns(from, &["ping", "-c", "1", "-W", "1", to]).is_ok()
+}
+
+fn drops(t: &Topology, node: usize) -> u64 {
+    let dp = node_agent::datapath::Datapath::load(&t.nodes[node].agent.bpf_pin_dir).unwrap();
+    dp.counter(Direction::Egress, Verdict::DropNoTunnelEndpoint)
+        .unwrap()
+        .packets
+}
+
+fn cli(t: &Topology, args: &[&str]) -> String {
+    let bin = binary("clustermesh");
+    let out = t.cli(bin.parent().unwrap()).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "clustermesh {args:?}: {text}");
+    text
+}
+
+/// What docs/demo.md promises: from topology.json alone (as untyped JSON,
+/// as a script would read it), every pod's namespace and address, and
+/// every cluster's etcd with its admin credentials.
+fn topology_file_serves_an_outside_script(t: &Topology) {
+    let text = std::fs::read_to_string(Topology::path(&t.state_dir)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let pods = v["pods"].as_array().unwrap();
+    assert_eq!(pods.len(), 2);
+    for p in pods {
+        let (ns, ip) = (p["netns"].as_str().unwrap(), p["ip"].as_str().unwrap());
+        let addrs = mesh::in_ns(ns, &["ip", "-4", "-o", "addr", "show", "eth0"]).unwrap();
+        assert!(addrs.contains(&format!("{ip}/")), "{ns}: {addrs}");
+    }
+    for c in v["clusters"].as_array().unwrap() {
+        let e = &c["etcd"];
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", e["endpoints"][0].as_str().unwrap()])
+            .args(["--cacert", e["ca_file"].as_str().unwrap()])
+            .args(["--cert", e["admin_cert_file"].as_str().unwrap()])
+            .args(["--key", e["admin_key_file"].as_str().unwrap()])
+            .args(["get", "--prefix", "--keys-only", "clustermesh/state/nodes/"])
+            .output()
+            .unwrap();
+        let keys = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && keys.contains("/node-1"),
+            "etcd of {}: {keys} {}",
+            c["name"],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn runtime_disconnect_etcd_restart_agent_restart_and_apiserver_stop() {
+    require_root!();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let o = options("smr", "geneve", Encryption::None, 1);
+    let mut up = Up(mesh::up(&o, false).unwrap());
+    let failed = failed_rows(&mesh::check(&up.0).unwrap());
+    assert!(failed.is_empty(), "{failed:#?}");
+    topology_file_serves_an_outside_script(&up.0);
+    let (c1_pod, c2_ip) = (up.0.pods[0].netns.clone(), up.0.pods[1].ip.to_string());
+    assert_eq!(up.0.pods[1].cluster, "c2");
+
+    // 1. Disconnected at runtime: c2's pods are unreachable from c1, and the
+    //    drops are counted (tombstoned range), not silent.
+    cli(
+        &up.0,
+        &["disconnect", "--cluster", "c1", "--destination", "c2"],
+    );
+    mesh::wait_for("c2 unreachable from c1", Duration::from_secs(30), || {
+        !reachable(&c1_pod, &c2_ip)
+    })
+    .unwrap();
+    let before = drops(&up.0, 0);
+    assert!(!reachable(&c1_pod, &c2_ip));
+    let after = drops(&up.0, 0);
+    eprintln!("disconnected: drop_no_tunnel_endpoint on c1 {before} -> {after}");
+    assert!(after > before, "drops counted after disconnect");
+
+    // ... and connected again.
+    cli(
+        &up.0,
+        &[
+            "connect",
+            "--cluster",
+            "c1",
+            "--destination",
+            "c2",
+            "--wait",
+            "--timeout",
+            "60s",
+        ],
+    );
+    mesh::wait_for("c2 reachable again", Duration::from_secs(30), || {
+        reachable(&c1_pod, &c2_ip)
+    })
+    .unwrap();
+
+    // 2. c2's etcd killed and restarted while traffic flows: the agents
+    //    keep the last state (no loss), and converge after the restart.
+    let ping = Ping::start(&c1_pod, &c2_ip, 300);
+    std::thread::sleep(Duration::from_millis(500));
+    mesh::kill(&up.0, "etcd c2").unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    mesh::restart(&mut up.0, "etcd c2").unwrap();
+    let s = ping.finish();
+    eprintln!(
+        "etcd c2 killed and restarted under ping: {}/{} received",
+        s.received, s.sent
+    );
+    assert_eq!(
+        s.received, s.sent,
+        "cross-cluster traffic while c2's etcd was down"
+    );
+    cli(&up.0, &["status", "--wait", "--timeout", "60s"]);
+
+    // 3. c1's agent killed -9 and restarted under continuous ping.
+    let ping = Ping::start(&c1_pod, &c2_ip, 400);
+    std::thread::sleep(Duration::from_millis(500));
+    mesh::kill(&up.0, "agent c1/node-1").unwrap();
+    mesh::restart(&mut up.0, "agent c1/node-1").unwrap();
+    let s = ping.finish();
+    eprintln!(
+        "agent c1/node-1 killed -9 and restarted under a 10 ms ping: {}/{} received",
+        s.received, s.sent
+    );
+    assert_eq!(s.received, s.sent, "loss across the agent restart");
+    cli(&up.0, &["status", "--wait", "--timeout", "60s"]);
+
+    // 4. c2's apiserver stopped: its exported state expires with its lease
+    //    (4 s here), c1 finds no cluster config there (c2 unavailable) and
+    //    after its stale TTL (5 s here) withdraws c2's state; traffic to
+    //    c2's pods is then dropped with a counted reason.
+    let before = drops(&up.0, 0);
+    mesh::kill(&up.0, "apiserver c2").unwrap();
+    let t0 = Instant::now();
+    mesh::wait_for(
+        "c2's pods unreachable after its apiserver stopped",
+        Duration::from_secs(60),
+        || !reachable(&c1_pod, &c2_ip),
+    )
+    .unwrap();
+    let after = drops(&up.0, 0);
+    eprintln!(
+        "apiserver c2 stopped: c2's pods unreachable after {:?}; drop_no_tunnel_endpoint {before} -> {after}",
+        t0.elapsed()
+    );
+    assert!(after > before, "drops counted after c2's entries expired");
+}
