@@ -1,7 +1,7 @@
 # The two commands of the README do all set-up themselves:
 #   make demo   the local multi-cluster demo (left running; make demo-down ends it)
 #   make test   the whole test suite, privileged tests included (as root)
-#   make bench  every benchmark with real sizes (as root; about 20 minutes),
+#   make bench  every benchmark with real sizes (as root; about 15 minutes),
 #               rewriting docs/benchmarks.md and docs/benchmarks.json
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
