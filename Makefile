@@ -1,10 +1,12 @@
 # The two commands of the README do all set-up themselves:
 #   make demo   the local multi-cluster demo (left running; make demo-down ends it)
 #   make test   the whole test suite, privileged tests included (as root)
+#   make bench  every benchmark with real sizes (as root; about 15 minutes),
+#               rewriting docs/benchmarks.md and docs/benchmarks.json
 SHELL := /bin/bash
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: setup build test lint demo demo-down
+.PHONY: setup build test lint bench demo demo-down
 
 setup:
 	@bash scripts/setup.sh
@@ -17,6 +19,9 @@ lint: setup
 
 test: setup
 	cargo xtask test
+
+bench: setup
+	cargo xtask bench
 
 demo: build
 	@bash scripts/demo.sh up

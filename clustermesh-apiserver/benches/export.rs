@@ -20,7 +20,10 @@ use std::{
 
 use clustermesh_api::{ClusterId, proto, proto::cluster_mesh_client::ClusterMeshClient};
 use clustermesh_apiserver::Config;
-use clustermesh_testkit::etcd::EtcdServer;
+use clustermesh_testkit::{
+    etcd::EtcdServer,
+    report::{Better, Figure, record},
+};
 use etcd_client::{Client, GetOptions, Txn, TxnOp};
 
 #[tokio::main]
@@ -173,4 +176,41 @@ async fn main() {
         "  etcd db growth during export:       {:>9.0} bytes/record",
         (db_after - db_before).max(0) as f64 / n as f64
     );
+    let params = serde_json::json!({"endpoints": n, "nodes": nodes, "identities": 50});
+    let one = |v: f64| (v, v, v);
+    let base = "raw etcd puts, 100 per txn (baseline)";
+    let fig = |case: &str, unit, v, better| {
+        Figure::new("export", case, unit, one(v), better).params(params.clone())
+    };
+    record(&fig(base, "records/s", rate(baseline), Better::Higher));
+    record(
+        &fig(
+            "cold-start full export (all kinds)",
+            "records/s",
+            rate(cold),
+            Better::Higher,
+        )
+        .baseline(base, rate(baseline)),
+    );
+    record(
+        &fig(
+            "ingest through gRPC AddEndpoint",
+            "records/s",
+            rate(ingest),
+            Better::Higher,
+        )
+        .baseline(base, rate(baseline)),
+    );
+    record(&fig(
+        "exported ip record size (key+value)",
+        "bytes/record",
+        bytes as f64 / n as f64,
+        Better::Lower,
+    ));
+    record(&fig(
+        "etcd db growth during export",
+        "bytes/record",
+        (db_after - db_before).max(0) as f64 / n as f64,
+        Better::Lower,
+    ));
 }

@@ -21,7 +21,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clustermesh_testkit::{iperf::median, netns::NetNs};
+use clustermesh_testkit::{
+    iperf::median,
+    netns::NetNs,
+    report::{Better, Figure, record},
+};
 use e2e::{
     product::until,
     services::{BACKEND_PORT, FRONTEND_PORT, ServiceRig, ask_tcp, in_pod, web_service},
@@ -102,6 +106,20 @@ fn main() {
             med
         })
         .collect();
+    for (i, (r, (name, _, _))) in results.iter().zip(&cases).enumerate() {
+        let mut f = Figure::new(
+            "services",
+            *name,
+            "connections/s",
+            median(r.clone()),
+            Better::Higher,
+        )
+        .params(serde_json::json!({"runs": runs, "seconds": secs}));
+        if i % 2 == 1 {
+            f = f.baseline(cases[i - 1].0, meds[i - 1]);
+        }
+        record(&f);
+    }
     println!(
         "  ratio frontend/direct: local {:.2}, remote {:.2}",
         meds[1] / meds[0],

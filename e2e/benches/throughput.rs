@@ -14,13 +14,21 @@
 //! the runs are interleaved round-robin (plain, kernel VXLAN, ours..., then
 //! again), so drift in the machine's load hits every configuration alike.
 //! Prints Gbit/s (median [min..max]) and each as a ratio to plain, plus the
-//! median of the per-round ratios. Needs root.
-//! Usage: throughput [--runs N] [--seconds S]
+//! median of the per-round ratios.
+//!
+//! Then request/response latency over the same paths: one TCP connection
+//! (Nagle off), a 64-byte request answered by a 64-byte response,
+//! `--rr-iterations` round trips per path and round (interleaved like the
+//! throughput runs), p50 and p99 pooled over the rounds, each as a ratio to
+//! plain. Figures also go to `$CLUSTERMESH_BENCH_JSON` (testkit::report).
+//! Needs root.
+//! Usage: throughput [--runs N] [--seconds S] [--rr-iterations N]
 #![allow(clippy::unwrap_used)]
 
 use clustermesh_testkit::{
     iperf::{iperf, median},
     netns::{NetNs, sweep_stale},
+    report::{Better, Figure, Percentiles, record, tcp_rr},
 };
 use e2e::topo::{Node, underlay};
 use node_agent::{clusters::merge::TunnelEntry, reconcile::Reconciler as _};
@@ -36,6 +44,7 @@ fn main() {
     }
     let runs = clustermesh_testkit::bench_arg("--runs", 5).max(1) as usize;
     let seconds = clustermesh_testkit::bench_arg("--seconds", 3).max(1);
+    let rr_iterations = (clustermesh_testkit::bench_arg("--rr-iterations", 5000) as usize).max(10);
     sweep_stale();
     let pair = |id: u8| {
         let a = Node::new(id).unwrap();
@@ -127,11 +136,25 @@ fn main() {
         ("eBPF direct routing (ours)", &direct),
     ];
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut rr: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    let mut rr_port = 7100u16;
     for round in 0..runs {
         for (i, (name, (a, b, _, _))) in configs.iter().enumerate() {
             let g = iperf(&b.pod, &a.pod, &b.pod_ip.to_string(), seconds).unwrap();
             eprintln!("  round {}: {name}: {g:.2} Gbit/s", round + 1);
             results[i].push(g);
+        }
+        for (i, (name, (a, b, _, _))) in configs.iter().enumerate() {
+            rr_port += 1;
+            let lat = tcp_rr(&b.pod, &a.pod, b.pod_ip.into(), rr_port, 64, rr_iterations).unwrap();
+            let p = Percentiles::of(lat.clone());
+            eprintln!(
+                "  round {}: {name}: request/response p50 {:.1} us p99 {:.1} us",
+                round + 1,
+                p.p50,
+                p.p99
+            );
+            rr[i].extend(lat);
         }
     }
 
@@ -157,8 +180,44 @@ fn main() {
             m.0 / plain_m.0,
             per_round.0
         );
+        let mut f = Figure::new("throughput", *name, "Gbit/s", m, Better::Higher).params(
+            serde_json::json!({"runs": runs, "seconds": seconds, "per_round_ratio_median": per_round.0}),
+        );
+        if i > 0 {
+            f = f.baseline(configs[0].0, plain_m.0);
+        }
+        if i > 1 {
+            f = f.baseline(configs[1].0, median(results[1].clone()).0);
+        }
+        record(&f);
     }
     let kvx_m = median(results[1].clone());
     let vx_m = median(results[2].clone());
     println!("  ours VXLAN / kernel VXLAN: {:.2}", vx_m.0 / kvx_m.0);
+
+    println!(
+        "request/response latency: one TCP connection, 64-byte request and response, {rr_iterations} round trips per path x {runs} interleaved rounds, pooled; p50 / p99 [min..max]"
+    );
+    let pct: Vec<Percentiles> = rr.into_iter().map(Percentiles::of).collect();
+    for (i, ((name, _), p)) in configs.iter().zip(&pct).enumerate() {
+        println!(
+            "  {name:<32} p50 {:>6.1} us  p99 {:>7.1} us  [{:.1}..{:.1}]  p50 ratio to plain {:.2}  p99 ratio {:.2}",
+            p.p50,
+            p.p99,
+            p.min,
+            p.max,
+            p.p50 / pct[0].p50,
+            p.p99 / pct[0].p99
+        );
+        let mut f = Figure::latency("request-response", *name, "us", p).params(
+            serde_json::json!({"runs": runs, "iterations_per_round": rr_iterations, "bytes": 64, "p99_ratio_to_plain": p.p99 / pct[0].p99}),
+        );
+        if i > 0 {
+            f = f.baseline(configs[0].0, pct[0].p50);
+        }
+        if i > 1 {
+            f = f.baseline(configs[1].0, pct[1].p50);
+        }
+        record(&f);
+    }
 }

@@ -6,7 +6,14 @@
 //! - `test`: lint, then every test of the workspace, then a smoke run of
 //!   each benchmark with tiny sizes. As root the privileged tests (network
 //!   namespaces, eBPF) run and must not skip.
-use std::process::Command;
+//! - `bench`: every benchmark with real sizes, then docs/benchmarks.md and
+//!   docs/benchmarks.json (bench.rs).
+use std::{path::PathBuf, process::Command};
+
+mod bench;
+
+/// Where benchmarks append their figures (clustermesh_testkit::report::ENV).
+const REPORT_ENV: &str = "CLUSTERMESH_BENCH_JSON";
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -27,6 +34,19 @@ enum Task {
         /// Skip the lint step.
         #[arg(long)]
         no_lint: bool,
+    },
+    /// Every benchmark with real sizes (release profile, as root), then
+    /// docs/benchmarks.md and docs/benchmarks.json.
+    Bench {
+        /// Tiny sizes (the smoke runs of `test`), to try the report.
+        #[arg(long)]
+        smoke: bool,
+        /// Only these benchmarks (comma-separated names).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Where to write benchmarks.md and benchmarks.json.
+        #[arg(long, default_value = "docs")]
+        out_dir: PathBuf,
     },
 }
 
@@ -82,27 +102,21 @@ fn main() -> anyhow::Result<()> {
             // Benchmarks are not part of the suite (slow, noisy); a smoke run
             // of each with tiny sizes is, so none of them rots. --workspace
             // keeps feature unification (no rebuild).
-            let smoke: [&[&str]; 5] = [
-                &["throughput", "--runs", "1", "--seconds", "1"],
-                &["services", "--runs", "1", "--seconds", "1"],
-                &["wireguard", "--runs", "1", "--seconds", "1"],
-                &["export", "--endpoints", "200", "--nodes", "4"],
-                &[
-                    "bootstrap",
-                    "--clusters",
-                    "2",
-                    "--nodes",
-                    "2",
-                    "--endpoints",
-                    "5",
-                ],
-            ];
-            for s in smoke {
-                let mut args = vec!["test", "--workspace", "--bench", s[0], "--"];
-                args.extend_from_slice(&s[1..]);
-                cargo(&args, &env)?;
+            bench::smoke(&env)
+        }
+        Task::Bench {
+            smoke,
+            only,
+            out_dir,
+        } => {
+            if !is_root() {
+                bail!("cargo xtask bench needs root (network namespaces, eBPF)");
             }
-            Ok(())
+            bench::run(bench::Options {
+                smoke,
+                only,
+                out_dir,
+            })
         }
     }
 }

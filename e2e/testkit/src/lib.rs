@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod iperf;
 pub mod netns;
 pub mod ping;
+pub mod report;
 pub mod wireguard;
 
 /// Runs a command, returning its stdout, or an error with its stderr.
