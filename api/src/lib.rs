@@ -17,6 +17,7 @@ pub mod codec;
 pub mod convert;
 pub mod keys;
 pub mod records;
+pub mod time;
 pub mod types;
 
 /// Generated protobuf messages and tonic client/server of `clustermesh.v1`.

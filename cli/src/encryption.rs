@@ -14,10 +14,10 @@
 //!   `pid-file`): make-before-break rotation, evidence in the audit trail.
 //! - `audit [--since D]`: the nodes' audit trails (`audit-log`), merged.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, anyhow, bail};
-use clustermesh_api::proto;
+use clustermesh_api::{proto, time::rfc3339};
 use serde_json::{Value, json};
 
 use crate::{
@@ -137,30 +137,6 @@ fn policy_text(p: &Value) -> String {
         s.push_str(", node-to-node");
     }
     s
-}
-
-/// RFC 3339 UTC with milliseconds, as the agents' audit lines carry it
-/// (so string comparison orders them).
-fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
 }
 
 async fn set(
@@ -516,18 +492,4 @@ async fn status(ctx: &Ctx, cluster: Option<String>) -> Result<bool> {
         }
     }
     Ok(ok)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_order_as_strings() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
-            "2023-11-14T22:13:20.000Z"
-        );
-    }
 }
