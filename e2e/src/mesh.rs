@@ -297,7 +297,7 @@ pub fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<String> {
 /// A free loopback port below the ephemeral range (32768 and up): a port
 /// the kernel hands out for binding 0 can be taken by any outgoing
 /// connection before the process it is meant for binds it.
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let seed = std::process::id().wrapping_mul(2_654_435_761)

@@ -41,12 +41,9 @@ pub fn binary(name: &str) -> PathBuf {
     debug
 }
 
+/// A free loopback port below the ephemeral range ([`crate::mesh::free_port`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    crate::mesh::free_port().unwrap()
 }
 
 /// One node of cluster `id`: its namespace, its pod's namespace, its pins,
