@@ -11,11 +11,16 @@
 //! - [`proto`]: the apiserver's gRPC API (tonic); [`convert`] turns its
 //!   messages into records, validating every field.
 //!
+//! - [`endpoint_file`]: the CNI plugin's per-pod files the agent reads.
+//! - [`netns`]: entering network namespaces (the one `setns`).
+//!
 //! docs/kvstore.md documents every key and field; keep it in step.
 
 pub mod codec;
 pub mod convert;
+pub mod endpoint_file;
 pub mod keys;
+pub mod netns;
 pub mod records;
 pub mod time;
 pub mod types;

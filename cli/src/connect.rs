@@ -229,30 +229,32 @@ async fn info_of(cd: &ConfigDir, c: &ClusterEntry) -> Result<proto::ClusterInfo>
 /// An admin etcd client of a TLS cluster (certificate CN root).
 async fn etcd_admin(cd: &ConfigDir, c: &ClusterEntry) -> Result<etcd_client::Client> {
     let pki = cd.pki(&c.name);
-    let read = |f: &str| {
-        std::fs::read(pki.join(f)).map_err(|e| {
-            anyhow!(
+    for f in ["ca.pem", "admin.pem", "admin-key.pem"] {
+        if let Err(e) = std::fs::metadata(pki.join(f)) {
+            return Err(anyhow!(
                 "cannot read {} ({e}); run `clustermesh enable --cluster {}` first",
                 pki.join(f).display(),
                 c.name
-            )
-        })
+            ));
+        }
+    }
+    let etcd = clustermesh_kvstore::EtcdConfig {
+        endpoints: c.etcd_endpoints.clone(),
+        ca_file: Some(pki.join("ca.pem")),
+        cert_file: Some(pki.join("admin.pem")),
+        key_file: Some(pki.join("admin-key.pem")),
     };
-    let tls = etcd_client::TlsOptions::new()
-        .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")?))
-        .identity(etcd_client::Identity::from_pem(
-            read("admin.pem")?,
-            read("admin-key.pem")?,
-        ));
-    let opts = etcd_client::ConnectOptions::new()
-        .with_tls(tls)
-        .with_connect_timeout(Duration::from_secs(3))
-        .with_timeout(Duration::from_secs(10));
     let r = async {
-        let mut client = etcd_client::Client::connect(&c.etcd_endpoints, Some(opts)).await?;
+        let mut client = etcd.connect().await?;
         // The connection is lazy: probe it so a wrong certificate shows here.
-        client.status().await?;
-        Ok::<_, etcd_client::Error>(client)
+        client
+            .status()
+            .await
+            .map_err(|source| clustermesh_kvstore::Error::Connect {
+                endpoints: c.etcd_endpoints.join(","),
+                source,
+            })?;
+        Ok::<_, clustermesh_kvstore::Error>(client)
     }
     .await;
     match r {
@@ -409,15 +411,15 @@ pub async fn connect(ctx: &Ctx, a: Args) -> Result<bool> {
             // granted before auth goes on, so they never lose access.
             let own: clustermesh_api::ClusterName =
                 x.parse().map_err(|e| anyhow!("cluster name {x:?}: {e}"))?;
-            clustermesh_apiserver::remote_access::grant_remote_reader(admin, &own)
+            clustermesh_kvstore::remote_access::grant_remote_reader(admin, &own)
                 .await
                 .map_err(|e| etcd_error(exporter, &e))?;
-            clustermesh_apiserver::remote_access::enable_auth(admin, &format!("apiserver-{x}"))
+            clustermesh_kvstore::remote_access::enable_auth(admin, &format!("apiserver-{x}"))
                 .await
                 .map_err(|e| etcd_error(exporter, &e))?;
             let name: clustermesh_api::ClusterName =
                 r.parse().map_err(|e| anyhow!("cluster name {r:?}: {e}"))?;
-            let user = clustermesh_apiserver::remote_access::grant_remote_reader(admin, &name)
+            let user = clustermesh_kvstore::remote_access::grant_remote_reader(admin, &name)
                 .await
                 .map_err(|e| etcd_error(exporter, &e))?;
             users.push(serde_json::json!({"etcd_of": x, "user": user, "read_only": true}));
@@ -445,22 +447,22 @@ pub async fn connect(ctx: &Ctx, a: Args) -> Result<bool> {
             creds = Some((ca_pem, read(&cert)?, read(&key)?));
         }
         for n in &reader.nodes {
-            let mut yaml = String::from("# written by clustermesh connect\nendpoints:\n");
-            for e in &endpoints {
-                yaml.push_str(&format!("  - {e}\n"));
-            }
+            let mut remote = clustermesh_kvstore::ClusterFile {
+                endpoints: endpoints.clone(),
+                trusted_ca_file: None,
+                cert_file: None,
+                key_file: None,
+            };
             if let Some((ca, cert, key)) = &creds {
                 let d = tls_dir(&n.clusters_dir, x);
                 config::write_atomic(&d.join("ca.pem"), ca.as_bytes(), 0o644)?;
                 config::write_atomic(&d.join("client.pem"), cert, 0o644)?;
                 config::write_atomic(&d.join("client-key.pem"), key, 0o600)?;
-                yaml.push_str(&format!(
-                    "trusted-ca-file: {}\ncert-file: {}\nkey-file: {}\n",
-                    d.join("ca.pem").display(),
-                    d.join("client.pem").display(),
-                    d.join("client-key.pem").display()
-                ));
+                remote.trusted_ca_file = Some(d.join("ca.pem"));
+                remote.cert_file = Some(d.join("client.pem"));
+                remote.key_file = Some(d.join("client-key.pem"));
             }
+            let yaml = remote.render();
             let file = n.clusters_dir.join(x);
             let changed = config::write_atomic(&file, yaml.as_bytes(), 0o644)?;
             actions.push(FileAction {
@@ -553,11 +555,11 @@ pub async fn disconnect(ctx: &Ctx, a: Args) -> Result<bool> {
         };
         let name: clustermesh_api::ClusterName =
             r.parse().map_err(|e| anyhow!("cluster name {r:?}: {e}"))?;
-        clustermesh_apiserver::remote_access::revoke_remote_reader(admin, &name)
+        clustermesh_kvstore::remote_access::revoke_remote_reader(admin, &name)
             .await
             .map_err(|e| etcd_error(exporter, &e))?;
         let pki = cd.pki(x);
-        let user = clustermesh_apiserver::remote_access::remote_user(&name);
+        let user = clustermesh_kvstore::remote_access::remote_user(&name);
         config::remove(&pki.join(format!("{user}.pem")))?;
         config::remove(&pki.join(format!("{user}-key.pem")))?;
         revoked.push(serde_json::json!({"etcd_of": x, "user": user}));

@@ -6,18 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clustermesh_api::{ClusterId, ClusterName, EncryptionPolicy};
 
-/// How to reach and authenticate to this cluster's etcd.
-#[derive(Debug, Clone, Default)]
-pub struct EtcdConfig {
-    /// `http://host:port` or `https://host:port`.
-    pub endpoints: Vec<String>,
-    /// CA certificate (PEM) that signed etcd's server certificate.
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate and key (PEM) for mutual TLS; with etcd's
-    /// `--client-cert-auth` the certificate's CN is the etcd user.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-}
+pub use clustermesh_kvstore::EtcdConfig;
 
 /// TLS of the gRPC API (mutual when `client_ca_file` is set).
 #[derive(Debug, Clone)]

@@ -11,7 +11,6 @@
 //! - [`store`]: the durable internal records and identity allocation.
 //! - [`export`]: the leased public export, canaries, heartbeat.
 //! - [`grpc`]: the `clustermesh.v1.ClusterMesh` service.
-//! - [`remote_access`]: read-only etcd users for remote clusters.
 //! - [`kube_source`]: Nodes, Services, EndpointSlices, Namespaces from
 //!   Kubernetes (kube-rs), as the same records.
 //!
@@ -21,12 +20,10 @@
 //! next start).
 
 pub mod config;
-pub mod etcd;
 pub mod export;
 pub mod grpc;
 pub mod kube_source;
 pub mod metrics;
-pub mod remote_access;
 pub mod services_file;
 pub mod state;
 pub mod store;
@@ -38,6 +35,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use backon::BackoffBuilder as _;
 use clustermesh_api::{StateKind, proto::cluster_mesh_server::ClusterMeshServer};
 use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -50,7 +48,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
-    Etcd(#[from] etcd::Error),
+    Etcd(#[from] clustermesh_kvstore::Error),
     #[error("loading stored state: {0}")]
     Store(#[from] store::Error),
     #[error(transparent)]
@@ -63,12 +61,20 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("gRPC TLS: reading {path}: {source}")]
+    TlsFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("gRPC TLS: {0}")]
-    Tls(String),
+    Tls(#[source] tonic::transport::Error),
     #[error("stopped before etcd could be reached")]
     Cancelled,
+    #[error("Kubernetes: initial list did not complete within {0:?}")]
+    KubeTimeout(Duration),
     #[error("Kubernetes: {0}")]
-    Kube(String),
+    Kube(#[source] kube_source::Error),
 }
 
 #[derive(Debug, Clone, Default)]
@@ -139,18 +145,14 @@ async fn connect_with_retry(
     cfg: &Config,
     cancel: &CancellationToken,
 ) -> Result<etcd_client::Client, StartError> {
-    use backon::{ExponentialBuilder, Retryable as _};
-    let attempt = || async { etcd::connect(&cfg.etcd).await };
-    let backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times();
+    use backon::Retryable as _;
+    let attempt = || async { cfg.etcd.connect().await };
+    let backoff = clustermesh_kvstore::backoff::reconnect();
     tokio::select! {
         _ = cancel.cancelled() => Err(StartError::Cancelled),
         r = attempt
             .retry(backoff)
-            .when(|e| matches!(e, etcd::Error::Connect { .. }))
+            .when(|e| matches!(e, clustermesh_kvstore::Error::Connect { .. }))
             .notify(|e, d| tracing::warn!(error = %e, "etcd unreachable; retrying in {d:?}")) => Ok(r?),
     }
 }
@@ -177,10 +179,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let kube = match &cfg.kubernetes {
         Some(client) => {
             let mut src = kube_source::KubeSource::new(client.clone(), cfg.cluster_name.clone());
-            tokio::time::timeout(Duration::from_secs(60), src.initial_sync())
+            const KUBE_SYNC: Duration = Duration::from_secs(60);
+            tokio::time::timeout(KUBE_SYNC, src.initial_sync())
                 .await
-                .map_err(|_| StartError::Kube("initial list did not complete within 60s".into()))?
-                .map_err(|e| StartError::Kube(e.to_string()))?;
+                .map_err(|_| StartError::KubeTimeout(KUBE_SYNC))?
+                .map_err(StartError::Kube)?;
             let recs = src.records();
             for s in &recs.skipped {
                 tracing::warn!(skipped = %s, "Kubernetes object not exported");
@@ -238,9 +241,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     // gRPC
     let mut builder = tonic::transport::Server::builder();
     if let Some(t) = &shared.cfg.grpc_tls {
-        builder = builder
-            .tls_config(grpc_tls(t)?)
-            .map_err(|e| StartError::Tls(e.to_string()))?;
+        builder = builder.tls_config(grpc_tls(t)?).map_err(StartError::Tls)?;
     }
     let svc = ClusterMeshServer::new(grpc::Api {
         shared: shared.clone(),
@@ -287,7 +288,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
 fn grpc_tls(t: &config::GrpcTls) -> Result<tonic::transport::ServerTlsConfig, StartError> {
     let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
+        std::fs::read(p).map_err(|source| StartError::TlsFile {
+            path: p.to_owned(),
+            source,
+        })
     };
     let mut tls = tonic::transport::ServerTlsConfig::new().identity(
         tonic::transport::Identity::from_pem(read(&t.cert_file)?, read(&t.key_file)?),
@@ -351,6 +355,7 @@ async fn export_loop(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut expiry = tokio::time::interval(Duration::from_millis(500));
     let mut failures = 0u32;
+    let mut backoff = clustermesh_kvstore::backoff::reconnect().build();
     let mut need_full = false;
     loop {
         let mut beat = false;
@@ -397,6 +402,7 @@ async fn export_loop(
         match result {
             Ok(stats) => {
                 failures = 0;
+                backoff = clustermesh_kvstore::backoff::reconnect().build();
                 need_full = false;
                 let hb = if beat {
                     Some(export::now_ms())
@@ -419,7 +425,9 @@ async fn export_loop(
                 if let Ok(mut s) = shared.export_status.lock() {
                     s.last_error = Some(e.to_string());
                 }
-                let delay = Duration::from_millis(200 * 2u64.pow(failures.min(5)));
+                let delay = backoff
+                    .next()
+                    .unwrap_or(clustermesh_kvstore::backoff::MAX_DELAY);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(delay) => shared.changed.notify_one(),

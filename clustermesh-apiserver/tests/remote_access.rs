@@ -4,12 +4,12 @@
 //! public prefixes, and cannot read internal records or write anything.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::{path::Path, time::Duration};
 
-use clustermesh_apiserver::remote_access::{self, REMOTE_ROLE};
+mod common;
+
 use clustermesh_crypto::pki::{Ca, Usage};
+use clustermesh_kvstore::remote_access::{self, REMOTE_ROLE};
 use clustermesh_testkit::etcd::{EtcdServer, EtcdTls};
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 

@@ -16,8 +16,8 @@
 
 use std::{
     fmt,
-    fs::{self, File, OpenOptions},
-    io::{self, Write},
+    fs::{self, OpenOptions},
+    io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     str::FromStr,
@@ -320,25 +320,7 @@ impl Store {
 /// Writes `bytes` to a hidden temporary file next to `path`, syncs it and
 /// renames it over `path`: readers see the old or the new content, never a
 /// part.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    fn write_and_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let mut f = File::create(tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(tmp, path)
-    }
-    let result = write_and_rename(&tmp, path, bytes);
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
+pub(crate) use clustermesh_api::endpoint_file::write_atomic;
 
 #[cfg(test)]
 mod tests {

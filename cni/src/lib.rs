@@ -17,7 +17,8 @@
 pub mod cmd;
 pub mod config;
 pub mod delegate;
-pub mod endpoint;
+/// The endpoint-file format, shared with the agent through the model crate.
+pub use clustermesh_api::endpoint_file as endpoint;
 pub mod env;
 pub mod error;
 pub mod ipam;

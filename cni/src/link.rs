@@ -79,12 +79,8 @@ pub enum LinkError {
     NoMac { name: String },
     #[error("starting the netlink runtime")]
     Runtime(#[source] io::Error),
-    #[error("entering the network namespace")]
-    Setns(#[source] io::Error),
-    #[error("starting the thread for the pod namespace")]
-    Thread(#[source] io::Error),
-    #[error("the netlink thread of the pod namespace panicked")]
-    ThreadPanicked,
+    #[error("the pod's network namespace")]
+    Netns(#[source] clustermesh_api::netns::Error),
 }
 
 impl LinkError {
@@ -93,9 +89,9 @@ impl LinkError {
             Self::Netlink { .. }
             | Self::NotFound { .. }
             | Self::NoMac { .. }
-            | Self::ThreadPanicked => code::NETLINK,
+            | Self::Netns(clustermesh_api::netns::Error::Panicked) => code::NETLINK,
             Self::Exists { .. } => code::CONFLICT,
-            Self::Runtime(_) | Self::Setns(_) | Self::Thread(_) => code::IO,
+            Self::Runtime(_) | Self::Netns(_) => code::IO,
         }
     }
 }
@@ -431,21 +427,7 @@ pub fn in_netns<T: Send>(
     netns: &File,
     f: impl FnOnce() -> Result<T, LinkError> + Send,
 ) -> Result<T, LinkError> {
-    std::thread::scope(|s| {
-        let thread = std::thread::Builder::new()
-            .name("pod-netns".into())
-            .spawn_scoped(s, || {
-                // SAFETY: `netns` is an open file; setns only changes the
-                // network namespace of this (new, short-lived) thread.
-                let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-                if rc != 0 {
-                    return Err(LinkError::Setns(io::Error::last_os_error()));
-                }
-                f()
-            })
-            .map_err(LinkError::Thread)?;
-        thread.join().unwrap_or(Err(LinkError::ThreadPanicked))
-    })
+    clustermesh_api::netns::run_in(Some(netns), f).map_err(LinkError::Netns)?
 }
 
 #[cfg(test)]

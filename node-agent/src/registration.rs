@@ -249,23 +249,23 @@ pub async fn run(
     identities: tokio::sync::watch::Sender<Vec<(String, u32)>>,
     cancel: CancellationToken,
 ) {
-    let mut delay = Duration::from_millis(200);
+    use backon::BackoffBuilder as _;
+    let mut backoff = clustermesh_kvstore::backoff::reconnect().build();
     loop {
-        match session(&addr, &mut node, &mut endpoints, &identities, &cancel).await {
+        let delay = match session(&addr, &mut node, &mut endpoints, &identities, &cancel).await {
             Ok(()) => return,
-            Err(e) => tracing::warn!(error = %e, "registration lost; retrying in {delay:?}"),
-        }
-        // Jittered exponential backoff, capped at 5 s.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let jitter = delay.mul_f64(f64::from(nanos % 1000) / 2000.0);
+            Err(e) => {
+                let delay = backoff
+                    .next()
+                    .unwrap_or(clustermesh_kvstore::backoff::MAX_DELAY);
+                tracing::warn!(error = %e, "registration lost; retrying in {delay:?}");
+                delay
+            }
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay + jitter) => {}
+            _ = tokio::time::sleep(delay) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 

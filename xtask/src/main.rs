@@ -98,6 +98,9 @@ fn main() -> anyhow::Result<()> {
                 // Privileged tests fail instead of skipping.
                 env.push(("CLUSTERMESH_REQUIRE_PRIVILEGED", "1"));
             }
+            // Every binary first: the end-to-end tests run the product's
+            // binaries (clustermesh, node-agent, ...) as child processes.
+            cargo(&["build", "--workspace", "--bins"], &[])?;
             cargo(&["test", "--workspace", "--no-fail-fast"], &env)?;
             // Benchmarks are not part of the suite (slow, noisy); a smoke run
             // of each with tiny sizes is, so none of them rots. --workspace

@@ -1,6 +1,7 @@
 //! Remote-cluster configuration: a directory with one file per cluster, the
 //! file name being the cluster name (as `clustermesh connect` writes them,
-//! or a mounted Kubernetes Secret):
+//! or a mounted Kubernetes Secret); the file format is
+//! [`clustermesh_kvstore::cluster_file`]:
 //!
 //! ```yaml
 //! endpoints:
@@ -15,86 +16,13 @@
 //! whose names are not valid cluster names (dotfiles, editor swap files,
 //! Kubernetes' `..data` links) are ignored.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-};
+use std::{collections::BTreeMap, path::Path};
 
 use clustermesh_api::ClusterName;
-use serde::Deserialize;
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ClusterFile {
-    pub endpoints: Vec<String>,
-    #[serde(default)]
-    pub trusted_ca_file: Option<PathBuf>,
-    #[serde(default)]
-    pub cert_file: Option<PathBuf>,
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cluster config {path}: {reason}")]
-pub struct ConfigError {
-    pub path: String,
-    pub reason: String,
-}
-
-impl ClusterFile {
-    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Self, ConfigError> {
-        let err = |reason: String| ConfigError {
-            path: path.display().to_string(),
-            reason,
-        };
-        let text = std::str::from_utf8(bytes).map_err(|_| err("not UTF-8".into()))?;
-        let f: ClusterFile = serde_norway::from_str(text).map_err(|e| err(e.to_string()))?;
-        if f.endpoints.is_empty() {
-            return Err(err(
-                "endpoints: at least one etcd endpoint is required".into()
-            ));
-        }
-        for e in &f.endpoints {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(err(format!(
-                    "endpoints: {e:?} must start with http:// or https://"
-                )));
-            }
-        }
-        if f.cert_file.is_some() != f.key_file.is_some() {
-            return Err(err("cert-file and key-file go together".into()));
-        }
-        Ok(f)
-    }
-
-    /// etcd connection options for this cluster.
-    pub fn connect_options(&self) -> Result<etcd_client::ConnectOptions, std::io::Error> {
-        use std::time::Duration;
-        let mut o = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(3), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
-        if self.trusted_ca_file.is_some() || self.cert_file.is_some() {
-            let mut tls = etcd_client::TlsOptions::new();
-            if let Some(ca) = &self.trusted_ca_file {
-                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(ca)?));
-            }
-            if let (Some(c), Some(k)) = (&self.cert_file, &self.key_file) {
-                tls = tls.identity(etcd_client::Identity::from_pem(
-                    std::fs::read(c)?,
-                    std::fs::read(k)?,
-                ));
-            }
-            o = o.with_tls(tls);
-        }
-        Ok(o)
-    }
-}
+pub use clustermesh_kvstore::{ClusterFile, ClusterFileError};
 
 /// A directory scan: cluster name -> (raw bytes, parsed file or error).
-pub type Scan = BTreeMap<ClusterName, (Vec<u8>, Result<ClusterFile, ConfigError>)>;
+pub type Scan = BTreeMap<ClusterName, (Vec<u8>, Result<ClusterFile, ClusterFileError>)>;
 
 pub fn scan(dir: &Path) -> std::io::Result<Scan> {
     let mut out = Scan::new();
@@ -164,9 +92,9 @@ mod tests {
         assert!(a[&"c2".parse::<ClusterName>().unwrap()].1.is_ok());
         let e = a[&"c4".parse::<ClusterName>().unwrap()]
             .1
-            .clone()
+            .as_ref()
             .unwrap_err();
-        assert!(e.reason.contains("at least one"), "{e}");
+        assert!(e.to_string().contains("at least one"), "{e}");
         // Rewriting identical bytes is not a change; other bytes are.
         std::fs::write(dir.path().join("c2"), "endpoints: [http://127.0.0.1:1]\n").unwrap();
         assert!(diff(&a, &scan(dir.path()).unwrap()).is_empty());
@@ -180,7 +108,5 @@ mod tests {
                 DirChange::Removed("c4".parse().unwrap())
             ]
         );
-        assert!(ClusterFile::parse(Path::new("x"), b"endpoints: [127.0.0.1:2379]").is_err());
-        assert!(ClusterFile::parse(Path::new("x"), b"endpoints: [http://a]\nbogus: 1").is_err());
     }
 }

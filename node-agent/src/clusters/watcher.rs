@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use backon::BackoffBuilder as _;
 use clustermesh_api::{ClusterName, Key, KvKey, StateKind};
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, GetOptions, WatchOptions};
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -51,8 +51,8 @@ pub enum WatchEvent {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("cannot read TLS files: {0}")]
-    Files(std::io::Error),
+    #[error(transparent)]
+    Connect(#[from] clustermesh_kvstore::Error),
     #[error("etcd {op}: {source}")]
     Etcd {
         op: &'static str,
@@ -100,10 +100,7 @@ async fn session(
     cancel: &CancellationToken,
 ) -> Result<(), SessionError> {
     let s = Session { name, tx };
-    let opts = file.connect_options().map_err(SessionError::Files)?;
-    let mut client = Client::connect(&file.endpoints, Some(opts))
-        .await
-        .map_err(etcd("connect"))?;
+    let mut client = file.etcd().connect().await?;
     let cfg_key = Key::ClusterConfig {
         cluster: name.clone(),
     }
@@ -259,11 +256,7 @@ pub async fn run(
     tx: mpsc::Sender<(ClusterName, WatchEvent)>,
     cancel: CancellationToken,
 ) {
-    let builder = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times();
+    let builder = clustermesh_kvstore::backoff::reconnect();
     let mut backoff = builder.build();
     let mut last_etcd_id = None;
     loop {
@@ -297,7 +290,9 @@ pub async fn run(
             backoff = builder.build();
             Duration::ZERO
         } else {
-            backoff.next().unwrap_or(Duration::from_secs(5))
+            backoff
+                .next()
+                .unwrap_or(clustermesh_kvstore::backoff::MAX_DELAY)
         };
         tokio::select! {
             _ = cancel.cancelled() => return,

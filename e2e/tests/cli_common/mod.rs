@@ -25,7 +25,11 @@ use node_agent::{
 };
 use tokio_util::sync::CancellationToken;
 
-pub const CLI: &str = env!("CARGO_BIN_EXE_clustermesh");
+/// The `clustermesh` binary of this build (cargo xtask test builds every
+/// binary before the tests).
+pub fn cli() -> std::path::PathBuf {
+    e2e::product::binary("clustermesh")
+}
 
 /// One node agent, control plane only.
 pub struct Node {
@@ -239,7 +243,7 @@ pub async fn agent(root: &Path, cluster: &str, node: &str, local: ClusterFile) -
 /// Runs the CLI with `CLUSTERMESH_CONFIG_DIR=dir` (60 s at most; killed on
 /// timeout or drop).
 pub async fn cli(dir: &Path, args: &[&str]) -> Output {
-    let child = tokio::process::Command::new(CLI)
+    let child = tokio::process::Command::new(cli())
         .args(args)
         .env("CLUSTERMESH_CONFIG_DIR", dir)
         .stdin(std::process::Stdio::null())

@@ -9,7 +9,8 @@
 //! and that disconnect revokes the user.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+mod cli_common;
+use cli_common as common;
 
 use std::{path::Path, time::Duration};
 

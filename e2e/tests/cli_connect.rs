@@ -4,7 +4,8 @@
 //! says no remote cluster.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+mod cli_common;
+use cli_common as common;
 
 use common::*;
 

@@ -4,7 +4,8 @@
 //! Then the mesh is checked to be where the walkthrough leaves it.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+mod cli_common;
+use cli_common as common;
 
 use std::time::Duration;
 
@@ -71,7 +72,8 @@ async fn the_walkthrough_in_docs_cli_md_runs() {
     east.endpoint("node-1", "10.1.0.5").await;
     west.register("node-1", "10.2.0.0/24", "192.0.2.2").await;
     west.endpoint("node-1", "10.2.0.5").await;
-    let bin_dir = std::path::Path::new(CLI).parent().unwrap();
+    let cli = cli();
+    let bin_dir = cli.parent().unwrap();
     let path = format!(
         "{}:{}",
         bin_dir.display(),

@@ -2,7 +2,8 @@
 //! against real apiservers (and agents for the applied policy).
 #![allow(clippy::unwrap_used)]
 
-mod common;
+mod cli_common;
+use cli_common as common;
 
 use std::time::Duration;
 

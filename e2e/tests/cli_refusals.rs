@@ -3,7 +3,8 @@
 //! exit code 1, and nothing is written to any node. Usage errors exit 2.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+mod cli_common;
+use cli_common as common;
 
 use std::path::Path;
 

@@ -50,7 +50,7 @@ impl NetNs {
     /// Use from a dedicated thread: tokio worker threads must not move.
     pub fn enter(&self) -> io::Result<Entered> {
         let back = File::open("/proc/thread-self/ns/net")?;
-        let target = File::open(format!("/var/run/netns/{}", self.name))?;
+        let target = File::open(clustermesh_api::netns::path_of(&self.name))?;
         setns(&target)?;
         Ok(Entered { back })
     }
@@ -65,12 +65,7 @@ impl Drop for NetNs {
 }
 
 fn setns(f: &File) -> io::Result<()> {
-    // SAFETY: a valid namespace fd; setns affects only the calling thread.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    clustermesh_api::netns::enter_fd(f.as_raw_fd())
 }
 
 /// The calling thread is inside a namespace; dropping returns it.

@@ -1,4 +1,6 @@
-//! Endpoint files: the plugin's record of each pod, read by the node agent.
+//! Endpoint files: the CNI plugin's record of each pod, read by the node
+//! agent. The format lives here, in the shared model, so the agent reads what
+//! the plugin writes without linking the plugin.
 //!
 //! One file per container, `<endpointDir>/<container id>.json`, holding an
 //! [`EndpointFile`]. It is written atomically (hidden temporary file, sync,
@@ -17,8 +19,6 @@ use std::{
 };
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-use crate::{error::code, ipam::write_atomic};
 
 /// An Ethernet address, written `aa:bb:cc:dd:ee:ff`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -121,12 +121,34 @@ pub enum EndpointError {
 }
 
 impl EndpointError {
-    pub fn code(&self) -> u32 {
-        match self {
-            Self::Io { .. } => code::IO,
-            Self::Decode { .. } | Self::NameMismatch { .. } => code::STATE_CORRUPT,
-        }
+    /// Whether the file's content (not the file system) is at fault.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, Self::Decode { .. } | Self::NameMismatch { .. })
     }
+}
+
+/// Writes `bytes` to `path` atomically: a hidden temporary file beside it,
+/// synced, then renamed over it (a reader sees the old or the new file,
+/// never a part).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use io::Write as _;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    fn write_and_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let mut f = fs::File::create(tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(tmp, path)
+    }
+    let result = write_and_rename(&tmp, path, bytes);
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// `<dir>/<container_id>.json`.
