@@ -13,6 +13,7 @@
 //!
 //! - [`endpoint_file`]: the CNI plugin's per-pod files the agent reads.
 //! - [`netns`]: entering network namespaces (the one `setns`).
+//! - [`status`]: the node agent's `/status` document, shared with the CLI.
 //!
 //! docs/kvstore.md documents every key and field; keep it in step.
 
@@ -22,6 +23,7 @@ pub mod endpoint_file;
 pub mod keys;
 pub mod netns;
 pub mod records;
+pub mod status;
 pub mod time;
 pub mod types;
 

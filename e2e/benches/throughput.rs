@@ -31,7 +31,7 @@ use clustermesh_testkit::{
     report::{Better, Figure, Percentiles, record, tcp_rr},
 };
 use e2e::topo::{Node, underlay};
-use node_agent::{clusters::merge::TunnelEntry, reconcile::Reconciler as _};
+use node_agent::{desired::TunnelEntry, reconcilers::Reconciler as _};
 use tunnel_common::TunnelMode;
 
 fn sh(ns: &NetNs, args: &[&str]) {

@@ -186,10 +186,10 @@ impl Node {
     /// out of `ul0`).
     pub fn routes(
         &self,
-    ) -> Result<node_agent::datapath::routes::RouteTable, node_agent::reconcile::ReconcileError>
+    ) -> Result<node_agent::reconcilers::routes::RouteTable, node_agent::reconcilers::ReconcileError>
     {
         let path = std::path::PathBuf::from(format!("/var/run/netns/{}", self.ns.name()));
-        node_agent::datapath::routes::RouteTable::open(Some(&path), "ul0")
+        node_agent::reconcilers::routes::RouteTable::open(Some(&path), "ul0")
     }
 
     /// Configures the mode and declares the local pod (what the agent does

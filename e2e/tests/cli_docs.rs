@@ -72,7 +72,7 @@ async fn the_walkthrough_in_docs_cli_md_runs() {
     east.endpoint("node-1", "10.1.0.5").await;
     west.register("node-1", "10.2.0.0/24", "192.0.2.2").await;
     west.endpoint("node-1", "10.2.0.5").await;
-    let cli = cli();
+    let cli = cli_bin();
     let bin_dir = cli.parent().unwrap();
     let path = format!(
         "{}:{}",

@@ -23,7 +23,7 @@ use e2e::{
     require_root,
     topo::{Node, ping, underlay},
 };
-use node_agent::{clusters::merge::TunnelEntry, reconcile::Reconciler as _};
+use node_agent::{desired::TunnelEntry, reconcilers::Reconciler as _};
 use tunnel_common::{Direction, TunnelMode, Verdict};
 
 /// A one-connection TCP server: replies with the request reversed. Every

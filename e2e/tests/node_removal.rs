@@ -22,12 +22,12 @@ use e2e::{
     topo::{Node, ping, underlay},
 };
 use node_agent::{
-    clusters::{Agent, AgentConfig, Reconcilers, config::ClusterFile, merge::TunnelEntry},
-    datapath::{
-        reconcilers::{IpCacheMap, TunnelMap},
-        routes::RoutedTunnels,
+    clusters::{Agent, ClustersConfig, Reconcilers, config::ClusterFile},
+    desired::TunnelEntry,
+    reconcilers::{
+        MemoryReconciler, Reconciler as _, ipcache::IpCacheMap, routes::RoutedTunnels,
+        tunnels::TunnelMap,
     },
-    reconcile::{MemoryReconciler, Reconciler as _},
 };
 use tokio_util::sync::CancellationToken;
 use tunnel_common::{Direction, IPCACHE_FLAG_UNREACHABLE, TunnelMode, Verdict};
@@ -146,10 +146,11 @@ async fn removed_remote_node_is_unreachable_within_a_second_with_counted_drops()
         }),
         peers: Box::new(MemoryReconciler::new("peers")),
         services: Box::new(MemoryReconciler::new("services")),
+        policy: Box::new(MemoryReconciler::new("policy")),
     };
     let cancel = CancellationToken::new();
     let agent = Agent::new(
-        AgentConfig {
+        ClustersConfig {
             local_cluster: "c1".parse().unwrap(),
             local: ClusterFile {
                 endpoints: vec![etcd1.endpoint()],

@@ -24,8 +24,8 @@ use clustermesh_testkit::{
 };
 use etcd_client::{Client, GetOptions, Txn, TxnOp};
 use node_agent::{
-    clusters::{Agent, AgentConfig, Reconcilers, config::ClusterFile},
-    reconcile::SharedReconciler,
+    clusters::{Agent, ClustersConfig, Reconcilers, config::ClusterFile},
+    reconcilers::SharedReconciler,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -120,11 +120,11 @@ async fn main() {
         )
         .unwrap();
     }
-    let ipcache: SharedReconciler<IpCidr, node_agent::clusters::merge::IpCacheEntry> =
+    let ipcache: SharedReconciler<IpCidr, node_agent::desired::IpCacheEntry> =
         SharedReconciler::new("ipcache");
     let rss_before = rss_kib();
     let cancel = CancellationToken::new();
-    let cfg = AgentConfig {
+    let cfg = ClustersConfig {
         local_cluster: "c1".parse().unwrap(),
         local: ClusterFile {
             endpoints: vec![etcds[0].endpoint()],
@@ -143,6 +143,7 @@ async fn main() {
         tunnels: Box::new(SharedReconciler::new("tunnels")),
         peers: Box::new(SharedReconciler::new("peers")),
         services: Box::new(SharedReconciler::new("services")),
+        policy: Box::new(SharedReconciler::new("policy")),
     };
     let agent = Agent::new(cfg, r, cancel.clone());
     let status = agent.status();

@@ -36,13 +36,14 @@ use clustermesh_testkit::{
 };
 use etcd_client::{Client, Txn, TxnOp, WatchOptions};
 use node_agent::{
-    clusters::{Agent, AgentConfig, Reconcilers, config::ClusterFile},
-    datapath::{
-        Datapath,
-        reconcilers::{IpCacheMap, TunnelMap},
+    clusters::{Agent, ClustersConfig, Reconcilers, config::ClusterFile},
+    datapath::Datapath,
+    reconcilers::{
+        SharedReconciler,
+        ipcache::IpCacheMap,
         services::{LbPolicy, ServiceMap},
+        tunnels::TunnelMap,
     },
-    reconcile::SharedReconciler,
 };
 use tokio_util::sync::CancellationToken;
 use tunnel_common::IPPROTO_TCP;
@@ -229,7 +230,7 @@ fn run(
         .unwrap();
     }
     let cancel = CancellationToken::new();
-    let cfg = AgentConfig {
+    let cfg = ClustersConfig {
         local_cluster: "c1".parse().unwrap(),
         local: ClusterFile {
             endpoints: vec![etcds[0].endpoint()],
@@ -257,6 +258,7 @@ fn run(
             )
             .unwrap(),
         ),
+        policy: Box::new(SharedReconciler::new("policy")),
     };
     let agent = Agent::new(cfg, r, cancel.clone());
     let status = agent.status();

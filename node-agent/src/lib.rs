@@ -1,26 +1,46 @@
-//! The clustermesh node agent.
+//! The clustermesh node agent, laid out as its pipeline:
 //!
-//! - [`datapath`]: loads the tunnel-ebpf programs, attaches them to
-//!   interfaces (TCX) and reads their metrics.
-//! - [`registration`]: standalone mode: registers the node and its
-//!   endpoints with the cluster's apiserver and keeps them alive.
+//! ```text
+//! config ─> node (build, start every stage under one token)
+//! clusters: watcher (etcd) ─> store (decode, mark & sweep) ─> merge (pure) ─> desired
+//! endpoints: CNI files + registration identities ─> desired local endpoints
+//! desired ─> reconcilers (ip-cache, tunnels, routes, services, WireGuard peers,
+//!                         endpoints, datapath config) ─> kernel maps, routes, device
+//! ```
+//!
+//! - [`config`]: every flag in one [`config::AgentConfig`], `validate()`.
+//! - [`node`]: builds the stages from the configuration and starts them.
 //! - [`clusters`]: the control plane: one watcher per connected cluster,
 //!   validated per-cluster stores, the pure merge into desired state.
-//! - [`reconcile`]: the one trait side effects go through (update / delete /
-//!   prune) and its in-memory implementation.
-//! - [`status`]: the local status endpoint (JSON and Prometheus).
+//! - [`desired`]: the desired-state types every stage imports.
+//! - [`reconcilers`]: the one trait side effects go through (update /
+//!   delete / prune / snapshot / tick), its in-memory fake, and every real
+//!   target.
+//! - [`endpoints`]: the local pods (CNI endpoint files), attached and made
+//!   deliverable.
+//! - [`registration`]: standalone mode: registers the node and its
+//!   endpoints with the cluster's apiserver and keeps them alive.
+//! - [`datapath`]: loads the tunnel-ebpf programs, attaches and pins them,
+//!   reads their counters.
+//! - [`wireguard`]: the node's WireGuard device (started once, adopted by
+//!   every later agent) and key rotation.
+//! - [`telemetry`]: status refresh, counter reports, audit of refusals.
+//! - [`status`]: the local HTTP endpoint (`/healthz`, `/status`, `/metrics`).
 //! - [`audit`]: the append-only JSON-lines audit trail of encryption
 //!   posture changes.
-//! - [`wireguard`]: the node's WireGuard device (started once, adopted by
-//!   every later agent) and its peers reconciler.
 //!
-//! The eBPF map, netlink route and WireGuard peer reconcilers plug into
-//! [`clusters::Reconcilers`] (docs/architecture.md).
+//! docs/architecture.md walks a record from a remote etcd to a map entry
+//! through these modules.
 
 pub mod audit;
 pub mod clusters;
+pub mod config;
 pub mod datapath;
-pub mod reconcile;
+pub mod desired;
+pub mod endpoints;
+pub mod node;
+pub mod reconcilers;
 pub mod registration;
 pub mod status;
+pub mod telemetry;
 pub mod wireguard;

@@ -1,213 +1,298 @@
-//! The agent's local status endpoint (HTTP on a loopback address):
-//! `GET /status` is the [`AgentStatus`] as JSON with an `encryption`
-//! section ([`EncryptionStatus`]: device, key fingerprint, policy, per-peer
-//! handshake age and bytes, strict-mode drops), what `clustermesh status`
-//! reads; `GET /metrics` the same as Prometheus text.
+//! The agent's local HTTP endpoint (loopback by default), served by
+//! [`clustermesh_http::serve`] (concurrent connections with timeouts):
+//! - `GET /healthz`: `ok` while the agent runs (liveness);
+//! - `GET /status`: the [`NodeStatus`] document as JSON (the control plane
+//!   as the clusters stage publishes it, and the encryption section),
+//!   what `clustermesh status` reads with the same types;
+//! - `GET /metrics`: the same as OpenMetrics (prometheus-client), base
+//!   units (seconds), counters ending in `_total`.
 
-use std::{
-    fmt::Write as _,
-    sync::{Arc, Mutex},
+use std::sync::{Arc, Mutex};
+
+use axum::{Json, Router, extract::State, response::Response, routing::get};
+use clustermesh_api::status::{ControlPlaneStatus, EncryptionStatus, NodeStatus};
+use clustermesh_http::prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
 };
-
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
-use crate::{clusters::AgentStatus, wireguard::EncryptionStatus};
-
-/// Prometheus text of a status snapshot.
-pub fn metrics(s: &AgentStatus, e: &EncryptionStatus) -> String {
-    let mut o = String::new();
-    let mut gauge = |name: &str, help: &str, kind: &str, rows: Vec<(String, u64)>| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in rows {
-            let _ = writeln!(o, "{name}{{{labels}}} {v}");
-        }
-    };
-    let per = |f: &dyn Fn(&crate::clusters::ClusterStatus) -> u64| -> Vec<(String, u64)> {
-        s.clusters
-            .iter()
-            .map(|c| (format!("cluster=\"{}\"", c.name), f(c)))
-            .collect()
-    };
-    gauge(
-        "clustermesh_agent_cluster_connected",
-        "Whether the cluster's etcd is connected.",
-        "gauge",
-        per(&|c| u64::from(c.connected)),
-    );
-    gauge(
-        "clustermesh_agent_cluster_synced",
-        "Whether the cluster completed its initial sync.",
-        "gauge",
-        per(&|c| u64::from(c.synced)),
-    );
-    gauge(
-        "clustermesh_agent_cluster_withdrawn",
-        "Whether the cluster's state was withdrawn as stale.",
-        "gauge",
-        per(&|c| u64::from(c.withdrawn)),
-    );
-    gauge(
-        "clustermesh_agent_cluster_events_total",
-        "Watch events received.",
-        "counter",
-        per(&|c| c.events),
-    );
-    gauge(
-        "clustermesh_agent_cluster_reconnects_total",
-        "Sessions that ended and were retried.",
-        "counter",
-        per(&|c| c.reconnects),
-    );
-    gauge(
-        "clustermesh_agent_cluster_last_event_age_ms",
-        "Milliseconds since the cluster's last watch event (watch lag).",
-        "gauge",
-        per(&|c| c.last_event_age_ms.unwrap_or(0)),
-    );
-    let mut refused = Vec::new();
-    let mut rejected = Vec::new();
-    for c in &s.clusters {
-        for (r, v) in &c.refused_total {
-            refused.push((format!("cluster=\"{}\",reason=\"{r}\"", c.name), *v));
-        }
-        for (r, v) in &c.rejected_now {
-            rejected.push((format!("cluster=\"{}\",reason=\"{r}\"", c.name), *v));
-        }
-    }
-    gauge(
-        "clustermesh_agent_records_refused_total",
-        "Records refused when read (decoding, ownership), by reason.",
-        "counter",
-        refused,
-    );
-    gauge(
-        "clustermesh_agent_records_rejected",
-        "Records the merge rejects right now, by reason.",
-        "gauge",
-        rejected,
-    );
-    gauge(
-        "clustermesh_agent_desired_entries",
-        "Entries of the desired datapath state.",
-        "gauge",
-        vec![
-            ("target=\"ipcache\"".into(), s.desired.ipcache as u64),
-            ("target=\"tunnels\"".into(), s.desired.tunnels as u64),
-            ("target=\"peers\"".into(), s.desired.peers as u64),
-            ("target=\"services\"".into(), s.desired.services as u64),
-        ],
-    );
-    gauge(
-        "clustermesh_agent_wireguard_peer_handshake_age_seconds",
-        "Seconds since each WireGuard peer's last handshake.",
-        "gauge",
-        e.peers
-            .iter()
-            .filter_map(|p| Some((format!("peer=\"{}\"", p.key), p.last_handshake_age_s?)))
-            .collect(),
-    );
-    gauge(
-        "clustermesh_agent_wireguard_peer_bytes_total",
-        "Bytes through each WireGuard peer.",
-        "counter",
-        e.peers
-            .iter()
-            .flat_map(|p| {
-                [
-                    (format!("peer=\"{}\",direction=\"rx\"", p.key), p.rx_bytes),
-                    (format!("peer=\"{}\",direction=\"tx\"", p.key), p.tx_bytes),
-                ]
-            })
-            .collect(),
-    );
-    gauge(
-        "clustermesh_agent_plaintext_drops_total",
-        "Pod packets strict encryption refused, by direction.",
-        "counter",
-        vec![
-            ("direction=\"egress\"".into(), e.plaintext_drops.egress),
-            ("direction=\"ingress\"".into(), e.plaintext_drops.ingress),
-        ],
-    );
-    let d = &e.device_drops;
-    gauge(
-        "clustermesh_agent_wireguard_device_drops_total",
-        "Packets the WireGuard device dropped, by reason.",
-        "counter",
-        vec![
-            ("reason=\"no_peer\"".into(), d.tx_no_peer),
-            ("reason=\"source_not_allowed\"".into(), d.rx_not_allowed),
-            ("reason=\"unknown_sender\"".into(), d.rx_unknown),
-            (
-                "reason=\"handshake_or_decrypt_failure\"".into(),
-                d.rx_errors,
-            ),
-        ],
-    );
-    gauge(
-        "clustermesh_agent_wireguard_key_rotations_total",
-        "WireGuard key rotations completed.",
-        "counter",
-        vec![(String::new(), e.rotations_completed)],
-    );
-    o
+/// What the endpoint reads.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// Published by the control plane (None: the agent runs without one).
+    pub control_plane: Option<Arc<Mutex<ControlPlaneStatus>>>,
+    pub encryption: Arc<Mutex<EncryptionStatus>>,
 }
 
-/// Serves `/status` and `/metrics` until cancelled.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    status: Arc<Mutex<AgentStatus>>,
-    encryption: Arc<Mutex<EncryptionStatus>>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let (mut sock, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "status accept failed");
-                    continue;
-                }
+impl Sources {
+    /// A snapshot of the whole document.
+    pub fn snapshot(&self) -> NodeStatus {
+        NodeStatus {
+            control_plane: self
+                .control_plane
+                .as_ref()
+                .and_then(|s| s.lock().ok().map(|g| g.clone()))
+                .unwrap_or_default(),
+            encryption: self
+                .encryption
+                .lock()
+                .map(|g| g.clone())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn gauge_family() -> Family<Labels, Gauge> {
+    Family::default()
+}
+
+fn counter_family() -> Family<Labels, Counter> {
+    Family::default()
+}
+
+fn set(f: &Family<Labels, Gauge>, labels: Labels, v: u64) {
+    f.get_or_create(&labels)
+        .set(i64::try_from(v).unwrap_or(i64::MAX));
+}
+
+fn add(f: &Family<Labels, Counter>, labels: Labels, v: u64) {
+    f.get_or_create(&labels).inc_by(v);
+}
+
+fn cluster_metrics(r: &mut Registry, s: &ControlPlaneStatus) {
+    let connected = gauge_family();
+    let synced = gauge_family();
+    let withdrawn = gauge_family();
+    let events = counter_family();
+    let reconnects = counter_family();
+    let age: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
+    let refused = counter_family();
+    let rejected = gauge_family();
+    for c in &s.clusters {
+        let l = || vec![("cluster", c.name.clone())];
+        set(&connected, l(), u64::from(c.connected));
+        set(&synced, l(), u64::from(c.synced));
+        set(&withdrawn, l(), u64::from(c.withdrawn));
+        add(&events, l(), c.events);
+        add(&reconnects, l(), c.reconnects);
+        age.get_or_create(&l())
+            .set(c.last_event_age_ms.unwrap_or(0) as f64 / 1000.0);
+        for (reason, v) in &c.refused_total {
+            add(
+                &refused,
+                vec![("cluster", c.name.clone()), ("reason", reason.clone())],
+                *v,
+            );
+        }
+        for (reason, v) in &c.rejected_now {
+            set(
+                &rejected,
+                vec![("cluster", c.name.clone()), ("reason", reason.clone())],
+                *v,
+            );
+        }
+    }
+    let p = "clustermesh_agent_cluster";
+    r.register(
+        format!("{p}_connected"),
+        "Whether the cluster's etcd is connected.",
+        connected,
+    );
+    r.register(
+        format!("{p}_synced"),
+        "Whether the cluster completed its initial sync.",
+        synced,
+    );
+    r.register(
+        format!("{p}_withdrawn"),
+        "Whether the cluster's state was withdrawn as stale.",
+        withdrawn,
+    );
+    r.register(format!("{p}_events"), "Watch events received.", events);
+    r.register(
+        format!("{p}_reconnects"),
+        "Sessions that ended and were retried.",
+        reconnects,
+    );
+    r.register_with_unit(
+        format!("{p}_last_event_age"),
+        "Time since the cluster's last watch event (watch lag).",
+        Unit::Seconds,
+        age,
+    );
+    r.register(
+        "clustermesh_agent_records_refused",
+        "Records refused when read (decoding, ownership), by reason.",
+        refused,
+    );
+    r.register(
+        "clustermesh_agent_records_rejected",
+        "Records the merge rejects right now, by reason.",
+        rejected,
+    );
+    let desired = gauge_family();
+    for (target, n) in [
+        ("ipcache", s.desired.ipcache),
+        ("tunnels", s.desired.tunnels),
+        ("peers", s.desired.peers),
+        ("services", s.desired.services),
+    ] {
+        set(&desired, vec![("target", target.into())], n as u64);
+    }
+    r.register(
+        "clustermesh_agent_desired_entries",
+        "Entries of the desired datapath state.",
+        desired,
+    );
+}
+
+fn encryption_metrics(r: &mut Registry, e: &EncryptionStatus) {
+    let handshake = gauge_family();
+    let bytes = counter_family();
+    for p in &e.peers {
+        if let Some(age) = p.last_handshake_age_s {
+            set(&handshake, vec![("peer", p.key.clone())], age);
+        }
+        add(
+            &bytes,
+            vec![("peer", p.key.clone()), ("direction", "rx".into())],
+            p.rx_bytes,
+        );
+        add(
+            &bytes,
+            vec![("peer", p.key.clone()), ("direction", "tx".into())],
+            p.tx_bytes,
+        );
+    }
+    r.register_with_unit(
+        "clustermesh_agent_wireguard_peer_handshake_age",
+        "Time since each WireGuard peer's last handshake.",
+        Unit::Seconds,
+        handshake,
+    );
+    r.register_with_unit(
+        "clustermesh_agent_wireguard_peer",
+        "Bytes through each WireGuard peer.",
+        Unit::Bytes,
+        bytes,
+    );
+    let plaintext = counter_family();
+    add(
+        &plaintext,
+        vec![("direction", "egress".into())],
+        e.plaintext_drops.egress,
+    );
+    add(
+        &plaintext,
+        vec![("direction", "ingress".into())],
+        e.plaintext_drops.ingress,
+    );
+    r.register(
+        "clustermesh_agent_plaintext_drops",
+        "Pod packets strict encryption refused, by direction.",
+        plaintext,
+    );
+    let d = &e.device_drops;
+    let device = counter_family();
+    for (reason, v) in [
+        ("no_peer", d.tx_no_peer),
+        ("source_not_allowed", d.rx_not_allowed),
+        ("unknown_sender", d.rx_unknown),
+        ("handshake_or_decrypt_failure", d.rx_errors),
+    ] {
+        add(&device, vec![("reason", reason.into())], v);
+    }
+    r.register(
+        "clustermesh_agent_wireguard_device_drops",
+        "Packets the WireGuard device dropped, by reason.",
+        device,
+    );
+    let rotations: Counter = Counter::default();
+    rotations.inc_by(e.rotations_completed);
+    r.register(
+        "clustermesh_agent_wireguard_key_rotations",
+        "WireGuard key rotations completed.",
+        rotations,
+    );
+}
+
+/// The metrics of a status snapshot.
+pub fn registry(s: &NodeStatus) -> Registry {
+    let mut r = Registry::default();
+    cluster_metrics(&mut r, &s.control_plane);
+    encryption_metrics(&mut r, &s.encryption);
+    r
+}
+
+async fn status(State(src): State<Sources>) -> Json<NodeStatus> {
+    Json(src.snapshot())
+}
+
+async fn metrics(State(src): State<Sources>) -> Response {
+    clustermesh_http::metrics_response(&registry(&src.snapshot()))
+}
+
+pub fn router(src: Sources) -> Router {
+    Router::new()
+        .route("/healthz", get(clustermesh_http::healthz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(src)
+}
+
+/// Serves the endpoint until cancelled.
+pub async fn serve(listener: tokio::net::TcpListener, src: Sources, cancel: CancellationToken) {
+    clustermesh_http::serve(listener, router(src), cancel).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clustermesh_api::status::{ClusterStatus, PeerStatus};
+
+    use super::*;
+
+    #[test]
+    fn metrics_follow_the_conventions() {
+        let s = NodeStatus {
+            control_plane: ControlPlaneStatus {
+                clusters: vec![ClusterStatus {
+                    name: "c2".into(),
+                    connected: true,
+                    last_event_age_ms: Some(1500),
+                    rejected_now: [("cidr_overlap".to_owned(), 2)].into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            encryption: EncryptionStatus {
+                peers: vec![PeerStatus {
+                    key: "abc".into(),
+                    last_handshake_age_s: Some(3),
+                    rx_bytes: 10,
+                    tx_bytes: 20,
+                    ..Default::default()
+                }],
+                ..Default::default()
             },
         };
-        let mut buf = [0u8; 1024];
-        let n = match tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf))
-            .await
-        {
-            Ok(Ok(n)) => n,
-            _ => continue,
-        };
-        let req = String::from_utf8_lossy(&buf[..n]);
-        let snapshot = status.lock().map(|s| s.clone()).unwrap_or_default();
-        let enc = encryption.lock().map(|s| s.clone()).unwrap_or_default();
-        let (code, ctype, body) = if req.starts_with("GET /status ") {
-            let mut v = serde_json::to_value(&snapshot).unwrap_or_default();
-            if let Some(m) = v.as_object_mut() {
-                m.insert(
-                    "encryption".into(),
-                    serde_json::to_value(&enc).unwrap_or_default(),
-                );
-            }
-            (
-                "200 OK",
-                "application/json",
-                serde_json::to_string_pretty(&v).unwrap_or_default(),
-            )
-        } else if req.starts_with("GET /metrics ") {
-            (
-                "200 OK",
-                "text/plain; version=0.0.4",
-                metrics(&snapshot, &enc),
-            )
-        } else {
-            ("404 Not Found", "text/plain", String::new())
-        };
-        let resp = format!(
-            "HTTP/1.0 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let _ = sock.write_all(resp.as_bytes()).await;
+        let mut text = String::new();
+        clustermesh_http::prometheus_client::encoding::text::encode(&mut text, &registry(&s))
+            .unwrap();
+        for want in [
+            r#"clustermesh_agent_cluster_connected{cluster="c2"} 1"#,
+            r#"clustermesh_agent_cluster_last_event_age_seconds{cluster="c2"} 1.5"#,
+            r#"clustermesh_agent_records_rejected{cluster="c2",reason="cidr_overlap"} 2"#,
+            r#"clustermesh_agent_wireguard_peer_handshake_age_seconds{peer="abc"} 3"#,
+            r#"clustermesh_agent_wireguard_peer_bytes_total{peer="abc",direction="tx"} 20"#,
+            "# TYPE clustermesh_agent_plaintext_drops counter",
+            "# EOF",
+        ] {
+            assert!(text.contains(want), "{want} missing in\n{text}");
+        }
+        assert!(!text.contains("_ms"), "{text}");
     }
 }

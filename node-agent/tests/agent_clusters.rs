@@ -14,11 +14,10 @@ use clustermesh_apiserver::{Config, Running};
 use clustermesh_testkit::etcd::EtcdServer;
 use node_agent::{
     clusters::{
-        Agent, AgentConfig, AgentStatus, ClusterStatus, Reconcilers,
-        config::ClusterFile,
-        merge::{IpCacheEntry, MergedService, Peer, TunnelEntry},
+        Agent, AgentStatus, ClusterStatus, ClustersConfig, Reconcilers, config::ClusterFile,
     },
-    reconcile::SharedReconciler,
+    desired::{IpCacheEntry, MergedService, Peer, TunnelEntry},
+    reconcilers::{MemoryReconciler, SharedReconciler},
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -136,12 +135,13 @@ impl Targets {
             tunnels: Box::new(self.tunnels.clone()),
             peers: Box::new(self.peers.clone()),
             services: Box::new(self.services.clone()),
+            policy: Box::new(MemoryReconciler::new("policy")),
         }
     }
 }
 
-fn agent_config(local: &Cluster, dir: &Path, stale_ttl: Duration) -> AgentConfig {
-    AgentConfig {
+fn agent_config(local: &Cluster, dir: &Path, stale_ttl: Duration) -> ClustersConfig {
+    ClustersConfig {
         local_cluster: local.name.parse().unwrap(),
         local: ClusterFile {
             endpoints: vec![local.etcd.endpoint()],
@@ -519,7 +519,7 @@ async fn restarted_agent_changes_nothing_that_did_not_change() {
     let status = a.status();
     let run = tokio::spawn(a.run());
     until("second sync", || status.lock().unwrap().pruned).await;
-    use node_agent::reconcile::Op;
+    use node_agent::reconcilers::Op;
     let ops = t.ipcache.ops();
     // Exactly: the new endpoint written, the removed one pruned, nothing else
     // rewritten, and no delete before the prune.

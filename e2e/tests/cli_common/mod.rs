@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+use clustermesh_api::status::EncryptionStatus;
 use clustermesh_api::{
     ClusterId,
     proto::{self, cluster_mesh_client::ClusterMeshClient},
@@ -19,15 +20,15 @@ use clustermesh_api::{
 use clustermesh_apiserver::{Config, Running};
 use clustermesh_testkit::etcd::EtcdServer;
 use node_agent::{
-    clusters::{Agent, AgentConfig, Reconcilers, config::ClusterFile},
-    reconcile::MemoryReconciler,
-    wireguard::EncryptionStatus,
+    audit::Audit,
+    clusters::{Agent, ClustersConfig, Reconcilers, config::ClusterFile},
+    reconcilers::datapath_config::DatapathConfigMap,
 };
 use tokio_util::sync::CancellationToken;
 
 /// The `clustermesh` binary of this build (cargo xtask test builds every
 /// binary before the tests).
-pub fn cli() -> std::path::PathBuf {
+pub fn cli_bin() -> std::path::PathBuf {
     e2e::product::binary("clustermesh")
 }
 
@@ -181,14 +182,13 @@ pub async fn cluster(root: &Path, spec: ClusterSpec<'_>) -> Cluster {
     }
 }
 
-/// A node agent's control plane and its `/status` endpoint, as node-agent's
-/// main runs them (the encryption section follows the cluster's policy as
-/// its policy loop does).
+/// A node agent's control plane and its `/status` endpoint, as node-agent
+/// runs them (without a datapath).
 pub async fn agent(root: &Path, cluster: &str, node: &str, local: ClusterFile) -> Node {
     let clusters_dir = root.join(format!("{cluster}-{node}")).join("clusters");
     std::fs::create_dir_all(&clusters_dir).unwrap();
     let cancel = CancellationToken::new();
-    let cfg = AgentConfig {
+    let cfg = ClustersConfig {
         local_cluster: cluster.parse().unwrap(),
         local,
         self_node: node.parse().ok(),
@@ -197,38 +197,23 @@ pub async fn agent(root: &Path, cluster: &str, node: &str, local: ClusterFile) -
         sync_timeout: Duration::from_secs(60),
         poll_interval: Duration::from_millis(100),
     };
-    let reconcilers = Reconcilers {
-        ipcache: Box::new(MemoryReconciler::new("ipcache")),
-        tunnels: Box::new(MemoryReconciler::new("tunnels")),
-        peers: Box::new(MemoryReconciler::new("peers")),
-        services: Box::new(MemoryReconciler::new("services")),
-    };
-    let a = Agent::new(cfg, reconcilers, cancel.clone());
-    let status = a.status();
+    // The encryption section follows the cluster's policy through the
+    // datapath-config reconciler, as in the agent (no datapath here).
     let enc = Arc::new(Mutex::new(EncryptionStatus::default()));
+    let audit = Audit::open(&clusters_dir.with_file_name("audit.jsonl"), node);
+    let mut reconcilers = Reconcilers::in_memory();
+    reconcilers.policy = Box::new(DatapathConfigMap::without_datapath(enc.clone(), audit));
+    let a = Agent::new(cfg, reconcilers, cancel.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(node_agent::status::serve(
         listener,
-        status.clone(),
-        enc.clone(),
+        node_agent::status::Sources {
+            control_plane: Some(a.status()),
+            encryption: enc,
+        },
         cancel.clone(),
     ));
-    let c = cancel.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tokio::select! {
-                _ = c.cancelled() => return,
-                _ = tick.tick() => {
-                    let p = status.lock().ok().and_then(|s| s.encryption);
-                    if let (Some(p), Ok(mut e)) = (p, enc.lock()) {
-                        e.policy = Some(p);
-                    }
-                }
-            }
-        }
-    });
     tokio::spawn(async move {
         a.run().await;
     });
@@ -243,7 +228,7 @@ pub async fn agent(root: &Path, cluster: &str, node: &str, local: ClusterFile) -
 /// Runs the CLI with `CLUSTERMESH_CONFIG_DIR=dir` (60 s at most; killed on
 /// timeout or drop).
 pub async fn cli(dir: &Path, args: &[&str]) -> Output {
-    let child = tokio::process::Command::new(cli())
+    let child = tokio::process::Command::new(cli_bin())
         .args(args)
         .env("CLUSTERMESH_CONFIG_DIR", dir)
         .stdin(std::process::Stdio::null())

@@ -30,11 +30,14 @@ use std::{
 };
 
 use clustermesh_api::{
-    Affinity, BackendState, ClusterId, ClusterName, EncryptionMode, EncryptionPolicy,
-    EncryptionScope, Identity, IpCidr, NodeName, Protocol, ServiceRecord, WgPublicKey,
+    ClusterId, ClusterName, EncryptionMode, EncryptionPolicy, EncryptionScope, Identity, IpCidr,
+    NodeName, Protocol, ServiceRecord,
 };
 
 use super::store::Records;
+use crate::desired::{
+    Desired, IpCacheEntry, MergedBackend, MergedService, Peer, Rejection, TunnelEntry,
+};
 
 pub const DEFAULT_WG_PORT: u16 = 51871;
 
@@ -56,70 +59,6 @@ pub struct MergeInput<'a> {
     pub remotes: &'a [ClusterInput<'a>],
 }
 
-/// ip-cache entry: an address or prefix and what the datapath needs for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpCacheEntry {
-    pub identity: Identity,
-    pub cluster_id: u8,
-    /// Underlay address of the node hosting it (None: this node).
-    pub tunnel_endpoint: Option<IpAddr>,
-    /// Traffic to it must go through WireGuard.
-    pub encrypt: bool,
-}
-
-/// Route of a remote pod CIDR to the node that owns it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TunnelEntry {
-    pub node_ip: IpAddr,
-    pub cluster_id: u8,
-    pub node: NodeName,
-    /// Traffic to the range must go through WireGuard (so that an address
-    /// not yet in the ip-cache is never sent in plaintext either).
-    pub encrypt: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    pub public_key: WgPublicKey,
-    pub endpoint: SocketAddr,
-    pub allowed_ips: Vec<IpCidr>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MergedBackend {
-    pub ip: IpAddr,
-    pub cluster: ClusterName,
-    pub state: BackendState,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MergedService {
-    pub frontends: Vec<IpAddr>,
-    pub ports: Vec<(Protocol, u16, u16)>,
-    pub affinity: Affinity,
-    pub backends: Vec<MergedBackend>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    pub cluster: ClusterName,
-    /// The record, e.g. `node n1`, `endpoint 10.1.0.5`.
-    pub record: String,
-    pub reason: &'static str,
-    pub detail: String,
-}
-
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Desired {
-    pub ipcache: BTreeMap<IpCidr, IpCacheEntry>,
-    pub tunnels: BTreeMap<IpCidr, TunnelEntry>,
-    /// Keyed `cluster/node`.
-    pub peers: BTreeMap<String, Peer>,
-    /// Keyed `namespace/name`.
-    pub services: BTreeMap<String, MergedService>,
-    pub rejected: Vec<Rejection>,
-}
-
 fn encrypt_to(policy: &EncryptionPolicy, local: bool) -> bool {
     policy.mode == EncryptionMode::Wireguard && (policy.scope == EncryptionScope::All || !local)
 }
@@ -134,16 +73,50 @@ fn port_set(s: &ServiceRecord) -> Vec<(Option<String>, Protocol, u16)> {
     v
 }
 
+/// The accepted nodes of each cluster (after CIDR ownership).
+type Accepted<'a> = BTreeMap<&'a ClusterName, Vec<&'a clustermesh_api::NodeRecord>>;
+
+/// Whether `ip` lies in an accepted pod CIDR of `cluster`.
+fn in_own_cidrs(accepted: &Accepted<'_>, cluster: &ClusterName, ip: IpAddr) -> bool {
+    accepted.get(cluster).is_some_and(|nodes| {
+        nodes
+            .iter()
+            .any(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
+    })
+}
+
+/// The accepted node of `cluster` whose pod CIDR holds `ip`.
+fn host_of(accepted: &Accepted<'_>, cluster: &ClusterName, ip: IpAddr) -> Option<NodeName> {
+    accepted.get(cluster).and_then(|nodes| {
+        nodes
+            .iter()
+            .find(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
+            .map(|n| n.name.clone())
+    })
+}
+
 pub fn merge(input: &MergeInput<'_>) -> Desired {
     let mut out = Desired::default();
+    out.policy.insert((), input.encryption);
     let all: Vec<(bool, &ClusterInput<'_>)> = std::iter::once((true, &input.local))
         .chain(input.remotes.iter().map(|r| (false, r)))
         .collect();
+    let accepted = merge_nodes(input, &all, &mut out);
+    merge_endpoints(input, &all, &accepted, &mut out);
+    merge_services(input, &accepted, &mut out);
+    out
+}
 
-    // 1. Nodes and CIDR ownership.
+/// 1. Nodes and CIDR ownership: tunnels, remote nodes' ip-cache entries,
+///    WireGuard peers.
+fn merge_nodes<'a>(
+    input: &MergeInput<'a>,
+    all: &[(bool, &'a ClusterInput<'a>)],
+    out: &mut Desired,
+) -> Accepted<'a> {
     let mut candidates: Vec<(bool, u64, &ClusterInput<'_>, &clustermesh_api::NodeRecord)> =
         Vec::new();
-    for (local, c) in &all {
+    for (local, c) in all {
         for (rec, seq) in c.records.nodes.values() {
             candidates.push((*local, *seq, c, rec));
         }
@@ -227,24 +200,17 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
             );
         }
     }
-    let in_own_cidrs = |cluster: &ClusterName, ip: IpAddr| {
-        accepted.get(cluster).is_some_and(|nodes| {
-            nodes
-                .iter()
-                .any(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
-        })
-    };
-    let host_of = |cluster: &ClusterName, ip: IpAddr| {
-        accepted.get(cluster).and_then(|nodes| {
-            nodes
-                .iter()
-                .find(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
-                .map(|n| n.name.clone())
-        })
-    };
+    accepted
+}
 
-    // 2. Endpoints (ip-cache) and identities.
-    for (local, c) in &all {
+/// 2. Endpoints (ip-cache) and identities.
+fn merge_endpoints(
+    input: &MergeInput<'_>,
+    all: &[(bool, &ClusterInput<'_>)],
+    accepted: &Accepted<'_>,
+    out: &mut Desired,
+) {
+    for (local, c) in all {
         for rec in c.records.identities.values() {
             if rec.id.cluster() != Some(c.id) {
                 out.rejected.push(Rejection {
@@ -268,7 +234,7 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
                 });
                 continue;
             }
-            if !in_own_cidrs(c.name, rec.ip) {
+            if !in_own_cidrs(accepted, c.name, rec.ip) {
                 out.rejected.push(Rejection {
                     cluster: c.name.clone(),
                     record: format!("endpoint {}", rec.ip),
@@ -280,7 +246,7 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
                 });
                 continue;
             }
-            let on_self = *local && host_of(c.name, rec.ip).as_ref() == input.self_node;
+            let on_self = *local && host_of(accepted, c.name, rec.ip).as_ref() == input.self_node;
             out.ipcache.insert(
                 IpCidr::host(rec.ip),
                 IpCacheEntry {
@@ -292,8 +258,10 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
             );
         }
     }
+}
 
-    // 3. Services: local ones, with remote backends for global services.
+/// 3. Services: local ones, with remote backends for global services.
+fn merge_services(input: &MergeInput<'_>, accepted: &Accepted<'_>, out: &mut Desired) {
     let mut frontends: BTreeMap<(IpAddr, Protocol, u16), String> = BTreeMap::new();
     for (key, svc) in &input.local.records.services {
         let name = format!("{}/{}", key.0, key.1);
@@ -324,7 +292,7 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
         let mut backends = Vec::new();
         let mut take = |cluster: &ClusterName, s: &ServiceRecord, out: &mut Desired| {
             for b in &s.backends {
-                if !in_own_cidrs(cluster, b.ip) {
+                if !in_own_cidrs(accepted, cluster, b.ip) {
                     out.rejected.push(Rejection {
                         cluster: cluster.clone(),
                         record: format!("service {name} backend {}", b.ip),
@@ -343,7 +311,7 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
                 });
             }
         };
-        take(input.local.name, svc, &mut out);
+        take(input.local.name, svc, out);
         if svc.global {
             for r in input.remotes {
                 let Some(rs) = r.records.services.get(key) else {
@@ -361,7 +329,7 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
                     });
                     continue;
                 }
-                take(r.name, rs, &mut out);
+                take(r.name, rs, out);
             }
         }
         out.services.insert(
@@ -378,7 +346,6 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
             },
         );
     }
-    out
 }
 
 #[cfg(test)]
@@ -388,6 +355,8 @@ mod tests {
         Backend, ClusterId, EndpointRecord, IdentityRecord, K8sName, Labels, NodeRecord,
         ServicePort,
     };
+
+    use clustermesh_api::{Affinity, BackendState, WgPublicKey};
 
     use super::*;
 

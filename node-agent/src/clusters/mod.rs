@@ -31,20 +31,26 @@ use std::{
 };
 
 use clustermesh_api::{ClusterName, IpCidr, NodeName};
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use clustermesh_api::EncryptionPolicy;
+pub use clustermesh_api::status::{ClusterStatus, ControlPlaneStatus, DesiredCounts};
+
 use self::{
     config::{ClusterFile, DirChange},
-    merge::{ClusterInput, Desired, IpCacheEntry, MergeInput, MergedService, Peer, TunnelEntry},
-    store::{ClusterStore, Counts, Effect},
+    merge::{ClusterInput, MergeInput},
+    store::{ClusterStore, Effect},
     watcher::WatchEvent,
 };
-use crate::reconcile::{Reconciler, apply_diff};
+use crate::{
+    desired::{Desired, IpCacheEntry, MergedService, Peer, TunnelEntry},
+    reconcilers::{MemoryReconciler, Reconciler, apply_diff},
+};
 
+/// The control plane's configuration (part of [`crate::config::AgentConfig`]).
 #[derive(Debug, Clone)]
-pub struct AgentConfig {
+pub struct ClustersConfig {
     pub local_cluster: ClusterName,
     pub local: ClusterFile,
     /// This node's name in the local cluster.
@@ -58,7 +64,7 @@ pub struct AgentConfig {
     pub poll_interval: Duration,
 }
 
-impl AgentConfig {
+impl ClustersConfig {
     pub const DEFAULT_STALE_TTL: Duration = Duration::from_secs(300);
     pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 }
@@ -69,6 +75,21 @@ pub struct Reconcilers {
     pub tunnels: Box<dyn Reconciler<IpCidr, TunnelEntry>>,
     pub peers: Box<dyn Reconciler<String, Peer>>,
     pub services: Box<dyn Reconciler<String, MergedService>>,
+    /// The local cluster's encryption policy (strict flags, status, audit).
+    pub policy: Box<dyn Reconciler<(), EncryptionPolicy>>,
+}
+
+impl Reconcilers {
+    /// Every target in memory (tests, and an agent without a datapath).
+    pub fn in_memory() -> Self {
+        Self {
+            ipcache: Box::new(MemoryReconciler::new("ipcache")),
+            tunnels: Box::new(MemoryReconciler::new("tunnels")),
+            peers: Box::new(MemoryReconciler::new("peers")),
+            services: Box::new(MemoryReconciler::new("services")),
+            policy: Box::new(MemoryReconciler::new("policy")),
+        }
+    }
 }
 
 impl std::fmt::Debug for Reconcilers {
@@ -77,44 +98,8 @@ impl std::fmt::Debug for Reconcilers {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct ClusterStatus {
-    pub name: String,
-    pub id: Option<u8>,
-    pub local: bool,
-    pub connected: bool,
-    pub synced: bool,
-    pub withdrawn: bool,
-    pub last_error: Option<String>,
-    pub counts: Counts,
-    pub last_event_age_ms: Option<u64>,
-    pub events: u64,
-    pub reconnects: u64,
-    /// Records refused since start, by reason (decoding and ownership).
-    pub refused_total: BTreeMap<String, u64>,
-    /// Records refused by the merge right now, by reason.
-    pub rejected_now: BTreeMap<String, u64>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct DesiredCounts {
-    pub ipcache: usize,
-    pub tunnels: usize,
-    pub peers: usize,
-    pub services: usize,
-}
-
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct AgentStatus {
-    pub cluster: String,
-    pub node: Option<String>,
-    pub clusters: Vec<ClusterStatus>,
-    pub all_synced: bool,
-    pub pruned: bool,
-    pub desired: DesiredCounts,
-    /// The local cluster's encryption policy, once its config is read.
-    pub encryption: Option<clustermesh_api::EncryptionPolicy>,
-}
+/// The shared status the agent publishes (served by [`crate::status`]).
+pub type AgentStatus = ControlPlaneStatus;
 
 struct Slot {
     local: bool,
@@ -150,7 +135,7 @@ impl Slot {
 
 /// The running control plane.
 pub struct Agent {
-    cfg: AgentConfig,
+    cfg: ClustersConfig,
     slots: BTreeMap<ClusterName, Slot>,
     scan: config::Scan,
     last: Desired,
@@ -175,7 +160,7 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    pub fn new(cfg: AgentConfig, reconcilers: Reconcilers, cancel: CancellationToken) -> Self {
+    pub fn new(cfg: ClustersConfig, reconcilers: Reconcilers, cancel: CancellationToken) -> Self {
         let (tx, rx) = mpsc::channel(4096);
         let status = Arc::new(Mutex::new(AgentStatus {
             cluster: cfg.local_cluster.to_string(),
@@ -445,6 +430,8 @@ impl Agent {
                 &desired.services,
                 allow_delete,
             )?;
+            // The policy is never deleted: the last one read stays applied.
+            apply_diff(r.policy.as_mut(), &self.last.policy, &desired.policy, false)?;
             if prune_now {
                 let n = r.ipcache.prune(&desired.ipcache)?
                     + r.tunnels.prune(&desired.tunnels)?
@@ -452,7 +439,7 @@ impl Agent {
                     + r.services.prune(&desired.services)?;
                 tracing::info!(removed = n, "initial sync complete; pruned leftovers");
             }
-            Ok::<_, crate::reconcile::ReconcileError>(())
+            Ok::<_, crate::reconcilers::ReconcileError>(())
         })();
         match result {
             Ok(()) => {
@@ -475,6 +462,7 @@ impl Agent {
                     keep(&self.last.tunnels, &mut desired.tunnels);
                     keep(&self.last.peers, &mut desired.peers);
                     keep(&self.last.services, &mut desired.services);
+                    keep(&self.last.policy, &mut desired.policy);
                 }
                 self.last = desired;
                 self.retry = false;
@@ -529,11 +517,6 @@ impl Agent {
             clusters,
             all_synced: self.all_synced(),
             pruned: self.pruned,
-            encryption: self
-                .slots
-                .get(&self.cfg.local_cluster)
-                .and_then(|s| s.store.config.as_ref())
-                .map(|c| c.encryption),
             desired: DesiredCounts {
                 ipcache: self.last.ipcache.len(),
                 tunnels: self.last.tunnels.len(),
@@ -546,15 +529,31 @@ impl Agent {
         }
     }
 
+    /// Lets every target do the work it schedules (drains, expiries).
+    fn tick(&mut self, now: Instant) {
+        let r = &mut self.reconcilers;
+        let results = [
+            r.ipcache.tick(now),
+            r.tunnels.tick(now),
+            r.peers.tick(now),
+            r.services.tick(now),
+            r.policy.tick(now),
+        ];
+        for e in results.into_iter().filter_map(Result::err) {
+            tracing::warn!(error = %e, "scheduled reconciler work failed; retrying");
+        }
+    }
+
     /// Starts the diffs from what the targets already hold (adoption).
     fn adopt(&mut self) {
         let r = &mut self.reconcilers;
         let snap = (|| {
-            Ok::<_, crate::reconcile::ReconcileError>(Desired {
+            Ok::<_, crate::reconcilers::ReconcileError>(Desired {
                 ipcache: r.ipcache.snapshot()?,
                 tunnels: r.tunnels.snapshot()?,
                 peers: r.peers.snapshot()?,
                 services: r.services.snapshot()?,
+                policy: r.policy.snapshot()?,
                 rejected: Vec::new(),
             })
         })();
@@ -606,6 +605,7 @@ impl Agent {
                 self.dirty = false;
                 self.reconcile();
             }
+            self.tick(Instant::now());
             self.publish(Instant::now());
         }
         self.tracker.close();

@@ -81,13 +81,7 @@ impl Records {
 }
 
 /// Counts of a cluster's records (for status).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Counts {
-    pub nodes: usize,
-    pub endpoints: usize,
-    pub identities: usize,
-    pub services: usize,
-}
+pub use clustermesh_api::status::RecordCounts as Counts;
 
 /// One cluster as this agent sees it.
 #[derive(Debug)]

@@ -1,6 +1,9 @@
 //! The node's eBPF datapath: the compiled tunnel-ebpf objects, a loader that
 //! pins their maps in the node's bpffs directory and attaches the programs
-//! (TCX), typed access to the maps, and metrics read back from the kernel.
+//! (TCX), typed access to the maps (tests and tools read them), and the
+//! counters read back from the kernel ([`Counters`], through the pin).
+//! What the maps must hold is the reconcilers' business
+//! ([`crate::reconcilers`]); this module only loads, attaches and pins.
 //!
 //! Invariants:
 //! - map and program names come from `tunnel_common`, the one place the
@@ -27,10 +30,6 @@ use tunnel_common::{
     Counter, DatapathConfig, Direction, EndpointInfo, IpCacheValue, LbBackendKey, LbBackendValue,
     LbServiceKey, LbServiceValue, Verdict, maps, metric_index, programs,
 };
-
-pub mod reconcilers;
-pub mod routes;
-pub mod services;
 
 /// ELF objects built by build.rs (aya-build) from tunnel-ebpf.
 pub mod objects {
@@ -74,10 +73,18 @@ pub enum Error {
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("program {program}: link: {message}")]
+    #[error("link of {program}: {source}")]
     Link {
         program: &'static str,
-        message: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning the link of {program} at {path}: {source}")]
+    PinLink {
+        program: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
     },
     #[error("interface {iface:?} not found in this network namespace")]
     NoSuchInterface { iface: String },
@@ -168,10 +175,7 @@ fn attach(ebpf: &mut Ebpf, program: &'static str, iface: &str, pin_dir: &Path) -
         .try_into()
         .map_err(|source| Error::Program { program, source })?;
     let perr = |source| Error::Program { program, source };
-    let lerr = |e: aya::programs::links::LinkError| Error::Link {
-        program,
-        message: e.to_string(),
-    };
+    let lerr = |source: aya::programs::links::LinkError| Error::Link { program, source };
     let path = pin_dir.join(format!("link_{program}_{idx}"));
     if path.exists() {
         let adopted = PinnedLink::from_pin(&path)
@@ -199,9 +203,10 @@ fn attach(ebpf: &mut Ebpf, program: &'static str, iface: &str, pin_dir: &Path) -
         .map_err(perr)?;
     let link = prog.take_link(id).map_err(perr)?;
     let fd: FdLink = link.try_into().map_err(lerr)?;
-    fd.pin(&path).map_err(|e| Error::Link {
+    fd.pin(&path).map_err(|source| Error::PinLink {
         program,
-        message: format!("pinning {}: {e}", path.display()),
+        path: path.clone(),
+        source,
     })?;
     Ok(Attached::New)
 }
@@ -582,4 +587,140 @@ impl Datapath {
         }
         Ok(out)
     }
+}
+
+/// The per-CPU verdict counters (`CM_METRICS`), opened through their pin so
+/// any task can read them without the loader.
+pub struct Counters {
+    map: PerCpuArray<MapData, Counter>,
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counters").finish_non_exhaustive()
+    }
+}
+
+impl Counters {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let data =
+            MapData::from_pin(pin_dir.join(maps::METRICS)).map_err(map_err(maps::METRICS))?;
+        let map = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .map_err(map_err(maps::METRICS))?;
+        Ok(Self { map })
+    }
+
+    /// The counter of (direction, verdict), summed over CPUs.
+    pub fn get(&self, dir: Direction, verdict: Verdict) -> Result<Counter> {
+        let per_cpu = self
+            .map
+            .get(&metric_index(dir, verdict), 0)
+            .map_err(map_err(maps::METRICS))?;
+        Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        }))
+    }
+
+    /// Every non-zero counter.
+    pub fn all(&self) -> Result<Vec<(Direction, Verdict, Counter)>> {
+        let mut out = Vec::new();
+        for dir in [Direction::Egress, Direction::Ingress] {
+            for v in Verdict::ALL {
+                let c = self.get(dir, v)?;
+                if c.packets != 0 {
+                    out.push((dir, v, c));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The interfaces of one node to attach the programs to.
+#[derive(Debug, Clone, Default)]
+pub struct NodeIfaces {
+    /// Host-side veths of endpoints given on the command line.
+    pub endpoints: Vec<String>,
+    pub overlay: Option<String>,
+    pub underlay: Option<String>,
+    pub wireguard: Option<String>,
+}
+
+/// What attaching learnt inside the node's namespace.
+#[derive(Debug)]
+pub struct Attachment {
+    pub dp: Datapath,
+    pub overlay_ifindex: u32,
+    pub underlay_ifindex: u32,
+    pub wg_ifindex: u32,
+    /// Host-side interface -> (ifindex, MAC).
+    pub ifaces: std::collections::BTreeMap<String, (u32, [u8; 6])>,
+}
+
+/// Loads the datapath and attaches every program of the node, inside
+/// network namespace `netns` (None: ours), on a thread of its own.
+pub fn attach_node(
+    ifaces: &NodeIfaces,
+    netns: Option<&str>,
+    pin_dir: &Path,
+) -> std::result::Result<Attachment, AttachError> {
+    clustermesh_api::netns::run_in_named(netns, || attach_all(ifaces, pin_dir))?
+}
+
+/// Why the node's programs could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Netns(#[from] clustermesh_api::netns::Error),
+    #[error("loading the datapath: {0}")]
+    Load(#[source] Box<Error>),
+    #[error("attaching to {iface}: {source}")]
+    Attach {
+        iface: String,
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+fn attach_all(ifaces: &NodeIfaces, pin_dir: &Path) -> std::result::Result<Attachment, AttachError> {
+    let mut dp = Datapath::load(pin_dir).map_err(|e| AttachError::Load(Box::new(e)))?;
+    fn at(iface: &str) -> impl FnOnce(Error) -> AttachError + '_ {
+        move |source| AttachError::Attach {
+            iface: iface.to_owned(),
+            source: Box::new(source),
+        }
+    }
+    let mut known = std::collections::BTreeMap::new();
+    for i in &ifaces.endpoints {
+        let how = dp.attach_endpoint(i).map_err(at(i))?;
+        known.insert(
+            i.clone(),
+            (ifindex(i).map_err(at(i))?, mac_of(i).map_err(at(i))?),
+        );
+        println!("attached from_endpoint to {i} ({how:?})");
+    }
+    let mut one = |iface: &Option<String>,
+                   f: fn(&mut Datapath, &str) -> Result<Attached>,
+                   what: &str|
+     -> std::result::Result<u32, AttachError> {
+        let Some(i) = iface else { return Ok(0) };
+        let how = f(&mut dp, i).map_err(at(i))?;
+        println!("attached {what} to {i} ({how:?})");
+        ifindex(i).map_err(at(i))
+    };
+    let overlay_ifindex = one(&ifaces.overlay, Datapath::attach_overlay, "from_overlay")?;
+    let underlay_ifindex = one(&ifaces.underlay, Datapath::attach_underlay, "from_underlay")?;
+    let wg_ifindex = one(
+        &ifaces.wireguard,
+        Datapath::attach_wireguard,
+        "from_wireguard",
+    )?;
+    Ok(Attachment {
+        dp,
+        overlay_ifindex,
+        underlay_ifindex,
+        wg_ifindex,
+        ifaces: known,
+    })
 }

@@ -1,17 +1,11 @@
-//! Reconcilers that keep the pinned eBPF maps equal to the desired state.
+//! [`TunnelMap`] keeps the pod-CIDR routes (prefixes shorter than /32) of
+//! the pinned `CM_IPCACHE` equal to the desired tunnels.
 //!
-//! Both write the one LPM map `CM_IPCACHE` and split it by prefix length:
-//! [`IpCacheMap`] owns the host entries (/32: endpoints and remote nodes),
-//! [`TunnelMap`] the pod-CIDR routes (shorter prefixes, identity 0), so each
-//! one's prune only removes its own entries.
-//!
-//! A pod CIDR whose node goes away is not simply removed: [`TunnelMap`]
-//! leaves a tombstone (flag `IPCACHE_FLAG_UNREACHABLE`) for
-//! [`TOMBSTONE_TTL`], so traffic still addressed to those pods is dropped
-//! with a counted reason (`drop_no_tunnel_endpoint`) instead of leaking to
-//! the host stack and its default route. Each opens the map through its
-//! pin, independently of the loader. IPv6 entries are not in the eBPF
-//! datapath yet; they are skipped (and counted by the caller's status).
+//! A pod CIDR whose node goes away is not simply removed: it is left as a
+//! tombstone (flag `IPCACHE_FLAG_UNREACHABLE`) for [`TOMBSTONE_TTL`], so
+//! traffic still addressed to those pods is dropped with a counted reason
+//! (`drop_no_tunnel_endpoint`) instead of leaking to the host stack and its
+//! default route.
 
 use std::{
     collections::BTreeMap,
@@ -20,146 +14,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
-use clustermesh_api::{Identity, IpCidr, NodeName};
-use tunnel_common::{IPCACHE_FLAG_ENCRYPT, IPCACHE_FLAG_UNREACHABLE, IpCacheValue, maps};
+use aya::maps::{LpmTrie, MapData};
+use clustermesh_api::{IpCidr, NodeName};
+use tunnel_common::{IPCACHE_FLAG_ENCRYPT, IPCACHE_FLAG_UNREACHABLE, IpCacheValue};
+
+use super::{
+    ReconcileError, Reconciler,
+    lpm::{cidr, entries, err, key, open, v4_be},
+};
+use crate::desired::TunnelEntry;
 
 /// How long a removed node's pod CIDR keeps dropping traffic (long enough
 /// for clients to notice and stop; then the range is forgotten).
 pub const TOMBSTONE_TTL: Duration = Duration::from_secs(300);
-
-use crate::{
-    clusters::merge::{IpCacheEntry, TunnelEntry},
-    reconcile::{ReconcileError, Reconciler},
-};
-
-fn err(target: &'static str) -> impl Fn(aya::maps::MapError) -> ReconcileError {
-    move |e| ReconcileError {
-        target,
-        message: e.to_string(),
-    }
-}
-
-fn open(
-    pin_dir: &Path,
-    target: &'static str,
-) -> Result<LpmTrie<MapData, u32, IpCacheValue>, ReconcileError> {
-    let path = pin_dir.join(maps::IPCACHE);
-    let data = MapData::from_pin(&path).map_err(|e| ReconcileError {
-        target,
-        message: format!("opening {}: {e}", path.display()),
-    })?;
-    LpmTrie::try_from(Map::LpmTrie(data)).map_err(err(target))
-}
-
-fn key(c: &IpCidr) -> Option<Key<u32>> {
-    match c.addr() {
-        IpAddr::V4(a) => Some(Key::new(c.prefix_len().into(), u32::from(a).to_be())),
-        IpAddr::V6(_) => None,
-    }
-}
-
-fn cidr(k: &Key<u32>) -> Option<IpCidr> {
-    let addr = std::net::Ipv4Addr::from(u32::from_be(k.data()));
-    IpCidr::new(IpAddr::V4(addr), u8::try_from(k.prefix_len()).ok()?).ok()
-}
-
-fn v4_be(ip: Option<IpAddr>) -> u32 {
-    match ip {
-        Some(IpAddr::V4(a)) => u32::from(a).to_be(),
-        _ => 0,
-    }
-}
-
-/// Every key of the map with its value (a snapshot).
-fn entries(
-    m: &LpmTrie<MapData, u32, IpCacheValue>,
-    target: &'static str,
-) -> Result<Vec<(Key<u32>, IpCacheValue)>, ReconcileError> {
-    let mut out = Vec::new();
-    for k in m.keys() {
-        let k = k.map_err(err(target))?;
-        match m.get(&k, 0) {
-            Ok(v) => out.push((k, v)),
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(err(target)(e)),
-        }
-    }
-    Ok(out)
-}
-
-/// Host entries (/32) of `CM_IPCACHE`.
-pub struct IpCacheMap {
-    map: LpmTrie<MapData, u32, IpCacheValue>,
-}
-
-impl IpCacheMap {
-    pub fn open(pin_dir: &Path) -> Result<Self, ReconcileError> {
-        Ok(Self {
-            map: open(pin_dir, "ipcache")?,
-        })
-    }
-}
-
-impl Reconciler<IpCidr, IpCacheEntry> for IpCacheMap {
-    fn name(&self) -> &'static str {
-        "ipcache"
-    }
-    fn update(&mut self, k: &IpCidr, v: &IpCacheEntry) -> Result<(), ReconcileError> {
-        let Some(key) = key(k) else { return Ok(()) };
-        let value = IpCacheValue {
-            identity: v.identity.get(),
-            tunnel_endpoint: v4_be(v.tunnel_endpoint),
-            cluster_id: v.cluster_id,
-            flags: if v.encrypt { IPCACHE_FLAG_ENCRYPT } else { 0 },
-            _pad: [0; 2],
-        };
-        self.map.insert(&key, &value, 0).map_err(err("ipcache"))
-    }
-    fn delete(&mut self, k: &IpCidr) -> Result<(), ReconcileError> {
-        let Some(key) = key(k) else { return Ok(()) };
-        match self.map.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(err("ipcache")(e)),
-        }
-    }
-    fn prune(&mut self, desired: &BTreeMap<IpCidr, IpCacheEntry>) -> Result<usize, ReconcileError> {
-        let mut n = 0;
-        for (k, _) in entries(&self.map, "ipcache")? {
-            if k.prefix_len() != 32 {
-                continue;
-            }
-            if cidr(&k).is_none_or(|c| !desired.contains_key(&c)) {
-                self.map.remove(&k).map_err(err("ipcache"))?;
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-    fn snapshot(&mut self) -> Result<BTreeMap<IpCidr, IpCacheEntry>, ReconcileError> {
-        let mut out = BTreeMap::new();
-        for (k, v) in entries(&self.map, "ipcache")? {
-            if k.prefix_len() != 32 {
-                continue;
-            }
-            let (Some(c), Ok(identity)) = (cidr(&k), Identity::from_raw(v.identity.into())) else {
-                continue;
-            };
-            out.insert(
-                c,
-                IpCacheEntry {
-                    identity,
-                    cluster_id: v.cluster_id,
-                    tunnel_endpoint: (v.tunnel_endpoint != 0).then(|| {
-                        IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(v.tunnel_endpoint)))
-                    }),
-                    encrypt: v.flags & IPCACHE_FLAG_ENCRYPT != 0,
-                },
-            );
-        }
-        Ok(out)
-    }
-}
 
 /// Pod-CIDR routes (prefixes shorter than /32) of `CM_IPCACHE`.
 pub struct TunnelMap {
@@ -278,6 +145,9 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
         self.names.retain(|k, _| desired.contains_key(k));
         self.expire()?;
         Ok(n)
+    }
+    fn tick(&mut self, _now: Instant) -> Result<(), ReconcileError> {
+        self.expire()
     }
     fn snapshot(&mut self) -> Result<BTreeMap<IpCidr, TunnelEntry>, ReconcileError> {
         let mut out = BTreeMap::new();

@@ -1,5 +1,6 @@
 //! Side effects go through one trait: a reconciler makes one target (an eBPF
-//! map, routes, WireGuard peers) equal to a desired map.
+//! map, routes, WireGuard peers, the endpoint map, the datapath's
+//! configuration) equal to a desired map from [`crate::desired`].
 //!
 //! - `update` and `delete` apply a single difference;
 //! - `prune` removes everything the target holds that is not desired. The
@@ -8,16 +9,69 @@
 //!   re-learned; before that it only adds and updates.
 //!
 //! [`MemoryReconciler`] is the in-memory implementation used to test the
-//! wiring without root; the eBPF, netlink and WireGuard ones implement the
-//! same trait.
+//! wiring without root; the real ones, one module each, implement the same
+//! trait:
+//! - [`ipcache`]: host entries (/32) of the pinned `CM_IPCACHE`;
+//! - [`tunnels`]: pod-CIDR routes of `CM_IPCACHE`, with tombstones;
+//! - [`routes`]: direct-routing routes over netlink (with [`routes::RoutedTunnels`]);
+//! - [`services`]: the load-balancer maps, and the pure backend selection;
+//! - [`wg_peers`]: the WireGuard device's peers (old keys drain for the
+//!   overlap, timed by [`Reconciler::tick`]);
+//! - [`endpoints`]: the local pods in `CM_ENDPOINTS`;
+//! - [`datapath_config`]: `CM_CONFIG` (mode, interfaces, strict flags from
+//!   the cluster's encryption policy).
+//!
+//! Each opens its map through the pin, independently of the loader.
+
+pub mod datapath_config;
+pub mod endpoints;
+pub mod ipcache;
+mod lpm;
+pub mod routes;
+pub mod services;
+pub mod tunnels;
+pub mod wg_peers;
 
 use std::collections::BTreeMap;
 
+/// Any error a target reports, kept typed for its source chain.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 #[derive(Debug, thiserror::Error)]
-#[error("reconciling {target}: {message}")]
+#[error("reconciling {target}: {source}")]
 pub struct ReconcileError {
     pub target: &'static str,
-    pub message: String,
+    #[source]
+    pub source: BoxError,
+}
+
+impl ReconcileError {
+    pub fn new(target: &'static str, source: impl Into<BoxError>) -> Self {
+        Self {
+            target,
+            source: source.into(),
+        }
+    }
+}
+
+/// A pinned map that cannot be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("opening {path}")]
+pub struct OpenPin {
+    pub path: std::path::PathBuf,
+    #[source]
+    pub source: aya::maps::MapError,
+}
+
+/// Opens the map pinned as `name` under `pin_dir` for `target`.
+pub(crate) fn pinned(
+    pin_dir: &std::path::Path,
+    name: &str,
+    target: &'static str,
+) -> Result<aya::maps::MapData, ReconcileError> {
+    let path = pin_dir.join(name);
+    aya::maps::MapData::from_pin(&path)
+        .map_err(|source| ReconcileError::new(target, OpenPin { path, source }))
 }
 
 pub trait Reconciler<K, V>: Send {
@@ -30,6 +84,11 @@ pub trait Reconciler<K, V>: Send {
     /// agent starts its diffs from this, so a restart rewrites nothing that
     /// did not change.
     fn snapshot(&mut self) -> Result<BTreeMap<K, V>, ReconcileError>;
+    /// Time passed: work the target schedules itself (draining keys,
+    /// expiring tombstones). Called on every round of the agent's loop.
+    fn tick(&mut self, _now: std::time::Instant) -> Result<(), ReconcileError> {
+        Ok(())
+    }
 }
 
 /// What one diff did.
@@ -179,10 +238,7 @@ impl<K: Ord + Clone + Send, V: Clone + Send> SharedReconciler<K, V> {
 }
 
 fn poisoned(target: &'static str) -> ReconcileError {
-    ReconcileError {
-        target,
-        message: "lock poisoned".into(),
-    }
+    ReconcileError::new(target, "lock poisoned")
 }
 
 impl<K: Ord + Clone + Send, V: Clone + Send> Reconciler<K, V> for SharedReconciler<K, V> {

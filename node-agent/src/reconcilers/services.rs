@@ -40,10 +40,8 @@ use tunnel_common::{
     LbBackendValue, LbServiceKey, LbServiceValue, MAX_LB_SLOTS, maps,
 };
 
-use crate::{
-    clusters::merge::MergedService,
-    reconcile::{ReconcileError, Reconciler},
-};
+use super::{ReconcileError, Reconciler};
+use crate::desired::MergedService;
 
 /// Default of `--lb-failover-threshold`.
 pub const DEFAULT_FAILOVER_THRESHOLD: f64 = 0.5;
@@ -210,21 +208,14 @@ pub fn entries(svc: &MergedService, policy: &LbPolicy) -> Entries {
 }
 
 fn err(e: aya::maps::MapError) -> ReconcileError {
-    ReconcileError {
-        target: "services",
-        message: e.to_string(),
-    }
+    ReconcileError::new("services", e)
 }
 
 fn open<K: aya::Pod, V: aya::Pod>(
     pin_dir: &Path,
     name: &str,
 ) -> Result<HashMap<MapData, K, V>, ReconcileError> {
-    let path = pin_dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|e| ReconcileError {
-        target: "services",
-        message: format!("opening {}: {e}", path.display()),
-    })?;
+    let data = super::pinned(pin_dir, name, "services")?;
     HashMap::try_from(Map::HashMap(data)).map_err(err)
 }
 
@@ -371,7 +362,7 @@ impl Reconciler<String, MergedService> for ServiceMap {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::clusters::merge::MergedBackend;
+    use crate::desired::MergedBackend;
 
     fn svc(affinity: Affinity, backends: &[(&str, &str, BackendState)]) -> MergedService {
         MergedService {

@@ -24,10 +24,8 @@ use rtnetlink::{
     packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
 };
 
-use crate::{
-    clusters::merge::TunnelEntry,
-    reconcile::{ReconcileError, Reconciler},
-};
+use super::{ReconcileError, Reconciler};
+use crate::desired::TunnelEntry;
 
 /// The routing protocol number marking our routes (`ip route ... proto 222`).
 pub const RTPROT_CLUSTERMESH: u8 = 222;
@@ -39,18 +37,34 @@ enum Op {
     List,
 }
 
-type Reply = Result<Vec<(Ipv4Addr, u8, Option<Ipv4Addr>)>, String>;
+/// What the route thread reports.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("{what}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("the route thread ended")]
+    Gone,
+    #[error(transparent)]
+    Netns(#[from] clustermesh_api::netns::Error),
+    #[error(transparent)]
+    Iface(#[from] crate::datapath::Error),
+    #[error("netlink: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+type Reply = Result<Vec<(Ipv4Addr, u8, Option<Ipv4Addr>)>, RouteError>;
 
 /// The node's routes to remote pod CIDRs through `dev`.
 pub struct RouteTable {
     tx: mpsc::Sender<(Op, mpsc::Sender<Reply>)>,
 }
 
-fn rerr(message: impl std::fmt::Display) -> ReconcileError {
-    ReconcileError {
-        target: "routes",
-        message: message.to_string(),
-    }
+fn rerr(e: impl Into<super::BoxError>) -> ReconcileError {
+    ReconcileError::new("routes", e)
 }
 
 impl RouteTable {
@@ -59,27 +73,28 @@ impl RouteTable {
     /// caller's own).
     pub fn open(netns: Option<&std::path::Path>, dev: &str) -> Result<Self, ReconcileError> {
         let (tx, rx) = mpsc::channel::<(Op, mpsc::Sender<Reply>)>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), RouteError>>();
         let netns = netns.map(std::path::Path::to_owned);
         let dev = dev.to_owned();
         std::thread::Builder::new()
             .name("routes".into())
             .spawn(move || {
                 let setup =
-                    || -> Result<(tokio::runtime::Runtime, rtnetlink::Handle, u32), String> {
+                    || -> Result<(tokio::runtime::Runtime, rtnetlink::Handle, u32), RouteError> {
                         if let Some(ns) = &netns {
-                            enter_netns(ns)?;
+                            // This thread lives in the namespace for good.
+                            clustermesh_api::netns::enter(&clustermesh_api::netns::open(ns)?)?;
                         }
-                        let ifindex = crate::datapath::ifindex(&dev).map_err(|e| e.to_string())?;
+                        let ifindex = crate::datapath::ifindex(&dev)?;
                         let rt = tokio::runtime::Builder::new_current_thread()
                             .enable_io()
                             .build()
-                            .map_err(|e| format!("runtime: {e}"))?;
+                            .map_err(RouteError::Io)?;
                         let handle = rt.block_on(async {
                             let (conn, handle, _) =
-                                rtnetlink::new_connection().map_err(|e| format!("netlink: {e}"))?;
+                                rtnetlink::new_connection().map_err(RouteError::Io)?;
                             tokio::spawn(conn);
-                            Ok::<_, String>(handle)
+                            Ok::<_, RouteError>(handle)
                         })?;
                         Ok((rt, handle, ifindex))
                     };
@@ -102,16 +117,14 @@ impl RouteTable {
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Self { tx }),
             Ok(Err(e)) => Err(rerr(e)),
-            Err(_) => Err(rerr("route thread ended")),
+            Err(_) => Err(rerr(RouteError::Gone)),
         }
     }
 
     fn call(&self, op: Op) -> Reply {
         let (tx, rx) = mpsc::channel();
-        self.tx
-            .send((op, tx))
-            .map_err(|_| "route thread ended".to_owned())?;
-        rx.recv().map_err(|_| "route thread ended".to_owned())?
+        self.tx.send((op, tx)).map_err(|_| RouteError::Gone)?;
+        rx.recv().map_err(|_| RouteError::Gone)?
     }
 
     /// Our routes now in the kernel: (destination, gateway).
@@ -124,21 +137,6 @@ impl RouteTable {
         }
         Ok(out)
     }
-}
-
-fn enter_netns(path: &std::path::Path) -> Result<(), String> {
-    let f = std::fs::File::open(path)
-        .map_err(|e| format!("network namespace {}: {e}", path.display()))?;
-    // SAFETY: a valid namespace fd; affects only the calling thread.
-    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-    if rc != 0 {
-        return Err(format!(
-            "entering network namespace {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
 }
 
 fn route(addr: Ipv4Addr, len: u8) -> RouteMessageBuilder<Ipv4Addr> {
@@ -160,7 +158,10 @@ async fn serve(handle: &rtnetlink::Handle, ifindex: u32, op: Op) -> Reply {
                 .replace()
                 .execute()
                 .await
-                .map_err(|e| format!("route {addr}/{len} via {gw}: {e}"))?;
+                .map_err(|source| RouteError::Netlink {
+                    what: format!("route {addr}/{len} via {gw}"),
+                    source,
+                })?;
             Ok(Vec::new())
         }
         Op::Delete(addr, len) => {
@@ -171,7 +172,10 @@ async fn serve(handle: &rtnetlink::Handle, ifindex: u32, op: Op) -> Reply {
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {
                     Ok(Vec::new())
                 }
-                Err(e) => Err(format!("deleting route {addr}/{len}: {e}")),
+                Err(source) => Err(RouteError::Netlink {
+                    what: format!("deleting route {addr}/{len}"),
+                    source,
+                }),
             }
         }
         Op::List => {
@@ -180,11 +184,10 @@ async fn serve(handle: &rtnetlink::Handle, ifindex: u32, op: Op) -> Reply {
                 .route()
                 .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
                 .execute();
-            while let Some(m) = s
-                .try_next()
-                .await
-                .map_err(|e| format!("listing routes: {e}"))?
-            {
+            while let Some(m) = s.try_next().await.map_err(|source| RouteError::Netlink {
+                what: "listing routes".into(),
+                source,
+            })? {
                 if let Some(r) = ours(&m) {
                     out.push(r);
                 }

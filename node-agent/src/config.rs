@@ -1,0 +1,339 @@
+//! The agent's configuration: one [`AgentConfig`] holding every flag (clap),
+//! with [`Default`] (the flags' defaults) and [`AgentConfig::validate`],
+//! which checks what clap cannot and turns the strings into typed values.
+//! A bad configuration exits with status 64 and a message naming the flag.
+
+use std::net::Ipv4Addr;
+
+use clap::Parser;
+use clustermesh_api::{ClusterName, NodeName};
+use tunnel_common::TunnelMode;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "node-agent", version, about = "clustermesh node agent")]
+pub struct AgentConfig {
+    /// Host-side interfaces of local endpoints to attach `from_endpoint` to.
+    #[arg(long = "endpoint-iface")]
+    pub endpoint_ifaces: Vec<String>,
+    /// Network namespace (ip netns name) holding the endpoint interfaces;
+    /// the agent itself stays in its own namespace.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// The node's VXLAN device (external mode) to attach `from_overlay` to.
+    #[arg(long)]
+    pub overlay_iface: Option<String>,
+    /// How pod traffic to remote nodes leaves: none (host stack), vxlan
+    /// (needs --overlay-iface), geneve or direct (need --underlay-iface and
+    /// an IPv4 --underlay-ip).
+    #[arg(long, default_value = "none", value_parser = ["none", "vxlan", "geneve", "direct"])]
+    pub tunnel: String,
+    /// The node's underlay interface: `from_underlay` is attached to it
+    /// (Geneve, direct routing) and direct routes point out of it.
+    #[arg(long)]
+    pub underlay_iface: Option<String>,
+    /// bpffs directory where the datapath's maps and links are pinned
+    /// (adopted on restart).
+    #[arg(long, default_value = "/sys/fs/bpf/clustermesh")]
+    pub bpf_pin_dir: std::path::PathBuf,
+    /// Seconds between counter reports.
+    #[arg(long, default_value_t = 5)]
+    pub report_every: u64,
+    /// Exit after this many reports (0 = run until stopped).
+    #[arg(long, default_value_t = 0)]
+    pub reports: u64,
+    /// The cluster's apiserver, e.g. http://127.0.0.1:9950 (standalone mode).
+    #[arg(long)]
+    pub apiserver: Option<String>,
+    /// This node's name (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Underlay IPs other nodes reach this node at.
+    #[arg(long = "underlay-ip")]
+    pub underlay_ips: Vec<String>,
+    /// Pod CIDRs of this node.
+    #[arg(long = "pod-cidr")]
+    pub pod_cidrs: Vec<String>,
+    /// Endpoints to register: IP[,ns=NS][,name=NAME],LABEL=VALUE...
+    #[arg(long = "endpoint")]
+    pub endpoints: Vec<crate::registration::EndpointSpec>,
+    /// The node's WireGuard device (enables encryption): started as a
+    /// separate `clustermesh-wg` process if not running, adopted if it is.
+    /// Traffic the cluster's encryption policy covers goes through it.
+    #[arg(long)]
+    pub wireguard_iface: Option<String>,
+    /// UDP port of the WireGuard device.
+    #[arg(long, default_value_t = 51871)]
+    pub wireguard_port: u16,
+    /// The node's WireGuard private key file (created 0600 if missing).
+    #[arg(long, default_value = "/var/lib/clustermesh/wireguard.key")]
+    pub wireguard_key_file: std::path::PathBuf,
+    /// The `clustermesh-wg` binary (default: next to this one, else PATH).
+    #[arg(long)]
+    pub wireguard_bin: Option<std::path::PathBuf>,
+    /// Log file of the WireGuard device process
+    /// (default /var/log/clustermesh-wg-<iface>.log).
+    #[arg(long)]
+    pub wireguard_log: Option<std::path::PathBuf>,
+    /// Rotate the WireGuard key every this many seconds (0: only on
+    /// SIGUSR1). Make before break: the device holds both keys for
+    /// --wireguard-overlap seconds while peers move to the new one.
+    #[arg(long, default_value_t = 0)]
+    pub wireguard_rotate_every: u64,
+    /// Seconds both keys stay valid during a rotation; peers keep a
+    /// node's old key draining as long.
+    #[arg(long, default_value_t = 120)]
+    pub wireguard_overlap: u64,
+    /// The encryption audit trail (append-only JSON lines).
+    #[arg(long, default_value = "/var/log/clustermesh/audit.jsonl")]
+    pub audit_log: std::path::PathBuf,
+    /// Directory where the CNI plugin (clustermesh-cni) leaves one file per
+    /// pod: watched, and each pod attached, registered and made deliverable
+    /// as it comes; removed as its file goes.
+    #[arg(long)]
+    pub endpoint_dir: Option<std::path::PathBuf>,
+    /// This node's cluster: enables the control plane (watch the local and
+    /// every remote cluster, merge, reconcile).
+    #[arg(long)]
+    pub cluster_name: Option<String>,
+    /// The local cluster's etcd endpoints (comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub local_etcd_endpoints: Vec<String>,
+    /// CA of the local etcd's server certificate (https endpoints).
+    #[arg(long)]
+    pub local_etcd_ca: Option<std::path::PathBuf>,
+    /// Client certificate and key for the local etcd (its CN is the etcd
+    /// user; `clustermesh enable` issues `node.pem`, CN remote-<cluster>).
+    #[arg(long, requires = "local_etcd_key")]
+    pub local_etcd_cert: Option<std::path::PathBuf>,
+    #[arg(long, requires = "local_etcd_cert")]
+    pub local_etcd_key: Option<std::path::PathBuf>,
+    /// Directory of remote-cluster files (file name = cluster name).
+    #[arg(long, default_value = "/var/lib/clustermesh/clusters")]
+    pub clusters_dir: std::path::PathBuf,
+    /// Status endpoint (GET /status JSON, GET /metrics).
+    #[arg(long, default_value = "127.0.0.1:9964")]
+    pub status_listen: std::net::SocketAddr,
+    /// Seconds an unreachable remote cluster's state is kept (0 = forever).
+    #[arg(long, default_value_t = 300)]
+    pub stale_ttl: u64,
+    /// Affinity `local` services spill new flows over to remote backends
+    /// when their ready local backends fall below this fraction of the
+    /// local ones declared (0: only when none is ready).
+    #[arg(long, default_value_t = crate::reconcilers::services::DEFAULT_FAILOVER_THRESHOLD)]
+    pub lb_failover_threshold: f64,
+    /// Seconds to wait for every cluster's initial sync before pruning.
+    #[arg(long, default_value_t = 60)]
+    pub sync_timeout: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        // Every flag has a default or is optional: this cannot fail.
+        Self::parse_from(["node-agent"])
+    }
+}
+
+/// A configuration refused, naming the flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn refuse(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// What [`AgentConfig::validate`] derives from the flags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validated {
+    pub tunnel: TunnelMode,
+    /// The first IPv4 `--underlay-ip` (Geneve and direct routing use it).
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// `--cluster-name`, when the control plane runs.
+    pub cluster: Option<ClusterName>,
+    /// `--node-name`, else the host name.
+    pub node_name: String,
+}
+
+impl AgentConfig {
+    /// Checks the flags together; the error names the flag at fault.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
+        if self.endpoint_ifaces.is_empty()
+            && self.endpoint_dir.is_none()
+            && self.overlay_iface.is_none()
+            && self.apiserver.is_none()
+            && self.cluster_name.is_none()
+        {
+            return Err(refuse(
+                "--cluster-name",
+                "nothing to do: give --endpoint-dir, --endpoint-iface, --overlay-iface, --apiserver and/or --cluster-name",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.lb_failover_threshold) {
+            return Err(refuse(
+                "--lb-failover-threshold",
+                format!(
+                    "{} must be a fraction between 0 and 1",
+                    self.lb_failover_threshold
+                ),
+            ));
+        }
+        let tunnel = match self.tunnel.as_str() {
+            "vxlan" => TunnelMode::Vxlan,
+            "geneve" => TunnelMode::Geneve,
+            "direct" => TunnelMode::Direct,
+            _ => TunnelMode::None,
+        };
+        if tunnel == TunnelMode::Vxlan && self.overlay_iface.is_none() {
+            return Err(refuse(
+                "--overlay-iface",
+                "--tunnel vxlan needs --overlay-iface (an external-mode VXLAN device)",
+            ));
+        }
+        let underlay_ip = self
+            .underlay_ips
+            .iter()
+            .find_map(|s| s.parse::<Ipv4Addr>().ok());
+        if matches!(tunnel, TunnelMode::Geneve | TunnelMode::Direct) {
+            if self.underlay_iface.is_none() {
+                return Err(refuse(
+                    "--underlay-iface",
+                    format!("--tunnel {} needs --underlay-iface", self.tunnel),
+                ));
+            }
+            if underlay_ip.is_none() {
+                return Err(refuse(
+                    "--underlay-ip",
+                    format!("--tunnel {} needs an IPv4 --underlay-ip", self.tunnel),
+                ));
+            }
+        }
+        let cluster = match &self.cluster_name {
+            Some(c) => Some(
+                c.parse::<ClusterName>()
+                    .map_err(|e| refuse("--cluster-name", e.to_string()))?,
+            ),
+            None => None,
+        };
+        if cluster.is_some() && self.local_etcd_endpoints.is_empty() {
+            return Err(refuse(
+                "--local-etcd-endpoints",
+                "--cluster-name needs --local-etcd-endpoints",
+            ));
+        }
+        let node_name = match &self.node_name {
+            Some(n) => {
+                n.parse::<NodeName>()
+                    .map_err(|e| refuse("--node-name", e.to_string()))?;
+                n.clone()
+            }
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| refuse("--node-name", format!("reading the host name: {e}")))?,
+        };
+        Ok(Validated {
+            tunnel,
+            underlay_ip,
+            cluster,
+            node_name,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn with(args: &[&str]) -> AgentConfig {
+        AgentConfig::parse_from(std::iter::once("node-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_the_flags_defaults() {
+        let d = AgentConfig::default();
+        assert_eq!(d.status_listen.to_string(), "127.0.0.1:9964");
+        assert_eq!(d.stale_ttl, 300);
+        assert_eq!(d.tunnel, "none");
+    }
+
+    #[test]
+    fn bad_configurations_name_the_flag() {
+        let cases: [(&[&str], &str); 7] = [
+            (&[], "--cluster-name"),
+            (&["--cluster-name", "c1"], "--local-etcd-endpoints"),
+            (
+                &[
+                    "--cluster-name",
+                    "C_1",
+                    "--local-etcd-endpoints",
+                    "http://a:1",
+                ],
+                "--cluster-name",
+            ),
+            (
+                &[
+                    "--apiserver",
+                    "http://a:1",
+                    "--lb-failover-threshold",
+                    "1.5",
+                ],
+                "--lb-failover-threshold",
+            ),
+            (
+                &["--apiserver", "http://a:1", "--tunnel", "vxlan"],
+                "--overlay-iface",
+            ),
+            (
+                &[
+                    "--apiserver",
+                    "http://a:1",
+                    "--tunnel",
+                    "direct",
+                    "--underlay-iface",
+                    "eth0",
+                ],
+                "--underlay-ip",
+            ),
+            (
+                &["--apiserver", "http://a:1", "--node-name", "Bad Name"],
+                "--node-name",
+            ),
+        ];
+        for (args, field) in cases {
+            let e = with(args).validate().unwrap_err();
+            assert_eq!(e.field, field, "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_good_configuration_is_typed() {
+        let v = with(&[
+            "--cluster-name",
+            "c1",
+            "--local-etcd-endpoints",
+            "http://127.0.0.1:2379",
+            "--node-name",
+            "n1",
+            "--tunnel",
+            "geneve",
+            "--underlay-iface",
+            "ul0",
+            "--underlay-ip",
+            "fd00::1",
+            "--underlay-ip",
+            "192.0.2.1",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(v.tunnel, TunnelMode::Geneve);
+        assert_eq!(v.underlay_ip, Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(v.cluster.unwrap().to_string(), "c1");
+        assert_eq!(v.node_name, "n1");
+    }
+}

@@ -1,0 +1,333 @@
+//! Builds the agent's stages from its configuration and starts each as a
+//! task of the root [`TaskTracker`], under the root [`CancellationToken`]:
+//!
+//! 1. the WireGuard device (started or adopted: its TUN must exist before
+//!    programs attach to it);
+//! 2. the datapath: programs loaded and attached in the node's namespace,
+//!    maps pinned; `CM_CONFIG` written fail-closed (strict egress when
+//!    encrypted) until the policy is read;
+//! 3. the local endpoints ([`crate::endpoints`]) and the registration with
+//!    the apiserver ([`crate::registration`]), with key rotation;
+//! 4. the control plane ([`crate::clusters::Agent`]) with its reconcilers
+//!    (eBPF maps, routes, WireGuard peers, datapath config), and the
+//!    status endpoint;
+//! 5. telemetry (status refresh, counter reports, audit of refusals).
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use clustermesh_api::{proto, status::EncryptionStatus};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tunnel_common::{CONFIG_FLAG_STRICT, DatapathConfig, TunnelMode};
+
+use crate::{
+    audit::Audit,
+    clusters::{Agent, ClustersConfig, Reconcilers, config::ClusterFile},
+    config::{AgentConfig, Validated},
+    datapath::{self, Attachment, Counters, NodeIfaces},
+    endpoints::{CniEndpoints, EndpointSource},
+    reconcilers::{
+        ReconcileError, Reconciler,
+        datapath_config::DatapathConfigMap,
+        endpoints::EndpointMap,
+        ipcache::IpCacheMap,
+        routes::{RouteTable, RoutedTunnels},
+        services::{LbPolicy, ServiceMap},
+        tunnels::TunnelMap,
+        wg_peers::WgPeers,
+    },
+    registration, status,
+    telemetry::Telemetry,
+    wireguard::{self, DeviceSpec, WgDevice},
+};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the WireGuard device: {0}")]
+    Wireguard(#[from] wireguard::Error),
+    #[error(transparent)]
+    Attach(#[from] datapath::AttachError),
+    #[error("the datapath's counters: {0}")]
+    Counters(#[source] datapath::Error),
+    #[error(transparent)]
+    Reconciler(#[from] ReconcileError),
+    #[error("--status-listen {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn device(cfg: &AgentConfig) -> Result<Option<WgDevice>, StartError> {
+    let Some(iface) = &cfg.wireguard_iface else {
+        return Ok(None);
+    };
+    Ok(Some(wireguard::ensure(&DeviceSpec {
+        iface: iface.clone(),
+        port: cfg.wireguard_port,
+        key_file: cfg.wireguard_key_file.clone(),
+        bin: cfg
+            .wireguard_bin
+            .clone()
+            .unwrap_or_else(wireguard::default_bin),
+        log: cfg
+            .wireguard_log
+            .clone()
+            .unwrap_or_else(|| wireguard::default_log(iface)),
+        uapi_dir: "/var/run/wireguard".into(),
+        netns: cfg.netns.clone(),
+    })?))
+}
+
+fn attach(cfg: &AgentConfig) -> Result<Option<Attachment>, StartError> {
+    let ifaces = NodeIfaces {
+        endpoints: cfg.endpoint_ifaces.clone(),
+        overlay: cfg.overlay_iface.clone(),
+        underlay: cfg.underlay_iface.clone(),
+        wireguard: cfg.wireguard_iface.clone(),
+    };
+    if cfg.endpoint_dir.is_none()
+        && ifaces.endpoints.is_empty()
+        && ifaces.overlay.is_none()
+        && ifaces.underlay.is_none()
+    {
+        return Ok(None);
+    }
+    Ok(Some(datapath::attach_node(
+        &ifaces,
+        cfg.netns.as_deref(),
+        &cfg.bpf_pin_dir,
+    )?))
+}
+
+/// The programs' configuration before the policy is read.
+fn base_config(v: &Validated, a: &Attachment, encrypted: bool) -> DatapathConfig {
+    if v.tunnel == TunnelMode::None {
+        return DatapathConfig::default();
+    }
+    DatapathConfig {
+        mode: v.tunnel as u32,
+        overlay_ifindex: a.overlay_ifindex,
+        underlay_ifindex: a.underlay_ifindex,
+        underlay_ip: v.underlay_ip.map_or(0, |ip| u32::from(ip).to_be()),
+        wg_ifindex: a.wg_ifindex,
+        // Strict until the cluster's policy is read: fail closed.
+        flags: if encrypted { CONFIG_FLAG_STRICT } else { 0 },
+    }
+}
+
+/// Everything the stages share.
+struct Shared {
+    audit: Audit,
+    encryption: Arc<Mutex<EncryptionStatus>>,
+    wg: Option<WgDevice>,
+}
+
+/// Builds every stage and spawns it on `tracker`; returns once all run.
+pub async fn start(
+    cfg: AgentConfig,
+    v: Validated,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<(), StartError> {
+    let wg = device(&cfg)?;
+    let attachment = attach(&cfg)?;
+    let shared = Shared {
+        audit: Audit::open(&cfg.audit_log, &v.node_name),
+        encryption: Arc::new(Mutex::new(EncryptionStatus {
+            device: cfg.wireguard_iface.clone(),
+            public_key: wg.as_ref().map(|w| w.public.fingerprint()),
+            ..Default::default()
+        })),
+        wg,
+    };
+    let policy: Box<dyn Reconciler<_, _>> = match &attachment {
+        Some(a) => Box::new(DatapathConfigMap::open(
+            &cfg.bpf_pin_dir,
+            base_config(&v, a, shared.wg.is_some()),
+            shared.encryption.clone(),
+            shared.audit.clone(),
+        )?),
+        None => Box::new(DatapathConfigMap::without_datapath(
+            shared.encryption.clone(),
+            shared.audit.clone(),
+        )),
+    };
+    let counters = match &attachment {
+        Some(_) => Some(Counters::open(&cfg.bpf_pin_dir).map_err(StartError::Counters)?),
+        None => None,
+    };
+    let datapath = attachment.is_some();
+    start_local(&cfg, &v, attachment, &shared, cancel, tracker)?;
+    if let Some(cluster) = &v.cluster {
+        start_control_plane(&cfg, cluster, datapath, policy, &shared, cancel, tracker).await?;
+    }
+    tracker.spawn(
+        Telemetry {
+            counters,
+            wg: shared.wg.as_ref().map(|w| w.client.clone()),
+            status: shared.encryption.clone(),
+            audit: shared.audit.clone(),
+            report_every: Duration::from_secs(cfg.report_every.max(1)),
+            reports: cfg.reports,
+        }
+        .run(cancel.clone()),
+    );
+    Ok(())
+}
+
+/// The local endpoints, the registration and key rotation.
+fn start_local(
+    cfg: &AgentConfig,
+    v: &Validated,
+    attachment: Option<Attachment>,
+    shared: &Shared,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<(), StartError> {
+    let (ids_tx, ids_rx) = tokio::sync::watch::channel(Vec::new());
+    let mut specs = cfg.endpoints.clone();
+    let (specs_tx, specs_rx) = tokio::sync::watch::channel(specs.clone());
+    if let Some(a) = attachment {
+        let mut source = EndpointSource {
+            map: EndpointMap::open(&cfg.bpf_pin_dir)?,
+            dp: a.dp,
+            static_specs: cfg.endpoints.clone(),
+            endpoint_dir: cfg.endpoint_dir.clone(),
+            netns: cfg.netns.clone(),
+            ifaces: a.ifaces,
+        };
+        let mut cni = CniEndpoints::default();
+        specs = source.start(&mut cni);
+        specs_tx.send_replace(specs.clone());
+        tracker.spawn(source.run(cni, specs, specs_tx, ids_rx, cancel.clone()));
+    }
+    let Some(addr) = cfg.apiserver.clone() else {
+        return Ok(());
+    };
+    let wg = shared.wg.as_ref();
+    let node = proto::Node {
+        name: v.node_name.clone(),
+        underlay_ips: cfg.underlay_ips.clone(),
+        pod_cidrs: cfg.pod_cidrs.clone(),
+        boot_id: registration::boot_id(),
+        wireguard_public_keys: wg.iter().map(|w| w.public.to_string()).collect(),
+        wireguard_port: wg.map_or(0, |w| u32::from(w.port)),
+        ..Default::default()
+    };
+    let (node_tx, node_rx) = tokio::sync::watch::channel(node);
+    if let Some(w) = wg {
+        tracker.spawn(wireguard::rotation(
+            wireguard::Rotation {
+                wg: w.clone(),
+                key_file: cfg.wireguard_key_file.clone(),
+                every: Duration::from_secs(cfg.wireguard_rotate_every),
+                overlap: Duration::from_secs(cfg.wireguard_overlap),
+                node: node_tx,
+                audit: shared.audit.clone(),
+                status: shared.encryption.clone(),
+            },
+            cancel.clone(),
+        ));
+    }
+    tracker.spawn(registration::run(
+        addr,
+        node_rx,
+        specs_rx,
+        ids_tx,
+        cancel.clone(),
+    ));
+    Ok(())
+}
+
+/// The reconcilers: the pinned maps, routes and the device with a
+/// datapath; in memory (shown by the status endpoint) without.
+fn reconcilers(
+    cfg: &AgentConfig,
+    cluster: &clustermesh_api::ClusterName,
+    datapath: bool,
+    policy: Box<dyn Reconciler<(), clustermesh_api::EncryptionPolicy>>,
+    shared: &Shared,
+) -> Result<Reconcilers, StartError> {
+    let mut r = Reconcilers::in_memory();
+    r.policy = policy;
+    if let Some(w) = &shared.wg {
+        r.peers = Box::new(WgPeers::new(
+            w.client.clone(),
+            Duration::from_secs(cfg.wireguard_overlap),
+            shared.audit.clone(),
+        ));
+    }
+    if !datapath {
+        return Ok(r);
+    }
+    let map = TunnelMap::open(&cfg.bpf_pin_dir)?;
+    r.tunnels = if cfg.tunnel == "direct" {
+        let netns = cfg.netns.as_deref().map(clustermesh_api::netns::path_of);
+        let dev = cfg.underlay_iface.as_deref().unwrap_or_default();
+        Box::new(RoutedTunnels {
+            map,
+            routes: RouteTable::open(netns.as_deref(), dev)?,
+        })
+    } else {
+        Box::new(map)
+    };
+    r.ipcache = Box::new(IpCacheMap::open(&cfg.bpf_pin_dir)?);
+    r.services = Box::new(ServiceMap::open(
+        &cfg.bpf_pin_dir,
+        LbPolicy {
+            local_cluster: cluster.clone(),
+            failover_threshold: cfg.lb_failover_threshold,
+        },
+    )?);
+    Ok(r)
+}
+
+async fn start_control_plane(
+    cfg: &AgentConfig,
+    cluster: &clustermesh_api::ClusterName,
+    datapath: bool,
+    policy: Box<dyn Reconciler<(), clustermesh_api::EncryptionPolicy>>,
+    shared: &Shared,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<(), StartError> {
+    let clusters = ClustersConfig {
+        local_cluster: cluster.clone(),
+        local: ClusterFile {
+            endpoints: cfg.local_etcd_endpoints.clone(),
+            trusted_ca_file: cfg.local_etcd_ca.clone(),
+            cert_file: cfg.local_etcd_cert.clone(),
+            key_file: cfg.local_etcd_key.clone(),
+        },
+        self_node: cfg.node_name.as_deref().and_then(|n| n.parse().ok()),
+        clusters_dir: cfg.clusters_dir.clone(),
+        stale_ttl: Duration::from_secs(cfg.stale_ttl),
+        sync_timeout: Duration::from_secs(cfg.sync_timeout),
+        poll_interval: Duration::from_secs(1),
+    };
+    let agent = Agent::new(
+        clusters,
+        reconcilers(cfg, cluster, datapath, policy, shared)?,
+        cancel.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind(cfg.status_listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: cfg.status_listen,
+            source,
+        })?;
+    let sources = status::Sources {
+        control_plane: Some(agent.status()),
+        encryption: shared.encryption.clone(),
+    };
+    tracker.spawn(status::serve(listener, sources, cancel.clone()));
+    tracker.spawn(async move {
+        agent.run().await;
+    });
+    Ok(())
+}
