@@ -4,6 +4,7 @@
 #   - Debian packages: etcd, llvm-22-dev (for bpf-linker), protoc, wireguard-go/tools,
 #     iproute2, iperf3, tcpdump, tshark, bpftool, containernetworking-plugins
 #     (host-local, which the CNI plugin's delegation test runs)
+#     and prometheus (promtool checks the agents' and apiservers' metrics)
 #   - the pinned Rust toolchain (rust-toolchain.toml) with rust-src, clippy, rustfmt
 #   - bpf-linker 0.13.0 built against Debian's LLVM 22
 #   - bpffs mounted at /sys/fs/bpf
@@ -21,7 +22,7 @@ fi
 # --- Debian packages -----------------------------------------------------------
 PKGS=(etcd-server etcd-client llvm-22-dev protobuf-compiler libprotobuf-dev wireguard-go wireguard-tools
       iproute2 iputils-ping procps python3 iperf3 tcpdump tshark bpftool ethtool jq make
-      containernetworking-plugins)
+      containernetworking-plugins prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

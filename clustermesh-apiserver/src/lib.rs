@@ -260,12 +260,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     });
 
     if let Some(l) = metrics_listener {
-        let sh = shared.clone();
-        tracker.spawn(metrics::serve(
-            l,
-            move || sh.metrics.render(sh.cfg.cluster_name.as_str()),
-            cancel.clone(),
-        ));
+        tracker.spawn(metrics::serve(l, shared.clone(), cancel.clone()));
     }
 
     if let Some(src) = kube {

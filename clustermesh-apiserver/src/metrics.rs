@@ -1,4 +1,6 @@
-//! Prometheus text metrics, served at `GET /metrics` on the metrics port.
+//! The apiserver's metrics (prometheus-client, OpenMetrics), served at
+//! `GET /metrics` on the metrics port with `GET /healthz`
+//! ([`clustermesh_http::serve`]).
 
 use std::{
     collections::BTreeMap,
@@ -8,7 +10,12 @@ use std::{
     },
 };
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use clustermesh_http::prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
+};
+
+type Labels = Vec<(&'static str, String)>;
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -31,101 +38,103 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, cluster: &str) -> String {
-        let mut out = String::new();
-        let c = |name: &str, help: &str, v: u64, out: &mut String| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{cluster=\"{cluster}\"}} {v}\n"
-            ));
+    /// The metrics as a prometheus-client registry (OpenMetrics names:
+    /// counters end in `_total`, the heartbeat time is in seconds).
+    pub fn registry(&self, cluster: &str) -> Registry {
+        let mut r = Registry::default();
+        let l = || vec![("cluster", cluster.to_owned())];
+        let counter = |v: u64| {
+            let f: Family<Labels, Counter> = Family::default();
+            f.get_or_create(&l()).inc_by(v);
+            f
         };
-        c(
-            "clustermesh_apiserver_etcd_puts_total",
-            "Keys written to etcd.",
-            self.etcd_puts.load(Ordering::Relaxed),
-            &mut out,
-        );
-        c(
-            "clustermesh_apiserver_etcd_deletes_total",
-            "Keys deleted from etcd.",
-            self.etcd_deletes.load(Ordering::Relaxed),
-            &mut out,
-        );
-        c(
-            "clustermesh_apiserver_etcd_errors_total",
-            "Failed etcd operations.",
-            self.etcd_errors.load(Ordering::Relaxed),
-            &mut out,
-        );
-        c(
-            "clustermesh_apiserver_lease_losses_total",
-            "Times the export lease expired.",
-            self.lease_losses.load(Ordering::Relaxed),
-            &mut out,
-        );
-        c(
-            "clustermesh_apiserver_nodes_expired_total",
-            "Nodes removed for missing heartbeats.",
-            self.nodes_expired.load(Ordering::Relaxed),
-            &mut out,
-        );
-        out.push_str("# HELP clustermesh_apiserver_requests_total gRPC requests by method and result.\n# TYPE clustermesh_apiserver_requests_total counter\n");
+        for (name, help, v) in [
+            (
+                "clustermesh_apiserver_etcd_puts",
+                "Keys written to etcd.",
+                &self.etcd_puts,
+            ),
+            (
+                "clustermesh_apiserver_etcd_deletes",
+                "Keys deleted from etcd.",
+                &self.etcd_deletes,
+            ),
+            (
+                "clustermesh_apiserver_etcd_errors",
+                "Failed etcd operations.",
+                &self.etcd_errors,
+            ),
+            (
+                "clustermesh_apiserver_lease_losses",
+                "Times the export lease expired.",
+                &self.lease_losses,
+            ),
+            (
+                "clustermesh_apiserver_nodes_expired",
+                "Nodes removed for missing heartbeats.",
+                &self.nodes_expired,
+            ),
+        ] {
+            r.register(name, help, counter(v.load(Ordering::Relaxed)));
+        }
+        let requests: Family<Labels, Counter> = Family::default();
         if let Ok(m) = self.requests.lock() {
             for ((method, result), v) in m.iter() {
-                out.push_str(&format!(
-                    "clustermesh_apiserver_requests_total{{cluster=\"{cluster}\",method=\"{method}\",result=\"{result}\"}} {v}\n"
-                ));
+                let mut labels = l();
+                labels.push(("method", (*method).to_owned()));
+                labels.push(("result", (*result).to_owned()));
+                requests.get_or_create(&labels).inc_by(*v);
             }
         }
-        out.push_str("# HELP clustermesh_apiserver_exported_records Records exported, by kind.\n# TYPE clustermesh_apiserver_exported_records gauge\n");
+        r.register(
+            "clustermesh_apiserver_requests",
+            "gRPC requests by method and result.",
+            requests,
+        );
+        let exported: Family<Labels, Gauge> = Family::default();
         if let Ok(m) = self.exported.lock() {
             for (kind, v) in m.iter() {
-                out.push_str(&format!(
-                    "clustermesh_apiserver_exported_records{{cluster=\"{cluster}\",kind=\"{kind}\"}} {v}\n"
-                ));
+                let mut labels = l();
+                labels.push(("kind", (*kind).to_owned()));
+                exported
+                    .get_or_create(&labels)
+                    .set(i64::try_from(*v).unwrap_or(i64::MAX));
             }
         }
-        out.push_str(&format!(
-            "# HELP clustermesh_apiserver_last_heartbeat_timestamp_ms Unix ms of the last heartbeat written.\n# TYPE clustermesh_apiserver_last_heartbeat_timestamp_ms gauge\nclustermesh_apiserver_last_heartbeat_timestamp_ms{{cluster=\"{cluster}\"}} {}\n",
-            self.last_heartbeat_ms.load(Ordering::Relaxed)
-        ));
-        out
+        r.register(
+            "clustermesh_apiserver_exported_records",
+            "Records exported, by kind.",
+            exported,
+        );
+        let heartbeat: Family<Labels, Gauge<f64, AtomicU64>> = Family::default();
+        heartbeat
+            .get_or_create(&l())
+            .set(self.last_heartbeat_ms.load(Ordering::Relaxed) as f64 / 1000.0);
+        r.register_with_unit(
+            "clustermesh_apiserver_last_heartbeat_timestamp",
+            "Unix time of the last heartbeat written.",
+            Unit::Seconds,
+            heartbeat,
+        );
+        r
     }
 }
 
-/// Serves `GET /metrics` (anything else: 404) until cancelled.
+/// Serves `GET /healthz` and `GET /metrics` until cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    render: impl Fn() -> String + Send + Sync + 'static,
+    shared: std::sync::Arc<crate::Shared>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    loop {
-        let (mut sock, _) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
-                }
-            },
-        };
-        let mut buf = [0u8; 1024];
-        let n = match tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf))
-            .await
-        {
-            Ok(Ok(n)) => n,
-            _ => continue,
-        };
-        let req = String::from_utf8_lossy(&buf[..n]);
-        let resp = if req.starts_with("GET /metrics ") {
-            let body = render();
-            format!(
-                "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-        } else {
-            "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_owned()
-        };
-        let _ = sock.write_all(resp.as_bytes()).await;
-    }
+    use axum::{Router, routing::get};
+    let router = Router::new()
+        .route("/healthz", get(clustermesh_http::healthz))
+        .route(
+            "/metrics",
+            get(move || {
+                let r = shared.metrics.registry(shared.cfg.cluster_name.as_str());
+                async move { clustermesh_http::metrics_response(&r) }
+            }),
+        );
+    clustermesh_http::serve(listener, router, cancel).await;
 }

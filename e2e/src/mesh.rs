@@ -27,7 +27,6 @@ use std::{
     fs::File,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -454,30 +453,14 @@ fn tail(log: &Path) -> String {
 /// Runs `f` on a thread moved into namespace `ns` (sockets it creates
 /// belong there).
 pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| -> anyhow::Result<T> {
-            let target = File::open(format!("/var/run/netns/{ns}"))
-                .with_context(|| format!("opening namespace {ns}"))?;
-            // SAFETY: a namespace fd; setns changes only this thread, which
-            // ends with the scope (it is never reused).
-            if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("entering {ns}: {}", std::io::Error::last_os_error());
-            }
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
-    })
+    Ok(clustermesh_api::netns::run_in_named(Some(ns), f)?)
 }
 
 /// The responder of a pod (`mesh serve`): answers `answer` to every TCP
 /// connection and UDP datagram on `port`, forever.
 pub fn serve(netns: &str, answer: &str, port: u16) -> anyhow::Result<()> {
-    let target = File::open(format!("/var/run/netns/{netns}"))?;
-    // SAFETY: as in `in_netns`; this process serves only this namespace.
-    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        bail!("entering {netns}: {}", std::io::Error::last_os_error());
-    }
+    // This process serves only this namespace: its main thread moves in.
+    clustermesh_api::netns::enter(&clustermesh_api::netns::open_named(netns)?)?;
     let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let tcp = TcpListener::bind(any)?;
     let udp = UdpSocket::bind(any)?;
@@ -1019,8 +1002,75 @@ pub struct Row {
 /// The connectivity matrix (every pod to up to two pods of every cluster,
 /// ping and TCP), the global service from every cluster, and with
 /// encryption the underlay capture. Returns every row.
+/// `GET path` on a loopback HTTP endpoint; the body.
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    let mut s =
+        std::net::TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("{addr}{path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+/// `promtool check metrics` on an endpoint's `/metrics`.
+fn promtool_check(addr: &str) -> anyhow::Result<()> {
+    let body = http_get(addr, "/metrics")?;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("promtool (Debian package prometheus; scripts/setup.sh installs it)")?;
+    child
+        .stdin
+        .take()
+        .context("promtool stdin")?
+        .write_all(body.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Every agent's and apiserver's metrics pass `promtool check metrics`.
+fn metrics_rows(t: &Topology) -> Vec<Row> {
+    let endpoints = t
+        .clusters
+        .iter()
+        .map(|c| (format!("{} apiserver", c.name), c.apiserver.metrics.clone()))
+        .chain(t.nodes.iter().map(|n| {
+            (
+                format!("{}/{} agent", n.cluster, n.name),
+                n.agent.status.clone(),
+            )
+        }));
+    endpoints
+        .map(|(from, addr)| {
+            let r = promtool_check(&addr);
+            Row {
+                check: "metrics".into(),
+                from,
+                to: addr,
+                ok: r.is_ok(),
+                detail: r.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
 pub fn check(t: &Topology) -> anyhow::Result<Vec<Row>> {
-    let mut rows = Vec::new();
+    let mut rows = metrics_rows(t);
     let capture = match t.encryption {
         Some(Encryption::Wireguard | Encryption::Strict) if t.clusters.len() > 1 => {
             Some(start_captures(t)?)

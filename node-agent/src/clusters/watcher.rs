@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use backon::BackoffBuilder as _;
 use clustermesh_api::{ClusterName, Key, KvKey, StateKind};
-use etcd_client::{EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -105,8 +105,25 @@ async fn session(
         cluster: name.clone(),
     }
     .build();
+    connected(&s, &mut client, &cfg_key, last_etcd_id).await?;
+    if !canaries(name, &mut client, cancel).await? {
+        return Ok(());
+    }
+    let prefixes: Vec<String> = StateKind::ALL.iter().map(|k| k.prefix(name)).collect();
+    let rev = list(&s, &mut client, &prefixes).await?;
+    watch(&s, &mut client, &prefixes, &cfg_key, rev, cancel).await
+}
+
+/// Reads the cluster config and reports the session as connected.
+async fn connected(
+    s: &Session<'_>,
+    client: &mut Client,
+    cfg_key: &str,
+    last_etcd_id: &mut Option<u64>,
+) -> Result<(), SessionError> {
+    let name = s.name;
     let r = client
-        .get(cfg_key.as_str(), None)
+        .get(cfg_key, None)
         .await
         .map_err(etcd("get cluster-config"))?;
     let etcd_id = r.header().map(|h| h.cluster_id()).unwrap_or(0);
@@ -126,7 +143,16 @@ async fn session(
     })
     .await?;
 
-    // Wait for the exporter's initial export (all four canaries).
+    Ok(())
+}
+
+/// Waits for the exporter's initial export (all four canaries); false if
+/// cancelled meanwhile.
+async fn canaries(
+    name: &ClusterName,
+    client: &mut Client,
+    cancel: &CancellationToken,
+) -> Result<bool, SessionError> {
     let synced = Key::synced_prefix(name);
     loop {
         let r = client
@@ -145,16 +171,21 @@ async fn session(
             r.kvs().iter().any(|kv| kv.key() == want.as_bytes())
         });
         if have {
-            break;
+            return Ok(true);
         }
         tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => return Ok(false),
             _ = tokio::time::sleep(CANARY_POLL) => {}
         }
     }
+}
 
-    // List every kind at one revision.
-    let prefixes: Vec<String> = StateKind::ALL.iter().map(|k| k.prefix(name)).collect();
+/// Lists every kind at one revision (Init, Apply..., InitDone); returns it.
+async fn list(
+    s: &Session<'_>,
+    client: &mut Client,
+    prefixes: &[String],
+) -> Result<i64, SessionError> {
     let first = client
         .get(prefixes[0].as_str(), Some(GetOptions::new().with_prefix()))
         .await
@@ -185,17 +216,29 @@ async fn session(
     }
     s.send(WatchEvent::InitDone).await?;
 
-    // Watch every kind, and the cluster config, from the next revision.
+    Ok(rev)
+}
+
+/// Watches every kind, and the cluster config, from the next revision.
+async fn watch(
+    s: &Session<'_>,
+    client: &mut Client,
+    prefixes: &[String],
+    cfg_key: &str,
+    rev: i64,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
     let mut streams = Vec::new();
-    for p in prefixes.iter().chain(std::iter::once(&cfg_key)) {
+    for p in prefixes
+        .iter()
+        .map(String::as_str)
+        .chain(std::iter::once(cfg_key))
+    {
         let mut o = WatchOptions::new().with_start_revision(rev + 1);
         if p.ends_with('/') {
             o = o.with_prefix();
         }
-        let w = client
-            .watch(p.as_str(), Some(o))
-            .await
-            .map_err(etcd("watch"))?;
+        let w = client.watch(p, Some(o)).await.map_err(etcd("watch"))?;
         streams.push(
             futures_util::stream::unfold(w, |mut w| async move {
                 let m = w.message().await;
