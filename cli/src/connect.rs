@@ -327,6 +327,10 @@ fn tls_dir(node_dir: &std::path::Path, exporter: &str) -> PathBuf {
     node_dir.join(".tls").join(exporter)
 }
 
+/// A reader's credentials for an exporter's TLS etcd: the CA (PEM), the
+/// client certificate and key.
+type Credentials = (String, Vec<u8>, Vec<u8>);
+
 pub async fn connect(ctx: &Ctx, a: Args) -> Result<bool> {
     let (names, pairs) = directions(&a)?;
     let cd = &ctx.dir;
@@ -344,9 +348,76 @@ pub async fn connect(ctx: &Ctx, a: Args) -> Result<bool> {
             check_pair(&infos[x], &infos[y])?;
         }
     }
+    check_readers(cd, &names, &pairs, &entries, &infos).await?;
+    let endpoints_of = |x: &str| {
+        if infos[x].etcd_endpoints.is_empty() {
+            entries[x].etcd_endpoints.clone()
+        } else {
+            infos[x].etcd_endpoints.clone()
+        }
+    };
+    // Reach every TLS etcd before changing anything: a wrong credential
+    // or an unreachable etcd changes nothing.
+    let mut admins = BTreeMap::new();
+    for (_, x) in &pairs {
+        let tls = endpoints_of(x).iter().any(|e| e.starts_with("https://"));
+        if tls && !admins.contains_key(x) {
+            admins.insert(x.clone(), etcd_admin(cd, &entries[x]).await?);
+        }
+    }
+    // Apply.
+    let mut actions = Vec::new();
+    let mut users = Vec::new();
+    for (r, x) in &pairs {
+        let mut creds = None;
+        if let Some(admin) = admins.get_mut(x) {
+            let (user, c) = grant_reader(cd, admin, r, x, &entries[x], &infos[x]).await?;
+            users.push(serde_json::json!({"etcd_of": x, "user": user, "read_only": true}));
+            creds = Some(c);
+        }
+        actions.extend(write_remote_files(
+            r,
+            &entries[r],
+            x,
+            endpoints_of(x),
+            creds.as_ref(),
+        )?);
+    }
+    if !ctx.json() {
+        print_applied(&actions, &users);
+    }
+    let mut ok = true;
+    if a.wait {
+        ok = wait(ctx, &entries, &pairs, true, a.timeout).await?;
+    } else if !ctx.json() {
+        println!(
+            "next: `clustermesh status --wait` shows when every node has synced the new clusters"
+        );
+    }
+    if ctx.json() {
+        print_json(&serde_json::json!({
+            "connected": pairs.iter().map(|(r, x)| serde_json::json!({"reader": r, "exporter": x})).collect::<Vec<_>>(),
+            "files": actions,
+            "etcd_users": users,
+            "synced": if a.wait { Some(ok) } else { None },
+        }));
+    }
+    Ok(ok)
+}
+
+/// Validation of each reader R of `pairs`: it has nodes, and the clusters
+/// it is already connected to (outside this request) do not collide with
+/// its new exporter X (cluster id, pod CIDRs).
+async fn check_readers(
+    cd: &ConfigDir,
+    names: &[String],
+    pairs: &Pairs,
+    entries: &BTreeMap<String, ClusterEntry>,
+    infos: &BTreeMap<String, proto::ClusterInfo>,
+) -> Result<()> {
     let all = cd.all()?;
     let mut existing_infos = BTreeMap::new();
-    for (r, x) in &pairs {
+    for (r, x) in pairs {
         let reader = &entries[r];
         if reader.nodes.is_empty() {
             bail!(
@@ -382,134 +453,119 @@ pub async fn connect(ctx: &Ctx, a: Args) -> Result<bool> {
             }
         }
     }
-    let endpoints_of = |x: &str| {
-        if infos[x].etcd_endpoints.is_empty() {
-            entries[x].etcd_endpoints.clone()
-        } else {
-            infos[x].etcd_endpoints.clone()
-        }
+    Ok(())
+}
+
+/// In the TLS etcd of `exporter` X (`admin`): the read-only user
+/// `remote-R` of reader `r` (and X's own `remote-X`, before auth goes on),
+/// and its client certificate from X's CA, issued once. The user and the
+/// credentials to copy to R's nodes.
+async fn grant_reader(
+    cd: &ConfigDir,
+    admin: &mut etcd_client::Client,
+    r: &str,
+    x: &str,
+    exporter: &ClusterEntry,
+    info: &proto::ClusterInfo,
+) -> Result<(String, Credentials)> {
+    // X's own nodes read their etcd as remote-X (enable's node.pem):
+    // granted before auth goes on, so they never lose access.
+    let own: clustermesh_api::ClusterName =
+        x.parse().map_err(|e| anyhow!("cluster name {x:?}: {e}"))?;
+    clustermesh_kvstore::remote_access::grant_remote_reader(admin, &own)
+        .await
+        .map_err(|e| etcd_error(exporter, &e))?;
+    clustermesh_kvstore::remote_access::enable_auth(admin, &format!("apiserver-{x}"))
+        .await
+        .map_err(|e| etcd_error(exporter, &e))?;
+    let name: clustermesh_api::ClusterName =
+        r.parse().map_err(|e| anyhow!("cluster name {r:?}: {e}"))?;
+    let user = clustermesh_kvstore::remote_access::grant_remote_reader(admin, &name)
+        .await
+        .map_err(|e| etcd_error(exporter, &e))?;
+    let pki = cd.pki(x);
+    let (ca, _) = crate::enable::load_or_create_ca(&pki, x)?;
+    let (cert, key) = (
+        pki.join(format!("{user}.pem")),
+        pki.join(format!("{user}-key.pem")),
+    );
+    if !(cert.is_file() && key.is_file()) {
+        let issued = ca
+            .issue(&user, &[], Usage::Client)
+            .map_err(|e| anyhow!("issuing the certificate of {user}: {e}"))?;
+        config::write_atomic(&key, issued.key_pem.as_bytes(), 0o600)?;
+        config::write_atomic(&cert, issued.cert_pem.as_bytes(), 0o644)?;
+    }
+    let ca_pem = if info.etcd_ca_pem.is_empty() {
+        ca.cert_pem().to_owned()
+    } else {
+        info.etcd_ca_pem.clone()
     };
-    // Reach every TLS etcd before changing anything: a wrong credential
-    // or an unreachable etcd changes nothing.
-    let mut admins = BTreeMap::new();
-    for (_, x) in &pairs {
-        let tls = endpoints_of(x).iter().any(|e| e.starts_with("https://"));
-        if tls && !admins.contains_key(x) {
-            admins.insert(x.clone(), etcd_admin(cd, &entries[x]).await?);
-        }
-    }
-    // Apply.
+    let read =
+        |p: &PathBuf| std::fs::read(p).map_err(|e| anyhow!("cannot read {}: {e}", p.display()));
+    let creds = (ca_pem, read(&cert)?, read(&key)?);
+    Ok((user, creds))
+}
+
+/// On every node of reader `r`: the remote-cluster file of exporter `x`
+/// (and its TLS files from `creds`), written atomically.
+fn write_remote_files(
+    r: &str,
+    reader: &ClusterEntry,
+    x: &str,
+    endpoints: Vec<String>,
+    creds: Option<&Credentials>,
+) -> Result<Vec<FileAction>> {
     let mut actions = Vec::new();
-    let mut users = Vec::new();
-    for (r, x) in &pairs {
-        let (reader, exporter) = (&entries[r], &entries[x]);
-        let info = &infos[x];
-        let endpoints = endpoints_of(x);
-        let mut creds = None;
-        if let Some(admin) = admins.get_mut(x) {
-            // X's own nodes read their etcd as remote-X (enable's node.pem):
-            // granted before auth goes on, so they never lose access.
-            let own: clustermesh_api::ClusterName =
-                x.parse().map_err(|e| anyhow!("cluster name {x:?}: {e}"))?;
-            clustermesh_kvstore::remote_access::grant_remote_reader(admin, &own)
-                .await
-                .map_err(|e| etcd_error(exporter, &e))?;
-            clustermesh_kvstore::remote_access::enable_auth(admin, &format!("apiserver-{x}"))
-                .await
-                .map_err(|e| etcd_error(exporter, &e))?;
-            let name: clustermesh_api::ClusterName =
-                r.parse().map_err(|e| anyhow!("cluster name {r:?}: {e}"))?;
-            let user = clustermesh_kvstore::remote_access::grant_remote_reader(admin, &name)
-                .await
-                .map_err(|e| etcd_error(exporter, &e))?;
-            users.push(serde_json::json!({"etcd_of": x, "user": user, "read_only": true}));
-            let pki = cd.pki(x);
-            let (ca, _) = crate::enable::load_or_create_ca(&pki, x)?;
-            let (cert, key) = (
-                pki.join(format!("{user}.pem")),
-                pki.join(format!("{user}-key.pem")),
-            );
-            if !(cert.is_file() && key.is_file()) {
-                let issued = ca
-                    .issue(&user, &[], Usage::Client)
-                    .map_err(|e| anyhow!("issuing the certificate of {user}: {e}"))?;
-                config::write_atomic(&key, issued.key_pem.as_bytes(), 0o600)?;
-                config::write_atomic(&cert, issued.cert_pem.as_bytes(), 0o644)?;
-            }
-            let ca_pem = if info.etcd_ca_pem.is_empty() {
-                ca.cert_pem().to_owned()
-            } else {
-                info.etcd_ca_pem.clone()
-            };
-            let read = |p: &PathBuf| {
-                std::fs::read(p).map_err(|e| anyhow!("cannot read {}: {e}", p.display()))
-            };
-            creds = Some((ca_pem, read(&cert)?, read(&key)?));
+    for n in &reader.nodes {
+        let mut remote = clustermesh_kvstore::ClusterFile {
+            endpoints: endpoints.clone(),
+            trusted_ca_file: None,
+            cert_file: None,
+            key_file: None,
+        };
+        if let Some((ca, cert, key)) = creds {
+            let d = tls_dir(&n.clusters_dir, x);
+            config::write_atomic(&d.join("ca.pem"), ca.as_bytes(), 0o644)?;
+            config::write_atomic(&d.join("client.pem"), cert, 0o644)?;
+            config::write_atomic(&d.join("client-key.pem"), key, 0o600)?;
+            remote.trusted_ca_file = Some(d.join("ca.pem"));
+            remote.cert_file = Some(d.join("client.pem"));
+            remote.key_file = Some(d.join("client-key.pem"));
         }
-        for n in &reader.nodes {
-            let mut remote = clustermesh_kvstore::ClusterFile {
-                endpoints: endpoints.clone(),
-                trusted_ca_file: None,
-                cert_file: None,
-                key_file: None,
-            };
-            if let Some((ca, cert, key)) = &creds {
-                let d = tls_dir(&n.clusters_dir, x);
-                config::write_atomic(&d.join("ca.pem"), ca.as_bytes(), 0o644)?;
-                config::write_atomic(&d.join("client.pem"), cert, 0o644)?;
-                config::write_atomic(&d.join("client-key.pem"), key, 0o600)?;
-                remote.trusted_ca_file = Some(d.join("ca.pem"));
-                remote.cert_file = Some(d.join("client.pem"));
-                remote.key_file = Some(d.join("client-key.pem"));
-            }
-            let yaml = remote.render();
-            let file = n.clusters_dir.join(x);
-            let changed = config::write_atomic(&file, yaml.as_bytes(), 0o644)?;
-            actions.push(FileAction {
-                reader: r.clone(),
-                exporter: x.clone(),
-                node: n.name.clone(),
-                file,
-                changed,
-            });
-        }
+        let yaml = remote.render();
+        let file = n.clusters_dir.join(x);
+        let changed = config::write_atomic(&file, yaml.as_bytes(), 0o644)?;
+        actions.push(FileAction {
+            reader: r.to_owned(),
+            exporter: x.to_owned(),
+            node: n.name.clone(),
+            file,
+            changed,
+        });
     }
-    if !ctx.json() {
-        for act in &actions {
-            println!(
-                "{} -> {}: node {}: {} {}",
-                act.reader,
-                act.exporter,
-                act.node,
-                if act.changed { "wrote" } else { "unchanged" },
-                act.file.display()
-            );
-        }
-        for u in &users {
-            println!(
-                "etcd of {}: read-only user {}",
-                u["etcd_of"].as_str().unwrap_or_default(),
-                u["user"].as_str().unwrap_or_default()
-            );
-        }
-    }
-    let mut ok = true;
-    if a.wait {
-        ok = wait(ctx, &entries, &pairs, true, a.timeout).await?;
-    } else if !ctx.json() {
+    Ok(actions)
+}
+
+/// The text report of what connect wrote and which etcd users it made.
+fn print_applied(actions: &[FileAction], users: &[serde_json::Value]) {
+    for act in actions {
         println!(
-            "next: `clustermesh status --wait` shows when every node has synced the new clusters"
+            "{} -> {}: node {}: {} {}",
+            act.reader,
+            act.exporter,
+            act.node,
+            if act.changed { "wrote" } else { "unchanged" },
+            act.file.display()
         );
     }
-    if ctx.json() {
-        print_json(&serde_json::json!({
-            "connected": pairs.iter().map(|(r, x)| serde_json::json!({"reader": r, "exporter": x})).collect::<Vec<_>>(),
-            "files": actions,
-            "etcd_users": users,
-            "synced": if a.wait { Some(ok) } else { None },
-        }));
+    for u in users {
+        println!(
+            "etcd of {}: read-only user {}",
+            u["etcd_of"].as_str().unwrap_or_default(),
+            u["user"].as_str().unwrap_or_default()
+        );
     }
-    Ok(ok)
 }
 
 pub async fn disconnect(ctx: &Ctx, a: Args) -> Result<bool> {

@@ -11,7 +11,7 @@
 //! user for managing users). The per-connection remote-client certificates
 //! (CN `remote-<reader>`, from the exporter's CA) are issued by `connect`.
 
-use std::path::Path;
+use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Result, anyhow, bail};
 use clustermesh_api::{ClusterId, ClusterName};
@@ -151,7 +151,71 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
         .map_err(|e| anyhow!("--cluster {:?}: {e}", a.cluster))?;
     let all = ctx.dir.all()?;
     let existing = all.get(name.as_str()).cloned();
-    let id = match (a.id, &existing) {
+    let id = cluster_id(ctx, &all, &name, a.id, existing.as_ref())?;
+    let entry = updated_entry(
+        existing.clone(),
+        &name,
+        id,
+        a.apiserver,
+        a.etcd_endpoints,
+        a.nodes,
+        &a.remove_nodes,
+    )?;
+
+    let pki = ctx.dir.pki(&entry.name);
+    let certs = issue_certificates(&pki, &entry, a.sans)?;
+    let changed = existing.as_ref() != Some(&entry);
+    let file = ctx.dir.save(&entry)?;
+
+    let next = next_commands(&entry, &pki);
+    if ctx.json() {
+        print_json(&serde_json::json!({
+            "cluster": entry.name,
+            "id": entry.id,
+            "file": file,
+            "file_changed": changed,
+            "created": certs.created,
+            "kept": certs.kept,
+            "next": next,
+        }));
+    } else {
+        println!(
+            "cluster {} (id {}): {} {}",
+            entry.name,
+            entry.id,
+            if existing.is_none() {
+                "wrote"
+            } else if changed {
+                "updated"
+            } else {
+                "unchanged"
+            },
+            file.display()
+        );
+        for c in &certs.created {
+            println!("  created {c}");
+        }
+        for k in &certs.kept {
+            println!("  kept    {k}");
+        }
+        println!("next:");
+        for (i, n) in next.iter().enumerate() {
+            println!("  {}. {n}", i + 1);
+        }
+    }
+    Ok(true)
+}
+
+/// The cluster's id: `--id`, else the existing entry's; valid and unique
+/// in the mesh (`all`).
+fn cluster_id(
+    ctx: &Ctx,
+    all: &BTreeMap<String, ClusterEntry>,
+    name: &ClusterName,
+    id: Option<u64>,
+    existing: Option<&ClusterEntry>,
+) -> Result<u64> {
+    let id = match (id, existing) {
         (Some(id), _) => id,
         (None, Some(e)) => e.id,
         (None, None) => {
@@ -166,7 +230,21 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
             ctx.dir.cluster_file(&other.name).display()
         );
     }
-    let mut entry = existing.clone().unwrap_or_else(|| ClusterEntry {
+    Ok(id)
+}
+
+/// The cluster's entry: the existing one (or a new one) with the
+/// arguments applied, validated.
+fn updated_entry(
+    existing: Option<ClusterEntry>,
+    name: &ClusterName,
+    id: u64,
+    apiserver: Option<String>,
+    etcd_endpoints: Vec<String>,
+    nodes: Vec<NodeEntry>,
+    remove_nodes: &[String],
+) -> Result<ClusterEntry> {
+    let mut entry = existing.unwrap_or_else(|| ClusterEntry {
         name: name.to_string(),
         id,
         apiserver: "http://127.0.0.1:9950".into(),
@@ -174,57 +252,69 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
         nodes: vec![],
     });
     entry.id = id;
-    if let Some(api) = a.apiserver {
+    if let Some(api) = apiserver {
         entry.apiserver = api;
     }
-    if !a.etcd_endpoints.is_empty() {
-        entry.etcd_endpoints = a.etcd_endpoints;
+    if !etcd_endpoints.is_empty() {
+        entry.etcd_endpoints = etcd_endpoints;
     }
     if entry.etcd_endpoints.is_empty() {
         bail!("--etcd-endpoints is required to enable a new cluster (e.g. https://10.0.0.5:2379)");
     }
-    for n in a.nodes {
+    for n in nodes {
         match entry.nodes.iter_mut().find(|x| x.name == n.name) {
             Some(x) => *x = n,
             None => entry.nodes.push(n),
         }
     }
-    entry.nodes.retain(|n| !a.remove_nodes.contains(&n.name));
+    entry.nodes.retain(|n| !remove_nodes.contains(&n.name));
     config::validate_entry(&entry)?;
+    Ok(entry)
+}
 
-    let pki = ctx.dir.pki(&entry.name);
-    let (ca, ca_created) = load_or_create_ca(&pki, &entry.name)?;
-    let mut sans: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
-    sans.extend(entry.etcd_endpoints.iter().filter_map(|e| host_of(e)));
-    sans.extend(host_of(&entry.apiserver));
-    sans.extend(a.sans);
-    sans.sort();
-    sans.dedup();
-    let san_refs: Vec<&str> = sans.iter().map(String::as_str).collect();
-    let mut created = Vec::new();
-    let mut kept = Vec::new();
+/// The certificate files of [`issue_certificates`], created or kept.
+struct Certificates {
+    created: Vec<String>,
+    kept: Vec<String>,
+}
+
+/// The cluster's CA and certificates under `pki`, each issued unless it
+/// exists (module docs); `sans`: the `--san` extra names.
+fn issue_certificates(pki: &Path, entry: &ClusterEntry, sans: Vec<String>) -> Result<Certificates> {
+    let (ca, ca_created) = load_or_create_ca(pki, &entry.name)?;
+    let mut all_sans: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
+    all_sans.extend(entry.etcd_endpoints.iter().filter_map(|e| host_of(e)));
+    all_sans.extend(host_of(&entry.apiserver));
+    all_sans.extend(sans);
+    all_sans.sort();
+    all_sans.dedup();
+    let san_refs: Vec<&str> = all_sans.iter().map(String::as_str).collect();
+    let mut certs = Certificates {
+        created: Vec::new(),
+        kept: Vec::new(),
+    };
     let mut note = |file: &str, was_created: bool| {
         let p = pki.join(format!("{file}.pem")).display().to_string();
         if was_created {
-            created.push(p)
+            certs.created.push(p)
         } else {
-            kept.push(p)
+            certs.kept.push(p)
         }
     };
     note("ca", ca_created);
     note(
         "etcd-server",
-        ensure_cert(&pki, "etcd-server", &ca, "etcd", &san_refs, Usage::Server)?,
+        ensure_cert(pki, "etcd-server", &ca, "etcd", &san_refs, Usage::Server)?,
     );
     let api_user = format!("apiserver-{}", entry.name);
     note(
         "apiserver",
-        ensure_cert(&pki, "apiserver", &ca, &api_user, &[], Usage::Client)?,
+        ensure_cert(pki, "apiserver", &ca, &api_user, &[], Usage::Client)?,
     );
     note(
         "apiserver-server",
         ensure_cert(
-            &pki,
+            pki,
             "apiserver-server",
             &ca,
             "clustermesh-apiserver",
@@ -235,15 +325,18 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
     let node_user = format!("remote-{}", entry.name);
     note(
         "node",
-        ensure_cert(&pki, "node", &ca, &node_user, &[], Usage::Client)?,
+        ensure_cert(pki, "node", &ca, &node_user, &[], Usage::Client)?,
     );
     note(
         "admin",
-        ensure_cert(&pki, "admin", &ca, "root", &[], Usage::Client)?,
+        ensure_cert(pki, "admin", &ca, "root", &[], Usage::Client)?,
     );
-    let changed = existing.as_ref() != Some(&entry);
-    let file = ctx.dir.save(&entry)?;
+    Ok(certs)
+}
 
+/// What to run next: etcd, the apiserver, the agents, then `connect`,
+/// with the certificates under `pki`.
+fn next_commands(entry: &ClusterEntry, pki: &Path) -> Vec<String> {
     let p = |f: &str| pki.join(f).display().to_string();
     let endpoints = entry.etcd_endpoints.join(",");
     let mut next = Vec::new();
@@ -255,34 +348,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
             p("ca.pem")
         ));
     }
-    next.push(format!(
-        "run the apiserver: clustermesh-apiserver --cluster-name {} --cluster-id {} --etcd-endpoints {endpoints} --listen {}{}",
-        entry.name,
-        entry.id,
-        entry
-            .apiserver
-            .split_once("://")
-            .map_or(entry.apiserver.as_str(), |(_, r)| r),
-        if entry.tls() {
-            format!(
-                " --etcd-ca {} --etcd-cert {} --etcd-key {}",
-                p("ca.pem"),
-                p("apiserver.pem"),
-                p("apiserver-key.pem")
-            )
-        } else {
-            String::new()
-        },
-    ) + &if entry.apiserver.starts_with("https://") {
-        format!(
-            " --tls-cert {} --tls-key {} --tls-client-ca {}",
-            p("apiserver-server.pem"),
-            p("apiserver-server-key.pem"),
-            p("ca.pem")
-        )
-    } else {
-        String::new()
-    });
+    next.push(apiserver_command(entry, &p));
     if entry.nodes.is_empty() {
         next.push(format!(
             "add the nodes: clustermesh enable --cluster {} --node NAME,clusters-dir=PATH,status=HOST:PORT",
@@ -313,42 +379,40 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
         "connect it: clustermesh connect --cluster {} --destination <other cluster>",
         entry.name
     ));
-    if ctx.json() {
-        print_json(&serde_json::json!({
-            "cluster": entry.name,
-            "id": entry.id,
-            "file": file,
-            "file_changed": changed,
-            "created": created,
-            "kept": kept,
-            "next": next,
-        }));
+    next
+}
+
+/// The apiserver's command line; `p`: a PKI file's path.
+fn apiserver_command(entry: &ClusterEntry, p: &dyn Fn(&str) -> String) -> String {
+    let endpoints = entry.etcd_endpoints.join(",");
+    format!(
+        "run the apiserver: clustermesh-apiserver --cluster-name {} --cluster-id {} --etcd-endpoints {endpoints} --listen {}{}",
+        entry.name,
+        entry.id,
+        entry
+            .apiserver
+            .split_once("://")
+            .map_or(entry.apiserver.as_str(), |(_, r)| r),
+        if entry.tls() {
+            format!(
+                " --etcd-ca {} --etcd-cert {} --etcd-key {}",
+                p("ca.pem"),
+                p("apiserver.pem"),
+                p("apiserver-key.pem")
+            )
+        } else {
+            String::new()
+        },
+    ) + &if entry.apiserver.starts_with("https://") {
+        format!(
+            " --tls-cert {} --tls-key {} --tls-client-ca {}",
+            p("apiserver-server.pem"),
+            p("apiserver-server-key.pem"),
+            p("ca.pem")
+        )
     } else {
-        println!(
-            "cluster {} (id {}): {} {}",
-            entry.name,
-            entry.id,
-            if existing.is_none() {
-                "wrote"
-            } else if changed {
-                "updated"
-            } else {
-                "unchanged"
-            },
-            file.display()
-        );
-        for c in &created {
-            println!("  created {c}");
-        }
-        for k in &kept {
-            println!("  kept    {k}");
-        }
-        println!("next:");
-        for (i, n) in next.iter().enumerate() {
-            println!("  {}. {n}", i + 1);
-        }
+        String::new()
     }
-    Ok(true)
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use crate::{
     Ctx,
     clients::{Api, agent_status},
-    config::ClusterEntry,
+    config::{ClusterEntry, NodeEntry},
     parse_duration, print_json,
 };
 
@@ -189,211 +189,243 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<bool> {
             cluster,
             scope,
             node_to_node,
-        } => {
-            let c = ctx.dir.get(&cluster)?;
-            set(ctx, &c, |p| {
-                p.mode = "wireguard".into();
-                if let Some(s) = scope {
-                    p.scope = s;
-                }
-                if node_to_node {
-                    p.node_to_node = true;
-                }
-                Ok(())
-            })
-            .await
-        }
-        Command::Disable { cluster } => {
-            let c = ctx.dir.get(&cluster)?;
-            let name = c.name.clone();
-            set(ctx, &c, |p| {
-                if p.strict || p.strict_ingress {
-                    bail!(
-                        "cluster {name} enforces strict encryption; turn it off first (`clustermesh encryption strict off --cluster {name}`) so that disabling encryption is a deliberate second step"
-                    );
-                }
-                p.mode = "none".into();
-                p.node_to_node = false;
-                Ok(())
-            })
-            .await
-        }
+        } => enable(ctx, &cluster, scope, node_to_node).await,
+        Command::Disable { cluster } => disable(ctx, &cluster).await,
         Command::Strict {
             state,
             cluster,
             ingress,
-        } => {
-            let c = ctx.dir.get(&cluster)?;
-            let name = c.name.clone();
-            if state == OnOff::On {
-                // Strict here would drop the traffic of a connected cluster
-                // that does not encrypt: refuse, as connect does.
-                let all = ctx.dir.all()?;
-                for other in crate::connect::connected_clusters(&all, &c) {
-                    let Some(e) = all.get(&other) else { continue };
-                    let mut api = Api::connect(&ctx.dir, e).await?;
-                    let p = api.info().await?.encryption.unwrap_or_default();
-                    if p.mode.is_empty() || p.mode == "none" {
-                        bail!(
-                            "cluster {name} is connected to cluster {other}, which has encryption off, so strict mode would drop their traffic; turn WireGuard on in {other} first (`clustermesh encryption enable --cluster {other}`) or disconnect it"
-                        );
-                    }
-                }
-            }
-            set(ctx, &c, |p| {
-                match state {
-                    OnOff::On => {
-                        if p.mode != "wireguard" {
-                            bail!(
-                                "strict mode needs encryption on, and cluster {name} has encryption off; run `clustermesh encryption enable --cluster {name}` first"
-                            );
-                        }
-                        p.strict = true;
-                        if ingress {
-                            p.strict_ingress = true;
-                        }
-                    }
-                    OnOff::Off => {
-                        p.strict_ingress = false;
-                        if !ingress {
-                            p.strict = false;
-                        }
-                    }
-                }
-                Ok(())
-            })
-            .await
-        }
-        Command::RotateKeys { cluster, node } => {
-            let c = ctx.dir.get(&cluster)?;
-            let nodes: Vec<_> = c
-                .nodes
-                .iter()
-                .filter(|n| node.as_ref().is_none_or(|x| *x == n.name))
-                .collect();
-            if nodes.is_empty() {
-                bail!(
-                    "cluster {} has no node {}; its nodes are: {}",
-                    c.name,
-                    node.unwrap_or_default(),
-                    c.nodes
-                        .iter()
-                        .map(|n| n.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-            let mut done = Vec::new();
-            for n in nodes {
-                let pf = n.pid_file.as_ref().ok_or_else(|| {
-                    anyhow!(
-                        "node {} of cluster {} has no pid-file in its cluster file, so the CLI cannot signal its agent; add it (`clustermesh enable --cluster {} --node {},clusters-dir=...,status=...,pid-file=PATH`) or run `kill -USR1 <node-agent pid>` on the node",
-                        n.name, c.name, c.name, n.name
-                    )
-                })?;
-                let text = std::fs::read_to_string(pf).map_err(|e| {
-                    anyhow!(
-                        "cannot read the pid file {} of node {} ({e}); check that its agent runs",
-                        pf.display(),
-                        n.name
-                    )
-                })?;
-                let pid: i32 = text.trim().parse().ok().filter(|p| *p > 1).ok_or_else(|| {
-                    anyhow!(
-                        "the pid file {} of node {} does not hold a process id",
-                        pf.display(),
-                        n.name
-                    )
-                })?;
-                // SAFETY: kill(2) with a checked positive pid and a valid signal.
-                let rc = unsafe { libc::kill(pid, libc::SIGUSR1) };
-                if rc != 0 {
-                    bail!(
-                        "cannot signal the agent of node {} (pid {pid} from {}): {}; check that it runs and that you may signal it",
-                        n.name,
-                        pf.display(),
-                        std::io::Error::last_os_error()
-                    );
-                }
-                done.push(json!({"node": n.name, "pid": pid}));
-            }
-            if ctx.json() {
-                print_json(&json!({"cluster": c.name, "rotation_started": done}));
-            } else {
-                for d in &done {
-                    println!(
-                        "node {}: key rotation started (SIGUSR1 to pid {})",
-                        d["node"].as_str().unwrap_or_default(),
-                        d["pid"]
-                    );
-                }
-                println!(
-                    "evidence: `clustermesh encryption audit --cluster {} --event key_rotation_completed` once the overlap has passed",
-                    c.name
-                );
-            }
-            Ok(true)
-        }
+        } => strict(ctx, state, &cluster, ingress).await,
+        Command::RotateKeys { cluster, node } => rotate_keys(ctx, &cluster, node),
         Command::Audit {
             cluster,
             since,
             event,
-        } => {
-            let c = ctx.dir.get(&cluster)?;
-            let cutoff = since.map(|d| rfc3339(SystemTime::now() - d));
-            let mut lines = Vec::new();
-            let mut missing = Vec::new();
-            for n in &c.nodes {
-                let Some(p) = &n.audit_log else {
-                    missing.push(format!(
-                        "node {} has no audit-log in its cluster file",
-                        n.name
-                    ));
-                    continue;
-                };
-                let text = match std::fs::read_to_string(p) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        missing.push(format!(
-                            "node {}: cannot read {} ({e})",
-                            n.name,
-                            p.display()
-                        ));
-                        continue;
-                    }
-                };
-                for l in text.lines() {
-                    let Ok(v) = serde_json::from_str::<Value>(l) else {
-                        continue;
-                    };
-                    let ts = v["ts"].as_str().unwrap_or_default().to_owned();
-                    if cutoff.as_ref().is_some_and(|c| ts < *c) {
-                        continue;
-                    }
-                    if event.as_ref().is_some_and(|e| v["event"] != e.as_str()) {
-                        continue;
-                    }
-                    lines.push((ts, v));
+        } => audit(ctx, &cluster, since, event),
+    }
+}
+
+async fn enable(
+    ctx: &Ctx,
+    cluster: &str,
+    scope: Option<String>,
+    node_to_node: bool,
+) -> Result<bool> {
+    let c = ctx.dir.get(cluster)?;
+    set(ctx, &c, |p| {
+        p.mode = "wireguard".into();
+        if let Some(s) = scope {
+            p.scope = s;
+        }
+        if node_to_node {
+            p.node_to_node = true;
+        }
+        Ok(())
+    })
+    .await
+}
+
+async fn disable(ctx: &Ctx, cluster: &str) -> Result<bool> {
+    let c = ctx.dir.get(cluster)?;
+    let name = c.name.clone();
+    set(ctx, &c, |p| {
+        if p.strict || p.strict_ingress {
+            bail!(
+                "cluster {name} enforces strict encryption; turn it off first (`clustermesh encryption strict off --cluster {name}`) so that disabling encryption is a deliberate second step"
+            );
+        }
+        p.mode = "none".into();
+        p.node_to_node = false;
+        Ok(())
+    })
+    .await
+}
+
+async fn strict(ctx: &Ctx, state: OnOff, cluster: &str, ingress: bool) -> Result<bool> {
+    let c = ctx.dir.get(cluster)?;
+    let name = c.name.clone();
+    if state == OnOff::On {
+        refuse_unencrypted_peers(ctx, &c).await?;
+    }
+    set(ctx, &c, |p| {
+        match state {
+            OnOff::On => {
+                if p.mode != "wireguard" {
+                    bail!(
+                        "strict mode needs encryption on, and cluster {name} has encryption off; run `clustermesh encryption enable --cluster {name}` first"
+                    );
+                }
+                p.strict = true;
+                if ingress {
+                    p.strict_ingress = true;
                 }
             }
-            lines.sort_by(|a, b| a.0.cmp(&b.0));
-            if ctx.json() {
-                print_json(&json!({
-                    "cluster": c.name,
-                    "events": lines.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
-                    "unavailable": missing,
-                }));
-            } else {
-                for (_, v) in &lines {
-                    println!("{v}");
-                }
-                for m in &missing {
-                    eprintln!("note: {m}");
+            OnOff::Off => {
+                p.strict_ingress = false;
+                if !ingress {
+                    p.strict = false;
                 }
             }
-            Ok(missing.is_empty() || !lines.is_empty())
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Strict mode in `c` would drop the traffic of a connected cluster that
+/// does not encrypt: refuse, as connect does.
+async fn refuse_unencrypted_peers(ctx: &Ctx, c: &ClusterEntry) -> Result<()> {
+    let name = &c.name;
+    let all = ctx.dir.all()?;
+    for other in crate::connect::connected_clusters(&all, c) {
+        let Some(e) = all.get(&other) else { continue };
+        let mut api = Api::connect(&ctx.dir, e).await?;
+        let p = api.info().await?.encryption.unwrap_or_default();
+        if p.mode.is_empty() || p.mode == "none" {
+            bail!(
+                "cluster {name} is connected to cluster {other}, which has encryption off, so strict mode would drop their traffic; turn WireGuard on in {other} first (`clustermesh encryption enable --cluster {other}`) or disconnect it"
+            );
         }
     }
+    Ok(())
+}
+
+fn rotate_keys(ctx: &Ctx, cluster: &str, node: Option<String>) -> Result<bool> {
+    let c = ctx.dir.get(cluster)?;
+    let nodes: Vec<_> = c
+        .nodes
+        .iter()
+        .filter(|n| node.as_ref().is_none_or(|x| *x == n.name))
+        .collect();
+    if nodes.is_empty() {
+        bail!(
+            "cluster {} has no node {}; its nodes are: {}",
+            c.name,
+            node.unwrap_or_default(),
+            c.nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut done = Vec::new();
+    for n in nodes {
+        let pid = signal_rotation(&c, n)?;
+        done.push(json!({"node": n.name, "pid": pid}));
+    }
+    if ctx.json() {
+        print_json(&json!({"cluster": c.name, "rotation_started": done}));
+    } else {
+        for d in &done {
+            println!(
+                "node {}: key rotation started (SIGUSR1 to pid {})",
+                d["node"].as_str().unwrap_or_default(),
+                d["pid"]
+            );
+        }
+        println!(
+            "evidence: `clustermesh encryption audit --cluster {} --event key_rotation_completed` once the overlap has passed",
+            c.name
+        );
+    }
+    Ok(true)
+}
+
+/// SIGUSR1 to the agent of node `n` (pid from its `pid-file`); the pid.
+fn signal_rotation(c: &ClusterEntry, n: &NodeEntry) -> Result<i32> {
+    let pf = n.pid_file.as_ref().ok_or_else(|| {
+        anyhow!(
+            "node {} of cluster {} has no pid-file in its cluster file, so the CLI cannot signal its agent; add it (`clustermesh enable --cluster {} --node {},clusters-dir=...,status=...,pid-file=PATH`) or run `kill -USR1 <node-agent pid>` on the node",
+            n.name, c.name, c.name, n.name
+        )
+    })?;
+    let text = std::fs::read_to_string(pf).map_err(|e| {
+        anyhow!(
+            "cannot read the pid file {} of node {} ({e}); check that its agent runs",
+            pf.display(),
+            n.name
+        )
+    })?;
+    let pid: i32 = text.trim().parse().ok().filter(|p| *p > 1).ok_or_else(|| {
+        anyhow!(
+            "the pid file {} of node {} does not hold a process id",
+            pf.display(),
+            n.name
+        )
+    })?;
+    // SAFETY: kill(2) with a checked positive pid and a valid signal.
+    let rc = unsafe { libc::kill(pid, libc::SIGUSR1) };
+    if rc != 0 {
+        bail!(
+            "cannot signal the agent of node {} (pid {pid} from {}): {}; check that it runs and that you may signal it",
+            n.name,
+            pf.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(pid)
+}
+
+fn audit(ctx: &Ctx, cluster: &str, since: Option<Duration>, event: Option<String>) -> Result<bool> {
+    let c = ctx.dir.get(cluster)?;
+    let cutoff = since.map(|d| rfc3339(SystemTime::now() - d));
+    let mut lines = Vec::new();
+    let mut missing = Vec::new();
+    for n in &c.nodes {
+        match read_audit_log(n) {
+            Ok(text) => lines.extend(audit_events(&text, cutoff.as_deref(), event.as_deref())),
+            Err(m) => missing.push(m),
+        }
+    }
+    lines.sort_by(|a, b| a.0.cmp(&b.0));
+    if ctx.json() {
+        print_json(&json!({
+            "cluster": c.name,
+            "events": lines.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
+            "unavailable": missing,
+        }));
+    } else {
+        for (_, v) in &lines {
+            println!("{v}");
+        }
+        for m in &missing {
+            eprintln!("note: {m}");
+        }
+    }
+    Ok(missing.is_empty() || !lines.is_empty())
+}
+
+/// The text of node `n`'s audit trail, or why it is unavailable.
+fn read_audit_log(n: &NodeEntry) -> std::result::Result<String, String> {
+    let Some(p) = &n.audit_log else {
+        return Err(format!(
+            "node {} has no audit-log in its cluster file",
+            n.name
+        ));
+    };
+    std::fs::read_to_string(p)
+        .map_err(|e| format!("node {}: cannot read {} ({e})", n.name, p.display()))
+}
+
+/// The events (timestamp, record) of an audit trail's JSON lines, those
+/// not older than `cutoff` and of kind `event` when given.
+fn audit_events(text: &str, cutoff: Option<&str>, event: Option<&str>) -> Vec<(String, Value)> {
+    let mut lines = Vec::new();
+    for l in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(l) else {
+            continue;
+        };
+        let ts = v["ts"].as_str().unwrap_or_default().to_owned();
+        if cutoff.is_some_and(|c| ts.as_str() < c) {
+            continue;
+        }
+        if event.is_some_and(|e| v["event"] != e) {
+            continue;
+        }
+        lines.push((ts, v));
+    }
+    lines
 }
 
 async fn status(ctx: &Ctx, cluster: Option<String>) -> Result<bool> {

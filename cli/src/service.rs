@@ -221,85 +221,8 @@ async fn find(ctx: &Ctx, c: &ClusterEntry, ns: &str, name: &str) -> Result<proto
 
 pub async fn run(ctx: &Ctx, cmd: Command) -> Result<bool> {
     match cmd {
-        Command::List { cluster } => {
-            let clusters: Vec<ClusterEntry> = match cluster {
-                Some(n) => vec![ctx.dir.get(&n)?],
-                None => ctx.dir.all()?.into_values().collect(),
-            };
-            let mut all = Vec::new();
-            for c in &clusters {
-                all.extend(list_of(ctx, c).await?);
-            }
-            if ctx.json() {
-                print_json(&json!(all.iter().map(service_json).collect::<Vec<_>>()));
-            } else {
-                println!(
-                    "{:<12} {:<28} {:<6} {:<6} {:<8} {:<16} {:<16} BACKENDS",
-                    "CLUSTER", "SERVICE", "GLOBAL", "SHARED", "AFFINITY", "FRONTENDS", "PORTS"
-                );
-                for s in &all {
-                    println!(
-                        "{:<12} {:<28} {:<6} {:<6} {:<8} {:<16} {:<16} {}",
-                        s.cluster,
-                        format!("{}/{}", s.namespace, s.name),
-                        s.global,
-                        s.shared,
-                        s.affinity,
-                        s.frontends.join(","),
-                        ports_text(s),
-                        backends_text(s)
-                    );
-                }
-            }
-            Ok(true)
-        }
-        Command::Show { service, namespace } => {
-            let (ns, name) = split_name(&service, &namespace);
-            let mut found = Vec::new();
-            for c in ctx.dir.all()?.values() {
-                found.extend(
-                    list_of(ctx, c)
-                        .await?
-                        .into_iter()
-                        .filter(|s| s.namespace == ns && s.name == name),
-                );
-            }
-            if found.is_empty() {
-                bail!(
-                    "no enabled cluster has service {ns}/{name}; `clustermesh service list` lists them"
-                );
-            }
-            // Which clusters' backends a client of each cluster can reach.
-            let global_shared: Vec<&proto::Service> =
-                found.iter().filter(|s| s.global && s.shared).collect();
-            if ctx.json() {
-                print_json(&json!({
-                    "namespace": ns, "name": name,
-                    "clusters": found.iter().map(service_json).collect::<Vec<_>>(),
-                    "global_backends": global_shared.iter().flat_map(|s| s.backends.iter().map(|b| json!({"cluster": s.cluster, "ip": b.ip, "state": b.state}))).collect::<Vec<_>>(),
-                }));
-            } else {
-                println!("service {ns}/{name}");
-                for s in &found {
-                    println!(
-                        "  cluster {}: global {}, shared {}, affinity {}, frontends {}, ports {}",
-                        s.cluster,
-                        s.global,
-                        s.shared,
-                        s.affinity,
-                        s.frontends.join(","),
-                        ports_text(s)
-                    );
-                    println!("    backends: {}", backends_text(s));
-                }
-                let n: usize = global_shared.iter().map(|s| s.backends.len()).sum();
-                println!(
-                    "  global backends (global and shared): {n} in {} cluster(s)",
-                    global_shared.len()
-                );
-            }
-            Ok(true)
-        }
+        Command::List { cluster } => list(ctx, cluster).await,
+        Command::Show { service, namespace } => show(ctx, &service, &namespace).await,
         Command::Create {
             cluster,
             service,
@@ -311,11 +234,10 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<bool> {
             shared,
             affinity,
         } => {
-            let c = ctx.dir.get(&cluster)?;
             let (ns, name) = split_name(&service, &namespace);
             let s = proto::Service {
-                namespace: ns.clone(),
-                name: name.clone(),
+                namespace: ns,
+                name,
                 frontends,
                 ports,
                 backends,
@@ -324,35 +246,13 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<bool> {
                 affinity,
                 cluster: String::new(),
             };
-            let mut api = Api::connect(&ctx.dir, &c).await?;
-            api.upsert_service(s.clone()).await?;
-            if ctx.json() {
-                print_json(
-                    &json!({"created": service_json(&proto::Service { cluster: c.name.clone(), ..s })}),
-                );
-            } else {
-                println!("service {ns}/{name} created in cluster {}", c.name);
-            }
-            Ok(true)
+            create(ctx, &cluster, s).await
         }
         Command::Delete {
             cluster,
             service,
             namespace,
-        } => {
-            let c = ctx.dir.get(&cluster)?;
-            let (ns, name) = split_name(&service, &namespace);
-            // Say clearly when there is nothing to delete.
-            find(ctx, &c, &ns, &name).await?;
-            let mut api = Api::connect(&ctx.dir, &c).await?;
-            api.delete_service(&ns, &name).await?;
-            if ctx.json() {
-                print_json(&json!({"deleted": {"cluster": c.name, "namespace": ns, "name": name}}));
-            } else {
-                println!("service {ns}/{name} deleted from cluster {}", c.name);
-            }
-            Ok(true)
-        }
+        } => delete(ctx, &cluster, &service, &namespace).await,
         Command::Annotate {
             cluster,
             service,
@@ -361,36 +261,163 @@ pub async fn run(ctx: &Ctx, cmd: Command) -> Result<bool> {
             shared,
             affinity,
         } => {
-            if global.is_none() && shared.is_none() && affinity.is_none() {
-                bail!("nothing to change: give --global, --shared and/or --affinity");
-            }
-            let c = ctx.dir.get(&cluster)?;
-            let (ns, name) = split_name(&service, &namespace);
-            let mut s = find(ctx, &c, &ns, &name).await?;
-            if let Some(g) = global {
-                s.global = g;
-            }
-            if let Some(sh) = shared {
-                s.shared = sh;
-            }
-            if let Some(a) = affinity {
-                s.affinity = a;
-            }
-            let shown = s.clone();
-            s.cluster = String::new();
-            let mut api = Api::connect(&ctx.dir, &c).await?;
-            api.upsert_service(s).await?;
-            if ctx.json() {
-                print_json(&json!({"updated": service_json(&shown)}));
-            } else {
-                println!(
-                    "service {ns}/{name} in cluster {}: global {}, shared {}, affinity {}",
-                    c.name, shown.global, shown.shared, shown.affinity
-                );
-            }
-            Ok(true)
+            annotate(
+                ctx, &cluster, &service, &namespace, global, shared, affinity,
+            )
+            .await
         }
     }
+}
+
+async fn list(ctx: &Ctx, cluster: Option<String>) -> Result<bool> {
+    let clusters: Vec<ClusterEntry> = match cluster {
+        Some(n) => vec![ctx.dir.get(&n)?],
+        None => ctx.dir.all()?.into_values().collect(),
+    };
+    let mut all = Vec::new();
+    for c in &clusters {
+        all.extend(list_of(ctx, c).await?);
+    }
+    if ctx.json() {
+        print_json(&json!(all.iter().map(service_json).collect::<Vec<_>>()));
+    } else {
+        println!(
+            "{:<12} {:<28} {:<6} {:<6} {:<8} {:<16} {:<16} BACKENDS",
+            "CLUSTER", "SERVICE", "GLOBAL", "SHARED", "AFFINITY", "FRONTENDS", "PORTS"
+        );
+        for s in &all {
+            println!(
+                "{:<12} {:<28} {:<6} {:<6} {:<8} {:<16} {:<16} {}",
+                s.cluster,
+                format!("{}/{}", s.namespace, s.name),
+                s.global,
+                s.shared,
+                s.affinity,
+                s.frontends.join(","),
+                ports_text(s),
+                backends_text(s)
+            );
+        }
+    }
+    Ok(true)
+}
+
+async fn show(ctx: &Ctx, service: &str, namespace: &str) -> Result<bool> {
+    let (ns, name) = split_name(service, namespace);
+    let mut found = Vec::new();
+    for c in ctx.dir.all()?.values() {
+        found.extend(
+            list_of(ctx, c)
+                .await?
+                .into_iter()
+                .filter(|s| s.namespace == ns && s.name == name),
+        );
+    }
+    if found.is_empty() {
+        bail!("no enabled cluster has service {ns}/{name}; `clustermesh service list` lists them");
+    }
+    // Which clusters' backends a client of each cluster can reach.
+    let global_shared: Vec<&proto::Service> =
+        found.iter().filter(|s| s.global && s.shared).collect();
+    if ctx.json() {
+        print_json(&json!({
+            "namespace": ns, "name": name,
+            "clusters": found.iter().map(service_json).collect::<Vec<_>>(),
+            "global_backends": global_shared.iter().flat_map(|s| s.backends.iter().map(|b| json!({"cluster": s.cluster, "ip": b.ip, "state": b.state}))).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!("service {ns}/{name}");
+        for s in &found {
+            println!(
+                "  cluster {}: global {}, shared {}, affinity {}, frontends {}, ports {}",
+                s.cluster,
+                s.global,
+                s.shared,
+                s.affinity,
+                s.frontends.join(","),
+                ports_text(s)
+            );
+            println!("    backends: {}", backends_text(s));
+        }
+        let n: usize = global_shared.iter().map(|s| s.backends.len()).sum();
+        println!(
+            "  global backends (global and shared): {n} in {} cluster(s)",
+            global_shared.len()
+        );
+    }
+    Ok(true)
+}
+
+/// Upserts `s` (its `cluster` empty) in `cluster`.
+async fn create(ctx: &Ctx, cluster: &str, s: proto::Service) -> Result<bool> {
+    let c = ctx.dir.get(cluster)?;
+    let mut api = Api::connect(&ctx.dir, &c).await?;
+    api.upsert_service(s.clone()).await?;
+    if ctx.json() {
+        print_json(
+            &json!({"created": service_json(&proto::Service { cluster: c.name.clone(), ..s })}),
+        );
+    } else {
+        println!(
+            "service {}/{} created in cluster {}",
+            s.namespace, s.name, c.name
+        );
+    }
+    Ok(true)
+}
+
+async fn delete(ctx: &Ctx, cluster: &str, service: &str, namespace: &str) -> Result<bool> {
+    let c = ctx.dir.get(cluster)?;
+    let (ns, name) = split_name(service, namespace);
+    // Say clearly when there is nothing to delete.
+    find(ctx, &c, &ns, &name).await?;
+    let mut api = Api::connect(&ctx.dir, &c).await?;
+    api.delete_service(&ns, &name).await?;
+    if ctx.json() {
+        print_json(&json!({"deleted": {"cluster": c.name, "namespace": ns, "name": name}}));
+    } else {
+        println!("service {ns}/{name} deleted from cluster {}", c.name);
+    }
+    Ok(true)
+}
+
+async fn annotate(
+    ctx: &Ctx,
+    cluster: &str,
+    service: &str,
+    namespace: &str,
+    global: Option<bool>,
+    shared: Option<bool>,
+    affinity: Option<String>,
+) -> Result<bool> {
+    if global.is_none() && shared.is_none() && affinity.is_none() {
+        bail!("nothing to change: give --global, --shared and/or --affinity");
+    }
+    let c = ctx.dir.get(cluster)?;
+    let (ns, name) = split_name(service, namespace);
+    let mut s = find(ctx, &c, &ns, &name).await?;
+    if let Some(g) = global {
+        s.global = g;
+    }
+    if let Some(sh) = shared {
+        s.shared = sh;
+    }
+    if let Some(a) = affinity {
+        s.affinity = a;
+    }
+    let shown = s.clone();
+    s.cluster = String::new();
+    let mut api = Api::connect(&ctx.dir, &c).await?;
+    api.upsert_service(s).await?;
+    if ctx.json() {
+        print_json(&json!({"updated": service_json(&shown)}));
+    } else {
+        println!(
+            "service {ns}/{name} in cluster {}: global {}, shared {}, affinity {}",
+            c.name, shown.global, shown.shared, shown.affinity
+        );
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

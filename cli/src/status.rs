@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use crate::{
     Ctx,
     clients::{Api, agent_status},
-    config::ClusterEntry,
+    config::{ClusterEntry, NodeEntry},
     connect::configured_remotes,
     parse_duration, print_json,
 };
@@ -117,6 +117,30 @@ async fn cluster_report(ctx: &Ctx, c: &ClusterEntry, known: &[String]) -> Cluste
         healthy: false,
         problems: Vec::new(),
     };
+    read_apiserver(ctx, c, &mut r).await;
+    apiserver_problems(c, &mut r);
+    let configured = configured_remotes(c);
+    for n in &c.nodes {
+        let files: Vec<String> = configured
+            .iter()
+            .filter(|(_, nodes)| nodes.contains(&n.name))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let nr = node_report(c, n, files, known, &mut r.problems).await;
+        r.nodes.push(nr);
+    }
+    if c.nodes.is_empty() {
+        r.problems.push(format!(
+            "cluster {} has no nodes in its cluster file (add them with `clustermesh enable --cluster {} --node ...`)",
+            c.name, c.name
+        ));
+    }
+    r.healthy = r.problems.is_empty();
+    r
+}
+
+/// The apiserver's `Status` and encryption policy into `r`, or the error.
+async fn read_apiserver(ctx: &Ctx, c: &ClusterEntry, r: &mut ClusterReport) {
     match Api::connect(&ctx.dir, c).await {
         Err(e) => r.apiserver_error = Some(e.to_string()),
         Ok(mut api) => match api.status().await {
@@ -141,6 +165,11 @@ async fn cluster_report(ctx: &Ctx, c: &ClusterEntry, known: &[String]) -> Cluste
             }
         },
     }
+}
+
+/// The problems of the apiserver read by [`read_apiserver`]: unreachable,
+/// its etcd unhealthy, kinds not exported yet.
+fn apiserver_problems(c: &ClusterEntry, r: &mut ClusterReport) {
     if let Some(e) = &r.apiserver_error {
         r.problems.push(e.clone());
     } else {
@@ -160,105 +189,107 @@ async fn cluster_report(ctx: &Ctx, c: &ClusterEntry, known: &[String]) -> Cluste
             }
         }
     }
-    let configured = configured_remotes(c);
-    for n in &c.nodes {
-        let files: Vec<String> = configured
+}
+
+/// Node `n` of cluster `c` as its agent's `/status` shows it; `files`: the
+/// remote clusters configured on its disk, `known`: those the CLI knows.
+/// Its problems are added to `problems`.
+async fn node_report(
+    c: &ClusterEntry,
+    n: &NodeEntry,
+    files: Vec<String>,
+    known: &[String],
+    problems: &mut Vec<String>,
+) -> NodeReport {
+    let mut nr = NodeReport {
+        name: n.name.clone(),
+        status_address: n.status.clone(),
+        reachable: false,
+        error: None,
+        local_synced: false,
+        known: known
             .iter()
-            .filter(|(_, nodes)| nodes.contains(&n.name))
-            .map(|(k, _)| k.clone())
-            .collect();
-        let mut nr = NodeReport {
-            name: n.name.clone(),
-            status_address: n.status.clone(),
-            reachable: false,
-            error: None,
-            local_synced: false,
-            known: known
-                .iter()
-                .filter(|k| **k != c.name && !files.contains(k))
-                .count()
-                + files.len(),
-            configured: files.len(),
-            connected: 0,
-            synced: 0,
-            remotes: Vec::new(),
-            not_seen: Vec::new(),
-            local_counts: Value::Null,
-            encryption: Value::Null,
-        };
-        match agent_status(&n.status).await {
-            Err(e) => {
-                let msg = format!(
-                    "cannot read the status of node {} of cluster {} at {} ({e}); check that its node-agent runs with --status-listen {}",
-                    n.name, c.name, n.status, n.status
-                );
-                nr.error = Some(msg.clone());
-                r.problems.push(msg);
+            .filter(|k| **k != c.name && !files.contains(k))
+            .count()
+            + files.len(),
+        configured: files.len(),
+        connected: 0,
+        synced: 0,
+        remotes: Vec::new(),
+        not_seen: Vec::new(),
+        local_counts: Value::Null,
+        encryption: Value::Null,
+    };
+    match agent_status(&n.status).await {
+        Err(e) => {
+            let msg = format!(
+                "cannot read the status of node {} of cluster {} at {} ({e}); check that its node-agent runs with --status-listen {}",
+                n.name, c.name, n.status, n.status
+            );
+            nr.error = Some(msg.clone());
+            problems.push(msg);
+        }
+        Ok(v) => {
+            nr.reachable = true;
+            for cl in v["clusters"].as_array().into_iter().flatten() {
+                if cl["local"] == true {
+                    nr.local_synced = cl["synced"] == true;
+                    nr.local_counts = cl["counts"].clone();
+                    if !nr.local_synced {
+                        problems.push(format!(
+                            "node {}: its own cluster {} is not synced{}",
+                            n.name,
+                            c.name,
+                            cl["last_error"]
+                                .as_str()
+                                .map(|e| format!(" ({e})"))
+                                .unwrap_or_default()
+                        ));
+                    }
+                } else {
+                    nr.remotes.push(remote_view(cl));
+                }
             }
-            Ok(v) => {
-                nr.reachable = true;
-                for cl in v["clusters"].as_array().into_iter().flatten() {
-                    if cl["local"] == true {
-                        nr.local_synced = cl["synced"] == true;
-                        nr.local_counts = cl["counts"].clone();
-                        if !nr.local_synced {
-                            r.problems.push(format!(
-                                "node {}: its own cluster {} is not synced{}",
-                                n.name,
-                                c.name,
-                                cl["last_error"]
-                                    .as_str()
-                                    .map(|e| format!(" ({e})"))
-                                    .unwrap_or_default()
-                            ));
-                        }
-                    } else {
-                        nr.remotes.push(remote_view(cl));
-                    }
+            check_remotes(&files, &mut nr, problems);
+            nr.encryption = v["encryption"].clone();
+        }
+    }
+    nr
+}
+
+/// Each remote cluster of `files` in the agent's view `nr`: counted when
+/// connected and synced, else a problem.
+fn check_remotes(files: &[String], nr: &mut NodeReport, problems: &mut Vec<String>) {
+    for f in files {
+        match nr.remotes.iter().find(|x| &x.name == f) {
+            None => {
+                nr.not_seen.push(f.clone());
+                problems.push(format!(
+                    "node {}: remote cluster {f} is configured but the agent does not show it yet",
+                    nr.name
+                ));
+            }
+            Some(x) => {
+                nr.connected += usize::from(x.connected);
+                nr.synced += usize::from(x.synced);
+                if !(x.connected && x.synced) {
+                    problems.push(format!(
+                        "node {}: remote cluster {f} is {}{}",
+                        nr.name,
+                        if x.connected {
+                            "connected, not synced"
+                        } else {
+                            "not connected"
+                        },
+                        x.last_error
+                            .as_ref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    ));
                 }
-                for f in &files {
-                    match nr.remotes.iter().find(|x| &x.name == f) {
-                        None => {
-                            nr.not_seen.push(f.clone());
-                            r.problems.push(format!(
-                                "node {}: remote cluster {f} is configured but the agent does not show it yet",
-                                n.name
-                            ));
-                        }
-                        Some(x) => {
-                            nr.connected += usize::from(x.connected);
-                            nr.synced += usize::from(x.synced);
-                            if !(x.connected && x.synced) {
-                                r.problems.push(format!(
-                                    "node {}: remote cluster {f} is {}{}",
-                                    n.name,
-                                    if x.connected {
-                                        "connected, not synced"
-                                    } else {
-                                        "not connected"
-                                    },
-                                    x.last_error
-                                        .as_ref()
-                                        .map(|e| format!(": {e}"))
-                                        .unwrap_or_default()
-                                ));
-                            }
-                        }
-                    }
-                }
-                nr.encryption = v["encryption"].clone();
             }
         }
-        r.nodes.push(nr);
     }
-    if c.nodes.is_empty() {
-        r.problems.push(format!(
-            "cluster {} has no nodes in its cluster file (add them with `clustermesh enable --cluster {} --node ...`)",
-            c.name, c.name
-        ));
-    }
-    r.healthy = r.problems.is_empty();
-    r
 }
 
 fn print_text(reports: &[ClusterReport]) {
@@ -270,53 +301,7 @@ fn print_text(reports: &[ClusterReport]) {
             if r.healthy { "healthy" } else { "NOT healthy" }
         );
         if r.apiserver_reachable {
-            let kinds: Vec<String> = r
-                .exported
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| {
-                            format!(
-                                "{k} {}{}",
-                                v["count"],
-                                if v["synced"] == true {
-                                    ""
-                                } else {
-                                    " (not synced)"
-                                }
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            println!(
-                "  apiserver {}: etcd {}; exported: {}",
-                r.apiserver,
-                if r.etcd_healthy {
-                    "healthy"
-                } else {
-                    "UNHEALTHY"
-                },
-                kinds.join(", ")
-            );
-            let e = &r.encryption_policy;
-            if !e.is_null() {
-                println!(
-                    "  encryption policy: {}{}{}{}",
-                    e["mode"].as_str().unwrap_or("none"),
-                    if e["strict"] == true { ", strict" } else { "" },
-                    if e["strict_ingress"] == true {
-                        ", strict ingress"
-                    } else {
-                        ""
-                    },
-                    if e["scope"] == "inter-cluster" {
-                        ", inter-cluster only"
-                    } else {
-                        ""
-                    },
-                );
-            }
+            print_apiserver(r);
         } else {
             println!("  apiserver {}: unreachable", r.apiserver);
         }
@@ -325,64 +310,121 @@ fn print_text(reports: &[ClusterReport]) {
                 println!("  node {} ({}): unreachable", n.name, n.status_address);
                 continue;
             }
-            println!(
-                "  node {}: clusters {}/{} configured, {}/{} connected, {}/{} synced; local {}",
-                n.name,
-                n.configured,
-                n.known,
-                n.connected,
-                n.configured,
-                n.synced,
-                n.configured,
-                if n.local_synced {
-                    "synced"
-                } else {
-                    "NOT synced"
-                }
-            );
-            let lc = &n.local_counts;
-            if !lc.is_null() {
-                println!(
-                    "    {} (local): nodes {}, endpoints {}, identities {}, services {}",
-                    r.name, lc["nodes"], lc["endpoints"], lc["identities"], lc["services"]
-                );
-            }
-            for x in &n.remotes {
-                println!(
-                    "    {}: {}, {}{}; nodes {}, endpoints {}, identities {}, services {}{}",
-                    x.name,
-                    if x.connected {
-                        "connected"
-                    } else {
-                        "NOT connected"
-                    },
-                    if x.synced { "synced" } else { "NOT synced" },
-                    if x.withdrawn { ", withdrawn" } else { "" },
-                    x.counts["nodes"],
-                    x.counts["endpoints"],
-                    x.counts["identities"],
-                    x.counts["services"],
-                    x.last_error
-                        .as_ref()
-                        .map(|e| format!("; last error: {e}"))
-                        .unwrap_or_default()
-                );
-            }
-            let e = &n.encryption;
-            if !e.is_null() {
-                println!(
-                    "    encryption: device {}, key {}, {} peers, plaintext drops egress {} ingress {}",
-                    e["device"].as_str().unwrap_or("none"),
-                    e["public_key"].as_str().unwrap_or("-"),
-                    e["peers"].as_array().map_or(0, Vec::len),
-                    e["plaintext_drops"]["egress"],
-                    e["plaintext_drops"]["ingress"],
-                );
-            }
+            print_node(&r.name, n);
         }
         for p in &r.problems {
             println!("  problem: {p}");
         }
+    }
+}
+
+/// A reachable apiserver's lines: etcd, exported kinds, encryption policy.
+fn print_apiserver(r: &ClusterReport) {
+    let kinds: Vec<String> = r
+        .exported
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{k} {}{}",
+                        v["count"],
+                        if v["synced"] == true {
+                            ""
+                        } else {
+                            " (not synced)"
+                        }
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!(
+        "  apiserver {}: etcd {}; exported: {}",
+        r.apiserver,
+        if r.etcd_healthy {
+            "healthy"
+        } else {
+            "UNHEALTHY"
+        },
+        kinds.join(", ")
+    );
+    let e = &r.encryption_policy;
+    if !e.is_null() {
+        println!(
+            "  encryption policy: {}{}{}{}",
+            e["mode"].as_str().unwrap_or("none"),
+            if e["strict"] == true { ", strict" } else { "" },
+            if e["strict_ingress"] == true {
+                ", strict ingress"
+            } else {
+                ""
+            },
+            if e["scope"] == "inter-cluster" {
+                ", inter-cluster only"
+            } else {
+                ""
+            },
+        );
+    }
+}
+
+/// A reachable node's lines (of cluster `cluster`): counts, local cluster,
+/// each remote, encryption.
+fn print_node(cluster: &str, n: &NodeReport) {
+    println!(
+        "  node {}: clusters {}/{} configured, {}/{} connected, {}/{} synced; local {}",
+        n.name,
+        n.configured,
+        n.known,
+        n.connected,
+        n.configured,
+        n.synced,
+        n.configured,
+        if n.local_synced {
+            "synced"
+        } else {
+            "NOT synced"
+        }
+    );
+    let lc = &n.local_counts;
+    if !lc.is_null() {
+        println!(
+            "    {} (local): nodes {}, endpoints {}, identities {}, services {}",
+            cluster, lc["nodes"], lc["endpoints"], lc["identities"], lc["services"]
+        );
+    }
+    for x in &n.remotes {
+        println!(
+            "    {}: {}, {}{}; nodes {}, endpoints {}, identities {}, services {}{}",
+            x.name,
+            if x.connected {
+                "connected"
+            } else {
+                "NOT connected"
+            },
+            if x.synced { "synced" } else { "NOT synced" },
+            if x.withdrawn { ", withdrawn" } else { "" },
+            x.counts["nodes"],
+            x.counts["endpoints"],
+            x.counts["identities"],
+            x.counts["services"],
+            x.last_error
+                .as_ref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    let e = &n.encryption;
+    if !e.is_null() {
+        println!(
+            "    encryption: device {}, key {}, {} peers, plaintext drops egress {} ingress {}",
+            e["device"].as_str().unwrap_or("none"),
+            e["public_key"].as_str().unwrap_or("-"),
+            e["peers"].as_array().map_or(0, Vec::len),
+            e["plaintext_drops"]["egress"],
+            e["plaintext_drops"]["ingress"],
+        );
     }
 }
 

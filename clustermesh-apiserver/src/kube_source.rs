@@ -27,7 +27,7 @@ use clustermesh_api::{
 };
 use futures_util::{Stream, StreamExt as _, stream::select_all};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Service},
+    core::v1::{Namespace, Node, Service, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -164,24 +164,64 @@ pub fn service_record(
     if spec.type_.as_deref() == Some("ExternalName") {
         return Ok(None);
     }
+    let (global, shared, affinity) = service_annotations(svc, namespace, &ns, &sk)?;
+    let frontends = service_frontends(&spec);
+    let ports = service_ports(&spec, slices, &full, &sk)?;
+    if ports.is_empty() {
+        return Err(sk("no TCP or UDP port".into()));
+    }
+    let backends = service_backends(cluster, slices);
+    let rec = ServiceRecord {
+        cluster: cluster.clone(),
+        namespace: ns
+            .parse()
+            .map_err(|e: clustermesh_api::ValueError| sk(e.to_string()))?,
+        name: svc
+            .name_any()
+            .parse()
+            .map_err(|e: clustermesh_api::ValueError| sk(e.to_string()))?,
+        frontends,
+        ports,
+        backends,
+        global,
+        shared,
+        affinity,
+    };
+    rec.validate().map_err(|e| sk(e.to_string()))?;
+    Ok(Some(rec))
+}
+
+/// A service's global, shared and affinity settings: its own annotations,
+/// else its namespace's (`ns`), else the defaults (false, true, none).
+fn service_annotations(
+    svc: &Service,
+    namespace: Option<&Namespace>,
+    ns: &str,
+    sk: &dyn Fn(String) -> Skipped,
+) -> Result<(bool, bool, Affinity), Skipped> {
     let svc_ann = svc.annotations();
     let ns_ann = namespace
         .map(|n| n.annotations().clone())
         .unwrap_or_default();
     let pick_flag = |key: &str| -> Result<Option<bool>, Skipped> {
-        match flag(svc_ann.get(key), key).map_err(&sk)? {
+        match flag(svc_ann.get(key), key).map_err(sk)? {
             Some(v) => Ok(Some(v)),
             None => flag(ns_ann.get(key), key).map_err(|e| sk(format!("namespace {ns}: {e}"))),
         }
     };
     let global = pick_flag(ANNOTATION_GLOBAL)?.unwrap_or(false);
     let shared = pick_flag(ANNOTATION_SHARED)?.unwrap_or(true);
-    let affinity = match affinity(svc_ann.get(ANNOTATION_AFFINITY)).map_err(&sk)? {
+    let affinity = match affinity(svc_ann.get(ANNOTATION_AFFINITY)).map_err(sk)? {
         Some(a) => a,
         None => affinity(ns_ann.get(ANNOTATION_AFFINITY))
             .map_err(|e| sk(format!("namespace {ns}: {e}")))?
             .unwrap_or_default(),
     };
+    Ok((global, shared, affinity))
+}
+
+/// The service's cluster IPs, each once.
+fn service_frontends(spec: &ServiceSpec) -> Vec<IpAddr> {
     let mut frontends: Vec<IpAddr> = Vec::new();
     let ips = spec.cluster_ips.clone().unwrap_or_default();
     for ip in ips.iter().chain(spec.cluster_ip.iter()) {
@@ -191,6 +231,18 @@ pub fn service_record(
             frontends.push(ip);
         }
     }
+    frontends
+}
+
+/// The service's TCP and UDP ports (others are skipped), a named
+/// targetPort resolved through the slices' ports. `full`: the service's
+/// ns/name, for the log.
+fn service_ports(
+    spec: &ServiceSpec,
+    slices: &[&EndpointSlice],
+    full: &str,
+    sk: &dyn Fn(String) -> Skipped,
+) -> Result<Vec<ServicePort>, Skipped> {
     let mut ports = Vec::new();
     for p in spec.ports.iter().flatten() {
         let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
@@ -231,9 +283,12 @@ pub fn service_record(
             target_port: target,
         });
     }
-    if ports.is_empty() {
-        return Err(sk("no TCP or UDP port".into()));
-    }
+    Ok(ports)
+}
+
+/// The slices' endpoint addresses as backends of `cluster`, each IP once,
+/// with their state from the endpoint conditions.
+fn service_backends(cluster: &ClusterName, slices: &[&EndpointSlice]) -> Vec<Backend> {
     let mut backends: Vec<Backend> = Vec::new();
     for s in slices {
         for ep in s.endpoints.iter().flatten() {
@@ -264,24 +319,7 @@ pub fn service_record(
             }
         }
     }
-    let rec = ServiceRecord {
-        cluster: cluster.clone(),
-        namespace: ns
-            .parse()
-            .map_err(|e: clustermesh_api::ValueError| sk(e.to_string()))?,
-        name: svc
-            .name_any()
-            .parse()
-            .map_err(|e: clustermesh_api::ValueError| sk(e.to_string()))?,
-        frontends,
-        ports,
-        backends,
-        global,
-        shared,
-        affinity,
-    };
-    rec.validate().map_err(|e| sk(e.to_string()))?;
-    Ok(Some(rec))
+    backends
 }
 
 #[derive(Debug, thiserror::Error)]

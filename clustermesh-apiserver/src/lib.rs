@@ -165,59 +165,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let tracker = TaskTracker::new();
     let mut client = connect_with_retry(&cfg, &cancel).await?;
 
-    let mut st = state::ClusterState::new(cfg.cluster_name.clone(), cfg.cluster_id, cfg.encryption);
-    store::load(&mut client, &mut st, Instant::now()).await?;
-    if let Some(p) = &cfg.services_file {
-        for s in services_file::load(p, &cfg.cluster_name)? {
-            st.services.remove(&(s.namespace.clone(), s.name.clone()));
-            st.file_services
-                .insert((s.namespace.clone(), s.name.clone()), s);
-        }
-    }
-    // Kubernetes: list everything before the first export, so a restart
-    // exports the same set instead of deleting and re-adding it.
-    let kube = match &cfg.kubernetes {
-        Some(client) => {
-            let mut src = kube_source::KubeSource::new(client.clone(), cfg.cluster_name.clone());
-            const KUBE_SYNC: Duration = Duration::from_secs(60);
-            tokio::time::timeout(KUBE_SYNC, src.initial_sync())
-                .await
-                .map_err(|_| StartError::KubeTimeout(KUBE_SYNC))?
-                .map_err(StartError::Kube)?;
-            let recs = src.records();
-            for s in &recs.skipped {
-                tracing::warn!(skipped = %s, "Kubernetes object not exported");
-            }
-            st.replace_kube(&recs.nodes, &recs.services, Instant::now());
-            Some(src)
-        }
-        None => None,
-    };
+    let mut st = load_state(&cfg, &mut client).await?;
+    let kube = kube_initial_sync(&cfg, &mut st).await?;
     let counts = st.counts();
     tracing::info!(?counts, "loaded stored state");
     st.clear_changes();
 
-    let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: cfg.grpc_listen,
-            source,
-        })?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|source| StartError::Listen {
-            addr: cfg.grpc_listen,
-            source,
-        })?;
-    let metrics_listener = match cfg.metrics_listen {
-        Some(a) => Some(
-            tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(|source| StartError::Listen { addr: a, source })?,
-        ),
-        None => None,
-    };
-    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let listeners = Listeners::bind(&cfg).await?;
+    let (grpc_addr, metrics_addr) = (listeners.grpc_addr, listeners.metrics_addr);
 
     let mut exporter =
         export::Exporter::start(client.clone(), cfg.cluster_name.clone(), cfg.lease_ttl).await?;
@@ -238,31 +193,10 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     exporter.heartbeat().await?;
     record_sync(&shared, &exporter, &counts, stats, None);
 
-    // gRPC
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(t) = &shared.cfg.grpc_tls {
-        builder = builder.tls_config(grpc_tls(t)?).map_err(StartError::Tls)?;
-    }
-    let svc = ClusterMeshServer::new(grpc::Api {
-        shared: shared.clone(),
-    });
-    let router = builder.add_service(svc);
-    let c = cancel.clone();
-    tracker.spawn(async move {
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener);
-        if let Err(e) = router
-            .serve_with_incoming_shutdown(incoming, c.clone().cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "gRPC server failed");
-            c.cancel();
-        }
-    });
-
-    if let Some(l) = metrics_listener {
+    spawn_grpc(&shared, listeners.grpc, &tracker, &cancel)?;
+    if let Some(l) = listeners.metrics {
         tracker.spawn(metrics::serve(l, shared.clone(), cancel.clone()));
     }
-
     if let Some(src) = kube {
         tracker.spawn(kube_loop(src, shared.clone(), cancel.clone()));
     }
@@ -279,6 +213,116 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         cancel,
         tracker,
     })
+}
+
+/// The stored state (internal store), with the services file's services
+/// in place of stored ones of the same name.
+async fn load_state(
+    cfg: &Config,
+    client: &mut etcd_client::Client,
+) -> Result<state::ClusterState, StartError> {
+    let mut st = state::ClusterState::new(cfg.cluster_name.clone(), cfg.cluster_id, cfg.encryption);
+    store::load(client, &mut st, Instant::now()).await?;
+    if let Some(p) = &cfg.services_file {
+        for s in services_file::load(p, &cfg.cluster_name)? {
+            st.services.remove(&(s.namespace.clone(), s.name.clone()));
+            st.file_services
+                .insert((s.namespace.clone(), s.name.clone()), s);
+        }
+    }
+    Ok(st)
+}
+
+/// Kubernetes: list everything before the first export, so a restart
+/// exports the same set instead of deleting and re-adding it. The source,
+/// to keep watching; None without Kubernetes.
+async fn kube_initial_sync(
+    cfg: &Config,
+    st: &mut state::ClusterState,
+) -> Result<Option<kube_source::KubeSource>, StartError> {
+    let Some(client) = &cfg.kubernetes else {
+        return Ok(None);
+    };
+    let mut src = kube_source::KubeSource::new(client.clone(), cfg.cluster_name.clone());
+    const KUBE_SYNC: Duration = Duration::from_secs(60);
+    tokio::time::timeout(KUBE_SYNC, src.initial_sync())
+        .await
+        .map_err(|_| StartError::KubeTimeout(KUBE_SYNC))?
+        .map_err(StartError::Kube)?;
+    let recs = src.records();
+    for s in &recs.skipped {
+        tracing::warn!(skipped = %s, "Kubernetes object not exported");
+    }
+    st.replace_kube(&recs.nodes, &recs.services, Instant::now());
+    Ok(Some(src))
+}
+
+/// The gRPC and (optional) metrics listeners, bound before the export.
+struct Listeners {
+    grpc: tokio::net::TcpListener,
+    grpc_addr: SocketAddr,
+    metrics: Option<tokio::net::TcpListener>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+impl Listeners {
+    async fn bind(cfg: &Config) -> Result<Self, StartError> {
+        let grpc = tokio::net::TcpListener::bind(cfg.grpc_listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: cfg.grpc_listen,
+                source,
+            })?;
+        let grpc_addr = grpc.local_addr().map_err(|source| StartError::Listen {
+            addr: cfg.grpc_listen,
+            source,
+        })?;
+        let metrics = match cfg.metrics_listen {
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
+                    .await
+                    .map_err(|source| StartError::Listen { addr: a, source })?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+        Ok(Self {
+            grpc,
+            grpc_addr,
+            metrics,
+            metrics_addr,
+        })
+    }
+}
+
+/// The gRPC server on `listener` (TLS when configured), as a task; its
+/// failure cancels everything.
+fn spawn_grpc(
+    shared: &Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<(), StartError> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &shared.cfg.grpc_tls {
+        builder = builder.tls_config(grpc_tls(t)?).map_err(StartError::Tls)?;
+    }
+    let svc = ClusterMeshServer::new(grpc::Api {
+        shared: shared.clone(),
+    });
+    let router = builder.add_service(svc);
+    let c = cancel.clone();
+    tracker.spawn(async move {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, c.clone().cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "gRPC server failed");
+            c.cancel();
+        }
+    });
+    Ok(())
 }
 
 fn grpc_tls(t: &config::GrpcTls) -> Result<tonic::transport::ServerTlsConfig, StartError> {

@@ -1,8 +1,10 @@
 //! `cargo xtask`: the project's tasks, called by the Makefile after
 //! scripts/setup.sh has installed the toolchain and packages.
 //!
-//! - `lint`: rustfmt check and clippy with warnings denied, whole workspace
-//!   (the eBPF crate included, type-checked for the host).
+//! - `lint`: rustfmt check, the function-length check (no function over
+//!   120 lines in node-agent, clustermesh-apiserver and cli; fn_length.rs),
+//!   then clippy with warnings denied, whole workspace (the eBPF crate
+//!   included, type-checked for the host).
 //! - `test`: lint, then every test of the workspace, then a smoke run of
 //!   each benchmark with tiny sizes. As root the privileged tests (network
 //!   namespaces, eBPF) run and must not skip.
@@ -11,6 +13,7 @@
 use std::{path::PathBuf, process::Command};
 
 mod bench;
+mod fn_length;
 
 /// Where benchmarks append their figures (clustermesh_testkit::report::ENV).
 const REPORT_ENV: &str = "CLUSTERMESH_BENCH_JSON";
@@ -27,7 +30,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// cargo fmt --check and cargo clippy -D warnings
+    /// cargo fmt --check, the function-length check, cargo clippy -D warnings
     Lint,
     /// lint, then the whole test suite
     Test {
@@ -65,6 +68,7 @@ fn cargo(args: &[&str], envs: &[(&str, &str)]) -> anyhow::Result<()> {
 
 fn lint() -> anyhow::Result<()> {
     cargo(&["fmt", "--all", "--check"], &[])?;
+    fn_length::check()?;
     cargo(
         &[
             "clippy",
