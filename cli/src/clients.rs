@@ -228,7 +228,8 @@ impl Api {
 }
 
 /// `GET /status` of a node agent, parsed as JSON.
-pub async fn agent_status(addr: &str) -> Result<serde_json::Value, String> {
+/// The agent's `/status` document, read with the types the agent serves.
+pub async fn agent_status(addr: &str) -> Result<clustermesh_api::status::NodeStatus, String> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr)
             .await
@@ -250,7 +251,7 @@ pub async fn agent_status(addr: &str) -> Result<serde_json::Value, String> {
                 head.lines().next().unwrap_or_default()
             ));
         }
-        serde_json::from_str(body).map_err(|e| format!("status is not JSON: {e}"))
+        serde_json::from_str(body).map_err(|e| format!("status is not a node status document: {e}"))
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
         Ok(r) => r,

@@ -107,18 +107,22 @@ fn policy_json(p: &proto::EncryptionPolicy) -> Value {
     })
 }
 
-/// A policy as an agent reports it (the record's camelCase JSON) in the
-/// CLI's field names; null stays null.
-fn applied_policy(v: &Value) -> Value {
-    if v.is_null() {
-        return Value::Null;
-    }
+/// A policy as an agent reports it, in the CLI's field names; none stays
+/// null.
+fn applied_policy(p: Option<&clustermesh_api::EncryptionPolicy>) -> Value {
+    let Some(p) = p else { return Value::Null };
     json!({
-        "mode": v["mode"].as_str().unwrap_or("none"),
-        "scope": v["scope"].as_str().unwrap_or("all"),
-        "strict": v["strict"] == true,
-        "strict_ingress": v["strictIngress"] == true || v["strict_ingress"] == true,
-        "node_to_node": v["nodeToNode"] == true || v["node_to_node"] == true,
+        "mode": match p.mode {
+            clustermesh_api::EncryptionMode::None => "none",
+            clustermesh_api::EncryptionMode::Wireguard => "wireguard",
+        },
+        "scope": match p.scope {
+            clustermesh_api::EncryptionScope::All => "all",
+            clustermesh_api::EncryptionScope::InterCluster => "inter-cluster",
+        },
+        "strict": p.strict,
+        "strict_ingress": p.strict_ingress,
+        "node_to_node": p.node_to_node,
     })
 }
 
@@ -442,17 +446,17 @@ async fn status(ctx: &Ctx, cluster: Option<String>) -> Result<bool> {
         for n in &c.nodes {
             let mut problems = Vec::new();
             let enc = match agent_status(&n.status).await {
-                Ok(v) => v["encryption"].clone(),
+                Ok(v) => Some(v.encryption),
                 Err(e) => {
                     problems.push(format!(
                         "cannot read the status of node {} at {} ({e})",
                         n.name, n.status
                     ));
-                    Value::Null
+                    None
                 }
             };
-            if !enc.is_null() {
-                let applied = &applied_policy(&enc["policy"]);
+            if let Some(enc) = &enc {
+                let applied = &applied_policy(enc.policy.as_ref());
                 if applied.is_null() {
                     problems.push(format!(
                         "node {} has not read the cluster's policy yet",
@@ -470,7 +474,7 @@ async fn status(ctx: &Ctx, cluster: Option<String>) -> Result<bool> {
                         ));
                     }
                 }
-                if policy["mode"] == "wireguard" && enc["device"].is_null() {
+                if policy["mode"] == "wireguard" && enc.device.is_none() {
                     problems.push(format!(
                         "node {} has no WireGuard device: its traffic is not encrypted{}; restart its agent with --wireguard-iface",
                         n.name,

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use clustermesh_api::status::{ClusterStatus, EncryptionStatus, NodeStatus, RecordCounts};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -43,27 +44,23 @@ pub struct RemoteView {
     pub synced: bool,
     pub withdrawn: bool,
     pub last_error: Option<String>,
-    pub counts: Value,
+    pub counts: RecordCounts,
 }
 
-fn remote_view(c: &Value) -> RemoteView {
+fn remote_view(c: &ClusterStatus) -> RemoteView {
     RemoteView {
-        name: c["name"].as_str().unwrap_or_default().to_owned(),
-        connected: c["connected"].as_bool().unwrap_or(false),
-        synced: c["synced"].as_bool().unwrap_or(false),
-        withdrawn: c["withdrawn"].as_bool().unwrap_or(false),
-        last_error: c["last_error"].as_str().map(str::to_owned),
-        counts: c["counts"].clone(),
+        name: c.name.clone(),
+        connected: c.connected,
+        synced: c.synced,
+        withdrawn: c.withdrawn,
+        last_error: c.last_error.clone(),
+        counts: c.counts,
     }
 }
 
 /// The remote cluster `name` in an agent's status, if it is there.
-pub fn remote_of(status: &Value, name: &str) -> Option<RemoteView> {
-    status["clusters"]
-        .as_array()?
-        .iter()
-        .find(|c| c["name"] == name && c["local"] != true)
-        .map(remote_view)
+pub fn remote_of(status: &NodeStatus, name: &str) -> Option<RemoteView> {
+    status.control_plane.remote(name).map(remote_view)
 }
 
 #[derive(Debug, Serialize)]
@@ -81,8 +78,8 @@ struct NodeReport {
     remotes: Vec<RemoteView>,
     /// Clusters configured on disk that the agent does not show (yet).
     not_seen: Vec<String>,
-    local_counts: Value,
-    encryption: Value,
+    local_counts: Option<RecordCounts>,
+    encryption: Option<EncryptionStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -217,8 +214,8 @@ async fn node_report(
         synced: 0,
         remotes: Vec::new(),
         not_seen: Vec::new(),
-        local_counts: Value::Null,
-        encryption: Value::Null,
+        local_counts: None,
+        encryption: None,
     };
     match agent_status(&n.status).await {
         Err(e) => {
@@ -231,17 +228,17 @@ async fn node_report(
         }
         Ok(v) => {
             nr.reachable = true;
-            for cl in v["clusters"].as_array().into_iter().flatten() {
-                if cl["local"] == true {
-                    nr.local_synced = cl["synced"] == true;
-                    nr.local_counts = cl["counts"].clone();
+            for cl in &v.control_plane.clusters {
+                if cl.local {
+                    nr.local_synced = cl.synced;
+                    nr.local_counts = Some(cl.counts);
                     if !nr.local_synced {
                         problems.push(format!(
                             "node {}: its own cluster {} is not synced{}",
                             n.name,
                             c.name,
-                            cl["last_error"]
-                                .as_str()
+                            cl.last_error
+                                .as_ref()
                                 .map(|e| format!(" ({e})"))
                                 .unwrap_or_default()
                         ));
@@ -251,7 +248,7 @@ async fn node_report(
                 }
             }
             check_remotes(&files, &mut nr, problems);
-            nr.encryption = v["encryption"].clone();
+            nr.encryption = Some(v.encryption);
         }
     }
     nr
@@ -387,11 +384,10 @@ fn print_node(cluster: &str, n: &NodeReport) {
             "NOT synced"
         }
     );
-    let lc = &n.local_counts;
-    if !lc.is_null() {
+    if let Some(lc) = &n.local_counts {
         println!(
             "    {} (local): nodes {}, endpoints {}, identities {}, services {}",
-            cluster, lc["nodes"], lc["endpoints"], lc["identities"], lc["services"]
+            cluster, lc.nodes, lc.endpoints, lc.identities, lc.services
         );
     }
     for x in &n.remotes {
@@ -405,25 +401,24 @@ fn print_node(cluster: &str, n: &NodeReport) {
             },
             if x.synced { "synced" } else { "NOT synced" },
             if x.withdrawn { ", withdrawn" } else { "" },
-            x.counts["nodes"],
-            x.counts["endpoints"],
-            x.counts["identities"],
-            x.counts["services"],
+            x.counts.nodes,
+            x.counts.endpoints,
+            x.counts.identities,
+            x.counts.services,
             x.last_error
                 .as_ref()
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default()
         );
     }
-    let e = &n.encryption;
-    if !e.is_null() {
+    if let Some(e) = &n.encryption {
         println!(
             "    encryption: device {}, key {}, {} peers, plaintext drops egress {} ingress {}",
-            e["device"].as_str().unwrap_or("none"),
-            e["public_key"].as_str().unwrap_or("-"),
-            e["peers"].as_array().map_or(0, Vec::len),
-            e["plaintext_drops"]["egress"],
-            e["plaintext_drops"]["ingress"],
+            e.device.as_deref().unwrap_or("none"),
+            e.public_key.as_deref().unwrap_or("-"),
+            e.peers.len(),
+            e.plaintext_drops.egress,
+            e.plaintext_drops.ingress,
         );
     }
 }

@@ -127,14 +127,17 @@ pub async fn serve(
     cancel: tokio_util::sync::CancellationToken,
 ) {
     use axum::{Router, routing::get};
-    let router = Router::new()
-        .route("/healthz", get(clustermesh_http::healthz))
-        .route(
-            "/metrics",
-            get(move || {
-                let r = shared.metrics.registry(shared.cfg.cluster_name.as_str());
-                async move { clustermesh_http::metrics_response(&r) }
-            }),
-        );
+    let router =
+        Router::new()
+            .route("/healthz", get(clustermesh_http::healthz))
+            .route(
+                "/metrics",
+                get(move |headers: axum::http::HeaderMap| {
+                    let r = shared.metrics.registry(shared.cfg.cluster_name.as_str());
+                    async move {
+                        clustermesh_http::metrics_response(&r, clustermesh_http::accept(&headers))
+                    }
+                }),
+            );
     clustermesh_http::serve(listener, router, cancel).await;
 }

@@ -403,7 +403,19 @@ pub fn restart(t: &mut Topology, role: &str) -> anyhow::Result<u32> {
     Ok(pid)
 }
 
-fn alive(pid: u32) -> bool {
+/// Sends `sig` to the process `role`; its pid.
+pub fn signal_role(t: &Topology, role: &str, sig: i32) -> anyhow::Result<u32> {
+    let p = t
+        .processes
+        .iter()
+        .find(|p| p.role == role)
+        .with_context(|| format!("no process {role:?} in the topology"))?;
+    signal(p.pid, sig);
+    Ok(p.pid)
+}
+
+/// Whether `pid` runs (not a zombie).
+pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks the process exists.
     let exists = unsafe { libc::kill(pid as i32, 0) == 0 };
     exists

@@ -1115,9 +1115,11 @@ fn assert_agent_accepts(mut args: Vec<String>, what: &str) {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("--lb-failover-threshold 2: must be a fraction"),
+        err.contains("--lb-failover-threshold: 2 must be a fraction"),
         "{what}: node-agent {args:?}:\n{err}"
     );
+    // A configuration error, named: exit status 64.
+    assert_eq!(out.status.code(), Some(64), "{what}: {err}");
 }
 
 /// clustermesh-apiserver parses `args` and validates its configuration

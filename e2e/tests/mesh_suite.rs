@@ -145,6 +145,54 @@ fn cli(t: &Topology, args: &[&str]) -> String {
 /// What docs/demo.md promises: from topology.json alone (as untyped JSON,
 /// as a script would read it), every pod's namespace and address, and
 /// every cluster's etcd with its admin credentials.
+fn agent_signals_and_status_port(t: &mut Topology, c1_pod: &str, c2_ip: &str) {
+    let role = "agent c1/node-1";
+    let status = t.nodes[0].agent.status.clone();
+    let pid = mesh::signal_role(t, role, libc::SIGUSR1).unwrap();
+    // The agent answers after the signal was delivered and handled.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(mesh::alive(pid), "SIGUSR1 killed the agent");
+    assert_eq!(mesh::http_get(&status, "/healthz").unwrap(), "ok\n");
+
+    let idle: Vec<std::net::TcpStream> = (0..50)
+        .map(|_| std::net::TcpStream::connect(&status).unwrap())
+        .collect();
+    let t0 = Instant::now();
+    assert_eq!(mesh::http_get(&status, "/healthz").unwrap(), "ok\n");
+    let took = t0.elapsed();
+    eprintln!("agent /healthz with 50 idle connections open: {took:?}");
+    // One connection at a time would wait for the idle ones' 5 s header
+    // timeout; this is the structural property, not a speed figure.
+    assert!(took < clustermesh_http::HEADER_READ_TIMEOUT, "{took:?}");
+    drop(idle);
+
+    let ping = Ping::start(c1_pod, c2_ip, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    mesh::signal_role(t, role, libc::SIGTERM).unwrap();
+    let t0 = Instant::now();
+    mesh::wait_for(
+        "the agent to exit on SIGTERM",
+        Duration::from_secs(10),
+        || !mesh::alive(pid),
+    )
+    .unwrap();
+    eprintln!("agent exited {:?} after SIGTERM", t0.elapsed());
+    let log = std::fs::read_to_string(&t.nodes[0].agent.log).unwrap_or_default();
+    assert!(
+        log.contains("SIGTERM: shutting down"),
+        "no shutdown line in the log"
+    );
+    assert!(!log.contains("panicked"), "the agent panicked:\n{log}");
+    let s = ping.finish();
+    eprintln!(
+        "ping while the agent stopped: {}/{} received",
+        s.received, s.sent
+    );
+    assert_eq!(s.received, s.sent, "the datapath stopped with the agent");
+    mesh::restart(t, role).unwrap();
+    cli(t, &["status", "--wait", "--timeout", "60s"]);
+}
+
 fn topology_file_serves_an_outside_script(t: &Topology) {
     let text = std::fs::read_to_string(Topology::path(&t.state_dir)).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -253,6 +301,12 @@ fn runtime_disconnect_etcd_restart_agent_restart_and_apiserver_stop() {
     );
     assert_eq!(s.received, s.sent, "loss across the agent restart");
     cli(&up.0, &["status", "--wait", "--timeout", "60s"]);
+
+    // 3b. Signals and the status port: SIGUSR1 without a WireGuard device
+    //     does not kill the agent; 50 idle connections on the status port
+    //     do not hold up /healthz; SIGTERM stops the agent cleanly while
+    //     the datapath keeps forwarding.
+    agent_signals_and_status_port(&mut up.0, &c1_pod, &c2_ip);
 
     // 4. c2's apiserver stopped: its exported state expires with its lease
     //    (4 s here), c1 finds no cluster config there (c2 unavailable) and

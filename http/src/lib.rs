@@ -9,9 +9,11 @@
 //! `serve` loop with those two timeouts added (axum's has none), built
 //! from hyper-util's server parts.
 //!
-//! Metrics are written with `prometheus-client` ([`metrics_response`]),
-//! in the OpenMetrics text format, so names, types, units and escaping
-//! follow the exposition rules (`promtool check metrics` passes).
+//! Metrics are written with `prometheus-client` ([`metrics_response`]):
+//! OpenMetrics for clients that ask for it (Prometheus does), else the
+//! Prometheus text format ([`prometheus_text`]), so names, types, units
+//! and escaping follow the exposition rules and `promtool check metrics`
+//! passes on what `curl` gets.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -40,24 +42,57 @@ pub async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// A registry rendered as an OpenMetrics response.
-pub fn metrics_response(registry: &Registry) -> Response {
+/// The OpenMetrics text of a registry in the Prometheus text format
+/// (0.0.4), for clients that do not ask for OpenMetrics (`curl`,
+/// `promtool check metrics`): a counter's `# HELP`/`# TYPE` lines name its
+/// `_total` samples, `# UNIT` and `# EOF` go. Samples are unchanged.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// A registry rendered as a metrics response: OpenMetrics when the client
+/// accepts it (Prometheus asks for it), else the Prometheus text format.
+pub fn metrics_response(registry: &Registry, accept: Option<&str>) -> Response {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        )
-            .into_response(),
-        Err(e) => (
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, registry) {
+        return (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("encoding metrics: {e}\n"),
         )
-            .into_response(),
+            .into_response();
     }
+    if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
+        let ctype = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+        ([(header::CONTENT_TYPE, ctype)], body).into_response()
+    } else {
+        let ctype = "text/plain; version=0.0.4; charset=utf-8";
+        ([(header::CONTENT_TYPE, ctype)], prometheus_text(&body)).into_response()
+    }
+}
+
+/// The `Accept` header of a request, for [`metrics_response`].
+pub fn accept(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok())
 }
 
 /// Serves `router` on `listener` until `cancel`, then lets the requests in
@@ -174,7 +209,18 @@ mod tests {
         let c: Counter = Counter::default();
         c.inc();
         r.register("clustermesh_test_events", "Events.", c);
-        let resp = metrics_response(&r);
+        let resp = metrics_response(&r, None);
         assert_eq!(resp.status(), StatusCode::OK);
+        let mut om = String::new();
+        prometheus_client::encoding::text::encode(&mut om, &r).unwrap();
+        assert!(
+            om.contains("# TYPE clustermesh_test_events counter"),
+            "{om}"
+        );
+        let text = prometheus_text(&om);
+        assert_eq!(
+            text,
+            "# HELP clustermesh_test_events_total Events.\n# TYPE clustermesh_test_events_total counter\nclustermesh_test_events_total 1\n"
+        );
     }
 }

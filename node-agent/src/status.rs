@@ -5,7 +5,8 @@
 //!   as the clusters stage publishes it, and the encryption section),
 //!   what `clustermesh status` reads with the same types;
 //! - `GET /metrics`: the same as OpenMetrics (prometheus-client), base
-//!   units (seconds), counters ending in `_total`.
+//!   units (seconds), counters ending in `_total` (the Prometheus text
+//!   format unless the client asks for OpenMetrics).
 
 use std::sync::{Arc, Mutex};
 
@@ -231,8 +232,11 @@ async fn status(State(src): State<Sources>) -> Json<NodeStatus> {
     Json(src.snapshot())
 }
 
-async fn metrics(State(src): State<Sources>) -> Response {
-    clustermesh_http::metrics_response(&registry(&src.snapshot()))
+async fn metrics(State(src): State<Sources>, headers: axum::http::HeaderMap) -> Response {
+    clustermesh_http::metrics_response(
+        &registry(&src.snapshot()),
+        clustermesh_http::accept(&headers),
+    )
 }
 
 pub fn router(src: Sources) -> Router {

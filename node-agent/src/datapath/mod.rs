@@ -315,20 +315,6 @@ impl Datapath {
         )
     }
 
-    /// Forgets the pinned link of a pod's host veth that is gone (the
-    /// kernel detached the program with the interface; the pin would
-    /// otherwise stay in bpffs).
-    pub fn forget_endpoint_link(&mut self, ifindex: u32) {
-        let path = self
-            .pin_dir
-            .join(format!("link_{}_{ifindex}", programs::FROM_ENDPOINT));
-        if let Err(e) = std::fs::remove_file(&path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %path.display(), error = %e, "removing a link pin");
-        }
-    }
-
     /// Attaches (or adopts) `from_overlay` on the TC ingress of the VXLAN
     /// device.
     pub fn attach_overlay(&mut self, iface: &str) -> Result<Attached> {
@@ -559,33 +545,12 @@ impl Datapath {
 
     /// The counter of (direction, verdict), summed over CPUs.
     pub fn counter(&self, dir: Direction, verdict: Verdict) -> Result<Counter> {
-        let map = self
-            .endpoint
-            .map(maps::METRICS)
-            .ok_or(Error::MissingMap(maps::METRICS))?;
-        let arr: PerCpuArray<_, Counter> =
-            PerCpuArray::try_from(map).map_err(map_err(maps::METRICS))?;
-        let per_cpu = arr
-            .get(&metric_index(dir, verdict), 0)
-            .map_err(map_err(maps::METRICS))?;
-        Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        }))
+        Counters::open(&self.pin_dir)?.get(dir, verdict)
     }
 
     /// Every non-zero counter, for metrics export and tests.
     pub fn counters(&self) -> Result<Vec<(Direction, Verdict, Counter)>> {
-        let mut out = Vec::new();
-        for dir in [Direction::Egress, Direction::Ingress] {
-            for v in Verdict::ALL {
-                let c = self.counter(dir, v)?;
-                if c.packets != 0 {
-                    out.push((dir, v, c));
-                }
-            }
-        }
-        Ok(out)
+        Counters::open(&self.pin_dir)?.all()
     }
 }
 
