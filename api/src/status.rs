@@ -31,6 +31,18 @@ pub struct ControlPlaneStatus {
     pub all_synced: bool,
     pub pruned: bool,
     pub desired: DesiredCounts,
+    /// Entries a target refused in the last round (retried every round;
+    /// everything else is applied).
+    pub reconcile_errors: Vec<ReconcileFailure>,
+}
+
+/// One desired entry a target (eBPF map, routes, WireGuard device) refused.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct ReconcileFailure {
+    pub target: String,
+    pub key: String,
+    pub error: String,
 }
 
 impl ControlPlaneStatus {

@@ -51,27 +51,27 @@ impl Metrics {
         for (name, help, v) in [
             (
                 "clustermesh_apiserver_etcd_puts",
-                "Keys written to etcd.",
+                "Keys written to etcd",
                 &self.etcd_puts,
             ),
             (
                 "clustermesh_apiserver_etcd_deletes",
-                "Keys deleted from etcd.",
+                "Keys deleted from etcd",
                 &self.etcd_deletes,
             ),
             (
                 "clustermesh_apiserver_etcd_errors",
-                "Failed etcd operations.",
+                "Failed etcd operations",
                 &self.etcd_errors,
             ),
             (
                 "clustermesh_apiserver_lease_losses",
-                "Times the export lease expired.",
+                "Times the export lease expired",
                 &self.lease_losses,
             ),
             (
                 "clustermesh_apiserver_nodes_expired",
-                "Nodes removed for missing heartbeats.",
+                "Nodes removed for missing heartbeats",
                 &self.nodes_expired,
             ),
         ] {
@@ -88,7 +88,7 @@ impl Metrics {
         }
         r.register(
             "clustermesh_apiserver_requests",
-            "gRPC requests by method and result.",
+            "gRPC requests by method and result",
             requests,
         );
         let exported: Family<Labels, Gauge> = Family::default();
@@ -103,7 +103,7 @@ impl Metrics {
         }
         r.register(
             "clustermesh_apiserver_exported_records",
-            "Records exported, by kind.",
+            "Records exported, by kind",
             exported,
         );
         let heartbeat: Family<Labels, Gauge<f64, AtomicU64>> = Family::default();
@@ -112,7 +112,7 @@ impl Metrics {
             .set(self.last_heartbeat_ms.load(Ordering::Relaxed) as f64 / 1000.0);
         r.register_with_unit(
             "clustermesh_apiserver_last_heartbeat_timestamp",
-            "Unix time of the last heartbeat written.",
+            "Unix time of the last heartbeat written",
             Unit::Seconds,
             heartbeat,
         );

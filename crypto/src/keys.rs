@@ -37,7 +37,7 @@ pub enum KeyError {
     #[error("key file {path} does not hold a base64 WireGuard private key (32 bytes)")]
     Malformed { path: PathBuf },
     #[error("the private key's public key is not usable: {0}")]
-    Public(String),
+    Public(#[source] clustermesh_api::ValueError),
 }
 
 /// A WireGuard (x25519) private key, clamped as `wg genkey` does.
@@ -95,7 +95,7 @@ impl PrivateKey {
     /// The public key (what peers and the NodeRecord carry).
     pub fn public_key(&self) -> Result<WgPublicKey, KeyError> {
         let p = x25519::PublicKey::from(&self.secret());
-        WgPublicKey::from_bytes(p.to_bytes()).map_err(|e| KeyError::Public(e.to_string()))
+        WgPublicKey::from_bytes(p.to_bytes()).map_err(KeyError::Public)
     }
 }
 

@@ -166,6 +166,22 @@ fn agent_signals_and_status_port(t: &mut Topology, c1_pod: &str, c2_ip: &str) {
     assert!(took < clustermesh_http::HEADER_READ_TIMEOUT, "{took:?}");
     drop(idle);
 
+    // A second agent for the same node (same flags, same pin directory)
+    // refuses to start, naming the reason, and leaves the first alone.
+    let p = t.processes.iter().find(|p| p.role == role).unwrap();
+    let out = std::process::Command::new(&p.cmd[0])
+        .args(&p.cmd[1..])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second agent started: {err}");
+    assert!(
+        err.contains("another node-agent runs with --bpf-pin-dir"),
+        "{err}"
+    );
+    assert!(mesh::alive(pid), "the second agent hurt the first");
+    assert_eq!(mesh::http_get(&status, "/healthz").unwrap(), "ok\n");
+
     let ping = Ping::start(c1_pod, c2_ip, 200);
     std::thread::sleep(Duration::from_millis(300));
     mesh::signal_role(t, role, libc::SIGTERM).unwrap();

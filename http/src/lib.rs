@@ -4,8 +4,8 @@
 //! [`serve`] accepts connections concurrently (one task each, so an idle or
 //! slow client never delays another: a liveness probe is answered while
 //! any number of connections sit open), gives a client
-//! [`HEADER_READ_TIMEOUT`] to send its request head and closes idle
-//! keep-alive connections after [`IDLE_TIMEOUT`]. It is axum's own
+//! [`HEADER_READ_TIMEOUT`] to send its request head and closes a
+//! keep-alive connection between requests after [`MAX_CONNECTION_AGE`]. It is axum's own
 //! `serve` loop with those two timeouts added (axum's has none), built
 //! from hyper-util's server parts.
 //!
@@ -34,8 +34,9 @@ pub use prometheus_client;
 
 /// How long a client may take to send its request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a connection may stay open with no request in flight.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection may stay open; it is then closed between
+/// requests (keep-alive clients reconnect).
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 
 /// `GET /healthz`: the process serves.
 pub async fn healthz() -> &'static str {
@@ -115,7 +116,8 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, cancel: Ca
         conns.spawn(connection(stream, peer, router.clone(), cancel.clone()));
     }
     conns.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), conns.wait()).await;
+    // Requests in flight get a second; a stuck client does not hold up exit.
+    let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
 }
 
 async fn connection(
@@ -132,8 +134,11 @@ async fn connection(
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    let idle = tokio::time::sleep(IDLE_TIMEOUT);
-    tokio::pin!(idle);
+    let max_age = tokio::time::sleep(MAX_CONNECTION_AGE);
+    tokio::pin!(max_age);
+    // Asked to close once (shutdown or age); then only the connection's
+    // own end is awaited (the request in flight, or the header timeout).
+    let mut closing = false;
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -142,8 +147,14 @@ async fn connection(
                 }
                 return;
             }
-            _ = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
-            _ = &mut idle => conn.as_mut().graceful_shutdown(),
+            _ = cancel.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = &mut max_age, if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
         }
     }
 }
@@ -208,7 +219,7 @@ mod tests {
         let mut r = Registry::default();
         let c: Counter = Counter::default();
         c.inc();
-        r.register("clustermesh_test_events", "Events.", c);
+        r.register("clustermesh_test_events", "Events", c);
         let resp = metrics_response(&r, None);
         assert_eq!(resp.status(), StatusCode::OK);
         let mut om = String::new();

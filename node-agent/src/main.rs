@@ -59,12 +59,15 @@ async fn run(cfg: AgentConfig, v: node_agent::config::Validated) -> anyhow::Resu
     if cfg.wireguard_iface.is_none() {
         tracker.spawn(ignore_usr1_without_rotation(cancel.clone()));
     }
-    if let Err(e) = node_agent::node::start(cfg, v, &cancel, &tracker).await {
-        cancel.cancel();
-        tracker.close();
-        let _ = tokio::time::timeout(GRACE, tracker.wait()).await;
-        return Err(e.into());
-    }
+    let _running = match node_agent::node::start(cfg, v, &cancel, &tracker).await {
+        Ok(r) => r,
+        Err(e) => {
+            cancel.cancel();
+            tracker.close();
+            let _ = tokio::time::timeout(GRACE, tracker.wait()).await;
+            return Err(e.into());
+        }
+    };
     tracker.close();
     cancel.cancelled().await;
     if tokio::time::timeout(GRACE, tracker.wait()).await.is_err() {

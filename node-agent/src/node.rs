@@ -50,6 +50,8 @@ pub enum StartError {
     Wireguard(#[from] wireguard::Error),
     #[error(transparent)]
     Attach(#[from] datapath::AttachError),
+    #[error(transparent)]
+    Locked(#[from] datapath::LockError),
     #[error("the datapath's counters: {0}")]
     Counters(#[source] datapath::Error),
     #[error(transparent)]
@@ -83,6 +85,14 @@ fn device(cfg: &AgentConfig) -> Result<Option<WgDevice>, StartError> {
     })?))
 }
 
+/// Whether this agent loads the datapath (and so owns the pin directory).
+fn uses_datapath(cfg: &AgentConfig) -> bool {
+    cfg.endpoint_dir.is_some()
+        || !cfg.endpoint_ifaces.is_empty()
+        || cfg.overlay_iface.is_some()
+        || cfg.underlay_iface.is_some()
+}
+
 fn attach(cfg: &AgentConfig) -> Result<Option<Attachment>, StartError> {
     let ifaces = NodeIfaces {
         endpoints: cfg.endpoint_ifaces.clone(),
@@ -90,11 +100,7 @@ fn attach(cfg: &AgentConfig) -> Result<Option<Attachment>, StartError> {
         underlay: cfg.underlay_iface.clone(),
         wireguard: cfg.wireguard_iface.clone(),
     };
-    if cfg.endpoint_dir.is_none()
-        && ifaces.endpoints.is_empty()
-        && ifaces.overlay.is_none()
-        && ifaces.underlay.is_none()
-    {
+    if !uses_datapath(cfg) {
         return Ok(None);
     }
     Ok(Some(datapath::attach_node(
@@ -133,7 +139,14 @@ pub async fn start(
     v: Validated,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
-) -> Result<(), StartError> {
+) -> Result<Running, StartError> {
+    // First of all: one agent per datapath. The lock lives as long as the
+    // returned [`Running`] (main keeps it until the process exits).
+    let lock = if uses_datapath(&cfg) {
+        Some(datapath::lock_pin_dir(&cfg.bpf_pin_dir)?)
+    } else {
+        None
+    };
     let wg = device(&cfg)?;
     let attachment = attach(&cfg)?;
     let shared = Shared {
@@ -177,7 +190,14 @@ pub async fn start(
         }
         .run(cancel.clone()),
     );
-    Ok(())
+    Ok(Running { _lock: lock })
+}
+
+/// What the running agent holds until it exits.
+#[derive(Debug)]
+pub struct Running {
+    /// The pin directory's lock (one agent per datapath).
+    _lock: Option<std::fs::File>,
 }
 
 /// The local endpoints, the registration and key rotation.

@@ -99,39 +99,39 @@ fn cluster_metrics(r: &mut Registry, s: &ControlPlaneStatus) {
     let p = "clustermesh_agent_cluster";
     r.register(
         format!("{p}_connected"),
-        "Whether the cluster's etcd is connected.",
+        "Whether the cluster's etcd is connected",
         connected,
     );
     r.register(
         format!("{p}_synced"),
-        "Whether the cluster completed its initial sync.",
+        "Whether the cluster completed its initial sync",
         synced,
     );
     r.register(
         format!("{p}_withdrawn"),
-        "Whether the cluster's state was withdrawn as stale.",
+        "Whether the cluster's state was withdrawn as stale",
         withdrawn,
     );
-    r.register(format!("{p}_events"), "Watch events received.", events);
+    r.register(format!("{p}_events"), "Watch events received", events);
     r.register(
         format!("{p}_reconnects"),
-        "Sessions that ended and were retried.",
+        "Sessions that ended and were retried",
         reconnects,
     );
     r.register_with_unit(
         format!("{p}_last_event_age"),
-        "Time since the cluster's last watch event (watch lag).",
+        "Time since the cluster's last watch event (watch lag)",
         Unit::Seconds,
         age,
     );
     r.register(
         "clustermesh_agent_records_refused",
-        "Records refused when read (decoding, ownership), by reason.",
+        "Records refused when read (decoding, ownership), by reason",
         refused,
     );
     r.register(
         "clustermesh_agent_records_rejected",
-        "Records the merge rejects right now, by reason.",
+        "Records the merge rejects right now, by reason",
         rejected,
     );
     let desired = gauge_family();
@@ -145,8 +145,19 @@ fn cluster_metrics(r: &mut Registry, s: &ControlPlaneStatus) {
     }
     r.register(
         "clustermesh_agent_desired_entries",
-        "Entries of the desired datapath state.",
+        "Entries of the desired datapath state",
         desired,
+    );
+    let errors = gauge_family();
+    for f in &s.reconcile_errors {
+        errors
+            .get_or_create(&vec![("target", f.target.clone())])
+            .inc();
+    }
+    r.register(
+        "clustermesh_agent_reconcile_errors",
+        "Desired entries a target refused in the last round (retried; the rest is applied)",
+        errors,
     );
 }
 
@@ -170,13 +181,13 @@ fn encryption_metrics(r: &mut Registry, e: &EncryptionStatus) {
     }
     r.register_with_unit(
         "clustermesh_agent_wireguard_peer_handshake_age",
-        "Time since each WireGuard peer's last handshake.",
+        "Time since each WireGuard peer's last handshake",
         Unit::Seconds,
         handshake,
     );
     r.register_with_unit(
         "clustermesh_agent_wireguard_peer",
-        "Bytes through each WireGuard peer.",
+        "Bytes through each WireGuard peer",
         Unit::Bytes,
         bytes,
     );
@@ -193,7 +204,7 @@ fn encryption_metrics(r: &mut Registry, e: &EncryptionStatus) {
     );
     r.register(
         "clustermesh_agent_plaintext_drops",
-        "Pod packets strict encryption refused, by direction.",
+        "Pod packets strict encryption refused, by direction",
         plaintext,
     );
     let d = &e.device_drops;
@@ -208,14 +219,14 @@ fn encryption_metrics(r: &mut Registry, e: &EncryptionStatus) {
     }
     r.register(
         "clustermesh_agent_wireguard_device_drops",
-        "Packets the WireGuard device dropped, by reason.",
+        "Packets the WireGuard device dropped, by reason",
         device,
     );
     let rotations: Counter = Counter::default();
     rotations.inc_by(e.rotations_completed);
     r.register(
         "clustermesh_agent_wireguard_key_rotations",
-        "WireGuard key rotations completed.",
+        "WireGuard key rotations completed",
         rotations,
     );
 }

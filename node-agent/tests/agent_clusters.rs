@@ -534,3 +534,52 @@ async fn restarted_agent_changes_nothing_that_did_not_change() {
     cancel.cancel();
     run.await.unwrap();
 }
+
+/// Issue 16 (error isolation): one entry the target refuses (as a kernel
+/// rejecting a route or a full map would) is reported and retried, and
+/// every other cluster's changes are applied meanwhile. Before the fix the
+/// whole round failed and was retried forever: c3's endpoint never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_refused_entry_leaves_every_other_change_applied() {
+    let mut c1 = cluster("c1", 1).await;
+    let mut c2 = cluster("c2", 2).await;
+    let mut c3 = cluster("c3", 3).await;
+    c1.node("a1", "10.1.0.0/24", "192.0.2.1").await;
+    c2.node("b1", "10.2.0.0/24", "192.0.2.11").await;
+    c3.node("x1", "10.3.0.0/24", "192.0.2.21").await;
+    c2.endpoint("b1", "10.2.0.5").await;
+    c2.endpoint("b1", "10.2.0.6").await;
+    let dir = tempfile::tempdir().unwrap();
+    c2.file(dir.path());
+    c3.file(dir.path());
+    let cancel = CancellationToken::new();
+    let (a, t) = agent(&c1, dir.path(), Duration::ZERO, &cancel);
+    let bad: IpCidr = "10.2.0.5/32".parse().unwrap();
+    t.ipcache.0.lock().unwrap().refuse = vec![bad];
+    let status = a.status();
+    let st = move || status.lock().unwrap().clone();
+    let run = tokio::spawn(a.run());
+    until("c2's other endpoint", || ips(&t) == set(&["10.2.0.6"])).await;
+    until("the refusal in the status", || {
+        st().reconcile_errors
+            .iter()
+            .any(|f| f.target == "ipcache" && f.key.contains("10.2.0.5"))
+    })
+    .await;
+    // A change in another cluster while the entry is still refused.
+    c3.endpoint("x1", "10.3.0.5").await;
+    until("c3's new endpoint applied", || {
+        ips(&t) == set(&["10.2.0.6", "10.3.0.5"])
+    })
+    .await;
+    assert!(st().pruned, "the prune ran despite the refused entry");
+    // The target accepts it again: the retry applies it, the error clears.
+    t.ipcache.0.lock().unwrap().refuse.clear();
+    until("the refused entry applied", || {
+        ips(&t) == set(&["10.2.0.5", "10.2.0.6", "10.3.0.5"])
+    })
+    .await;
+    until("the error cleared", || st().reconcile_errors.is_empty()).await;
+    cancel.cancel();
+    run.await.unwrap();
+}

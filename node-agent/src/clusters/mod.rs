@@ -45,7 +45,7 @@ use self::{
 };
 use crate::{
     desired::{Desired, IpCacheEntry, MergedService, Peer, TunnelEntry},
-    reconcilers::{MemoryReconciler, Reconciler, apply_diff},
+    reconcilers::{Failure, MemoryReconciler, Reconciler, apply_isolated},
 };
 
 /// The control plane's configuration (part of [`crate::config::AgentConfig`]).
@@ -149,6 +149,8 @@ pub struct Agent {
     cancel: CancellationToken,
     dirty: bool,
     retry: bool,
+    /// Entries refused in the last round.
+    failures: Vec<Failure>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -182,6 +184,7 @@ impl Agent {
             cancel,
             dirty: false,
             retry: false,
+            failures: Vec::new(),
         }
     }
 
@@ -404,75 +407,116 @@ impl Agent {
         let prune_now =
             !self.pruned && (self.all_synced() || self.started.elapsed() >= self.cfg.sync_timeout);
         let allow_delete = self.pruned;
-        let r = &mut self.reconcilers;
-        let result = (|| {
-            apply_diff(
-                r.ipcache.as_mut(),
-                &self.last.ipcache,
-                &desired.ipcache,
-                allow_delete,
-            )?;
-            apply_diff(
-                r.tunnels.as_mut(),
-                &self.last.tunnels,
-                &desired.tunnels,
-                allow_delete,
-            )?;
-            apply_diff(
-                r.peers.as_mut(),
-                &self.last.peers,
-                &desired.peers,
-                allow_delete,
-            )?;
-            apply_diff(
-                r.services.as_mut(),
-                &self.last.services,
-                &desired.services,
-                allow_delete,
-            )?;
-            // The policy is never deleted: the last one read stays applied.
-            apply_diff(r.policy.as_mut(), &self.last.policy, &desired.policy, false)?;
-            if prune_now {
-                let n = r.ipcache.prune(&desired.ipcache)?
-                    + r.tunnels.prune(&desired.tunnels)?
-                    + r.peers.prune(&desired.peers)?
-                    + r.services.prune(&desired.services)?;
-                tracing::info!(removed = n, "initial sync complete; pruned leftovers");
-            }
-            Ok::<_, crate::reconcilers::ReconcileError>(())
-        })();
-        match result {
-            Ok(()) => {
-                let mut desired = desired;
-                if prune_now {
-                    self.pruned = true;
-                } else if !allow_delete {
-                    // Before the prune nothing is deleted, so the targets
-                    // still hold what left the desired state: keep it in
-                    // `last`, or it would be rewritten when it comes back.
-                    fn keep<K: Ord + Clone, V: Clone>(
-                        old: &BTreeMap<K, V>,
-                        new: &mut BTreeMap<K, V>,
-                    ) {
-                        for (k, v) in old {
-                            new.entry(k.clone()).or_insert_with(|| v.clone());
-                        }
-                    }
-                    keep(&self.last.ipcache, &mut desired.ipcache);
-                    keep(&self.last.tunnels, &mut desired.tunnels);
-                    keep(&self.last.peers, &mut desired.peers);
-                    keep(&self.last.services, &mut desired.services);
-                    keep(&self.last.policy, &mut desired.policy);
+        let mut failures = Vec::new();
+        let mut applied = self.apply(&desired, allow_delete, &mut failures);
+        applied.rejected = desired.rejected;
+        if prune_now {
+            self.pruned = self.prune(&applied, &mut failures);
+        } else if !allow_delete {
+            // Before the prune nothing is deleted, so the targets still
+            // hold what left the desired state: keep it in `last`, or it
+            // would be rewritten when it comes back.
+            fn keep<K: Ord + Clone, V: Clone>(old: &BTreeMap<K, V>, new: &mut BTreeMap<K, V>) {
+                for (k, v) in old {
+                    new.entry(k.clone()).or_insert_with(|| v.clone());
                 }
-                self.last = desired;
-                self.retry = false;
             }
-            Err(e) => {
-                // Keep the old `last`: the next round re-applies the diff.
-                tracing::warn!(error = %e, "reconcile failed; retrying");
-                self.retry = true;
+            keep(&self.last.ipcache, &mut applied.ipcache);
+            keep(&self.last.tunnels, &mut applied.tunnels);
+            keep(&self.last.peers, &mut applied.peers);
+            keep(&self.last.services, &mut applied.services);
+            keep(&self.last.policy, &mut applied.policy);
+        }
+        // Each refused entry is logged once, when it appears; all of them
+        // are in the status and retried every round.
+        for f in &failures {
+            if !self.failures.contains(f) {
+                tracing::warn!(target = f.target, key = %f.key, error = %f.error, "entry refused by its target; retrying, everything else is applied");
             }
         }
+        self.retry = !failures.is_empty();
+        self.failures = failures;
+        self.last = applied;
+    }
+
+    /// Applies the desired state target by target, entry by entry; returns
+    /// what the targets hold now (refused entries keep their old value).
+    fn apply(
+        &mut self,
+        desired: &Desired,
+        allow_delete: bool,
+        failures: &mut Vec<Failure>,
+    ) -> Desired {
+        let r = &mut self.reconcilers;
+        let last = &self.last;
+        Desired {
+            ipcache: apply_isolated(
+                r.ipcache.as_mut(),
+                &last.ipcache,
+                &desired.ipcache,
+                allow_delete,
+                failures,
+            ),
+            tunnels: apply_isolated(
+                r.tunnels.as_mut(),
+                &last.tunnels,
+                &desired.tunnels,
+                allow_delete,
+                failures,
+            ),
+            peers: apply_isolated(
+                r.peers.as_mut(),
+                &last.peers,
+                &desired.peers,
+                allow_delete,
+                failures,
+            ),
+            services: apply_isolated(
+                r.services.as_mut(),
+                &last.services,
+                &desired.services,
+                allow_delete,
+                failures,
+            ),
+            // The policy is never deleted: the last one read stays applied.
+            policy: apply_isolated(
+                r.policy.as_mut(),
+                &last.policy,
+                &desired.policy,
+                false,
+                failures,
+            ),
+            rejected: Vec::new(),
+        }
+    }
+
+    /// The one prune after the initial sync; true when every target pruned
+    /// (a target that failed is pruned again next round).
+    fn prune(&mut self, applied: &Desired, failures: &mut Vec<Failure>) -> bool {
+        let r = &mut self.reconcilers;
+        let results = [
+            r.ipcache.prune(&applied.ipcache),
+            r.tunnels.prune(&applied.tunnels),
+            r.peers.prune(&applied.peers),
+            r.services.prune(&applied.services),
+        ];
+        let mut removed = 0;
+        let mut ok = true;
+        for res in results {
+            match res {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    ok = false;
+                    failures.push(Failure {
+                        target: e.target,
+                        key: "(prune)".into(),
+                        error: e.source.to_string(),
+                    });
+                }
+            }
+        }
+        tracing::info!(removed, "initial sync complete; pruned leftovers");
+        ok
     }
 
     fn publish(&self, now: Instant) {
@@ -517,6 +561,15 @@ impl Agent {
             clusters,
             all_synced: self.all_synced(),
             pruned: self.pruned,
+            reconcile_errors: self
+                .failures
+                .iter()
+                .map(|f| clustermesh_api::status::ReconcileFailure {
+                    target: f.target.to_owned(),
+                    key: f.key.clone(),
+                    error: f.error.clone(),
+                })
+                .collect(),
             desired: DesiredCounts {
                 ipcache: self.last.ipcache.len(),
                 tunnels: self.last.tunnels.len(),

@@ -602,6 +602,46 @@ impl Counters {
     }
 }
 
+/// Why this agent may not own the pin directory.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "another node-agent runs with --bpf-pin-dir {path} (it holds the directory's lock); stop it first"
+    )]
+    Held { path: PathBuf },
+    #[error("locking --bpf-pin-dir {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Takes the exclusive lock of the pin directory for as long as the
+/// returned file is open (the process's life): a second agent for the same
+/// node's datapath refuses to start instead of fighting over its maps.
+pub fn lock_pin_dir(pin_dir: &Path) -> std::result::Result<std::fs::File, LockError> {
+    use std::os::fd::AsRawFd as _;
+    let io = |source| LockError::Io {
+        path: pin_dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(pin_dir).map_err(io)?;
+    let dir = std::fs::File::open(pin_dir).map_err(io)?;
+    // SAFETY: flock on an open fd; the lock goes with the fd.
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            LockError::Held {
+                path: pin_dir.to_owned(),
+            }
+        } else {
+            io(e)
+        });
+    }
+    Ok(dir)
+}
+
 /// The interfaces of one node to attach the programs to.
 #[derive(Debug, Clone, Default)]
 pub struct NodeIfaces {

@@ -125,6 +125,60 @@ pub fn apply_diff<K: Ord, V: PartialEq>(
     Ok(s)
 }
 
+/// One entry a target refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub target: &'static str,
+    /// The entry's key, as `{:?}` shows it.
+    pub key: String,
+    pub error: String,
+}
+
+/// Applies the difference between `old` and `new` entry by entry: an entry
+/// the target refuses is recorded in `failures` and left out of what is
+/// applied, every other entry is applied. Returns what the target holds
+/// now (as far as this agent knows): `new`, except that a refused update
+/// keeps the old value (or none) and a refused delete keeps the entry, so
+/// the next diff from it retries exactly the refused entries. With
+/// `allow_delete` false removals are deferred to the prune.
+pub fn apply_isolated<K: Ord + Clone + std::fmt::Debug, V: PartialEq + Clone>(
+    r: &mut dyn Reconciler<K, V>,
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    allow_delete: bool,
+    failures: &mut Vec<Failure>,
+) -> BTreeMap<K, V> {
+    let mut applied = new.clone();
+    let fail = |k: &K, e: ReconcileError| Failure {
+        target: e.target,
+        key: format!("{k:?}"),
+        error: e.source.to_string(),
+    };
+    for (k, v) in new {
+        if old.get(k) == Some(v) {
+            continue;
+        }
+        if let Err(e) = r.update(k, v) {
+            failures.push(fail(k, e));
+            match old.get(k) {
+                Some(o) => applied.insert(k.clone(), o.clone()),
+                None => applied.remove(k),
+            };
+        }
+    }
+    if allow_delete {
+        for (k, o) in old {
+            if !new.contains_key(k)
+                && let Err(e) = r.delete(k)
+            {
+                failures.push(fail(k, e));
+                applied.insert(k.clone(), o.clone());
+            }
+        }
+    }
+    applied
+}
+
 /// One operation seen by a [`MemoryReconciler`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op<K> {
@@ -139,6 +193,9 @@ pub struct MemoryReconciler<K, V> {
     pub name: &'static str,
     pub contents: BTreeMap<K, V>,
     pub ops: Vec<Op<K>>,
+    /// Keys whose update and delete fail, as a kernel that rejects an
+    /// entry would (tests of error isolation).
+    pub refuse: Vec<K>,
 }
 
 impl<K, V> MemoryReconciler<K, V> {
@@ -147,6 +204,7 @@ impl<K, V> MemoryReconciler<K, V> {
             name,
             contents: BTreeMap::new(),
             ops: Vec::new(),
+            refuse: Vec::new(),
         }
     }
 }
@@ -156,11 +214,23 @@ impl<K: Ord + Clone + Send, V: Clone + Send> Reconciler<K, V> for MemoryReconcil
         self.name
     }
     fn update(&mut self, key: &K, value: &V) -> Result<(), ReconcileError> {
+        if self.refuse.contains(key) {
+            return Err(ReconcileError::new(
+                self.name,
+                "entry refused by the target",
+            ));
+        }
         self.contents.insert(key.clone(), value.clone());
         self.ops.push(Op::Update(key.clone()));
         Ok(())
     }
     fn delete(&mut self, key: &K) -> Result<(), ReconcileError> {
+        if self.refuse.contains(key) {
+            return Err(ReconcileError::new(
+                self.name,
+                "entry refused by the target",
+            ));
+        }
         self.contents.remove(key);
         self.ops.push(Op::Delete(key.clone()));
         Ok(())
@@ -211,6 +281,36 @@ mod tests {
             }
         );
         assert_eq!(r.contents, old);
+    }
+
+    #[test]
+    fn a_refused_entry_is_isolated_and_retried() {
+        let mut r = MemoryReconciler::<u32, &str>::new("t");
+        r.refuse = vec![2];
+        let old: BTreeMap<u32, &str> = [(4, "d")].into();
+        let new: BTreeMap<u32, &str> = [(1, "a"), (2, "b"), (3, "c")].into();
+        r.contents = old.clone();
+        let mut failures = Vec::new();
+        let applied = apply_isolated(&mut r, &old, &new, true, &mut failures);
+        // Everything else applied, the refused one reported.
+        assert_eq!(r.contents, [(1, "a"), (3, "c")].into());
+        assert_eq!(applied, [(1, "a"), (3, "c")].into());
+        assert_eq!(failures.len(), 1);
+        assert_eq!((failures[0].target, failures[0].key.as_str()), ("t", "2"));
+        // The next round retries only the refused entry.
+        r.refuse.clear();
+        r.ops.clear();
+        let mut failures = Vec::new();
+        let applied = apply_isolated(&mut r, &applied, &new, true, &mut failures);
+        assert!(failures.is_empty());
+        assert_eq!(applied, new);
+        assert_eq!(r.ops, vec![Op::Update(2)]);
+        // A refused delete keeps the entry in what is applied.
+        r.refuse = vec![3];
+        let fewer: BTreeMap<u32, &str> = [(1, "a")].into();
+        let applied = apply_isolated(&mut r, &new, &fewer, true, &mut failures);
+        assert_eq!(applied, [(1, "a"), (3, "c")].into());
+        assert_eq!(failures.len(), 1);
     }
 }
 
