@@ -583,3 +583,110 @@ async fn one_refused_entry_leaves_every_other_change_applied() {
     cancel.cancel();
     run.await.unwrap();
 }
+
+/// Issue 16 (admission): a remote cluster (c2) writes into its own etcd a
+/// node claiming another remote's (c3's) established range, and nodes with
+/// hostile ranges (0.0.0.0/1, loopback, a /32 on our node's address, a range
+/// covering the underlay). Each is refused with its reason and c3 keeps its
+/// range, also after the observer's agent restarts and re-reads every
+/// cluster at once (before the fix the first-acceptance counts tied and the
+/// name order gave c3's range to c2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_cannot_take_over_another_remotes_range_or_claim_hostile_ones() {
+    let mut c1 = cluster("c1", 1).await;
+    let c2 = cluster("c2", 2).await;
+    let mut c3 = cluster("c3", 3).await;
+    c1.node("a1", "10.1.0.0/24", "192.0.2.1").await;
+    c3.node("x1", "10.3.0.0/24", "192.0.2.21").await;
+    c3.endpoint("x1", "10.3.0.5").await;
+    let dir = tempfile::tempdir().unwrap();
+    c2.file(dir.path());
+    c3.file(dir.path());
+    let cancel = CancellationToken::new();
+    let (a, t) = agent(&c1, dir.path(), Duration::ZERO, &cancel);
+    let status = a.status();
+    let run = tokio::spawn(a.run());
+    until("c3's range", || ips(&t).contains("10.3.0.5")).await;
+
+    let mut kv2 = c2.kv().await;
+    let evil = [
+        ("steal", "10.3.0.0/24", "192.0.2.11"),
+        ("wide", "0.0.0.0/1", "192.0.2.12"),
+        ("loop", "127.0.0.0/8", "192.0.2.13"),
+        ("host", "192.0.2.1/32", "192.0.2.14"),
+        ("under", "192.0.2.0/24", "198.51.100.1"),
+    ];
+    for (name, cidr, ip) in evil {
+        kv2.put(
+            format!("clustermesh/state/nodes/v1/c2/{name}"),
+            format!(
+                r#"{{"name":"{name}","cluster":"c2","underlayIps":["{ip}"],"podCidrs":["{cidr}"],"bootId":"e"}}"#
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let tunnel_of = |t: &Targets, c: &str| {
+        t.tunnels
+            .contents()
+            .get(&c.parse::<IpCidr>().unwrap())
+            .map(|e| (e.cluster_id, e.node.to_string()))
+    };
+    let refused = |s: &AgentStatus| {
+        status_of(s, "c2")
+            .map(|c| c.rejected_now.clone())
+            .unwrap_or_default()
+    };
+    let want = [
+        ("cidr_overlap", 1),
+        ("pod_cidr_prefix", 2),
+        ("pod_cidr_reserved", 1),
+        ("pod_cidr_covers_node_ip", 1),
+    ];
+    let all_refused = |s: &AgentStatus| {
+        let r = refused(s);
+        want.iter().all(|(k, n)| r.get(*k) == Some(n))
+    };
+    until("every hostile node refused, with its reason", || {
+        all_refused(&status.lock().unwrap())
+    })
+    .await;
+    assert_eq!(tunnel_of(&t, "10.3.0.0/24"), Some((3, "x1".into())));
+    for (_, cidr, _) in &evil[1..] {
+        assert_eq!(tunnel_of(&t, cidr), None, "{cidr} routed");
+    }
+    cancel.cancel();
+    run.await.unwrap();
+
+    // The observer restarts on the same targets (its pinned datapath).
+    let cancel = CancellationToken::new();
+    let a = Agent::new(
+        agent_config(&c1, dir.path(), Duration::ZERO),
+        t.reconcilers(),
+        cancel.clone(),
+    );
+    let status = a.status();
+    let run = tokio::spawn(a.run());
+    let st = status.clone();
+    until("resynced after the restart", move || {
+        let s = st.lock().unwrap();
+        if !(s.pruned && all_refused(&s)) {
+            eprintln!(
+                "DEBUG pruned={} c2={:?} c3={:?}",
+                s.pruned,
+                refused(&s),
+                status_of(&s, "c3").map(|c| c.rejected_now.clone())
+            );
+        }
+        s.pruned && all_refused(&s)
+    })
+    .await;
+    assert_eq!(tunnel_of(&t, "10.3.0.0/24"), Some((3, "x1".into())));
+    assert!(
+        ips(&t).contains("10.3.0.5"),
+        "c3's endpoint refused after the restart"
+    );
+    cancel.cancel();
+    run.await.unwrap();
+}

@@ -4,14 +4,19 @@
 //!
 //! Rules that span records and clusters live here, because only the merge
 //! sees all clusters:
+//! - **Admission** ([`super::admission`]): a remote node's pod CIDRs and
+//!   underlay addresses are bounded (prefix lengths, reserved ranges, never
+//!   covering a node's address), underlay addresses and WireGuard keys are
+//!   unique across every node of every cluster, and a remote endpoint may
+//!   not claim a reserved identity.
 //! - **CIDR ownership**: a node is accepted only if none of its pod CIDRs
 //!   overlaps a pod CIDR already accepted for another node. The local
 //!   cluster's nodes are accepted first, then remote ones in the order this
 //!   agent first accepted them (an established cluster's ranges cannot be
 //!   taken over by a newcomer). A refused node contributes nothing.
 //! - **Identity ownership**: a remote cluster's endpoint or identity must
-//!   carry that cluster's id in bits 16-23 (reserved identities excepted for
-//!   endpoints).
+//!   carry that cluster's id in bits 16-23; reserved identities only for
+//!   the local cluster's endpoints.
 //! - **Endpoints and backends** must lie inside an accepted pod CIDR of their
 //!   own cluster.
 //! - **Global services**: a local service gets remote backends only when it is
@@ -34,7 +39,7 @@ use clustermesh_api::{
     NodeName, Protocol, ServiceRecord,
 };
 
-use super::store::Records;
+use super::{admission::Admitted, store::Records};
 use crate::desired::{
     Desired, IpCacheEntry, MergedBackend, MergedService, Peer, Rejection, TunnelEntry,
 };
@@ -57,6 +62,12 @@ pub struct MergeInput<'a> {
     /// The local cluster's encryption policy.
     pub encryption: EncryptionPolicy,
     pub remotes: &'a [ClusterInput<'a>],
+    /// Pod CIDRs held now, with the id of the cluster holding each (seeded
+    /// from the pinned tunnel entries, so it survives agent restarts): a
+    /// remote node claiming a range another cluster holds is refused, even
+    /// while the holder has not synced yet; the holder releases it by
+    /// syncing without it (or by being removed).
+    pub incumbents: &'a BTreeMap<IpCidr, u8>,
 }
 
 fn encrypt_to(policy: &EncryptionPolicy, local: bool) -> bool {
@@ -107,6 +118,25 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
     out
 }
 
+/// A remote node's pod CIDR that overlaps a range another cluster holds
+/// (incumbent), in words.
+fn held_by_other(
+    incumbents: &BTreeMap<IpCidr, u8>,
+    id: u8,
+    rec: &clustermesh_api::NodeRecord,
+) -> Option<String> {
+    rec.pod_cidrs.iter().find_map(|p| {
+        incumbents
+            .iter()
+            .find(|(c, owner)| **owner != id && c.overlaps(p))
+            .map(|(c, owner)| {
+                format!(
+                    "pod CIDR {p} overlaps {c}, which the datapath routes for cluster id {owner}"
+                )
+            })
+    })
+}
+
 /// 1. Nodes and CIDR ownership: tunnels, remote nodes' ip-cache entries,
 ///    WireGuard peers.
 fn merge_nodes<'a>(
@@ -121,35 +151,48 @@ fn merge_nodes<'a>(
             candidates.push((*local, *seq, c, rec));
         }
     }
-    // Local first, then by first acceptance, then by name for determinism.
+    // Local first; then the nodes whose ranges the datapath routes to their
+    // own cluster now (incumbents: an order every restart sees the same);
+    // then by first acceptance, then by name for determinism.
+    let incumbent = |c: &ClusterInput<'_>, rec: &clustermesh_api::NodeRecord| {
+        rec.pod_cidrs
+            .iter()
+            .any(|p| input.incumbents.get(p) == Some(&c.id.get()))
+    };
     candidates.sort_by(|a, b| {
         b.0.cmp(&a.0)
+            .then(incumbent(b.2, b.3).cmp(&incumbent(a.2, a.3)))
             .then(a.1.cmp(&b.1))
             .then(a.2.name.cmp(b.2.name))
             .then(a.3.name.cmp(&b.3.name))
     });
-    let mut owned: Vec<(IpCidr, &ClusterName, &NodeName)> = Vec::new();
-    // Accepted nodes per cluster: (record, is_local).
-    let mut accepted: BTreeMap<&ClusterName, Vec<&clustermesh_api::NodeRecord>> = BTreeMap::new();
+    let mut admitted = Admitted::default();
+    for (_, _, c, rec) in &candidates {
+        for ip in &rec.underlay_ips {
+            admitted.node_ips.push((*ip, c.name, &rec.name));
+        }
+    }
+    let mut accepted: Accepted<'a> = BTreeMap::new();
     for (local, _, c, rec) in candidates {
-        let conflict = rec.pod_cidrs.iter().find_map(|cidr| {
-            owned
-                .iter()
-                .find(|(o, _, _)| o.overlaps(cidr))
-                .map(|(o, oc, on)| (cidr, *o, (*oc).clone(), (*on).clone()))
-        });
-        if let Some((cidr, o, oc, on)) = conflict {
+        if let Err(r) = admitted.check(rec, c.name, local) {
+            out.rejected.push(Rejection {
+                cluster: c.name.clone(),
+                record: format!("node {}", rec.name),
+                reason: r.reason,
+                detail: r.detail,
+            });
+            continue;
+        }
+        if !local && let Some(r) = held_by_other(input.incumbents, c.id.get(), rec) {
             out.rejected.push(Rejection {
                 cluster: c.name.clone(),
                 record: format!("node {}", rec.name),
                 reason: "cidr_overlap",
-                detail: format!("pod CIDR {cidr} overlaps {o} of node {on} in cluster {oc}"),
+                detail: r,
             });
             continue;
         }
-        for cidr in &rec.pod_cidrs {
-            owned.push((*cidr, c.name, &rec.name));
-        }
+        admitted.admit(rec, c.name);
         accepted.entry(c.name).or_default().push(rec);
         let is_self = local && input.self_node == Some(&rec.name);
         if is_self {
@@ -222,6 +265,20 @@ fn merge_endpoints(
             }
         }
         for rec in c.records.endpoints.values() {
+            // A remote cluster never speaks for a reserved identity (host,
+            // world, remote-node...): only for its own cluster-scoped ones.
+            if !*local && rec.identity.is_reserved() {
+                out.rejected.push(Rejection {
+                    cluster: c.name.clone(),
+                    record: format!("endpoint {}", rec.ip),
+                    reason: "reserved_identity",
+                    detail: format!(
+                        "a remote cluster may not claim the reserved identity {}",
+                        rec.identity
+                    ),
+                });
+                continue;
+            }
             if !rec.identity.is_reserved() && rec.identity.cluster() != Some(c.id) {
                 out.rejected.push(Rejection {
                     cluster: c.name.clone(),
@@ -436,6 +493,7 @@ mod tests {
     struct World {
         names: Vec<ClusterName>,
         recs: Vec<Records>,
+        incumbents: BTreeMap<IpCidr, u8>,
     }
 
     impl World {
@@ -443,6 +501,7 @@ mod tests {
             Self {
                 names: (1..=n).map(|i| format!("c{i}").parse().unwrap()).collect(),
                 recs: vec![Records::default(); n],
+                incumbents: BTreeMap::new(),
             }
         }
         fn merge(&self, enc: EncryptionPolicy) -> Desired {
@@ -459,6 +518,7 @@ mod tests {
                 self_node: Some(&self_node),
                 encryption: enc,
                 remotes: &inputs[1..],
+                incumbents: &self.incumbents,
             })
         }
     }
@@ -534,6 +594,54 @@ mod tests {
         // No encryption: no peers, nothing encrypted.
         let d = w.merge(EncryptionPolicy::default());
         assert!(d.peers.is_empty() && d.ipcache.values().all(|e| !e.encrypt));
+    }
+
+    /// Issue 16: a remote cluster publishing another remote's range. Both
+    /// nodes are first accepted at the same count (an agent that just
+    /// restarted re-reads every cluster at once): the name order alone
+    /// would hand c3's range to c2. The range the datapath routes to c3
+    /// (incumbent) stays c3's; with no incumbent the older claim wins.
+    #[test]
+    fn a_remote_cannot_take_over_another_remotes_range_across_restarts() {
+        let mut w = World::new(3);
+        node(&mut w.recs[0], 1, "c1", "n1", "10.1.0.0/24", "192.0.2.1");
+        node(&mut w.recs[1], 1, "c2", "evil", "10.3.0.0/24", "192.0.2.11");
+        node(&mut w.recs[2], 1, "c3", "x1", "10.3.0.0/24", "192.0.2.21");
+        // Same count, so give each node its own key.
+        for (i, r) in w.recs.iter_mut().enumerate() {
+            for (rec, _) in r.nodes.values_mut() {
+                rec.wireguard_public_keys = vec![key(50 + i as u8)];
+            }
+        }
+        let enc = EncryptionPolicy::default();
+        // Without an incumbent (first start), the tie goes by name: c2.
+        assert_eq!(w.merge(enc).tunnels[&cidr("10.3.0.0/24")].cluster_id, 2);
+        // The datapath routes the range to c3 (it held it before the
+        // restart): c3 keeps it, c2's claim is refused.
+        w.incumbents.insert(cidr("10.3.0.0/24"), 3);
+        let d = w.merge(enc);
+        assert_eq!(d.tunnels[&cidr("10.3.0.0/24")].node.to_string(), "x1");
+        assert!(
+            d.rejected
+                .iter()
+                .any(|r| r.cluster.to_string() == "c2" && r.reason == "cidr_overlap")
+        );
+        // ... also while c3 has not synced yet (its node not read yet).
+        let x1 = w.recs[2].nodes.clone();
+        w.recs[2].nodes.clear();
+        let d = w.merge(enc);
+        assert!(!d.tunnels.contains_key(&cidr("10.3.0.0/24")));
+        w.recs[2].nodes = x1;
+        // An incumbent never beats the local cluster.
+        node(&mut w.recs[0], 2, "c1", "n2", "10.3.0.0/25", "192.0.2.2");
+        for (rec, _) in w.recs[0].nodes.values_mut() {
+            if rec.name.to_string() == "n2" {
+                rec.wireguard_public_keys = vec![key(60)];
+            }
+        }
+        let d = w.merge(enc);
+        assert_eq!(d.tunnels[&cidr("10.3.0.0/25")].node.to_string(), "n2");
+        assert!(!d.tunnels.contains_key(&cidr("10.3.0.0/24")));
     }
 
     #[test]

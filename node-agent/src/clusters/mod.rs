@@ -18,6 +18,7 @@
 //!   once (or `sync_timeout` passed): then one prune removes leftovers, and
 //!   from there on every difference is applied.
 
+pub mod admission;
 pub mod config;
 pub mod merge;
 pub mod store;
@@ -151,6 +152,8 @@ pub struct Agent {
     retry: bool,
     /// Entries refused in the last round.
     failures: Vec<Failure>,
+    /// Pod CIDR -> id of the cluster holding it (see [`Agent::update_owners`]).
+    owners: BTreeMap<IpCidr, u8>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -185,6 +188,7 @@ impl Agent {
             dirty: false,
             retry: false,
             failures: Vec::new(),
+            owners: BTreeMap::new(),
         }
     }
 
@@ -380,6 +384,7 @@ impl Agent {
                 })
             })
             .collect();
+        let incumbents = self.owners.clone();
         let input = MergeInput {
             local: ClusterInput {
                 name: &self.cfg.local_cluster,
@@ -389,6 +394,7 @@ impl Agent {
             self_node: self.cfg.self_node.as_ref(),
             encryption: local_cfg.encryption,
             remotes: &remotes,
+            incumbents: &incumbents,
         };
         let desired = merge::merge(&input);
         // Each refusal is logged once, when it appears (the metric
@@ -436,7 +442,37 @@ impl Agent {
         }
         self.retry = !failures.is_empty();
         self.failures = failures;
+        if self.update_owners(&applied.tunnels) {
+            // A range was released: a claim refused for it may now go.
+            self.dirty = true;
+        }
         self.last = applied;
+    }
+
+    /// Keeps the range holders (merge incumbents) in step: a range stays
+    /// with its cluster until that cluster has synced without it, or is
+    /// gone once every cluster has synced; ranges routed now and held by
+    /// nobody are taken by the cluster they are routed for. Returns whether
+    /// a range was released.
+    fn update_owners(&mut self, tunnels: &BTreeMap<IpCidr, TunnelEntry>) -> bool {
+        let all = self.all_synced();
+        let synced: BTreeMap<u8, bool> = self
+            .slots
+            .values()
+            .filter(|s| s.refused.is_none())
+            .filter_map(|s| s.store.config.as_ref().map(|c| (c.id.get(), s.synced)))
+            .collect();
+        let before = self.owners.len();
+        self.owners.retain(|cidr, id| match synced.get(id) {
+            None => !all,
+            Some(false) => true,
+            Some(true) => tunnels.get(cidr).is_some_and(|e| e.cluster_id == *id),
+        });
+        let released = self.owners.len() != before;
+        for (c, e) in tunnels {
+            self.owners.entry(*c).or_insert(e.cluster_id);
+        }
+        released
     }
 
     /// Applies the desired state target by target, entry by entry; returns
@@ -612,6 +648,9 @@ impl Agent {
         })();
         match snap {
             Ok(d) => {
+                // The ranges the datapath routes survive the restart: their
+                // clusters hold them until they sync without them.
+                self.owners = d.tunnels.iter().map(|(c, e)| (*c, e.cluster_id)).collect();
                 tracing::info!(
                     ipcache = d.ipcache.len(),
                     tunnels = d.tunnels.len(),

@@ -24,6 +24,19 @@ use super::{
 };
 use crate::desired::TunnelEntry;
 
+/// The node name of an entry adopted from a previous agent (the kernel
+/// does not store names).
+pub const ADOPTED: &str = "adopted-from-datapath";
+
+fn adopted_name() -> &'static NodeName {
+    static NAME: std::sync::OnceLock<NodeName> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        ADOPTED
+            .parse()
+            .unwrap_or_else(|_| unreachable!("a valid node name"))
+    })
+}
+
 /// How long a removed node's pod CIDR keeps dropping traffic (long enough
 /// for clients to notice and stop; then the range is forgotten).
 pub const TOMBSTONE_TTL: Duration = Duration::from_secs(300);
@@ -156,12 +169,16 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
                 continue;
             }
             let Some(c) = cidr(&k) else { continue };
-            // Node names are not stored in the kernel: entries adopted from
-            // a previous process are left out, so the first diff rewrites
-            // them in place once (same kernel value, no gap).
-            let Some(node) = self.names.get(&c).cloned() else {
-                continue;
-            };
+            // Node names are not stored in the kernel: an entry adopted
+            // from a previous process is reported under [`ADOPTED`], so
+            // the agent knows the range and its cluster at once (the
+            // incumbent of the merge's ownership) and the first diff
+            // rewrites it in place with its name (same kernel value).
+            let node = self
+                .names
+                .get(&c)
+                .cloned()
+                .unwrap_or_else(|| adopted_name().clone());
             out.insert(
                 c,
                 TunnelEntry {

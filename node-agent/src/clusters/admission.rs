@@ -1,0 +1,265 @@
+//! Admission of nodes: what a cluster may claim, decided as a pure
+//! function of (the node record, whether its cluster is the local one,
+//! everything already admitted). The merge admits nodes local cluster
+//! first, then remote ones in their order; a refusal carries a reason and
+//! never stops the rest from applying (docs/security.md's remote-cluster
+//! rules).
+//!
+//! A remote cluster is trusted only for its own records within sane
+//! bounds:
+//! - its pod CIDRs have a prefix of /8 to /30 (IPv4) or /16 to /120
+//!   (IPv6), never touch reserved ranges (this-network, loopback,
+//!   link-local, multicast, reserved/broadcast) and never cover a node's
+//!   underlay address (ours or anyone's: in direct mode they become routes);
+//! - its underlay addresses are unicast, outside every admitted pod CIDR
+//!   and not already another node's;
+//! - its WireGuard keys are no other node's (a duplicate would steal the
+//!   victim's encrypted traffic);
+//! - and, as for every cluster, its pod CIDRs overlap no admitted one.
+
+use std::net::IpAddr;
+
+use clustermesh_api::{ClusterName, IpCidr, NodeName, NodeRecord, WgPublicKey};
+
+/// Why a node is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+fn refuse(reason: &'static str, detail: String) -> Result<(), Refusal> {
+    Err(Refusal { reason, detail })
+}
+
+/// Ranges no pod CIDR may touch.
+const RESERVED: [&str; 9] = [
+    "0.0.0.0/8",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/127",
+    "fe80::/10",
+    "ff00::/8",
+    "::ffff:0:0/96",
+];
+
+fn reserved() -> impl Iterator<Item = IpCidr> {
+    RESERVED.iter().filter_map(|r| r.parse().ok())
+}
+
+fn prefix_ok(c: &IpCidr) -> bool {
+    match c.addr() {
+        IpAddr::V4(_) => (8..=30).contains(&c.prefix_len()),
+        IpAddr::V6(_) => (16..=120).contains(&c.prefix_len()),
+    }
+}
+
+fn unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.is_link_local())
+        }
+        IpAddr::V6(a) => !(a.is_unspecified() || a.is_loopback() || a.is_multicast()),
+    }
+}
+
+/// What is admitted so far, with who holds it.
+#[derive(Debug, Default)]
+pub struct Admitted<'a> {
+    /// Every underlay address of every node offered (admitted or not):
+    /// no remote pod CIDR may cover one.
+    pub node_ips: Vec<(IpAddr, &'a ClusterName, &'a NodeName)>,
+    pub cidrs: Vec<(IpCidr, &'a ClusterName, &'a NodeName)>,
+    pub underlay: Vec<(IpAddr, &'a ClusterName, &'a NodeName)>,
+    pub keys: Vec<(WgPublicKey, &'a ClusterName, &'a NodeName)>,
+}
+
+impl<'a> Admitted<'a> {
+    /// Decides `rec` of `cluster` against what is admitted.
+    pub fn check(
+        &self,
+        rec: &NodeRecord,
+        cluster: &ClusterName,
+        local: bool,
+    ) -> Result<(), Refusal> {
+        if !local {
+            remote_bounds(self, rec)?;
+        }
+        for ip in &rec.underlay_ips {
+            if let Some((c, oc, on)) = self.cidrs.iter().find(|(c, _, _)| c.contains(*ip)) {
+                return refuse(
+                    "underlay_ip_in_pod_cidr",
+                    format!(
+                        "underlay address {ip} lies in pod CIDR {c} of node {on} in cluster {oc}"
+                    ),
+                );
+            }
+            if let Some((_, oc, on)) = self
+                .underlay
+                .iter()
+                .find(|(u, oc, on)| u == ip && !(*oc == cluster && **on == rec.name))
+            {
+                return refuse(
+                    "underlay_ip_taken",
+                    format!("underlay address {ip} is node {on}'s in cluster {oc}"),
+                );
+            }
+        }
+        for cidr in &rec.pod_cidrs {
+            if let Some((o, oc, on)) = self.cidrs.iter().find(|(o, _, _)| o.overlaps(cidr)) {
+                return refuse(
+                    "cidr_overlap",
+                    format!("pod CIDR {cidr} overlaps {o} of node {on} in cluster {oc}"),
+                );
+            }
+        }
+        for key in &rec.wireguard_public_keys {
+            if let Some((_, oc, on)) = self.keys.iter().find(|(k, _, _)| k == key) {
+                return refuse(
+                    "wireguard_key_taken",
+                    format!(
+                        "WireGuard key {} is node {on}'s in cluster {oc}",
+                        key.fingerprint()
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an admitted node.
+    pub fn admit(&mut self, rec: &'a NodeRecord, cluster: &'a ClusterName) {
+        for c in &rec.pod_cidrs {
+            self.cidrs.push((*c, cluster, &rec.name));
+        }
+        for ip in &rec.underlay_ips {
+            self.underlay.push((*ip, cluster, &rec.name));
+        }
+        for k in &rec.wireguard_public_keys {
+            self.keys.push((*k, cluster, &rec.name));
+        }
+    }
+}
+
+/// What only a remote cluster is held to.
+fn remote_bounds(a: &Admitted<'_>, rec: &NodeRecord) -> Result<(), Refusal> {
+    for cidr in &rec.pod_cidrs {
+        if !prefix_ok(cidr) {
+            return refuse(
+                "pod_cidr_prefix",
+                format!("pod CIDR {cidr}: a remote pod CIDR is /8 to /30 (IPv6 /16 to /120)"),
+            );
+        }
+        if let Some(r) = reserved().find(|r| r.overlaps(cidr)) {
+            return refuse(
+                "pod_cidr_reserved",
+                format!("pod CIDR {cidr} overlaps the reserved range {r}"),
+            );
+        }
+        if let Some((ip, oc, on)) = a.node_ips.iter().find(|(ip, _, _)| cidr.contains(*ip)) {
+            return refuse(
+                "pod_cidr_covers_node_ip",
+                format!(
+                    "pod CIDR {cidr} covers the underlay address {ip} of node {on} in cluster {oc}"
+                ),
+            );
+        }
+    }
+    if let Some(ip) = rec.underlay_ips.iter().find(|ip| !unicast(**ip)) {
+        return refuse(
+            "underlay_ip_reserved",
+            format!("underlay address {ip} is not a unicast address"),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn node(name: &str, cidr: &str, ip: &str, key: u8) -> NodeRecord {
+        NodeRecord {
+            name: name.parse().unwrap(),
+            cluster: "c2".parse().unwrap(),
+            underlay_ips: vec![ip.parse().unwrap()],
+            pod_cidrs: vec![cidr.parse().unwrap()],
+            wireguard_public_keys: vec![WgPublicKey::from_bytes([key; 32]).unwrap()],
+            wireguard_port: None,
+            boot_id: "b".parse().unwrap(),
+        }
+    }
+
+    /// Each row: a remote node offered after the local n1 (10.1.0.0/24,
+    /// 192.0.2.1, key 1) and the remote m1 (10.2.0.0/24, 192.0.2.11,
+    /// key 2); the reason it is refused, or None.
+    #[test]
+    fn remote_node_admission_table() {
+        let c1: ClusterName = "c1".parse().unwrap();
+        let c2: ClusterName = "c2".parse().unwrap();
+        let n1 = node("n1", "10.1.0.0/24", "192.0.2.1", 1);
+        let m1 = node("m1", "10.2.0.0/24", "192.0.2.11", 2);
+        let rows: [(&str, &str, u8, Option<&str>); 14] = [
+            ("10.3.0.0/24", "192.0.2.21", 3, None),
+            ("0.0.0.0/1", "192.0.2.21", 3, Some("pod_cidr_prefix")),
+            ("10.0.0.0/7", "192.0.2.21", 3, Some("pod_cidr_prefix")),
+            ("192.0.2.1/32", "192.0.2.21", 3, Some("pod_cidr_prefix")),
+            ("127.0.0.0/8", "192.0.2.21", 3, Some("pod_cidr_reserved")),
+            ("169.254.0.0/24", "192.0.2.21", 3, Some("pod_cidr_reserved")),
+            ("224.0.0.0/8", "192.0.2.21", 3, Some("pod_cidr_reserved")),
+            (
+                "192.0.2.0/24",
+                "198.51.100.1",
+                3,
+                Some("pod_cidr_covers_node_ip"),
+            ),
+            ("10.3.0.0/24", "127.0.0.1", 3, Some("underlay_ip_reserved")),
+            ("10.3.0.0/24", "224.0.0.1", 3, Some("underlay_ip_reserved")),
+            (
+                "10.3.0.0/24",
+                "10.1.0.7",
+                3,
+                Some("underlay_ip_in_pod_cidr"),
+            ),
+            ("10.3.0.0/24", "192.0.2.1", 3, Some("underlay_ip_taken")),
+            ("10.2.0.128/25", "192.0.2.21", 3, Some("cidr_overlap")),
+            ("10.3.0.0/24", "192.0.2.21", 1, Some("wireguard_key_taken")),
+        ];
+        for (cidr, ip, key, want) in rows {
+            let x = node("x1", cidr, ip, key);
+            let mut a = Admitted::default();
+            for (rec, c) in [(&n1, &c1), (&m1, &c2), (&x, &c2)] {
+                for u in &rec.underlay_ips {
+                    a.node_ips.push((*u, c, &rec.name));
+                }
+            }
+            a.admit(&n1, &c1);
+            a.admit(&m1, &c2);
+            let got = a.check(&x, &c2, false).err().map(|r| r.reason);
+            assert_eq!(got, want, "{cidr} via {ip} key {key}");
+        }
+    }
+
+    #[test]
+    fn the_local_cluster_is_not_held_to_remote_bounds_but_to_uniqueness() {
+        let c1: ClusterName = "c1".parse().unwrap();
+        let a = Admitted::default();
+        // A local /31 on a host address is the operator's choice.
+        let n = node("n1", "10.1.0.0/31", "192.0.2.1", 1);
+        assert!(a.check(&n, &c1, true).is_ok());
+        let mut a = Admitted::default();
+        a.admit(&n, &c1);
+        let dup = node("n2", "10.9.0.0/24", "192.0.2.9", 1);
+        assert_eq!(
+            a.check(&dup, &c1, true).unwrap_err().reason,
+            "wireguard_key_taken"
+        );
+    }
+}
