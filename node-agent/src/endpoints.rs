@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     datapath::Datapath,
     desired::{LocalEndpoint, LocalEndpoints},
-    reconcilers::{Reconciler, apply_diff, endpoints::EndpointMap},
+    reconcilers::{Reconciler, apply_isolated, endpoints::EndpointMap},
     registration::EndpointSpec,
 };
 
@@ -221,10 +221,12 @@ impl EndpointSource {
                 }
             }
             let want = desired(&specs, &self.ifaces, &ids, &adopted);
-            match apply_diff(&mut self.map, &last, &want, true) {
-                Ok(_) => last = want,
-                // Retried on the next change or poll (the diff is from `last`).
-                Err(e) => tracing::warn!(error = %e, "updating the endpoint map"),
+            // A refused entry is retried on the next change or poll (the
+            // diff is from what was applied); the others apply now.
+            let mut failures = Vec::new();
+            last = apply_isolated(&mut self.map, &last, &want, true, &mut failures);
+            for f in failures {
+                tracing::warn!(key = %f.key, error = %f.error, "updating the endpoint map");
             }
         }
     }

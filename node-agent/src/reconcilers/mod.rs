@@ -91,40 +91,6 @@ pub trait Reconciler<K, V>: Send {
     }
 }
 
-/// What one diff did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct DiffStats {
-    pub updated: usize,
-    pub deleted: usize,
-}
-
-/// Applies the difference between `old` and `new` desired maps. With
-/// `allow_delete` false (before the initial sync) removals are deferred to
-/// the prune.
-pub fn apply_diff<K: Ord, V: PartialEq>(
-    r: &mut dyn Reconciler<K, V>,
-    old: &BTreeMap<K, V>,
-    new: &BTreeMap<K, V>,
-    allow_delete: bool,
-) -> Result<DiffStats, ReconcileError> {
-    let mut s = DiffStats::default();
-    for (k, v) in new {
-        if old.get(k) != Some(v) {
-            r.update(k, v)?;
-            s.updated += 1;
-        }
-    }
-    if allow_delete {
-        for k in old.keys() {
-            if !new.contains_key(k) {
-                r.delete(k)?;
-                s.deleted += 1;
-            }
-        }
-    }
-    Ok(s)
-}
-
 /// One entry a target refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -258,29 +224,20 @@ mod tests {
         let old: BTreeMap<u32, &str> = [(1, "a"), (2, "b")].into();
         let new: BTreeMap<u32, &str> = [(2, "b"), (3, "c")].into();
         r.contents = old.clone();
-        let s = apply_diff(&mut r, &old, &new, false).unwrap();
-        assert_eq!(
-            s,
-            DiffStats {
-                updated: 1,
-                deleted: 0
-            }
-        );
+        let mut failures = Vec::new();
+        apply_isolated(&mut r, &old, &new, false, &mut failures);
+        assert_eq!(r.ops, vec![Op::Update(3)], "only the changed entry");
         assert!(
             r.contents.contains_key(&1),
             "no delete before the initial sync"
         );
         assert_eq!(r.prune(&new).unwrap(), 1);
         assert_eq!(r.contents, new);
-        let s = apply_diff(&mut r, &new, &old, true).unwrap();
-        assert_eq!(
-            s,
-            DiffStats {
-                updated: 1,
-                deleted: 1
-            }
-        );
-        assert_eq!(r.contents, old);
+        r.ops.clear();
+        let applied = apply_isolated(&mut r, &new, &old, true, &mut failures);
+        assert_eq!(r.ops, vec![Op::Update(1), Op::Delete(3)]);
+        assert_eq!((r.contents.clone(), applied), (old.clone(), old));
+        assert!(failures.is_empty());
     }
 
     #[test]
