@@ -17,6 +17,7 @@
 //!
 //! docs/kvstore.md documents every key and field; keep it in step.
 
+pub mod audit;
 pub mod codec;
 pub mod convert;
 pub mod endpoint_file;

@@ -265,7 +265,7 @@ mod tests {
         let c = ClusterEntry {
             name: "east".into(),
             id: 1,
-            apiserver: "http://127.0.0.1:9950".into(),
+            apiserver: "https://127.0.0.1:9950".into(),
             etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
             nodes: vec![NodeEntry {
                 name: "n1".into(),

@@ -8,8 +8,12 @@
 //! `apiserver-<cluster>`: the apiserver's etcd user), `node` (client, CN
 //! `remote-<cluster>`: the nodes' read-only user of their own etcd, the
 //! role remote readers have), `admin` (client, CN `root`: the CLI's etcd
-//! user for managing users). The per-connection remote-client certificates
-//! (CN `remote-<reader>`, from the exporter's CA) are issued by `connect`.
+//! user for managing users, and the admin of the apiserver's gRPC API),
+//! `nodes/<node>` per `--node` (client, CN `node:<node>`: that node's
+//! agent on the gRPC API, allowed to act only for its own node; removed
+//! with `--remove-node`, but valid until the CA changes: there is no
+//! revocation list). The per-connection remote-client certificates (CN
+//! `remote-<reader>`, from the exporter's CA) are issued by `connect`.
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -25,7 +29,7 @@ use crate::{
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Example:\n  clustermesh enable --cluster east --id 1 \\\n    --apiserver http://10.0.0.5:9950 --etcd-endpoints https://10.0.0.5:2379 \\\n    --node node-1,clusters-dir=/var/lib/clustermesh/clusters,status=10.0.0.11:9964"
+    after_help = "Example:\n  clustermesh enable --cluster east --id 1 \\\n    --apiserver https://10.0.0.5:9950 --etcd-endpoints https://10.0.0.5:2379 \\\n    --node node-1,clusters-dir=/var/lib/clustermesh/clusters,status=10.0.0.11:9964"
 )]
 pub struct Args {
     /// The cluster's name (1-32 of a-z, 0-9, '-').
@@ -35,7 +39,8 @@ pub struct Args {
     /// time.
     #[arg(long)]
     pub id: Option<u64>,
-    /// The apiserver's gRPC address (default http://127.0.0.1:9950).
+    /// The apiserver's gRPC address (default https://127.0.0.1:9950: mutual
+    /// TLS; http:// only for an apiserver run with --insecure-plaintext).
     #[arg(long)]
     pub apiserver: Option<String>,
     /// The cluster's etcd endpoints, comma separated.
@@ -247,7 +252,7 @@ fn updated_entry(
     let mut entry = existing.unwrap_or_else(|| ClusterEntry {
         name: name.to_string(),
         id,
-        apiserver: "http://127.0.0.1:9950".into(),
+        apiserver: "https://127.0.0.1:9950".into(),
         etcd_endpoints: vec![],
         nodes: vec![],
     });
@@ -331,6 +336,28 @@ fn issue_certificates(pki: &Path, entry: &ClusterEntry, sans: Vec<String>) -> Re
         "admin",
         ensure_cert(pki, "admin", &ca, "root", &[], Usage::Client)?,
     );
+    let nodes = pki.join("nodes");
+    std::fs::create_dir_all(&nodes)
+        .map_err(|e| anyhow!("cannot create {}: {e}", nodes.display()))?;
+    for n in &entry.nodes {
+        let file = format!("nodes/{}", n.name);
+        let cn = format!("node:{}", n.name);
+        note(
+            &file,
+            ensure_cert(pki, &file, &ca, &cn, &[], Usage::Client)?,
+        );
+    }
+    // A removed node's certificate files go (the CA still vouches for them:
+    // rotate the CA to revoke).
+    if let Ok(rd) = std::fs::read_dir(&nodes) {
+        for f in rd.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let node = name.trim_end_matches(".pem").trim_end_matches("-key");
+            if !entry.nodes.iter().any(|n| n.name == node) {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+    }
     Ok(certs)
 }
 
@@ -357,10 +384,21 @@ fn next_commands(entry: &ClusterEntry, pki: &Path) -> Vec<String> {
     }
     for n in &entry.nodes {
         next.push(format!(
-            "run the agent of node {}: node-agent --cluster-name {} --node-name {} --local-etcd-endpoints {endpoints}{} --clusters-dir {} --status-listen {}",
+            "run the agent of node {}: node-agent --cluster-name {} --node-name {} --apiserver {}{} --local-etcd-endpoints {endpoints}{} --clusters-dir {} --status-listen {}",
             n.name,
             entry.name,
             n.name,
+            entry.apiserver,
+            if entry.apiserver.starts_with("https://") {
+                format!(
+                    " --apiserver-ca {} --apiserver-cert {} --apiserver-key {}",
+                    p("ca.pem"),
+                    p(&format!("nodes/{}.pem", n.name)),
+                    p(&format!("nodes/{}-key.pem", n.name))
+                )
+            } else {
+                String::new()
+            },
             if entry.tls() {
                 format!(
                     " --local-etcd-ca {} --local-etcd-cert {} --local-etcd-key {}",
@@ -411,7 +449,7 @@ fn apiserver_command(entry: &ClusterEntry, p: &dyn Fn(&str) -> String) -> String
             p("ca.pem")
         )
     } else {
-        String::new()
+        " --insecure-plaintext".to_owned()
     }
 }
 

@@ -89,6 +89,8 @@ struct ClusterReport {
     apiserver: String,
     apiserver_reachable: bool,
     apiserver_error: Option<String>,
+    /// "mutual-tls" or "insecure-plaintext" (the apiserver's word).
+    api_security: Option<String>,
     etcd_healthy: bool,
     etcd_error: Option<String>,
     /// kind -> {count, synced}
@@ -106,6 +108,7 @@ async fn cluster_report(ctx: &Ctx, c: &ClusterEntry, known: &[String]) -> Cluste
         apiserver: c.apiserver.clone(),
         apiserver_reachable: false,
         apiserver_error: None,
+        api_security: None,
         etcd_healthy: false,
         etcd_error: None,
         exported: json!({}),
@@ -145,6 +148,7 @@ async fn read_apiserver(ctx: &Ctx, c: &ClusterEntry, r: &mut ClusterReport) {
             Ok(s) => {
                 r.apiserver_reachable = true;
                 r.etcd_healthy = s.etcd_healthy;
+                r.api_security = (!s.api_security.is_empty()).then_some(s.api_security);
                 r.etcd_error = (!s.etcd_error.is_empty()).then_some(s.etcd_error);
                 let mut m = serde_json::Map::new();
                 for k in s.kinds {
@@ -337,8 +341,13 @@ fn print_apiserver(r: &ClusterReport) {
         })
         .unwrap_or_default();
     println!(
-        "  apiserver {}: etcd {}; exported: {}",
+        "  apiserver {}{}: etcd {}; exported: {}",
         r.apiserver,
+        match r.api_security.as_deref() {
+            Some("insecure-plaintext") => " (INSECURE: plaintext, no authentication)",
+            Some("mutual-tls") => " (mutual TLS)",
+            _ => "",
+        },
         if r.etcd_healthy {
             "healthy"
         } else {

@@ -75,6 +75,9 @@ async fn main() {
         ClusterId::new(1).unwrap(),
         vec![etcd.endpoint()],
     );
+    // Plaintext API: this test is about export throughput; TLS and authorization
+    // are clustermesh-apiserver/tests/authz.rs's and the mesh harness's.
+    cfg.insecure_plaintext = true;
     cfg.lease_ttl = Duration::from_secs(30);
     cfg.node_ttl = Duration::from_secs(600);
     let a = clustermesh_apiserver::start(cfg.clone()).await.unwrap();

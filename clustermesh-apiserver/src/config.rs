@@ -8,12 +8,14 @@ use clustermesh_api::{ClusterId, ClusterName, EncryptionPolicy};
 
 pub use clustermesh_kvstore::EtcdConfig;
 
-/// TLS of the gRPC API (mutual when `client_ca_file` is set).
+/// Mutual TLS of the gRPC API: the server's certificate and the CA every
+/// caller's certificate must chain to (the caller's identity is its CN,
+/// see [`crate::authz`]).
 #[derive(Debug, Clone)]
 pub struct GrpcTls {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
-    pub client_ca_file: Option<PathBuf>,
+    pub client_ca_file: PathBuf,
 }
 
 #[derive(Clone)]
@@ -25,7 +27,15 @@ pub struct Config {
     /// defaults to `etcd.endpoints`.
     pub advertise_etcd_endpoints: Vec<String>,
     pub grpc_listen: SocketAddr,
+    /// Mutual TLS of the gRPC API; required unless `insecure_plaintext`.
     pub grpc_tls: Option<GrpcTls>,
+    /// Serve the gRPC API in plaintext without authentication: every caller
+    /// is allowed everything. Only with this explicit flag; warned at start
+    /// and shown in status and metrics.
+    pub insecure_plaintext: bool,
+    /// The audit trail (JSON lines): posture changes and refused calls,
+    /// with the caller's identity.
+    pub audit_log: Option<PathBuf>,
     /// Prometheus text metrics at `http://<addr>/metrics`; None disables.
     pub metrics_listen: Option<SocketAddr>,
     /// Services declared in a YAML file (standalone source).
@@ -90,6 +100,8 @@ impl Config {
             advertise_etcd_endpoints: Vec::new(),
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             grpc_tls: None,
+            insecure_plaintext: false,
+            audit_log: None,
             metrics_listen: None,
             services_file: None,
             encryption: EncryptionPolicy::default(),
@@ -141,10 +153,27 @@ impl Config {
                 ));
             }
         }
+        match (&self.grpc_tls, self.insecure_plaintext) {
+            (None, false) => {
+                return Err(bad(
+                    "grpc_tls",
+                    "the gRPC API needs mutual TLS (--tls-cert, --tls-key, --tls-client-ca from `clustermesh enable`); \
+                     --insecure-plaintext serves it without authentication",
+                ));
+            }
+            (Some(_), true) => {
+                return Err(bad(
+                    "insecure_plaintext",
+                    "conflicts with the TLS options: give one or the other",
+                ));
+            }
+            _ => {}
+        }
         if let Some(t) = &self.grpc_tls {
             for (field, p) in [
                 ("grpc_tls.cert_file", &t.cert_file),
                 ("grpc_tls.key_file", &t.key_file),
+                ("grpc_tls.client_ca_file", &t.client_ca_file),
             ] {
                 if !p.is_file() {
                     return Err(bad(
@@ -194,16 +223,33 @@ mod tests {
     use super::*;
 
     fn cfg() -> Config {
-        Config::new(
+        let mut c = Config::new(
             "c1".parse().unwrap(),
             ClusterId::new(1).unwrap(),
             vec!["http://127.0.0.1:2379".into()],
-        )
+        );
+        c.insecure_plaintext = true;
+        c
     }
 
     #[test]
     fn defaults_validate_and_bad_fields_are_named() {
         cfg().validate().unwrap();
+        // Neither TLS nor the explicit insecure flag: refused.
+        let mut c = cfg();
+        c.insecure_plaintext = false;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "grpc_tls");
+        assert!(e.reason.contains("--insecure-plaintext"), "{}", e.reason);
+        let mut c = cfg();
+        c.grpc_tls = Some(GrpcTls {
+            cert_file: "/nonexistent/c.pem".into(),
+            key_file: "/nonexistent/k.pem".into(),
+            client_ca_file: "/nonexistent/ca.pem".into(),
+        });
+        assert_eq!(c.validate().unwrap_err().field, "insecure_plaintext");
+        c.insecure_plaintext = false;
+        assert_eq!(c.validate().unwrap_err().field, "grpc_tls.cert_file");
         let mut c = cfg();
         c.etcd.endpoints = vec!["127.0.0.1:2379".into()];
         assert_eq!(c.validate().unwrap_err().field, "etcd.endpoints");

@@ -6,6 +6,13 @@
 //! `FailedPrecondition`, ...), persist it to the internal store, apply it to
 //! the state, and wake the exporter. A refused request changes nothing in
 //! etcd; a failed etcd write leaves the state as it was (`Unavailable`).
+//!
+//! Before any of that, the caller is identified from its client certificate
+//! and authorized for what the call does ([`crate::authz`]): a refusal is
+//! `PermissionDenied`, naming the caller and what it needed. Posture
+//! changes (encryption policy, services, removing a node, a node's record
+//! changing) and every refused call are written to the audit trail as
+//! `api_call` events with the caller's identity and peer address.
 
 use std::{net::IpAddr, pin::Pin, sync::Arc, time::Instant};
 
@@ -16,7 +23,12 @@ use clustermesh_api::{
 use futures_util::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::{Shared, state::Refusal, store};
+use crate::{
+    Shared,
+    authz::{self, Action, Caller},
+    state::Refusal,
+    store,
+};
 
 pub struct Api {
     pub shared: Arc<Shared>,
@@ -50,6 +62,8 @@ impl Api {
                 tonic::Code::FailedPrecondition => "failed_precondition",
                 tonic::Code::NotFound => "not_found",
                 tonic::Code::Unavailable => "unavailable",
+                tonic::Code::PermissionDenied => "permission_denied",
+                tonic::Code::Unauthenticated => "unauthenticated",
                 _ => "error",
             },
         };
@@ -60,10 +74,62 @@ impl Api {
         r
     }
 
+    /// The caller of `req`, authorized for `action`; a refusal is audited.
+    fn authorize<T>(
+        &self,
+        req: &Request<T>,
+        method: &'static str,
+        action: Action<'_>,
+    ) -> Result<Caller, Status> {
+        let caller = Caller::of(req, self.shared.cfg.insecure_plaintext)?;
+        if let Err(e) = authz::authorize(&caller, action) {
+            self.audit(
+                &caller,
+                req.remote_addr(),
+                method,
+                Err(&e),
+                serde_json::json!({}),
+            );
+            return Err(e);
+        }
+        Ok(caller)
+    }
+
+    /// One `api_call` line of the audit trail (when `--audit-log` is set).
+    fn audit(
+        &self,
+        caller: &Caller,
+        peer: Option<std::net::SocketAddr>,
+        method: &'static str,
+        outcome: Result<(), &Status>,
+        fields: serde_json::Value,
+    ) {
+        let Some(a) = &self.shared.audit else {
+            return;
+        };
+        let mut v = serde_json::json!({
+            "action": method,
+            "caller": caller.to_string(),
+            "peer": peer.map(|p| p.to_string()),
+            "result": match outcome {
+                Ok(()) => "ok",
+                Err(s) if s.code() == tonic::Code::PermissionDenied => "permission_denied",
+                Err(_) => "refused",
+            },
+        });
+        if let Err(s) = outcome {
+            v["message"] = s.message().into();
+        }
+        if let (Some(m), serde_json::Value::Object(f)) = (v.as_object_mut(), fields) {
+            m.extend(f);
+        }
+        a.record("api_call", v);
+    }
+
     async fn register(
         &self,
         req: proto::RegisterNodeRequest,
-    ) -> Result<proto::RegisterNodeResponse, Status> {
+    ) -> Result<(proto::RegisterNodeResponse, crate::state::Registration), Status> {
         let sh = &self.shared;
         let node = req
             .node
@@ -100,11 +166,14 @@ impl Api {
         st.apply_register(rec, outcome, now);
         drop(st);
         sh.changed.notify_one();
-        Ok(proto::RegisterNodeResponse {
-            ttl_seconds: sh.cfg.node_ttl.as_secs() as u32,
-            cluster_id: sh.cfg.cluster_id.get().into(),
-            cluster: sh.cfg.cluster_name.to_string(),
-        })
+        Ok((
+            proto::RegisterNodeResponse {
+                ttl_seconds: sh.cfg.node_ttl.as_secs() as u32,
+                cluster_id: sh.cfg.cluster_id.get().into(),
+                cluster: sh.cfg.cluster_name.to_string(),
+            },
+            outcome,
+        ))
     }
 
     async fn add_endpoint_inner(
@@ -184,6 +253,12 @@ impl Api {
     }
 }
 
+/// A request's node name, or the `InvalidArgument` naming the field.
+fn node_name(field: &'static str, s: &str) -> Result<NodeName, Status> {
+    s.parse()
+        .map_err(|e: clustermesh_api::ValueError| invalid(FieldError::new(field, e.to_string())))
+}
+
 type HeartbeatStream =
     Pin<Box<dyn Stream<Item = Result<proto::NodeHeartbeatResponse, Status>> + Send>>;
 
@@ -191,8 +266,11 @@ type HeartbeatStream =
 impl ClusterMesh for Api {
     async fn get_cluster_info(
         &self,
-        _req: Request<proto::GetClusterInfoRequest>,
+        req: Request<proto::GetClusterInfoRequest>,
     ) -> Result<Response<proto::ClusterInfo>, Status> {
+        if let Err(e) = self.authorize(&req, "GetClusterInfo", Action::Read) {
+            return self.done("GetClusterInfo", Err(e));
+        }
         let sh = &self.shared;
         let ca = match &sh.cfg.etcd.ca_file {
             Some(p) => std::fs::read_to_string(p)
@@ -218,8 +296,11 @@ impl ClusterMesh for Api {
 
     async fn status(
         &self,
-        _req: Request<proto::StatusRequest>,
+        req: Request<proto::StatusRequest>,
     ) -> Result<Response<proto::StatusResponse>, Status> {
+        if let Err(e) = self.authorize(&req, "Status", Action::Read) {
+            return self.done("Status", Err(e));
+        }
         let sh = &self.shared;
         let mut client = sh.client.clone();
         let (etcd_healthy, etcd_error) =
@@ -259,6 +340,12 @@ impl ClusterMesh for Api {
             kinds,
             heartbeat_age_ms: age,
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            api_security: if sh.cfg.insecure_plaintext {
+                "insecure-plaintext"
+            } else {
+                "mutual-tls"
+            }
+            .to_owned(),
         }));
         self.done("Status", r)
     }
@@ -267,8 +354,30 @@ impl ClusterMesh for Api {
         &self,
         req: Request<proto::RegisterNodeRequest>,
     ) -> Result<Response<proto::RegisterNodeResponse>, Status> {
-        let r = self.register(req.into_inner()).await.map(Response::new);
-        self.done("RegisterNode", r)
+        const M: &str = "RegisterNode";
+        let name = match &req.get_ref().node {
+            None => Err(invalid(FieldError::new("node", "required"))),
+            Some(n) => node_name("node.name", &n.name),
+        };
+        let caller = match name.and_then(|n| self.authorize(&req, M, Action::ActAsNode(&n))) {
+            Ok(c) => c,
+            Err(e) => return self.done(M, Err(e)),
+        };
+        let peer = req.remote_addr();
+        let node = req.get_ref().node.as_ref().map(|n| n.name.clone());
+        let r = self.register(req.into_inner()).await;
+        match &r {
+            Ok((_, crate::state::Registration::Unchanged)) => {}
+            Ok((_, outcome)) => self.audit(
+                &caller,
+                peer,
+                M,
+                Ok(()),
+                serde_json::json!({"node": node, "outcome": format!("{outcome:?}")}),
+            ),
+            Err(e) => self.audit(&caller, peer, M, Err(e), serde_json::json!({"node": node})),
+        }
+        self.done(M, r.map(|(v, _)| Response::new(v)))
     }
 
     type NodeHeartbeatStream = HeartbeatStream;
@@ -278,13 +387,25 @@ impl ClusterMesh for Api {
         req: Request<Streaming<proto::NodeHeartbeatRequest>>,
     ) -> Result<Response<Self::NodeHeartbeatStream>, Status> {
         let shared = self.shared.clone();
+        // Who may beat for which node is decided per message (a stream
+        // names its node in each).
+        let caller = match Caller::of(&req, shared.cfg.insecure_plaintext) {
+            Ok(c) => c,
+            Err(e) => return self.done("NodeHeartbeat", Err(e)),
+        };
         let out = req.into_inner().then(move |msg| {
             let shared = shared.clone();
+            let caller = caller.clone();
             async move {
                 let m = msg?;
                 let node: NodeName = m.node.parse().map_err(|e: clustermesh_api::ValueError| {
                     invalid(FieldError::new("node", e.to_string()))
                 })?;
+                if let Err(e) = authz::authorize(&caller, Action::ActAsNode(&node)) {
+                    shared.metrics.request("NodeHeartbeat", "permission_denied");
+                    tracing::info!(%caller, %node, "heartbeat refused");
+                    return Err(e);
+                }
                 let r = shared
                     .state
                     .lock()
@@ -307,7 +428,33 @@ impl ClusterMesh for Api {
         &self,
         req: Request<proto::DeregisterNodeRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
+        const M: &str = "DeregisterNode";
         let sh = &self.shared;
+        // A node deregisters itself with its boot id (without it, a caller
+        // could remove a live node and register its name with its own key);
+        // removing a node without its boot id is the admin's.
+        let name = node_name("node", &req.get_ref().node);
+        let forced = req.get_ref().boot_id.is_empty();
+        let caller = match name.and_then(|n| {
+            let action = if forced {
+                Action::ForceRemoveNode(&n)
+            } else {
+                Action::ActAsNode(&n)
+            };
+            match self.authorize(&req, M, action) {
+                Err(e) if forced && matches!(Caller::of(&req, sh.cfg.insecure_plaintext), Ok(Caller::Node(_))) => {
+                    Err(Status::invalid_argument(format!(
+                        "boot_id: required to deregister node {n} (a node deregisters only its own incarnation; {})",
+                        e.message()
+                    )))
+                }
+                r => r,
+            }
+        }) {
+            Ok(c) => c,
+            Err(e) => return self.done(M, Err(e)),
+        };
+        let peer = req.remote_addr();
         let req = req.into_inner();
         let r = async {
             let node: NodeName = req.node.parse().map_err(|e: clustermesh_api::ValueError| {
@@ -330,19 +477,31 @@ impl ClusterMesh for Api {
                 .map_err(unavailable)?;
             st.remove_node(&node);
             drop(st);
-            tracing::info!(%node, "node deregistered");
+            tracing::info!(%node, %caller, forced, "node deregistered");
+            self.audit(
+                &caller,
+                peer,
+                M,
+                Ok(()),
+                serde_json::json!({"node": node.to_string(), "forced": forced, "endpoints": eps.len()}),
+            );
             sh.changed.notify_one();
             Ok(proto::Empty {})
         }
         .await
         .map(Response::new);
-        self.done("DeregisterNode", r)
+        self.done(M, r)
     }
 
     async fn add_endpoint(
         &self,
         req: Request<proto::AddEndpointRequest>,
     ) -> Result<Response<proto::AddEndpointResponse>, Status> {
+        if let Err(e) = node_name("node", &req.get_ref().node)
+            .and_then(|n| self.authorize(&req, "AddEndpoint", Action::ActAsNode(&n)))
+        {
+            return self.done("AddEndpoint", Err(e));
+        }
         let r = self
             .add_endpoint_inner(req.into_inner())
             .await
@@ -355,6 +514,11 @@ impl ClusterMesh for Api {
         req: Request<proto::RemoveEndpointRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let sh = &self.shared;
+        let caller = match Caller::of(&req, sh.cfg.insecure_plaintext) {
+            Ok(c) => c,
+            Err(e) => return self.done("RemoveEndpoint", Err(e)),
+        };
+        let peer = req.remote_addr();
         let req = req.into_inner();
         let r = async {
             let ip: IpAddr = req.ip.parse().map_err(|_| {
@@ -364,7 +528,23 @@ impl ClusterMesh for Api {
                 ))
             })?;
             let mut st = sh.state.lock().await;
-            if st.endpoints.contains_key(&ip) {
+            if let Some(e) = st.endpoints.get(&ip) {
+                // Only the endpoint's own node (or the admin) removes it.
+                let owner = e.node.clone();
+                let allowed = match &owner {
+                    Some(n) => authz::authorize(&caller, Action::ActAsNode(n)),
+                    None => authz::authorize(&caller, Action::Services),
+                };
+                if let Err(s) = allowed {
+                    self.audit(
+                        &caller,
+                        peer,
+                        "RemoveEndpoint",
+                        Err(&s),
+                        serde_json::json!({"ip": ip.to_string()}),
+                    );
+                    return Err(s);
+                }
                 store::delete_endpoint(&mut sh.client.clone(), &sh.keys, &ip)
                     .await
                     .map_err(unavailable)?;
@@ -383,7 +563,13 @@ impl ClusterMesh for Api {
         &self,
         req: Request<proto::UpsertServiceRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
+        const M: &str = "UpsertService";
         let sh = &self.shared;
+        let caller = match self.authorize(&req, M, Action::Services) {
+            Ok(c) => c,
+            Err(e) => return self.done(M, Err(e)),
+        };
+        let peer = req.remote_addr();
         let req = req.into_inner();
         let r = async {
             let svc = req
@@ -397,22 +583,35 @@ impl ClusterMesh for Api {
                 store::put_service(&mut sh.client.clone(), &sh.keys, &rec)
                     .await
                     .map_err(unavailable)?;
+                let fields = serde_json::json!({
+                    "service": format!("{}/{}", rec.namespace, rec.name),
+                    "frontends": rec.frontends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "backends": rec.backends.len(),
+                    "global": rec.global,
+                });
                 st.put_service(rec);
                 drop(st);
+                self.audit(&caller, peer, M, Ok(()), fields);
                 sh.changed.notify_one();
             }
             Ok(proto::Empty {})
         }
         .await
         .map(Response::new);
-        self.done("UpsertService", r)
+        self.done(M, r)
     }
 
     async fn set_encryption_policy(
         &self,
         req: Request<proto::SetEncryptionPolicyRequest>,
     ) -> Result<Response<proto::EncryptionPolicy>, Status> {
+        const M: &str = "SetEncryptionPolicy";
         let sh = &self.shared;
+        let caller = match self.authorize(&req, M, Action::Posture) {
+            Ok(c) => c,
+            Err(e) => return self.done(M, Err(e)),
+        };
+        let peer = req.remote_addr();
         let req = req.into_inner();
         let r = async {
             let p = req
@@ -424,23 +623,37 @@ impl ClusterMesh for Api {
                 store::put_encryption_policy(&mut sh.client.clone(), &sh.keys, &p)
                     .await
                     .map_err(unavailable)?;
-                tracing::info!(policy = ?p, "encryption policy changed through the API");
+                tracing::info!(policy = ?p, %caller, "encryption policy changed through the API");
+                let old = st.encryption;
                 st.set_encryption(p);
                 drop(st);
+                self.audit(
+                    &caller,
+                    peer,
+                    M,
+                    Ok(()),
+                    serde_json::json!({"old": old, "new": p}),
+                );
                 sh.changed.notify_one();
             }
             Ok(convert::encryption_to_proto(&p))
         }
         .await
         .map(Response::new);
-        self.done("SetEncryptionPolicy", r)
+        self.done(M, r)
     }
 
     async fn delete_service(
         &self,
         req: Request<proto::DeleteServiceRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
+        const M: &str = "DeleteService";
         let sh = &self.shared;
+        let caller = match self.authorize(&req, M, Action::Services) {
+            Ok(c) => c,
+            Err(e) => return self.done(M, Err(e)),
+        };
+        let peer = req.remote_addr();
         let req = req.into_inner();
         let r = async {
             let ns: K8sName = req
@@ -471,19 +684,29 @@ impl ClusterMesh for Api {
                 .map_err(unavailable)?;
                 st.remove_service(&key);
                 drop(st);
+                self.audit(
+                    &caller,
+                    peer,
+                    M,
+                    Ok(()),
+                    serde_json::json!({"service": format!("{}/{}", key.0, key.1)}),
+                );
                 sh.changed.notify_one();
             }
             Ok(proto::Empty {})
         }
         .await
         .map(Response::new);
-        self.done("DeleteService", r)
+        self.done(M, r)
     }
 
     async fn list_services(
         &self,
-        _req: Request<proto::ListServicesRequest>,
+        req: Request<proto::ListServicesRequest>,
     ) -> Result<Response<proto::ListServicesResponse>, Status> {
+        if let Err(e) = self.authorize(&req, "ListServices", Action::Read) {
+            return self.done("ListServices", Err(e));
+        }
         let st = self.shared.state.lock().await;
         let services = st.all_services().map(convert::service_to_proto).collect();
         let r = Ok(Response::new(proto::ListServicesResponse { services }));

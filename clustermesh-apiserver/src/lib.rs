@@ -10,7 +10,8 @@
 //! - [`state`]: the cluster's state and the rules for changing it (pure).
 //! - [`store`]: the durable internal records and identity allocation.
 //! - [`export`]: the leased public export, canaries, heartbeat.
-//! - [`grpc`]: the `clustermesh.v1.ClusterMesh` service.
+//! - [`grpc`]: the `clustermesh.v1.ClusterMesh` service, behind mutual TLS;
+//!   [`authz`]: who the caller is (certificate CN) and what it may do.
 //! - [`kube_source`]: Nodes, Services, EndpointSlices, Namespaces from
 //!   Kubernetes (kube-rs), as the same records.
 //!
@@ -19,6 +20,7 @@
 //! remove the exported state (the lease is left to expire, or adopted by the
 //! next start).
 
+pub mod authz;
 pub mod config;
 pub mod export;
 pub mod grpc;
@@ -93,6 +95,8 @@ pub struct Shared {
     pub changed: Notify,
     pub metrics: metrics::Metrics,
     pub export_status: std::sync::Mutex<ExportStatus>,
+    /// The audit trail (`--audit-log`), if any.
+    pub audit: Option<clustermesh_api::audit::Audit>,
 }
 
 /// A running apiserver.
@@ -177,7 +181,18 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let mut exporter =
         export::Exporter::start(client.clone(), cfg.cluster_name.clone(), cfg.lease_ttl).await?;
     let desired = st.desired();
+    if cfg.insecure_plaintext {
+        tracing::warn!(
+            "the gRPC API serves plaintext without authentication (--insecure-plaintext): anyone who reaches {} may change this cluster's posture",
+            cfg.grpc_listen
+        );
+    }
+    let audit = cfg
+        .audit_log
+        .as_deref()
+        .map(|p| clustermesh_api::audit::Audit::open(p, ("cluster", cfg.cluster_name.as_str())));
     let shared = Arc::new(Shared {
+        audit,
         keys: store::Internal::new(&cfg.cluster_name),
         cfg,
         client,
@@ -332,13 +347,16 @@ fn grpc_tls(t: &config::GrpcTls) -> Result<tonic::transport::ServerTlsConfig, St
             source,
         })
     };
-    let mut tls = tonic::transport::ServerTlsConfig::new().identity(
-        tonic::transport::Identity::from_pem(read(&t.cert_file)?, read(&t.key_file)?),
-    );
-    if let Some(ca) = &t.client_ca_file {
-        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
-    }
-    Ok(tls)
+    // A client certificate of the CA is required (tonic's default once a
+    // client CA is set): authz reads the caller's identity from it.
+    Ok(tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            read(&t.cert_file)?,
+            read(&t.key_file)?,
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(read(
+            &t.client_ca_file,
+        )?)))
 }
 
 fn record_sync(

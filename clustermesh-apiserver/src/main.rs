@@ -34,13 +34,25 @@ struct Args {
     /// gRPC API listen address.
     #[arg(long, default_value = "127.0.0.1:9950")]
     listen: SocketAddr,
+    /// The gRPC API's server certificate (PEM; `pki/<cluster>/apiserver-server.pem`).
     #[arg(long)]
     tls_cert: Option<PathBuf>,
+    /// Its private key.
     #[arg(long)]
     tls_key: Option<PathBuf>,
-    /// CA for client certificates: makes the gRPC API mutual TLS.
+    /// The CA of the callers' certificates (the cluster CA): every caller
+    /// needs one; its CN is its identity (root: admin, node:NAME: a node).
     #[arg(long)]
     tls_client_ca: Option<PathBuf>,
+    /// Serve the gRPC API in plaintext, without authentication (anyone who
+    /// reaches the port may change the cluster's posture). Tests and
+    /// throwaway set-ups only.
+    #[arg(long)]
+    insecure_plaintext: bool,
+    /// Audit trail (JSON lines): posture changes and refused calls, with
+    /// the caller's certificate identity.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
     /// Prometheus metrics listen address (GET /metrics).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -86,19 +98,21 @@ fn config(a: Args) -> Result<Config, String> {
     cfg.etcd.key_file = a.etcd_key;
     cfg.advertise_etcd_endpoints = a.advertise_etcd_endpoints;
     cfg.grpc_listen = a.listen;
-    cfg.grpc_tls = match (a.tls_cert, a.tls_key) {
-        (Some(cert_file), Some(key_file)) => Some(GrpcTls {
+    cfg.grpc_tls = match (a.tls_cert, a.tls_key, a.tls_client_ca) {
+        (Some(cert_file), Some(key_file), Some(client_ca_file)) => Some(GrpcTls {
             cert_file,
             key_file,
-            client_ca_file: a.tls_client_ca,
+            client_ca_file,
         }),
-        (None, None) if a.tls_client_ca.is_none() => None,
+        (None, None, None) => None,
         _ => {
             return Err(
-                "--tls-cert and --tls-key go together (and --tls-client-ca needs both)".into(),
+                "--tls-cert, --tls-key and --tls-client-ca go together (mutual TLS: the server's certificate and the callers' CA)".into(),
             );
         }
     };
+    cfg.insecure_plaintext = a.insecure_plaintext;
+    cfg.audit_log = a.audit_log;
     cfg.metrics_listen = a.metrics_listen;
     cfg.services_file = a.services_file;
     cfg.encryption = EncryptionPolicy {

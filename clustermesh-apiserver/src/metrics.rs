@@ -40,7 +40,9 @@ impl Metrics {
 
     /// The metrics as a prometheus-client registry (OpenMetrics names:
     /// counters end in `_total`, the heartbeat time is in seconds).
-    pub fn registry(&self, cluster: &str) -> Registry {
+    /// The metrics of an apiserver of `cluster`; `insecure`: its gRPC API
+    /// runs without TLS (`--insecure-plaintext`).
+    pub fn registry(&self, cluster: &str, insecure: bool) -> Registry {
         let mut r = Registry::default();
         let l = || vec![("cluster", cluster.to_owned())];
         let counter = |v: u64| {
@@ -106,6 +108,13 @@ impl Metrics {
             "Records exported, by kind",
             exported,
         );
+        let plaintext: Family<Labels, Gauge> = Family::default();
+        plaintext.get_or_create(&l()).set(i64::from(insecure));
+        r.register(
+            "clustermesh_apiserver_insecure_plaintext",
+            "1 when the gRPC API runs without TLS and authentication (--insecure-plaintext)",
+            plaintext,
+        );
         let heartbeat: Family<Labels, Gauge<f64, AtomicU64>> = Family::default();
         heartbeat
             .get_or_create(&l())
@@ -133,7 +142,10 @@ pub async fn serve(
             .route(
                 "/metrics",
                 get(move |headers: axum::http::HeaderMap| {
-                    let r = shared.metrics.registry(shared.cfg.cluster_name.as_str());
+                    let r = shared.metrics.registry(
+                        shared.cfg.cluster_name.as_str(),
+                        shared.cfg.insecure_plaintext,
+                    );
                     async move {
                         clustermesh_http::metrics_response(&r, clustermesh_http::accept(&headers))
                     }

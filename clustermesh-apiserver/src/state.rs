@@ -457,6 +457,30 @@ impl ClusterState {
                 svc.namespace, svc.name
             )));
         }
+        // A frontend (address, protocol, port) belongs to one service: a
+        // second one would take its traffic (the datapath keeps one).
+        for other in self.all_services() {
+            if (&other.namespace, &other.name) == (&svc.namespace, &svc.name) {
+                continue;
+            }
+            for ip in svc
+                .frontends
+                .iter()
+                .filter(|ip| other.frontends.contains(ip))
+            {
+                if let Some(p) = svc.ports.iter().find(|p| {
+                    other
+                        .ports
+                        .iter()
+                        .any(|o| o.port == p.port && o.protocol == p.protocol)
+                }) {
+                    return Err(Refusal::AlreadyExists(format!(
+                        "frontend {ip} {:?}/{} is service {}/{}'s",
+                        p.protocol, p.port, other.namespace, other.name
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 

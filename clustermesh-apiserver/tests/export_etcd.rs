@@ -144,6 +144,7 @@ async fn killed_apiserver_entries_expire_with_its_lease() {
             "2",
             "--heartbeat-interval",
             "1",
+            "--insecure-plaintext",
         ])
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -570,7 +570,7 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
             "--id",
             &c.to_string(),
             "--apiserver",
-            &format!("http://127.0.0.1:{grpc}"),
+            &format!("https://127.0.0.1:{grpc}"),
             "--etcd-endpoints",
             &etcd_ep,
         ]);
@@ -644,6 +644,16 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
             .arg("--etcd-key")
             .arg(pki.join("apiserver-key.pem"))
             .args(["--listen", &format!("127.0.0.1:{grpc}")])
+            // The gRPC API with mutual TLS (enable's server certificate;
+            // callers: the CLI's admin and each node's certificate).
+            .arg("--tls-cert")
+            .arg(pki.join("apiserver-server.pem"))
+            .arg("--tls-key")
+            .arg(pki.join("apiserver-server-key.pem"))
+            .arg("--tls-client-ca")
+            .arg(pki.join("ca.pem"))
+            .arg("--audit-log")
+            .arg(logs.join(format!("apiserver-audit-{name}.jsonl")))
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")]);
         match o.encryption {
             Encryption::None => {}
@@ -797,7 +807,13 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 .args(["--overlay-iface", "cm_vxlan", "--underlay-iface", "ul0"])
                 .args(["--tunnel", &o.tunnel, "--bpf-pin-dir"])
                 .arg(&pin)
-                .args(["--apiserver", &format!("http://{api}")])
+                .args(["--apiserver", &format!("https://{api}")])
+                .arg("--apiserver-ca")
+                .arg(pki.join("ca.pem"))
+                .arg("--apiserver-cert")
+                .arg(pki.join(format!("nodes/{node_name}.pem")))
+                .arg("--apiserver-key")
+                .arg(pki.join(format!("nodes/{node_name}-key.pem")))
                 .args(["--node-name", &node_name])
                 .args(["--underlay-ip", &ul.to_string(), "--pod-cidr", &cidr])
                 .args(["--cluster-name", &cname, "--local-etcd-endpoints", &etcd_ep])

@@ -317,6 +317,9 @@ impl Mesh {
                     ClusterId::new(i as u64 + 1).unwrap(),
                     vec![e.endpoint()],
                 );
+                // Plaintext API: this test is about the datapath; TLS and authorization
+                // are clustermesh-apiserver/tests/authz.rs's and the mesh harness's.
+                cfg.insecure_plaintext = true;
                 cfg.heartbeat_interval = Duration::from_secs(1);
                 cfg.encryption = encryption;
                 rt.block_on(clustermesh_apiserver::start(cfg)).unwrap()

@@ -315,6 +315,9 @@ async fn encryption_switches_audit_and_rotation() {
         vec![c1.etcd.endpoint()],
     );
     cfg.lease_ttl = Duration::from_secs(30);
+    // Plaintext API: this test is about services and encryption; TLS and authorization
+    // are clustermesh-apiserver/tests/authz.rs's and the mesh harness's.
+    cfg.insecure_plaintext = true;
     cfg.heartbeat_interval = Duration::from_secs(1);
     c1.api = Some(clustermesh_apiserver::start(cfg).await.unwrap());
     let api = c1.api_url();
@@ -357,7 +360,7 @@ async fn encryption_switches_audit_and_rotation() {
         "{\"ts\":\"2020-01-01T00:00:00.000Z\",\"node\":\"n1\",\"event\":\"key_rotation_completed\"}\n",
     )
     .unwrap();
-    let audit = node_agent::audit::Audit::open(&audit_path, "n1");
+    let audit = node_agent::audit::Audit::open(&audit_path, ("node", "n1"));
     audit.record(
         "encryption_policy",
         serde_json::json!({"mode": "wireguard", "strict": true}),

@@ -66,7 +66,7 @@ async fn tls_cluster(root: &Path, dir: &Path, name: &str, id: u64) -> TlsCluster
     cfg.grpc_tls = Some(clustermesh_apiserver::config::GrpcTls {
         cert_file: pki.join("apiserver-server.pem"),
         key_file: pki.join("apiserver-server-key.pem"),
-        client_ca_file: Some(pki.join("ca.pem")),
+        client_ca_file: pki.join("ca.pem"),
     });
     let api = clustermesh_apiserver::start(cfg).await.unwrap();
     let https = format!("https://{}", api.grpc_addr);

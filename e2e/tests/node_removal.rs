@@ -38,6 +38,9 @@ async fn apiserver(name: &str, id: u64, etcd: &EtcdServer) -> clustermesh_apiser
         ClusterId::new(id).unwrap(),
         vec![etcd.endpoint()],
     );
+    // Plaintext API: this test is about node removal; TLS and authorization
+    // are clustermesh-apiserver/tests/authz.rs's and the mesh harness's.
+    cfg.insecure_plaintext = true;
     cfg.heartbeat_interval = Duration::from_secs(1);
     clustermesh_apiserver::start(cfg).await.unwrap()
 }

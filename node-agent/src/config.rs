@@ -3,7 +3,7 @@
 //! which checks what clap cannot and turns the strings into typed values.
 //! A bad configuration exits with status 64 and a message naming the flag.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::PathBuf};
 
 use clap::Parser;
 use clustermesh_api::{ClusterName, NodeName};
@@ -41,9 +41,24 @@ pub struct AgentConfig {
     /// Exit after this many reports (0 = run until stopped).
     #[arg(long, default_value_t = 0)]
     pub reports: u64,
-    /// The cluster's apiserver, e.g. http://127.0.0.1:9950 (standalone mode).
+    /// The cluster's apiserver, e.g. https://10.0.0.5:9950 (standalone
+    /// mode); https needs --apiserver-ca, --apiserver-cert and
+    /// --apiserver-key. http:// only reaches an apiserver run with
+    /// --insecure-plaintext.
     #[arg(long)]
     pub apiserver: Option<String>,
+    /// The cluster CA the apiserver's certificate chains to
+    /// (`pki/<cluster>/ca.pem`).
+    #[arg(long)]
+    pub apiserver_ca: Option<PathBuf>,
+    /// This node's certificate for the apiserver (CN node:<node name>,
+    /// `pki/<cluster>/nodes/<node>.pem` from `clustermesh enable --node`):
+    /// it may act only for this node.
+    #[arg(long)]
+    pub apiserver_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long)]
+    pub apiserver_key: Option<PathBuf>,
     /// This node's name (default: the host name).
     #[arg(long)]
     pub node_name: Option<String>,
@@ -174,6 +189,35 @@ impl AgentConfig {
                 "nothing to do: give --endpoint-dir, --endpoint-iface, --overlay-iface, --apiserver and/or --cluster-name",
             ));
         }
+        if let Some(a) = &self.apiserver {
+            let tls = [
+                &self.apiserver_ca,
+                &self.apiserver_cert,
+                &self.apiserver_key,
+            ];
+            if a.starts_with("https://") {
+                if tls.iter().any(|f| f.is_none()) {
+                    return Err(refuse(
+                        "--apiserver-cert",
+                        "--apiserver https:// needs --apiserver-ca, --apiserver-cert and --apiserver-key (the cluster CA and this node's certificate from `clustermesh enable --node`)",
+                    ));
+                }
+            } else if !a.starts_with("http://") {
+                return Err(refuse(
+                    "--apiserver",
+                    format!(
+                        "{a:?} must start with https:// (or http:// for an --insecure-plaintext apiserver)"
+                    ),
+                ));
+            } else if tls.iter().any(|f| f.is_some()) {
+                return Err(refuse(
+                    "--apiserver",
+                    format!("{a} is plaintext but TLS files were given: use https://"),
+                ));
+            }
+        } else if self.apiserver_cert.is_some() {
+            return Err(refuse("--apiserver-cert", "needs --apiserver"));
+        }
         if !(0.0..=1.0).contains(&self.lb_failover_threshold) {
             return Err(refuse(
                 "--lb-failover-threshold",
@@ -264,7 +308,13 @@ mod tests {
 
     #[test]
     fn bad_configurations_name_the_flag() {
-        let cases: [(&[&str], &str); 7] = [
+        let cases: [(&[&str], &str); 10] = [
+            (&["--apiserver", "https://a:1"], "--apiserver-cert"),
+            (&["--apiserver", "a:1"], "--apiserver"),
+            (
+                &["--apiserver", "http://a:1", "--apiserver-cert", "/n.pem"],
+                "--apiserver",
+            ),
             (&[], "--cluster-name"),
             (&["--cluster-name", "c1"], "--local-etcd-endpoints"),
             (

@@ -32,7 +32,8 @@
 //! docs/architecture.md walks a record from a remote etcd to a map entry
 //! through these modules.
 
-pub mod audit;
+/// The audit trail (shared with the apiserver).
+pub use clustermesh_api::audit;
 pub mod clusters;
 pub mod config;
 pub mod datapath;

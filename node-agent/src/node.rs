@@ -150,7 +150,7 @@ pub async fn start(
     let wg = device(&cfg)?;
     let attachment = attach(&cfg)?;
     let shared = Shared {
-        audit: Audit::open(&cfg.audit_log, &v.node_name),
+        audit: Audit::open(&cfg.audit_log, ("node", v.node_name.as_str())),
         encryption: Arc::new(Mutex::new(EncryptionStatus {
             device: cfg.wireguard_iface.clone(),
             public_key: wg.as_ref().map(|w| w.public.fingerprint()),
@@ -254,8 +254,15 @@ fn start_local(
             cancel.clone(),
         ));
     }
+    let tls = match (&cfg.apiserver_ca, &cfg.apiserver_cert, &cfg.apiserver_key) {
+        (Some(ca), Some(cert), Some(key)) => Some((ca.clone(), cert.clone(), key.clone())),
+        _ => {
+            tracing::warn!(apiserver = %addr, "registering over plaintext: the apiserver runs without TLS (--insecure-plaintext)");
+            None
+        }
+    };
     tracker.spawn(registration::run(
-        addr,
+        registration::Target { addr, tls },
         node_rx,
         specs_rx,
         ids_tx,

@@ -7,8 +7,13 @@
 //! The set of endpoints is live (a watch channel): endpoints the CNI plugin
 //! adds or removes while the session runs are registered or removed at
 //! once, and every session starts by registering the current set.
+//!
+//! The apiserver is reached with mutual TLS ([`Target`]): the cluster CA
+//! and this node's certificate (CN `node:<name>`), which lets the agent act
+//! only for its own node. The files are read at every connection, so a
+//! renewed certificate is picked up on the next reconnect.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use clustermesh_api::proto::{self, cluster_mesh_client::ClusterMeshClient};
 use futures_util::StreamExt as _;
@@ -80,6 +85,41 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(out)
 }
 
+/// Where the apiserver is and how to authenticate to it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: String,
+    /// (CA, node certificate, its key); None: plaintext (an apiserver run
+    /// with `--insecure-plaintext`).
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+}
+
+impl Target {
+    async fn connect(&self) -> Result<ClusterMeshClient<tonic::transport::Channel>, Error> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+        let connect = |source| Error::Connect {
+            addr: self.addr.clone(),
+            source,
+        };
+        let mut ep = Endpoint::from_shared(self.addr.clone())
+            .map_err(connect)?
+            .connect_timeout(Duration::from_secs(5));
+        if let Some((ca, cert, key)) = &self.tls {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).map_err(|source| Error::TlsFile {
+                    path: p.clone(),
+                    source,
+                })
+            };
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read(ca)?))
+                .identity(Identity::from_pem(read(cert)?, read(key)?));
+            ep = ep.tls_config(tls).map_err(connect)?;
+        }
+        Ok(ClusterMeshClient::new(ep.connect().await.map_err(connect)?))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("connecting to the apiserver at {addr}: {source}")]
@@ -87,6 +127,12 @@ pub enum Error {
         addr: String,
         #[source]
         source: tonic::transport::Error,
+    },
+    #[error("reading {path} for the apiserver's TLS: {source}")]
+    TlsFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("apiserver refused {what}: {status}")]
     Refused { what: String, status: tonic::Status },
@@ -153,18 +199,13 @@ async fn sync_endpoints(
 }
 
 async fn session(
-    addr: &str,
+    target: &Target,
     node_rx: &mut tokio::sync::watch::Receiver<proto::Node>,
     endpoints: &mut tokio::sync::watch::Receiver<Vec<EndpointSpec>>,
     identities: &tokio::sync::watch::Sender<Vec<(String, u32)>>,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
-    let mut c = ClusterMeshClient::connect(addr.to_owned())
-        .await
-        .map_err(|source| Error::Connect {
-            addr: addr.to_owned(),
-            source,
-        })?;
+    let mut c = target.connect().await?;
     let node = &node_rx.borrow_and_update().clone();
     let r = c
         .register_node(proto::RegisterNodeRequest {
@@ -243,7 +284,7 @@ async fn session(
 /// Registers and keeps the registration alive until cancelled; publishes the
 /// identities the apiserver allocated for the endpoints.
 pub async fn run(
-    addr: String,
+    target: Target,
     mut node: tokio::sync::watch::Receiver<proto::Node>,
     mut endpoints: tokio::sync::watch::Receiver<Vec<EndpointSpec>>,
     identities: tokio::sync::watch::Sender<Vec<(String, u32)>>,
@@ -252,7 +293,7 @@ pub async fn run(
     use backon::BackoffBuilder as _;
     let mut backoff = clustermesh_kvstore::backoff::reconnect().build();
     loop {
-        let delay = match session(&addr, &mut node, &mut endpoints, &identities, &cancel).await {
+        let delay = match session(&target, &mut node, &mut endpoints, &identities, &cancel).await {
             Ok(()) => return,
             Err(e) => {
                 let delay = backoff

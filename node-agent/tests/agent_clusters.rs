@@ -38,6 +38,9 @@ async fn cluster(name: &str, id: u64) -> Cluster {
     );
     cfg.lease_ttl = Duration::from_secs(30);
     cfg.heartbeat_interval = Duration::from_secs(1);
+    // Plaintext API: this test is about the agent's merge; TLS and authorization
+    // are clustermesh-apiserver/tests/authz.rs's and the mesh harness's.
+    cfg.insecure_plaintext = true;
     cfg.node_ttl = Duration::from_secs(600);
     let api = clustermesh_apiserver::start(cfg).await.unwrap();
     let g = ClusterMeshClient::connect(format!("http://{}", api.grpc_addr))

@@ -161,6 +161,9 @@ pub async fn cluster(root: &Path, spec: ClusterSpec<'_>) -> Cluster {
     cfg.lease_ttl = Duration::from_secs(30);
     cfg.heartbeat_interval = Duration::from_secs(1);
     cfg.node_ttl = Duration::from_secs(600);
+    // Plaintext API: this test is about the CLI; TLS and authorization
+    // are clustermesh-apiserver/tests/authz.rs's and the mesh harness's.
+    cfg.insecure_plaintext = true;
     cfg.encryption = spec.encryption;
     let api = clustermesh_apiserver::start(cfg).await.unwrap();
     let mut nodes = Vec::new();
@@ -200,7 +203,7 @@ pub async fn agent(root: &Path, cluster: &str, node: &str, local: ClusterFile) -
     // The encryption section follows the cluster's policy through the
     // datapath-config reconciler, as in the agent (no datapath here).
     let enc = Arc::new(Mutex::new(EncryptionStatus::default()));
-    let audit = Audit::open(&clusters_dir.with_file_name("audit.jsonl"), node);
+    let audit = Audit::open(&clusters_dir.with_file_name("audit.jsonl"), ("node", node));
     let mut reconcilers = Reconcilers::in_memory();
     reconcilers.policy = Box::new(DatapathConfigMap::without_datapath(enc.clone(), audit));
     let a = Agent::new(cfg, reconcilers, cancel.clone());

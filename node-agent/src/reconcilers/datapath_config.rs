@@ -134,7 +134,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("audit.jsonl");
         let status = Arc::new(Mutex::new(EncryptionStatus::default()));
-        let mut r = DatapathConfigMap::without_datapath(status.clone(), Audit::open(&log, "n1"));
+        let mut r =
+            DatapathConfigMap::without_datapath(status.clone(), Audit::open(&log, ("node", "n1")));
         let p = EncryptionPolicy {
             strict: true,
             ..Default::default()

@@ -1,12 +1,15 @@
-//! The encryption audit trail: an append-only JSON-lines file, one object
-//! per posture change, for compliance evidence (PCI, FedRAMP, SOC2).
+//! The audit trail: an append-only JSON-lines file, one object per posture
+//! change, for compliance evidence (PCI, FedRAMP, SOC2). One format for the
+//! node agent and the apiserver.
 //!
-//! Events: `encryption_policy` (mode, scope, strict, strict ingress, node to
-//! node), `key_rotation_started` / `key_rotation_completed` (fingerprints
-//! only), `peer_added` / `peer_removed` / `peer_key_changed` (fingerprints),
-//! `plaintext_drops` (packets refused by strict mode in the last interval,
-//! per direction). Every line carries `ts` (RFC 3339, UTC), `node` and
-//! `event`. No key material is ever written: keys appear as fingerprints.
+//! Every line carries `ts` (RFC 3339, UTC), the writer's scope (`node` for
+//! an agent, `cluster` for an apiserver) and `event`, then the event's
+//! fields. The agent's events: `encryption_policy`, `key_rotation_started`
+//! / `key_rotation_completed` (fingerprints only), `peer_added` /
+//! `peer_removed` / `peer_key_changed` (fingerprints), `plaintext_drops`.
+//! The apiserver's: `api_call`, one per posture change or refused call,
+//! with the caller's certificate identity (see its `grpc` module). No key
+//! material is ever written: keys appear as fingerprints.
 //!
 //! The file is opened with `O_APPEND` (mode 0640, created if missing) and
 //! each line is written with one `write` call, so concurrent writers and a
@@ -24,7 +27,7 @@ use std::{
 #[derive(Clone)]
 pub struct Audit {
     inner: Arc<Mutex<Option<std::fs::File>>>,
-    node: String,
+    scope: (&'static str, String),
     pub path: PathBuf,
 }
 
@@ -34,12 +37,13 @@ impl std::fmt::Debug for Audit {
     }
 }
 
-pub use clustermesh_api::time::rfc3339;
+pub use crate::time::rfc3339;
 
 impl Audit {
-    /// Opens (creating) the audit file. A file that cannot be opened is
+    /// Opens (creating) the audit file; `scope` is written into every line
+    /// (e.g. `("node", "node-1")`). A file that cannot be opened is
     /// reported once and events are then logged only.
-    pub fn open(path: &Path, node: &str) -> Self {
+    pub fn open(path: &Path, scope: (&'static str, &str)) -> Self {
         let file = path
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
@@ -59,7 +63,7 @@ impl Audit {
         };
         Self {
             inner: Arc::new(Mutex::new(file)),
-            node: node.to_owned(),
+            scope: (scope.0, scope.1.to_owned()),
             path: path.to_owned(),
         }
     }
@@ -68,7 +72,7 @@ impl Audit {
     pub fn record(&self, event: &str, fields: serde_json::Value) {
         let mut obj = serde_json::Map::new();
         obj.insert("ts".into(), rfc3339(SystemTime::now()).into());
-        obj.insert("node".into(), self.node.clone().into());
+        obj.insert(self.scope.0.into(), self.scope.1.clone().into());
         obj.insert("event".into(), event.into());
         if let serde_json::Value::Object(m) = fields {
             obj.extend(m);
@@ -94,12 +98,12 @@ mod tests {
     fn dates_and_lines() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a/audit.jsonl");
-        let a = Audit::open(&path, "node-1");
+        let a = Audit::open(&path, ("node", "node-1"));
         a.record(
             "peer_added",
             serde_json::json!({"peer": "c2/n", "key": "abcd1234"}),
         );
-        let b = Audit::open(&path, "node-1");
+        let b = Audit::open(&path, ("node", "node-1"));
         b.record("plaintext_drops", serde_json::json!({"egress": 3}));
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text
