@@ -9,6 +9,15 @@
 //! with `.` are never endpoint files (temporary files, the `.ipam` lease
 //! directory); [`read_endpoint_dir`] skips them and reports, rather than
 //! fails on, files it cannot decode.
+//!
+//! Readiness (fail-closed start): the plugin creates the pod's host veth
+//! down, writes the endpoint file and waits; the agent attaches
+//! `from_endpoint`, writes the pod's endpoint-map entry, sets the veth up
+//! and then writes `<endpointDir>/.ready/<container id>` holding the host
+//! veth's ifindex ([`write_ready`]); the plugin returns once it reads that
+//! marker for the veth it made ([`read_ready`]). So no packet of the pod
+//! crosses a veth without the datapath program, and ADD returns when the
+//! pod is reachable. DEL removes the marker with the file.
 
 use std::{
     collections::BTreeMap,
@@ -225,6 +234,37 @@ fn read_file(path: &Path) -> Result<EndpointFile, EndpointError> {
     Ok(ep)
 }
 
+/// `<dir>/.ready/<container_id>`: the agent's readiness marker.
+pub fn ready_path(dir: &Path, container_id: &str) -> PathBuf {
+    dir.join(".ready").join(container_id)
+}
+
+/// Marks `container_id`'s pod ready: its datapath is attached on the host
+/// veth `host_ifindex`, which is up.
+pub fn write_ready(dir: &Path, container_id: &str, host_ifindex: u32) -> io::Result<()> {
+    let path = ready_path(dir, container_id);
+    if let Some(d) = path.parent() {
+        fs::create_dir_all(d)?;
+    }
+    write_atomic(&path, host_ifindex.to_string().as_bytes())
+}
+
+/// The host ifindex the agent marked `container_id` ready for, if any (a
+/// marker that does not parse counts as none).
+pub fn read_ready(dir: &Path, container_id: &str) -> Option<u32> {
+    fs::read_to_string(ready_path(dir, container_id))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Removes `container_id`'s readiness marker (none is fine).
+pub fn remove_ready(dir: &Path, container_id: &str) -> io::Result<()> {
+    match fs::remove_file(ready_path(dir, container_id)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Every endpoint file in `dir`, sorted by container id, and the files that
 /// could not be read with why. Hidden names (temporary files, `.ipam`) and
 /// names not ending in `.json` are skipped; a missing directory has no
@@ -285,6 +325,21 @@ pub fn read_endpoint_dir(dir: &Path) -> (Vec<EndpointFile>, Vec<(PathBuf, Endpoi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_markers_round_trip_and_stay_out_of_the_listing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(read_ready(dir.path(), "c1"), None);
+        write_ready(dir.path(), "c1", 42).expect("write");
+        assert_eq!(read_ready(dir.path(), "c1"), Some(42));
+        std::fs::write(ready_path(dir.path(), "c2"), "garbage").expect("write");
+        assert_eq!(read_ready(dir.path(), "c2"), None);
+        let (files, errors) = read_endpoint_dir(dir.path());
+        assert!(files.is_empty() && errors.is_empty(), "{errors:?}");
+        remove_ready(dir.path(), "c1").expect("remove");
+        remove_ready(dir.path(), "c1").expect("removing none is fine");
+        assert_eq!(read_ready(dir.path(), "c1"), None);
+    }
 
     fn sample(id: &str) -> EndpointFile {
         EndpointFile {

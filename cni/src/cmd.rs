@@ -2,10 +2,14 @@
 //!
 //! [`run`] is the whole plugin minus process plumbing, so tests can drive
 //! it with a map for the environment. The order of an ADD is: address
-//! (own lease or delegated IPAM), veth pair, pod namespace setup, endpoint
-//! file, result. The endpoint file is written last, so the node agent only
-//! sees complete attachments; when any step fails, everything the earlier
-//! steps created is removed before the error is returned.
+//! (own lease or delegated IPAM), veth pair (host side down), pod namespace
+//! setup, endpoint file, wait for the node agent's readiness marker (it has
+//! attached `from_endpoint`, written the pod's endpoint entry and set the
+//! host veth up: fail closed from the first packet; `readyTimeoutSeconds`),
+//! result. The endpoint file is written last, so the node agent only sees
+//! complete attachments; when any step fails (the agent not ready in time
+//! included), everything the earlier steps created is removed before the
+//! error is returned.
 //!
 //! DEL removes what exists and succeeds for what does not (an unknown
 //! container, a namespace already gone, a repeated DEL), as the spec asks.
@@ -172,12 +176,19 @@ struct Undo {
     own_lease: bool,
     delegated_lease: bool,
     host_link: Option<u32>,
+    endpoint_file: bool,
 }
 
 impl Undo {
     /// Best effort: failures are reported on stderr (the runtime's log),
     /// the original error is what the runtime gets.
     fn run(self, steps: &AddSteps<'_>) {
+        if self.endpoint_file {
+            if let Err(e) = endpoint::remove(&steps.cfg.endpoint_dir, steps.cid) {
+                eprintln!("clustermesh-cni: cleanup: removing the endpoint file: {e}");
+            }
+            let _ = endpoint::remove_ready(&steps.cfg.endpoint_dir, steps.cid);
+        }
         if let Some(index) = self.host_link
             && let Err(e) = steps.nl.delete_link(index)
         {
@@ -277,9 +288,17 @@ impl AddSteps<'_> {
                 (ip, None)
             }
         };
-        let host =
-            self.nl
-                .create_veth(self.host_name, self.ifname, self.netns, cfg.mtu, self.cid)?;
+        // Fail closed: the host side stays down until the agent has
+        // attached `from_endpoint` (unless readyTimeoutSeconds is 0).
+        let wait = !cfg.ready_timeout.is_zero();
+        let host = self.nl.create_veth(
+            self.host_name,
+            self.ifname,
+            self.netns,
+            cfg.mtu,
+            self.cid,
+            !wait,
+        )?;
         undo.host_link = Some(host.index);
         let host_mac = host.mac()?;
         let (ifname, mtu) = (self.ifname, cfg.mtu);
@@ -299,7 +318,14 @@ impl AddSteps<'_> {
             name: self.env.args.pod_name().map(str::to_owned),
             labels: cfg.labels.clone(),
         };
+        // A marker of an earlier attempt never counts (it names another
+        // veth's ifindex anyway).
+        let _ = endpoint::remove_ready(&cfg.endpoint_dir, self.cid);
+        undo.endpoint_file = true;
         endpoint::write(&cfg.endpoint_dir, &ep)?;
+        if wait {
+            self.wait_ready(host.index)?;
+        }
         Ok(result::add_result(
             cfg.version,
             &Attachment {
@@ -313,6 +339,32 @@ impl AddSteps<'_> {
                 dns,
             },
         ))
+    }
+}
+
+impl AddSteps<'_> {
+    /// Waits until the agent marks the pod ready for the veth this ADD made
+    /// (module docs of `endpoint_file`), or fails after the timeout.
+    fn wait_ready(&self, host_ifindex: u32) -> Result<(), Error> {
+        let dir = &self.cfg.endpoint_dir;
+        let deadline = std::time::Instant::now() + self.cfg.ready_timeout;
+        loop {
+            if endpoint::read_ready(dir, self.cid) == Some(host_ifindex) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::AgentNotReady {
+                    container_id: self.cid.to_owned(),
+                    host_iface: self.host_name.to_owned(),
+                    endpoint_dir: dir.display().to_string(),
+                    timeout_s: self.cfg.ready_timeout.as_secs(),
+                });
+            }
+            // A file written by another process: polled (the plugin is a
+            // short-lived process; inotify would add a dependency for a
+            // wait of a few hundred milliseconds).
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
@@ -346,6 +398,13 @@ fn del(cfg: &Config, env: &Env, stdin: &[u8]) -> Result<(), Error> {
     }
     if ours {
         endpoint::remove(dir, cid)?;
+        endpoint::remove_ready(dir, cid).map_err(|source| {
+            Error::Endpoint(endpoint::EndpointError::Io {
+                op: "removing",
+                path: endpoint::ready_path(dir, cid),
+                source,
+            })
+        })?;
     }
     Ok(())
 }

@@ -28,6 +28,9 @@ pub const SUPPORTED_VERSIONS: [&str; 5] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "
 pub const DEFAULT_ENDPOINT_DIR: &str = "/var/run/clustermesh/endpoints";
 /// 1500 minus the 50 bytes VXLAN or Geneve add.
 pub const DEFAULT_MTU: u32 = 1450;
+/// How long ADD waits for the node agent to attach the pod's datapath
+/// (`readyTimeoutSeconds`).
+pub const DEFAULT_READY_TIMEOUT_S: u64 = 30;
 
 /// A supported `cniVersion`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -167,6 +170,13 @@ pub struct Config {
     pub ipam: Ipam,
     /// From `args.cni.labels`.
     pub labels: BTreeMap<String, String>,
+    /// `readyTimeoutSeconds`: ADD leaves the host veth down and returns only
+    /// once the agent has attached the datapath and set it up (fail
+    /// closed), or fails after this long. `0` (not for production): the
+    /// plugin sets the veth up itself and returns at once, so the pod's
+    /// first packets may reach the host stack before the datapath is
+    /// attached.
+    pub ready_timeout: std::time::Duration,
     /// `prevResult` (CHECK and DEL), reduced to what CHECK compares.
     pub prev_result: Option<PrevResult>,
 }
@@ -181,6 +191,7 @@ struct RawConfig {
     pod_cidr: Option<String>,
     endpoint_dir: Option<String>,
     mtu: Option<u32>,
+    ready_timeout_seconds: Option<u64>,
     ipam: Option<RawIpam>,
     args: Option<RawArgs>,
     prev_result: Option<PrevResult>,
@@ -349,11 +360,23 @@ impl Config {
             }
             labels.insert(l.key, l.value);
         }
+        let ready = raw.ready_timeout_seconds.unwrap_or(DEFAULT_READY_TIMEOUT_S);
+        if ready > 600 {
+            return Err(ConfigError::invalid(
+                "readyTimeoutSeconds",
+                Reason::OutOfRange {
+                    got: u32::try_from(ready).unwrap_or(u32::MAX),
+                    min: 0,
+                    max: 600,
+                },
+            ));
+        }
         Ok(Self {
             version,
             name,
             endpoint_dir,
             mtu,
+            ready_timeout: std::time::Duration::from_secs(ready),
             ipam,
             labels,
             prev_result: raw.prev_result,

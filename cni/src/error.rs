@@ -33,6 +33,9 @@ pub mod code {
     pub const DECODE: u32 = 6;
     /// Invalid network config.
     pub const INVALID_CONFIG: u32 = 7;
+    /// Try again later (a transient condition: the node agent did not
+    /// attach the pod's datapath in time).
+    pub const TRY_AGAIN_LATER: u32 = 11;
     /// A netlink request was refused by the kernel.
     pub const NETLINK: u32 = 100;
     /// The pod CIDR has no free address.
@@ -98,6 +101,15 @@ pub enum Error {
         existing: String,
     },
     #[error(
+        "the node agent did not attach the datapath of container {container_id} (host veth {host_iface}) within {timeout_s}s; the pod stays unconnected (fail closed): check that node-agent runs with --endpoint-dir {endpoint_dir}"
+    )]
+    AgentNotReady {
+        container_id: String,
+        host_iface: String,
+        endpoint_dir: String,
+        timeout_s: u64,
+    },
+    #[error(
         "host interface {name} exists and belongs to {owner:?}, not container {container_id} (name hash collision)"
     )]
     HostNameTaken {
@@ -125,6 +137,7 @@ impl Error {
             Self::NetnsIsOwn { .. } | Self::NetnsNotNamespace { .. } => code::INVALID_ENV,
             Self::Check { .. } => code::CHECK_FAILED,
             Self::AttachmentExists { .. } | Self::HostNameTaken { .. } => code::CONFLICT,
+            Self::AgentNotReady { .. } => code::TRY_AGAIN_LATER,
         }
     }
 

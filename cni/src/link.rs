@@ -214,9 +214,11 @@ impl Netlink {
         }
     }
 
-    /// Creates the veth pair: `host` here, up, with `mtu` and alias
-    /// `container_id`; `peer` inside the namespace `netns`, with `mtu`,
-    /// left down for [`Netlink::configure_pod`]. Returns the host side.
+    /// Creates the veth pair: `host` here, with `mtu` and alias
+    /// `container_id`, up if `up` (else left down for the node agent to set
+    /// up once the datapath is attached); `peer` inside the namespace
+    /// `netns`, with `mtu`, left down for [`Netlink::configure_pod`].
+    /// Returns the host side.
     pub fn create_veth(
         &self,
         host: &str,
@@ -224,6 +226,7 @@ impl Netlink {
         netns: &File,
         mtu: u32,
         container_id: &str,
+        up: bool,
     ) -> Result<Link, LinkError> {
         let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.to_owned())
@@ -250,10 +253,8 @@ impl Netlink {
             .ok_or_else(|| LinkError::NotFound {
                 name: host.to_owned(),
             })?;
-        let set = LinkUnspec::new_with_index(link.index)
-            .alias(container_id)
-            .up()
-            .build();
+        let set = LinkUnspec::new_with_index(link.index).alias(container_id);
+        let set = if up { set.up() } else { set.down() }.build();
         if let Err(e) = self.rt.block_on(self.handle.link().set(set).execute()) {
             // Do not leave a half-made pair behind.
             let _ = self.delete_link(link.index);
@@ -261,7 +262,7 @@ impl Netlink {
         }
         Ok(Link {
             alias: Some(container_id.to_owned()),
-            up: true,
+            up,
             ..link
         })
     }

@@ -174,6 +174,9 @@ fn own_config(version: &str, cidr: &str, dir: &Path) -> Value {
         "podCIDR": cidr,
         "endpointDir": dir,
         "mtu": 1400,
+        // No agent runs in these tests: the plugin sets the veth up itself
+        // (the fail-closed wait is `add_waits_for_the_agent_and_fails_closed`).
+        "readyTimeoutSeconds": 0,
         "args": {"cni": {"labels": [{"key": "app", "value": "web"}]}}
     })
 }
@@ -609,6 +612,7 @@ fn delegates_to_host_local() {
         "name": "meshhl",
         "type": "clustermesh-cni",
         "endpointDir": dir.path(),
+        "readyTimeoutSeconds": 0,
         "ipam": {"type": "host-local", "subnet": "10.206.0.0/24", "dataDir": data.path()}
     });
     let leased = |ip: &str| data.path().join("meshhl").join(ip).exists();
@@ -667,4 +671,67 @@ fn delegates_to_host_local() {
         .filter(|n| n.starts_with("10."))
         .collect();
     assert!(files.is_empty(), "host-local leases left: {files:?}");
+}
+
+/// Fail closed from the first packet: without `readyTimeoutSeconds: 0`, ADD
+/// leaves the host veth down and returns only once the node agent marks
+/// the pod ready. With no agent it fails (code 11, "try again later")
+/// after the timeout and leaves nothing behind; with an agent's part
+/// played here (the test sets the veth up and writes the marker, as
+/// node-agent's `CniEndpoints::mark_ready` does; the real agent is the
+/// mesh harness's), ADD returns after the marker, and until then the veth
+/// was down.
+#[test]
+fn add_waits_for_the_agent_and_fails_closed() {
+    require_root!();
+    sweep_stale();
+    let node = NetNs::new("cniwait").expect("node");
+    let pod = NetNs::new("cniwaitpod").expect("pod");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = own_config("1.1.0", "10.209.0.0/24", dir.path());
+    cfg["readyTimeoutSeconds"] = json!(1);
+
+    // No agent: refused after the timeout, everything undone.
+    let e = call(&node, "ADD", "w1", Some(&pod), &[], &cfg).err(11);
+    let msg = e["msg"].as_str().expect("msg");
+    assert!(msg.contains("did not attach") && msg.contains("--endpoint-dir"), "{e}");
+    assert!(leases(dir.path()).is_empty(), "lease kept");
+    assert!(endpoints(dir.path()).is_empty(), "endpoint file kept");
+    let links = ip_json(&node, &["link", "show"]);
+    assert_eq!(links.as_array().map(Vec::len), Some(1), "only lo: {links}");
+
+    // An agent that answers: the veth stays down until it is marked.
+    cfg["readyTimeoutSeconds"] = json!(20);
+    let seen_down = std::thread::scope(|s| {
+        let agent = s.spawn(|| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                assert!(std::time::Instant::now() < deadline, "no endpoint file");
+                if let Some(ep) = endpoints(dir.path()).pop() {
+                    let link = ip_json(&node, &["link", "show", "dev", &ep.host_iface]);
+                    let up = link[0]["flags"]
+                        .as_array()
+                        .expect("flags")
+                        .contains(&json!("UP"));
+                    node.exec("ip", &["link", "set", &ep.host_iface, "up"])
+                        .expect("veth up");
+                    clustermesh_cni::endpoint::write_ready(
+                        dir.path(),
+                        &ep.container_id,
+                        ep.host_ifindex,
+                    )
+                    .expect("marker");
+                    return !up;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+        let r = call(&node, "ADD", "w1", Some(&pod), &[], &cfg).ok();
+        assert_attached(&node, &pod, &r, "10.209.0.1", 1400);
+        agent.join().expect("agent")
+    });
+    assert!(seen_down, "the host veth was up before the agent marked the pod ready");
+    // DEL removes the marker with the endpoint file.
+    call(&node, "DEL", "w1", Some(&pod), &[], &cfg).ok_silent();
+    assert_eq!(clustermesh_cni::endpoint::read_ready(dir.path(), "w1"), None);
 }

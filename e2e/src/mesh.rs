@@ -736,6 +736,76 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
             )?;
             in_ns(&ns, &["ip", "link", "set", "ul0", "up"])?;
             let cidr = format!("10.{c}.{n}.0/24");
+            let pin = PathBuf::from(format!("/sys/fs/bpf/{}-c{c}-n{n}", o.prefix));
+            t.pin_dirs.push(pin.clone());
+            let status = format!("127.0.0.1:{}", node_ports[&(c, n)]);
+            let alog = logs.join(format!("agent-{cname}-n{n}.log"));
+            let wg = (o.encryption != Encryption::None).then(|| format!("{}c{c}n{n}", o.prefix));
+            let mut agent = Command::new(bin("node-agent"));
+            agent
+                .args(["--netns", &ns, "--endpoint-dir"])
+                .arg(dir.join("endpoints"))
+                .args(["--overlay-iface", "cm_vxlan", "--underlay-iface", "ul0"])
+                .args(["--tunnel", &o.tunnel, "--bpf-pin-dir"])
+                .arg(&pin)
+                .args(["--apiserver", &format!("https://{api}")])
+                .arg("--apiserver-ca")
+                .arg(pki.join("ca.pem"))
+                .arg("--apiserver-cert")
+                .arg(pki.join(format!("nodes/{node_name}.pem")))
+                .arg("--apiserver-key")
+                .arg(pki.join(format!("nodes/{node_name}-key.pem")))
+                .args(["--node-name", &node_name])
+                .args(["--underlay-ip", &ul.to_string(), "--pod-cidr", &cidr])
+                .args(["--cluster-name", &cname, "--local-etcd-endpoints", &etcd_ep])
+                .arg("--local-etcd-ca")
+                .arg(pki.join("ca.pem"))
+                .arg("--local-etcd-cert")
+                .arg(pki.join("node.pem"))
+                .arg("--local-etcd-key")
+                .arg(pki.join("node-key.pem"))
+                .arg("--clusters-dir")
+                .arg(dir.join("clusters"))
+                .args(["--status-listen", &status, "--report-every", "5"])
+                .arg("--audit-log")
+                .arg(dir.join("audit.jsonl"));
+            if let Some(w) = &wg {
+                agent
+                    .args(["--wireguard-iface", w, "--wireguard-key-file"])
+                    .arg(dir.join("wg.key"))
+                    .arg("--wireguard-bin")
+                    .arg(bin("clustermesh-wg"))
+                    .arg("--wireguard-log")
+                    .arg(logs.join(format!("wg-{cname}-n{n}.log")));
+            }
+            if let Some(ttl) = o.stale_ttl {
+                agent.args(["--stale-ttl", &ttl.to_string()]);
+            }
+            agent.env("RUST_LOG", "info");
+            let apid = start(t, format!("agent {cname}/{node_name}"), &mut agent, &alog)?;
+            std::fs::write(dir.join("agent.pid"), apid.to_string())?;
+            t.nodes.push(Node {
+                name: node_name.clone(),
+                cluster: cname.clone(),
+                netns: ns.clone(),
+                underlay_iface: "ul0".into(),
+                underlay_ip: ul,
+                pod_cidr: cidr.clone(),
+                wireguard_iface: wg,
+                agent: Agent {
+                    status,
+                    pid: apid,
+                    log: alog,
+                    audit_log: dir.join("audit.jsonl"),
+                    clusters_dir: dir.join("clusters"),
+                    endpoint_dir: dir.join("endpoints"),
+                    bpf_pin_dir: pin,
+                },
+            });
+            t.save()?;
+            // Pods after the agent: CNI ADD leaves a pod's veth down and
+            // returns once the agent has attached its datapath (fail
+            // closed from the first packet).
             for k in 1..=o.pods {
                 let pod_ns = format!("{ns}-p{k}");
                 ip(&["netns", "add", &pod_ns])?;
@@ -795,73 +865,6 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 });
                 t.save()?;
             }
-            let pin = PathBuf::from(format!("/sys/fs/bpf/{}-c{c}-n{n}", o.prefix));
-            t.pin_dirs.push(pin.clone());
-            let status = format!("127.0.0.1:{}", node_ports[&(c, n)]);
-            let alog = logs.join(format!("agent-{cname}-n{n}.log"));
-            let wg = (o.encryption != Encryption::None).then(|| format!("{}c{c}n{n}", o.prefix));
-            let mut agent = Command::new(bin("node-agent"));
-            agent
-                .args(["--netns", &ns, "--endpoint-dir"])
-                .arg(dir.join("endpoints"))
-                .args(["--overlay-iface", "cm_vxlan", "--underlay-iface", "ul0"])
-                .args(["--tunnel", &o.tunnel, "--bpf-pin-dir"])
-                .arg(&pin)
-                .args(["--apiserver", &format!("https://{api}")])
-                .arg("--apiserver-ca")
-                .arg(pki.join("ca.pem"))
-                .arg("--apiserver-cert")
-                .arg(pki.join(format!("nodes/{node_name}.pem")))
-                .arg("--apiserver-key")
-                .arg(pki.join(format!("nodes/{node_name}-key.pem")))
-                .args(["--node-name", &node_name])
-                .args(["--underlay-ip", &ul.to_string(), "--pod-cidr", &cidr])
-                .args(["--cluster-name", &cname, "--local-etcd-endpoints", &etcd_ep])
-                .arg("--local-etcd-ca")
-                .arg(pki.join("ca.pem"))
-                .arg("--local-etcd-cert")
-                .arg(pki.join("node.pem"))
-                .arg("--local-etcd-key")
-                .arg(pki.join("node-key.pem"))
-                .arg("--clusters-dir")
-                .arg(dir.join("clusters"))
-                .args(["--status-listen", &status, "--report-every", "5"])
-                .arg("--audit-log")
-                .arg(dir.join("audit.jsonl"));
-            if let Some(w) = &wg {
-                agent
-                    .args(["--wireguard-iface", w, "--wireguard-key-file"])
-                    .arg(dir.join("wg.key"))
-                    .arg("--wireguard-bin")
-                    .arg(bin("clustermesh-wg"))
-                    .arg("--wireguard-log")
-                    .arg(logs.join(format!("wg-{cname}-n{n}.log")));
-            }
-            if let Some(ttl) = o.stale_ttl {
-                agent.args(["--stale-ttl", &ttl.to_string()]);
-            }
-            agent.env("RUST_LOG", "info");
-            let apid = start(t, format!("agent {cname}/{node_name}"), &mut agent, &alog)?;
-            std::fs::write(dir.join("agent.pid"), apid.to_string())?;
-            t.nodes.push(Node {
-                name: node_name,
-                cluster: cname.clone(),
-                netns: ns,
-                underlay_iface: "ul0".into(),
-                underlay_ip: ul,
-                pod_cidr: cidr,
-                wireguard_iface: wg,
-                agent: Agent {
-                    status,
-                    pid: apid,
-                    log: alog,
-                    audit_log: dir.join("audit.jsonl"),
-                    clusters_dir: dir.join("clusters"),
-                    endpoint_dir: dir.join("endpoints"),
-                    bpf_pin_dir: pin,
-                },
-            });
-            t.save()?;
         }
     }
     for n in &t.nodes {

@@ -86,10 +86,14 @@ impl Node {
 
     /// Attaches the pod namespace `pod` (app label and pod name `app`)
     /// through CNI ADD; returns its address.
+    ///
+    /// `readyTimeoutSeconds` 0: these tests attach pods before the agent
+    /// runs (the plugin sets the veth up itself); the fail-closed start is
+    /// the mesh harness's (pods after the agent) and `cni/tests/spec.rs`'s.
     pub fn add_pod(&self, pod: &NetNs, app: &str, mtu: u32) -> Ipv4Addr {
         std::fs::create_dir_all(self.endpoints()).unwrap();
         let conf = format!(
-            r#"{{"cniVersion":"1.1.0","name":"clustermesh","type":"clustermesh-cni","podCIDR":"10.{}.0.0/24","mtu":{mtu},"endpointDir":"{}","args":{{"cni":{{"labels":[{{"key":"k8s:app","value":"{app}"}}]}}}}}}"#,
+            r#"{{"cniVersion":"1.1.0","name":"clustermesh","type":"clustermesh-cni","podCIDR":"10.{}.0.0/24","mtu":{mtu},"readyTimeoutSeconds":0,"endpointDir":"{}","args":{{"cni":{{"labels":[{{"key":"k8s:app","value":"{app}"}}]}}}}}}"#,
             self.id,
             self.endpoints().display()
         );

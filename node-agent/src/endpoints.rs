@@ -12,6 +12,12 @@
 //! A pod whose identity is not known yet keeps the entry a previous agent
 //! left (adopted), so a restart never interrupts delivery; a pod whose file
 //! is gone is removed at once.
+//!
+//! Fail closed from the first packet: the CNI plugin leaves a new pod's
+//! host veth down and waits. Once `from_endpoint` is attached and the pod's
+//! `CM_ENDPOINTS` entry is written, [`CniEndpoints::mark_ready`] sets the
+//! veth up and writes the readiness marker the plugin waits for
+//! (`clustermesh_api::endpoint_file::write_ready`).
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
 
@@ -36,6 +42,8 @@ pub type HostIfaces = BTreeMap<String, (u32, [u8; 6])>;
 #[derive(Debug, Default)]
 pub struct CniEndpoints {
     known: BTreeMap<String, EndpointFile>,
+    /// Container ids whose readiness marker names their current veth.
+    ready: std::collections::BTreeSet<String>,
 }
 
 impl CniEndpoints {
@@ -62,6 +70,7 @@ impl CniEndpoints {
             let keep = now.contains_key(id);
             if !keep {
                 ifaces.remove(&f.host_iface);
+                self.ready.remove(id);
                 tracing::info!(container = %id, ip = %f.ip, "pod detached");
             }
             keep
@@ -87,6 +96,40 @@ impl CniEndpoints {
         changed
     }
 
+    /// Sets up the host veth of every pod whose endpoint entry is in
+    /// `applied` and writes its readiness marker, once per veth. A failure
+    /// is logged and retried on the next call (the plugin keeps waiting).
+    pub fn mark_ready(
+        &mut self,
+        dir: &std::path::Path,
+        netns: Option<&str>,
+        applied: &LocalEndpoints,
+    ) {
+        use clustermesh_api::endpoint_file::{read_ready, write_ready};
+        for (id, f) in &self.known {
+            if self.ready.contains(id)
+                || applied.get(&f.ip).map(|e| e.host_ifindex) != Some(f.host_ifindex)
+            {
+                continue;
+            }
+            if read_ready(dir, id) != Some(f.host_ifindex) {
+                let up = clustermesh_api::netns::run_in_named(netns, || set_link_up(f.host_ifindex))
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()));
+                if let Err(e) = up {
+                    tracing::warn!(container = %id, iface = %f.host_iface, error = %e, "setting the pod's veth up");
+                    continue;
+                }
+                if let Err(e) = write_ready(dir, id, f.host_ifindex) {
+                    tracing::warn!(container = %id, error = %e, "writing the pod's readiness marker");
+                    continue;
+                }
+                tracing::info!(container = %id, ip = %f.ip, iface = %f.host_iface, "pod ready");
+            }
+            self.ready.insert(id.clone());
+        }
+    }
+
     /// The pods as registration specs.
     pub fn specs(&self) -> impl Iterator<Item = EndpointSpec> + '_ {
         self.known.values().map(|f| EndpointSpec {
@@ -103,6 +146,26 @@ impl CniEndpoints {
             },
         })
     }
+}
+
+/// Sets link `ifindex` up, in the calling thread's network namespace.
+fn set_link_up(ifindex: u32) -> std::io::Result<()> {
+    use rtnetlink::LinkUnspec;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        let task = tokio::spawn(conn);
+        let r = handle
+            .link()
+            .set(LinkUnspec::new_with_index(ifindex).up().build())
+            .execute()
+            .await
+            .map_err(|e| std::io::Error::other(format!("setting link {ifindex} up: {e}")));
+        task.abort();
+        r
+    })
 }
 
 /// The desired local endpoints: every spec with a veth, a MAC and an
@@ -227,6 +290,9 @@ impl EndpointSource {
             last = apply_isolated(&mut self.map, &last, &want, true, &mut failures);
             for f in failures {
                 tracing::warn!(key = %f.key, error = %f.error, "updating the endpoint map");
+            }
+            if let Some(dir) = &self.endpoint_dir {
+                cni.mark_ready(dir, self.netns.as_deref(), &last);
             }
         }
     }
