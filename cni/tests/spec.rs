@@ -694,7 +694,10 @@ fn add_waits_for_the_agent_and_fails_closed() {
     // No agent: refused after the timeout, everything undone.
     let e = call(&node, "ADD", "w1", Some(&pod), &[], &cfg).err(11);
     let msg = e["msg"].as_str().expect("msg");
-    assert!(msg.contains("did not attach") && msg.contains("--endpoint-dir"), "{e}");
+    assert!(
+        msg.contains("did not attach") && msg.contains("--endpoint-dir"),
+        "{e}"
+    );
     assert!(leases(dir.path()).is_empty(), "lease kept");
     assert!(endpoints(dir.path()).is_empty(), "endpoint file kept");
     let links = ip_json(&node, &["link", "show"]);
@@ -730,8 +733,14 @@ fn add_waits_for_the_agent_and_fails_closed() {
         assert_attached(&node, &pod, &r, "10.209.0.1", 1400);
         agent.join().expect("agent")
     });
-    assert!(seen_down, "the host veth was up before the agent marked the pod ready");
+    assert!(
+        seen_down,
+        "the host veth was up before the agent marked the pod ready"
+    );
     // DEL removes the marker with the endpoint file.
     call(&node, "DEL", "w1", Some(&pod), &[], &cfg).ok_silent();
-    assert_eq!(clustermesh_cni::endpoint::read_ready(dir.path(), "w1"), None);
+    assert_eq!(
+        clustermesh_cni::endpoint::read_ready(dir.path(), "w1"),
+        None
+    );
 }

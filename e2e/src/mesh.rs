@@ -806,64 +806,16 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
             // Pods after the agent: CNI ADD leaves a pod's veth down and
             // returns once the agent has attached its datapath (fail
             // closed from the first packet).
+            let node = t.nodes.len() - 1;
             for k in 1..=o.pods {
-                let pod_ns = format!("{ns}-p{k}");
-                ip(&["netns", "add", &pod_ns])?;
-                t.namespaces.push(pod_ns.clone());
-                t.save()?;
-                let pod_name = format!("web-{k}");
-                let conf = serde_json::json!({
-                    "cniVersion": "1.1.0", "name": "clustermesh", "type": "clustermesh-cni",
-                    "podCIDR": cidr, "mtu": mtu,
-                    "endpointDir": dir.join("endpoints"),
-                    "args": {"cni": {"labels": [{"key": "k8s:app", "value": "web"}]}},
-                });
-                let mut child = Command::new("ip")
-                    .args(["netns", "exec", &ns])
-                    .arg(bin("clustermesh-cni"))
-                    .env("CNI_COMMAND", "ADD")
-                    .env("CNI_CONTAINERID", format!("{cname}-{node_name}-{pod_name}"))
-                    .env("CNI_NETNS", format!("/var/run/netns/{pod_ns}"))
-                    .env("CNI_IFNAME", "eth0")
-                    .env(
-                        "CNI_ARGS",
-                        format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod_name}"),
-                    )
-                    .env("CNI_PATH", "/usr/lib/cni")
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()?;
-                child
-                    .stdin
-                    .take()
-                    .context("CNI stdin")?
-                    .write_all(conf.to_string().as_bytes())?;
-                let out = child.wait_with_output()?;
-                let text = String::from_utf8_lossy(&out.stdout);
-                if !out.status.success() {
-                    bail!("CNI ADD of {pod_ns}: {text}");
-                }
-                let v: serde_json::Value = serde_json::from_str(&text)?;
-                let addr = v["ips"][0]["address"]
-                    .as_str()
-                    .context("CNI result without an address")?;
-                let pod_ip: Ipv4Addr = addr.split('/').next().unwrap_or_default().parse()?;
-                let answer = format!("{cname}/{node_name}/{pod_name}");
-                let rlog = logs.join(format!("responder-{pod_ns}.log"));
-                let exe = std::env::current_exe()?;
-                let mut serve_cmd = Command::new(mesh_binary(&exe, &o.bin_dir));
-                serve_cmd.args(["serve", "--netns", &pod_ns, "--answer", &answer]);
-                start(t, format!("responder {pod_ns}"), &mut serve_cmd, &rlog)?;
-                t.pods.push(Pod {
-                    name: pod_name,
-                    cluster: cname.clone(),
-                    node: node_name.clone(),
-                    netns: pod_ns,
-                    ip: pod_ip,
-                    answer,
-                });
-                t.save()?;
+                add_pod(
+                    t,
+                    &o.bin_dir,
+                    node,
+                    &format!("p{k}"),
+                    &format!("web-{k}"),
+                    mtu,
+                )?;
             }
         }
     }
@@ -951,6 +903,84 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
         .cli(&o.bin_dir)
         .args(["status", "--wait", "--timeout", "90s"]))?;
     Ok(())
+}
+
+/// Attaches a new pod to node `node` (index in `t.nodes`) through the CNI
+/// plugin, as a container runtime would: namespace `<node ns>-<suffix>`,
+/// pod name `name` (label `k8s:app=web`), MTU `mtu`; starts its responder.
+/// Returns once CNI ADD has returned, i.e. once the node's agent has
+/// attached the pod's datapath (fail closed), with the pod recorded in `t`.
+pub fn add_pod(
+    t: &mut Topology,
+    bin_dir: &Path,
+    node: usize,
+    suffix: &str,
+    name: &str,
+    mtu: u32,
+) -> anyhow::Result<Pod> {
+    let n = t.nodes.get(node).context("no such node")?.clone();
+    let (ns, cname, node_name) = (&n.netns, &n.cluster, &n.name);
+    let pod_ns = format!("{ns}-{suffix}");
+    ip(&["netns", "add", &pod_ns])?;
+    t.namespaces.push(pod_ns.clone());
+    t.save()?;
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "clustermesh", "type": "clustermesh-cni",
+        "podCIDR": n.pod_cidr, "mtu": mtu,
+        "endpointDir": n.agent.endpoint_dir,
+        "args": {"cni": {"labels": [{"key": "k8s:app", "value": "web"}]}},
+    });
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(bin_dir.join("clustermesh-cni"))
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", format!("{cname}-{node_name}-{name}"))
+        .env("CNI_NETNS", format!("/var/run/netns/{pod_ns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"),
+        )
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("CNI stdin")?
+        .write_all(conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("CNI ADD of {pod_ns}: {text}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let addr = v["ips"][0]["address"]
+        .as_str()
+        .context("CNI result without an address")?;
+    let pod_ip: Ipv4Addr = addr.split('/').next().unwrap_or_default().parse()?;
+    let answer = format!("{cname}/{node_name}/{name}");
+    let rlog = t
+        .state_dir
+        .join("logs")
+        .join(format!("responder-{pod_ns}.log"));
+    let exe = std::env::current_exe()?;
+    let mut serve_cmd = Command::new(mesh_binary(&exe, bin_dir));
+    serve_cmd.args(["serve", "--netns", &pod_ns, "--answer", &answer]);
+    start(t, format!("responder {pod_ns}"), &mut serve_cmd, &rlog)?;
+    let pod = Pod {
+        name: name.to_owned(),
+        cluster: cname.clone(),
+        node: node_name.clone(),
+        netns: pod_ns,
+        ip: pod_ip,
+        answer,
+    };
+    t.pods.push(pod.clone());
+    t.save()?;
+    Ok(pod)
 }
 
 /// The harness binary itself (`mesh`): this executable when it is the
@@ -1221,10 +1251,11 @@ fn ping_ok(ns: &str, to: Ipv4Addr) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("no reply to 3 pings"))
 }
 
-struct Captures(Vec<(String, u32, PathBuf)>);
+/// Running underlay captures ([`start_captures`]).
+pub struct Captures(Vec<(String, u32, PathBuf)>);
 
 /// tcpdump on the underlay of the first node of every cluster.
-fn start_captures(t: &Topology) -> anyhow::Result<Captures> {
+pub fn start_captures(t: &Topology) -> anyhow::Result<Captures> {
     let mut v = Vec::new();
     for c in &t.clusters {
         let Some(n) = t.nodes.iter().find(|n| n.cluster == c.name) else {
@@ -1264,7 +1295,7 @@ fn start_captures(t: &Topology) -> anyhow::Result<Captures> {
 /// Stops the captures and checks that no pod address appears in any IP
 /// header on the wire (inner headers of VXLAN and Geneve decoded too), and
 /// that WireGuard carried the traffic.
-fn finish_captures(t: &Topology, caps: Captures) -> anyhow::Result<Vec<Row>> {
+pub fn finish_captures(t: &Topology, caps: Captures) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     for (ns, pid, pcap) in caps.0 {
         signal(pid, libc::SIGTERM);

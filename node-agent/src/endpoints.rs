@@ -113,9 +113,10 @@ impl CniEndpoints {
                 continue;
             }
             if read_ready(dir, id) != Some(f.host_ifindex) {
-                let up = clustermesh_api::netns::run_in_named(netns, || set_link_up(f.host_ifindex))
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r.map_err(|e| e.to_string()));
+                let up =
+                    clustermesh_api::netns::run_in_named(netns, || set_link_up(f.host_ifindex))
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
                 if let Err(e) = up {
                     tracing::warn!(container = %id, iface = %f.host_iface, error = %e, "setting the pod's veth up");
                     continue;
