@@ -136,6 +136,7 @@ impl Targets {
             peers: Box::new(self.peers.clone()),
             services: Box::new(self.services.clone()),
             policy: Box::new(MemoryReconciler::new("policy")),
+            strict_ranges: Box::new(MemoryReconciler::new("strict ranges")),
         }
     }
 }
@@ -148,12 +149,14 @@ fn agent_config(local: &Cluster, dir: &Path, stale_ttl: Duration) -> ClustersCon
             trusted_ca_file: None,
             cert_file: None,
             key_file: None,
+            pod_cidrs: Vec::new(),
         },
         self_node: Some("a1".parse().unwrap()),
         clusters_dir: dir.to_owned(),
         stale_ttl,
         sync_timeout: Duration::from_secs(60),
         poll_interval: Duration::from_millis(100),
+        strict_ranges: Vec::new(),
     }
 }
 

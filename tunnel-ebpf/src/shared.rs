@@ -13,8 +13,7 @@ use tunnel_common::{
     Counter, DatapathConfig, Direction, EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, IpCacheValue,
     LB_BACKEND_SELECTABLE, LbAddr, LbBackendKey, LbBackendValue, LbFlowKey, LbServiceKey,
     LbServiceValue, MAX_ENDPOINTS, MAX_IPCACHE, MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS,
-    MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES, MAX_STRICT_RANGES, METRICS_ENTRIES, Verdict,
-    metric_index,
+    MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES, MAX_STRICT_RANGES, METRICS_ENTRIES, Verdict, metric_index,
 };
 
 #[map]
