@@ -409,8 +409,8 @@ impl Agent {
             failures,
         );
         if !self.pruned {
-            for (k, v) in old {
-                applied.entry(*k).or_insert(*v);
+            for k in old.keys() {
+                applied.entry(*k).or_default();
             }
         }
         self.last.strict_ranges = applied;

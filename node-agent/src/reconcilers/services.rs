@@ -613,7 +613,8 @@ mod tests {
         let mut v6 = two_ports.clone();
         v6.frontends = vec!["fd00::10".parse().unwrap()];
         // (services, expected address -> number of (port, protocol) frontends)
-        let table: Vec<(Vec<&MergedService>, Vec<(u32, u32)>)> = vec![
+        type Row<'a> = (Vec<&'a MergedService>, Vec<(u32, u32)>);
+        let table: Vec<Row<'_>> = vec![
             (vec![], vec![]),
             // One service, TCP 80 and UDP 53 on one address.
             (vec![&two_ports], vec![(a, 2)]),
