@@ -20,6 +20,9 @@
 //!     tunnel endpoint;
 //! (5) a restarted agent's datapath-config reconciler keeps both pinned
 //!     strict flags until it reads the policy.
+//!
+//! Against the `from_endpoint` before issue 16's checks, step (1) fails:
+//! B's pod received 5 of 5 echo requests from each spoofed source.
 #![allow(clippy::unwrap_used)]
 
 use std::{
