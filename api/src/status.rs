@@ -133,6 +133,9 @@ pub struct PeerStatus {
 pub struct PlaintextDrops {
     pub egress: u64,
     pub ingress: u64,
+    /// Egress into a mesh pod range the ip-cache could not route
+    /// (`drop_strict_unknown_dest`), refused instead of handed to the host.
+    pub unknown_destination: u64,
 }
 
 /// The WireGuard device's drop counters.

@@ -523,6 +523,7 @@ fn write_remote_files(
             trusted_ca_file: None,
             cert_file: None,
             key_file: None,
+            pod_cidrs: Vec::new(),
         };
         if let Some((ca, cert, key)) = creds {
             let d = tls_dir(&n.clusters_dir, x);

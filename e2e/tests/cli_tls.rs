@@ -78,6 +78,7 @@ async fn tls_cluster(root: &Path, dir: &Path, name: &str, id: u64) -> TlsCluster
         trusted_ca_file: Some(pki.join("ca.pem")),
         cert_file: Some(pki.join("node.pem")),
         key_file: Some(pki.join("node-key.pem")),
+        pod_cidrs: Vec::new(),
     };
     let node = agent(root, name, "n1", local).await;
     let c = Cluster {

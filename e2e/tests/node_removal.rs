@@ -150,6 +150,7 @@ async fn removed_remote_node_is_unreachable_within_a_second_with_counted_drops()
         peers: Box::new(MemoryReconciler::new("peers")),
         services: Box::new(MemoryReconciler::new("services")),
         policy: Box::new(MemoryReconciler::new("policy")),
+        strict_ranges: Box::new(MemoryReconciler::new("strict ranges")),
     };
     let cancel = CancellationToken::new();
     let agent = Agent::new(
@@ -160,12 +161,14 @@ async fn removed_remote_node_is_unreachable_within_a_second_with_counted_drops()
                 trusted_ca_file: None,
                 cert_file: None,
                 key_file: None,
+                pod_cidrs: Vec::new(),
             },
             self_node: Some("a1".parse().unwrap()),
             clusters_dir: dir.path().to_owned(),
             stale_ttl: Duration::from_secs(300),
             sync_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(100),
+            strict_ranges: Vec::new(),
         },
         reconcilers,
         cancel.clone(),

@@ -131,12 +131,14 @@ async fn main() {
             trusted_ca_file: None,
             cert_file: None,
             key_file: None,
+            pod_cidrs: Vec::new(),
         },
         self_node: Some("n0".parse().unwrap()),
         clusters_dir: dir.path().to_owned(),
         stale_ttl: Duration::ZERO,
         sync_timeout: Duration::from_secs(600),
         poll_interval: Duration::from_millis(50),
+        strict_ranges: Vec::new(),
     };
     let r = Reconcilers {
         ipcache: Box::new(ipcache.clone()),
@@ -144,6 +146,7 @@ async fn main() {
         peers: Box::new(SharedReconciler::new("peers")),
         services: Box::new(SharedReconciler::new("services")),
         policy: Box::new(SharedReconciler::new("policy")),
+        strict_ranges: Box::new(SharedReconciler::new("strict ranges")),
     };
     let agent = Agent::new(cfg, r, cancel.clone());
     let status = agent.status();

@@ -237,12 +237,14 @@ fn run(
             trusted_ca_file: None,
             cert_file: None,
             key_file: None,
+            pod_cidrs: Vec::new(),
         },
         self_node: Some("n0".parse().unwrap()),
         clusters_dir: dir.path().to_owned(),
         stale_ttl: Duration::ZERO,
         sync_timeout: Duration::from_secs(600),
         poll_interval: Duration::from_millis(200),
+        strict_ranges: Vec::new(),
     };
     let r = Reconcilers {
         ipcache: Box::new(IpCacheMap::open(pins.path()).unwrap()),
@@ -259,6 +261,7 @@ fn run(
             .unwrap(),
         ),
         policy: Box::new(SharedReconciler::new("policy")),
+        strict_ranges: Box::new(SharedReconciler::new("strict ranges")),
     };
     let agent = Agent::new(cfg, r, cancel.clone());
     let status = agent.status();

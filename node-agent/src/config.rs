@@ -6,7 +6,7 @@
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use clap::Parser;
-use clustermesh_api::{ClusterName, NodeName};
+use clustermesh_api::{ClusterName, IpCidr, NodeName};
 use tunnel_common::TunnelMode;
 
 #[derive(Debug, Clone, Parser)]
@@ -65,9 +65,16 @@ pub struct AgentConfig {
     /// Underlay IPs other nodes reach this node at.
     #[arg(long = "underlay-ip")]
     pub underlay_ips: Vec<String>,
-    /// Pod CIDRs of this node.
+    /// Pod CIDRs of this node (strict mode covers them too).
     #[arg(long = "pod-cidr")]
     pub pod_cidrs: Vec<String>,
+    /// A pod range of the mesh that strict mode covers (repeatable): under
+    /// a strict policy, pod traffic to an address inside it that the
+    /// ip-cache cannot route is dropped (`drop_strict_unknown_dest`), never
+    /// handed to the host stack. This node's --pod-cidr and every remote
+    /// cluster file's `pod-cidrs` are covered as well.
+    #[arg(long = "strict-range")]
+    pub strict_ranges: Vec<String>,
     /// Endpoints to register: IP[,ns=NS][,name=NAME],LABEL=VALUE...
     #[arg(long = "endpoint")]
     pub endpoints: Vec<crate::registration::EndpointSpec>,
@@ -173,6 +180,8 @@ pub struct Validated {
     pub cluster: Option<ClusterName>,
     /// `--node-name`, else the host name.
     pub node_name: String,
+    /// `--strict-range` and `--pod-cidr`, the ranges strict mode covers.
+    pub strict_ranges: Vec<IpCidr>,
 }
 
 impl AgentConfig {
@@ -285,7 +294,27 @@ impl AgentConfig {
             underlay_ip,
             cluster,
             node_name,
+            strict_ranges: self.strict_ranges()?,
         })
+    }
+
+    /// `--strict-range` and `--pod-cidr` as prefixes, deduplicated.
+    pub fn strict_ranges(&self) -> Result<Vec<IpCidr>, ConfigError> {
+        let mut out = Vec::new();
+        for (field, list) in [
+            ("--strict-range", &self.strict_ranges),
+            ("--pod-cidr", &self.pod_cidrs),
+        ] {
+            for s in list {
+                let c = s
+                    .parse::<IpCidr>()
+                    .map_err(|e| refuse(field, format!("{s}: {e}")))?;
+                if !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -308,7 +337,7 @@ mod tests {
 
     #[test]
     fn bad_configurations_name_the_flag() {
-        let cases: [(&[&str], &str); 10] = [
+        let cases: [(&[&str], &str); 13] = [
             (&["--apiserver", "https://a:1"], "--apiserver-cert"),
             (&["--apiserver", "a:1"], "--apiserver"),
             (
@@ -354,6 +383,18 @@ mod tests {
                 &["--apiserver", "http://a:1", "--node-name", "Bad Name"],
                 "--node-name",
             ),
+            (
+                &["--apiserver", "http://a:1", "--strict-range", "10.0.0.1/8"],
+                "--strict-range",
+            ),
+            (
+                &["--apiserver", "http://a:1", "--strict-range", "nonsense"],
+                "--strict-range",
+            ),
+            (
+                &["--apiserver", "http://a:1", "--pod-cidr", "10.1.0.0/33"],
+                "--pod-cidr",
+            ),
         ];
         for (args, field) in cases {
             let e = with(args).validate().unwrap_err();
@@ -378,9 +419,17 @@ mod tests {
             "fd00::1",
             "--underlay-ip",
             "192.0.2.1",
+            "--strict-range",
+            "10.0.0.0/8",
+            "--strict-range",
+            "10.0.0.0/8",
+            "--pod-cidr",
+            "10.1.0.0/24",
         ])
         .validate()
         .unwrap();
+        let ranges: Vec<String> = v.strict_ranges.iter().map(ToString::to_string).collect();
+        assert_eq!(ranges, ["10.0.0.0/8", "10.1.0.0/24"]);
         assert_eq!(v.tunnel, TunnelMode::Geneve);
         assert_eq!(v.underlay_ip, Some("192.0.2.1".parse().unwrap()));
         assert_eq!(v.cluster.unwrap().to_string(), "c1");

@@ -6,7 +6,8 @@
 //!
 //! Each map is keyed as its target is: the ip-cache and tunnels by prefix,
 //! peers by `cluster/node`, services by `namespace/name`, the local
-//! endpoints by address, the encryption policy by `()` (one entry).
+//! endpoints by address, the encryption policy by `()` (one entry), the
+//! strict ranges by prefix.
 
 use std::{
     collections::BTreeMap,
@@ -82,6 +83,11 @@ pub struct Desired {
     /// The local cluster's encryption policy: one entry (key `()`), read by
     /// the datapath-config reconciler (strict flags) and shown in status.
     pub policy: BTreeMap<(), EncryptionPolicy>,
+    /// The mesh's pod ranges strict mode covers (`CM_STRICT_RANGES`): the
+    /// agent's `--strict-range` and `--pod-cidr` flags and every remote
+    /// cluster file's declared `pod-cidrs`. Not from the merge: known
+    /// before any cluster connects, and applied first.
+    pub strict_ranges: BTreeMap<IpCidr, ()>,
     pub rejected: Vec<Rejection>,
 }
 

@@ -5,7 +5,8 @@
 //!    programs attach to it);
 //! 2. the datapath: programs loaded and attached in the node's namespace,
 //!    maps pinned; `CM_CONFIG` written fail-closed (strict egress when
-//!    encrypted) until the policy is read;
+//!    encrypted, and every strict flag the pinned configuration had) until
+//!    the policy is read;
 //! 3. the local endpoints ([`crate::endpoints`]) and the registration with
 //!    the apiserver ([`crate::registration`]), with key rotation;
 //! 4. the control plane ([`crate::clusters::Agent`]) with its reconcilers
@@ -35,6 +36,7 @@ use crate::{
         ipcache::IpCacheMap,
         routes::{RouteTable, RoutedTunnels},
         services::{LbPolicy, ServiceMap},
+        strict_ranges::StrictRangeMap,
         tunnels::TunnelMap,
         wg_peers::WgPeers,
     },
@@ -121,7 +123,8 @@ fn base_config(v: &Validated, a: &Attachment, encrypted: bool) -> DatapathConfig
         underlay_ifindex: a.underlay_ifindex,
         underlay_ip: v.underlay_ip.map_or(0, |ip| u32::from(ip).to_be()),
         wg_ifindex: a.wg_ifindex,
-        // Strict until the cluster's policy is read: fail closed.
+        // Strict until the cluster's policy is read: fail closed (the
+        // reconciler also keeps the pinned configuration's strict flags).
         flags: if encrypted { CONFIG_FLAG_STRICT } else { 0 },
     }
 }
@@ -304,6 +307,7 @@ fn reconcilers(
         Box::new(map)
     };
     r.ipcache = Box::new(IpCacheMap::open(&cfg.bpf_pin_dir)?);
+    r.strict_ranges = Box::new(StrictRangeMap::open(&cfg.bpf_pin_dir)?);
     r.services = Box::new(ServiceMap::open(
         &cfg.bpf_pin_dir,
         LbPolicy {
@@ -330,12 +334,15 @@ async fn start_control_plane(
             trusted_ca_file: cfg.local_etcd_ca.clone(),
             cert_file: cfg.local_etcd_cert.clone(),
             key_file: cfg.local_etcd_key.clone(),
+            pod_cidrs: Vec::new(),
         },
         self_node: cfg.node_name.as_deref().and_then(|n| n.parse().ok()),
         clusters_dir: cfg.clusters_dir.clone(),
         stale_ttl: Duration::from_secs(cfg.stale_ttl),
         sync_timeout: Duration::from_secs(cfg.sync_timeout),
         poll_interval: Duration::from_secs(1),
+        // Validated before start: cannot fail here.
+        strict_ranges: cfg.strict_ranges().unwrap_or_default(),
     };
     let agent = Agent::new(
         clusters,

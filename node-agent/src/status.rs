@@ -207,6 +207,13 @@ fn encryption_metrics(r: &mut Registry, e: &EncryptionStatus) {
         "Pod packets strict encryption refused, by direction",
         plaintext,
     );
+    let unknown = Counter::<u64>::default();
+    unknown.inc_by(e.plaintext_drops.unknown_destination);
+    r.register(
+        "clustermesh_agent_strict_unknown_destination_drops",
+        "Pod packets into a mesh pod range the ip-cache could not route, refused by strict mode",
+        unknown,
+    );
     let d = &e.device_drops;
     let device = counter_family();
     for (reason, v) in [
@@ -304,6 +311,7 @@ mod tests {
             r#"clustermesh_agent_wireguard_peer_handshake_age_seconds{peer="abc"} 3"#,
             r#"clustermesh_agent_wireguard_peer_bytes_total{peer="abc",direction="tx"} 20"#,
             "# TYPE clustermesh_agent_plaintext_drops counter",
+            "clustermesh_agent_strict_unknown_destination_drops_total 0",
             "# EOF",
         ] {
             assert!(text.contains(want), "{want} missing in\n{text}");

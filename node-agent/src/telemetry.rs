@@ -40,6 +40,9 @@ fn plaintext(c: &Counters) -> PlaintextDrops {
     PlaintextDrops {
         egress: get(Direction::Egress),
         ingress: get(Direction::Ingress),
+        unknown_destination: c
+            .get(Direction::Egress, Verdict::DropStrictUnknownDest)
+            .map_or(0, |c| c.packets),
     }
 }
 
@@ -79,12 +82,14 @@ impl Telemetry {
             .map(|e| (e.plaintext_drops, e.device_drops))
             .unwrap_or_default();
         let interval = self.report_every.as_secs();
-        if now.egress + now.ingress > was.0.egress + was.0.ingress {
+        let total = |d: &PlaintextDrops| d.egress + d.ingress + d.unknown_destination;
+        if total(&now) > total(&was.0) {
             self.audit.record(
                 "plaintext_drops",
                 serde_json::json!({
                     "egress": now.egress.saturating_sub(was.0.egress),
                     "ingress": now.ingress.saturating_sub(was.0.ingress),
+                    "unknown_destination": now.unknown_destination.saturating_sub(was.0.unknown_destination),
                     "interval_s": interval,
                 }),
             );

@@ -139,6 +139,7 @@ impl Targets {
             peers: Box::new(self.peers.clone()),
             services: Box::new(self.services.clone()),
             policy: Box::new(MemoryReconciler::new("policy")),
+            strict_ranges: Box::new(MemoryReconciler::new("strict ranges")),
         }
     }
 }
@@ -151,12 +152,14 @@ fn agent_config(local: &Cluster, dir: &Path, stale_ttl: Duration) -> ClustersCon
             trusted_ca_file: None,
             cert_file: None,
             key_file: None,
+            pod_cidrs: Vec::new(),
         },
         self_node: Some("a1".parse().unwrap()),
         clusters_dir: dir.to_owned(),
         stale_ttl,
         sync_timeout: Duration::from_secs(60),
         poll_interval: Duration::from_millis(100),
+        strict_ranges: Vec::new(),
     }
 }
 
@@ -692,4 +695,64 @@ async fn a_remote_cannot_take_over_another_remotes_range_or_claim_hostile_ones()
     );
     cancel.cancel();
     run.await.unwrap();
+}
+
+/// The strict ranges need no cluster: the flags' and every remote cluster
+/// file's declared `pod-cidrs` are applied at once (no etcd answers here),
+/// and a new file's are added as it appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_ranges_come_from_flags_and_declared_pod_cidrs_before_any_cluster_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = "http://127.0.0.1:9";
+    std::fs::write(
+        dir.path().join("c2"),
+        format!("endpoints: [{nobody}]\npod-cidrs: [10.2.0.0/16, fd00:2::/48]\n"),
+    )
+    .unwrap();
+    let ranges = SharedReconciler::<IpCidr, ()>::new("strict ranges");
+    let mut r = Reconcilers::in_memory();
+    r.strict_ranges = Box::new(ranges.clone());
+    let cfg = ClustersConfig {
+        local_cluster: "c1".parse().unwrap(),
+        local: ClusterFile {
+            endpoints: vec![nobody.into()],
+            trusted_ca_file: None,
+            cert_file: None,
+            key_file: None,
+            pod_cidrs: Vec::new(),
+        },
+        self_node: None,
+        clusters_dir: dir.path().to_owned(),
+        stale_ttl: Duration::ZERO,
+        sync_timeout: Duration::from_secs(60),
+        poll_interval: Duration::from_millis(100),
+        strict_ranges: vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "10.1.3.0/24".parse().unwrap(),
+        ],
+    };
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(Agent::new(cfg, r, cancel.clone()).run());
+    let shown = |r: &SharedReconciler<IpCidr, ()>| -> Vec<String> {
+        r.contents().keys().map(ToString::to_string).collect()
+    };
+    until("the configured and declared ranges", || {
+        shown(&ranges).len() == 4
+    })
+    .await;
+    assert_eq!(
+        shown(&ranges),
+        ["10.0.0.0/8", "10.1.3.0/24", "10.2.0.0/16", "fd00:2::/48"]
+    );
+    std::fs::write(
+        dir.path().join("c3"),
+        format!("endpoints: [{nobody}]\npod-cidrs: [10.3.0.0/16]\n"),
+    )
+    .unwrap();
+    until("a new file's range", || {
+        shown(&ranges).contains(&"10.3.0.0/16".to_owned())
+    })
+    .await;
+    cancel.cancel();
+    task.await.unwrap();
 }

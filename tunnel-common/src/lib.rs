@@ -51,6 +51,17 @@ pub mod maps {
     /// LRU hash: [`crate::LbFlowKey`] of the reply (backend -> client) ->
     /// the frontend to restore as its source ([`crate::LbAddr`]).
     pub const LB_REVERSE: &str = "CM_LB_REVERSE";
+    /// Hash: service frontend IPv4 (network order) -> number of (port,
+    /// protocol) frontends it has. A packet to such an address that is a
+    /// fragment, not TCP/UDP, or to a port that is not one of its frontends
+    /// is dropped ([`crate::Verdict::DropFragment`],
+    /// [`crate::Verdict::DropServiceProtocol`]), never handed to the host.
+    pub const LB_FRONTENDS: &str = "CM_LB_FRONTENDS";
+    /// LPM trie: IPv4 prefix (the mesh's pod ranges) -> [`crate::STRICT_RANGE`].
+    /// In strict mode a destination inside one that the ip-cache cannot
+    /// route (no entry, or one without a tunnel endpoint or encryption) is
+    /// dropped ([`crate::Verdict::DropStrictUnknownDest`]).
+    pub const STRICT_RANGES: &str = "CM_STRICT_RANGES";
 }
 
 /// Entries of the maps (sizes are fixed at load).
@@ -64,6 +75,12 @@ pub const MAX_LB_SLOTS: u32 = 65536;
 pub const MAX_LB_BACKENDS: u32 = 65536;
 /// Balanced flows remembered (each has a forward and a reverse entry).
 pub const MAX_LB_FLOWS: u32 = 262_144;
+/// Distinct service frontend addresses.
+pub const MAX_LB_FRONTENDS: u32 = 16384;
+/// Pod ranges strict mode covers.
+pub const MAX_STRICT_RANGES: u32 = 4096;
+/// The value of every [`maps::STRICT_RANGES`] entry.
+pub const STRICT_RANGE: u32 = 1;
 
 /// How pod traffic to remote nodes leaves this node.
 #[repr(u32)]
@@ -286,10 +303,25 @@ pub enum Verdict {
     /// Dropped: addressed to a service frontend that has no backend to
     /// give a new flow.
     DropNoServiceBackend = 69,
+    /// Dropped: a pod sent a packet (IPv4, or ARP) whose source address is
+    /// not its own (not a local endpoint bound to the interface it came
+    /// in on).
+    DropSpoofed = 70,
+    /// Dropped: a pod sent a frame that is neither IPv4 nor ARP (IPv6
+    /// included, until the datapath supports it).
+    DropNonIpv4 = 71,
+    /// Dropped: an IPv4 fragment addressed to a service frontend address.
+    DropFragment = 72,
+    /// Dropped: addressed to a service frontend address with a protocol
+    /// other than TCP/UDP, or to a port that is not one of its frontends.
+    DropServiceProtocol = 73,
+    /// Dropped: strict mode, the destination lies in a mesh pod range but
+    /// the ip-cache has no tunnel endpoint (or encryption) for it.
+    DropStrictUnknownDest = 74,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 11] = [
+    pub const ALL: [Verdict; 16] = [
         Verdict::Pass,
         Verdict::Local,
         Verdict::Tunnel,
@@ -301,6 +333,11 @@ impl Verdict {
         Verdict::DropInternal,
         Verdict::DropUnknownEndpoint,
         Verdict::DropNoServiceBackend,
+        Verdict::DropSpoofed,
+        Verdict::DropNonIpv4,
+        Verdict::DropFragment,
+        Verdict::DropServiceProtocol,
+        Verdict::DropStrictUnknownDest,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -320,6 +357,11 @@ impl Verdict {
             Verdict::DropInternal => "drop_internal",
             Verdict::DropUnknownEndpoint => "drop_unknown_endpoint",
             Verdict::DropNoServiceBackend => "drop_no_service_backend",
+            Verdict::DropSpoofed => "drop_spoofed",
+            Verdict::DropNonIpv4 => "drop_non_ipv4",
+            Verdict::DropFragment => "drop_fragment",
+            Verdict::DropServiceProtocol => "drop_service_protocol",
+            Verdict::DropStrictUnknownDest => "drop_strict_unknown_dest",
         }
     }
 }
@@ -364,6 +406,17 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verdict_names_are_distinct_and_drops_are_drops() {
+        for (i, a) in Verdict::ALL.iter().enumerate() {
+            for b in &Verdict::ALL[i + 1..] {
+                assert_ne!(a.name(), b.name());
+                assert_ne!(*a as u8, *b as u8);
+            }
+            assert_eq!(a.is_drop(), a.name().starts_with("drop_"), "{a:?}");
+        }
+    }
 
     #[test]
     fn metric_indexes_are_distinct_and_in_range() {

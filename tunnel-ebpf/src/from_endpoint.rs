@@ -1,7 +1,19 @@
 //! `from_endpoint`: TC ingress of a pod's host-side veth, i.e. every packet a
 //! local endpoint sends.
 //!
-//! - destination is a service frontend (address, port, TCP or UDP): the
+//! With the datapath not configured (mode `none`) everything goes to the
+//! host stack unchanged. Otherwise a pod is untrusted:
+//!
+//! - a frame that is neither IPv4 nor ARP (IPv6 included, until the
+//!   datapath supports it) is dropped (`drop_non_ipv4`);
+//! - an IPv4 packet whose source is not a local endpoint (`CM_ENDPOINTS`)
+//!   bound to this very interface (its `ifindex`), and an ARP frame whose
+//!   sender protocol address is not, are dropped (`drop_spoofed`). A pod
+//!   whose entry the agent has not written yet sends nothing (fail closed);
+//! - destination is a service frontend address (`CM_LB_FRONTENDS`): a
+//!   fragment is dropped (`drop_fragment`), a protocol other than TCP/UDP
+//!   or a port that is not one of its frontends too
+//!   (`drop_service_protocol`); a frontend (address, port, TCP or UDP): the
 //!   destination becomes the flow's backend (kept for the flow's life while
 //!   the backend is allowed, else drawn from the selectable ones; replies
 //!   are translated back on delivery), then routed as below; a frontend
@@ -24,8 +36,13 @@
 //!   (`drop_strict_plaintext`), otherwise it takes the tunnel unencrypted;
 //! - destination is a remote range whose node is gone (ip-cache entry marked
 //!   unreachable): dropped with a counted reason;
-//! - anything else (unknown destination, not IPv4, datapath not configured):
-//!   hand to the host stack unchanged.
+//! - strict mode (`CONFIG_FLAG_STRICT`), destination inside one of the
+//!   mesh's pod ranges (`CM_STRICT_RANGES`) that the ip-cache cannot route
+//!   (no entry, or one with neither tunnel endpoint nor encryption):
+//!   dropped (`drop_strict_unknown_dest`), never handed to the host stack
+//!   (whose default route would send it out in the clear);
+//! - anything else (a destination outside the mesh, or not covered by
+//!   strict mode): hand to the host stack unchanged.
 //!
 //! Every packet is counted per CPU in CM_METRICS by (direction, verdict).
 //!
@@ -55,10 +72,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use shared::{
-    Balanced, ETH_HLEN, config, count, deliver, endpoint, ipcache, ipv4_addrs, lb_forward,
+    Balanced, ETH_HLEN, ETH_P_IP, IP_DST, IP_SRC, config, count, deliver, endpoint,
+    in_strict_range, ipcache, lb_forward,
 };
 use tunnel_common::{
-    CONFIG_FLAG_STRICT, DatapathConfig, Direction, ENCAP_OVERHEAD, GENEVE_PORT, IDENTITY_WORLD,
+    CONFIG_FLAG_STRICT, DatapathConfig, Direction, ENCAP_OVERHEAD, EndpointInfo, GENEVE_PORT,
     IPCACHE_FLAG_ENCRYPT, IPCACHE_FLAG_UNREACHABLE, TunnelMode, Verdict,
 };
 
@@ -70,15 +88,62 @@ pub fn from_endpoint(ctx: TcContext) -> i32 {
     action
 }
 
+const ETH_P_ARP: u16 = 0x0806;
+/// Sender protocol address of an Ethernet + ARP (IPv4 over Ethernet) frame.
+const ARP_SPA: usize = ETH_HLEN + 14;
+
+/// The local endpoint `ip` if it is bound to the interface the packet came
+/// in on: a pod may only send as itself.
+#[inline(always)]
+fn own_endpoint(ctx: &TcContext, ip: u32) -> Option<EndpointInfo> {
+    let ep = endpoint(ip)?;
+    // SAFETY: ctx wraps the live `__sk_buff` of this invocation.
+    let ifindex = unsafe { (*ctx.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).ifindex };
+    (ep.ifindex == ifindex).then_some(ep)
+}
+
+/// ARP from a pod: only about its own address (the host answers it).
+#[inline(always)]
+fn arp(ctx: &TcContext) -> (Verdict, i32) {
+    let Ok(spa) = ctx.load::<u32>(ARP_SPA) else {
+        return (Verdict::DropMalformed, TC_ACT_SHOT);
+    };
+    match own_endpoint(ctx, spa) {
+        Some(_) => (Verdict::Pass, TC_ACT_OK),
+        None => (Verdict::DropSpoofed, TC_ACT_SHOT),
+    }
+}
+
+/// Strict mode's verdict for a destination the ip-cache cannot route: a
+/// mesh pod range is never handed to the host stack.
+#[inline(always)]
+fn unroutable(cfg: &DatapathConfig, dst: u32) -> (Verdict, i32) {
+    if cfg.flags & CONFIG_FLAG_STRICT != 0 && in_strict_range(dst) {
+        return (Verdict::DropStrictUnknownDest, TC_ACT_SHOT);
+    }
+    (Verdict::Pass, TC_ACT_OK)
+}
+
 #[inline(always)]
 fn try_from_endpoint(ctx: &TcContext) -> (Verdict, i32) {
-    let Some((src, dst)) = ipv4_addrs(ctx) else {
-        return (Verdict::Pass, TC_ACT_OK);
-    };
     let cfg = config();
     if cfg.mode == TunnelMode::None as u32 {
         return (Verdict::Pass, TC_ACT_OK);
     }
+    let Ok(ethertype) = ctx.load::<u16>(12) else {
+        return (Verdict::DropMalformed, TC_ACT_SHOT);
+    };
+    match u16::from_be(ethertype) {
+        ETH_P_IP => {}
+        ETH_P_ARP => return arp(ctx),
+        _ => return (Verdict::DropNonIpv4, TC_ACT_SHOT),
+    }
+    let (Ok(src), Ok(dst)) = (ctx.load::<u32>(IP_SRC), ctx.load::<u32>(IP_DST)) else {
+        return (Verdict::DropMalformed, TC_ACT_SHOT);
+    };
+    let Some(sender) = own_endpoint(ctx, src) else {
+        return (Verdict::DropSpoofed, TC_ACT_SHOT);
+    };
     // A service frontend is translated to its flow's backend first; the
     // rest routes the backend's address.
     let dst = match lb_forward(ctx, src, dst) {
@@ -90,7 +155,7 @@ fn try_from_endpoint(ctx: &TcContext) -> (Verdict, i32) {
         return deliver(ctx, &ep);
     }
     let Some(dest) = ipcache(dst) else {
-        return (Verdict::Pass, TC_ACT_OK);
+        return unroutable(&cfg, dst);
     };
     if dest.flags & IPCACHE_FLAG_UNREACHABLE != 0 {
         return (Verdict::DropNoTunnelEndpoint, TC_ACT_SHOT);
@@ -108,14 +173,11 @@ fn try_from_endpoint(ctx: &TcContext) -> (Verdict, i32) {
         }
     }
     if dest.tunnel_endpoint == 0 {
-        return (Verdict::Pass, TC_ACT_OK);
+        return unroutable(&cfg, dst);
     }
     // The sender's identity (24 bits: cluster id + local id) rides in the
     // VNI of either tunnel.
-    let identity = match endpoint(src) {
-        Some(ep) => ep.identity,
-        None => IDENTITY_WORLD,
-    } & 0x00ff_ffff;
+    let identity = sender.identity & 0x00ff_ffff;
     if cfg.mode == TunnelMode::Vxlan as u32 {
         vxlan(ctx, &cfg, dest.tunnel_endpoint, identity)
     } else if cfg.mode == TunnelMode::Geneve as u32 {

@@ -12,8 +12,8 @@ use aya_ebpf::{
 use tunnel_common::{
     Counter, DatapathConfig, Direction, EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, IpCacheValue,
     LB_BACKEND_SELECTABLE, LbAddr, LbBackendKey, LbBackendValue, LbFlowKey, LbServiceKey,
-    LbServiceValue, MAX_ENDPOINTS, MAX_IPCACHE, MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_SLOTS,
-    MAX_SOURCE_IDENTITIES, METRICS_ENTRIES, Verdict, metric_index,
+    LbServiceValue, MAX_ENDPOINTS, MAX_IPCACHE, MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS,
+    MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES, MAX_STRICT_RANGES, METRICS_ENTRIES, Verdict, metric_index,
 };
 
 #[map]
@@ -35,6 +35,10 @@ pub static CM_LB_BACKENDS: HashMap<LbBackendKey, LbBackendValue> =
 pub static CM_LB_FLOWS: LruHashMap<LbFlowKey, LbAddr> = LruHashMap::pinned(MAX_LB_FLOWS, 0);
 #[map]
 pub static CM_LB_REVERSE: LruHashMap<LbFlowKey, LbAddr> = LruHashMap::pinned(MAX_LB_FLOWS, 0);
+#[map]
+pub static CM_LB_FRONTENDS: HashMap<u32, u32> = HashMap::pinned(MAX_LB_FRONTENDS, 0);
+#[map]
+pub static CM_STRICT_RANGES: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_STRICT_RANGES, 0);
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -73,6 +77,14 @@ pub fn ipcache(ip: u32) -> Option<IpCacheValue> {
     CM_IPCACHE
         .get(&aya_ebpf::maps::lpm_trie::Key::new(32, ip))
         .copied()
+}
+
+/// Whether `ip` lies in one of the mesh's pod ranges (`CM_STRICT_RANGES`).
+#[inline(always)]
+pub fn in_strict_range(ip: u32) -> bool {
+    CM_STRICT_RANGES
+        .get(&aya_ebpf::maps::lpm_trie::Key::new(32, ip))
+        .is_some()
 }
 
 /// IPv4 source and destination (network order) of an Ethernet frame, or
@@ -172,6 +184,27 @@ fn l4(ctx: &TcContext) -> Option<(u8, usize)> {
     Some((proto, ETH_HLEN + ihl))
 }
 
+/// [`l4`] for a packet addressed to a frontend address: a fragment, or a
+/// protocol the load-balancer does not handle, is the verdict to drop it.
+#[inline(always)]
+fn frontend_l4(ctx: &TcContext) -> Result<(u8, usize), Verdict> {
+    let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| Verdict::DropMalformed)?;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(Verdict::DropMalformed);
+    }
+    let frag: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| Verdict::DropMalformed)?;
+    // More-fragments flag or a fragment offset.
+    if u16::from_be(frag) & 0x3fff != 0 {
+        return Err(Verdict::DropFragment);
+    }
+    let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| Verdict::DropMalformed)?;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return Err(Verdict::DropServiceProtocol);
+    }
+    Ok((proto, ETH_HLEN + ihl))
+}
+
 /// Offset of the L4 checksum and the flags `l4_csum_replace` needs for it
 /// (a UDP checksum of 0 means "none" and must stay 0).
 #[inline(always)]
@@ -230,12 +263,16 @@ pub enum Balanced {
 /// backend. `Err` is the verdict of a packet that must be dropped.
 #[inline(always)]
 pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdict> {
-    let Some((proto, l4off)) = l4(ctx) else {
+    // SAFETY: only the presence is read.
+    if unsafe { CM_LB_FRONTENDS.get(&dst) }.is_none() {
         return Ok(Balanced::No);
-    };
+    }
+    // A frontend address is served by the load-balancer or not at all:
+    // nothing addressed to it reaches the host stack.
+    let (proto, l4off) = frontend_l4(ctx)?;
     // Source and destination port, network order.
     let Ok(ports) = ctx.load::<[u16; 2]>(l4off) else {
-        return Ok(Balanced::No);
+        return Err(Verdict::DropMalformed);
     };
     let mut skey = LbServiceKey {
         addr: dst,
@@ -247,7 +284,8 @@ pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdi
     };
     // SAFETY: values are copied out at once.
     let Some(svc) = (unsafe { CM_LB_SERVICES.get(&skey) }).copied() else {
-        return Ok(Balanced::No);
+        // A port (or protocol) of the address that is no frontend.
+        return Err(Verdict::DropServiceProtocol);
     };
     let flow = LbFlowKey {
         saddr: src,

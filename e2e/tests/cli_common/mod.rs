@@ -173,6 +173,7 @@ pub async fn cluster(root: &Path, spec: ClusterSpec<'_>) -> Cluster {
             trusted_ca_file: None,
             cert_file: None,
             key_file: None,
+            pod_cidrs: Vec::new(),
         };
         nodes.push(agent(root, spec.name, &format!("n{}", i + 1), local).await);
     }
@@ -199,6 +200,7 @@ pub async fn agent(root: &Path, cluster: &str, node: &str, local: ClusterFile) -
         stale_ttl: Duration::from_secs(300),
         sync_timeout: Duration::from_secs(60),
         poll_interval: Duration::from_millis(100),
+        strict_ranges: Vec::new(),
     };
     // The encryption section follows the cluster's policy through the
     // datapath-config reconciler, as in the agent (no datapath here).

@@ -15,6 +15,9 @@
 //!   and not already another node's;
 //! - its WireGuard keys are no other node's (a duplicate would steal the
 //!   victim's encrypted traffic);
+//! - when its remote-cluster file declares `pod-cidrs` (the cluster's pod
+//!   ranges), each of its nodes' pod CIDRs lies inside one of them; a file
+//!   that declares none leaves the other bounds alone;
 //! - and, as for every cluster, its pod CIDRs overlap no admitted one.
 
 use std::net::IpAddr;
@@ -78,6 +81,14 @@ pub struct Admitted<'a> {
     pub cidrs: Vec<(IpCidr, &'a ClusterName, &'a NodeName)>,
     pub underlay: Vec<(IpAddr, &'a ClusterName, &'a NodeName)>,
     pub keys: Vec<(WgPublicKey, &'a ClusterName, &'a NodeName)>,
+    /// The pod ranges each remote cluster's file declares (none: not
+    /// bounded by declaration).
+    pub declared: Vec<(&'a ClusterName, &'a [IpCidr])>,
+}
+
+/// Whether `inner` lies entirely inside `outer`.
+pub fn within(inner: &IpCidr, outer: &IpCidr) -> bool {
+    outer.prefix_len() <= inner.prefix_len() && outer.contains(inner.addr())
 }
 
 impl<'a> Admitted<'a> {
@@ -90,6 +101,7 @@ impl<'a> Admitted<'a> {
     ) -> Result<(), Refusal> {
         if !local {
             remote_bounds(self, rec)?;
+            self.declared_bounds(rec, cluster)?;
         }
         for ip in &rec.underlay_ips {
             if let Some((c, oc, on)) = self.cidrs.iter().find(|(c, _, _)| c.contains(*ip)) {
@@ -129,6 +141,34 @@ impl<'a> Admitted<'a> {
                     ),
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// A remote node's pod CIDRs inside its cluster's declared ranges.
+    fn declared_bounds(&self, rec: &NodeRecord, cluster: &ClusterName) -> Result<(), Refusal> {
+        let declared: Vec<&IpCidr> = self
+            .declared
+            .iter()
+            .filter(|(c, _)| *c == cluster)
+            .flat_map(|(_, d)| d.iter())
+            .collect();
+        if declared.is_empty() {
+            return Ok(());
+        }
+        if let Some(cidr) = rec
+            .pod_cidrs
+            .iter()
+            .find(|c| !declared.iter().any(|d| within(c, d)))
+        {
+            let list: Vec<String> = declared.iter().map(ToString::to_string).collect();
+            return refuse(
+                "pod_cidr_undeclared",
+                format!(
+                    "pod CIDR {cidr} is outside the pod ranges cluster {cluster}'s file declares ({})",
+                    list.join(", ")
+                ),
+            );
         }
         Ok(())
     }
@@ -206,33 +246,116 @@ mod tests {
         let c2: ClusterName = "c2".parse().unwrap();
         let n1 = node("n1", "10.1.0.0/24", "192.0.2.1", 1);
         let m1 = node("m1", "10.2.0.0/24", "192.0.2.11", 2);
-        let rows: [(&str, &str, u8, Option<&str>); 14] = [
-            ("10.3.0.0/24", "192.0.2.21", 3, None),
-            ("0.0.0.0/1", "192.0.2.21", 3, Some("pod_cidr_prefix")),
-            ("10.0.0.0/7", "192.0.2.21", 3, Some("pod_cidr_prefix")),
-            ("192.0.2.1/32", "192.0.2.21", 3, Some("pod_cidr_prefix")),
-            ("127.0.0.0/8", "192.0.2.21", 3, Some("pod_cidr_reserved")),
-            ("169.254.0.0/24", "192.0.2.21", 3, Some("pod_cidr_reserved")),
-            ("224.0.0.0/8", "192.0.2.21", 3, Some("pod_cidr_reserved")),
+        let declared: Vec<IpCidr> = vec!["10.2.0.0/16".parse().unwrap()];
+        let rows: [(&str, &str, u8, Option<&str>, bool); 19] = [
+            ("10.3.0.0/24", "192.0.2.21", 3, None, false),
+            ("0.0.0.0/1", "192.0.2.21", 3, Some("pod_cidr_prefix"), false),
+            (
+                "10.0.0.0/7",
+                "192.0.2.21",
+                3,
+                Some("pod_cidr_prefix"),
+                false,
+            ),
+            (
+                "192.0.2.1/32",
+                "192.0.2.21",
+                3,
+                Some("pod_cidr_prefix"),
+                false,
+            ),
+            (
+                "127.0.0.0/8",
+                "192.0.2.21",
+                3,
+                Some("pod_cidr_reserved"),
+                false,
+            ),
+            (
+                "169.254.0.0/24",
+                "192.0.2.21",
+                3,
+                Some("pod_cidr_reserved"),
+                false,
+            ),
+            (
+                "224.0.0.0/8",
+                "192.0.2.21",
+                3,
+                Some("pod_cidr_reserved"),
+                false,
+            ),
             (
                 "192.0.2.0/24",
                 "198.51.100.1",
                 3,
                 Some("pod_cidr_covers_node_ip"),
+                false,
             ),
-            ("10.3.0.0/24", "127.0.0.1", 3, Some("underlay_ip_reserved")),
-            ("10.3.0.0/24", "224.0.0.1", 3, Some("underlay_ip_reserved")),
+            (
+                "10.3.0.0/24",
+                "127.0.0.1",
+                3,
+                Some("underlay_ip_reserved"),
+                false,
+            ),
+            (
+                "10.3.0.0/24",
+                "224.0.0.1",
+                3,
+                Some("underlay_ip_reserved"),
+                false,
+            ),
             (
                 "10.3.0.0/24",
                 "10.1.0.7",
                 3,
                 Some("underlay_ip_in_pod_cidr"),
+                false,
             ),
-            ("10.3.0.0/24", "192.0.2.1", 3, Some("underlay_ip_taken")),
-            ("10.2.0.128/25", "192.0.2.21", 3, Some("cidr_overlap")),
-            ("10.3.0.0/24", "192.0.2.21", 1, Some("wireguard_key_taken")),
+            (
+                "10.3.0.0/24",
+                "192.0.2.1",
+                3,
+                Some("underlay_ip_taken"),
+                false,
+            ),
+            (
+                "10.2.0.128/25",
+                "192.0.2.21",
+                3,
+                Some("cidr_overlap"),
+                false,
+            ),
+            (
+                "10.3.0.0/24",
+                "192.0.2.21",
+                1,
+                Some("wireguard_key_taken"),
+                false,
+            ),
+            // The cluster's file declares 10.2.0.0/16: inside it is fine ...
+            ("10.2.1.0/24", "192.0.2.21", 3, None, true),
+            ("10.2.0.0/16", "192.0.2.21", 3, Some("cidr_overlap"), true),
+            // ... outside it, or only partly inside, is refused.
+            (
+                "10.3.0.0/24",
+                "192.0.2.21",
+                3,
+                Some("pod_cidr_undeclared"),
+                true,
+            ),
+            (
+                "10.2.0.0/15",
+                "192.0.2.21",
+                3,
+                Some("pod_cidr_undeclared"),
+                true,
+            ),
+            // Without a declaration, today's bounds only.
+            ("10.3.0.0/24", "192.0.2.21", 3, None, false),
         ];
-        for (cidr, ip, key, want) in rows {
+        for (cidr, ip, key, want, bounded) in rows {
             let x = node("x1", cidr, ip, key);
             let mut a = Admitted::default();
             for (rec, c) in [(&n1, &c1), (&m1, &c2), (&x, &c2)] {
@@ -242,8 +365,11 @@ mod tests {
             }
             a.admit(&n1, &c1);
             a.admit(&m1, &c2);
+            if bounded {
+                a.declared.push((&c2, &declared));
+            }
             let got = a.check(&x, &c2, false).err().map(|r| r.reason);
-            assert_eq!(got, want, "{cidr} via {ip} key {key}");
+            assert_eq!(got, want, "{cidr} via {ip} key {key} declared {bounded}");
         }
     }
 

@@ -52,6 +52,9 @@ pub struct ClusterInput<'a> {
     pub name: &'a ClusterName,
     pub id: ClusterId,
     pub records: &'a Records,
+    /// The pod ranges the cluster's remote-cluster file declares (empty:
+    /// none declared; never bounds the local cluster).
+    pub declared: &'a [IpCidr],
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -167,6 +170,9 @@ fn merge_nodes<'a>(
             .then(a.3.name.cmp(&b.3.name))
     });
     let mut admitted = Admitted::default();
+    for c in input.remotes {
+        admitted.declared.push((c.name, c.declared));
+    }
     for (_, _, c, rec) in &candidates {
         for ip in &rec.underlay_ips {
             admitted.node_ips.push((*ip, c.name, &rec.name));
@@ -510,6 +516,7 @@ mod tests {
                     name: &self.names[i],
                     id: ClusterId::new(i as u64 + 1).unwrap(),
                     records: &self.recs[i],
+                    declared: &[],
                 })
                 .collect();
             let self_node: NodeName = "n1".parse().unwrap();

@@ -63,6 +63,9 @@ pub struct ClustersConfig {
     /// Prune the datapath after this long even if a cluster never synced.
     pub sync_timeout: Duration,
     pub poll_interval: Duration,
+    /// Pod ranges strict mode covers whatever the clusters declare
+    /// (`--strict-range`, this node's `--pod-cidr`).
+    pub strict_ranges: Vec<IpCidr>,
 }
 
 impl ClustersConfig {
@@ -78,6 +81,8 @@ pub struct Reconcilers {
     pub services: Box<dyn Reconciler<String, MergedService>>,
     /// The local cluster's encryption policy (strict flags, status, audit).
     pub policy: Box<dyn Reconciler<(), EncryptionPolicy>>,
+    /// `CM_STRICT_RANGES`.
+    pub strict_ranges: Box<dyn Reconciler<IpCidr, ()>>,
 }
 
 impl Reconcilers {
@@ -89,6 +94,7 @@ impl Reconcilers {
             peers: Box::new(MemoryReconciler::new("peers")),
             services: Box::new(MemoryReconciler::new("services")),
             policy: Box::new(MemoryReconciler::new("policy")),
+            strict_ranges: Box::new(MemoryReconciler::new("strict ranges")),
         }
     }
 }
@@ -106,6 +112,8 @@ struct Slot {
     local: bool,
     store: ClusterStore,
     file_bytes: Vec<u8>,
+    /// The pod ranges its file declares.
+    declared: Vec<IpCidr>,
     cancel: CancellationToken,
     connected: bool,
     synced: bool,
@@ -122,6 +130,7 @@ impl Slot {
             local,
             store: ClusterStore::new(name),
             file_bytes,
+            declared: Vec::new(),
             cancel,
             connected: false,
             synced: false,
@@ -199,6 +208,7 @@ impl Agent {
 
     fn start_watcher(&mut self, name: ClusterName, file: ClusterFile, bytes: Vec<u8>, local: bool) {
         let cancel = self.cancel.child_token();
+        let declared = file.pod_cidrs.clone();
         self.tracker.spawn(watcher::run(
             name.clone(),
             file,
@@ -212,13 +222,17 @@ impl Agent {
                 s.cancel.cancel();
                 s.cancel = cancel;
                 s.file_bytes = bytes;
+                s.declared = declared;
                 s.refused = None;
             }
             None => {
-                self.slots
-                    .insert(name.clone(), Slot::new(name, local, bytes, cancel));
+                let mut slot = Slot::new(name.clone(), local, bytes, cancel);
+                slot.declared = declared;
+                self.slots.insert(name, slot);
             }
         }
+        // Its declared ranges count for strict mode at once.
+        self.dirty = true;
     }
 
     fn rescan(&mut self) {
@@ -365,12 +379,56 @@ impl Agent {
         self.slots.values().all(|s| s.synced || s.refused.is_some())
     }
 
+    /// The pod ranges strict mode covers: the configured ones and every
+    /// remote cluster file's declared ones (a cluster keeps them, also
+    /// while refused or unreachable, until its file is removed).
+    fn strict_ranges(&self) -> BTreeMap<IpCidr, ()> {
+        let remote = self
+            .slots
+            .values()
+            .filter(|s| !s.local)
+            .flat_map(|s| s.declared.iter());
+        self.cfg
+            .strict_ranges
+            .iter()
+            .chain(remote)
+            .map(|c| (*c, ()))
+            .collect()
+    }
+
+    /// Applies the strict ranges, before anything else (they need no
+    /// cluster to have connected); removals wait for the prune as all do.
+    fn reconcile_strict_ranges(&mut self, failures: &mut Vec<Failure>) {
+        let want = self.strict_ranges();
+        let old = &self.last.strict_ranges;
+        let mut applied = apply_isolated(
+            self.reconcilers.strict_ranges.as_mut(),
+            old,
+            &want,
+            self.pruned,
+            failures,
+        );
+        if !self.pruned {
+            for k in old.keys() {
+                applied.entry(*k).or_default();
+            }
+        }
+        self.last.strict_ranges = applied;
+    }
+
     fn reconcile(&mut self) {
-        let Some(local) = self.slots.get(&self.cfg.local_cluster) else {
+        let mut failures = Vec::new();
+        self.reconcile_strict_ranges(&mut failures);
+        let local_cfg = self
+            .slots
+            .get(&self.cfg.local_cluster)
+            .and_then(|l| l.store.config.clone());
+        // The local policy is unknown until the local cluster connects.
+        let (Some(local), Some(local_cfg)) = (self.slots.get(&self.cfg.local_cluster), local_cfg)
+        else {
+            self.retry = !failures.is_empty();
+            self.failures = failures;
             return;
-        };
-        let Some(local_cfg) = local.store.config.clone() else {
-            return; // the local policy is unknown until the local cluster connects
         };
         let remotes: Vec<ClusterInput<'_>> = self
             .slots
@@ -381,6 +439,7 @@ impl Agent {
                     name: n,
                     id: c.id,
                     records: &s.store.records,
+                    declared: &s.declared,
                 })
             })
             .collect();
@@ -390,6 +449,7 @@ impl Agent {
                 name: &self.cfg.local_cluster,
                 id: local_cfg.id,
                 records: &local.store.records,
+                declared: &[],
             },
             self_node: self.cfg.self_node.as_ref(),
             encryption: local_cfg.encryption,
@@ -413,7 +473,6 @@ impl Agent {
         let prune_now =
             !self.pruned && (self.all_synced() || self.started.elapsed() >= self.cfg.sync_timeout);
         let allow_delete = self.pruned;
-        let mut failures = Vec::new();
         let mut applied = self.apply(&desired, allow_delete, &mut failures);
         applied.rejected = desired.rejected;
         if prune_now {
@@ -522,6 +581,8 @@ impl Agent {
                 false,
                 failures,
             ),
+            // Applied first, by [`Agent::reconcile_strict_ranges`].
+            strict_ranges: last.strict_ranges.clone(),
             rejected: Vec::new(),
         }
     }
@@ -529,12 +590,15 @@ impl Agent {
     /// The one prune after the initial sync; true when every target pruned
     /// (a target that failed is pruned again next round).
     fn prune(&mut self, applied: &Desired, failures: &mut Vec<Failure>) -> bool {
+        // `applied.strict_ranges` still holds what left them (kept until now).
+        let strict = self.strict_ranges();
         let r = &mut self.reconcilers;
         let results = [
             r.ipcache.prune(&applied.ipcache),
             r.tunnels.prune(&applied.tunnels),
             r.peers.prune(&applied.peers),
             r.services.prune(&applied.services),
+            r.strict_ranges.prune(&strict),
         ];
         let mut removed = 0;
         let mut ok = true;
@@ -627,6 +691,7 @@ impl Agent {
             r.peers.tick(now),
             r.services.tick(now),
             r.policy.tick(now),
+            r.strict_ranges.tick(now),
         ];
         for e in results.into_iter().filter_map(Result::err) {
             tracing::warn!(error = %e, "scheduled reconciler work failed; retrying");
@@ -643,6 +708,7 @@ impl Agent {
                 peers: r.peers.snapshot()?,
                 services: r.services.snapshot()?,
                 policy: r.policy.snapshot()?,
+                strict_ranges: r.strict_ranges.snapshot()?,
                 rejected: Vec::new(),
             })
         })();

@@ -6,8 +6,11 @@
 //!
 //! The base configuration (mode and interfaces) is written when the
 //! reconciler is opened, strict egress included when the node runs a
-//! WireGuard device: fail closed until the policy is read. Without a
-//! datapath (control plane only) it keeps the status and the audit trail.
+//! WireGuard device, and every strict flag the pinned `CM_CONFIG` already
+//! had kept ([`restored`]: a restarted agent never loosens strict egress or
+//! strict ingress before it has read the policy): fail closed until the
+//! policy is read. Without a datapath (control plane only) it keeps the
+//! status and the audit trail.
 
 use std::{
     collections::BTreeMap,
@@ -34,6 +37,23 @@ pub fn strict_flags(p: &EncryptionPolicy) -> u32 {
         }
 }
 
+/// Both strict flags.
+const STRICT_FLAGS: u32 = CONFIG_FLAG_STRICT | CONFIG_FLAG_STRICT_INGRESS;
+
+/// What an agent writes at start: `base`, with every strict flag of the
+/// `pinned` configuration (a previous agent's) kept until the policy is
+/// read. Without a tunnel mode the programs pass everything: `base` alone.
+pub fn restored(base: DatapathConfig, pinned: Option<DatapathConfig>) -> DatapathConfig {
+    if base.mode == 0 {
+        return base;
+    }
+    let kept = pinned.map_or(0, |p| p.flags & STRICT_FLAGS);
+    DatapathConfig {
+        flags: base.flags | kept,
+        ..base
+    }
+}
+
 pub struct DatapathConfigMap {
     map: Option<Array<MapData, DatapathConfig>>,
     config: DatapathConfig,
@@ -42,7 +62,8 @@ pub struct DatapathConfigMap {
 }
 
 impl DatapathConfigMap {
-    /// Opens the pinned `CM_CONFIG` and writes `base` into it.
+    /// Opens the pinned `CM_CONFIG`, reads what it holds and writes
+    /// `base` into it, keeping the strict flags it had ([`restored`]).
     pub fn open(
         pin_dir: &Path,
         base: DatapathConfig,
@@ -52,6 +73,15 @@ impl DatapathConfigMap {
         let data = super::pinned(pin_dir, maps::CONFIG, TARGET)?;
         let mut map: Array<MapData, DatapathConfig> =
             Array::try_from(Map::Array(data)).map_err(|e| ReconcileError::new(TARGET, e))?;
+        let pinned = map.get(&0, 0).map_err(|e| ReconcileError::new(TARGET, e))?;
+        let base = restored(base, Some(pinned));
+        if pinned.flags & STRICT_FLAGS != 0 {
+            tracing::info!(
+                strict = base.flags & CONFIG_FLAG_STRICT != 0,
+                strict_ingress = base.flags & CONFIG_FLAG_STRICT_INGRESS != 0,
+                "kept the pinned datapath's strict flags until the policy is read"
+            );
+        }
         map.set(0, &base, 0)
             .map_err(|e| ReconcileError::new(TARGET, e))?;
         Ok(Self {
@@ -146,5 +176,37 @@ mod tests {
         let lines = std::fs::read_to_string(&log).unwrap();
         assert_eq!(lines.matches("encryption_policy").count(), 1, "{lines}");
         assert_eq!(strict_flags(&p), CONFIG_FLAG_STRICT);
+    }
+
+    #[test]
+    fn a_restart_keeps_the_pinned_strict_flags_until_the_policy_is_read() {
+        const S: u32 = CONFIG_FLAG_STRICT;
+        const I: u32 = CONFIG_FLAG_STRICT_INGRESS;
+        let cfg = |mode, flags| DatapathConfig {
+            mode,
+            overlay_ifindex: 7,
+            flags,
+            ..Default::default()
+        };
+        // (base mode, base flags, pinned flags or no pin, expected flags)
+        let rows: [(u32, u32, Option<u32>, u32); 8] = [
+            (1, 0, None, 0),
+            (1, S, None, S),
+            // A fresh map is zeroed: nothing to keep.
+            (1, 0, Some(0), 0),
+            // The previous agent ran strict ingress: kept, not only egress.
+            (1, S, Some(S | I), S | I),
+            (1, 0, Some(I), I),
+            (1, 0, Some(S), S),
+            // Unknown bits of the pinned value are not carried over.
+            (1, 0, Some(0x80 | I), I),
+            // Mode none: the programs pass everything; nothing to keep.
+            (0, 0, Some(S | I), 0),
+        ];
+        for (i, (mode, base, pinned, want)) in rows.into_iter().enumerate() {
+            let got = restored(cfg(mode, base), pinned.map(|f| cfg(1, f)));
+            assert_eq!(got.flags, want, "row {i}");
+            assert_eq!((got.mode, got.overlay_ifindex), (mode, 7), "row {i}");
+        }
     }
 }

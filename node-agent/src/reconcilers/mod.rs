@@ -19,7 +19,9 @@
 //!   overlap, timed by [`Reconciler::tick`]);
 //! - [`endpoints`]: the local pods in `CM_ENDPOINTS`;
 //! - [`datapath_config`]: `CM_CONFIG` (mode, interfaces, strict flags from
-//!   the cluster's encryption policy).
+//!   the cluster's encryption policy);
+//! - [`strict_ranges`]: the mesh's pod ranges strict mode covers
+//!   (`CM_STRICT_RANGES`).
 //!
 //! Each opens its map through the pin, independently of the loader.
 
@@ -29,6 +31,7 @@ pub mod ipcache;
 mod lpm;
 pub mod routes;
 pub mod services;
+pub mod strict_ranges;
 pub mod tunnels;
 pub mod wg_peers;
 

@@ -25,7 +25,12 @@
 //! backends; CM_LB_BACKENDS lists every backend flows may keep. Writes are
 //! ordered so the programs never read a count larger than the slots
 //! written: allowed backends and slots first, then slot 0, then removals
-//! (slot 0 of removed frontends before their slots).
+//! (slot 0 of removed frontends before their slots). CM_LB_FRONTENDS holds
+//! every frontend address with its number of (port, protocol) frontends,
+//! written after the slots of a new frontend and kept equal to the union
+//! over every service ([`frontend_addrs`]): the programs drop fragments,
+//! other protocols and other ports to such an address instead of handing
+//! them to the host stack.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -207,6 +212,18 @@ pub fn entries(svc: &MergedService, policy: &LbPolicy) -> Entries {
     out
 }
 
+/// Every frontend address of the services' entries, with its number of
+/// (port, protocol) frontends (their slot 0), as `CM_LB_FRONTENDS` holds them.
+pub fn frontend_addrs<'a>(services: impl IntoIterator<Item = &'a Entries>) -> BTreeMap<u32, u32> {
+    let mut out = BTreeMap::new();
+    for e in services {
+        for k in e.slots.keys().filter(|k| k.slot == 0) {
+            *out.entry(k.addr).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
 fn err(e: aya::maps::MapError) -> ReconcileError {
     ReconcileError::new("services", e)
 }
@@ -224,8 +241,11 @@ pub struct ServiceMap {
     policy: LbPolicy,
     slots: HashMap<MapData, LbServiceKey, LbServiceValue>,
     backends: HashMap<MapData, LbBackendKey, LbBackendValue>,
+    frontends: HashMap<MapData, u32, u32>,
     /// What this agent wrote per service (to remove what a change drops).
     written: BTreeMap<String, Entries>,
+    /// What this agent wrote into `CM_LB_FRONTENDS`.
+    written_frontends: BTreeMap<u32, u32>,
 }
 
 impl ServiceMap {
@@ -234,8 +254,33 @@ impl ServiceMap {
             policy,
             slots: open(pin_dir, maps::LB_SERVICES)?,
             backends: open(pin_dir, maps::LB_BACKENDS)?,
+            frontends: open(pin_dir, maps::LB_FRONTENDS)?,
             written: BTreeMap::new(),
+            written_frontends: BTreeMap::new(),
         })
+    }
+
+    /// Makes `CM_LB_FRONTENDS` hold the frontend addresses of what is
+    /// written (after the slots: a new address is complete when it appears).
+    fn sync_frontends(&mut self) -> Result<(), ReconcileError> {
+        let want = frontend_addrs(self.written.values());
+        for (a, n) in &want {
+            if self.written_frontends.get(a) != Some(n) {
+                self.frontends.insert(a, n, 0).map_err(err)?;
+                self.written_frontends.insert(*a, *n);
+            }
+        }
+        let gone: Vec<u32> = self
+            .written_frontends
+            .keys()
+            .filter(|a| !want.contains_key(a))
+            .copied()
+            .collect();
+        for a in gone {
+            remove(&mut self.frontends, &a)?;
+            self.written_frontends.remove(&a);
+        }
+        Ok(())
     }
 
     /// Makes the maps hold `new` where they held `old` (ordered: see the
@@ -312,11 +357,18 @@ impl Reconciler<String, MergedService> for ServiceMap {
                 u
             },
         );
-        r
+        r?;
+        self.sync_frontends()
     }
     fn delete(&mut self, k: &String) -> Result<(), ReconcileError> {
         let old = self.written.remove(k).unwrap_or_default();
-        self.write(&old, &Entries::default())
+        let r = self.write(&old, &Entries::default());
+        if r.is_err() {
+            // Still (partly) in the maps: a later delete or the prune retries.
+            self.written.insert(k.clone(), old);
+        }
+        r?;
+        self.sync_frontends()
     }
     fn prune(
         &mut self,
@@ -347,6 +399,15 @@ impl Reconciler<String, MergedService> for ServiceMap {
             remove(&mut self.backends, k)?;
             n += 1;
         }
+        // Addresses left by services removed while no agent ran.
+        let fe = frontend_addrs(self.written.values());
+        let keys: BTreeSet<u32> = self.frontends.keys().filter_map(Result::ok).collect();
+        for a in keys.iter().filter(|a| !fe.contains_key(a)) {
+            remove(&mut self.frontends, a)?;
+            n += 1;
+        }
+        self.written_frontends.clear();
+        self.sync_frontends()?;
         Ok(n)
     }
     /// Services cannot be rebuilt from the maps (they hold no names), so a
@@ -535,5 +596,43 @@ mod tests {
         let mut v6 = s.clone();
         v6.frontends = vec!["fd00::10".parse().unwrap()];
         assert!(entries(&v6, &policy(0.5)).slots.is_empty());
+    }
+
+    #[test]
+    fn frontend_addresses_table() {
+        use BackendState::*;
+        let a = u32::from(std::net::Ipv4Addr::new(10, 96, 0, 10)).to_be();
+        let b = u32::from(std::net::Ipv4Addr::new(10, 96, 0, 11)).to_be();
+        let two_ports = svc(Affinity::None, &[("10.1.0.1", "c1", Ready)]);
+        let mut other_addr = two_ports.clone();
+        other_addr.frontends = vec!["10.96.0.11".parse().unwrap()];
+        other_addr.ports = vec![(Protocol::Tcp, 443, 8443)];
+        let mut same_addr_other_port = other_addr.clone();
+        same_addr_other_port.frontends = two_ports.frontends.clone();
+        let no_backend = svc(Affinity::None, &[]);
+        let mut v6 = two_ports.clone();
+        v6.frontends = vec!["fd00::10".parse().unwrap()];
+        // (services, expected address -> number of (port, protocol) frontends)
+        type Row<'a> = (Vec<&'a MergedService>, Vec<(u32, u32)>);
+        let table: Vec<Row<'_>> = vec![
+            (vec![], vec![]),
+            // One service, TCP 80 and UDP 53 on one address.
+            (vec![&two_ports], vec![(a, 2)]),
+            // A frontend without backends is still a frontend (its new
+            // flows drop, nothing reaches the host).
+            (vec![&no_backend], vec![(a, 2)]),
+            (vec![&two_ports, &other_addr], vec![(a, 2), (b, 1)]),
+            // Two services sharing an address: the address stays while
+            // either has it.
+            (vec![&two_ports, &same_addr_other_port], vec![(a, 3)]),
+            (vec![&same_addr_other_port], vec![(a, 1)]),
+            // IPv6 frontends are not in the eBPF datapath.
+            (vec![&v6], vec![]),
+        ];
+        for (i, (svcs, want)) in table.into_iter().enumerate() {
+            let e: Vec<Entries> = svcs.iter().map(|s| entries(s, &policy(0.5))).collect();
+            let got: Vec<(u32, u32)> = frontend_addrs(&e).into_iter().collect();
+            assert_eq!(got, want, "row {i}");
+        }
     }
 }
