@@ -380,6 +380,10 @@ impl IpCidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.len) == self.addr
     }
+    /// Whether every address of `other` is in this prefix.
+    pub fn contains_cidr(&self, other: &IpCidr) -> bool {
+        self.len <= other.len && self.contains(other.addr)
+    }
     /// Whether the two prefixes share at least one address.
     pub fn overlaps(&self, other: &IpCidr) -> bool {
         if self.addr.is_ipv4() != other.addr.is_ipv4() {

@@ -56,6 +56,12 @@ pub struct ClusterEntry {
     pub apiserver: String,
     /// The cluster's etcd endpoints (for the CLI's admin operations).
     pub etcd_endpoints: Vec<String>,
+    /// The cluster's declared pod ranges (`enable --pod-cidr-range`):
+    /// `connect` writes them into the other clusters' remote-cluster files,
+    /// so their agents admit this cluster's nodes only inside them and, in
+    /// strict mode, never send traffic for them in plaintext.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pod_cidrs: Vec<String>,
     #[serde(default)]
     pub nodes: Vec<NodeEntry>,
 }
@@ -171,6 +177,10 @@ pub fn validate_entry(c: &ClusterEntry) -> Result<()> {
             c.apiserver
         );
     }
+    for p in &c.pod_cidrs {
+        p.parse::<clustermesh_api::IpCidr>()
+            .map_err(|e| anyhow!("pod CIDR range {p:?}: {e}"))?;
+    }
     for e in &c.etcd_endpoints {
         if !(e.starts_with("http://") || e.starts_with("https://")) {
             bail!("etcd endpoint {e:?} must start with http:// or https://");
@@ -267,6 +277,7 @@ mod tests {
             id: 1,
             apiserver: "https://127.0.0.1:9950".into(),
             etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            pod_cidrs: vec!["10.1.0.0/16".into()],
             nodes: vec![NodeEntry {
                 name: "n1".into(),
                 clusters_dir: "/tmp/x".into(),

@@ -349,6 +349,27 @@ pub async fn connect(ctx: &Ctx, a: Args) -> Result<bool> {
         }
     }
     check_readers(cd, &names, &pairs, &entries, &infos).await?;
+    // A declared range that leaves out a node's CIDR would have the
+    // readers refuse that node: say so before writing anything.
+    for x in &names {
+        let declared: Vec<IpCidr> = entries[x]
+            .pod_cidrs
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect();
+        if declared.is_empty() {
+            continue;
+        }
+        if let Some(c) = cidrs(&infos[x])
+            .into_iter()
+            .find(|c| !declared.iter().any(|d| d.contains_cidr(c)))
+        {
+            bail!(
+                "cluster {x} has a node with pod CIDR {c}, outside its declared pod ranges [{}]; widen them with `clustermesh enable --cluster {x} --pod-cidr-range ...`",
+                entries[x].pod_cidrs.join(", ")
+            );
+        }
+    }
     let endpoints_of = |x: &str| {
         if infos[x].etcd_endpoints.is_empty() {
             entries[x].etcd_endpoints.clone()
@@ -380,6 +401,7 @@ pub async fn connect(ctx: &Ctx, a: Args) -> Result<bool> {
             &entries[r],
             x,
             endpoints_of(x),
+            &entries[x].pod_cidrs,
             creds.as_ref(),
         )?);
     }
@@ -514,8 +536,11 @@ fn write_remote_files(
     reader: &ClusterEntry,
     x: &str,
     endpoints: Vec<String>,
+    pod_cidrs: &[String],
     creds: Option<&Credentials>,
 ) -> Result<Vec<FileAction>> {
+    // Validated when the entry was written (`enable --pod-cidr-range`).
+    let pod_cidrs: Vec<IpCidr> = pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect();
     let mut actions = Vec::new();
     for n in &reader.nodes {
         let mut remote = clustermesh_kvstore::ClusterFile {
@@ -523,7 +548,7 @@ fn write_remote_files(
             trusted_ca_file: None,
             cert_file: None,
             key_file: None,
-            pod_cidrs: Vec::new(),
+            pod_cidrs: pod_cidrs.clone(),
         };
         if let Some((ca, cert, key)) = creds {
             let d = tls_dir(&n.clusters_dir, x);

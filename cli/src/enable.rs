@@ -50,6 +50,12 @@ pub struct Args {
     /// certificates (etcd's and the apiserver's).
     #[arg(long = "san", value_delimiter = ',')]
     pub sans: Vec<String>,
+    /// The cluster's pod ranges (CIDRs, comma separated), e.g.
+    /// 10.1.0.0/16: connected clusters admit this cluster's nodes only
+    /// inside them and, in strict mode, drop plaintext to them. Given
+    /// again, replaces the list.
+    #[arg(long = "pod-cidr-range", value_delimiter = ',')]
+    pub pod_cidrs: Vec<String>,
     /// A node: NAME,clusters-dir=PATH,status=HOST:PORT[,audit-log=PATH][,pid-file=PATH].
     /// Repeat for each node; a node given again replaces its entry.
     #[arg(long = "node", value_parser = parse_node)]
@@ -163,6 +169,7 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
         id,
         a.apiserver,
         a.etcd_endpoints,
+        a.pod_cidrs,
         a.nodes,
         &a.remove_nodes,
     )?;
@@ -246,6 +253,7 @@ fn updated_entry(
     id: u64,
     apiserver: Option<String>,
     etcd_endpoints: Vec<String>,
+    pod_cidrs: Vec<String>,
     nodes: Vec<NodeEntry>,
     remove_nodes: &[String],
 ) -> Result<ClusterEntry> {
@@ -254,9 +262,13 @@ fn updated_entry(
         id,
         apiserver: "https://127.0.0.1:9950".into(),
         etcd_endpoints: vec![],
+        pod_cidrs: vec![],
         nodes: vec![],
     });
     entry.id = id;
+    if !pod_cidrs.is_empty() {
+        entry.pod_cidrs = pod_cidrs;
+    }
     if let Some(api) = apiserver {
         entry.apiserver = api;
     }

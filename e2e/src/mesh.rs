@@ -573,6 +573,10 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
             &format!("https://127.0.0.1:{grpc}"),
             "--etcd-endpoints",
             &etcd_ep,
+            // The cluster's declared pod range: connect writes it into the
+            // other clusters' files (admission, strict mode).
+            "--pod-cidr-range",
+            &format!("10.{c}.0.0/16"),
         ]);
         for n in 1..=o.nodes {
             let port = free_port()?;
@@ -757,6 +761,9 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 .arg(pki.join(format!("nodes/{node_name}-key.pem")))
                 .args(["--node-name", &node_name])
                 .args(["--underlay-ip", &ul.to_string(), "--pod-cidr", &cidr])
+                // Strict mode: the own cluster's range never leaves in
+                // plaintext, even before its nodes are known.
+                .args(["--strict-range", &format!("10.{c}.0.0/16")])
                 .args(["--cluster-name", &cname, "--local-etcd-endpoints", &etcd_ep])
                 .arg("--local-etcd-ca")
                 .arg(pki.join("ca.pem"))

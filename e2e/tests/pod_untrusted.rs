@@ -406,7 +406,7 @@ fn restart_keeps_strict_flags(a: &Node, dpa: &mut Datapath) {
         a.pins.path(),
         base,
         status,
-        Audit::open(&dir.path().join("audit.jsonl"), "n1"),
+        Audit::open(&dir.path().join("audit.jsonl"), ("node", "n1")),
     )
     .unwrap();
     let kept = dpa.config().unwrap().flags;

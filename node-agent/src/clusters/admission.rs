@@ -86,11 +86,6 @@ pub struct Admitted<'a> {
     pub declared: Vec<(&'a ClusterName, &'a [IpCidr])>,
 }
 
-/// Whether `inner` lies entirely inside `outer`.
-pub fn within(inner: &IpCidr, outer: &IpCidr) -> bool {
-    outer.prefix_len() <= inner.prefix_len() && outer.contains(inner.addr())
-}
-
 impl<'a> Admitted<'a> {
     /// Decides `rec` of `cluster` against what is admitted.
     pub fn check(
@@ -159,7 +154,7 @@ impl<'a> Admitted<'a> {
         if let Some(cidr) = rec
             .pod_cidrs
             .iter()
-            .find(|c| !declared.iter().any(|d| within(c, d)))
+            .find(|c| !declared.iter().any(|d| d.contains_cidr(c)))
         {
             let list: Vec<String> = declared.iter().map(ToString::to_string).collect();
             return refuse(
