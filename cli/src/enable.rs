@@ -163,19 +163,11 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
     let all = ctx.dir.all()?;
     let existing = all.get(name.as_str()).cloned();
     let id = cluster_id(ctx, &all, &name, a.id, existing.as_ref())?;
-    let entry = updated_entry(
-        existing.clone(),
-        &name,
-        id,
-        a.apiserver,
-        a.etcd_endpoints,
-        a.pod_cidrs,
-        a.nodes,
-        &a.remove_nodes,
-    )?;
+    let sans = a.sans.clone();
+    let entry = updated_entry(existing.clone(), &name, id, a)?;
 
     let pki = ctx.dir.pki(&entry.name);
-    let certs = issue_certificates(&pki, &entry, a.sans)?;
+    let certs = issue_certificates(&pki, &entry, sans)?;
     let changed = existing.as_ref() != Some(&entry);
     let file = ctx.dir.save(&entry)?;
 
@@ -251,12 +243,16 @@ fn updated_entry(
     existing: Option<ClusterEntry>,
     name: &ClusterName,
     id: u64,
-    apiserver: Option<String>,
-    etcd_endpoints: Vec<String>,
-    pod_cidrs: Vec<String>,
-    nodes: Vec<NodeEntry>,
-    remove_nodes: &[String],
+    a: Args,
 ) -> Result<ClusterEntry> {
+    let Args {
+        apiserver,
+        etcd_endpoints,
+        pod_cidrs,
+        nodes,
+        remove_nodes,
+        ..
+    } = a;
     let mut entry = existing.unwrap_or_else(|| ClusterEntry {
         name: name.to_string(),
         id,
