@@ -10,6 +10,11 @@
 //!   Refused keys are counted by reason and logged once per key and reason;
 //!   they never enter the store. A key that turns invalid drops its previous
 //!   value.
+//! - A cluster's records are bounded: a value over [`MAX_VALUE_BYTES`] is
+//!   refused (`value_too_large`) before it is decoded, and a new key past
+//!   [`ClusterStore::max_records`] (default [`MAX_RECORDS`]) is refused
+//!   (`record_limit`), so a hostile or broken remote cannot exhaust this
+//!   agent's memory; what it already has stays.
 //! - Cross-record rules (CIDR ownership, identity bits, endpoints inside
 //!   their cluster's CIDRs) are the merge's job: it sees every cluster.
 
@@ -80,6 +85,14 @@ impl Records {
     }
 }
 
+/// The largest value accepted from a remote etcd: a service with the
+/// most backends a record may hold (4096) fits well below it.
+pub const MAX_VALUE_BYTES: usize = 512 * 1024;
+/// Records (nodes, endpoints, identities, services) accepted from one
+/// cluster by default: above the largest clusters of the field (Cilium's
+/// scale tests: 15k endpoints a cluster; 100k+ supported here).
+pub const MAX_RECORDS: usize = 500_000;
+
 /// Counts of a cluster's records (for status).
 pub use clustermesh_api::status::RecordCounts as Counts;
 
@@ -98,6 +111,8 @@ pub struct ClusterStore {
     buffer: Option<Records>,
     /// Keys refused during the current relist.
     buffered_refusals: BTreeSet<Vec<u8>>,
+    /// At most this many records from this cluster.
+    pub max_records: usize,
     seq: u64,
 }
 
@@ -122,6 +137,7 @@ impl ClusterStore {
             last_event: None,
             buffer: None,
             buffered_refusals: BTreeSet::new(),
+            max_records: MAX_RECORDS,
             seq: 0,
         }
     }
@@ -196,6 +212,17 @@ impl ClusterStore {
     pub fn apply(&mut self, key: &[u8], value: &[u8], now: Instant) -> Effect {
         self.events += 1;
         self.last_event = Some(now);
+        if value.len() > MAX_VALUE_BYTES {
+            self.refuse(
+                key,
+                "value_too_large",
+                &format!("{} bytes, at most {MAX_VALUE_BYTES}", value.len()),
+            );
+            if self.buffer.is_some() {
+                self.buffered_refusals.insert(key.to_vec());
+            }
+            return Effect::None;
+        }
         let (k, entry) = match decode_entry(key, value) {
             Ok(x) => x,
             Err(e) => {
@@ -220,6 +247,22 @@ impl ClusterStore {
                     self.name
                 ),
             );
+            return Effect::None;
+        }
+        let full = {
+            let max = self.max_records;
+            let t = self.target();
+            t.len() >= max && !t.contains(&k)
+        };
+        if full {
+            self.refuse(
+                key,
+                "record_limit",
+                &format!("cluster {} already has {} records", self.name, self.max_records),
+            );
+            if self.buffer.is_some() {
+                self.buffered_refusals.insert(key.to_vec());
+            }
             return Effect::None;
         }
         self.refused.remove(key);
@@ -304,5 +347,53 @@ impl ClusterStore {
         }
         self.records = Records::default();
         Effect::Changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clustermesh_api::{Record as _, encode};
+
+    fn endpoint(ip: &str) -> (Vec<u8>, Vec<u8>) {
+        let rec = EndpointRecord {
+            ip: ip.parse().unwrap(),
+            cluster: "c2".parse().unwrap(),
+            identity: Identity::from_raw((2 << 16) | 300).unwrap(),
+            host_ip: "192.168.2.1".parse().unwrap(),
+            node: None,
+            namespace: None,
+            name: None,
+        };
+        (rec.key().build().into_bytes(), encode(&rec).unwrap())
+    }
+
+    #[test]
+    fn a_cluster_is_bounded_in_records_and_value_size() {
+        let mut s = ClusterStore::new("c2".parse().unwrap());
+        s.max_records = 2;
+        let now = Instant::now();
+        for ip in ["10.2.0.1", "10.2.0.2"] {
+            let (k, v) = endpoint(ip);
+            assert_eq!(s.apply(&k, &v, now), Effect::Changed, "{ip}");
+        }
+        // The third new key is refused; what the cluster has stays, and an
+        // update of a record it has is still taken.
+        let (k3, v3) = endpoint("10.2.0.3");
+        assert_eq!(s.apply(&k3, &v3, now), Effect::None);
+        assert_eq!(s.refused.get(&k3), Some(&"record_limit"));
+        assert_eq!(s.records.endpoints.len(), 2);
+        let (k1, _) = endpoint("10.2.0.1");
+        let mut rec = s.records.endpoints[&"10.2.0.1".parse::<IpAddr>().unwrap()].clone();
+        rec.namespace = Some("default".parse().unwrap());
+        rec.name = Some("web".parse().unwrap());
+        assert_eq!(s.apply(&k1, &encode(&rec).unwrap(), now), Effect::Changed);
+        // A value over the size bound is refused before decoding.
+        let big = vec![b' '; MAX_VALUE_BYTES + 1];
+        assert_eq!(s.apply(&k1, &big, now), Effect::None);
+        assert_eq!(s.refused.get(&k1), Some(&"value_too_large"));
+        assert_eq!(s.refused_total.get("record_limit"), Some(&1));
+        assert_eq!(s.records.endpoints.len(), 2, "the old value stays");
     }
 }
