@@ -180,39 +180,72 @@ async fn canaries(
     }
 }
 
-/// Lists every kind at one revision (Init, Apply..., InitDone); returns it.
+/// Keys fetched per list request: a large remote cluster (100k+
+/// endpoints) is read in pages, never as one response over etcd's and
+/// gRPC's message limits.
+pub const LIST_PAGE: i64 = 1000;
+
+/// The end of the key range of `prefix` (etcd's range_end for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.last_mut() {
+        if *last < 0xff {
+            *last += 1;
+            return end;
+        }
+        end.pop();
+    }
+    // Every byte 0xff: to the end of the keyspace.
+    vec![0]
+}
+
+/// Lists every kind at one revision (Init, Apply..., InitDone), in pages of
+/// [`LIST_PAGE`] keys; returns the revision.
 async fn list(
     s: &Session<'_>,
     client: &mut Client,
     prefixes: &[String],
 ) -> Result<i64, SessionError> {
-    let first = client
-        .get(prefixes[0].as_str(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(etcd("list"))?;
-    let rev = first.header().map(|h| h.revision()).unwrap_or(0);
-    s.send(WatchEvent::Init).await?;
-    let mut all: Vec<(Vec<u8>, Vec<u8>)> = first
-        .kvs()
-        .iter()
-        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
-        .collect();
-    for p in &prefixes[1..] {
-        let r = client
-            .get(
-                p.as_str(),
-                Some(GetOptions::new().with_prefix().with_revision(rev)),
-            )
-            .await
-            .map_err(etcd("list"))?;
-        all.extend(
-            r.kvs()
-                .iter()
-                .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
-        );
-    }
-    for (key, value) in all {
-        s.send(WatchEvent::Apply { key, value }).await?;
+    let mut rev = 0;
+    for (i, p) in prefixes.iter().enumerate() {
+        let end = prefix_end(p.as_bytes());
+        let mut from = p.as_bytes().to_vec();
+        loop {
+            let mut o = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if rev != 0 {
+                // Every page and kind at the first page's revision: one
+                // consistent snapshot.
+                o = o.with_revision(rev);
+            }
+            let r = client
+                .get(from.clone(), Some(o))
+                .await
+                .map_err(etcd("list"))?;
+            if rev == 0 {
+                rev = r.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            if i == 0 && from.as_slice() == p.as_bytes() {
+                s.send(WatchEvent::Init).await?;
+            }
+            let Some(last) = r.kvs().last().map(|kv| kv.key().to_vec()) else {
+                break;
+            };
+            for kv in r.kvs() {
+                s.send(WatchEvent::Apply {
+                    key: kv.key().to_vec(),
+                    value: kv.value().to_vec(),
+                })
+                .await?;
+            }
+            if !r.more() {
+                break;
+            }
+            // The next page starts just after the last key.
+            from = last;
+            from.push(0);
+        }
     }
     s.send(WatchEvent::InitDone).await?;
 
@@ -341,5 +374,17 @@ pub async fn run(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"a/b/"), b"a/b0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 }
