@@ -423,7 +423,8 @@ pub fn alive(pid: u32) -> bool {
             .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
 }
 
-fn signal(pid: u32, sig: i32) {
+/// Sends `sig` to `pid`.
+pub fn signal(pid: u32, sig: i32) {
     // SAFETY: plain kill(2).
     unsafe {
         libc::kill(pid as i32, sig);

@@ -97,6 +97,7 @@ fn matrix_for_each_tunnel_mode_with_and_without_encryption() {
                 let mut up = up;
                 new_pods_are_encrypted_from_the_first_packet(&mut up.0);
                 usr1_rotates_the_key_and_keeps_the_agent(&up.0);
+                a_dead_wireguard_device_is_restarted(&up.0);
             }
         }
     }
@@ -421,4 +422,87 @@ fn runtime_disconnect_etcd_restart_agent_restart_and_apiserver_stop() {
         t0.elapsed()
     );
     assert!(after > before, "drops counted after c2's entries expired");
+}
+
+/// The pid of `clustermesh-wg <iface>`, if it runs.
+fn device_pid(iface: &str) -> Option<u32> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("clustermesh-wg {iface} ")])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+}
+
+/// Zombie children of `pid`.
+fn zombies_of(pid: u32) -> Vec<String> {
+    let out = Command::new("ps")
+        .args(["-o", "pid=,stat=,comm=", "--ppid", &pid.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|st| st.starts_with('Z'))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The WireGuard device killed (-9) under an agent: the agent notices,
+/// reaps it (no zombie), starts a new one with the node's key and rebuilds
+/// what depends on it; encrypted traffic flows again, the agent keeps its
+/// pid, and the audit trail says what happened.
+fn a_dead_wireguard_device_is_restarted(t: &Topology) {
+    let n = &t.nodes[0];
+    let iface = n.wireguard_iface.clone().unwrap();
+    let agent = t
+        .processes
+        .iter()
+        .find(|p| p.role == "agent c1/node-1")
+        .unwrap()
+        .pid;
+    let old = device_pid(&iface).expect("the device runs");
+    let c1_pod = t
+        .pods
+        .iter()
+        .find(|p| p.node == n.name && p.cluster == "c1")
+        .unwrap();
+    let c2_ip = t
+        .pods
+        .iter()
+        .find(|p| p.cluster == "c2")
+        .unwrap()
+        .ip
+        .to_string();
+    assert!(reachable(&c1_pod.netns, &c2_ip));
+    let t0 = Instant::now();
+    mesh::signal(old, libc::SIGKILL);
+    mesh::wait_for("a new device", Duration::from_secs(30), || {
+        device_pid(&iface).is_some_and(|p| p != old)
+    })
+    .unwrap();
+    mesh::wait_for("encrypted traffic again", Duration::from_secs(30), || {
+        reachable(&c1_pod.netns, &c2_ip)
+    })
+    .unwrap();
+    eprintln!(
+        "device {iface} killed: new device and traffic back after {:?}",
+        t0.elapsed()
+    );
+    assert!(mesh::alive(agent), "the agent died with its device");
+    assert!(
+        zombies_of(agent).is_empty(),
+        "zombies: {:?}",
+        zombies_of(agent)
+    );
+    let audit = std::fs::read_to_string(&n.agent.audit_log).unwrap();
+    assert!(
+        audit.contains("\"device_down\""),
+        "no device_down in the audit trail"
+    );
 }

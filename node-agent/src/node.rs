@@ -193,7 +193,44 @@ pub async fn start(
         }
         .run(cancel.clone()),
     );
+    if let Some(w) = shared.wg.clone() {
+        tracker.spawn(supervise_device(w, shared.audit.clone(), cancel.clone()));
+    }
     Ok(Running { _lock: lock })
+}
+
+/// Supervises the WireGuard device ([`wireguard::supervise`]); when it
+/// dies, the agent rebuilds everything tied to it (the device with the
+/// node's key, `from_wireguard` on the new TUN interface, its ifindex in
+/// `CM_CONFIG`, every peer) by re-executing itself: the same process id
+/// and flags through the restart path that adopts the pinned datapath, so
+/// forwarding never pauses and strict mode stays fail closed meanwhile
+/// (packets redirected to the dead device are dropped).
+async fn supervise_device(w: WgDevice, audit: Audit, cancel: CancellationToken) {
+    let Some(why) = wireguard::supervise(&w, &cancel).await else {
+        return;
+    };
+    tracing::error!(%why, "the WireGuard device died; re-executing the agent to rebuild it");
+    audit.record(
+        "device_down",
+        serde_json::json!({"why": why, "action": "agent re-executed to restart the device"}),
+    );
+    if let Some(c) = &w.child
+        && let Ok(mut c) = c.lock()
+    {
+        // A hung device holds its TUN name: stop it, and reap it either way.
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    use std::os::unix::process::CommandExt as _;
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_else(|| "node-agent".into());
+    let e = std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
+        .args(args)
+        .exec();
+    tracing::error!(error = %e, "re-executing the agent failed; exiting so a supervisor restarts it");
+    std::process::exit(70);
 }
 
 /// What the running agent holds until it exits.

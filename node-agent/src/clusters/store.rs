@@ -258,7 +258,10 @@ impl ClusterStore {
             self.refuse(
                 key,
                 "record_limit",
-                &format!("cluster {} already has {} records", self.name, self.max_records),
+                &format!(
+                    "cluster {} already has {} records",
+                    self.name, self.max_records
+                ),
             );
             if self.buffer.is_some() {
                 self.buffered_refusals.insert(key.to_vec());

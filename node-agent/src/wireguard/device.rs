@@ -5,6 +5,7 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -96,6 +97,9 @@ pub struct WgDevice {
     pub port: u16,
     /// True when an existing device was adopted (not started).
     pub adopted: bool,
+    /// The device process when this agent started it (reaped by
+    /// [`supervise`]).
+    pub child: Option<Arc<Mutex<std::process::Child>>>,
 }
 
 /// `clustermesh-wg` next to this executable, else from PATH.
@@ -133,9 +137,10 @@ pub fn ensure(spec: &DeviceSpec) -> Result<WgDevice, Error> {
             public,
             port: info.listen_port,
             adopted: true,
+            child: None,
         });
     }
-    start(spec)?;
+    let child = start(spec)?;
     let t0 = Instant::now();
     let info = loop {
         match client.get() {
@@ -158,12 +163,13 @@ pub fn ensure(spec: &DeviceSpec) -> Result<WgDevice, Error> {
         public,
         port: info.listen_port,
         adopted: false,
+        child: Some(Arc::new(Mutex::new(child))),
     })
 }
 
 /// Starts the device detached (own session, log file, in the namespace):
 /// it outlives this agent.
-fn start(spec: &DeviceSpec) -> Result<(), Error> {
+fn start(spec: &DeviceSpec) -> Result<std::process::Child, Error> {
     let log_err = |source| Error::Log {
         path: spec.log.clone(),
         source,
@@ -202,8 +208,47 @@ fn start(spec: &DeviceSpec) -> Result<(), Error> {
     cmd.spawn().map_err(|source| Error::Spawn {
         bin: spec.bin.clone(),
         source,
-    })?;
-    Ok(())
+    })
+}
+
+/// Probes between liveness checks of the device.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Failed probes in a row before the device counts as dead.
+pub const PROBES_BEFORE_DEAD: u32 = 3;
+
+/// Supervises the device until cancelled: reaps it if this agent started
+/// it (no zombie), and probes its control socket every [`PROBE_EVERY`].
+/// Once it is dead ([`PROBES_BEFORE_DEAD`] failed probes, or its process
+/// exited), returns: the caller rebuilds everything tied to the device
+/// (see `node::supervise_device`). Returns `None` if cancelled.
+pub async fn supervise(
+    dev: &WgDevice,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Option<String> {
+    let mut failed = 0;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
+        }
+        if let Some(c) = &dev.child {
+            let exited = c.lock().ok().and_then(|mut c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                return Some(format!("the device process exited ({status})"));
+            }
+        }
+        // The control socket is a blocking Unix socket: off the runtime.
+        let client = dev.client.clone();
+        let alive = tokio::task::spawn_blocking(move || client.get().is_ok())
+            .await
+            .unwrap_or(false);
+        failed = if alive { 0 } else { failed + 1 };
+        if failed >= PROBES_BEFORE_DEAD {
+            return Some(format!(
+                "the device's control socket did not answer {PROBES_BEFORE_DEAD} probes"
+            ));
+        }
+    }
 }
 
 /// The default place of the device's log.

@@ -13,5 +13,7 @@
 pub mod device;
 pub mod rotation;
 
-pub use device::{DeviceSpec, Error, WgDevice, default_bin, default_log, ensure, peer_status};
+pub use device::{
+    DeviceSpec, Error, WgDevice, default_bin, default_log, ensure, peer_status, supervise,
+};
 pub use rotation::{Rotation, rotation};
