@@ -7,7 +7,10 @@
 //! Proves: once node B deregisters, A's route and map entries for B go
 //! within one second (the figure is printed), and A's pod traffic to B's
 //! pod is then dropped at A with a counted reason (`drop_no_tunnel_endpoint`)
-//! instead of being sent into the void.
+//! instead of being sent into the void. Before that, B's cluster turns
+//! hostile and publishes nodes claiming 0.0.0.0/1, A's underlay address, the
+//! underlay subnet and loopback: refused with their reasons, A's routing
+//! table unchanged and B still reachable (issue 16).
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -173,6 +176,7 @@ async fn removed_remote_node_is_unreachable_within_a_second_with_counted_drops()
         reconcilers,
         cancel.clone(),
     );
+    let agent_status = agent.status();
     let running = tokio::spawn(agent.run());
 
     // The agent learns B: its pod via the tunnel map and routes.
@@ -189,6 +193,78 @@ async fn removed_remote_node_is_unreachable_within_a_second_with_counted_drops()
     .await;
     let out = ping(&a.pod, b.pod_ip, 5, "0.05");
     assert!(out.contains("5 received"), "A -> B before removal: {out}");
+
+    // Issue 16: cluster c2 turns hostile and writes, into its own etcd,
+    // nodes claiming 0.0.0.0/1, a /32 on A's underlay address, the
+    // underlay subnet and loopback. With direct routing those would become
+    // host routes on A: each is refused, and A's routing table is exactly
+    // what it was (B's range still routed).
+    let table = || {
+        a.ns.exec("ip", &["-4", "route", "show", "table", "all"])
+            .unwrap()
+    };
+    let before_hostile = table();
+    let mut kv2 = etcd_client::Client::connect([etcd2.endpoint()], None)
+        .await
+        .unwrap();
+    let evil = [
+        ("wide", "0.0.0.0/1".to_owned(), "192.0.2.12"),
+        ("host", format!("{ula}/32"), "192.0.2.14"),
+        (
+            "under",
+            format!(
+                "{}/24",
+                std::net::Ipv4Addr::from(u32::from(ula) & 0xffff_ff00)
+            ),
+            "198.51.100.1",
+        ),
+        ("loop", "127.0.0.0/8".to_owned(), "192.0.2.13"),
+    ];
+    for (name, cidr, ip) in &evil {
+        kv2.put(
+            format!("clustermesh/state/nodes/v1/c2/{name}"),
+            format!(
+                r#"{{"name":"{name}","cluster":"c2","underlayIps":["{ip}"],"podCidrs":["{cidr}"],"bootId":"e"}}"#
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+    let status = agent_status.clone();
+    until("every hostile node of c2 refused", || {
+        let s = status.lock().unwrap();
+        s.clusters
+            .iter()
+            .find(|c| c.name == "c2")
+            .is_some_and(|c| c.rejected_now.values().sum::<u64>() >= evil.len() as u64)
+    })
+    .await;
+    let refused = status
+        .lock()
+        .unwrap()
+        .clusters
+        .iter()
+        .find(|c| c.name == "c2")
+        .unwrap()
+        .rejected_now
+        .clone();
+    eprintln!("hostile nodes of c2 refused: {refused:?}");
+    assert_eq!(
+        table(),
+        before_hostile,
+        "the hostile records changed A's routes"
+    );
+    let out = ping(&a.pod, b.pod_ip, 3, "0.05");
+    assert!(
+        out.contains("3 received"),
+        "B is cut off by the hostile records: {out}"
+    );
+    for (name, _, _) in &evil {
+        kv2.delete(format!("clustermesh/state/nodes/v1/c2/{name}"), None)
+            .await
+            .unwrap();
+    }
 
     // B leaves its cluster.
     let t0 = Instant::now();
