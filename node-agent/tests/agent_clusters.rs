@@ -30,6 +30,14 @@ struct Cluster {
 }
 
 async fn cluster(name: &str, id: u64) -> Cluster {
+    cluster_with(name, id, clustermesh_api::EncryptionPolicy::default()).await
+}
+
+async fn cluster_with(
+    name: &str,
+    id: u64,
+    encryption: clustermesh_api::EncryptionPolicy,
+) -> Cluster {
     let etcd = EtcdServer::start().unwrap();
     let mut cfg = Config::new(
         name.parse().unwrap(),
@@ -42,6 +50,7 @@ async fn cluster(name: &str, id: u64) -> Cluster {
     // are clustermesh-apiserver/tests/authz.rs's and the mesh harness's.
     cfg.insecure_plaintext = true;
     cfg.node_ttl = Duration::from_secs(600);
+    cfg.encryption = encryption;
     let api = clustermesh_apiserver::start(cfg).await.unwrap();
     let g = ClusterMeshClient::connect(format!("http://{}", api.grpc_addr))
         .await
@@ -793,6 +802,66 @@ async fn a_remote_larger_than_a_list_page_syncs_whole() {
     let st = status.lock().unwrap().clone();
     let c2s = status_of(&st, "c2").unwrap();
     assert_eq!(c2s.counts.endpoints, n, "{c2s:?}");
+    cancel.cancel();
+    run.await.unwrap();
+}
+
+/// Issue 16: a remote cluster (c3) publishes a node with another cluster's
+/// node's WireGuard key (c2/b1's): refused (`wireguard_key_taken`), and the
+/// victim keeps its peer: never cut off, never impersonated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_wireguard_key_is_refused_without_cutting_the_victim_off() {
+    let wg = clustermesh_api::EncryptionPolicy {
+        mode: clustermesh_api::EncryptionMode::Wireguard,
+        ..Default::default()
+    };
+    let mut c1 = cluster_with("c1", 1, wg).await;
+    let mut c2 = cluster("c2", 2).await;
+    let c3 = cluster("c3", 3).await;
+    c1.node("a1", "10.1.0.0/24", "192.0.2.1").await;
+    let key = clustermesh_api::WgPublicKey::from_bytes([7; 32]).unwrap();
+    c2.g.register_node(proto::RegisterNodeRequest {
+        node: Some(proto::Node {
+            name: "b1".into(),
+            underlay_ips: vec!["192.0.2.11".into()],
+            pod_cidrs: vec!["10.2.0.0/24".into()],
+            wireguard_public_keys: vec![key.to_string()],
+            boot_id: "b".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    c2.file(dir.path());
+    c3.file(dir.path());
+    let cancel = CancellationToken::new();
+    let (a, t) = agent(&c1, dir.path(), Duration::ZERO, &cancel);
+    let status = a.status();
+    let run = tokio::spawn(a.run());
+    let victim = |t: &Targets| t.peers.contents().get("c2/b1").map(|p| p.public_key);
+    until("c2/b1's peer", || victim(&t) == Some(key)).await;
+
+    let mut kv3 = c3.kv().await;
+    kv3.put(
+        "clustermesh/state/nodes/v1/c3/thief",
+        format!(
+            r#"{{"name":"thief","cluster":"c3","underlayIps":["192.0.2.31"],"podCidrs":["10.3.0.0/24"],"wireguardPublicKeys":["{key}"],"bootId":"e"}}"#
+        ),
+        None,
+    )
+    .await
+    .unwrap();
+    until("the thief refused", || {
+        status_of(&status.lock().unwrap(), "c3")
+            .is_some_and(|c| c.rejected_now.get("wireguard_key_taken") == Some(&1))
+    })
+    .await;
+    assert_eq!(victim(&t), Some(key), "the victim lost its peer");
+    assert!(
+        !t.peers.contents().contains_key("c3/thief"),
+        "the thief became a peer"
+    );
     cancel.cancel();
     run.await.unwrap();
 }
