@@ -168,13 +168,27 @@ impl Delegate {
             binary: self.binary.clone(),
             source,
         };
-        let mut child = Process::new(&self.binary)
-            .env("CNI_COMMAND", command.as_str())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(exec_err)?;
+        let spawn = || {
+            Process::new(&self.binary)
+                .env("CNI_COMMAND", command.as_str())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+        };
+        // ETXTBSY: the binary is open for writing somewhere (being
+        // replaced on upgrade, or a concurrent fork still holding the
+        // writer's descriptor until its exec); it clears within moments.
+        let mut tries = 0;
+        let mut child = loop {
+            match spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                r => break r.map_err(exec_err)?,
+            }
+        };
         let input = child.stdin.take();
         // Feed stdin on another thread while this one collects stdout, so a
         // plugin that writes before reading everything cannot deadlock.
