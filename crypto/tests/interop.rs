@@ -88,3 +88,105 @@ fn handshake_and_traffic_with_wireguard_go() {
     );
     assert!(wire.data >= 10, "transport data: {wire:?}");
 }
+
+/// One field of peer `key` in `wg show <iface> dump` (0 public key, 1
+/// preshared key, 2 endpoint, 4 latest handshake, 5 rx, 6 tx, 7 keepalive).
+fn dump_field(n: &clustermesh_testkit::wireguard::WgNode, key: &str, i: usize) -> String {
+    let dump = n.ns.exec("wg", &["show", &n.iface, "dump"]).unwrap();
+    dump.lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("no peer {key} in {dump}"))
+        .split('\t')
+        .nth(i)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Issue 17: our device against wireguard-go over an IPv6 underlay (peer
+/// endpoints `[fd99::N]:port`), with a preshared key on both sides:
+/// handshake, traffic both ways, WireGuard only on the wire. Before the
+/// device's socket was dual-stack, no packet got through.
+#[test]
+fn ipv6_underlay_with_preshared_keys_against_wireguard_go() {
+    require_root!();
+    sweep_stale();
+    let ours = Impl::Ours(env!("CARGO_BIN_EXE_clustermesh-wg").into());
+    let pair = WgPair::new_over(ours, Impl::WireguardGo, true).unwrap();
+    let (a, b) = (&pair.a, &pair.b);
+    let psk = pair.dir.path().join("psk");
+    let out = std::process::Command::new("wg")
+        .arg("genpsk")
+        .output()
+        .unwrap();
+    std::fs::write(&psk, &out.stdout).unwrap();
+    let psk = psk.to_string_lossy().into_owned();
+    for (n, peer) in [(a, b), (b, a)] {
+        n.ns.exec(
+            "wg",
+            &["set", &n.iface, "peer", &peer.public, "preshared-key", &psk],
+        )
+        .unwrap();
+    }
+    let cap = Capture::start(&b.ns, "ul0", &pair.dir.path().join("ul6.pcap")).unwrap();
+    pair.wait_connected().unwrap();
+    for (from, to) in [(a, b), (b, a)] {
+        let out = from
+            .ns
+            .exec("ping", &["-c", "5", "-i", "0.05", &to.tunnel_ip])
+            .unwrap();
+        assert!(out.contains("5 received"), "{out}");
+    }
+    assert_eq!(
+        dump_field(a, &b.public, 2),
+        format!("[{}]:{}", b.underlay_ip6, b.port)
+    );
+    assert_ne!(
+        dump_field(a, &b.public, 1),
+        "(none)",
+        "our side has no preshared key"
+    );
+    let wire = cap.wireguard_only().unwrap();
+    assert!(wire.initiations >= 1 && wire.data >= 10, "{wire:?}");
+    eprintln!("IPv6 underlay with a preshared key: {wire:?}");
+}
+
+/// Issue 17: roaming between families. The pair talks over IPv4; then
+/// wireguard-go's side moves to IPv6 (its endpoint for us becomes our IPv6
+/// address): our device follows the authenticated packets to the peer's
+/// IPv6 address and answers there; then back to IPv4.
+#[test]
+fn roaming_between_ipv4_and_ipv6_against_wireguard_go() {
+    require_root!();
+    sweep_stale();
+    let ours = Impl::Ours(env!("CARGO_BIN_EXE_clustermesh-wg").into());
+    let pair = WgPair::new(ours, Impl::WireguardGo).unwrap();
+    let (a, b) = (&pair.a, &pair.b);
+    pair.wait_connected().unwrap();
+    assert_eq!(
+        dump_field(a, &b.public, 2),
+        format!("{}:{}", b.underlay_ip, b.port)
+    );
+    for (to, want) in [
+        (
+            format!("[{}]:{}", a.underlay_ip6, a.port),
+            format!("[{}]:{}", b.underlay_ip6, b.port),
+        ),
+        (
+            format!("{}:{}", a.underlay_ip, a.port),
+            format!("{}:{}", b.underlay_ip, b.port),
+        ),
+    ] {
+        b.ns.exec("wg", &["set", &b.iface, "peer", &a.public, "endpoint", &to])
+            .unwrap();
+        let out =
+            b.ns.exec("ping", &["-c", "3", "-i", "0.05", &a.tunnel_ip])
+                .unwrap();
+        assert!(out.contains("3 received"), "{out}");
+        assert_eq!(dump_field(a, &b.public, 2), want, "our device did not roam");
+        let out =
+            a.ns.exec("ping", &["-c", "3", "-i", "0.05", &b.tunnel_ip])
+                .unwrap();
+        assert!(out.contains("3 received"), "after roaming to {want}: {out}");
+        eprintln!("roamed: our device now sends to {want}");
+    }
+}

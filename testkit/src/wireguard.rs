@@ -42,6 +42,8 @@ pub struct WgNode {
     pub key_file: PathBuf,
     pub public: String,
     pub underlay_ip: String,
+    /// The underlay's IPv6 address (both families are on `ul0`).
+    pub underlay_ip6: String,
     pub tunnel_ip: String,
     pub port: u16,
     _proc: Proc,
@@ -93,11 +95,21 @@ fn start(which: &Impl, ns: &NetNs, iface: &str, log: &Path) -> io::Result<Proc> 
 }
 
 impl WgPair {
+    /// A pair over an IPv4 underlay.
     pub fn new(a: Impl, b: Impl) -> io::Result<Self> {
+        Self::new_over(a, b, false)
+    }
+
+    /// A pair whose endpoints are the underlay's IPv4 (`v6` false) or IPv6
+    /// addresses; `ul0` has both.
+    pub fn new_over(a: Impl, b: Impl, v6: bool) -> io::Result<Self> {
         let dir = tempfile::tempdir()?;
         let nsa = NetNs::new("wga")?;
         let nsb = NetNs::new("wgb")?;
         veth_pair(&nsa, "ul0", "10.99.0.1/24", &nsb, "ul0", "10.99.0.2/24")?;
+        for (ns, a6) in [(&nsa, "fd99::1/64"), (&nsb, "fd99::2/64")] {
+            ns.exec("ip", &["-6", "addr", "add", a6, "dev", "ul0", "nodad"])?;
+        }
         // Unique names: the control sockets share one directory.
         let tag = format!(
             "{}{}",
@@ -140,6 +152,7 @@ impl WgPair {
                 key_file,
                 public,
                 underlay_ip: format!("10.99.0.{}", i + 1),
+                underlay_ip6: format!("fd99::{}", i + 1),
                 tunnel_ip: format!("10.100.0.{}", i + 1),
                 port: 51871 + i as u16,
                 _proc: proc,
@@ -149,7 +162,11 @@ impl WgPair {
         let a = nodes.pop().ok_or_else(|| io::Error::other("no node a"))?;
         for (n, peer) in [(&a, &b), (&b, &a)] {
             let port = n.port.to_string();
-            let endpoint = format!("{}:{}", peer.underlay_ip, peer.port);
+            let endpoint = if v6 {
+                format!("[{}]:{}", peer.underlay_ip6, peer.port)
+            } else {
+                format!("{}:{}", peer.underlay_ip, peer.port)
+            };
             let allowed = format!("{}/32", peer.tunnel_ip);
             let key = n.key_file.to_string_lossy().into_owned();
             wg(

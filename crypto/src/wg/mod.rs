@@ -123,6 +123,9 @@ impl Peer {
     pub fn persistent_keepalive(&self) -> Option<u16> {
         self.keepalive
     }
+    pub fn preshared_key(&self) -> Option<[u8; 32]> {
+        self.preshared
+    }
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -253,9 +256,29 @@ fn masked(ip: IpAddr, len: u8) -> IpAddr {
     }
 }
 
+/// One dual-stack UDP socket (`[::]:port`, IPv6-only off): peers over an
+/// IPv4 or an IPv6 underlay, and roaming between the two. IPv4 senders come
+/// in as v4-mapped addresses ([`offload::recv_gro`] gives them back as
+/// IPv4); IPv4 destinations are sent as such (Linux hands them to its IPv4
+/// path). A kernel without IPv6 gets an IPv4 socket.
+fn dual_stack(port: u16) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_only_v6(false)?;
+    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    Ok(s.into())
+}
+
 fn bind(port: u16) -> Result<UdpSocket, DeviceError> {
-    let s = UdpSocket::bind(("0.0.0.0", port))
-        .map_err(|source| DeviceError::Socket { port, source })?;
+    let s = match dual_stack(port) {
+        Ok(s) => s,
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            tracing::warn!("IPv6 is off in this kernel: the device listens on IPv4 only");
+            UdpSocket::bind(("0.0.0.0", port))
+                .map_err(|source| DeviceError::Socket { port, source })?
+        }
+        Err(source) => return Err(DeviceError::Socket { port, source }),
+    };
     s.set_read_timeout(Some(Duration::from_millis(250)))
         .map_err(|source| DeviceError::Socket { port, source })?;
     offload::set_buffers(&s, 4 << 20);

@@ -162,18 +162,34 @@ pub fn send_gso(sock: &UdpSocket, to: SocketAddr, buf: &[u8], seg: usize) -> io:
     if buf.len() <= seg {
         return sock.send_to(buf, to).map(drop);
     }
-    let SocketAddr::V4(v4) = to else {
-        // One by one for IPv6 underlays.
-        for d in buf.chunks(seg) {
-            sock.send_to(d, to)?;
-        }
-        return Ok(());
-    };
+    // The destination as the kernel takes it: sockaddr_in or sockaddr_in6
+    // (an IPv4 one on the dual-stack socket goes out over IPv4).
     // SAFETY: plain data structures filled below.
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    addr.sin_family = libc::AF_INET as libc::sa_family_t;
-    addr.sin_port = v4.port().to_be();
-    addr.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let namelen = match to {
+        SocketAddr::V4(v4) => {
+            // SAFETY: sockaddr_storage is large and aligned enough.
+            let a = unsafe {
+                &mut *(&mut addr as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            a.sin_family = libc::AF_INET as libc::sa_family_t;
+            a.sin_port = v4.port().to_be();
+            a.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            // SAFETY: as above.
+            let a = unsafe {
+                &mut *(&mut addr as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            a.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            a.sin6_port = v6.port().to_be();
+            a.sin6_addr.s6_addr = v6.ip().octets();
+            a.sin6_flowinfo = v6.flowinfo().to_be();
+            a.sin6_scope_id = v6.scope_id();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
@@ -181,8 +197,8 @@ pub fn send_gso(sock: &UdpSocket, to: SocketAddr, buf: &[u8], seg: usize) -> io:
     let mut cbuf = [0u64; 4]; // aligned room for one cmsg with a u16
     // SAFETY: zeroed msghdr, then pointers to live locals.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = (&mut addr as *mut libc::sockaddr_in).cast();
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    msg.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = namelen as u32;
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
@@ -292,8 +308,10 @@ pub fn recv_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAd
             // SAFETY: the kernel wrote a sockaddr_in6.
             let a: libc::sockaddr_in6 =
                 unsafe { std::ptr::read((&addr as *const libc::sockaddr_storage).cast()) };
+            // An IPv4 sender on the dual-stack socket is v4-mapped: give
+            // it back as IPv4 (endpoints, roaming, `wg show`).
             SocketAddr::from((
-                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).to_canonical(),
                 u16::from_be(a.sin6_port),
             ))
         }

@@ -56,6 +56,9 @@ pub fn get(dev: &Device) -> String {
     out += &format!("listen_port={}\n", dev.listen_port());
     for p in dev.peers() {
         out += &format!("public_key={}\n", hex(&p.public));
+        if let Some(k) = p.preshared_key() {
+            out += &format!("preshared_key={}\n", hex(&k));
+        }
         if let Some(e) = p.endpoint() {
             out += &format!("endpoint={e}\n");
         }
