@@ -22,7 +22,7 @@ fi
 # --- Debian packages -----------------------------------------------------------
 PKGS=(etcd-server etcd-client llvm-22-dev protobuf-compiler libprotobuf-dev wireguard-go wireguard-tools
       iproute2 iputils-ping procps python3 iperf3 tcpdump tshark bpftool ethtool jq make
-      containernetworking-plugins prometheus)
+      containernetworking-plugins prometheus iptables)
 missing=()
 for p in "${PKGS[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -190,3 +190,53 @@ fn roaming_between_ipv4_and_ipv6_against_wireguard_go() {
         eprintln!("roamed: our device now sends to {want}");
     }
 }
+
+/// Issue 17: a peer behind SNAT with a persistent keepalive, each way
+/// round. The public side knows the NATed peer's key but not its address;
+/// the NATed side's keepalives alone (no traffic) make it known (the NAT's
+/// address and port), and the public side then reaches it through the NAT.
+#[test]
+fn a_peer_behind_nat_with_persistent_keepalive() {
+    require_root!();
+    sweep_stale();
+    let ours = || Impl::Ours(env!("CARGO_BIN_EXE_clustermesh-wg").into());
+    for (public, natted, what) in [
+        (
+            ours(),
+            Impl::WireguardGo,
+            "wireguard-go behind NAT, ours public",
+        ),
+        (
+            Impl::WireguardGo,
+            ours(),
+            "ours behind NAT, wireguard-go public",
+        ),
+    ] {
+        let (pair, _router) = WgPair::new_behind_nat(public, natted).unwrap();
+        let (a, b) = (&pair.a, &pair.b);
+        let t0 = std::time::Instant::now();
+        let learned = loop {
+            let e = dump_field(a, &b.public, 2);
+            if e.starts_with("10.99.0.254:") {
+                break e;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(15),
+                "{what}: the public side never learned the NATed peer (endpoint {e}); A: {}; B: {}",
+                a.ns.exec("wg", &["show", &a.iface, "dump"])
+                    .unwrap_or_default(),
+                b.ns.exec("wg", &["show", &b.iface, "dump"])
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let out =
+            a.ns.exec("ping", &["-c", "3", "-i", "0.2", &b.tunnel_ip])
+                .unwrap();
+        assert!(out.contains("3 received"), "{what}: {out}");
+        eprintln!(
+            "{what}: endpoint {learned} learned after {:?}",
+            t0.elapsed()
+        );
+    }
+}

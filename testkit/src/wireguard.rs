@@ -193,6 +193,85 @@ impl WgPair {
         Ok(Self { a, b, dir })
     }
 
+    /// A pair where `b` sits behind a NAT: namespaces A (10.99.0.1), a
+    /// router R (10.99.0.254 towards A, masquerading) and B (192.168.77.2,
+    /// default route via R). A knows B's key but no endpoint for it; B has
+    /// A's endpoint and a persistent keepalive of 1 s, as a roaming client
+    /// behind SNAT would. Returns the pair and the router's namespace.
+    pub fn new_behind_nat(a: Impl, b: Impl) -> io::Result<(Self, NetNs)> {
+        let mut pair = Self::new(a, b)?;
+        let r = NetNs::new("wgr")?;
+        // Re-wire B: out of A's subnet, behind R.
+        pair.b.ns.exec("ip", &["link", "del", "ul0"])?;
+        veth_pair(
+            &pair.a.ns,
+            "ul0",
+            "10.99.0.1/24",
+            &r,
+            "up0",
+            "10.99.0.254/24",
+        )?;
+        veth_pair(
+            &r,
+            "down0",
+            "192.168.77.1/24",
+            &pair.b.ns,
+            "ul0",
+            "192.168.77.2/24",
+        )?;
+        pair.b
+            .ns
+            .exec("ip", &["route", "add", "default", "via", "192.168.77.1"])?;
+        r.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        r.exec(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "up0",
+                "-j",
+                "MASQUERADE",
+            ],
+        )?;
+        pair.b.underlay_ip = "192.168.77.2".into();
+        // A: B's key, no endpoint (it learns it from B's packets).
+        let allowed = format!("{}/32", pair.b.tunnel_ip);
+        wg(
+            &pair.a.ns,
+            &["set", &pair.a.iface, "peer", &pair.b.public, "remove"],
+        )?;
+        wg(
+            &pair.a.ns,
+            &[
+                "set",
+                &pair.a.iface,
+                "peer",
+                &pair.b.public,
+                "allowed-ips",
+                &allowed,
+            ],
+        )?;
+        // B: A's endpoint, keepalive.
+        let endpoint = format!("{}:{}", pair.a.underlay_ip, pair.a.port);
+        wg(
+            &pair.b.ns,
+            &[
+                "set",
+                &pair.b.iface,
+                "peer",
+                &pair.a.public,
+                "endpoint",
+                &endpoint,
+                "persistent-keepalive",
+                "1",
+            ],
+        )?;
+        Ok((pair, r))
+    }
+
     /// Waits until A reaches B through the tunnel (the first packet starts
     /// the handshake).
     pub fn wait_connected(&self) -> io::Result<()> {

@@ -790,6 +790,14 @@ impl Device {
         loop {
             let input: &[u8] = if first { datagram } else { &[] };
             let r = t.decapsulate(Some(from.ip()), input, out);
+            if first && !matches!(r, TunnResult::Err(_)) {
+                // Authenticated (a handshake message, data, or a
+                // keepalive, which boringtun reports as Done): the peer is
+                // at `from` now. Keepalives alone must do it, or a peer
+                // behind NAT that only keeps its mapping alive is never
+                // found.
+                Self::roam(&peer, from);
+            }
             first = false;
             match r {
                 TunnResult::WriteToNetwork(b) => {
@@ -815,6 +823,15 @@ impl Device {
         }
     }
 
+    /// Roaming: an authenticated packet from `from` moves the peer there.
+    fn roam(peer: &Peer, from: SocketAddr) {
+        if let Ok(mut e) = peer.endpoint.write()
+            && *e != Some(from)
+        {
+            *e = Some(from);
+        }
+    }
+
     fn deliver(
         &self,
         peer: &Peer,
@@ -823,12 +840,7 @@ impl Device {
         from: SocketAddr,
         gro: &mut offload::TcpCoalescer,
     ) {
-        // Authenticated: the peer is at `from` now (roaming).
-        if let Ok(mut e) = peer.endpoint.write()
-            && *e != Some(from)
-        {
-            *e = Some(from);
-        }
+        Self::roam(peer, from);
         if pkt.is_empty() {
             return; // keepalive
         }
