@@ -53,17 +53,7 @@ fn handshake_and_traffic_with_wireguard_go() {
     let after = ours.stats().unwrap();
     assert_eq!(after.tx_no_peer - before.tx_no_peer, 3, "{after:?}");
 
-    // Both sides report the handshake and the traffic (`wg show dump`:
-    // public-key preshared endpoint allowed-ips handshake rx tx keepalive).
-    let peer_line = |n: &clustermesh_testkit::wireguard::WgNode, key: &str| -> Vec<String> {
-        let dump = n.ns.exec("wg", &["show", &n.iface, "dump"]).unwrap();
-        dump.lines()
-            .find(|l| l.starts_with(key))
-            .unwrap_or_else(|| panic!("no peer {key} in {dump}"))
-            .split('\t')
-            .map(str::to_owned)
-            .collect()
-    };
+    // Both sides report the handshake and the traffic.
     let p = peer_line(a, &b.public);
     assert_eq!(p[2], format!("{}:{}", b.underlay_ip, b.port), "{p:?}");
     assert!(
@@ -89,17 +79,22 @@ fn handshake_and_traffic_with_wireguard_go() {
     assert!(wire.data >= 10, "transport data: {wire:?}");
 }
 
-/// One field of peer `key` in `wg show <iface> dump` (0 public key, 1
-/// preshared key, 2 endpoint, 4 latest handshake, 5 rx, 6 tx, 7 keepalive).
-fn dump_field(n: &clustermesh_testkit::wireguard::WgNode, key: &str, i: usize) -> String {
+/// Peer `key`'s line of `wg show <iface> dump`, by field (0 public key, 1
+/// preshared key, 2 endpoint, 3 allowed ips, 4 latest handshake, 5 rx, 6
+/// tx, 7 keepalive).
+fn peer_line(n: &clustermesh_testkit::wireguard::WgNode, key: &str) -> Vec<String> {
     let dump = n.ns.exec("wg", &["show", &n.iface, "dump"]).unwrap();
     dump.lines()
         .find(|l| l.starts_with(key))
         .unwrap_or_else(|| panic!("no peer {key} in {dump}"))
         .split('\t')
-        .nth(i)
-        .unwrap_or_default()
-        .to_owned()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Field `i` of [`peer_line`].
+fn dump_field(n: &clustermesh_testkit::wireguard::WgNode, key: &str, i: usize) -> String {
+    peer_line(n, key).get(i).cloned().unwrap_or_default()
 }
 
 /// Issue 17: our device against wireguard-go over an IPv6 underlay (peer

@@ -65,13 +65,16 @@ async fn cluster_with(
 
 impl Cluster {
     async fn node(&mut self, name: &str, cidr: &str, ip: &str) {
+        self.node_with_keys(name, cidr, ip, vec![]).await;
+    }
+    async fn node_with_keys(&mut self, name: &str, cidr: &str, ip: &str, keys: Vec<String>) {
         self.g
             .register_node(proto::RegisterNodeRequest {
                 node: Some(proto::Node {
                     name: name.into(),
                     underlay_ips: vec![ip.into()],
                     pod_cidrs: vec![cidr.into()],
-                    wireguard_public_keys: vec![],
+                    wireguard_public_keys: keys,
                     boot_id: "b".into(),
                     ..Default::default()
                 }),
@@ -820,18 +823,8 @@ async fn a_duplicate_wireguard_key_is_refused_without_cutting_the_victim_off() {
     let c3 = cluster("c3", 3).await;
     c1.node("a1", "10.1.0.0/24", "192.0.2.1").await;
     let key = clustermesh_api::WgPublicKey::from_bytes([7; 32]).unwrap();
-    c2.g.register_node(proto::RegisterNodeRequest {
-        node: Some(proto::Node {
-            name: "b1".into(),
-            underlay_ips: vec!["192.0.2.11".into()],
-            pod_cidrs: vec!["10.2.0.0/24".into()],
-            wireguard_public_keys: vec![key.to_string()],
-            boot_id: "b".into(),
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap();
+    c2.node_with_keys("b1", "10.2.0.0/24", "192.0.2.11", vec![key.to_string()])
+        .await;
     let dir = tempfile::tempdir().unwrap();
     c2.file(dir.path());
     c3.file(dir.path());
