@@ -433,33 +433,34 @@ impl ClusterMesh for Api {
         // A node deregisters itself with its boot id (without it, a caller
         // could remove a live node and register its name with its own key);
         // removing a node without its boot id is the admin's.
-        let name = node_name("node", &req.get_ref().node);
+        let node = match node_name("node", &req.get_ref().node) {
+            Ok(n) => n,
+            Err(e) => return self.done(M, Err(e)),
+        };
         let forced = req.get_ref().boot_id.is_empty();
-        let caller = match name.and_then(|n| {
-            let action = if forced {
-                Action::ForceRemoveNode(&n)
-            } else {
-                Action::ActAsNode(&n)
-            };
-            match self.authorize(&req, M, action) {
-                Err(e) if forced && matches!(Caller::of(&req, sh.cfg.insecure_plaintext), Ok(Caller::Node(_))) => {
-                    Err(Status::invalid_argument(format!(
-                        "boot_id: required to deregister node {n} (a node deregisters only its own incarnation; {})",
-                        e.message()
-                    )))
-                }
-                r => r,
-            }
-        }) {
+        let action = if forced {
+            Action::ForceRemoveNode(&node)
+        } else {
+            Action::ActAsNode(&node)
+        };
+        let caller = match self.authorize(&req, M, action) {
             Ok(c) => c,
+            // A node that left out its boot id is told what is missing.
+            Err(e) if forced && e.code() == tonic::Code::PermissionDenied => {
+                let need = match Caller::of(&req, sh.cfg.insecure_plaintext) {
+                    Ok(Caller::Node(_)) => Status::invalid_argument(format!(
+                        "boot_id: required to deregister node {node} (a node deregisters only its own incarnation; {})",
+                        e.message()
+                    )),
+                    _ => e,
+                };
+                return self.done(M, Err(need));
+            }
             Err(e) => return self.done(M, Err(e)),
         };
         let peer = req.remote_addr();
         let req = req.into_inner();
         let r = async {
-            let node: NodeName = req.node.parse().map_err(|e: clustermesh_api::ValueError| {
-                invalid(FieldError::new("node", e.to_string()))
-            })?;
             let mut st = sh.state.lock().await;
             match st.nodes.get(&node) {
                 None => return Ok(proto::Empty {}),
