@@ -22,7 +22,7 @@
 use std::{
     collections::BTreeMap,
     fmt, fs, io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     str::FromStr,
 };
@@ -93,7 +93,13 @@ pub struct EndpointFile {
     pub ifname: String,
     /// The pod's network namespace path (`CNI_NETNS`).
     pub netns: String,
-    pub ip: Ipv4Addr,
+    /// The pod's IPv4 address (none: an IPv6-only pod).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+    /// The pod's IPv6 address (none: an IPv4-only pod). A dual-stack pod
+    /// has both; a file with neither is refused ([`EndpointError::NoAddress`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<Ipv6Addr>,
     /// The host-side veth (`lxc` + 8 hex digits).
     pub host_iface: String,
     pub host_ifindex: u32,
@@ -127,12 +133,27 @@ pub enum EndpointError {
     },
     #[error("endpoint file {path} holds container {container_id:?}, not the one its name says")]
     NameMismatch { path: PathBuf, container_id: String },
+    #[error("endpoint file {path} has neither an `ip` nor an `ipv6` address")]
+    NoAddress { path: PathBuf },
+}
+
+impl EndpointFile {
+    /// The pod's addresses: IPv4 first, then IPv6.
+    pub fn ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ip
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.ipv6.map(IpAddr::V6))
+    }
 }
 
 impl EndpointError {
     /// Whether the file's content (not the file system) is at fault.
     pub fn is_corrupt(&self) -> bool {
-        matches!(self, Self::Decode { .. } | Self::NameMismatch { .. })
+        matches!(
+            self,
+            Self::Decode { .. } | Self::NameMismatch { .. } | Self::NoAddress { .. }
+        )
     }
 }
 
@@ -229,6 +250,11 @@ fn read_file(path: &Path) -> Result<EndpointFile, EndpointError> {
         return Err(EndpointError::NameMismatch {
             path: path.to_owned(),
             container_id: ep.container_id,
+        });
+    }
+    if ep.ip.is_none() && ep.ipv6.is_none() {
+        return Err(EndpointError::NoAddress {
+            path: path.to_owned(),
         });
     }
     Ok(ep)
@@ -346,7 +372,8 @@ mod tests {
             container_id: id.into(),
             ifname: "eth0".into(),
             netns: "/var/run/netns/p".into(),
-            ip: Ipv4Addr::new(10, 0, 0, 5),
+            ip: Some(Ipv4Addr::new(10, 0, 0, 5)),
+            ipv6: None,
             host_iface: "lxc0123abcd".into(),
             host_ifindex: 42,
             host_mac: MacAddr([0xaa, 0xbb, 0xcc, 0, 1, 2]),
@@ -384,6 +411,28 @@ mod tests {
         assert_eq!(v["namespace"], "default");
         assert_eq!(v["name"], serde_json::Value::Null);
         assert_eq!(v["labels"]["app"], "web");
+    }
+
+    #[test]
+    fn a_file_with_no_address_is_refused_and_dual_stack_lists_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut none = sample("n");
+        none.ip = None;
+        write(dir.path(), &none).expect("write");
+        let err = read(dir.path(), "n").expect_err("no address");
+        assert!(matches!(err, EndpointError::NoAddress { .. }), "{err}");
+        assert!(err.is_corrupt());
+        let mut dual = sample("d");
+        dual.ipv6 = Some("fd00:10:1::5".parse().expect("v6"));
+        write(dir.path(), &dual).expect("write");
+        let back = read(dir.path(), "d").expect("read").expect("some");
+        let ips: Vec<String> = back.ips().map(|i| i.to_string()).collect();
+        assert_eq!(ips, ["10.0.0.5", "fd00:10:1::5"]);
+        let v = serde_json::to_value(&back).expect("json");
+        assert_eq!(v["ipv6"], "fd00:10:1::5");
+        // An IPv4-only file has no `ipv6` key at all (older readers).
+        let v4 = serde_json::to_value(sample("x")).expect("json");
+        assert!(v4.get("ipv6").is_none());
     }
 
     #[test]

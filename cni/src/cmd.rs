@@ -309,7 +309,8 @@ impl AddSteps<'_> {
             container_id: self.cid.to_owned(),
             ifname: self.ifname.to_owned(),
             netns: self.netns_path.to_owned(),
-            ip,
+            ip: Some(ip),
+            ipv6: None,
             host_iface: self.host_name.to_owned(),
             host_ifindex: host.index,
             host_mac,
@@ -477,8 +478,12 @@ fn check(cfg: &Config, env: &Env, stdin: &[u8]) -> Result<(), Error> {
         }
         .into());
     }
+    // Until dual-stack IPAM: every pod this plugin made has an IPv4 address.
+    let ep_ip = ep.ip.ok_or_else(|| CheckError::PrevResultIp {
+        want: "an IPv4 address in the endpoint file".into(),
+    })?;
     if let Some(prev) = &cfg.prev_result {
-        let want = format!("{}/32", ep.ip);
+        let want = format!("{ep_ip}/32");
         if !prev.ips.iter().any(|i| i.address == want) {
             return Err(CheckError::PrevResultIp { want }.into());
         }
@@ -498,8 +503,8 @@ fn check(cfg: &Config, env: &Env, stdin: &[u8]) -> Result<(), Error> {
         Allocator::Delegated(d) => d.check(stdin)?,
         Allocator::Own(store, _) => {
             let lease = store.lookup(cid, ifname)?;
-            if lease != Some(ep.ip) {
-                return Err(CheckError::Lease { ip: ep.ip, lease }.into());
+            if lease != Some(ep_ip) {
+                return Err(CheckError::Lease { ip: ep_ip, lease }.into());
             }
         }
     }
@@ -522,10 +527,10 @@ fn check(cfg: &Config, env: &Env, stdin: &[u8]) -> Result<(), Error> {
     if pod.link.mtu != Some(cfg.mtu) {
         return Err(changed(format!("MTU {:?}, not {}", pod.link.mtu, cfg.mtu)).into());
     }
-    if !pod.addrs.contains(&(ep.ip, 32)) {
+    if !pod.addrs.contains(&(ep_ip, 32)) {
         return Err(CheckError::PodAddressMissing {
             ifname: ifname.to_owned(),
-            ip: ep.ip,
+            ip: ep_ip,
         }
         .into());
     }

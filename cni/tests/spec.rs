@@ -340,7 +340,7 @@ fn add_check_del_lifecycle() {
     assert_eq!(ep.container_id, "c1");
     assert_eq!(ep.ifname, "eth0");
     assert_eq!(ep.netns, netns_path(&pod1));
-    assert_eq!(ep.ip, Ipv4Addr::new(10, 200, 0, 1));
+    assert_eq!(ep.ip, Some(Ipv4Addr::new(10, 200, 0, 1)));
     assert_eq!(ep.host_iface, host1);
     assert_eq!(
         ep.host_mac.to_string(),

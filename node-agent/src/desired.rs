@@ -11,7 +11,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use clustermesh_api::{
@@ -103,4 +103,4 @@ pub struct LocalEndpoint {
 }
 
 /// The local endpoints, by address.
-pub type LocalEndpoints = BTreeMap<Ipv4Addr, LocalEndpoint>;
+pub type LocalEndpoints = BTreeMap<IpAddr, LocalEndpoint>;

@@ -19,7 +19,7 @@
 //! veth up and writes the readiness marker the plugin waits for
 //! (`clustermesh_api::endpoint_file::write_ready`).
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use clustermesh_api::endpoint_file::{EndpointFile, read_endpoint_dir};
 use tokio::sync::watch;
@@ -71,7 +71,7 @@ impl CniEndpoints {
             if !keep {
                 ifaces.remove(&f.host_iface);
                 self.ready.remove(id);
-                tracing::info!(container = %id, ip = %f.ip, "pod detached");
+                tracing::info!(container = %id, ips = ?ips(f), "pod detached");
             }
             keep
         });
@@ -83,7 +83,7 @@ impl CniEndpoints {
             let iface = f.host_iface.clone();
             match clustermesh_api::netns::run_in_named(netns, || dp.attach_endpoint(&iface)) {
                 Ok(Ok(how)) => {
-                    tracing::info!(container = %id, ip = %f.ip, iface = %iface, ?how, "pod attached");
+                    tracing::info!(container = %id, ips = ?ips(&f), iface = %iface, ?how, "pod attached");
                     ifaces.insert(iface, (f.host_ifindex, f.host_mac.0));
                     self.known.insert(id, f);
                     changed = true;
@@ -107,9 +107,12 @@ impl CniEndpoints {
     ) {
         use clustermesh_api::endpoint_file::{read_ready, write_ready};
         for (id, f) in &self.known {
-            if self.ready.contains(id)
-                || applied.get(&f.ip).map(|e| e.host_ifindex) != Some(f.host_ifindex)
-            {
+            // Ready once every address of the pod (both families of a
+            // dual-stack pod) has its entry for this veth.
+            let applied_all = f
+                .ips()
+                .all(|ip| applied.get(&ip).map(|e| e.host_ifindex) == Some(f.host_ifindex));
+            if self.ready.contains(id) || !applied_all {
                 continue;
             }
             if read_ready(dir, id) != Some(f.host_ifindex) {
@@ -125,28 +128,37 @@ impl CniEndpoints {
                     tracing::warn!(container = %id, error = %e, "writing the pod's readiness marker");
                     continue;
                 }
-                tracing::info!(container = %id, ip = %f.ip, iface = %f.host_iface, "pod ready");
+                tracing::info!(container = %id, ips = ?ips(f), iface = %f.host_iface, "pod ready");
             }
             self.ready.insert(id.clone());
         }
     }
 
-    /// The pods as registration specs.
+    /// The pods as registration specs: one per address (a dual-stack pod
+    /// is two endpoints of one identity, as in the ip-cache).
     pub fn specs(&self) -> impl Iterator<Item = EndpointSpec> + '_ {
-        self.known.values().map(|f| EndpointSpec {
-            ip: f.ip.to_string(),
-            namespace: f.namespace.clone().unwrap_or_default(),
-            name: f.name.clone().unwrap_or_else(|| f.container_id.clone()),
-            iface: Some(f.host_iface.clone()),
-            mac: Some(f.mac.0),
-            labels: if f.labels.is_empty() {
-                // An identity needs at least one label.
-                [("cni:container".to_owned(), "unlabelled".to_owned())].into()
-            } else {
-                f.labels.clone().into_iter().collect()
-            },
-        })
+        self.known
+            .values()
+            .flat_map(|f| f.ips().map(move |ip| (f, ip)))
+            .map(|(f, ip)| EndpointSpec {
+                ip: ip.to_string(),
+                namespace: f.namespace.clone().unwrap_or_default(),
+                name: f.name.clone().unwrap_or_else(|| f.container_id.clone()),
+                iface: Some(f.host_iface.clone()),
+                mac: Some(f.mac.0),
+                labels: if f.labels.is_empty() {
+                    // An identity needs at least one label.
+                    [("cni:container".to_owned(), "unlabelled".to_owned())].into()
+                } else {
+                    f.labels.clone().into_iter().collect()
+                },
+            })
     }
+}
+
+/// A pod's addresses, for logs.
+fn ips(f: &EndpointFile) -> Vec<IpAddr> {
+    f.ips().collect()
 }
 
 /// Sets link `ifindex` up, in the calling thread's network namespace.
@@ -179,7 +191,7 @@ pub fn desired(
 ) -> LocalEndpoints {
     let mut out = LocalEndpoints::new();
     for spec in specs {
-        let (Some(iface), Some(mac), Ok(ip)) = (&spec.iface, spec.mac, spec.ip.parse::<Ipv4Addr>())
+        let (Some(iface), Some(mac), Ok(ip)) = (&spec.iface, spec.mac, spec.ip.parse::<IpAddr>())
         else {
             continue;
         };
@@ -334,7 +346,7 @@ mod tests {
         // No identity yet: only the adopted entry.
         let d = desired(&specs, &ifaces, &[], &adopted);
         assert_eq!(d.len(), 1);
-        assert_eq!(d[&"10.0.0.2".parse::<Ipv4Addr>().unwrap()].identity, 99);
+        assert_eq!(d[&"10.0.0.2".parse::<IpAddr>().unwrap()].identity, 99);
         // Identities known: both attached pods, never the one without a veth.
         let ids = [
             ("10.0.0.1".to_owned(), 5),
@@ -343,7 +355,7 @@ mod tests {
         ];
         let d = desired(&specs, &ifaces, &ids, &adopted);
         assert_eq!(d.len(), 2);
-        assert_eq!(d[&"10.0.0.1".parse::<Ipv4Addr>().unwrap()].host_ifindex, 7);
-        assert_eq!(d[&"10.0.0.2".parse::<Ipv4Addr>().unwrap()].identity, 6);
+        assert_eq!(d[&"10.0.0.1".parse::<IpAddr>().unwrap()].host_ifindex, 7);
+        assert_eq!(d[&"10.0.0.2".parse::<IpAddr>().unwrap()].identity, 6);
     }
 }

@@ -28,12 +28,22 @@ pub mod maps {
     pub const METRICS: &str = "CM_METRICS";
     /// Hash: local endpoint IPv4 (network order) -> [`crate::EndpointInfo`].
     pub const ENDPOINTS: &str = "CM_ENDPOINTS";
+    /// Hash: local endpoint IPv6 ([`crate::Ip6`], the address's 16 bytes in
+    /// network order) -> [`crate::EndpointInfo`].
+    pub const ENDPOINTS6: &str = "CM_ENDPOINTS6";
     /// LPM trie: IPv4 prefix -> [`crate::IpCacheValue`].
     pub const IPCACHE: &str = "CM_IPCACHE";
+    /// LPM trie: IPv6 prefix ([`crate::Ip6`]) -> [`crate::IpCacheValue`]
+    /// (the same value as IPv4: either family of pod may sit behind a node
+    /// reached over either family of underlay).
+    pub const IPCACHE6: &str = "CM_IPCACHE6";
     /// Array of one [`crate::DatapathConfig`].
     pub const CONFIG: &str = "CM_CONFIG";
     /// LRU hash: remote source IPv4 -> identity it last arrived with.
     pub const SOURCE_IDENTITY: &str = "CM_SRC_IDENTITY";
+    /// LRU hash: remote source IPv6 ([`crate::Ip6`]) -> identity it last
+    /// arrived with.
+    pub const SOURCE_IDENTITY6: &str = "CM_SRC_IDENTITY6";
     /// Hash: [`crate::LbServiceKey`] -> [`crate::LbServiceValue`]. Slot 0 of
     /// a frontend holds the number of backends new flows are spread over;
     /// slots 1..=count hold those backends.
@@ -62,7 +72,14 @@ pub mod maps {
     /// route (no entry, or one without a tunnel endpoint or encryption) is
     /// dropped ([`crate::Verdict::DropStrictUnknownDest`]).
     pub const STRICT_RANGES: &str = "CM_STRICT_RANGES";
+    /// LPM trie: IPv6 prefix ([`crate::Ip6`]) -> [`crate::STRICT_RANGE`]:
+    /// [`STRICT_RANGES`] for IPv6 pod ranges.
+    pub const STRICT_RANGES6: &str = "CM_STRICT_RANGES6";
 }
+
+/// An IPv6 address as the maps key it: its 16 bytes in network order (what
+/// `Ipv6Addr::octets` gives, and what the programs load from the header).
+pub type Ip6 = [u8; 16];
 
 /// Entries of the maps (sizes are fixed at load).
 pub const MAX_ENDPOINTS: u32 = 4096;
@@ -106,6 +123,9 @@ pub const GENEVE_PORT: u16 = 6081;
 /// (outer IPv4 20 + UDP 8 + tunnel header 8 + inner Ethernet 14): the pod
 /// MTU is the underlay MTU minus this.
 pub const ENCAP_OVERHEAD: u32 = 50;
+/// [`ENCAP_OVERHEAD`] over an IPv6 underlay (outer IPv6 40 + UDP 8 +
+/// tunnel header 8 + inner Ethernet 14).
+pub const ENCAP_OVERHEAD6: u32 = 70;
 /// The identity of traffic from outside the mesh (Cilium's `world`).
 pub const IDENTITY_WORLD: u32 = 2;
 
@@ -125,21 +145,36 @@ pub struct EndpointInfo {
 
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 20);
 
-/// What the ip-cache knows about an address or prefix.
+/// What the ip-cache knows about an address or prefix (IPv4 in
+/// [`maps::IPCACHE`], IPv6 in [`maps::IPCACHE6`]).
+///
+/// The node to tunnel to is `tunnel_endpoint` when it is set (an IPv4
+/// underlay), else `tunnel_endpoint6` when that is set (an IPv6 underlay);
+/// neither: local, or not reachable through the tunnel.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpCacheValue {
     pub identity: u32,
-    /// Underlay IPv4 of the node to tunnel to (network order); 0: local or
-    /// not reachable through the tunnel.
+    /// Underlay IPv4 of the node to tunnel to (network order); 0: none.
     pub tunnel_endpoint: u32,
     pub cluster_id: u8,
     /// [`IPCACHE_FLAG_ENCRYPT`], ...
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// Underlay IPv6 of the node to tunnel to (network order), used when
+    /// `tunnel_endpoint` is 0; all zero: none.
+    pub tunnel_endpoint6: Ip6,
 }
 
-const _: () = assert!(core::mem::size_of::<IpCacheValue>() == 12);
+const _: () = assert!(core::mem::size_of::<IpCacheValue>() == 28);
+
+impl IpCacheValue {
+    /// Whether the entry names a node to tunnel to (either family).
+    #[inline(always)]
+    pub fn has_tunnel_endpoint(&self) -> bool {
+        self.tunnel_endpoint != 0 || self.tunnel_endpoint6 != [0; 16]
+    }
+}
 
 /// Traffic to this entry must be encrypted.
 pub const IPCACHE_FLAG_ENCRYPT: u8 = 1;
@@ -251,9 +286,13 @@ pub struct DatapathConfig {
     pub wg_ifindex: u32,
     /// [`CONFIG_FLAG_STRICT`], ...
     pub flags: u32,
+    /// This node's underlay IPv6 (network order; all zero: none): the outer
+    /// source of Geneve packets sent over IPv6, and the address Geneve and
+    /// VXLAN over IPv6 are accepted on.
+    pub underlay_ip6: Ip6,
 }
 
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 40);
 
 /// Strict encryption (fail closed): pod traffic to an ip-cache entry marked
 /// [`IPCACHE_FLAG_ENCRYPT`] is dropped ([`Verdict::DropStrictPlaintext`])

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tunnel_common::{
-    Counter, DatapathConfig, Direction, EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, IpCacheValue,
+    Counter, DatapathConfig, Direction, EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, Ip6, IpCacheValue,
     LB_BACKEND_SELECTABLE, LbAddr, LbBackendKey, LbBackendValue, LbFlowKey, LbServiceKey,
     LbServiceValue, MAX_ENDPOINTS, MAX_IPCACHE, MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS,
     MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES, MAX_STRICT_RANGES, METRICS_ENTRIES, Verdict, metric_index,
@@ -21,11 +21,17 @@ pub static CM_METRICS: PerCpuArray<Counter> = PerCpuArray::pinned(METRICS_ENTRIE
 #[map]
 pub static CM_ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
 #[map]
+pub static CM_ENDPOINTS6: HashMap<Ip6, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
+#[map]
 pub static CM_IPCACHE: LpmTrie<u32, IpCacheValue> = LpmTrie::pinned(MAX_IPCACHE, 0);
+#[map]
+pub static CM_IPCACHE6: LpmTrie<Ip6, IpCacheValue> = LpmTrie::pinned(MAX_IPCACHE, 0);
 #[map]
 pub static CM_CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 #[map]
 pub static CM_SRC_IDENTITY: LruHashMap<u32, u32> = LruHashMap::pinned(MAX_SOURCE_IDENTITIES, 0);
+#[map]
+pub static CM_SRC_IDENTITY6: LruHashMap<Ip6, u32> = LruHashMap::pinned(MAX_SOURCE_IDENTITIES, 0);
 #[map]
 pub static CM_LB_SERVICES: HashMap<LbServiceKey, LbServiceValue> = HashMap::pinned(MAX_LB_SLOTS, 0);
 #[map]
@@ -39,6 +45,8 @@ pub static CM_LB_REVERSE: LruHashMap<LbFlowKey, LbAddr> = LruHashMap::pinned(MAX
 pub static CM_LB_FRONTENDS: HashMap<u32, u32> = HashMap::pinned(MAX_LB_FRONTENDS, 0);
 #[map]
 pub static CM_STRICT_RANGES: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_STRICT_RANGES, 0);
+#[map]
+pub static CM_STRICT_RANGES6: LpmTrie<Ip6, u32> = LpmTrie::pinned(MAX_STRICT_RANGES, 0);
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;

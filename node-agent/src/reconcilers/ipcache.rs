@@ -40,6 +40,7 @@ impl Reconciler<IpCidr, IpCacheEntry> for IpCacheMap {
             cluster_id: v.cluster_id,
             flags: if v.encrypt { IPCACHE_FLAG_ENCRYPT } else { 0 },
             _pad: [0; 2],
+            tunnel_endpoint6: [0; 16],
         };
         self.map.insert(&key, &value, 0).map_err(err("ipcache"))
     }

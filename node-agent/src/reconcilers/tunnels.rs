@@ -106,6 +106,7 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
             cluster_id: v.cluster_id,
             flags: if v.encrypt { IPCACHE_FLAG_ENCRYPT } else { 0 },
             _pad: [0; 2],
+            tunnel_endpoint6: [0; 16],
         };
         self.names.insert(*k, v.node.clone());
         self.tombstones.remove(k);
@@ -128,6 +129,7 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
             cluster_id: previous.cluster_id,
             flags: IPCACHE_FLAG_UNREACHABLE,
             _pad: [0; 2],
+            tunnel_endpoint6: [0; 16],
         };
         self.map.insert(&key, &tomb, 0).map_err(err("tunnels"))?;
         self.tombstones.insert(*k, Instant::now());
