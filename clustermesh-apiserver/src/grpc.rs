@@ -215,7 +215,15 @@ impl Api {
         let host_ip = st
             .nodes
             .get(&node)
-            .and_then(|n| n.record.underlay_ips.first().copied())
+            // The node's address of the pod's family when it has one (a
+            // dual-stack node's IPv6 pods are reached over IPv6).
+            .and_then(|n| {
+                let ips = &n.record.underlay_ips;
+                ips.iter()
+                    .find(|u| u.is_ipv4() == ip.is_ipv4())
+                    .or(ips.first())
+                    .copied()
+            })
             .ok_or_else(|| Status::failed_precondition(format!("node {node} is not registered")))?;
         let mut client = sh.client.clone();
         let ident = store::allocate_identity(

@@ -3,7 +3,10 @@
 //! which checks what clap cannot and turns the strings into typed values.
 //! A bad configuration exits with status 64 and a message naming the flag.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use clap::Parser;
 use clustermesh_api::{ClusterName, IpCidr, NodeName};
@@ -24,7 +27,7 @@ pub struct AgentConfig {
     pub overlay_iface: Option<String>,
     /// How pod traffic to remote nodes leaves: none (host stack), vxlan
     /// (needs --overlay-iface), geneve or direct (need --underlay-iface and
-    /// an IPv4 --underlay-ip).
+    /// an --underlay-ip).
     #[arg(long, default_value = "none", value_parser = ["none", "vxlan", "geneve", "direct"])]
     pub tunnel: String,
     /// The node's underlay interface: `from_underlay` is attached to it
@@ -62,7 +65,10 @@ pub struct AgentConfig {
     /// This node's name (default: the host name).
     #[arg(long)]
     pub node_name: Option<String>,
-    /// Underlay IPs other nodes reach this node at.
+    /// Underlay IPs other nodes reach this node at (repeatable; IPv4,
+    /// IPv6 or one of each for a dual-stack underlay). The first of each
+    /// family is the node's address for Geneve, and VXLAN received by the
+    /// programs, over that family.
     #[arg(long = "underlay-ip")]
     pub underlay_ips: Vec<String>,
     /// Pod CIDRs of this node (strict mode covers them too).
@@ -176,6 +182,8 @@ pub struct Validated {
     pub tunnel: TunnelMode,
     /// The first IPv4 `--underlay-ip` (Geneve and direct routing use it).
     pub underlay_ip: Option<Ipv4Addr>,
+    /// The first IPv6 `--underlay-ip` (the same, over IPv6).
+    pub underlay_ip6: Option<Ipv6Addr>,
     /// `--cluster-name`, when the control plane runs.
     pub cluster: Option<ClusterName>,
     /// `--node-name`, else the host name.
@@ -248,10 +256,22 @@ impl AgentConfig {
                 "--tunnel vxlan needs --overlay-iface (an external-mode VXLAN device)",
             ));
         }
+        for s in &self.underlay_ips {
+            if s.parse::<std::net::IpAddr>().is_err() {
+                return Err(refuse(
+                    "--underlay-ip",
+                    format!("{s:?} is not an IPv4 or IPv6 address"),
+                ));
+            }
+        }
         let underlay_ip = self
             .underlay_ips
             .iter()
             .find_map(|s| s.parse::<Ipv4Addr>().ok());
+        let underlay_ip6 = self
+            .underlay_ips
+            .iter()
+            .find_map(|s| s.parse::<Ipv6Addr>().ok());
         if matches!(tunnel, TunnelMode::Geneve | TunnelMode::Direct) {
             if self.underlay_iface.is_none() {
                 return Err(refuse(
@@ -259,10 +279,10 @@ impl AgentConfig {
                     format!("--tunnel {} needs --underlay-iface", self.tunnel),
                 ));
             }
-            if underlay_ip.is_none() {
+            if underlay_ip.is_none() && underlay_ip6.is_none() {
                 return Err(refuse(
                     "--underlay-ip",
-                    format!("--tunnel {} needs an IPv4 --underlay-ip", self.tunnel),
+                    format!("--tunnel {} needs an --underlay-ip", self.tunnel),
                 ));
             }
         }
@@ -292,6 +312,7 @@ impl AgentConfig {
         Ok(Validated {
             tunnel,
             underlay_ip,
+            underlay_ip6,
             cluster,
             node_name,
             strict_ranges: self.strict_ranges()?,

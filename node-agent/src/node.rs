@@ -126,7 +126,7 @@ fn base_config(v: &Validated, a: &Attachment, encrypted: bool) -> DatapathConfig
         // Strict until the cluster's policy is read: fail closed (the
         // reconciler also keeps the pinned configuration's strict flags).
         flags: if encrypted { CONFIG_FLAG_STRICT } else { 0 },
-        underlay_ip6: [0; 16],
+        underlay_ip6: v.underlay_ip6.map_or([0; 16], |ip| ip.octets()),
     }
 }
 

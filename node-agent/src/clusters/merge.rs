@@ -99,6 +99,31 @@ fn in_own_cidrs(accepted: &Accepted<'_>, cluster: &ClusterName, ip: IpAddr) -> b
     })
 }
 
+/// The underlay address traffic to `dest` (a pod or pod range of `rec`)
+/// is tunnelled or routed to: the node's address of the same family when it
+/// has one (an IPv6 route needs an IPv6 gateway), else its first.
+fn underlay_for(rec: &clustermesh_api::NodeRecord, dest: IpAddr) -> Option<IpAddr> {
+    rec.underlay_ips
+        .iter()
+        .find(|u| u.is_ipv4() == dest.is_ipv4())
+        .or(rec.underlay_ips.first())
+        .copied()
+}
+
+/// The accepted node of `cluster` whose pod CIDR holds `ip`.
+fn node_of<'a>(
+    accepted: &Accepted<'a>,
+    cluster: &ClusterName,
+    ip: IpAddr,
+) -> Option<&'a clustermesh_api::NodeRecord> {
+    accepted.get(cluster).and_then(|nodes| {
+        nodes
+            .iter()
+            .find(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
+            .copied()
+    })
+}
+
 /// The accepted node of `cluster` whose pod CIDR holds `ip`.
 fn host_of(accepted: &Accepted<'_>, cluster: &ClusterName, ip: IpAddr) -> Option<NodeName> {
     accepted.get(cluster).and_then(|nodes| {
@@ -211,7 +236,7 @@ fn merge_nodes<'a>(
             out.tunnels.insert(
                 *cidr,
                 TunnelEntry {
-                    node_ip,
+                    node_ip: underlay_for(rec, cidr.addr()).unwrap_or(node_ip),
                     cluster_id: c.id.get(),
                     node: rec.name.clone(),
                     encrypt: encrypt_to(&input.encryption, local),
@@ -219,22 +244,27 @@ fn merge_nodes<'a>(
             );
         }
         if !local {
-            out.ipcache.insert(
-                IpCidr::host(node_ip),
-                IpCacheEntry {
-                    identity: Identity::REMOTE_NODE,
-                    cluster_id: c.id.get(),
-                    tunnel_endpoint: Some(node_ip),
-                    encrypt: input.encryption.node_to_node && encrypt_to(&input.encryption, local),
-                },
-            );
+            // Every underlay address of the node (both families of a
+            // dual-stack underlay) is a remote node.
+            for ip in &rec.underlay_ips {
+                out.ipcache.insert(
+                    IpCidr::host(*ip),
+                    IpCacheEntry {
+                        identity: Identity::REMOTE_NODE,
+                        cluster_id: c.id.get(),
+                        tunnel_endpoint: Some(*ip),
+                        encrypt: input.encryption.node_to_node
+                            && encrypt_to(&input.encryption, local),
+                    },
+                );
+            }
         }
         if encrypt_to(&input.encryption, local)
             && let Some(key) = rec.wireguard_public_keys.first()
         {
             let mut allowed = rec.pod_cidrs.clone();
             if input.encryption.node_to_node {
-                allowed.push(IpCidr::host(node_ip));
+                allowed.extend(rec.underlay_ips.iter().map(|ip| IpCidr::host(*ip)));
             }
             out.peers.insert(
                 format!("{}/{}", c.name, rec.name),
@@ -310,12 +340,21 @@ fn merge_endpoints(
                 continue;
             }
             let on_self = *local && host_of(accepted, c.name, rec.ip).as_ref() == input.self_node;
+            // The host's underlay address of the endpoint's family when the
+            // record names one of another family (a dual-stack node
+            // registers one host address for both of a pod's).
+            let tunnel_endpoint = match node_of(accepted, c.name, rec.ip) {
+                Some(n) if rec.host_ip.is_ipv4() != rec.ip.is_ipv4() => {
+                    underlay_for(n, rec.ip).unwrap_or(rec.host_ip)
+                }
+                _ => rec.host_ip,
+            };
             out.ipcache.insert(
                 IpCidr::host(rec.ip),
                 IpCacheEntry {
                     identity: rec.identity,
                     cluster_id: c.id.get(),
-                    tunnel_endpoint: if on_self { None } else { Some(rec.host_ip) },
+                    tunnel_endpoint: if on_self { None } else { Some(tunnel_endpoint) },
                     encrypt: !on_self && encrypt_to(&input.encryption, *local),
                 },
             );
@@ -532,6 +571,55 @@ mod tests {
 
     fn cidr(s: &str) -> IpCidr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn dual_stack_nodes_are_reached_over_the_family_of_each_destination() {
+        let mut w = World::new(2);
+        node(&mut w.recs[0], 1, "c1", "n1", "10.1.0.0/24", "192.0.2.1");
+        node(&mut w.recs[1], 3, "c2", "m1", "10.2.0.0/24", "192.0.2.11");
+        {
+            let m1 = &mut w.recs[1].nodes.values_mut().next().unwrap().0;
+            m1.underlay_ips.push("2001:db8::11".parse().unwrap());
+            m1.pod_cidrs.push(cidr("fd00:10:2::/64"));
+        }
+        // An IPv6-only node carrying an IPv4 range too.
+        node(&mut w.recs[1], 4, "c2", "m2", "fd00:10:3::/64", "2001:db8::12");
+        w.recs[1]
+            .nodes
+            .get_mut(&"m2".parse::<NodeName>().unwrap())
+            .unwrap()
+            .0
+            .pod_cidrs
+            .push(cidr("10.2.1.0/24"));
+        // The pod registered both addresses with the node's IPv4 host address.
+        ep(&mut w.recs[1], "c2", "10.2.0.5", (2 << 16) | 300, "192.0.2.11");
+        ep(
+            &mut w.recs[1],
+            "c2",
+            "fd00:10:2::5",
+            (2 << 16) | 300,
+            "192.0.2.11",
+        );
+        let d = w.merge(wg(EncryptionScope::All));
+        assert!(d.rejected.is_empty(), "{:?}", d.rejected);
+        let via = |c: &str| d.tunnels[&cidr(c)].node_ip.to_string();
+        assert_eq!(via("10.2.0.0/24"), "192.0.2.11");
+        assert_eq!(via("fd00:10:2::/64"), "2001:db8::11");
+        assert_eq!(via("fd00:10:3::/64"), "2001:db8::12");
+        // No IPv4 underlay: the IPv4 range goes over IPv6.
+        assert_eq!(via("10.2.1.0/24"), "2001:db8::12");
+        let tep = |c: &str| d.ipcache[&cidr(c)].tunnel_endpoint.map(|t| t.to_string());
+        assert_eq!(tep("10.2.0.5/32").as_deref(), Some("192.0.2.11"));
+        assert_eq!(tep("fd00:10:2::5/128").as_deref(), Some("2001:db8::11"));
+        // Both underlay addresses are the remote node.
+        for ip in ["192.0.2.11/32", "2001:db8::11/128"] {
+            assert_eq!(d.ipcache[&cidr(ip)].identity, Identity::REMOTE_NODE, "{ip}");
+        }
+        let peer = &d.peers["c2/m1"];
+        assert!(peer.allowed_ips.contains(&cidr("fd00:10:2::/64")));
+        assert_eq!(peer.endpoint.ip().to_string(), "192.0.2.11");
+        assert_eq!(d.peers["c2/m2"].endpoint.ip().to_string(), "2001:db8::12");
     }
 
     #[test]

@@ -1,29 +1,29 @@
-//! [`IpCacheMap`] keeps the host entries (/32: endpoints and remote nodes)
-//! of the pinned `CM_IPCACHE` equal to the desired ip-cache. The pod-CIDR
-//! routes of the same map are [`super::tunnels::TunnelMap`]'s, so each
-//! one's prune only removes its own entries.
+//! [`IpCacheMap`] keeps the host entries (/32 and /128: endpoints and
+//! remote nodes) of the pinned `CM_IPCACHE` and `CM_IPCACHE6` equal to the
+//! desired ip-cache. The pod-CIDR routes of the same maps are
+//! [`super::tunnels::TunnelMap`]'s, so each one's prune only removes its
+//! own entries.
 
-use std::{collections::BTreeMap, net::IpAddr, path::Path};
+use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{LpmTrie, MapData};
 use clustermesh_api::{Identity, IpCidr};
 use tunnel_common::{IPCACHE_FLAG_ENCRYPT, IpCacheValue};
 
 use super::{
     ReconcileError, Reconciler,
-    lpm::{cidr, entries, err, key, open, v4_be},
+    lpm::{DualLpm, open_ipcache, tunnel_endpoint, tunnel_fields},
 };
 use crate::desired::IpCacheEntry;
 
-/// Host entries (/32) of `CM_IPCACHE`.
+/// Host entries (/32, /128) of `CM_IPCACHE` and `CM_IPCACHE6`.
 pub struct IpCacheMap {
-    map: LpmTrie<MapData, u32, IpCacheValue>,
+    map: DualLpm<IpCacheValue>,
 }
 
 impl IpCacheMap {
     pub fn open(pin_dir: &Path) -> Result<Self, ReconcileError> {
         Ok(Self {
-            map: open(pin_dir, "ipcache")?,
+            map: open_ipcache(pin_dir, "ipcache")?,
         })
     }
 }
@@ -33,32 +33,28 @@ impl Reconciler<IpCidr, IpCacheEntry> for IpCacheMap {
         "ipcache"
     }
     fn update(&mut self, k: &IpCidr, v: &IpCacheEntry) -> Result<(), ReconcileError> {
-        let Some(key) = key(k) else { return Ok(()) };
+        let (tunnel_endpoint, tunnel_endpoint6) = tunnel_fields(v.tunnel_endpoint);
         let value = IpCacheValue {
             identity: v.identity.get(),
-            tunnel_endpoint: v4_be(v.tunnel_endpoint),
+            tunnel_endpoint,
             cluster_id: v.cluster_id,
             flags: if v.encrypt { IPCACHE_FLAG_ENCRYPT } else { 0 },
             _pad: [0; 2],
-            tunnel_endpoint6: [0; 16],
+            tunnel_endpoint6,
         };
-        self.map.insert(&key, &value, 0).map_err(err("ipcache"))
+        self.map.insert(k, &value)
     }
     fn delete(&mut self, k: &IpCidr) -> Result<(), ReconcileError> {
-        let Some(key) = key(k) else { return Ok(()) };
-        match self.map.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(err("ipcache")(e)),
-        }
+        self.map.remove(k)
     }
     fn prune(&mut self, desired: &BTreeMap<IpCidr, IpCacheEntry>) -> Result<usize, ReconcileError> {
         let mut n = 0;
-        for (k, _) in entries(&self.map, "ipcache")? {
-            if k.prefix_len() != 32 {
+        for (k, _) in self.map.entries()? {
+            if !k.is_host() {
                 continue;
             }
-            if cidr(&k).is_none_or(|c| !desired.contains_key(&c)) {
-                self.map.remove(&k).map_err(err("ipcache"))?;
+            if k.cidr().is_none_or(|c| !desired.contains_key(&c)) {
+                self.map.remove_key(&k)?;
                 n += 1;
             }
         }
@@ -66,11 +62,11 @@ impl Reconciler<IpCidr, IpCacheEntry> for IpCacheMap {
     }
     fn snapshot(&mut self) -> Result<BTreeMap<IpCidr, IpCacheEntry>, ReconcileError> {
         let mut out = BTreeMap::new();
-        for (k, v) in entries(&self.map, "ipcache")? {
-            if k.prefix_len() != 32 {
+        for (k, v) in self.map.entries()? {
+            if !k.is_host() {
                 continue;
             }
-            let (Some(c), Ok(identity)) = (cidr(&k), Identity::from_raw(v.identity.into())) else {
+            let (Some(c), Ok(identity)) = (k.cidr(), Identity::from_raw(v.identity.into())) else {
                 continue;
             };
             out.insert(
@@ -78,9 +74,7 @@ impl Reconciler<IpCidr, IpCacheEntry> for IpCacheMap {
                 IpCacheEntry {
                     identity,
                     cluster_id: v.cluster_id,
-                    tunnel_endpoint: (v.tunnel_endpoint != 0).then(|| {
-                        IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(v.tunnel_endpoint)))
-                    }),
+                    tunnel_endpoint: tunnel_endpoint(&v),
                     encrypt: v.flags & IPCACHE_FLAG_ENCRYPT != 0,
                 },
             );

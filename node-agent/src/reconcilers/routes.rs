@@ -1,5 +1,9 @@
 //! Direct routing: kernel routes to remote pod CIDRs via their nodes,
-//! installed over netlink (rtnetlink; no `ip` commands).
+//! installed over netlink (rtnetlink; no `ip` commands), for both address
+//! families. A range's gateway is the node's underlay address of the same
+//! family when it has one (the merge picks it); an IPv4 range via an IPv6
+//! gateway is written with `RTA_VIA`; an IPv6 range via an IPv4 gateway
+//! cannot be expressed and is refused (a reconcile error naming the route).
 //!
 //! Every route we install carries the routing protocol [`RTPROT_CLUSTERMESH`]
 //! (shown by `ip route` as `proto 222`), which is how prune tells ours from
@@ -11,17 +15,13 @@
 //! the table runs its own thread (entered into the node's namespace when one
 //! is given) with a small runtime, and callers talk to it synchronously.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
-    sync::mpsc,
-};
+use std::{collections::BTreeMap, net::IpAddr, sync::mpsc};
 
 use clustermesh_api::IpCidr;
 use futures_util::TryStreamExt as _;
 use rtnetlink::{
     RouteMessageBuilder,
-    packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+    packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteVia},
 };
 
 use super::{ReconcileError, Reconciler};
@@ -31,8 +31,8 @@ use crate::desired::TunnelEntry;
 pub const RTPROT_CLUSTERMESH: u8 = 222;
 
 enum Op {
-    Replace(Ipv4Addr, u8, Ipv4Addr),
-    Delete(Ipv4Addr, u8),
+    Replace(IpCidr, IpAddr),
+    Delete(IpCidr),
     /// Every route of ours: (prefix, length, gateway).
     List,
 }
@@ -54,9 +54,11 @@ pub enum RouteError {
     Iface(#[from] crate::datapath::Error),
     #[error("netlink: {0}")]
     Io(#[source] std::io::Error),
+    #[error("route {0}: {1}")]
+    Invalid(String, String),
 }
 
-type Reply = Result<Vec<(Ipv4Addr, u8, Option<Ipv4Addr>)>, RouteError>;
+type Reply = Result<Vec<(IpAddr, u8, Option<IpAddr>)>, RouteError>;
 
 /// The node's routes to remote pod CIDRs through `dev`.
 pub struct RouteTable {
@@ -128,10 +130,10 @@ impl RouteTable {
     }
 
     /// Our routes now in the kernel: (destination, gateway).
-    pub fn list(&self) -> Result<BTreeMap<IpCidr, Option<Ipv4Addr>>, ReconcileError> {
+    pub fn list(&self) -> Result<BTreeMap<IpCidr, Option<IpAddr>>, ReconcileError> {
         let mut out = BTreeMap::new();
         for (addr, len, gw) in self.call(Op::List).map_err(rerr)? {
-            if let Ok(c) = IpCidr::new(IpAddr::V4(addr), len) {
+            if let Ok(c) = IpCidr::new(addr, len) {
                 out.insert(c, gw);
             }
         }
@@ -139,17 +141,19 @@ impl RouteTable {
     }
 }
 
-fn route(addr: Ipv4Addr, len: u8) -> RouteMessageBuilder<Ipv4Addr> {
-    RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(addr, len)
-        .protocol(RouteProtocol::Other(RTPROT_CLUSTERMESH))
+fn route(c: &IpCidr) -> Result<RouteMessageBuilder<IpAddr>, RouteError> {
+    Ok(RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(c.addr(), c.prefix_len())
+        .map_err(|e| RouteError::Invalid(c.to_string(), e.to_string()))?
+        .protocol(RouteProtocol::Other(RTPROT_CLUSTERMESH)))
 }
 
 async fn serve(handle: &rtnetlink::Handle, ifindex: u32, op: Op) -> Reply {
     match op {
-        Op::Replace(addr, len, gw) => {
-            let msg = route(addr, len)
+        Op::Replace(c, gw) => {
+            let msg = route(&c)?
                 .gateway(gw)
+                .map_err(|e| RouteError::Invalid(format!("{c} via {gw}"), e.to_string()))?
                 .output_interface(ifindex)
                 .build();
             handle
@@ -159,13 +163,13 @@ async fn serve(handle: &rtnetlink::Handle, ifindex: u32, op: Op) -> Reply {
                 .execute()
                 .await
                 .map_err(|source| RouteError::Netlink {
-                    what: format!("route {addr}/{len} via {gw}"),
+                    what: format!("route {c} via {gw}"),
                     source,
                 })?;
             Ok(Vec::new())
         }
-        Op::Delete(addr, len) => {
-            let msg = route(addr, len).build();
+        Op::Delete(c) => {
+            let msg = route(&c)?.build();
             match handle.route().del(msg).execute().await {
                 Ok(()) => Ok(Vec::new()),
                 // Already gone (ESRCH): what we wanted.
@@ -173,7 +177,7 @@ async fn serve(handle: &rtnetlink::Handle, ifindex: u32, op: Op) -> Reply {
                     Ok(Vec::new())
                 }
                 Err(source) => Err(RouteError::Netlink {
-                    what: format!("deleting route {addr}/{len}"),
+                    what: format!("deleting route {c}"),
                     source,
                 }),
             }
@@ -182,7 +186,8 @@ async fn serve(handle: &rtnetlink::Handle, ifindex: u32, op: Op) -> Reply {
             let mut out = Vec::new();
             let mut s = handle
                 .route()
-                .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+                // No address family: both are dumped.
+                .get(RouteMessageBuilder::<IpAddr>::new().build())
                 .execute();
             while let Some(m) = s.try_next().await.map_err(|source| RouteError::Netlink {
                 what: "listing routes".into(),
@@ -197,7 +202,7 @@ async fn serve(handle: &rtnetlink::Handle, ifindex: u32, op: Op) -> Reply {
     }
 }
 
-fn ours(m: &RouteMessage) -> Option<(Ipv4Addr, u8, Option<Ipv4Addr>)> {
+fn ours(m: &RouteMessage) -> Option<(IpAddr, u8, Option<IpAddr>)> {
     if m.header.protocol != RouteProtocol::Other(RTPROT_CLUSTERMESH) {
         return None;
     }
@@ -205,19 +210,15 @@ fn ours(m: &RouteMessage) -> Option<(Ipv4Addr, u8, Option<Ipv4Addr>)> {
     let mut gw = None;
     for a in &m.attributes {
         match a {
-            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
-            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(IpAddr::V4(*d)),
+            RouteAttribute::Destination(RouteAddress::Inet6(d)) => dst = Some(IpAddr::V6(*d)),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(IpAddr::V4(*g)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => gw = Some(IpAddr::V6(*g)),
+            RouteAttribute::Via(RouteVia::Inet6(g)) => gw = Some(IpAddr::V6(*g)),
             _ => {}
         }
     }
     Some((dst?, m.header.destination_prefix_length, gw))
-}
-
-fn v4(c: &IpCidr) -> Option<Ipv4Addr> {
-    match c.addr() {
-        IpAddr::V4(a) => Some(a),
-        IpAddr::V6(_) => None,
-    }
 }
 
 impl Reconciler<IpCidr, TunnelEntry> for RouteTable {
@@ -225,16 +226,12 @@ impl Reconciler<IpCidr, TunnelEntry> for RouteTable {
         "routes"
     }
     fn update(&mut self, k: &IpCidr, v: &TunnelEntry) -> Result<(), ReconcileError> {
-        let (Some(addr), IpAddr::V4(gw)) = (v4(k), v.node_ip) else {
-            return Ok(());
-        };
-        self.call(Op::Replace(addr, k.prefix_len(), gw))
+        self.call(Op::Replace(*k, v.node_ip))
             .map(drop)
             .map_err(rerr)
     }
     fn delete(&mut self, k: &IpCidr) -> Result<(), ReconcileError> {
-        let Some(addr) = v4(k) else { return Ok(()) };
-        self.call(Op::Delete(addr, k.prefix_len()))
+        self.call(Op::Delete(*k))
             .map(drop)
             .map_err(rerr)
     }

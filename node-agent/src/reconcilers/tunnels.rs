@@ -1,5 +1,6 @@
-//! [`TunnelMap`] keeps the pod-CIDR routes (prefixes shorter than /32) of
-//! the pinned `CM_IPCACHE` equal to the desired tunnels.
+//! [`TunnelMap`] keeps the pod-CIDR routes (prefixes shorter than a host
+//! entry) of the pinned `CM_IPCACHE` and `CM_IPCACHE6` equal to the desired
+//! tunnels.
 //!
 //! A pod CIDR whose node goes away is not simply removed: it is left as a
 //! tombstone (flag `IPCACHE_FLAG_UNREACHABLE`) for [`TOMBSTONE_TTL`], so
@@ -9,18 +10,16 @@
 
 use std::{
     collections::BTreeMap,
-    net::IpAddr,
     path::Path,
     time::{Duration, Instant},
 };
 
-use aya::maps::{LpmTrie, MapData};
 use clustermesh_api::{IpCidr, NodeName};
 use tunnel_common::{IPCACHE_FLAG_ENCRYPT, IPCACHE_FLAG_UNREACHABLE, IpCacheValue};
 
 use super::{
     ReconcileError, Reconciler,
-    lpm::{cidr, entries, err, key, open, v4_be},
+    lpm::{DualLpm, open_ipcache, tunnel_endpoint, tunnel_fields},
 };
 use crate::desired::TunnelEntry;
 
@@ -41,9 +40,10 @@ fn adopted_name() -> &'static NodeName {
 /// for clients to notice and stop; then the range is forgotten).
 pub const TOMBSTONE_TTL: Duration = Duration::from_secs(300);
 
-/// Pod-CIDR routes (prefixes shorter than /32) of `CM_IPCACHE`.
+/// Pod-CIDR routes (prefixes shorter than a host entry) of `CM_IPCACHE`
+/// and `CM_IPCACHE6`.
 pub struct TunnelMap {
-    map: LpmTrie<MapData, u32, IpCacheValue>,
+    map: DualLpm<IpCacheValue>,
     /// Node names are not in the map; kept to answer snapshots exactly.
     names: BTreeMap<IpCidr, NodeName>,
     /// Removed ranges still marked unreachable, with when they were removed.
@@ -54,7 +54,7 @@ pub struct TunnelMap {
 impl TunnelMap {
     pub fn open(pin_dir: &Path) -> Result<Self, ReconcileError> {
         Ok(Self {
-            map: open(pin_dir, "tunnels")?,
+            map: open_ipcache(pin_dir, "tunnels")?,
             names: BTreeMap::new(),
             tombstones: BTreeMap::new(),
             tombstone_ttl: TOMBSTONE_TTL,
@@ -83,12 +83,7 @@ impl TunnelMap {
             .collect();
         for k in expired {
             self.tombstones.remove(&k);
-            if let Some(key) = key(&k) {
-                match self.map.remove(&key) {
-                    Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                    Err(e) => return Err(err("tunnels")(e)),
-                }
-            }
+            self.map.remove(&k)?;
         }
         Ok(())
     }
@@ -99,27 +94,24 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
         "tunnels"
     }
     fn update(&mut self, k: &IpCidr, v: &TunnelEntry) -> Result<(), ReconcileError> {
-        let Some(key) = key(k) else { return Ok(()) };
+        let (tunnel_endpoint, tunnel_endpoint6) = tunnel_fields(Some(v.node_ip));
         let value = IpCacheValue {
             identity: 0,
-            tunnel_endpoint: v4_be(Some(v.node_ip)),
+            tunnel_endpoint,
             cluster_id: v.cluster_id,
             flags: if v.encrypt { IPCACHE_FLAG_ENCRYPT } else { 0 },
             _pad: [0; 2],
-            tunnel_endpoint6: [0; 16],
+            tunnel_endpoint6,
         };
         self.names.insert(*k, v.node.clone());
         self.tombstones.remove(k);
-        self.map.insert(&key, &value, 0).map_err(err("tunnels"))?;
+        self.map.insert(k, &value)?;
         self.expire()
     }
     fn delete(&mut self, k: &IpCidr) -> Result<(), ReconcileError> {
         self.names.remove(k);
-        let Some(key) = key(k) else { return Ok(()) };
-        let previous = match self.map.get(&key, 0) {
-            Ok(v) => v,
-            Err(aya::maps::MapError::KeyNotFound) => return self.expire(),
-            Err(e) => return Err(err("tunnels")(e)),
+        let Some(previous) = self.map.get(k)? else {
+            return self.expire();
         };
         // Overwritten in place: the range goes from "tunnel to the node"
         // to "drop" with no moment in between.
@@ -131,18 +123,18 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
             _pad: [0; 2],
             tunnel_endpoint6: [0; 16],
         };
-        self.map.insert(&key, &tomb, 0).map_err(err("tunnels"))?;
+        self.map.insert(k, &tomb)?;
         self.tombstones.insert(*k, Instant::now());
         self.expire()
     }
     fn prune(&mut self, desired: &BTreeMap<IpCidr, TunnelEntry>) -> Result<usize, ReconcileError> {
         let mut n = 0;
-        for (k, v) in entries(&self.map, "tunnels")? {
-            if k.prefix_len() == 32 {
+        for (k, v) in self.map.entries()? {
+            if k.is_host() {
                 continue;
             }
-            let Some(c) = cidr(&k) else {
-                self.map.remove(&k).map_err(err("tunnels"))?;
+            let Some(c) = k.cidr() else {
+                self.map.remove_key(&k)?;
                 n += 1;
                 continue;
             };
@@ -154,7 +146,7 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
                 self.tombstones.entry(c).or_insert_with(Instant::now);
                 continue;
             }
-            self.map.remove(&k).map_err(err("tunnels"))?;
+            self.map.remove_key(&k)?;
             n += 1;
         }
         self.names.retain(|k, _| desired.contains_key(k));
@@ -166,11 +158,13 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
     }
     fn snapshot(&mut self) -> Result<BTreeMap<IpCidr, TunnelEntry>, ReconcileError> {
         let mut out = BTreeMap::new();
-        for (k, v) in entries(&self.map, "tunnels")? {
-            if k.prefix_len() == 32 || v.tunnel_endpoint == 0 {
+        for (k, v) in self.map.entries()? {
+            if k.is_host() {
                 continue;
             }
-            let Some(c) = cidr(&k) else { continue };
+            let (Some(c), Some(node_ip)) = (k.cidr(), tunnel_endpoint(&v)) else {
+                continue;
+            };
             // Node names are not stored in the kernel: an entry adopted
             // from a previous process is reported under [`ADOPTED`], so
             // the agent knows the range and its cluster at once (the
@@ -184,7 +178,7 @@ impl Reconciler<IpCidr, TunnelEntry> for TunnelMap {
             out.insert(
                 c,
                 TunnelEntry {
-                    node_ip: IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(v.tunnel_endpoint))),
+                    node_ip,
                     cluster_id: v.cluster_id,
                     node,
                     encrypt: v.flags & IPCACHE_FLAG_ENCRYPT != 0,
