@@ -9,13 +9,15 @@
 # running; `make demo-down` removes it (from target/mesh/topology.json).
 #
 # TUNNEL=vxlan|geneve|direct (default vxlan), ENCRYPTION=strict|wireguard|none
-# (default strict), CLUSTERS/NODES/PODS (default 2/2/2).
+# (default strict), IP_FAMILY=ipv4|ipv6|dual (default ipv4),
+# CLUSTERS/NODES/PODS (default 2/2/2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/debug}
 STATE=target/mesh
 TUNNEL=${TUNNEL:-vxlan}
 ENCRYPTION=${ENCRYPTION:-strict}
+IP_FAMILY=${IP_FAMILY:-ipv4}
 
 down() {
   if [ -e "$STATE/topology.json" ]; then
@@ -33,16 +35,17 @@ down() {
 up() {
   [ "$(id -u)" = 0 ] || { echo "demo: run as root (network namespaces, eBPF)" >&2; exit 1; }
   "$BIN/mesh" --state-dir "$STATE" up --clusters "${CLUSTERS:-2}" --nodes "${NODES:-2}" \
-    --pods "${PODS:-2}" --tunnel "$TUNNEL" --encryption "$ENCRYPTION"
+    --pods "${PODS:-2}" --tunnel "$TUNNEL" --encryption "$ENCRYPTION" \
+    --ip-family "$IP_FAMILY"
   local rc=0
   echo
   echo "== pods (from $STATE/topology.json)"
   python3 - "$STATE/topology.json" <<'PY'
 import json, sys
 t = json.load(open(sys.argv[1]))
-print("  %-8s %-8s %-8s %-12s %s" % ("cluster", "node", "pod", "ip", "namespace"))
+print("  %-8s %-8s %-8s %-12s %-22s %s" % ("cluster", "node", "pod", "ip", "ipv6", "namespace"))
 for p in t["pods"]:
-    print("  %-8s %-8s %-8s %-12s %s" % (p["cluster"], p["node"], p["name"], p["ip"], p["netns"]))
+    print("  %-8s %-8s %-8s %-12s %-22s %s" % (p["cluster"], p["node"], p["name"], p.get("ip") or "-", p.get("ipv6") or "-", p["netns"]))
 PY
   echo
   echo "== check: every pod to pods of every cluster (ping, TCP), the global service, the wire"
@@ -55,13 +58,13 @@ PY
   "$BIN/clustermesh" --config-dir "$STATE/cli" service list || rc=1
   local c1pod c2ip node
   c1pod=$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); print(t["pods"][0]["netns"])' "$STATE/topology.json")
-  c2ip=$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); print([p for p in t["pods"] if p["cluster"]!="c1"][0]["ip"])' "$STATE/topology.json" 2>/dev/null || true)
+  c2ip=$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); p=[p for p in t["pods"] if p["cluster"]!="c1"][0]; print(p.get("ip") or p["ipv6"])' "$STATE/topology.json" 2>/dev/null || true)
   node=$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); print(t["nodes"][0]["netns"])' "$STATE/topology.json")
   echo
-  echo "The mesh is left running ($TUNNEL, encryption $ENCRYPTION). Explore:"
+  echo "The mesh is left running ($TUNNEL, encryption $ENCRYPTION, $IP_FAMILY). Explore:"
   echo "  ip netns list                                     # every node and pod namespace"
   [ -n "$c2ip" ] && echo "  ip netns exec $c1pod ping $c2ip         # a c1 pod to a c2 pod"
-  echo "  ip netns exec $c1pod bash -c 'cat </dev/tcp/10.96.0.10/80'   # the global service"
+  [ "$IP_FAMILY" != ipv6 ] && echo "  ip netns exec $c1pod bash -c 'cat </dev/tcp/10.96.0.10/80'   # the global service"
   echo "  ip netns exec $node tcpdump -ni ul0              # the underlay"
   echo "  $BIN/clustermesh --config-dir $STATE/cli status -o json"
   echo "  $BIN/clustermesh --config-dir $STATE/cli encryption status"

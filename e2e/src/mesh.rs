@@ -26,7 +26,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -61,6 +61,52 @@ impl std::str::FromStr for Encryption {
     }
 }
 
+/// The address families of pods and underlay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    /// IPv4 pods over an IPv4 underlay.
+    #[default]
+    Ipv4,
+    /// IPv6 pods over an IPv6 underlay (no IPv4 anywhere on the data path).
+    Ipv6,
+    /// Dual-stack pods over a dual-stack underlay: each family reaches a
+    /// node over its own underlay address; WireGuard peers over IPv4.
+    Dual,
+}
+
+impl IpFamily {
+    pub fn v4(self) -> bool {
+        self != Self::Ipv6
+    }
+    pub fn v6(self) -> bool {
+        self != Self::Ipv4
+    }
+}
+
+impl std::str::FromStr for IpFamily {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ipv4" => Ok(Self::Ipv4),
+            "ipv6" => Ok(Self::Ipv6),
+            "dual" => Ok(Self::Dual),
+            _ => Err(format!("{s:?}: expected ipv4, ipv6 or dual")),
+        }
+    }
+}
+
+/// A node's IPv6 underlay address: `fd00:192:168::<c>:<n>`.
+pub fn underlay6(c: u8, n: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x192, 0x168, 0, 0, 0, c.into(), n.into())
+}
+
+/// Cluster `c`'s IPv6 pod range `fd00:10:<c>::/48`; node `n`'s is
+/// `fd00:10:<c>:<n>::/64`.
+pub fn pod_range6(c: u8) -> String {
+    format!("fd00:10:{c}::/48")
+}
+
 /// What `up` builds.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -70,6 +116,8 @@ pub struct Options {
     /// vxlan, geneve or direct.
     pub tunnel: String,
     pub encryption: Encryption,
+    /// Pod and underlay address families.
+    pub ip_family: IpFamily,
     pub state_dir: PathBuf,
     /// Prefix of every namespace, pin directory and device name.
     pub prefix: String,
@@ -181,8 +229,18 @@ pub struct Node {
     pub cluster: String,
     pub netns: String,
     pub underlay_iface: String,
-    pub underlay_ip: Ipv4Addr,
-    pub pod_cidr: String,
+    /// The node's IPv4 underlay address (none: `--ip-family ipv6`).
+    #[serde(default)]
+    pub underlay_ip: Option<Ipv4Addr>,
+    /// The node's IPv6 underlay address (`--ip-family ipv6` or `dual`).
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Addr>,
+    /// The node's IPv4 pod CIDR.
+    #[serde(default)]
+    pub pod_cidr: Option<String>,
+    /// The node's IPv6 pod CIDR.
+    #[serde(default)]
+    pub pod_cidr6: Option<String>,
     pub wireguard_iface: Option<String>,
     pub agent: Agent,
 }
@@ -193,9 +251,25 @@ pub struct Pod {
     pub cluster: String,
     pub node: String,
     pub netns: String,
-    pub ip: Ipv4Addr,
+    /// The pod's IPv4 address (none: `--ip-family ipv6`).
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    /// The pod's IPv6 address (`--ip-family ipv6` or `dual`).
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Addr>,
     /// What its responder answers on TCP and UDP 8080.
     pub answer: String,
+}
+
+impl Pod {
+    /// Its addresses, IPv4 first.
+    pub fn addrs(&self) -> Vec<IpAddr> {
+        self.ip
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.ipv6.map(IpAddr::V6))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -217,6 +291,8 @@ pub struct Topology {
     pub prefix: String,
     pub tunnel: String,
     pub encryption: Option<Encryption>,
+    #[serde(default)]
+    pub ip_family: IpFamily,
     /// `clustermesh --config-dir` of this mesh.
     pub cli_config_dir: PathBuf,
     pub clusters: Vec<Cluster>,
@@ -474,7 +550,8 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> anyhow::Resu
 pub fn serve(netns: &str, answer: &str, port: u16) -> anyhow::Result<()> {
     // This process serves only this namespace: its main thread moves in.
     clustermesh_api::netns::enter(&clustermesh_api::netns::open_named(netns)?)?;
-    let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    // Dual-stack sockets: IPv4 clients arrive as v4-mapped IPv6.
+    let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
     let tcp = TcpListener::bind(any)?;
     let udp = UdpSocket::bind(any)?;
     let a = answer.as_bytes().to_vec();
@@ -521,6 +598,7 @@ pub fn up(o: &Options, keep: bool) -> anyhow::Result<Topology> {
         prefix: o.prefix.clone(),
         tunnel: o.tunnel.clone(),
         encryption: Some(o.encryption),
+        ip_family: o.ip_family,
         cli_config_dir: state_dir.join("cli"),
         ..Default::default()
     };
@@ -542,10 +620,12 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
     let s = t.state_dir.clone();
     let logs = s.join("logs");
     let bin = |b: &str| o.bin_dir.join(b);
-    let mtu = if o.encryption == Encryption::None {
-        1450
-    } else {
-        1420
+    // VXLAN and Geneve add 50 bytes over IPv4, 70 over IPv6; WireGuard 60
+    // over IPv4, 80 over IPv6 (1420 + 80 = the underlay's 1500).
+    let mtu = match (o.encryption, o.ip_family.v6()) {
+        (Encryption::None, false) => 1450,
+        (Encryption::None, true) => 1430,
+        _ => 1420,
     };
 
     // The fabric: one bridge every node's underlay plugs into.
@@ -577,7 +657,7 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
             // The cluster's declared pod range: connect writes it into the
             // other clusters' files (admission, strict mode).
             "--pod-cidr-range",
-            &format!("10.{c}.0.0/16"),
+            &declared_ranges(o.ip_family, c).join(","),
         ]);
         for n in 1..=o.nodes {
             let port = free_port()?;
@@ -734,13 +814,33 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 &fabric,
                 &["ip", "link", "set", &peer, "master", "br0", "up"],
             )?;
-            let ul = Ipv4Addr::new(192, 168, c, n);
-            in_ns(
-                &ns,
-                &["ip", "addr", "add", &format!("{ul}/16"), "dev", "ul0"],
-            )?;
+            let fam = o.ip_family;
+            let ul = fam.v4().then(|| Ipv4Addr::new(192, 168, c, n));
+            let ul6 = fam.v6().then(|| underlay6(c, n));
+            if let Some(ul) = ul {
+                in_ns(
+                    &ns,
+                    &["ip", "addr", "add", &format!("{ul}/16"), "dev", "ul0"],
+                )?;
+            }
+            if let Some(ul6) = ul6 {
+                in_ns(
+                    &ns,
+                    &[
+                        "ip",
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{ul6}/64"),
+                        "dev",
+                        "ul0",
+                        "nodad",
+                    ],
+                )?;
+            }
             in_ns(&ns, &["ip", "link", "set", "ul0", "up"])?;
-            let cidr = format!("10.{c}.{n}.0/24");
+            let cidr = fam.v4().then(|| format!("10.{c}.{n}.0/24"));
+            let cidr6 = fam.v6().then(|| format!("fd00:10:{c}:{n}::/64"));
             let pin = PathBuf::from(format!("/sys/fs/bpf/{}-c{c}-n{n}", o.prefix));
             t.pin_dirs.push(pin.clone());
             let status = format!("127.0.0.1:{}", node_ports[&(c, n)]);
@@ -760,11 +860,21 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 .arg(pki.join(format!("nodes/{node_name}.pem")))
                 .arg("--apiserver-key")
                 .arg(pki.join(format!("nodes/{node_name}-key.pem")))
-                .args(["--node-name", &node_name])
-                .args(["--underlay-ip", &ul.to_string(), "--pod-cidr", &cidr])
-                // Strict mode: the own cluster's range never leaves in
-                // plaintext, even before its nodes are known.
-                .args(["--strict-range", &format!("10.{c}.0.0/16")])
+                .args(["--node-name", &node_name]);
+            // IPv4 first: the first underlay address is the node's
+            // WireGuard endpoint.
+            for u in ul.map(IpAddr::V4).into_iter().chain(ul6.map(IpAddr::V6)) {
+                agent.args(["--underlay-ip", &u.to_string()]);
+            }
+            for p in cidr.iter().chain(&cidr6) {
+                agent.args(["--pod-cidr", p]);
+            }
+            // Strict mode: the own cluster's ranges never leave in
+            // plaintext, even before its nodes are known.
+            for r in declared_ranges(fam, c) {
+                agent.args(["--strict-range", &r]);
+            }
+            agent
                 .args(["--cluster-name", &cname, "--local-etcd-endpoints", &etcd_ep])
                 .arg("--local-etcd-ca")
                 .arg(pki.join("ca.pem"))
@@ -798,7 +908,9 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 netns: ns.clone(),
                 underlay_iface: "ul0".into(),
                 underlay_ip: ul,
+                ipv6: ul6,
                 pod_cidr: cidr.clone(),
+                pod_cidr6: cidr6.clone(),
                 wireguard_iface: wg,
                 agent: Agent {
                     status,
@@ -865,12 +977,18 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
         ]))?;
     }
 
-    // The global service, declared in every cluster.
-    for c in &t.clusters.clone() {
+    // The global service, declared in every cluster (IPv4: the
+    // load-balancer does not balance IPv6 frontends yet).
+    let clusters = if o.ip_family.v4() {
+        t.clusters.clone()
+    } else {
+        Vec::new()
+    };
+    for c in &clusters {
         let backends: Vec<Ipv4Addr> = t
             .pods_of(&c.name)
             .filter(|p| p.name == "web-1")
-            .map(|p| p.ip)
+            .filter_map(|p| p.ip)
             .collect();
         let mut cmd = t.cli(&o.bin_dir);
         cmd.args([
@@ -932,12 +1050,18 @@ pub fn add_pod(
     ip(&["netns", "add", &pod_ns])?;
     t.namespaces.push(pod_ns.clone());
     t.save()?;
-    let conf = serde_json::json!({
+    let mut conf = serde_json::json!({
         "cniVersion": "1.1.0", "name": "clustermesh", "type": "clustermesh-cni",
-        "podCIDR": n.pod_cidr, "mtu": mtu,
+        "mtu": mtu,
         "endpointDir": n.agent.endpoint_dir,
         "args": {"cni": {"labels": [{"key": "k8s:app", "value": "web"}]}},
     });
+    if let Some(c) = &n.pod_cidr {
+        conf["podCIDR"] = c.as_str().into();
+    }
+    if let Some(c) = &n.pod_cidr6 {
+        conf[CNI_POD_CIDR6] = c.as_str().into();
+    }
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns])
         .arg(bin_dir.join("clustermesh-cni"))
@@ -965,10 +1089,24 @@ pub fn add_pod(
         bail!("CNI ADD of {pod_ns}: {text}");
     }
     let v: serde_json::Value = serde_json::from_str(&text)?;
-    let addr = v["ips"][0]["address"]
-        .as_str()
-        .context("CNI result without an address")?;
-    let pod_ip: Ipv4Addr = addr.split('/').next().unwrap_or_default().parse()?;
+    let (mut pod_ip, mut pod_ip6) = (None, None);
+    for a in v["ips"].as_array().into_iter().flatten() {
+        let addr = a["address"]
+            .as_str()
+            .context("CNI result without an address")?;
+        match addr
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse::<IpAddr>()?
+        {
+            IpAddr::V4(a) => pod_ip = pod_ip.or(Some(a)),
+            IpAddr::V6(a) => pod_ip6 = pod_ip6.or(Some(a)),
+        }
+    }
+    if pod_ip.is_none() && pod_ip6.is_none() {
+        bail!("CNI ADD of {pod_ns}: no address in {text}");
+    }
     let answer = format!("{cname}/{node_name}/{name}");
     let rlog = t
         .state_dir
@@ -984,11 +1122,28 @@ pub fn add_pod(
         node: node_name.clone(),
         netns: pod_ns,
         ip: pod_ip,
+        ipv6: pod_ip6,
         answer,
     };
     t.pods.push(pod.clone());
     t.save()?;
     Ok(pod)
+}
+
+/// The CNI network-config field of a node's IPv6 pod range.
+const CNI_POD_CIDR6: &str = "podCIDR6";
+
+/// Cluster `c`'s declared pod ranges for the family: `10.<c>.0.0/16`,
+/// `fd00:10:<c>::/48`.
+pub fn declared_ranges(f: IpFamily, c: u8) -> Vec<String> {
+    let mut v = Vec::new();
+    if f.v4() {
+        v.push(format!("10.{c}.0.0/16"));
+    }
+    if f.v6() {
+        v.push(pod_range6(c));
+    }
+    v
 }
 
 /// The harness binary itself (`mesh`): this executable when it is the
@@ -1158,29 +1313,7 @@ pub fn check(t: &Topology) -> anyhow::Result<Vec<Row>> {
                 n => vec![targets[0], targets[n - 1]],
             };
             for dst in sample {
-                let from = format!("{}/{}/{}", src.cluster, src.node, src.name);
-                let ping = ping_ok(&src.netns, dst.ip);
-                rows.push(Row {
-                    check: "ping".into(),
-                    from: from.clone(),
-                    to: dst.answer.clone(),
-                    ok: ping.is_ok(),
-                    detail: ping.err().map(|e| e.to_string()).unwrap_or_default(),
-                });
-                let to = SocketAddr::from((dst.ip, POD_PORT));
-                let r = in_netns(&src.netns, || ask(to, Duration::from_secs(2)))?;
-                let (ok, detail) = match r {
-                    Ok(a) if a == dst.answer => (true, String::new()),
-                    Ok(a) => (false, format!("answered {a:?}")),
-                    Err(e) => (false, e.to_string()),
-                };
-                rows.push(Row {
-                    check: "tcp".into(),
-                    from,
-                    to: dst.answer.clone(),
-                    ok,
-                    detail,
-                });
+                rows.extend(pod_rows(src, dst)?);
             }
         }
     }
@@ -1220,7 +1353,7 @@ pub fn check(t: &Topology) -> anyhow::Result<Vec<Row>> {
         let all = t
             .services
             .iter()
-            .filter(|s| s.backends.iter().any(|b| *b != src.ip))
+            .filter(|s| s.backends.iter().any(|b| Some(*b) != src.ip))
             .all(|s| per.contains_key(&s.cluster));
         rows.push(Row {
             check: "service".into(),
@@ -1247,7 +1380,46 @@ pub fn check(t: &Topology) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
-fn ping_ok(ns: &str, to: Ipv4Addr) -> anyhow::Result<()> {
+/// Ping and TCP from `src` to `dst`, in every family both have (`ping6`,
+/// `tcp6` for IPv6).
+fn pod_rows(src: &Pod, dst: &Pod) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let from = format!("{}/{}/{}", src.cluster, src.node, src.name);
+    let pairs = [
+        (src.ip.is_some(), dst.ip.map(IpAddr::V4), ""),
+        (src.ipv6.is_some(), dst.ipv6.map(IpAddr::V6), "6"),
+    ];
+    for (has, to_ip, suffix) in pairs {
+        let (true, Some(to_ip)) = (has, to_ip) else {
+            continue;
+        };
+        let ping = ping_ok(&src.netns, to_ip);
+        rows.push(Row {
+            check: format!("ping{suffix}"),
+            from: from.clone(),
+            to: dst.answer.clone(),
+            ok: ping.is_ok(),
+            detail: ping.err().map(|e| e.to_string()).unwrap_or_default(),
+        });
+        let to = SocketAddr::from((to_ip, POD_PORT));
+        let r = in_netns(&src.netns, || ask(to, Duration::from_secs(2)))?;
+        let (ok, detail) = match r {
+            Ok(a) if a == dst.answer => (true, String::new()),
+            Ok(a) => (false, format!("answered {a:?}")),
+            Err(e) => (false, e.to_string()),
+        };
+        rows.push(Row {
+            check: format!("tcp{suffix}"),
+            from: from.clone(),
+            to: dst.answer.clone(),
+            ok,
+            detail,
+        });
+    }
+    Ok(rows)
+}
+
+fn ping_ok(ns: &str, to: IpAddr) -> anyhow::Result<()> {
     let mut last = None;
     for _ in 0..3 {
         match in_ns(ns, &["ping", "-c", "1", "-W", "1", &to.to_string()]) {
@@ -1319,6 +1491,10 @@ pub fn finish_captures(t: &Topology, caps: Captures) -> anyhow::Result<Vec<Row>>
             "ip.dst",
             "-e",
             "wg.type",
+            "-e",
+            "ipv6.src",
+            "-e",
+            "ipv6.dst",
         ]))?;
         let mut wg = 0;
         let mut plain = Vec::new();
@@ -1327,10 +1503,15 @@ pub fn finish_captures(t: &Topology, caps: Captures) -> anyhow::Result<Vec<Row>>
             if cols.get(2).is_some_and(|w| !w.is_empty()) {
                 wg += 1;
             }
-            let addrs = cols.iter().take(2).flat_map(|c| c.split(','));
+            // IPv4 and IPv6 headers, outer and inner (tshark lists every
+            // header's address, comma-separated).
+            let addrs = [0, 1, 3, 4]
+                .iter()
+                .filter_map(|i| cols.get(*i))
+                .flat_map(|c| c.split(','));
             if addrs
-                .filter_map(|a| a.parse::<Ipv4Addr>().ok())
-                .any(|a| t.pods.iter().any(|p| p.ip == a) || a.octets()[0] == 10)
+                .filter_map(|a| a.parse::<IpAddr>().ok())
+                .any(|a| is_pod_address(t, a))
             {
                 plain.push(l.to_owned());
             }
@@ -1352,6 +1533,16 @@ pub fn finish_captures(t: &Topology, caps: Captures) -> anyhow::Result<Vec<Row>>
         });
     }
     Ok(rows)
+}
+
+/// A pod's address, or one inside the mesh's pod ranges (10.0.0.0/8,
+/// fd00:10::/32).
+fn is_pod_address(t: &Topology, a: IpAddr) -> bool {
+    t.pods.iter().any(|p| p.addrs().contains(&a))
+        || match a {
+            IpAddr::V4(a) => a.octets()[0] == 10,
+            IpAddr::V6(a) => a.segments()[..2] == [0xfd00, 0x10],
+        }
 }
 
 /// The check table, one line per row; failures first.

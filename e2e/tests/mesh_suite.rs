@@ -49,6 +49,7 @@ fn options(prefix: &str, tunnel: &str, encryption: Encryption, nodes: u8) -> Opt
         pods: 1,
         tunnel: tunnel.into(),
         encryption,
+        ip_family: mesh::IpFamily::Ipv4,
         state_dir: state,
         prefix: prefix.into(),
         bin_dir: binary("node-agent").parent().unwrap().to_owned(),
@@ -119,7 +120,13 @@ fn new_pods_are_encrypted_from_the_first_packet(t: &mut Topology) {
         &["ip", "route", "replace", "default", "via", gw, "dev", "ul0"],
     )
     .unwrap();
-    let remote = t.pods.iter().find(|p| p.cluster == "c2").unwrap().ip;
+    let remote = t
+        .pods
+        .iter()
+        .find(|p| p.cluster == "c2")
+        .unwrap()
+        .ip
+        .unwrap();
     let caps = mesh::start_captures(t).unwrap();
     let bin = binary("node-agent").parent().unwrap().to_owned();
     let mut answered = Vec::new();
@@ -130,7 +137,10 @@ fn new_pods_are_encrypted_from_the_first_packet(t: &mut Topology) {
         let s = Ping::start(&pod.netns, &remote.to_string(), 20).finish();
         eprintln!(
             "new pod {} ({}): CNI ADD took {added:?}; then ping every 10 ms to {remote}: {}/{} answered",
-            pod.name, pod.ip, s.received, s.sent
+            pod.name,
+            pod.ip.unwrap(),
+            s.received,
+            s.sent
         );
         answered.push((pod.name, s.received, s.sent));
     }
@@ -328,7 +338,10 @@ fn runtime_disconnect_etcd_restart_agent_restart_and_apiserver_stop() {
     let failed = failed_rows(&mesh::check(&up.0).unwrap());
     assert!(failed.is_empty(), "{failed:#?}");
     topology_file_serves_an_outside_script(&up.0);
-    let (c1_pod, c2_ip) = (up.0.pods[0].netns.clone(), up.0.pods[1].ip.to_string());
+    let (c1_pod, c2_ip) = (
+        up.0.pods[0].netns.clone(),
+        up.0.pods[1].ip.unwrap().to_string(),
+    );
     assert_eq!(up.0.pods[1].cluster, "c2");
 
     // 1. Disconnected at runtime: c2's pods are unreachable from c1, and the
@@ -478,6 +491,7 @@ fn a_dead_wireguard_device_is_restarted(t: &Topology) {
         .find(|p| p.cluster == "c2")
         .unwrap()
         .ip
+        .unwrap()
         .to_string();
     assert!(reachable(&c1_pod.netns, &c2_ip));
     let t0 = Instant::now();

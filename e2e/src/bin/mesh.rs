@@ -1,7 +1,7 @@
 //! `mesh`: the local multi-cluster mesh on this machine (root).
 //!
 //! ```text
-//! cargo run -p e2e -- up [--clusters 2 --nodes 2 --pods 2 --tunnel vxlan --encryption strict]
+//! cargo run -p e2e -- up [--clusters 2 --nodes 2 --pods 2 --tunnel vxlan --encryption strict --ip-family ipv4]
 //! cargo run -p e2e -- status | check | down      [--state-dir target/mesh]
 //! ```
 //!
@@ -44,6 +44,10 @@ enum Cmd {
         /// none, wireguard or strict.
         #[arg(long, default_value = "strict")]
         encryption: Encryption,
+        /// ipv4, ipv6 (IPv6 pods over an IPv6 underlay) or dual (dual-stack
+        /// pods and underlay).
+        #[arg(long, default_value = "ipv4")]
+        ip_family: mesh::IpFamily,
         /// Prefix of namespaces, pin directories and devices.
         #[arg(long, default_value = "cmd")]
         prefix: String,
@@ -116,6 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pods,
             tunnel,
             encryption,
+            ip_family,
             prefix,
             lease_ttl,
             stale_ttl,
@@ -130,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pods,
                 tunnel,
                 encryption,
+                ip_family,
                 state_dir: cli.state_dir,
                 prefix,
                 bin_dir: bin_dir(),
@@ -139,13 +145,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let t0 = std::time::Instant::now();
             let t = mesh::up(&o, keep_on_failure)?;
             println!(
-                "mesh up in {:.1} s: {} clusters x {} nodes x {} pods, tunnel {}, encryption {:?}",
+                "mesh up in {:.1} s: {} clusters x {} nodes x {} pods, tunnel {}, encryption {:?}, ip family {:?}",
                 t0.elapsed().as_secs_f64(),
                 clusters,
                 nodes,
                 pods,
                 t.tunnel,
-                encryption
+                encryption,
+                ip_family
             );
             println!("topology: {}", Topology::path(&t.state_dir).display());
             Ok(ExitCode::SUCCESS)

@@ -584,7 +584,14 @@ mod tests {
             m1.pod_cidrs.push(cidr("fd00:10:2::/64"));
         }
         // An IPv6-only node carrying an IPv4 range too.
-        node(&mut w.recs[1], 4, "c2", "m2", "fd00:10:3::/64", "2001:db8::12");
+        node(
+            &mut w.recs[1],
+            4,
+            "c2",
+            "m2",
+            "fd00:10:3::/64",
+            "2001:db8::12",
+        );
         w.recs[1]
             .nodes
             .get_mut(&"m2".parse::<NodeName>().unwrap())
@@ -593,7 +600,13 @@ mod tests {
             .pod_cidrs
             .push(cidr("10.2.1.0/24"));
         // The pod registered both addresses with the node's IPv4 host address.
-        ep(&mut w.recs[1], "c2", "10.2.0.5", (2 << 16) | 300, "192.0.2.11");
+        ep(
+            &mut w.recs[1],
+            "c2",
+            "10.2.0.5",
+            (2 << 16) | 300,
+            "192.0.2.11",
+        );
         ep(
             &mut w.recs[1],
             "c2",

@@ -204,7 +204,10 @@ mod tests {
         // A key with host bits set (never written by us) is no range.
         let bad = AnyKey::V4(Key::new(8, u32::from_be_bytes([10, 0, 0, 1]).to_be()));
         assert_eq!(bad.cidr(), None);
-        let bad6 = AnyKey::V6(Key::new(16, "fd00::1".parse::<Ipv6Addr>().unwrap().octets()));
+        let bad6 = AnyKey::V6(Key::new(
+            16,
+            "fd00::1".parse::<Ipv6Addr>().unwrap().octets(),
+        ));
         assert_eq!(bad6.cidr(), None);
     }
 

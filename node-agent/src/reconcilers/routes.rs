@@ -231,9 +231,7 @@ impl Reconciler<IpCidr, TunnelEntry> for RouteTable {
             .map_err(rerr)
     }
     fn delete(&mut self, k: &IpCidr) -> Result<(), ReconcileError> {
-        self.call(Op::Delete(*k))
-            .map(drop)
-            .map_err(rerr)
+        self.call(Op::Delete(*k)).map(drop).map_err(rerr)
     }
     fn prune(&mut self, desired: &BTreeMap<IpCidr, TunnelEntry>) -> Result<usize, ReconcileError> {
         let mut n = 0;

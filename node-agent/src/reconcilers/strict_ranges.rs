@@ -21,11 +21,7 @@ pub struct StrictRangeMap {
 impl StrictRangeMap {
     pub fn open(pin_dir: &Path) -> Result<Self, ReconcileError> {
         Ok(Self {
-            map: DualLpm::open(
-                pin_dir,
-                (maps::STRICT_RANGES, maps::STRICT_RANGES6),
-                TARGET,
-            )?,
+            map: DualLpm::open(pin_dir, (maps::STRICT_RANGES, maps::STRICT_RANGES6), TARGET)?,
         })
     }
 }
