@@ -104,6 +104,57 @@ fn matrix_for_each_tunnel_mode_with_and_without_encryption() {
     }
 }
 
+/// IPv6: the matrix (ping6, tcp6; in dual-stack also ping, tcp and the
+/// global service) and the wire for each tunnel mode with strict WireGuard,
+/// over a dual-stack underlay and over an IPv6-only one; in the IPv6 VXLAN
+/// mesh also the first packets of new IPv6 pods.
+#[test]
+fn matrix_in_dual_stack_and_ipv6_with_strict_encryption() {
+    require_root!();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for family in [mesh::IpFamily::Dual, mesh::IpFamily::Ipv6] {
+        for tunnel in ["vxlan", "geneve", "direct"] {
+            let t0 = Instant::now();
+            let f = if family == mesh::IpFamily::Dual {
+                'd'
+            } else {
+                's'
+            };
+            let mut o = options(
+                &format!("x{f}{}", &tunnel[..1]),
+                tunnel,
+                Encryption::Strict,
+                2,
+            );
+            o.ip_family = family;
+            let up = Up(mesh::up(&o, false).unwrap());
+            let rows = mesh::check(&up.0).unwrap();
+            let failed = failed_rows(&rows);
+            eprintln!(
+                "{family:?} {tunnel}, strict: {} checks, {} failed ({:.1} s with up and check)",
+                rows.len(),
+                failed.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            assert!(failed.is_empty(), "{family:?}/{tunnel}: {failed:#?}");
+            let mut kinds = vec!["ping6", "tcp6", "encryption"];
+            if family == mesh::IpFamily::Dual {
+                kinds.extend(["ping", "tcp", "service"]);
+            } else {
+                assert!(up.0.pods.iter().all(|p| p.ip.is_none() && p.ipv6.is_some()));
+                assert!(up.0.nodes.iter().all(|n| n.underlay_ip.is_none()));
+            }
+            for kind in kinds {
+                assert!(rows.iter().any(|r| r.check == kind), "no {kind} check");
+            }
+            if family == mesh::IpFamily::Ipv6 && tunnel == "vxlan" {
+                let mut up = up;
+                new_pods_are_encrypted_from_the_first_packet(&mut up.0);
+            }
+        }
+    }
+}
+
 /// Strict mode from a pod's first packet, on a node that forwards and has
 /// a default route (as real hosts do), so any packet that reached the host
 /// stack would leave in plaintext over the underlay: 3 new pods, each
@@ -112,21 +163,39 @@ fn matrix_for_each_tunnel_mode_with_and_without_encryption() {
 /// WireGuard.
 fn new_pods_are_encrypted_from_the_first_packet(t: &mut Topology) {
     let node = &t.nodes[0];
-    let (ns, gw) = (node.netns.clone(), "192.168.2.1");
+    let ns = node.netns.clone();
     assert_eq!(node.cluster, "c1");
-    mesh::in_ns(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
-    mesh::in_ns(
-        &ns,
-        &["ip", "route", "replace", "default", "via", gw, "dev", "ul0"],
-    )
-    .unwrap();
-    let remote = t
-        .pods
-        .iter()
-        .find(|p| p.cluster == "c2")
-        .unwrap()
-        .ip
+    // A default route of the pods' family to another node: whatever reached
+    // the host stack would leave over the underlay.
+    let remote_pod = t.pods.iter().find(|p| p.cluster == "c2").unwrap();
+    let remote = remote_pod.addrs()[0];
+    if remote.is_ipv4() {
+        mesh::in_ns(&ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]).unwrap();
+        mesh::in_ns(
+            &ns,
+            &[
+                "ip",
+                "route",
+                "replace",
+                "default",
+                "via",
+                "192.168.2.1",
+                "dev",
+                "ul0",
+            ],
+        )
         .unwrap();
+    } else {
+        let gw = mesh::underlay6(2, 1).to_string();
+        mesh::in_ns(&ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]).unwrap();
+        mesh::in_ns(
+            &ns,
+            &[
+                "ip", "-6", "route", "replace", "default", "via", &gw, "dev", "ul0",
+            ],
+        )
+        .unwrap();
+    }
     let caps = mesh::start_captures(t).unwrap();
     let bin = binary("node-agent").parent().unwrap().to_owned();
     let mut answered = Vec::new();
@@ -136,9 +205,9 @@ fn new_pods_are_encrypted_from_the_first_packet(t: &mut Topology) {
         let added = t0.elapsed();
         let s = Ping::start(&pod.netns, &remote.to_string(), 20).finish();
         eprintln!(
-            "new pod {} ({}): CNI ADD took {added:?}; then ping every 10 ms to {remote}: {}/{} answered",
+            "new pod {} ({:?}): CNI ADD took {added:?}; then ping every 10 ms to {remote}: {}/{} answered",
             pod.name,
-            pod.ip.unwrap(),
+            pod.addrs(),
             s.received,
             s.sent
         );
