@@ -90,7 +90,7 @@ impl Cluster {
                 node: node.into(),
                 ip: ip.into(),
                 namespace: "default".into(),
-                name: format!("p-{}", ip.replace('.', "-")),
+                name: format!("p-{}", ip.replace(['.', ':'], "-")),
                 labels,
             })
             .await
@@ -191,7 +191,10 @@ fn ips(t: &Targets) -> BTreeSet<String> {
     t.ipcache
         .contents()
         .keys()
-        .filter(|c| c.addr().to_string().starts_with("10."))
+        .filter(|c| {
+            let a = c.addr().to_string();
+            a.starts_with("10.") || a.starts_with("fd00:10:")
+        })
         .map(|c| c.addr().to_string())
         .collect()
 }
@@ -617,6 +620,9 @@ async fn a_remote_cannot_take_over_another_remotes_range_or_claim_hostile_ones()
     c1.node("a1", "10.1.0.0/24", "192.0.2.1").await;
     c3.node("x1", "10.3.0.0/24", "192.0.2.21").await;
     c3.endpoint("x1", "10.3.0.5").await;
+    // An IPv6 node of c3: the same rules hold for IPv6 ranges.
+    c3.node("x2", "fd00:10:3::/64", "2001:db8::21").await;
+    c3.endpoint("x2", "fd00:10:3::5").await;
     let dir = tempfile::tempdir().unwrap();
     c2.file(dir.path());
     c3.file(dir.path());
@@ -624,7 +630,11 @@ async fn a_remote_cannot_take_over_another_remotes_range_or_claim_hostile_ones()
     let (a, t) = agent(&c1, dir.path(), Duration::ZERO, &cancel);
     let status = a.status();
     let run = tokio::spawn(a.run());
-    until("c3's range", || ips(&t).contains("10.3.0.5")).await;
+    until("c3's ranges", || {
+        let i = ips(&t);
+        i.contains("10.3.0.5") && i.contains("fd00:10:3::5")
+    })
+    .await;
 
     let mut kv2 = c2.kv().await;
     let evil = [
@@ -633,6 +643,11 @@ async fn a_remote_cannot_take_over_another_remotes_range_or_claim_hostile_ones()
         ("loop", "127.0.0.0/8", "192.0.2.13"),
         ("host", "192.0.2.1/32", "192.0.2.14"),
         ("under", "192.0.2.0/24", "198.51.100.1"),
+        ("steal6", "fd00:10:3::/64", "2001:db8::11"),
+        ("wide6", "fd00::/8", "2001:db8::12"),
+        ("link6", "fe80::/64", "2001:db8::13"),
+        ("mapped6", "::ffff:0.0.0.0/96", "2001:db8::14"),
+        ("under6", "2001:db8::/64", "2001:db8:1::1"),
     ];
     for (name, cidr, ip) in evil {
         kv2.put(
@@ -657,10 +672,10 @@ async fn a_remote_cannot_take_over_another_remotes_range_or_claim_hostile_ones()
             .unwrap_or_default()
     };
     let want = [
-        ("cidr_overlap", 1),
-        ("pod_cidr_prefix", 2),
-        ("pod_cidr_reserved", 1),
-        ("pod_cidr_covers_node_ip", 1),
+        ("cidr_overlap", 2),
+        ("pod_cidr_prefix", 3),
+        ("pod_cidr_reserved", 3),
+        ("pod_cidr_covers_node_ip", 2),
     ];
     let all_refused = |s: &AgentStatus| {
         let r = refused(s);
@@ -671,8 +686,11 @@ async fn a_remote_cannot_take_over_another_remotes_range_or_claim_hostile_ones()
     })
     .await;
     assert_eq!(tunnel_of(&t, "10.3.0.0/24"), Some((3, "x1".into())));
-    for (_, cidr, _) in &evil[1..] {
-        assert_eq!(tunnel_of(&t, cidr), None, "{cidr} routed");
+    assert_eq!(tunnel_of(&t, "fd00:10:3::/64"), Some((3, "x2".into())));
+    for (name, cidr, _) in &evil {
+        if !name.starts_with("steal") {
+            assert_eq!(tunnel_of(&t, cidr), None, "{cidr} routed");
+        }
     }
     cancel.cancel();
     run.await.unwrap();
