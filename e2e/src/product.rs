@@ -9,7 +9,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -55,6 +55,11 @@ pub struct Node {
     pub pins: PinDir,
     pub dir: tempfile::TempDir,
     pub pod_ip: Ipv4Addr,
+    /// IPv6 nodes ([`Node::new_v6`]): the pod's address (it has no IPv4).
+    pub pod_ip6: Option<Ipv6Addr>,
+    /// An IPv6-only node: underlay fd00:192:0:2::<id>, pod range
+    /// fd00:10:<id>::/64.
+    pub v6: bool,
     pub status: String,
 }
 
@@ -69,7 +74,34 @@ impl Node {
             pins: PinDir::new(&format!("n{id}")).unwrap(),
             dir: tempfile::tempdir().unwrap(),
             pod_ip: Ipv4Addr::UNSPECIFIED,
+            pod_ip6: None,
+            v6: false,
             status: format!("127.0.0.1:{}", free_port()),
+        }
+    }
+
+    /// An IPv6-only node (underlay and pod).
+    pub fn new_v6(id: u8) -> Self {
+        Node {
+            v6: true,
+            ..Node::new(id)
+        }
+    }
+
+    /// The pod's address to reach it at: IPv6 on an IPv6 node.
+    pub fn pod_addr(&self) -> IpAddr {
+        match self.pod_ip6 {
+            Some(a) if self.v6 => IpAddr::V6(a),
+            _ => IpAddr::V4(self.pod_ip),
+        }
+    }
+
+    /// The pod range of this node.
+    pub fn pod_cidr(&self) -> String {
+        if self.v6 {
+            format!("fd00:10:{}::/64", self.id)
+        } else {
+            format!("10.{}.0.0/24", self.id)
         }
     }
 
@@ -81,7 +113,10 @@ impl Node {
     /// `mtu`: the pod's MTU (1450 leaves room for VXLAN/Geneve's 50 bytes,
     /// 1420 for WireGuard's 80 over an IPv4 or IPv6 underlay).
     pub fn cni_add(&mut self, mtu: u32) {
-        self.pod_ip = self.add_pod(&self.pod, "web", mtu);
+        match self.add_pod(&self.pod, "web", mtu) {
+            IpAddr::V4(a) => self.pod_ip = a,
+            IpAddr::V6(a) => self.pod_ip6 = Some(a),
+        }
     }
 
     /// Attaches the pod namespace `pod` (app label and pod name `app`)
@@ -90,11 +125,12 @@ impl Node {
     /// `readyTimeoutSeconds` 0: these tests attach pods before the agent
     /// runs (the plugin sets the veth up itself); the fail-closed start is
     /// the mesh harness's (pods after the agent) and `cni/tests/spec.rs`'s.
-    pub fn add_pod(&self, pod: &NetNs, app: &str, mtu: u32) -> Ipv4Addr {
+    pub fn add_pod(&self, pod: &NetNs, app: &str, mtu: u32) -> IpAddr {
         std::fs::create_dir_all(self.endpoints()).unwrap();
+        let range = if self.v6 { "podCIDRv6" } else { "podCIDR" };
         let conf = format!(
-            r#"{{"cniVersion":"1.1.0","name":"clustermesh","type":"clustermesh-cni","podCIDR":"10.{}.0.0/24","mtu":{mtu},"readyTimeoutSeconds":0,"endpointDir":"{}","args":{{"cni":{{"labels":[{{"key":"k8s:app","value":"{app}"}}]}}}}}}"#,
-            self.id,
+            r#"{{"cniVersion":"1.1.0","name":"clustermesh","type":"clustermesh-cni","{range}":"{}","mtu":{mtu},"readyTimeoutSeconds":0,"endpointDir":"{}","args":{{"cni":{{"labels":[{{"key":"k8s:app","value":"{app}"}}]}}}}}}"#,
+            self.pod_cidr(),
             self.endpoints().display()
         );
         let mut child = Command::new("ip")
@@ -128,7 +164,11 @@ impl Node {
     }
 
     pub fn underlay_ip(&self) -> String {
-        format!("192.0.2.{}", self.id)
+        if self.v6 {
+            format!("fd00:192:0:2::{}", self.id)
+        } else {
+            format!("192.0.2.{}", self.id)
+        }
     }
 
     /// Starts the agent binary; returns it once it has attached the three
@@ -163,7 +203,7 @@ impl Node {
             .args(["--apiserver", &format!("http://{apiserver}")])
             .args(["--node-name", &format!("node-{}", self.id)])
             .args(["--underlay-ip", &self.underlay_ip()])
-            .args(["--pod-cidr", &format!("10.{}.0.0/24", self.id)])
+            .args(["--pod-cidr", &self.pod_cidr()])
             .args(["--cluster-name", &format!("c{}", self.id)])
             .args(["--local-etcd-endpoints", etcd])
             .arg("--clusters-dir")
@@ -275,6 +315,33 @@ pub fn write_cluster_file(dir: &Path, name: &str, etcd: &str) {
     std::fs::write(dir.join(name), format!("endpoints:\n  - {etcd}\n")).unwrap();
 }
 
+/// An IPv6-only underlay veth `ul0` between `a` and `b` (no DAD: usable at
+/// once).
+fn underlay6(a: &Node, b: &Node) {
+    a.ns.exec(
+        "ip",
+        &[
+            "link",
+            "add",
+            "ul0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            b.ns.name(),
+        ],
+    )
+    .unwrap();
+    for n in [a, b] {
+        let addr = format!("{}/64", n.underlay_ip());
+        n.ns.exec("ip", &["-6", "addr", "add", &addr, "dev", "ul0", "nodad"])
+            .unwrap();
+        n.ns.exec("ip", &["link", "set", "ul0", "up"]).unwrap();
+    }
+}
+
 /// Two clusters (c1, c2) with one node each (A, B), pods attached, the
 /// clusters connected (each node's clusters directory names the other).
 /// Field order matters on drop: apiservers before their etcds.
@@ -288,10 +355,22 @@ pub struct Mesh {
 
 impl Mesh {
     pub fn new(encryption: EncryptionPolicy) -> Self {
+        Self::build(encryption, false)
+    }
+
+    /// [`Mesh::new`] with IPv6-only nodes: IPv6 underlay, IPv6 pods.
+    pub fn new_v6(encryption: EncryptionPolicy) -> Self {
+        Self::build(encryption, true)
+    }
+
+    fn build(encryption: EncryptionPolicy, v6: bool) -> Self {
         sweep_stale();
         let rt = tokio::runtime::Runtime::new().unwrap();
-        let mut a = Node::new(1);
-        let mut b = Node::new(2);
+        let (mut a, mut b) = if v6 {
+            (Node::new_v6(1), Node::new_v6(2))
+        } else {
+            (Node::new(1), Node::new(2))
+        };
         for n in [&a, &b] {
             n.ns.exec(
                 "ip",
@@ -302,10 +381,16 @@ impl Mesh {
             .unwrap();
             n.ns.exec("ip", &["link", "set", "cm_vxlan", "up"]).unwrap();
         }
-        veth_pair(&a.ns, "ul0", "192.0.2.1/24", &b.ns, "ul0", "192.0.2.2/24").unwrap();
+        if v6 {
+            underlay6(&a, &b);
+        } else {
+            veth_pair(&a.ns, "ul0", "192.0.2.1/24", &b.ns, "ul0", "192.0.2.2/24").unwrap();
+        }
         // Pod MTU: the underlay's 1500 minus what the path adds.
         let mtu = if encryption.mode == clustermesh_api::EncryptionMode::Wireguard {
             1500 - 80
+        } else if v6 {
+            1500 - 70
         } else {
             1500 - 50
         };

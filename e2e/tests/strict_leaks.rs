@@ -29,15 +29,33 @@ use e2e::{
 };
 use tunnel_common::{Direction, Verdict};
 
+/// One at a time: both tests name their WireGuard devices (and control
+/// sockets, in /var/run/wireguard) after the process and the node.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     require_root!();
-    let m = Mesh::new(Mesh::strict_wireguard());
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    strict_run(&Mesh::new(Mesh::strict_wireguard()));
+}
+
+/// The same over IPv6 only: IPv6 pods, an IPv6 underlay (WireGuard over
+/// IPv6), the capture holding no IPv6 pod packet (ICMPv6 echo included)
+/// outside WireGuard.
+#[test]
+fn strict_mode_leaks_nothing_over_ipv6() {
+    require_root!();
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    strict_run(&Mesh::new_v6(Mesh::strict_wireguard()));
+}
+
+fn strict_run(m: &Mesh) {
     let (a, b) = (&m.a, &m.b);
     let (wga, wgb) = (WgDevice::for_node(a), WgDevice::for_node(b));
     let cap = Capture::start(&b.ns, "ul0", &b.dir.path().join("ul.pcap")).unwrap();
     // Traffic for the whole test, from before anything runs.
-    let background = Ping::start(&a.pod, &b.pod_ip.to_string(), 0, "0.01").unwrap();
+    let background = Ping::start(&a.pod, &b.pod_addr().to_string(), 0, "0.01").unwrap();
 
     // (a) Start.
     let (mut agent_b, _) = m.start_encrypted_agent(b, &wgb);
@@ -45,13 +63,13 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     assert!(how.iter().all(|l| l.ends_with("(New)")), "{how:?}");
     until("A's pod reaches B's pod", Duration::from_secs(30), || {
         a.pod
-            .exec("ping", &["-c", "1", "-W", "1", &b.pod_ip.to_string()])
+            .exec("ping", &["-c", "1", "-W", "1", &b.pod_addr().to_string()])
             .is_ok()
     });
 
     // (d) Agent restart under a 10 ms ping.
     const PINGS: u32 = 300;
-    let ping = Ping::start(&a.pod, &b.pod_ip.to_string(), PINGS, "0.01").unwrap();
+    let ping = Ping::start(&a.pod, &b.pod_addr().to_string(), PINGS, "0.01").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     agent_a.kill().unwrap();
     agent_a.wait().unwrap();
@@ -75,7 +93,7 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     let key_before =
         a.ns.exec("wg", &["show", &wga.iface, "public-key"])
             .unwrap();
-    let ping = Ping::start(&a.pod, &b.pod_ip.to_string(), PINGS, "0.01").unwrap();
+    let ping = Ping::start(&a.pod, &b.pod_addr().to_string(), PINGS, "0.01").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let usr1 = Command::new("kill")
         .args(["-USR1", &agent_a.id().to_string()])
@@ -105,7 +123,10 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
     );
     let out = a
         .pod
-        .exec("ping", &["-c", "5", "-i", "0.05", &b.pod_ip.to_string()])
+        .exec(
+            "ping",
+            &["-c", "5", "-i", "0.05", &b.pod_addr().to_string()],
+        )
         .unwrap();
     assert!(out.contains("5 received"), "after the rotation: {out}");
 
@@ -145,7 +166,7 @@ fn strict_mode_leaks_nothing_at_start_restart_rotation_and_peer_churn() {
         Duration::from_secs(30),
         || {
             a.pod
-                .exec("ping", &["-c", "1", "-W", "1", &b.pod_ip.to_string()])
+                .exec("ping", &["-c", "1", "-W", "1", &b.pod_addr().to_string()])
                 .is_ok()
         },
     );

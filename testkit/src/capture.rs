@@ -111,8 +111,9 @@ pub struct WireGuardWire {
 
 impl Capture {
     /// Stops the capture and checks that no packet on the wire is a pod's
-    /// in the clear: no ICMP, no Geneve or VXLAN (tunnels without
-    /// encryption), no UDP that is not WireGuard. Returns the WireGuard
+    /// in the clear: no ICMP, no ICMPv6 other than the nodes' own neighbour
+    /// discovery and multicast listener messages, no Geneve or VXLAN
+    /// (tunnels without encryption), no UDP that is not WireGuard. Returns the WireGuard
     /// message counts, or the first offending packet's fields.
     pub fn wireguard_only(self) -> Result<WireGuardWire, String> {
         let text = self
@@ -124,6 +125,7 @@ impl Capture {
                     "udp.port",
                     "geneve.vni",
                     "vxlan.vni",
+                    "icmpv6.type",
                 ],
             )
             .map_err(|e| e.to_string())?;
@@ -133,6 +135,15 @@ impl Capture {
             let col = |i: usize| c.get(i).copied().unwrap_or("");
             if !col(1).is_empty() {
                 return Err(format!("plaintext ICMP on the wire: {l}"));
+            }
+            // Types 130-137 and 143: MLD and neighbour discovery, the
+            // underlay's own (every IPv6 link has them).
+            let nd = |t: &str| {
+                t.parse::<u8>()
+                    .is_ok_and(|t| (130..=137).contains(&t) || t == 143)
+            };
+            if col(5).split(',').any(|t| !t.is_empty() && !nd(t)) {
+                return Err(format!("plaintext ICMPv6 on the wire: {l}"));
             }
             if !col(3).is_empty() || !col(4).is_empty() {
                 return Err(format!("an unencrypted tunnel on the wire: {l}"));
