@@ -949,6 +949,10 @@ fn ipv6_only_own_ipam() {
     let pod = NetNs::new("cniv6pod").expect("pod");
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = own_config6("1.1.0", None, "fd00:211::/120", dir.path());
+    // New interfaces in this pod start with IPv6 off: the plugin turns it
+    // on for its interface.
+    pod.exec("sysctl", &["-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+        .expect("sysctl");
     let r = call(&node, "ADD", "s1", Some(&pod), &[], &cfg).ok();
     assert_eq!(
         r["ips"],
