@@ -1,8 +1,8 @@
 //! The CNI commands: environment and stdin in, result or error out.
 //!
 //! [`run`] is the whole plugin minus process plumbing, so tests can drive
-//! it with a map for the environment. The order of an ADD is: address
-//! (own lease or delegated IPAM), veth pair (host side down), pod namespace
+//! it with a map for the environment. The order of an ADD is: addresses,
+//! one per family (own leases or delegated IPAM), veth pair (host side down), pod namespace
 //! setup, endpoint file, wait for the node agent's readiness marker (it has
 //! attached `from_endpoint`, written the pod's endpoint entry and set the
 //! host veth up: fail closed from the first packet; `readyTimeoutSeconds`),
