@@ -1,8 +1,8 @@
 //! The CNI commands: environment and stdin in, result or error out.
 //!
 //! [`run`] is the whole plugin minus process plumbing, so tests can drive
-//! it with a map for the environment. The order of an ADD is: address
-//! (own lease or delegated IPAM), veth pair (host side down), pod namespace
+//! it with a map for the environment. The order of an ADD is: addresses,
+//! one per family (own leases or delegated IPAM), veth pair (host side down), pod namespace
 //! setup, endpoint file, wait for the node agent's readiness marker (it has
 //! attached `from_endpoint`, written the pod's endpoint entry and set the
 //! host veth up: fail closed from the first packet; `readyTimeoutSeconds`),
@@ -18,7 +18,7 @@ use std::{
     fs::{self, File},
     io::{self, Read},
     mem::MaybeUninit,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
 };
 
@@ -30,7 +30,7 @@ use crate::{
     endpoint::{self, EndpointFile, MacAddr},
     env::{Command, Env},
     error::Error,
-    ipam::{Ipv4Cidr, Store},
+    ipam::{PodIps, Pools, Store},
     link::{self, Netlink, host_iface_name, in_netns},
     result::{self, Attachment},
 };
@@ -106,14 +106,14 @@ fn dispatch(env: &Env, stdin: &[u8]) -> Result<Option<Value>, Error> {
 
 /// Who hands out addresses for this network.
 enum Allocator {
-    Own(Store, Ipv4Cidr),
+    Own(Store, Pools),
     Delegated(Delegate),
 }
 
 impl Allocator {
     fn new(cfg: &Config, env: &Env) -> Result<Self, Error> {
         Ok(match &cfg.ipam {
-            Ipam::Own(cidr) => Self::Own(Store::new(&cfg.endpoint_dir), *cidr),
+            Ipam::Own(pools) => Self::Own(Store::new(&cfg.endpoint_dir), *pools),
             Ipam::Delegate { plugin } => Self::Delegated(Delegate::find(plugin, env.path()?)?),
         })
     }
@@ -197,7 +197,7 @@ impl Undo {
         match steps.allocator {
             Allocator::Own(store, _) if self.own_lease => {
                 if let Err(e) = store.release(steps.cid, steps.ifname) {
-                    eprintln!("clustermesh-cni: cleanup: releasing the address: {e}");
+                    eprintln!("clustermesh-cni: cleanup: releasing the addresses: {e}");
                 }
             }
             Allocator::Delegated(d) if self.delegated_lease => {
@@ -275,17 +275,17 @@ struct AddSteps<'a> {
 impl AddSteps<'_> {
     fn run(&self, undo: &mut Undo) -> Result<Value, Error> {
         let cfg = self.cfg;
-        let (ip, dns) = match self.allocator {
+        let (ips, dns) = match self.allocator {
             Allocator::Delegated(d) => {
                 // Armed first: a failed IPAM ADD is undone by an IPAM DEL.
                 undo.delegated_lease = true;
                 let a = d.add(self.stdin)?;
-                (a.ip, a.dns)
+                (a.ips, a.dns)
             }
-            Allocator::Own(store, cidr) => {
-                let ip = store.allocate(*cidr, self.cid, self.ifname)?;
+            Allocator::Own(store, pools) => {
+                let ips = store.allocate_pools(*pools, self.cid, self.ifname)?;
                 undo.own_lease = true;
-                (ip, None)
+                (ips, None)
             }
         };
         // Fail closed: the host side stays down until the agent has
@@ -303,14 +303,14 @@ impl AddSteps<'_> {
         let host_mac = host.mac()?;
         let (ifname, mtu) = (self.ifname, cfg.mtu);
         let mac = in_netns(self.netns, move || {
-            Netlink::connect()?.configure_pod(ifname, ip, mtu, host_mac)
+            Netlink::connect()?.configure_pod(ifname, ips, mtu, host_mac)
         })?;
         let ep = EndpointFile {
             container_id: self.cid.to_owned(),
             ifname: self.ifname.to_owned(),
             netns: self.netns_path.to_owned(),
-            ip: Some(ip),
-            ipv6: None,
+            ip: ips.v4,
+            ipv6: ips.v6,
             host_iface: self.host_name.to_owned(),
             host_ifindex: host.index,
             host_mac,
@@ -335,7 +335,7 @@ impl AddSteps<'_> {
                 ifname: ep.ifname,
                 mac,
                 netns: ep.netns,
-                ip,
+                ips,
                 mtu,
                 dns,
             },
@@ -421,11 +421,8 @@ pub enum CheckError {
     PrevResultIp { want: String },
     #[error("prevResult has no interface {ifname} in sandbox {netns}")]
     PrevResultInterface { ifname: String, netns: String },
-    #[error("the address lease is {lease:?}, the endpoint has {ip}")]
-    Lease {
-        ip: Ipv4Addr,
-        lease: Option<Ipv4Addr>,
-    },
+    #[error("the address leases are {lease}, the endpoint has {ips}")]
+    Lease { ips: PodIps, lease: PodIps },
     #[error("host veth {name} is missing")]
     HostLinkMissing { name: String },
     #[error("host veth {name} belongs to {alias:?}")]
@@ -436,16 +433,16 @@ pub enum CheckError {
     PodLinkMissing { ifname: String },
     #[error("pod interface {ifname} is {what}")]
     PodLinkChanged { ifname: String, what: String },
-    #[error("pod interface {ifname} lacks address {ip}/32")]
-    PodAddressMissing { ifname: String, ip: Ipv4Addr },
+    #[error("pod interface {ifname} lacks address {address}")]
+    PodAddressMissing { ifname: String, address: String },
     #[error("the pod has no permanent neighbour {gateway} -> {mac} on {ifname}")]
     NeighbourMissing {
         ifname: String,
-        gateway: Ipv4Addr,
+        gateway: IpAddr,
         mac: MacAddr,
     },
     #[error("the pod has no default route via {gateway} dev {ifname}")]
-    DefaultRouteMissing { ifname: String, gateway: Ipv4Addr },
+    DefaultRouteMissing { ifname: String, gateway: IpAddr },
 }
 
 fn check(cfg: &Config, env: &Env, stdin: &[u8]) -> Result<(), Error> {
@@ -478,33 +475,19 @@ fn check(cfg: &Config, env: &Env, stdin: &[u8]) -> Result<(), Error> {
         }
         .into());
     }
-    // Until dual-stack IPAM: every pod this plugin made has an IPv4 address.
-    let ep_ip = ep.ip.ok_or_else(|| CheckError::PrevResultIp {
-        want: "an IPv4 address in the endpoint file".into(),
-    })?;
+    let ips = PodIps {
+        v4: ep.ip,
+        v6: ep.ipv6,
+    };
     if let Some(prev) = &cfg.prev_result {
-        let want = format!("{ep_ip}/32");
-        if !prev.ips.iter().any(|i| i.address == want) {
-            return Err(CheckError::PrevResultIp { want }.into());
-        }
-        let has_iface = prev
-            .interfaces
-            .iter()
-            .any(|i| i.name == ifname && i.sandbox.as_deref().is_none_or(|s| s == netns_path));
-        if !has_iface {
-            return Err(CheckError::PrevResultInterface {
-                ifname: ifname.to_owned(),
-                netns: netns_path.to_owned(),
-            }
-            .into());
-        }
+        check_prev_result(prev, ips, ifname, netns_path)?;
     }
     match &allocator {
         Allocator::Delegated(d) => d.check(stdin)?,
         Allocator::Own(store, _) => {
             let lease = store.lookup(cid, ifname)?;
-            if lease != Some(ep_ip) {
-                return Err(CheckError::Lease { ip: ep_ip, lease }.into());
+            if lease != ips {
+                return Err(CheckError::Lease { ips, lease }.into());
             }
         }
     }
@@ -514,6 +497,50 @@ fn check(cfg: &Config, env: &Env, stdin: &[u8]) -> Result<(), Error> {
     let pod = pod.ok_or_else(|| CheckError::PodLinkMissing {
         ifname: ifname.to_owned(),
     })?;
+    check_pod(cfg, &ep, ips, &pod)
+}
+
+/// `prevResult` lists each of the pod's addresses and its interface.
+fn check_prev_result(
+    prev: &config::PrevResult,
+    ips: PodIps,
+    ifname: &str,
+    netns_path: &str,
+) -> Result<(), Error> {
+    for ip in ips.iter() {
+        let want = format!("{ip}/{}", prefix_len(ip));
+        if !prev.ips.iter().any(|i| i.address == want) {
+            return Err(CheckError::PrevResultIp { want }.into());
+        }
+    }
+    let has_iface = prev
+        .interfaces
+        .iter()
+        .any(|i| i.name == ifname && i.sandbox.as_deref().is_none_or(|s| s == netns_path));
+    if !has_iface {
+        return Err(CheckError::PrevResultInterface {
+            ifname: ifname.to_owned(),
+            netns: netns_path.to_owned(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The pod's prefix length for `ip`'s family.
+fn prefix_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv6() { 128 } else { 32 }
+}
+
+/// The pod interface as ADD left it: up, MAC, MTU, and per family of `ips`
+/// the address, the gateway's permanent neighbour and the default route.
+fn check_pod(
+    cfg: &Config,
+    ep: &EndpointFile,
+    ips: PodIps,
+    pod: &link::PodState,
+) -> Result<(), Error> {
+    let ifname = ep.ifname.as_str();
     let changed = |what: String| CheckError::PodLinkChanged {
         ifname: ifname.to_owned(),
         what,
@@ -527,27 +554,38 @@ fn check(cfg: &Config, env: &Env, stdin: &[u8]) -> Result<(), Error> {
     if pod.link.mtu != Some(cfg.mtu) {
         return Err(changed(format!("MTU {:?}, not {}", pod.link.mtu, cfg.mtu)).into());
     }
-    if !pod.addrs.contains(&(ep_ip, 32)) {
-        return Err(CheckError::PodAddressMissing {
-            ifname: ifname.to_owned(),
-            ip: ep_ip,
+    for ip in ips.iter() {
+        let prefix = prefix_len(ip);
+        if !pod.addrs.contains(&(ip, prefix)) {
+            return Err(CheckError::PodAddressMissing {
+                ifname: ifname.to_owned(),
+                address: format!("{ip}/{prefix}"),
+            }
+            .into());
         }
-        .into());
     }
-    if pod.gateway_neighbour != Some(ep.host_mac) {
-        return Err(CheckError::NeighbourMissing {
-            ifname: ifname.to_owned(),
-            gateway: link::GATEWAY,
-            mac: ep.host_mac,
+    for ip in ips.iter() {
+        let v6 = ip.is_ipv6();
+        let gateway = if v6 {
+            IpAddr::V6(link::GATEWAY6)
+        } else {
+            IpAddr::V4(link::GATEWAY)
+        };
+        if pod.neighbour(v6) != Some(ep.host_mac) {
+            return Err(CheckError::NeighbourMissing {
+                ifname: ifname.to_owned(),
+                gateway,
+                mac: ep.host_mac,
+            }
+            .into());
         }
-        .into());
-    }
-    if !pod.default_route {
-        return Err(CheckError::DefaultRouteMissing {
-            ifname: ifname.to_owned(),
-            gateway: link::GATEWAY,
+        if !pod.has_default_route(v6) {
+            return Err(CheckError::DefaultRouteMissing {
+                ifname: ifname.to_owned(),
+                gateway,
+            }
+            .into());
         }
-        .into());
     }
     Ok(())
 }

@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::{
     error::code,
-    ipam::{CidrError, Ipv4Cidr},
+    ipam::{CidrError, Ipv4Cidr, Ipv6Cidr, Pools},
 };
 
 /// The versions this plugin speaks, oldest first.
@@ -31,6 +31,8 @@ pub const DEFAULT_MTU: u32 = 1450;
 /// How long ADD waits for the node agent to attach the pod's datapath
 /// (`readyTimeoutSeconds`).
 pub const DEFAULT_READY_TIMEOUT_S: u64 = 30;
+/// The smallest MTU IPv6 works with (RFC 8200).
+pub const IPV6_MIN_MTU: u32 = 1280;
 
 /// A supported `cniVersion`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -135,6 +137,8 @@ impl ConfigError {
 pub enum Reason {
     #[error("required")]
     Missing,
+    #[error("required unless podCIDRv6 or ipam.type is given")]
+    NoPool,
     #[error("must start with a letter or digit, followed by letters, digits, '_', '.' or '-'")]
     BadName,
     #[error("{0}")]
@@ -154,8 +158,8 @@ pub enum Reason {
 /// How addresses are handed out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ipam {
-    /// This plugin's own allocator over `podCIDR`.
-    Own(Ipv4Cidr),
+    /// This plugin's own allocator over `podCIDR` and/or `podCIDRv6`.
+    Own(Pools),
     /// The standard IPAM plugin named by `ipam.type`, found in `CNI_PATH`.
     Delegate { plugin: String },
 }
@@ -189,6 +193,8 @@ struct RawConfig {
     kind: Option<String>,
     #[serde(rename = "podCIDR")]
     pod_cidr: Option<String>,
+    #[serde(rename = "podCIDRv6")]
+    pod_cidr_v6: Option<String>,
     endpoint_dir: Option<String>,
     mtu: Option<u32>,
     ready_timeout_seconds: Option<u64>,
@@ -298,28 +304,11 @@ impl Config {
             Some("") => return Err(ConfigError::invalid("type", Reason::Empty)),
             Some(_) => {}
         }
-        let pod_cidr = raw
-            .pod_cidr
-            .as_deref()
-            .map(Ipv4Cidr::parse_pool)
-            .transpose()
-            .map_err(|e| ConfigError::invalid("podCIDR", e.into()))?;
-        let delegate = raw.ipam.and_then(|i| i.kind);
-        let ipam = match (delegate, pod_cidr) {
-            (Some(plugin), _) => {
-                if plugin.is_empty()
-                    || plugin == "."
-                    || plugin == ".."
-                    || plugin.contains('/')
-                    || plugin.contains('\0')
-                {
-                    return Err(ConfigError::invalid("ipam.type", Reason::BadPluginName));
-                }
-                Ipam::Delegate { plugin }
-            }
-            (None, Some(cidr)) => Ipam::Own(cidr),
-            (None, None) => return Err(ConfigError::invalid("podCIDR", Reason::Missing)),
-        };
+        let ipam = validate_ipam(
+            raw.pod_cidr.as_deref(),
+            raw.pod_cidr_v6.as_deref(),
+            raw.ipam,
+        )?;
         let endpoint_dir = PathBuf::from(
             raw.endpoint_dir
                 .unwrap_or_else(|| DEFAULT_ENDPOINT_DIR.to_owned()),
@@ -335,6 +324,17 @@ impl Config {
                 Reason::OutOfRange {
                     got: mtu,
                     min: 68,
+                    max: 65535,
+                },
+            ));
+        }
+        // IPv6 needs 1280: the kernel turns IPv6 off on a smaller link.
+        if matches!(&ipam, Ipam::Own(Pools { v6: Some(_), .. })) && mtu < IPV6_MIN_MTU {
+            return Err(ConfigError::invalid(
+                "mtu",
+                Reason::OutOfRange {
+                    got: mtu,
+                    min: IPV6_MIN_MTU,
                     max: 65535,
                 },
             ));
@@ -381,6 +381,40 @@ impl Config {
             labels,
             prev_result: raw.prev_result,
         })
+    }
+}
+
+/// The address management `podCIDR`, `podCIDRv6` and `ipam.type` ask for:
+/// a delegate wins (the ranges are still validated); else at least one range.
+fn validate_ipam(
+    pod_cidr: Option<&str>,
+    pod_cidr_v6: Option<&str>,
+    ipam: Option<RawIpam>,
+) -> Result<Ipam, ConfigError> {
+    let v4 = pod_cidr
+        .map(Ipv4Cidr::parse_pool)
+        .transpose()
+        .map_err(|e| ConfigError::invalid("podCIDR", e.into()))?;
+    let v6 = pod_cidr_v6
+        .map(Ipv6Cidr::parse_pool)
+        .transpose()
+        .map_err(|e| ConfigError::invalid("podCIDRv6", e.into()))?;
+    match ipam.and_then(|i| i.kind) {
+        Some(plugin) => {
+            if plugin.is_empty()
+                || plugin == "."
+                || plugin == ".."
+                || plugin.contains('/')
+                || plugin.contains('\0')
+            {
+                return Err(ConfigError::invalid("ipam.type", Reason::BadPluginName));
+            }
+            Ok(Ipam::Delegate { plugin })
+        }
+        None if v4.is_none() && v6.is_none() => {
+            Err(ConfigError::invalid("podCIDR", Reason::NoPool))
+        }
+        None => Ok(Ipam::Own(Pools { v4, v6 })),
     }
 }
 
@@ -436,7 +470,9 @@ mod tests {
         assert_eq!(c.endpoint_dir, PathBuf::from(DEFAULT_ENDPOINT_DIR));
         assert_eq!(
             c.ipam,
-            Ipam::Own(Ipv4Cidr::parse_pool("10.1.2.0/24").expect("cidr"))
+            Ipam::Own(Pools::v4(
+                Ipv4Cidr::parse_pool("10.1.2.0/24").expect("cidr")
+            ))
         );
         assert!(c.labels.is_empty());
         assert_eq!(c.prev_result, None);
@@ -613,6 +649,102 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn pod_ranges_per_family() {
+        let base = r#""cniVersion":"1.1.0","name":"m","type":"t""#;
+        let v4 = Ipv4Cidr::parse_pool("10.1.2.0/24").expect("v4");
+        let v6 = Ipv6Cidr::parse_pool("fd00:1:2::/64").expect("v6");
+        let c = parse(&format!(
+            r#"{{{base},"podCIDR":"10.1.2.0/24","podCIDRv6":"fd00:1:2::/64"}}"#
+        ))
+        .expect("dual-stack");
+        assert_eq!(
+            c.ipam,
+            Ipam::Own(Pools {
+                v4: Some(v4),
+                v6: Some(v6)
+            })
+        );
+        let c = parse(&format!(r#"{{{base},"podCIDRv6":"fd00:1:2::/64"}}"#)).expect("v6 only");
+        assert_eq!(c.ipam, Ipam::Own(Pools::v6(v6)));
+        let c = parse(&format!(
+            r#"{{{base},"podCIDRv6":"fd00:1:2::/120","mtu":1280}}"#
+        ))
+        .expect("/120 and the IPv6 minimum MTU");
+        assert_eq!(c.mtu, 1280);
+        // IPv4 alone may still have a small MTU.
+        assert_eq!(
+            parse(&format!(r#"{{{base},"podCIDR":"10.1.2.0/24","mtu":576}}"#))
+                .expect("v4 small mtu")
+                .mtu,
+            576
+        );
+        // A delegate wins over the ranges, which must still be valid.
+        let c = parse(&format!(
+            r#"{{{base},"podCIDRv6":"fd00:1:2::/64","ipam":{{"type":"host-local"}}}}"#
+        ))
+        .expect("delegated");
+        assert_eq!(
+            c.ipam,
+            Ipam::Delegate {
+                plugin: "host-local".into()
+            }
+        );
+        // (podCIDRv6 value, reason)
+        let bad: &[(&str, CidrError)] = &[
+            (
+                "10.1.2.0/24",
+                CidrError::BadAddress6 {
+                    got: "10.1.2.0".into(),
+                },
+            ),
+            (
+                "fd00::",
+                CidrError::NoPrefix {
+                    got: "fd00::".into(),
+                },
+            ),
+            ("fd00::/130", CidrError::BadPrefix6 { got: "130".into() }),
+            ("fd00::/63", CidrError::PrefixOutOfRange6 { prefix: 63 }),
+            ("fd00::/121", CidrError::PrefixOutOfRange6 { prefix: 121 }),
+            ("fd00::/128", CidrError::PrefixOutOfRange6 { prefix: 128 }),
+            (
+                "fd00::1/64",
+                CidrError::HostBitsSet6 {
+                    got: "fd00::1/64".into(),
+                    network: Ipv6Cidr::parse("fd00::/64").expect("net"),
+                },
+            ),
+        ];
+        for (range, reason) in bad {
+            for extra in ["", r#","podCIDR":"10.1.2.0/24""#, r#","ipam":{"type":"h"}"#] {
+                let json = format!(r#"{{{base},"podCIDRv6":"{range}"{extra}}}"#);
+                let e = err(&json);
+                assert_eq!(e.code(), code::INVALID_CONFIG, "{json}: {e}");
+                assert_eq!(e.field(), "podCIDRv6", "{json}: {e}");
+                assert!(e.to_string().contains("podCIDRv6"), "{e}");
+                match &e {
+                    ConfigError::Invalid {
+                        reason: Reason::Cidr(got),
+                        ..
+                    } => assert_eq!(got, reason, "{json}"),
+                    other => panic!("{json}: {other}"),
+                }
+            }
+        }
+        // Wrong type: code 6 at the path.
+        let e = err(&format!(r#"{{{base},"podCIDRv6":64}}"#));
+        assert_eq!((e.code(), e.field()), (code::DECODE, "podCIDRv6"), "{e}");
+        // IPv6 and an MTU below 1280.
+        let e = err(&format!(r#"{{{base},"podCIDRv6":"fd00::/64","mtu":1279}}"#));
+        assert_eq!((e.code(), e.field()), (code::INVALID_CONFIG, "mtu"), "{e}");
+        assert!(e.to_string().contains("1280"), "{e}");
+        // Neither range nor delegate: named, with what would do.
+        let e = err(&format!("{{{base}}}"));
+        assert_eq!(e.field(), "podCIDR");
+        assert!(e.to_string().contains("podCIDRv6"), "{e}");
     }
 
     #[test]

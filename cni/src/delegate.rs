@@ -7,19 +7,21 @@
 //! address with a DEL). Its stderr passes through. A CNI error it prints is
 //! passed on with its own code, so the runtime sees, for example, the
 //! plugin's "incompatible CNI version". From an ADD result the first IPv4
-//! address is taken (as /32: the pod's prefix length is always 32 here)
-//! together with any `dns`.
+//! address and the first IPv6 address are taken (as /32 and /128: the pod's
+//! prefix lengths are always those here; `host-local` with
+//! `"ranges": [[{"subnet": v4}], [{"subnet": v6}]]` returns one of each),
+//! together with any `dns`. A result with neither is refused.
 
 use std::{
     io::{self, Write},
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     process::{Command as Process, Stdio},
 };
 
 use serde::Deserialize;
 
-use crate::{env::Command, error::code};
+use crate::{env::Command, error::code, ipam::PodIps};
 
 /// Failures of the delegated IPAM plugin.
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +55,8 @@ pub enum DelegateError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("IPAM plugin {plugin:?} ADD result has no IPv4 address")]
-    NoIpv4 { plugin: String },
+    #[error("IPAM plugin {plugin:?} ADD result has no IPv4 or IPv6 address")]
+    NoAddress { plugin: String },
 }
 
 impl DelegateError {
@@ -69,7 +71,8 @@ impl DelegateError {
 /// What an IPAM ADD gave.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Allocation {
-    pub ip: Ipv4Addr,
+    /// The first address of each family in the result.
+    pub ips: PodIps,
     /// The plugin's `dns` object, passed on in this plugin's result.
     pub dns: Option<serde_json::Value>,
 }
@@ -132,23 +135,25 @@ impl Delegate {
                 plugin: self.plugin.clone(),
                 source,
             })?;
-        let ip = result
-            .ips
-            .iter()
-            .find_map(|i| {
-                let addr = i
-                    .address
-                    .split_once('/')
-                    .map_or(i.address.as_str(), |(a, _)| a);
-                addr.parse::<Ipv4Addr>().ok()
-            })
-            .ok_or_else(|| DelegateError::NoIpv4 {
+        let mut ips = PodIps::default();
+        for i in &result.ips {
+            let addr = i
+                .address
+                .split_once('/')
+                .map_or(i.address.as_str(), |(a, _)| a);
+            if let Ok(ip) = addr.parse::<IpAddr>() {
+                ips.add_first(ip);
+            }
+        }
+        if ips.is_empty() {
+            return Err(DelegateError::NoAddress {
                 plugin: self.plugin.clone(),
-            })?;
+            });
+        }
         let dns = result
             .dns
             .filter(|d| d.as_object().is_some_and(|o| !o.is_empty()));
-        Ok(Allocation { ip, dns })
+        Ok(Allocation { ips, dns })
     }
 
     /// IPAM DEL: releases the container's address.
@@ -263,17 +268,18 @@ mod tests {
     }
 
     #[test]
-    fn add_takes_first_ipv4_and_dns() {
+    fn add_takes_first_of_each_family_and_dns() {
         let dir = tempfile::tempdir().expect("dir");
         fake(
             dir.path(),
             "ipam",
-            r#"{"cniVersion":"1.0.0","ips":[{"address":"fd00::5/64"},{"address":"10.9.0.7/24","gateway":"10.9.0.1"}],"dns":{"nameservers":["10.9.0.53"]}}"#,
+            r#"{"cniVersion":"1.0.0","ips":[{"address":"fd00::5/64"},{"address":"10.9.0.7/24","gateway":"10.9.0.1"},{"address":"10.9.0.8/24"},{"address":"fd00::6/64"}],"dns":{"nameservers":["10.9.0.53"]}}"#,
             0,
         );
         let d = Delegate::find("ipam", &[dir.path().to_owned()]).expect("found");
         let a = d.add(b"{}").expect("add");
-        assert_eq!(a.ip, Ipv4Addr::new(10, 9, 0, 7));
+        assert_eq!(a.ips.v4, Some("10.9.0.7".parse().expect("v4")));
+        assert_eq!(a.ips.v6, Some("fd00::5".parse().expect("v6")));
         assert_eq!(a.dns.expect("dns")["nameservers"][0], "10.9.0.53");
         d.del(b"{}").expect("del");
         let log = std::fs::read_to_string(dir.path().join("ipam.log")).expect("log");
@@ -307,6 +313,21 @@ mod tests {
             0,
         );
         let d = Delegate::find("v6only", &[dir.path().to_owned()]).expect("found");
-        assert!(matches!(d.add(b"{}"), Err(DelegateError::NoIpv4 { .. })));
+        let a = d.add(b"{}").expect("IPv6 only");
+        assert_eq!(
+            (a.ips.v4, a.ips.v6),
+            (None, Some("fd00::5".parse().expect("v6")))
+        );
+
+        fake(
+            dir.path(),
+            "noaddr",
+            r#"{"ips":[{"address":"bogus/24"}]}"#,
+            0,
+        );
+        let d = Delegate::find("noaddr", &[dir.path().to_owned()]).expect("found");
+        let e = d.add(b"{}").expect_err("no address");
+        assert!(matches!(e, DelegateError::NoAddress { .. }), "{e}");
+        assert_eq!(e.code(), code::IPAM_DELEGATE);
     }
 }

@@ -1,12 +1,12 @@
 //! `clustermesh-cni`: the CNI plugin that attaches pods to a clustermesh node.
 //!
-//! For each pod (ADD) it hands out an IPv4 address (its own lease store over
-//! the node's pod CIDR, or a delegated IPAM plugin), creates a veth pair
-//! with the host side `lxc<hash>` in the node namespace and the pod side in
-//! the pod's namespace with the address as /32, a default route via the
-//! fixed gateway 169.254.1.1 and a permanent neighbour entry for it (the
-//! host veth's MAC), and records the attachment in an endpoint file the
-//! node agent reads. DEL undoes it; CHECK verifies it. See `docs/cni.md`.
+//! For each pod (ADD) it hands out an IPv4 and/or an IPv6 address (its own
+//! lease store over the node's pod CIDRs, or a delegated IPAM plugin),
+//! creates a veth pair with the host side `lxc<hash>` in the node namespace
+//! and the pod side in the pod's namespace with the addresses as /32 and
+//! /128, per family a default route via the fixed gateway (169.254.1.1,
+//! fe80::1) and a permanent neighbour entry for it (the host veth's MAC),
+//! and records the attachment in an endpoint file the node agent reads. DEL undoes it; CHECK verifies it. See `docs/cni.md`.
 //!
 //! Modules: [`env`](mod@env) (the `CNI_*` variables), [`config`] (the network
 //! configuration), [`ipam`] (own address leases), [`delegate`] (delegated

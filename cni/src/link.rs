@@ -15,15 +15,16 @@
 //! and carries the container id as its alias (`IFLA_IFALIAS`), so DEL never
 //! removes an interface of another container.
 //!
-//! Inside the pod: address IP/32, a link-scope route to [`GATEWAY`], a
-//! default route via it, and a PERMANENT neighbour entry mapping it to the
-//! host veth's MAC: the pod never ARPs, and every frame it sends reaches
-//! the host veth, where the datapath takes it.
+//! Inside the pod, per family: address IP/32 (IPv6: IP/128 `nodad`), a
+//! link-scope route to the gateway ([`GATEWAY`], [`GATEWAY6`]), a default
+//! route via it, and a PERMANENT neighbour entry mapping it to the host
+//! veth's MAC: the pod never ARPs nor solicits its gateway, and every frame
+//! it sends reaches the host veth, where the datapath takes it.
 
 use std::{
     fs::File,
     io,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd,
 };
 
@@ -31,19 +32,23 @@ use futures_util::TryStreamExt;
 use rtnetlink::{
     Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
-        address::AddressAttribute,
+        address::{AddressAttribute, AddressFlags, AddressHeaderFlags},
         link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteScope},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope},
     },
 };
 use tokio::runtime::Runtime;
 
-use crate::{endpoint::MacAddr, error::code};
+use crate::{endpoint::MacAddr, error::code, ipam::PodIps};
 
 /// The pods' fixed next hop. No interface holds it; the permanent neighbour
 /// entry makes it resolve to the host veth.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The IPv6 next hop, likewise: link-local, held by no interface, resolved
+/// by a permanent neighbour entry (the datapath also answers neighbour
+/// solicitations for it).
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// 32-bit FNV-1a.
 pub fn fnv1a32(bytes: &[u8]) -> u32 {
@@ -81,6 +86,12 @@ pub enum LinkError {
     Runtime(#[source] io::Error),
     #[error("the pod's network namespace")]
     Netns(#[source] clustermesh_api::netns::Error),
+    #[error("turning IPv6 on: {path}")]
+    Ipv6Sysctl {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl LinkError {
@@ -91,7 +102,7 @@ impl LinkError {
             | Self::NoMac { .. }
             | Self::Netns(clustermesh_api::netns::Error::Panicked) => code::NETLINK,
             Self::Exists { .. } => code::CONFLICT,
-            Self::Runtime(_) | Self::Netns(_) => code::IO,
+            Self::Runtime(_) | Self::Netns(_) | Self::Ipv6Sysctl { .. } => code::IO,
         }
     }
 }
@@ -156,12 +167,36 @@ impl Link {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodState {
     pub link: Link,
-    /// IPv4 addresses on the interface, with prefix lengths.
-    pub addrs: Vec<(Ipv4Addr, u8)>,
+    /// Addresses on the interface (both families), with prefix lengths.
+    pub addrs: Vec<(IpAddr, u8)>,
     /// Link-layer address of the permanent neighbour entry for [`GATEWAY`].
     pub gateway_neighbour: Option<MacAddr>,
+    /// Link-layer address of the permanent neighbour entry for [`GATEWAY6`].
+    pub gateway6_neighbour: Option<MacAddr>,
     /// Whether the main table has `default via GATEWAY dev <ifname>`.
     pub default_route: bool,
+    /// Whether the main table has `default via GATEWAY6 dev <ifname>`.
+    pub default_route6: bool,
+}
+
+impl PodState {
+    /// The permanent neighbour entry's MAC for `gateway`'s family.
+    pub fn neighbour(&self, v6: bool) -> Option<MacAddr> {
+        if v6 {
+            self.gateway6_neighbour
+        } else {
+            self.gateway_neighbour
+        }
+    }
+
+    /// Whether the default route of that family is there.
+    pub fn has_default_route(&self, v6: bool) -> bool {
+        if v6 {
+            self.default_route6
+        } else {
+            self.default_route
+        }
+    }
 }
 
 /// A netlink connection in the calling thread's network namespace.
@@ -267,14 +302,16 @@ impl Netlink {
         })
     }
 
-    /// Inside the pod's namespace: `lo` up; `ifname` up with `mtu`;
-    /// `ip`/32; a link-scope route to [`GATEWAY`]; the default route via
-    /// it; the permanent neighbour [`GATEWAY`] -> `gateway_mac`. Returns the
-    /// pod interface's MAC.
+    /// Inside the pod's namespace: `lo` up; `ifname` up with `mtu`; per
+    /// family of `ips`: the address (`/32`; `/128` with `nodad`), a
+    /// link-scope route to the gateway ([`GATEWAY`], [`GATEWAY6`]), the
+    /// default route via it and the permanent neighbour gateway ->
+    /// `gateway_mac`. IPv6 is turned on for `ifname` first if the
+    /// namespace had it off. Returns the pod interface's MAC.
     pub fn configure_pod(
         &self,
         ifname: &str,
-        ip: Ipv4Addr,
+        ips: PodIps,
         mtu: u32,
         gateway_mac: MacAddr,
     ) -> Result<MacAddr, LinkError> {
@@ -288,6 +325,9 @@ impl Netlink {
             .ok_or_else(|| LinkError::NotFound {
                 name: ifname.to_owned(),
             })?;
+        if ips.v6.is_some() {
+            enable_ipv6(ifname)?;
+        }
         let idx = link.index;
         let h = &self.handle;
         self.rt.block_on(async {
@@ -301,50 +341,134 @@ impl Netlink {
                 .execute()
                 .await
                 .map_err(nl_err("setting up", ifname))?;
-            h.address()
-                .add(idx, IpAddr::V4(ip), 32)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl_err("adding address", format!("{ip}/32 on {ifname}")))?;
-            let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(GATEWAY, 32)
-                .output_interface(idx)
-                .scope(RouteScope::Link)
-                .build();
-            h.route()
-                .add(to_gateway)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl_err("adding route", format!("{GATEWAY}/32 dev {ifname}")))?;
-            let default = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-                .gateway(GATEWAY)
-                .output_interface(idx)
-                .build();
-            h.route()
-                .add(default)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl_err(
-                    "adding route",
-                    format!("default via {GATEWAY} dev {ifname}"),
-                ))?;
-            h.neighbours()
-                .add(idx, IpAddr::V4(GATEWAY))
-                .link_layer_address(&gateway_mac.0)
-                .state(NeighbourState::Permanent)
-                .replace()
-                .execute()
-                .await
-                .map_err(nl_err(
-                    "adding permanent neighbour",
-                    format!("{GATEWAY} lladdr {gateway_mac} dev {ifname}"),
-                ))
+            if let Some(ip) = ips.v4 {
+                self.configure_v4(idx, ifname, ip, gateway_mac).await?;
+            }
+            if let Some(ip) = ips.v6 {
+                self.configure_v6(idx, ifname, ip, gateway_mac).await?;
+            }
+            Ok::<_, LinkError>(())
         })?;
         link.mac()
+    }
+
+    /// `ip`/32, `GATEWAY dev IF scope link`, `default via GATEWAY`, the
+    /// permanent neighbour.
+    async fn configure_v4(
+        &self,
+        idx: u32,
+        ifname: &str,
+        ip: Ipv4Addr,
+        gateway_mac: MacAddr,
+    ) -> Result<(), LinkError> {
+        let h = &self.handle;
+        h.address()
+            .add(idx, IpAddr::V4(ip), 32)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err("adding address", format!("{ip}/32 on {ifname}")))?;
+        let to_gateway = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(GATEWAY, 32)
+            .output_interface(idx)
+            .scope(RouteScope::Link)
+            .build();
+        h.route()
+            .add(to_gateway)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err("adding route", format!("{GATEWAY}/32 dev {ifname}")))?;
+        let default = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .gateway(GATEWAY)
+            .output_interface(idx)
+            .build();
+        h.route()
+            .add(default)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(
+                "adding route",
+                format!("default via {GATEWAY} dev {ifname}"),
+            ))?;
+        self.permanent_neighbour(idx, ifname, IpAddr::V4(GATEWAY), gateway_mac)
+            .await
+    }
+
+    /// `ip`/128 nodad, `GATEWAY6 dev IF`, `default via GATEWAY6 dev IF`,
+    /// the permanent neighbour.
+    async fn configure_v6(
+        &self,
+        idx: u32,
+        ifname: &str,
+        ip: Ipv6Addr,
+        gateway_mac: MacAddr,
+    ) -> Result<(), LinkError> {
+        let h = &self.handle;
+        let mut add = h.address().add(idx, IpAddr::V6(ip), 128).replace();
+        // No duplicate address detection: the address is the pod's alone
+        // (leased), and DAD would hold it tentative (unusable) for a while.
+        let msg = add.message_mut();
+        msg.header.flags = AddressHeaderFlags::Nodad;
+        msg.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        add.execute().await.map_err(nl_err(
+            "adding address",
+            format!("{ip}/128 nodad on {ifname}"),
+        ))?;
+        let to_gateway = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(GATEWAY6, 128)
+            .output_interface(idx)
+            .scope(RouteScope::Link)
+            .build();
+        h.route()
+            .add(to_gateway)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(
+                "adding route",
+                format!("{GATEWAY6}/128 dev {ifname}"),
+            ))?;
+        let default = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .gateway(GATEWAY6)
+            .output_interface(idx)
+            .build();
+        h.route()
+            .add(default)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(
+                "adding route",
+                format!("default via {GATEWAY6} dev {ifname}"),
+            ))?;
+        self.permanent_neighbour(idx, ifname, IpAddr::V6(GATEWAY6), gateway_mac)
+            .await
+    }
+
+    async fn permanent_neighbour(
+        &self,
+        idx: u32,
+        ifname: &str,
+        gateway: IpAddr,
+        mac: MacAddr,
+    ) -> Result<(), LinkError> {
+        self.handle
+            .neighbours()
+            .add(idx, gateway)
+            .link_layer_address(&mac.0)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(
+                "adding permanent neighbour",
+                format!("{gateway} lladdr {mac} dev {ifname}"),
+            ))
     }
 
     /// The state of `ifname` in this namespace, for CHECK; `None` if there
@@ -355,7 +479,7 @@ impl Netlink {
         };
         let idx = link.index;
         let h = &self.handle;
-        let (addrs, neighbours, routes) = self.rt.block_on(async {
+        let (addrs, neighbours, routes, routes6) = self.rt.block_on(async {
             let addrs: Vec<_> = h
                 .address()
                 .get()
@@ -378,47 +502,84 @@ impl Netlink {
                 .try_collect()
                 .await
                 .map_err(nl_err("listing routes of", ifname))?;
-            Ok::<_, LinkError>((addrs, neighbours, routes))
+            let routes6: Vec<_> = h
+                .route()
+                .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+                .execute()
+                .try_collect()
+                .await
+                .map_err(nl_err("listing IPv6 routes of", ifname))?;
+            Ok::<_, LinkError>((addrs, neighbours, routes, routes6))
         })?;
         let addrs = addrs
             .iter()
             .filter_map(|a| {
                 a.attributes.iter().find_map(|attr| match attr {
-                    AddressAttribute::Address(IpAddr::V4(ip)) => Some((*ip, a.header.prefix_len)),
+                    AddressAttribute::Address(ip) => Some((*ip, a.header.prefix_len)),
                     _ => None,
                 })
             })
             .collect();
-        let gateway_neighbour = neighbours
-            .iter()
-            .filter(|n| n.header.ifindex == idx && n.header.state == NeighbourState::Permanent)
-            .filter(|n| {
-                n.attributes.iter().any(|a| {
-                    matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == GATEWAY)
+        let neighbour = |gateway: IpAddr| {
+            neighbours
+                .iter()
+                .filter(|n| n.header.ifindex == idx && n.header.state == NeighbourState::Permanent)
+                .filter(|n| {
+                    n.attributes.iter().any(|a| match (a, gateway) {
+                        (
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet(d)),
+                            IpAddr::V4(g),
+                        ) => *d == g,
+                        (
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet6(d)),
+                            IpAddr::V6(g),
+                        ) => *d == g,
+                        _ => false,
+                    })
                 })
+                .find_map(|n| {
+                    n.attributes.iter().find_map(|a| match a {
+                        NeighbourAttribute::LinkLayerAddress(b) => MacAddr::from_bytes(b),
+                        _ => None,
+                    })
+                })
+        };
+        let default_via = |routes: &[RouteMessage], gateway: RouteAddress| {
+            routes.iter().any(|r| {
+                r.header.destination_prefix_length == 0
+                    && r.attributes
+                        .iter()
+                        .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == idx))
+                    && r.attributes
+                        .iter()
+                        .any(|a| matches!(a, RouteAttribute::Gateway(g) if *g == gateway))
             })
-            .find_map(|n| {
-                n.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::LinkLayerAddress(b) => MacAddr::from_bytes(b),
-                    _ => None,
-                })
-            });
-        let default_route = routes.iter().any(|r| {
-            r.header.destination_prefix_length == 0
-                && r.attributes
-                    .iter()
-                    .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == idx))
-                && r.attributes.iter().any(
-                    |a| matches!(a, RouteAttribute::Gateway(RouteAddress::Inet(g)) if *g == GATEWAY),
-                )
-        });
+        };
         Ok(Some(PodState {
             link,
             addrs,
-            gateway_neighbour,
-            default_route,
+            gateway_neighbour: neighbour(IpAddr::V4(GATEWAY)),
+            gateway6_neighbour: neighbour(IpAddr::V6(GATEWAY6)),
+            default_route: default_via(&routes, RouteAddress::Inet(GATEWAY)),
+            default_route6: default_via(&routes6, RouteAddress::Inet6(GATEWAY6)),
         }))
     }
+}
+
+/// `net.ipv6.conf.<ifname>.disable_ipv6 = 0` in the calling thread's
+/// network namespace, if it is not already (a node whose default turns
+/// IPv6 off hands that to new namespaces).
+fn enable_ipv6(ifname: &str) -> Result<(), LinkError> {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    let err = |source| LinkError::Ipv6Sysctl {
+        path: path.clone(),
+        source,
+    };
+    let now = std::fs::read_to_string(&path).map_err(err)?;
+    if now.trim() != "0" {
+        std::fs::write(&path, b"0").map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Runs `f` on a dedicated thread inside the network namespace `netns`.

@@ -2,11 +2,13 @@
 //! in the shape of the requested `cniVersion`.
 //!
 //! ADD's result lists two interfaces, the host veth (index 0) and the pod's
-//! (index 1, with `sandbox`), one IP (`IP/32`, gateway [`GATEWAY`],
-//! interface 1) and the default route via the gateway. Before 1.0.0 every
-//! IP also carries `"version": "4"`; from 1.1.0 interfaces carry `mtu`.
+//! (index 1, with `sandbox`), one IP per family the pod has (IPv4 first:
+//! `IP/32` with gateway [`GATEWAY`], `IP/128` with gateway [`GATEWAY6`],
+//! interface 1) and a default route per family via its gateway
+//! (`0.0.0.0/0`, `::/0`). Before 1.0.0 every IP also carries `"version"`
+//! (`"4"` or `"6"`); from 1.1.0 interfaces carry `mtu`.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -14,7 +16,8 @@ use serde_json::Value;
 use crate::{
     config::{CniVersion, SUPPORTED_VERSIONS},
     endpoint::MacAddr,
-    link::GATEWAY,
+    ipam::PodIps,
+    link::{GATEWAY, GATEWAY6},
 };
 
 /// What ADD set up, independent of the output version.
@@ -25,7 +28,8 @@ pub struct Attachment {
     pub ifname: String,
     pub mac: MacAddr,
     pub netns: String,
-    pub ip: Ipv4Addr,
+    /// At least one.
+    pub ips: PodIps,
     pub mtu: u32,
     /// `dns` from a delegated IPAM plugin.
     pub dns: Option<Value>,
@@ -36,8 +40,8 @@ pub struct Attachment {
 struct AddResult<'a> {
     cni_version: &'static str,
     interfaces: [Interface<'a>; 2],
-    ips: [IpConfig; 1],
-    routes: [Route; 1],
+    ips: Vec<IpConfig>,
+    routes: Vec<Route>,
     dns: Value,
 }
 
@@ -56,14 +60,14 @@ struct IpConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     version: Option<&'static str>,
     address: String,
-    gateway: Ipv4Addr,
+    gateway: IpAddr,
     interface: usize,
 }
 
 #[derive(Serialize)]
 struct Route {
     dst: &'static str,
-    gw: Ipv4Addr,
+    gw: IpAddr,
 }
 
 /// The ADD result for `version`.
@@ -85,22 +89,43 @@ pub fn add_result(version: CniVersion, a: &Attachment) -> Value {
                 sandbox: Some(&a.netns),
             },
         ],
-        ips: [IpConfig {
-            version: version.ips_have_version().then_some("4"),
-            address: format!("{}/32", a.ip),
-            gateway: GATEWAY,
-            interface: 1,
-        }],
-        routes: [Route {
-            dst: "0.0.0.0/0",
-            gw: GATEWAY,
-        }],
+        ips: a
+            .ips
+            .iter()
+            .map(|ip| {
+                let (family, prefix, gateway) = family_of(ip);
+                IpConfig {
+                    version: version.ips_have_version().then_some(family),
+                    address: format!("{ip}/{prefix}"),
+                    gateway,
+                    interface: 1,
+                }
+            })
+            .collect(),
+        routes: a
+            .ips
+            .iter()
+            .map(|ip| {
+                let (_, _, gw) = family_of(ip);
+                let dst = if ip.is_ipv6() { "::/0" } else { "0.0.0.0/0" };
+                Route { dst, gw }
+            })
+            .collect(),
         dns: a
             .dns
             .clone()
             .unwrap_or_else(|| Value::Object(Default::default())),
     };
     serde_json::to_value(r).unwrap_or(Value::Null)
+}
+
+/// The result's `version`, the pod's prefix length and the gateway for
+/// `ip`'s family.
+fn family_of(ip: IpAddr) -> (&'static str, u8, IpAddr) {
+    match ip {
+        IpAddr::V4(_) => ("4", 32, IpAddr::V4(GATEWAY)),
+        IpAddr::V6(_) => ("6", 128, IpAddr::V6(GATEWAY6)),
+    }
 }
 
 /// The VERSION answer.
@@ -137,7 +162,10 @@ mod tests {
             ifname: "eth0".into(),
             mac: MacAddr([0xbb, 0, 0, 0, 0, 2]),
             netns: "/var/run/netns/pod".into(),
-            ip: Ipv4Addr::new(10, 0, 0, 3),
+            ips: PodIps {
+                v4: Some(std::net::Ipv4Addr::new(10, 0, 0, 3)),
+                v6: None,
+            },
             mtu: 1450,
             dns: None,
         }
@@ -182,6 +210,34 @@ mod tests {
             );
             assert!(v["interfaces"][1].get("mtu").is_none());
         }
+    }
+
+    #[test]
+    fn dual_stack_and_ipv6_only_shapes() {
+        let mut a = attachment();
+        a.ips.v6 = Some("fd00:1::5".parse().expect("v6"));
+        let v = add_result(CniVersion::V1_1_0, &a);
+        assert_eq!(
+            v["ips"],
+            json!([
+                {"address": "10.0.0.3/32", "gateway": "169.254.1.1", "interface": 1},
+                {"address": "fd00:1::5/128", "gateway": "fe80::1", "interface": 1}
+            ])
+        );
+        assert_eq!(
+            v["routes"],
+            json!([{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}, {"dst": "::/0", "gw": "fe80::1"}])
+        );
+        let v = add_result(CniVersion::V0_4_0, &a);
+        assert_eq!(v["ips"][0]["version"], "4");
+        assert_eq!(v["ips"][1]["version"], "6");
+        a.ips.v4 = None;
+        let v = add_result(CniVersion::V0_3_1, &a);
+        assert_eq!(
+            v["ips"],
+            json!([{"version": "6", "address": "fd00:1::5/128", "gateway": "fe80::1", "interface": 1}])
+        );
+        assert_eq!(v["routes"], json!([{"dst": "::/0", "gw": "fe80::1"}]));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::{
     io::Write,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::Path,
     process::{Command, Stdio},
 };
@@ -179,6 +179,95 @@ fn own_config(version: &str, cidr: &str, dir: &Path) -> Value {
         "readyTimeoutSeconds": 0,
         "args": {"cni": {"labels": [{"key": "app", "value": "web"}]}}
     })
+}
+
+/// [`own_config`] with an IPv6 pod range (`podCIDR` removed if `cidr` is
+/// `None`: IPv6 only).
+fn own_config6(version: &str, cidr: Option<&str>, cidr6: &str, dir: &Path) -> Value {
+    let mut cfg = own_config(version, cidr.unwrap_or("0.0.0.0/0"), dir);
+    cfg["podCIDRv6"] = json!(cidr6);
+    if cidr.is_none() {
+        cfg.as_object_mut().expect("object").remove("podCIDR");
+    }
+    cfg
+}
+
+/// Asserts what ADD must have set up in the pod for IPv6: `ip`/128 (and
+/// no other global address), not tentative, the route to fe80::1, the
+/// default route via it, the permanent neighbour fe80::1 -> host veth MAC,
+/// and that the kernel routes out through it from `ip`.
+fn assert_attached6(pod: &NetNs, result: &Value, ip: &str) {
+    let host_mac = result["interfaces"][0]["mac"].as_str().expect("host mac");
+    let addr = ip_json(
+        pod,
+        &["-6", "addr", "show", "dev", "eth0", "scope", "global"],
+    );
+    // `ip` leaves `{}` for the addresses its scope filter drops.
+    let infos: Vec<&Value> = addr[0]["addr_info"]
+        .as_array()
+        .expect("addr_info")
+        .iter()
+        .filter(|a| a.get("local").is_some())
+        .collect();
+    let addrs: Vec<(String, u64)> = infos
+        .iter()
+        .map(|a| {
+            (
+                a["local"].as_str().expect("local").to_owned(),
+                a["prefixlen"].as_u64().expect("prefixlen"),
+            )
+        })
+        .collect();
+    assert_eq!(addrs, [(ip.to_owned(), 128)], "{addr}");
+    assert_eq!(infos[0]["nodad"], true, "{addr}");
+    assert!(infos[0].get("tentative").is_none(), "tentative: {addr}");
+    let disabled = pod
+        .exec("cat", &["/proc/sys/net/ipv6/conf/eth0/disable_ipv6"])
+        .expect("sysctl");
+    assert_eq!(disabled.trim(), "0");
+
+    let routes = ip_json(pod, &["-6", "route", "show"]);
+    let routes = routes.as_array().expect("routes");
+    assert!(
+        routes
+            .iter()
+            .any(|r| r["dst"] == "default" && r["gateway"] == "fe80::1" && r["dev"] == "eth0"),
+        "{routes:?}"
+    );
+    assert!(
+        routes
+            .iter()
+            .any(|r| r["dst"] == "fe80::1" && r["dev"] == "eth0"),
+        "{routes:?}"
+    );
+    let neigh = ip_json(pod, &["-6", "neigh", "show", "fe80::1", "dev", "eth0"]);
+    assert_eq!(neigh[0]["lladdr"], host_mac, "{neigh}");
+    assert!(
+        neigh[0]["state"]
+            .as_array()
+            .expect("state")
+            .contains(&json!("PERMANENT")),
+        "{neigh}"
+    );
+    // Anywhere goes via fe80::1 on eth0, from the pod's address.
+    let get = ip_json(pod, &["-6", "route", "get", "2001:db8::77"]);
+    assert_eq!(get[0]["gateway"], "fe80::1", "{get}");
+    assert_eq!(get[0]["dev"], "eth0", "{get}");
+    assert_eq!(get[0]["prefsrc"], ip, "{get}");
+}
+
+/// The pod has no IPv4 address and no IPv4 default route.
+fn assert_no_ipv4(pod: &NetNs) {
+    let addr = ip_json(pod, &["-4", "addr", "show", "dev", "eth0"]);
+    assert!(
+        addr.as_array()
+            .expect("addrs")
+            .iter()
+            .all(|l| l["addr_info"].as_array().is_none_or(Vec::is_empty)),
+        "IPv4 address on an IPv6-only pod: {addr}"
+    );
+    let routes = ip_json(pod, &["-4", "route", "show"]);
+    assert_eq!(routes, json!([]), "IPv4 routes on an IPv6-only pod");
 }
 
 fn leases(dir: &Path) -> Vec<Lease> {
@@ -743,4 +832,269 @@ fn add_waits_for_the_agent_and_fails_closed() {
         clustermesh_cni::endpoint::read_ready(dir.path(), "w1"),
         None
     );
+}
+
+#[test]
+fn dual_stack_own_ipam() {
+    require_root!();
+    sweep_stale();
+    let node = NetNs::new("cnids").expect("node");
+    let pod1 = NetNs::new("cnidspod1").expect("pod1");
+    let pod2 = NetNs::new("cnidspod2").expect("pod2");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = own_config6("1.1.0", Some("10.210.0.0/24"), "fd00:210::/64", dir.path());
+
+    let r1 = call(&node, "ADD", "d1", Some(&pod1), &[], &cfg).ok();
+    assert_eq!(
+        r1["ips"],
+        json!([
+            {"address": "10.210.0.1/32", "gateway": "169.254.1.1", "interface": 1},
+            {"address": "fd00:210::1/128", "gateway": "fe80::1", "interface": 1}
+        ])
+    );
+    assert_eq!(
+        r1["routes"],
+        json!([{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}, {"dst": "::/0", "gw": "fe80::1"}])
+    );
+    assert_attached(&node, &pod1, &r1, "10.210.0.1", 1400);
+    assert_attached6(&pod1, &r1, "fd00:210::1");
+    let eps = endpoints(dir.path());
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].ip, Some(Ipv4Addr::new(10, 210, 0, 1)));
+    assert_eq!(
+        eps[0].ipv6,
+        Some("fd00:210::1".parse::<Ipv6Addr>().expect("v6"))
+    );
+
+    // The next container gets the next address of each family; a repeated
+    // ADD keeps both.
+    let r2 = call(&node, "ADD", "d2", Some(&pod2), &[], &cfg).ok();
+    assert_eq!(r2["ips"][0]["address"], "10.210.0.2/32");
+    assert_eq!(r2["ips"][1]["address"], "fd00:210::2/128");
+    assert_attached6(&pod2, &r2, "fd00:210::2");
+    let again = call(&node, "ADD", "d1", Some(&pod1), &[], &cfg).ok();
+    assert_eq!(again["ips"], r1["ips"]);
+    assert_attached6(&pod1, &again, "fd00:210::1");
+    assert_eq!(leases(dir.path()).len(), 4);
+
+    // CHECK: fine with the previous result; a previous result without the
+    // IPv6 address is a difference.
+    let mut with_prev = cfg.clone();
+    with_prev["prevResult"] = again.clone();
+    call(&node, "CHECK", "d1", Some(&pod1), &[], &with_prev).ok_silent();
+    let mut v4_only_prev = with_prev.clone();
+    v4_only_prev["prevResult"]["ips"]
+        .as_array_mut()
+        .expect("ips")
+        .truncate(1);
+    let e = call(&node, "CHECK", "d1", Some(&pod1), &[], &v4_only_prev).err(103);
+    assert!(
+        e["msg"].as_str().expect("msg").contains("fd00:210::1/128"),
+        "{e}"
+    );
+    // The pod loses its IPv6 address: CHECK names it.
+    pod1.exec(
+        "ip",
+        &["-6", "addr", "del", "fd00:210::1/128", "dev", "eth0"],
+    )
+    .expect("addr del");
+    let e = call(&node, "CHECK", "d1", Some(&pod1), &[], &with_prev).err(103);
+    assert!(
+        e["msg"].as_str().expect("msg").contains("fd00:210::1/128"),
+        "{e}"
+    );
+    // The IPv6 gateway neighbour goes: CHECK names fe80::1.
+    call(&node, "CHECK", "d2", Some(&pod2), &[], &cfg).ok_silent();
+    pod2.exec("ip", &["-6", "neigh", "del", "fe80::1", "dev", "eth0"])
+        .expect("neigh del");
+    let e = call(&node, "CHECK", "d2", Some(&pod2), &[], &cfg).err(103);
+    let msg = e["msg"].as_str().expect("msg");
+    assert!(msg.contains("neighbour") && msg.contains("fe80::1"), "{e}");
+    // The IPv6 default route goes: CHECK says so.
+    call(&node, "ADD", "d2", Some(&pod2), &[], &cfg).ok();
+    call(&node, "CHECK", "d2", Some(&pod2), &[], &cfg).ok_silent();
+    pod2.exec(
+        "ip",
+        &[
+            "-6", "route", "del", "default", "via", "fe80::1", "dev", "eth0",
+        ],
+    )
+    .expect("route del");
+    let e = call(&node, "CHECK", "d2", Some(&pod2), &[], &cfg).err(103);
+    let msg = e["msg"].as_str().expect("msg");
+    assert!(
+        msg.contains("default route") && msg.contains("fe80::1"),
+        "{e}"
+    );
+
+    // DEL releases both of the container's leases, and only those.
+    call(&node, "DEL", "d2", Some(&pod2), &[], &cfg).ok_silent();
+    let left: Vec<String> = leases(dir.path())
+        .iter()
+        .map(|l| l.ip.to_string())
+        .collect();
+    assert_eq!(left, ["10.210.0.1", "fd00:210::1"]);
+    assert!(!link_exists(&pod2, "eth0"), "pod side survived DEL");
+    call(&node, "DEL", "d2", Some(&pod2), &[], &cfg).ok_silent();
+    call(&node, "DEL", "d1", Some(&pod1), &[], &cfg).ok_silent();
+    assert!(leases(dir.path()).is_empty(), "{:?}", leases(dir.path()));
+    assert!(endpoints(dir.path()).is_empty());
+}
+
+#[test]
+fn ipv6_only_own_ipam() {
+    require_root!();
+    sweep_stale();
+    let node = NetNs::new("cniv6").expect("node");
+    let pod = NetNs::new("cniv6pod").expect("pod");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = own_config6("1.1.0", None, "fd00:211::/120", dir.path());
+    // New interfaces in this pod start with IPv6 off: the plugin turns it
+    // on for its interface.
+    pod.exec("sysctl", &["-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+        .expect("sysctl");
+    let r = call(&node, "ADD", "s1", Some(&pod), &[], &cfg).ok();
+    assert_eq!(
+        r["ips"],
+        json!([{"address": "fd00:211::1/128", "gateway": "fe80::1", "interface": 1}])
+    );
+    assert_eq!(r["routes"], json!([{"dst": "::/0", "gw": "fe80::1"}]));
+    assert_attached6(&pod, &r, "fd00:211::1");
+    assert_no_ipv4(&pod);
+    let eps = endpoints(dir.path());
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].ip, None);
+    assert_eq!(
+        eps[0].ipv6,
+        Some("fd00:211::1".parse::<Ipv6Addr>().expect("v6"))
+    );
+    let mut with_prev = cfg.clone();
+    with_prev["prevResult"] = r.clone();
+    call(&node, "CHECK", "s1", Some(&pod), &[], &with_prev).ok_silent();
+    call(&node, "DEL", "s1", Some(&pod), &[], &cfg).ok_silent();
+    assert!(leases(dir.path()).is_empty());
+    assert!(endpoints(dir.path()).is_empty());
+
+    // An older version: `"version": "6"` in the IP.
+    let old = own_config6("0.4.0", None, "fd00:211::/120", dir.path());
+    let r = call(&node, "ADD", "s2", Some(&pod), &[], &old).ok();
+    assert_eq!(r["ips"][0]["version"], "6", "{r}");
+    assert_eq!(r["ips"][0]["address"], "fd00:211::1/128", "{r}");
+    call(&node, "CHECK", "s2", Some(&pod), &[], &old).ok_silent();
+    call(&node, "DEL", "s2", Some(&pod), &[], &old).ok_silent();
+
+    // A bad IPv6 range: code 7 naming podCIDRv6, nothing made.
+    let mut bad = cfg.clone();
+    bad["podCIDRv6"] = json!("fd00:211::/48");
+    let e = call(&node, "ADD", "s3", Some(&pod), &[], &bad).err(7);
+    assert!(e["msg"].as_str().expect("msg").contains("podCIDRv6"), "{e}");
+    assert!(leases(dir.path()).is_empty());
+}
+
+/// Fail closed with IPv6: the pod's IPv6 set-up works while the host veth
+/// is still down (no carrier), and the pod has it once the agent marks it.
+#[test]
+fn dual_stack_add_waits_for_the_agent() {
+    require_root!();
+    sweep_stale();
+    let node = NetNs::new("cnidsw").expect("node");
+    let pod = NetNs::new("cnidswpod").expect("pod");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = own_config6("1.1.0", Some("10.212.0.0/24"), "fd00:212::/64", dir.path());
+    cfg["readyTimeoutSeconds"] = json!(20);
+    let r = std::thread::scope(|s| {
+        s.spawn(|| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            let ep = loop {
+                assert!(std::time::Instant::now() < deadline, "no endpoint file");
+                if let Some(ep) = endpoints(dir.path()).pop() {
+                    break ep;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            };
+            node.exec("ip", &["link", "set", &ep.host_iface, "up"])
+                .expect("veth up");
+            clustermesh_cni::endpoint::write_ready(dir.path(), &ep.container_id, ep.host_ifindex)
+                .expect("marker");
+        });
+        call(&node, "ADD", "w6", Some(&pod), &[], &cfg).ok()
+    });
+    assert_attached(&node, &pod, &r, "10.212.0.1", 1400);
+    assert_attached6(&pod, &r, "fd00:212::1");
+    call(&node, "DEL", "w6", Some(&pod), &[], &cfg).ok_silent();
+    assert!(leases(dir.path()).is_empty());
+}
+
+#[test]
+fn dual_stack_delegated_to_host_local() {
+    require_root!();
+    if !Path::new(HOST_LOCAL).exists() {
+        eprintln!("SKIPPED: {HOST_LOCAL} missing (apt-get install containernetworking-plugins)");
+        if std::env::var_os("CLUSTERMESH_REQUIRE_PRIVILEGED").is_some() {
+            panic!("CLUSTERMESH_REQUIRE_PRIVILEGED is set but {HOST_LOCAL} is missing");
+        }
+        return;
+    }
+    sweep_stale();
+    let node = NetNs::new("cnihl6").expect("node");
+    let pod = NetNs::new("cnihl6pod").expect("pod");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = tempfile::tempdir().expect("host-local data");
+    let cfg = json!({
+        "cniVersion": "1.0.0",
+        "name": "meshhl6",
+        "type": "clustermesh-cni",
+        "endpointDir": dir.path(),
+        "readyTimeoutSeconds": 0,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": "10.207.0.0/24"}], [{"subnet": "fd00:207::/64"}]],
+            "dataDir": data.path()
+        }
+    });
+    let leased = |ip: &str| data.path().join("meshhl6").join(ip).exists();
+    let r = call(&node, "ADD", "h6", Some(&pod), &[], &cfg).ok();
+    // host-local keeps the first address of each range for a gateway.
+    assert_eq!(
+        r["ips"],
+        json!([
+            {"address": "10.207.0.2/32", "gateway": "169.254.1.1", "interface": 1},
+            {"address": "fd00:207::2/128", "gateway": "fe80::1", "interface": 1}
+        ])
+    );
+    assert!(
+        leased("10.207.0.2") && leased("fd00:207::2"),
+        "host-local leases"
+    );
+    assert_attached(&node, &pod, &r, "10.207.0.2", 1450);
+    assert_attached6(&pod, &r, "fd00:207::2");
+    let eps = endpoints(dir.path());
+    assert_eq!(
+        eps[0].ipv6,
+        Some("fd00:207::2".parse::<Ipv6Addr>().expect("v6"))
+    );
+    assert!(leases(dir.path()).is_empty(), "own IPAM must not be used");
+    let mut with_prev = cfg.clone();
+    with_prev["prevResult"] = r.clone();
+    call(&node, "CHECK", "h6", Some(&pod), &[], &with_prev).ok_silent();
+    call(&node, "DEL", "h6", Some(&pod), &[], &cfg).ok_silent();
+    assert!(
+        !leased("10.207.0.2") && !leased("fd00:207::2"),
+        "host-local leases kept"
+    );
+    assert!(endpoints(dir.path()).is_empty());
+
+    // IPv6 only through host-local.
+    let mut v6 = cfg.clone();
+    v6["ipam"]["ranges"] = json!([[{"subnet": "fd00:207::/64"}]]);
+    let r = call(&node, "ADD", "h7", Some(&pod), &[], &v6).ok();
+    assert_eq!(
+        r["ips"],
+        json!([{"address": "fd00:207::2/128", "gateway": "fe80::1", "interface": 1}])
+    );
+    assert_attached6(&pod, &r, "fd00:207::2");
+    assert_no_ipv4(&pod);
+    call(&node, "CHECK", "h7", Some(&pod), &[], &v6).ok_silent();
+    call(&node, "DEL", "h7", Some(&pod), &[], &v6).ok_silent();
+    assert!(!leased("fd00:207::2"));
 }
