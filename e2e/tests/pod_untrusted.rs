@@ -7,8 +7,10 @@
 //!     endpoint bound to another interface, used as sources: B's pod sees
 //!     none of them, `drop_spoofed` counts them; its own address still
 //!     works;
-//! (2) IPv6 to the node (which answers it with the datapath unconfigured):
-//!     not answered, counted `drop_non_ipv4`;
+//! (2) IPv6 to the node from an address the pod was not given (no
+//!     `CM_ENDPOINTS6` entry; the node answers it with the datapath
+//!     unconfigured): not answered, counted `drop_spoofed`; frames that are
+//!     neither IPv4, IPv6 nor ARP: counted `drop_unsupported_l3`;
 //! (3) a service frontend address the node also owns: plain ICMP (answered
 //!     before the frontend is written), ICMP fragments and a port that is
 //!     no frontend never reach the node (`drop_service_protocol`,
@@ -180,7 +182,8 @@ fn spoofing(a: &Node, b: &Node, dpa: &mut Datapath) {
     dpa.remove_endpoint(other).unwrap();
 }
 
-/// (2) IPv6 from the pod never reaches the node's stack.
+/// (2) IPv6 from an address the pod does not own never reaches the node's
+/// stack, nor does a frame of another layer 3 protocol.
 fn ipv6(a: &Node, dpa: &mut Datapath) {
     for (ns, dev, addr) in [
         (&a.pod, "eth0", "fd00:1::2/64"),
@@ -230,17 +233,29 @@ fn ipv6(a: &Node, dpa: &mut Datapath) {
             ],
         )
         .unwrap();
-    let before = drops(dpa, Verdict::DropNonIpv4);
+    let before = drops(dpa, Verdict::DropSpoofed);
     let closed = ping6();
-    let counted = drops(dpa, Verdict::DropNonIpv4) - before;
+    let counted = drops(dpa, Verdict::DropSpoofed) - before;
+    // Three raw frames of an experimental ethertype (0x88b5).
+    let l3_before = drops(dpa, Verdict::DropUnsupportedL3);
+    let _ = run(
+        a.pod.name(),
+        &[
+            "python3",
+            "-c",
+            "import socket\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\ns.bind(('eth0',0))\nf=b'\\xff'*6+b'\\x02\\x00\\x00\\x00\\x00\\x09'+b'\\x88\\xb5'+b'x'*46\nfor _ in range(3): s.send(f)",
+        ],
+    );
+    let l3 = drops(dpa, Verdict::DropUnsupportedL3) - l3_before;
     eprintln!(
-        "ipv6: unconfigured datapath {} of 3 answered; configured {} of 3, drop_non_ipv4 +{counted}",
+        "ipv6: unconfigured datapath {} of 3 answered; configured {} of 3, drop_spoofed +{counted}; ethertype 0x88b5 drop_unsupported_l3 +{l3}",
         received(&open),
         received(&closed)
     );
     assert_eq!(received(&open), 3, "control: {open}");
     assert_eq!(received(&closed), 0, "{closed}");
-    assert!(counted >= 3, "drop_non_ipv4 +{counted}");
+    assert!(counted >= 3, "drop_spoofed +{counted}");
+    assert_eq!(l3, 3, "drop_unsupported_l3 +{l3}");
 }
 
 /// (3) A frontend address: only its TCP/UDP frontends pass.

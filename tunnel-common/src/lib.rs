@@ -329,6 +329,10 @@ pub enum Verdict {
     Routed = 3,
     /// Handed to the WireGuard device for a remote node.
     Encrypted = 4,
+    /// Answered in eBPF: a pod's IPv6 Neighbour Solicitation for its
+    /// gateway (`fe80::1`) got a Neighbour Advertisement with the host
+    /// veth's MAC, sent back into the pod.
+    NeighbourReply = 5,
     /// Dropped: packet too short or not parseable.
     DropMalformed = 64,
     /// Dropped: destination is a known remote range without a live node.
@@ -342,13 +346,13 @@ pub enum Verdict {
     /// Dropped: addressed to a service frontend that has no backend to
     /// give a new flow.
     DropNoServiceBackend = 69,
-    /// Dropped: a pod sent a packet (IPv4, or ARP) whose source address is
-    /// not its own (not a local endpoint bound to the interface it came
-    /// in on).
+    /// Dropped: a pod sent a packet (IPv4, IPv6, or ARP) whose source
+    /// address is not its own (not a local endpoint bound to the interface
+    /// it came in on), or a link-local IPv6 packet other than neighbour
+    /// discovery and MLD.
     DropSpoofed = 70,
-    /// Dropped: a pod sent a frame that is neither IPv4 nor ARP (IPv6
-    /// included, until the datapath supports it).
-    DropNonIpv4 = 71,
+    /// Dropped: a pod sent a frame that is neither IPv4, IPv6 nor ARP.
+    DropUnsupportedL3 = 71,
     /// Dropped: an IPv4 fragment addressed to a service frontend address.
     DropFragment = 72,
     /// Dropped: addressed to a service frontend address with a protocol
@@ -360,12 +364,13 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 16] = [
+    pub const ALL: [Verdict; 17] = [
         Verdict::Pass,
         Verdict::Local,
         Verdict::Tunnel,
         Verdict::Routed,
         Verdict::Encrypted,
+        Verdict::NeighbourReply,
         Verdict::DropMalformed,
         Verdict::DropNoTunnelEndpoint,
         Verdict::DropStrictPlaintext,
@@ -373,7 +378,7 @@ impl Verdict {
         Verdict::DropUnknownEndpoint,
         Verdict::DropNoServiceBackend,
         Verdict::DropSpoofed,
-        Verdict::DropNonIpv4,
+        Verdict::DropUnsupportedL3,
         Verdict::DropFragment,
         Verdict::DropServiceProtocol,
         Verdict::DropStrictUnknownDest,
@@ -390,6 +395,7 @@ impl Verdict {
             Verdict::Tunnel => "tunnel",
             Verdict::Routed => "routed",
             Verdict::Encrypted => "encrypted",
+            Verdict::NeighbourReply => "neighbour_reply",
             Verdict::DropMalformed => "drop_malformed",
             Verdict::DropNoTunnelEndpoint => "drop_no_tunnel_endpoint",
             Verdict::DropStrictPlaintext => "drop_strict_plaintext",
@@ -397,7 +403,7 @@ impl Verdict {
             Verdict::DropUnknownEndpoint => "drop_unknown_endpoint",
             Verdict::DropNoServiceBackend => "drop_no_service_backend",
             Verdict::DropSpoofed => "drop_spoofed",
-            Verdict::DropNonIpv4 => "drop_non_ipv4",
+            Verdict::DropUnsupportedL3 => "drop_unsupported_l3",
             Verdict::DropFragment => "drop_fragment",
             Verdict::DropServiceProtocol => "drop_service_protocol",
             Verdict::DropStrictUnknownDest => "drop_strict_unknown_dest",

@@ -60,24 +60,27 @@ mod shared;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_DONT_FRAGMENT, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_DONT_FRAGMENT,
+        BPF_F_TUNINFO_IPV6, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key,
     },
     helpers::generated::{
         bpf_get_hash_recalc, bpf_redirect, bpf_redirect_neigh, bpf_skb_adjust_room,
-        bpf_skb_set_tunnel_key,
+        bpf_skb_change_tail, bpf_skb_set_tunnel_key,
     },
     macros::classifier,
     programs::TcContext,
 };
 use shared::{
-    Balanced, ETH_HLEN, ETH_P_IP, IP_DST, IP_SRC, config, count, deliver, endpoint,
-    in_strict_range, ipcache, lb_forward,
+    Balanced, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_DST, IP_SRC, IP6_DST, IP6_HLEN, IP6_NEXT, IP6_SRC,
+    config, count, deliver, endpoint, endpoint6, in_strict_range, in_strict_range6, ipcache,
+    ipcache6, lb_forward,
 };
 use tunnel_common::{
-    CONFIG_FLAG_STRICT, DatapathConfig, Direction, ENCAP_OVERHEAD, EndpointInfo, GENEVE_PORT,
-    IPCACHE_FLAG_ENCRYPT, IPCACHE_FLAG_UNREACHABLE, TunnelMode, Verdict,
+    CONFIG_FLAG_STRICT, DatapathConfig, Direction, ENCAP_OVERHEAD, ENCAP_OVERHEAD6, EndpointInfo,
+    GENEVE_PORT, IPCACHE_FLAG_ENCRYPT, IPCACHE_FLAG_UNREACHABLE, Ip6, IpCacheValue, TunnelMode,
+    Verdict,
 };
 
 #[classifier]
@@ -92,14 +95,26 @@ const ETH_P_ARP: u16 = 0x0806;
 /// Sender protocol address of an Ethernet + ARP (IPv4 over Ethernet) frame.
 const ARP_SPA: usize = ETH_HLEN + 14;
 
+/// The ifindex the packet came in on (the pod's host-side veth).
+#[inline(always)]
+fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: ctx wraps the live `__sk_buff` of this invocation.
+    unsafe { (*ctx.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).ifindex }
+}
+
 /// The local endpoint `ip` if it is bound to the interface the packet came
 /// in on: a pod may only send as itself.
 #[inline(always)]
 fn own_endpoint(ctx: &TcContext, ip: u32) -> Option<EndpointInfo> {
     let ep = endpoint(ip)?;
-    // SAFETY: ctx wraps the live `__sk_buff` of this invocation.
-    let ifindex = unsafe { (*ctx.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).ifindex };
-    (ep.ifindex == ifindex).then_some(ep)
+    (ep.ifindex == ingress_ifindex(ctx)).then_some(ep)
+}
+
+/// [`own_endpoint`] for an IPv6 source (`CM_ENDPOINTS6`).
+#[inline(always)]
+fn own_endpoint6(ctx: &TcContext, ip: &Ip6) -> Option<EndpointInfo> {
+    let ep = endpoint6(ip)?;
+    (ep.ifindex == ingress_ifindex(ctx)).then_some(ep)
 }
 
 /// ARP from a pod: only about its own address (the host answers it).
@@ -115,10 +130,11 @@ fn arp(ctx: &TcContext) -> (Verdict, i32) {
 }
 
 /// Strict mode's verdict for a destination the ip-cache cannot route: a
-/// mesh pod range is never handed to the host stack.
+/// mesh pod range (`in_range`, looked up only in strict mode) is never
+/// handed to the host stack.
 #[inline(always)]
-fn unroutable(cfg: &DatapathConfig, dst: u32) -> (Verdict, i32) {
-    if cfg.flags & CONFIG_FLAG_STRICT != 0 && in_strict_range(dst) {
+fn unroutable(cfg: &DatapathConfig, in_range: impl FnOnce() -> bool) -> (Verdict, i32) {
+    if cfg.flags & CONFIG_FLAG_STRICT != 0 && in_range() {
         return (Verdict::DropStrictUnknownDest, TC_ACT_SHOT);
     }
     (Verdict::Pass, TC_ACT_OK)
@@ -134,10 +150,15 @@ fn try_from_endpoint(ctx: &TcContext) -> (Verdict, i32) {
         return (Verdict::DropMalformed, TC_ACT_SHOT);
     };
     match u16::from_be(ethertype) {
-        ETH_P_IP => {}
-        ETH_P_ARP => return arp(ctx),
-        _ => return (Verdict::DropNonIpv4, TC_ACT_SHOT),
+        ETH_P_IP => ipv4(ctx, &cfg),
+        ETH_P_IPV6 => ipv6(ctx, &cfg),
+        ETH_P_ARP => arp(ctx),
+        _ => (Verdict::DropUnsupportedL3, TC_ACT_SHOT),
     }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
     let (Ok(src), Ok(dst)) = (ctx.load::<u32>(IP_SRC), ctx.load::<u32>(IP_DST)) else {
         return (Verdict::DropMalformed, TC_ACT_SHOT);
     };
@@ -155,57 +176,267 @@ fn try_from_endpoint(ctx: &TcContext) -> (Verdict, i32) {
         return deliver(ctx, &ep);
     }
     let Some(dest) = ipcache(dst) else {
-        return unroutable(&cfg, dst);
+        return unroutable(cfg, || in_strict_range(dst));
     };
-    if dest.flags & IPCACHE_FLAG_UNREACHABLE != 0 {
-        return (Verdict::DropNoTunnelEndpoint, TC_ACT_SHOT);
-    }
-    if dest.flags & IPCACHE_FLAG_ENCRYPT != 0 {
-        if cfg.wg_ifindex != 0 {
-            // The TUN device is layer 3: the kernel strips the Ethernet
-            // header on the way.
-            // SAFETY: plain helper call.
-            let r = unsafe { bpf_redirect(cfg.wg_ifindex, 0) };
-            return (Verdict::Encrypted, r as i32);
-        }
-        if cfg.flags & CONFIG_FLAG_STRICT != 0 {
-            return (Verdict::DropStrictPlaintext, TC_ACT_SHOT);
-        }
-    }
-    if dest.tunnel_endpoint == 0 {
-        return unroutable(&cfg, dst);
-    }
-    // The sender's identity (24 bits: cluster id + local id) rides in the
-    // VNI of either tunnel.
-    let identity = sender.identity & 0x00ff_ffff;
-    if cfg.mode == TunnelMode::Vxlan as u32 {
-        vxlan(ctx, &cfg, dest.tunnel_endpoint, identity)
-    } else if cfg.mode == TunnelMode::Geneve as u32 {
-        geneve(ctx, &cfg, dest.tunnel_endpoint, identity)
-    } else if cfg.mode == TunnelMode::Direct as u32 {
-        to_underlay(&cfg, Verdict::Routed)
-    } else {
-        (Verdict::Pass, TC_ACT_OK)
+    match remote(ctx, cfg, &dest, sender.identity, ETH_P_IP) {
+        Some(v) => v,
+        None => unroutable(cfg, || in_strict_range(dst)),
     }
 }
 
+/// IPv6 from a pod: as IPv4 (own source, local delivery, ip-cache, strict
+/// mode), after neighbour discovery ([`neighbour_discovery`]). Never
+/// load-balanced: service frontends are IPv4 (`CM_LB_FRONTENDS` is keyed
+/// by IPv4 addresses), so an IPv6 destination is never one.
 #[inline(always)]
-fn vxlan(ctx: &TcContext, cfg: &DatapathConfig, remote: u32, identity: u32) -> (Verdict, i32) {
+fn ipv6(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
+    let (Ok(src), Ok(dst), Ok(next)) = (
+        ctx.load::<Ip6>(IP6_SRC),
+        ctx.load::<Ip6>(IP6_DST),
+        ctx.load::<u8>(IP6_NEXT),
+    ) else {
+        return (Verdict::DropMalformed, TC_ACT_SHOT);
+    };
+    // `::` (DAD) and fe80::/10: the pod's kernel uses them for neighbour
+    // discovery and MLD on its own link, whatever the CNI configured.
+    let link_scope = src == [0; 16] || (src[0] == 0xfe && src[1] & 0xc0 == 0x80);
+    if let Some(v) = neighbour_discovery(ctx, &src, next, link_scope) {
+        return v;
+    }
+    if link_scope {
+        // Nothing else may leave the pod from an address it was not given.
+        return (Verdict::DropSpoofed, TC_ACT_SHOT);
+    }
+    let Some(sender) = own_endpoint6(ctx, &src) else {
+        return (Verdict::DropSpoofed, TC_ACT_SHOT);
+    };
+    if let Some(ep) = endpoint6(&dst) {
+        return deliver(ctx, &ep);
+    }
+    let Some(dest) = ipcache6(&dst) else {
+        return unroutable(cfg, || in_strict_range6(&dst));
+    };
+    match remote(ctx, cfg, &dest, sender.identity, ETH_P_IPV6) {
+        Some(v) => v,
+        None => unroutable(cfg, || in_strict_range6(&dst)),
+    }
+}
+
+/// A destination the ip-cache found (either family of inner packet,
+/// `inner` its ethertype): tombstone, encryption, then the mode's way to
+/// the node. None: the entry names no node to reach (the caller's strict
+/// check decides).
+#[inline(always)]
+fn remote(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    dest: &IpCacheValue,
+    identity: u32,
+    inner: u16,
+) -> Option<(Verdict, i32)> {
+    if dest.flags & IPCACHE_FLAG_UNREACHABLE != 0 {
+        return Some((Verdict::DropNoTunnelEndpoint, TC_ACT_SHOT));
+    }
+    if dest.flags & IPCACHE_FLAG_ENCRYPT != 0 {
+        if cfg.wg_ifindex != 0 {
+            // The TUN device is layer 3 (IPv4 and IPv6): the kernel strips
+            // the Ethernet header on the way.
+            // SAFETY: plain helper call.
+            let r = unsafe { bpf_redirect(cfg.wg_ifindex, 0) };
+            return Some((Verdict::Encrypted, r as i32));
+        }
+        if cfg.flags & CONFIG_FLAG_STRICT != 0 {
+            return Some((Verdict::DropStrictPlaintext, TC_ACT_SHOT));
+        }
+    }
+    if !dest.has_tunnel_endpoint() {
+        return None;
+    }
+    // The sender's identity (24 bits: cluster id + local id) rides in the
+    // VNI of either tunnel.
+    let identity = identity & 0x00ff_ffff;
+    Some(if cfg.mode == TunnelMode::Vxlan as u32 {
+        vxlan(ctx, cfg, dest, identity)
+    } else if cfg.mode == TunnelMode::Geneve as u32 {
+        // The node's underlay family: IPv4 when the entry has an IPv4
+        // tunnel endpoint, else IPv6.
+        if dest.tunnel_endpoint != 0 {
+            geneve4(ctx, cfg, dest.tunnel_endpoint, identity, inner)
+        } else {
+            geneve6(ctx, cfg, &dest.tunnel_endpoint6, identity, inner)
+        }
+    } else if cfg.mode == TunnelMode::Direct as u32 {
+        to_underlay(cfg, Verdict::Routed)
+    } else {
+        (Verdict::Pass, TC_ACT_OK)
+    })
+}
+
+// ---- IPv6 neighbour discovery ------------------------------------------
+//
+// The CNI gives an IPv6 pod a default route via fe80::1 with a permanent
+// neighbour entry for the host veth's MAC, but nothing stops the pod from
+// resolving it again (the entry deleted, or a pod set up otherwise): that
+// Neighbour Solicitation is answered here, as the gateway, since no one on
+// the host owns fe80::1. The pod's kernel also sends DAD, MLD and Router
+// Solicitations from `::` or its own link-local address: those go to the
+// host stack (where they are harmless), anything else from such a source
+// is spoofed.
+
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_HOPOPTS: u8 = 0;
+const ICMPV6_NS: u8 = 135;
+const ICMPV6_NA: u8 = 136;
+/// The pod's IPv6 gateway.
+const GATEWAY6: Ip6 = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// Some: the packet is neighbour discovery or MLD that is handled here
+/// (answered, or passed to the host stack); None: route it as any packet.
+#[inline(always)]
+fn neighbour_discovery(
+    ctx: &TcContext,
+    src: &Ip6,
+    next: u8,
+    link_scope: bool,
+) -> Option<(Verdict, i32)> {
+    // ICMPv6 right after the fixed header, or after one Hop-by-Hop header
+    // (MLD reports carry a router alert option in it).
+    let icmp = if next == IPPROTO_ICMPV6 {
+        ETH_HLEN + IP6_HLEN
+    } else if next == IPPROTO_HOPOPTS {
+        let hbh = ctx.load::<[u8; 2]>(ETH_HLEN + IP6_HLEN).ok()?;
+        if hbh[0] != IPPROTO_ICMPV6 {
+            return None;
+        }
+        ETH_HLEN + IP6_HLEN + (usize::from(hbh[1]) + 1) * 8
+    } else {
+        return None;
+    };
+    let typ = ctx.load::<u8>(icmp).ok()?;
+    // An NS from `::` is DAD: the pod asking whether anyone owns the
+    // address, not resolving it.
+    if typ == ICMPV6_NS && next == IPPROTO_ICMPV6 && *src != [0; 16] {
+        let target = ctx.load::<Ip6>(icmp + 8).ok()?;
+        if target == GATEWAY6 {
+            return Some(answer_gateway_ns(ctx, src, link_scope));
+        }
+    }
+    // Router/neighbour solicitations and advertisements, redirects
+    // (133-137), MLD queries, reports and done (130-132, 143).
+    if link_scope && ((130..=137).contains(&typ) || typ == 143) {
+        return Some((Verdict::Pass, TC_ACT_OK));
+    }
+    None
+}
+
+/// Ethernet + IPv6 + ICMPv6 Neighbour Advertisement with a target
+/// link-layer address option.
+const NA_LEN: usize = ETH_HLEN + IP6_HLEN + 32;
+
+/// Answers a pod's Neighbour Solicitation for [`GATEWAY6`] with a
+/// Neighbour Advertisement carrying the host veth's MAC, rewritten in place
+/// and sent back into the pod (egress of the same veth).
+///
+/// The host MAC comes from the pod's endpoint entry when the NS is from
+/// the pod's own address (what Linux uses: the source of the packet that
+/// needs the neighbour), or from the frame's destination when a link-local
+/// NS is unicast (a reachability probe to the MAC the pod already has). A
+/// multicast NS from a link-local source names no MAC to give: it goes to
+/// the host stack unanswered.
+#[inline(always)]
+fn answer_gateway_ns(ctx: &TcContext, src: &Ip6, link_scope: bool) -> (Verdict, i32) {
+    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
+        return (Verdict::DropMalformed, TC_ACT_SHOT);
+    };
+    let host_mac = if !link_scope {
+        match own_endpoint6(ctx, src) {
+            Some(ep) => ep.host_mac,
+            None => return (Verdict::DropSpoofed, TC_ACT_SHOT),
+        }
+    } else if macs[0] & 1 == 0 {
+        [macs[0], macs[1], macs[2], macs[3], macs[4], macs[5]]
+    } else {
+        return (Verdict::Pass, TC_ACT_OK);
+    };
+    let mut p = [0u8; NA_LEN];
+    p[0..6].copy_from_slice(&macs[6..12]);
+    p[6..12].copy_from_slice(&host_mac);
+    p[12..14].copy_from_slice(&ETH_P_IPV6.to_be_bytes());
+    p[14] = 0x60;
+    p[19] = 32; // payload length
+    p[20] = IPPROTO_ICMPV6;
+    p[21] = 255; // hop limit 255: the receiver checks it came from the link
+    p[22..38].copy_from_slice(&GATEWAY6);
+    p[38..54].copy_from_slice(src);
+    p[54] = ICMPV6_NA;
+    p[58] = 0xe0; // router, solicited, override
+    p[62..78].copy_from_slice(&GATEWAY6);
+    p[78] = 2; // option: target link-layer address, 8 bytes
+    p[79] = 1;
+    p[80..86].copy_from_slice(&host_mac);
+    // ICMPv6 checksum over the pseudo-header (source, destination, length
+    // 32, next header 58) and the message: the addresses and the message
+    // are contiguous at 22..86.
+    let mut sum: u32 = 32 + u32::from(IPPROTO_ICMPV6);
+    let mut i = 22;
+    while i < NA_LEN {
+        sum += u32::from(u16::from_be_bytes([p[i], p[i + 1]]));
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    p[56..58].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    // SAFETY: ctx is a live skb; the helper validates the length.
+    if unsafe { bpf_skb_change_tail(ctx.as_ptr().cast(), NA_LEN as u32, 0) } != 0
+        || ctx.store(0, &p, 0).is_err()
+    {
+        return (Verdict::DropInternal, TC_ACT_SHOT);
+    }
+    // Egress of the pod's own veth: straight back into the pod.
+    // SAFETY: plain helper call.
+    let r = unsafe { bpf_redirect(ingress_ifindex(ctx), 0) };
+    (Verdict::NeighbourReply, r as i32)
+}
+
+// ---- Tunnels -----------------------------------------------------------
+
+#[inline(always)]
+fn vxlan(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    dest: &IpCacheValue,
+    identity: u32,
+) -> (Verdict, i32) {
     // SAFETY: zeroed is a valid bpf_tunnel_key.
     let mut key: bpf_tunnel_key = unsafe { core::mem::zeroed() };
     key.tunnel_id = identity;
-    key.__bindgen_anon_1.remote_ipv4 = u32::from_be(remote);
     key.tunnel_ttl = 64;
-    // No outer UDP checksum (as Geneve: the inner packet carries its own;
-    // saves a checksum per GSO segment) and DF, like Geneve's outer header:
-    // the pod MTU leaves room, the underlay must not fragment.
+    let flags = if dest.tunnel_endpoint != 0 {
+        key.__bindgen_anon_1.remote_ipv4 = u32::from_be(dest.tunnel_endpoint);
+        // No outer UDP checksum (as Geneve: the inner packet carries its
+        // own; saves a checksum per GSO segment) and DF, like Geneve's
+        // outer header: the pod MTU leaves room, the underlay must not
+        // fragment.
+        BPF_F_ZERO_CSUM_TX | BPF_F_DONT_FRAGMENT
+    } else {
+        // An IPv6 underlay. The kernel copies remote_ipv6 as it is
+        // (memcpy into the in6_addr, unlike remote_ipv4 which it converts
+        // from host order): the address's bytes in network order.
+        // SAFETY: both are 16 plain bytes.
+        key.__bindgen_anon_1.remote_ipv6 =
+            unsafe { core::mem::transmute::<Ip6, [u32; 4]>(dest.tunnel_endpoint6) };
+        // With an outer UDP checksum: a kernel VXLAN device (the receiver
+        // without an underlay address, `from_overlay`) drops zero-checksum
+        // UDP over IPv6 unless configured with udp6zerocsumrx.
+        BPF_F_TUNINFO_IPV6
+    };
     // SAFETY: ctx is a live skb, key a valid stack struct of the given size.
     let r = unsafe {
         bpf_skb_set_tunnel_key(
             ctx.as_ptr().cast(),
             &mut key,
             core::mem::size_of::<bpf_tunnel_key>() as u32,
-            u64::from(BPF_F_ZERO_CSUM_TX | BPF_F_DONT_FRAGMENT),
+            u64::from(flags),
         )
     };
     if r != 0 {
@@ -216,9 +447,13 @@ fn vxlan(ctx: &TcContext, cfg: &DatapathConfig, remote: u32, identity: u32) -> (
     (Verdict::Tunnel, r as i32)
 }
 
-/// Bytes inserted after the MAC header: outer IPv4, UDP, Geneve, inner
-/// Ethernet.
+/// Bytes inserted after the MAC header over IPv4: outer IPv4, UDP, Geneve,
+/// inner Ethernet.
 const GENEVE_ROOM: usize = ENCAP_OVERHEAD as usize;
+/// The same over IPv6 (outer IPv6 header of 40 bytes).
+const GENEVE_ROOM6: usize = ENCAP_OVERHEAD6 as usize;
+/// UDP + Geneve + inner Ethernet, after the outer IP header.
+const GENEVE_L4: usize = 8 + 8 + ETH_HLEN;
 /// Geneve protocol type of an Ethernet payload ("transparent Ethernet
 /// bridging").
 const ETH_P_TEB: u16 = 0x6558;
@@ -237,38 +472,81 @@ fn ipv4_csum(h: &[u8; 20]) -> u16 {
     !(sum as u16)
 }
 
+/// Makes `room` bytes after the MAC header for an outer `outer_l3` header
+/// (a `BPF_F_ADJ_ROOM_ENCAP_L3_*` flag), UDP, Geneve and the inner
+/// Ethernet header. Returns the pod's MACs (the inner Ethernet header),
+/// the inner L3 length and the flow hash (ECMP entropy on the underlay).
 #[inline(always)]
-fn geneve(ctx: &TcContext, cfg: &DatapathConfig, remote: u32, identity: u32) -> (Verdict, i32) {
+fn geneve_room(
+    ctx: &TcContext,
+    room: usize,
+    outer_l3: u32,
+) -> Result<([u8; 12], u16, u32), Verdict> {
     // The pod's MACs become the inner Ethernet header (the receiver
     // rewrites them anyway); the outer ones are filled by redirect_neigh.
-    let Ok(macs) = ctx.load::<[u8; 12]>(0) else {
-        return (Verdict::DropMalformed, TC_ACT_SHOT);
-    };
-    let inner_l3 = ctx.len() as usize - ETH_HLEN;
-    // Entropy for ECMP on the underlay, from the inner flow.
+    let macs = ctx
+        .load::<[u8; 12]>(0)
+        .map_err(|_| Verdict::DropMalformed)?;
+    let inner_l3 = (ctx.len() as usize - ETH_HLEN) as u16;
     // SAFETY: ctx is a live skb.
     let hash = unsafe { bpf_get_hash_recalc(ctx.as_ptr().cast()) };
     let flags = u64::from(
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+        outer_l3
             | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
             | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
             // The inner segments keep their size: the pod MTU already
             // leaves room for the headers.
             | BPF_F_ADJ_ROOM_FIXED_GSO,
     ) | ((ETH_HLEN as u64 & 0xff) << 56); // BPF_F_ADJ_ROOM_ENCAP_L2(14)
-    // SAFETY: ctx is a live skb; the helper validates the arguments.
-    let r = unsafe {
-        bpf_skb_adjust_room(
-            ctx.as_ptr().cast(),
-            GENEVE_ROOM as i32,
-            BPF_ADJ_ROOM_MAC,
-            flags,
-        )
-    };
+    // SAFETY: ctx is a live skb; the helper validates the arguments. It
+    // also sets skb->protocol to the outer family, which redirect_neigh's
+    // FIB lookup follows.
+    let r =
+        unsafe { bpf_skb_adjust_room(ctx.as_ptr().cast(), room as i32, BPF_ADJ_ROOM_MAC, flags) };
     if r != 0 {
-        return (Verdict::DropInternal, TC_ACT_SHOT);
+        return Err(Verdict::DropInternal);
     }
-    let ip_len = (inner_l3 + GENEVE_ROOM) as u16;
+    Ok((macs, inner_l3, hash))
+}
+
+/// UDP (source port from the flow hash, checksum 0), Geneve (version 0, no
+/// options, not OAM, not critical, VNI = identity) and the inner Ethernet
+/// header (`inner`: its ethertype).
+#[inline(always)]
+fn geneve_l4(
+    udp_len: u16,
+    hash: u32,
+    identity: u32,
+    macs: &[u8; 12],
+    inner: u16,
+) -> [u8; GENEVE_L4] {
+    let mut h = [0u8; GENEVE_L4];
+    let sport = 49152 | (hash as u16 & 0x3fff);
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&GENEVE_PORT.to_be_bytes());
+    h[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    h[10..12].copy_from_slice(&ETH_P_TEB.to_be_bytes());
+    h[12..15].copy_from_slice(&identity.to_be_bytes()[1..4]);
+    h[16..28].copy_from_slice(macs);
+    h[28..30].copy_from_slice(&inner.to_be_bytes());
+    h
+}
+
+/// Geneve over an IPv4 underlay.
+#[inline(always)]
+fn geneve4(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    remote: u32,
+    identity: u32,
+    inner: u16,
+) -> (Verdict, i32) {
+    let (macs, inner_l3, hash) = match geneve_room(ctx, GENEVE_ROOM, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) {
+        Ok(r) => r,
+        Err(v) => return (v, TC_ACT_SHOT),
+    };
+    let ip_len = inner_l3 + GENEVE_ROOM as u16;
+    let mut hdr = [0u8; GENEVE_ROOM];
     let mut ip = [0u8; 20];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
@@ -279,19 +557,52 @@ fn geneve(ctx: &TcContext, cfg: &DatapathConfig, remote: u32, identity: u32) -> 
     ip[16..20].copy_from_slice(&remote.to_ne_bytes());
     let csum = ipv4_csum(&ip);
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
-
-    let mut hdr = [0u8; GENEVE_ROOM];
     hdr[..20].copy_from_slice(&ip);
-    let sport = 49152 | (hash as u16 & 0x3fff);
-    hdr[20..22].copy_from_slice(&sport.to_be_bytes());
-    hdr[22..24].copy_from_slice(&GENEVE_PORT.to_be_bytes());
-    hdr[24..26].copy_from_slice(&(ip_len - 20).to_be_bytes());
     // UDP checksum 0: allowed over IPv4, and the inner packet has its own.
-    // Geneve: version 0, no options, not OAM, not critical.
-    hdr[30..32].copy_from_slice(&ETH_P_TEB.to_be_bytes());
-    hdr[32..35].copy_from_slice(&identity.to_be_bytes()[1..4]);
-    hdr[36..48].copy_from_slice(&macs);
-    hdr[48..50].copy_from_slice(&0x0800u16.to_be_bytes());
+    hdr[20..].copy_from_slice(&geneve_l4(ip_len - 20, hash, identity, &macs, inner));
+    if ctx.store(ETH_HLEN, &hdr, 0).is_err() {
+        return (Verdict::DropInternal, TC_ACT_SHOT);
+    }
+    to_underlay(cfg, Verdict::Tunnel)
+}
+
+/// Geneve over an IPv6 underlay: outer IPv6 from `underlay_ip6`.
+#[inline(always)]
+fn geneve6(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    remote: &Ip6,
+    identity: u32,
+    inner: u16,
+) -> (Verdict, i32) {
+    if cfg.underlay_ip6 == [0; 16] {
+        // This node has no IPv6 underlay address to send from: the node
+        // behind the entry cannot be reached from here.
+        return (Verdict::DropNoTunnelEndpoint, TC_ACT_SHOT);
+    }
+    let (macs, inner_l3, hash) = match geneve_room(ctx, GENEVE_ROOM6, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6)
+    {
+        Ok(r) => r,
+        Err(v) => return (v, TC_ACT_SHOT),
+    };
+    let payload = inner_l3 + GENEVE_L4 as u16;
+    let mut hdr = [0u8; GENEVE_ROOM6];
+    // Version 6, traffic class 0, flow label from the inner flow's hash
+    // (ECMP on the underlay may hash on it).
+    hdr[0] = 0x60;
+    hdr[1] = ((hash >> 16) & 0x0f) as u8;
+    hdr[2] = (hash >> 8) as u8;
+    hdr[3] = hash as u8;
+    hdr[4..6].copy_from_slice(&payload.to_be_bytes());
+    hdr[6] = 17; // UDP, no extension headers (the receiver expects none)
+    hdr[7] = 64;
+    hdr[8..24].copy_from_slice(&cfg.underlay_ip6);
+    hdr[24..40].copy_from_slice(remote);
+    // UDP checksum 0 over IPv6: RFC 6935/6936 allow it for tunnel
+    // protocols, and the receiver decapsulates in eBPF (`from_underlay`)
+    // before any UDP stack could refuse it; the inner packet carries its
+    // own checksum.
+    hdr[IP6_HLEN..].copy_from_slice(&geneve_l4(payload, hash, identity, &macs, inner));
     if ctx.store(ETH_HLEN, &hdr, 0).is_err() {
         return (Verdict::DropInternal, TC_ACT_SHOT);
     }
@@ -299,8 +610,8 @@ fn geneve(ctx: &TcContext, cfg: &DatapathConfig, remote: u32, identity: u32) -> 
 }
 
 /// Out of the underlay interface, next hop resolved by the kernel's FIB and
-/// neighbour tables (routes to remote pod CIDRs in direct mode, the
-/// underlay's own routes for Geneve).
+/// neighbour tables of the packet's family (routes to remote pod CIDRs in
+/// direct mode, the underlay's own routes for Geneve).
 #[inline(always)]
 fn to_underlay(cfg: &DatapathConfig, verdict: Verdict) -> (Verdict, i32) {
     // SAFETY: no parameters (a FIB lookup on the packet's destination).

@@ -1,15 +1,18 @@
 //! `from_wireguard`: TC ingress of the node's WireGuard (TUN) device, i.e.
 //! pod traffic the device decrypted from a remote node.
 //!
-//! The TUN device is layer 3, so the packet starts at its IP header. For a
-//! local endpoint the program pushes an Ethernet header
-//! (`bpf_skb_change_head`) and delivers it as every program does
-//! (`deliver`: a service reply translated back to its frontend, the
-//! endpoint's MACs, `redirect_peer`); the sender's identity is what the ip-cache says about
-//! the source address (WireGuard authenticated the sending node, and the
-//! device only accepts sources within that node's allowed IPs). A
-//! destination that is not a local endpoint (e.g. the node itself, with
-//! node-to-node encryption) goes to the host stack.
+//! The TUN device is layer 3, so the packet starts at its IP header (IPv4
+//! or IPv6, by the version nibble). For a local endpoint (`CM_ENDPOINTS`,
+//! `CM_ENDPOINTS6`) the program pushes an Ethernet header
+//! (`bpf_skb_change_head`, ethertype of the family) and delivers it as
+//! every program does (`deliver`: a service reply translated back to its
+//! frontend, the endpoint's MACs, `redirect_peer`); the sender's identity
+//! is what the ip-cache (`CM_IPCACHE`, `CM_IPCACHE6`) says about the
+//! source address, recorded in `CM_SRC_IDENTITY` / `CM_SRC_IDENTITY6`
+//! (WireGuard authenticated the sending node, and the device only accepts
+//! sources within that node's allowed IPs). A destination that is not a
+//! local endpoint (e.g. the node itself, with node-to-node encryption)
+//! goes to the host stack.
 //!
 //! The host build exists only for workspace tools (see from_endpoint.rs).
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
@@ -26,8 +29,11 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use shared::{ETH_HLEN, ETH_P_IP, count, deliver, endpoint, ipcache, record_identity};
-use tunnel_common::{Direction, IDENTITY_WORLD, Verdict};
+use shared::{
+    ETH_HLEN, ETH_P_IP, ETH_P_IPV6, count, deliver, endpoint, endpoint6, identity_of, ipcache,
+    ipcache6, record_identity, record_identity6,
+};
+use tunnel_common::{Direction, Ip6, Verdict};
 
 #[classifier]
 pub fn from_wireguard(ctx: TcContext) -> i32 {
@@ -42,27 +48,36 @@ fn try_from_wireguard(ctx: &TcContext) -> (Verdict, i32) {
     let Ok(vihl) = ctx.load::<u8>(0) else {
         return (Verdict::DropMalformed, TC_ACT_SHOT);
     };
-    if vihl >> 4 != 4 {
-        return (Verdict::Pass, TC_ACT_OK);
-    }
-    let (Ok(src), Ok(dst)) = (ctx.load::<u32>(12), ctx.load::<u32>(16)) else {
-        return (Verdict::DropMalformed, TC_ACT_SHOT);
+    let (ep, ethertype) = match vihl >> 4 {
+        4 => {
+            let (Ok(src), Ok(dst)) = (ctx.load::<u32>(12), ctx.load::<u32>(16)) else {
+                return (Verdict::DropMalformed, TC_ACT_SHOT);
+            };
+            let Some(ep) = endpoint(dst) else {
+                return (Verdict::Pass, TC_ACT_OK);
+            };
+            record_identity(src, identity_of(ipcache(src)));
+            (ep, ETH_P_IP)
+        }
+        6 => {
+            let (Ok(src), Ok(dst)) = (ctx.load::<Ip6>(8), ctx.load::<Ip6>(24)) else {
+                return (Verdict::DropMalformed, TC_ACT_SHOT);
+            };
+            let Some(ep) = endpoint6(&dst) else {
+                return (Verdict::Pass, TC_ACT_OK);
+            };
+            record_identity6(&src, identity_of(ipcache6(&src)));
+            (ep, ETH_P_IPV6)
+        }
+        _ => return (Verdict::Pass, TC_ACT_OK),
     };
-    let Some(ep) = endpoint(dst) else {
-        return (Verdict::Pass, TC_ACT_OK);
-    };
-    let identity = match ipcache(src) {
-        Some(v) if v.identity != 0 => v.identity,
-        _ => IDENTITY_WORLD,
-    };
-    record_identity(src, identity);
     // SAFETY: ctx is a live skb; the helper validates the arguments.
     if unsafe { bpf_skb_change_head(ctx.as_ptr().cast(), ETH_HLEN as u32, 0) } != 0 {
         return (Verdict::DropInternal, TC_ACT_SHOT);
     }
     // The MACs are written by `deliver`, which also translates a service
     // reply back to its frontend.
-    if ctx.store(12, &ETH_P_IP.to_be_bytes(), 0).is_err() {
+    if ctx.store(12, &ethertype.to_be_bytes(), 0).is_err() {
         return (Verdict::DropInternal, TC_ACT_SHOT);
     }
     deliver(ctx, &ep)

@@ -50,9 +50,16 @@ pub static CM_STRICT_RANGES6: LpmTrie<Ip6, u32> = LpmTrie::pinned(MAX_STRICT_RAN
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
 /// Offsets in an Ethernet + IPv4 frame.
 pub const IP_SRC: usize = ETH_HLEN + 12;
 pub const IP_DST: usize = ETH_HLEN + 16;
+/// The fixed IPv6 header (extension headers follow it).
+pub const IP6_HLEN: usize = 40;
+/// Offsets in an Ethernet + IPv6 frame.
+pub const IP6_NEXT: usize = ETH_HLEN + 6;
+pub const IP6_SRC: usize = ETH_HLEN + 8;
+pub const IP6_DST: usize = ETH_HLEN + 24;
 
 #[inline(always)]
 pub fn count(dir: Direction, verdict: Verdict, len: u32) {
@@ -87,6 +94,29 @@ pub fn ipcache(ip: u32) -> Option<IpCacheValue> {
         .copied()
 }
 
+#[inline(always)]
+pub fn endpoint6(ip: &Ip6) -> Option<EndpointInfo> {
+    // SAFETY: as `endpoint`.
+    unsafe { CM_ENDPOINTS6.get(ip).copied() }
+}
+
+/// The ip-cache entry of one IPv6 address (longest prefix match).
+#[inline(always)]
+pub fn ipcache6(ip: &Ip6) -> Option<IpCacheValue> {
+    CM_IPCACHE6
+        .get(&aya_ebpf::maps::lpm_trie::Key::new(128, *ip))
+        .copied()
+}
+
+/// Whether `ip` lies in one of the mesh's IPv6 pod ranges
+/// (`CM_STRICT_RANGES6`).
+#[inline(always)]
+pub fn in_strict_range6(ip: &Ip6) -> bool {
+    CM_STRICT_RANGES6
+        .get(&aya_ebpf::maps::lpm_trie::Key::new(128, *ip))
+        .is_some()
+}
+
 /// Whether `ip` lies in one of the mesh's pod ranges (`CM_STRICT_RANGES`).
 #[inline(always)]
 pub fn in_strict_range(ip: u32) -> bool {
@@ -106,6 +136,39 @@ pub fn ipv4_addrs(ctx: &TcContext) -> Option<(u32, u32)> {
     let src: u32 = ctx.load(IP_SRC).ok()?;
     let dst: u32 = ctx.load(IP_DST).ok()?;
     Some((src, dst))
+}
+
+/// IPv6 source and destination of an Ethernet frame, or None for
+/// anything else.
+#[inline(always)]
+pub fn ipv6_addrs(ctx: &TcContext) -> Option<(Ip6, Ip6)> {
+    let proto: u16 = ctx.load(12).ok()?;
+    if u16::from_be(proto) != ETH_P_IPV6 {
+        return None;
+    }
+    let src: Ip6 = ctx.load(IP6_SRC).ok()?;
+    let dst: Ip6 = ctx.load(IP6_DST).ok()?;
+    Some((src, dst))
+}
+
+/// The identity of a remote source address as the ip-cache knows it
+/// (direct routing, WireGuard: no header carries it), `IDENTITY_WORLD`
+/// when unknown.
+#[inline(always)]
+pub fn identity_of(v: Option<IpCacheValue>) -> u32 {
+    match v {
+        Some(v) if v.identity != 0 => v.identity,
+        _ => tunnel_common::IDENTITY_WORLD,
+    }
+}
+
+/// [`record_identity`] for an IPv6 source (`CM_SRC_IDENTITY6`).
+#[inline(always)]
+pub fn record_identity6(src: &Ip6, identity: u32) {
+    // SAFETY: the value is copied out at once.
+    if unsafe { CM_SRC_IDENTITY6.get(src) }.copied() != Some(identity) {
+        let _ = CM_SRC_IDENTITY6.insert(src, &identity, 0);
+    }
 }
 
 /// Remembers the identity `src` last arrived with. Written only when it
@@ -132,7 +195,8 @@ pub fn deliver_unencrypted(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32)
 }
 
 /// Delivers the frame to a local endpoint: a service reply gets its
-/// frontend back as source ([`lb_reverse`]), MACs rewritten, then
+/// frontend back as source ([`lb_reverse`]; IPv4 only, an IPv6 frame is
+/// never a balanced flow's reply), MACs rewritten, then
 /// `redirect_peer` straight into its namespace (no host stack, no backlog).
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32) {

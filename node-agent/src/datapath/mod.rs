@@ -13,7 +13,7 @@
 //!   adopts them with their contents (traffic keeps flowing meanwhile).
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -27,8 +27,9 @@ use aya::{
     },
 };
 use tunnel_common::{
-    Counter, DatapathConfig, Direction, EndpointInfo, IpCacheValue, LbBackendKey, LbBackendValue,
-    LbServiceKey, LbServiceValue, Verdict, maps, metric_index, programs,
+    Counter, DatapathConfig, Direction, EndpointInfo, Ip6, IpCacheValue, LbBackendKey,
+    LbBackendValue, LbServiceKey, LbServiceValue, STRICT_RANGE, Verdict, maps, metric_index,
+    programs,
 };
 
 /// ELF objects built by build.rs (aya-build) from tunnel-ebpf.
@@ -477,6 +478,131 @@ impl Datapath {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(maps::SOURCE_IDENTITY)(e)),
         }
+    }
+
+    fn endpoints6(&mut self) -> Result<HashMap<&mut MapData, Ip6, EndpointInfo>> {
+        let map = self
+            .endpoint
+            .map_mut(maps::ENDPOINTS6)
+            .ok_or(Error::MissingMap(maps::ENDPOINTS6))?;
+        HashMap::try_from(map).map_err(map_err(maps::ENDPOINTS6))
+    }
+
+    /// Declares a local IPv6 endpoint (`CM_ENDPOINTS6`).
+    pub fn upsert_endpoint6(&mut self, ip: Ipv6Addr, info: EndpointInfo) -> Result<()> {
+        self.endpoints6()?
+            .insert(&ip.octets(), &info, 0)
+            .map_err(map_err(maps::ENDPOINTS6))
+    }
+
+    pub fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<()> {
+        match self.endpoints6()?.remove(&ip.octets()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::ENDPOINTS6)(e)),
+        }
+    }
+
+    /// Every local IPv6 endpoint, in address order.
+    pub fn endpoint6_entries(&mut self) -> Result<Vec<(Ipv6Addr, EndpointInfo)>> {
+        let m = self.endpoints6()?;
+        let mut out = Vec::new();
+        for r in m.iter() {
+            let (k, v) = r.map_err(map_err(maps::ENDPOINTS6))?;
+            out.push((Ipv6Addr::from(k), v));
+        }
+        out.sort_by_key(|(a, _)| *a);
+        Ok(out)
+    }
+
+    fn ipcache6(&mut self) -> Result<LpmTrie<&mut MapData, Ip6, IpCacheValue>> {
+        let map = self
+            .endpoint
+            .map_mut(maps::IPCACHE6)
+            .ok_or(Error::MissingMap(maps::IPCACHE6))?;
+        LpmTrie::try_from(map).map_err(map_err(maps::IPCACHE6))
+    }
+
+    /// Sets the ip-cache entry of an IPv6 prefix (`CM_IPCACHE6`).
+    pub fn upsert_ipcache6(
+        &mut self,
+        addr: Ipv6Addr,
+        prefix_len: u8,
+        v: IpCacheValue,
+    ) -> Result<()> {
+        self.ipcache6()?
+            .insert(&Key::new(prefix_len.into(), addr.octets()), &v, 0)
+            .map_err(map_err(maps::IPCACHE6))
+    }
+
+    pub fn remove_ipcache6(&mut self, addr: Ipv6Addr, prefix_len: u8) -> Result<()> {
+        match self
+            .ipcache6()?
+            .remove(&Key::new(prefix_len.into(), addr.octets()))
+        {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::IPCACHE6)(e)),
+        }
+    }
+
+    /// What the programs find for `ip` in the IPv6 ip-cache (longest
+    /// prefix match).
+    pub fn lookup6(&mut self, ip: Ipv6Addr) -> Result<Option<IpCacheValue>> {
+        match self.ipcache6()?.get(&Key::new(128, ip.octets()), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(maps::IPCACHE6)(e)),
+        }
+    }
+
+    /// Every IPv6 ip-cache entry: (address, prefix length, value), in key
+    /// order.
+    pub fn ipcache6_entries(&mut self) -> Result<Vec<(Ipv6Addr, u8, IpCacheValue)>> {
+        let m = self.ipcache6()?;
+        let mut out = Vec::new();
+        for k in m.keys() {
+            let k = k.map_err(map_err(maps::IPCACHE6))?;
+            match m.get(&k, 0) {
+                Ok(v) => out.push((Ipv6Addr::from(k.data()), k.prefix_len() as u8, v)),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(maps::IPCACHE6)(e)),
+            }
+        }
+        out.sort_by_key(|(a, l, _)| (*a, *l));
+        Ok(out)
+    }
+
+    /// The identity traffic from the IPv6 `src` last arrived with
+    /// (`CM_SRC_IDENTITY6`).
+    pub fn source_identity6(&mut self, src: Ipv6Addr) -> Result<Option<u32>> {
+        let map = self
+            .overlay
+            .map_mut(maps::SOURCE_IDENTITY6)
+            .ok_or(Error::MissingMap(maps::SOURCE_IDENTITY6))?;
+        // aya's HashMap handle also reads LRU hash maps.
+        let m: HashMap<&mut MapData, Ip6, u32> =
+            HashMap::try_from(map).map_err(map_err(maps::SOURCE_IDENTITY6))?;
+        match m.get(&src.octets(), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(maps::SOURCE_IDENTITY6)(e)),
+        }
+    }
+
+    /// Adds an IPv6 mesh pod range to `CM_STRICT_RANGES6` (tests and
+    /// tools; the agent's strict-ranges reconciler owns the map).
+    pub fn upsert_strict_range6(&mut self, addr: Ipv6Addr, prefix_len: u8) -> Result<()> {
+        let map = self
+            .endpoint
+            .map_mut(maps::STRICT_RANGES6)
+            .ok_or(Error::MissingMap(maps::STRICT_RANGES6))?;
+        let mut m: LpmTrie<&mut MapData, Ip6, u32> =
+            LpmTrie::try_from(map).map_err(map_err(maps::STRICT_RANGES6))?;
+        m.insert(
+            &Key::new(prefix_len.into(), addr.octets()),
+            &STRICT_RANGE,
+            0,
+        )
+        .map_err(map_err(maps::STRICT_RANGES6))
     }
 
     /// The backends new flows to a frontend (address, port, IP protocol)
