@@ -1323,7 +1323,12 @@ pub fn check(t: &Topology) -> anyhow::Result<Vec<Row>> {
     // the client itself: a client is never balanced to itself).
     let frontend = SocketAddr::from((SERVICE_FRONTEND, SERVICE_PORT));
     let n = 20 * t.clusters.len();
-    for c in &t.clusters {
+    // No service with `--ip-family ipv6` (an IPv4 frontend).
+    let with_service = t
+        .clusters
+        .iter()
+        .filter(|c| t.services.iter().any(|s| s.cluster == c.name));
+    for c in with_service {
         let first_node = t.pods_of(&c.name).next().map(|p| p.node.clone());
         let Some(src) = t
             .pods_of(&c.name)
