@@ -1,13 +1,17 @@
 //! Small topologies for privileged tests: a node namespace with an external
 //! VXLAN device and one pod namespace behind a veth, wired the way the
 //! product wires pods (pod /32, fixed gateway 169.254.1.1 with a permanent
-//! neighbour entry for the host-side veth's MAC).
+//! neighbour entry for the host-side veth's MAC). A dual-stack pod
+//! ([`Node::new_dual`]) also has `fd00:<id>::2/128` with the gateway
+//! `fe80::1` (permanent neighbour, the same MAC), as the CNI plugin sets up
+//! IPv6 pods; nodes are joined by an IPv4 ([`underlay`]) or an IPv6
+//! ([`underlay6`]) underlay.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use clustermesh_testkit::netns::{NetNs, PinDir};
 use node_agent::datapath::Datapath;
-use tunnel_common::{DatapathConfig, EndpointInfo, IpCacheValue, TunnelMode};
+use tunnel_common::{DatapathConfig, EndpointInfo, Ip6, IpCacheValue, TunnelMode};
 
 /// One node (of cluster `id`) with one pod.
 #[derive(Debug)]
@@ -17,6 +21,11 @@ pub struct Node {
     pub pod: NetNs,
     pub pins: PinDir,
     pub pod_ip: Ipv4Addr,
+    /// The pod's IPv6 address `fd00:<id>::2`, configured in the pod (and
+    /// declared in `CM_ENDPOINTS6`) only by [`Node::new_dual`].
+    pub pod_ip6: Ipv6Addr,
+    /// Whether the pod has its IPv6 address.
+    pub dual_stack: bool,
     /// The pod's security identity: cluster `id`, local id 300.
     pub identity: u32,
 }
@@ -123,8 +132,48 @@ impl Node {
             pod,
             pins,
             pod_ip,
+            pod_ip6: Ipv6Addr::new(0xfd00, u16::from(id), 0, 0, 0, 0, 0, 2),
+            dual_stack: false,
             identity: (u32::from(id) << 16) | 300,
         })
+    }
+
+    /// [`Node::new`] with a dual-stack pod: also `fd00:<id>::2/128` on
+    /// `eth0` (no DAD), a default route via `fe80::1` and a permanent
+    /// neighbour entry for it with the host-side veth's MAC. The pod's
+    /// kernel still makes its own link-local address (and sends DAD, MLD
+    /// and router solicitations), as a real pod's does.
+    pub fn new_dual(id: u8) -> std::io::Result<Self> {
+        let mut n = Self::new(id)?;
+        for ns in [&n.ns, &n.pod] {
+            enable_ipv6(ns)?;
+        }
+        let addr = format!("{}/128", n.pod_ip6);
+        n.pod
+            .exec("ip", &["-6", "addr", "add", &addr, "dev", "eth0", "nodad"])?;
+        n.pod.exec(
+            "ip",
+            &[
+                "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ],
+        )?;
+        n.pod.exec(
+            "ip",
+            &[
+                "-6",
+                "neigh",
+                "add",
+                "fe80::1",
+                "dev",
+                "eth0",
+                "lladdr",
+                &mac(1, id),
+                "nud",
+                "permanent",
+            ],
+        )?;
+        n.dual_stack = true;
+        Ok(n)
     }
 
     /// Loads the datapath on this node's pin directory from a thread inside
@@ -201,24 +250,56 @@ impl Node {
         mode: TunnelMode,
         own: Ipv4Addr,
     ) -> Result<(), node_agent::datapath::Error> {
+        self.program_any(dp, mode, IpAddr::V4(own))
+    }
+
+    /// [`Node::program`] with this node's underlay address of either
+    /// family (`underlay_ip` or `underlay_ip6`; unspecified: none); a
+    /// dual-stack pod is declared in both endpoint maps.
+    pub fn program_any(
+        &self,
+        dp: &mut Datapath,
+        mode: TunnelMode,
+        own: IpAddr,
+    ) -> Result<(), node_agent::datapath::Error> {
         let lxc = ifindex(&self.ns, "lxc0").map_err(|e| io(self, e))?;
         let vx = ifindex(&self.ns, "cm_vxlan").map_err(|e| io(self, e))?;
+        let (underlay_ip, underlay_ip6) = tep(own);
         dp.set_config(DatapathConfig {
             mode: mode as u32,
             overlay_ifindex: vx,
             underlay_ifindex: ifindex(&self.ns, "ul0").unwrap_or(0),
-            underlay_ip: u32::from(own).to_be(),
+            underlay_ip,
+            underlay_ip6,
             ..Default::default()
         })?;
-        dp.upsert_endpoint(
-            self.pod_ip,
-            EndpointInfo {
-                ifindex: lxc,
-                identity: self.identity,
-                mac: mac_bytes(2, self.id),
-                host_mac: mac_bytes(1, self.id),
-            },
-        )
+        let info = EndpointInfo {
+            ifindex: lxc,
+            identity: self.identity,
+            mac: mac_bytes(2, self.id),
+            host_mac: mac_bytes(1, self.id),
+        };
+        if self.dual_stack {
+            dp.upsert_endpoint6(self.pod_ip6, info)?;
+        }
+        dp.upsert_endpoint(self.pod_ip, info)
+    }
+
+    /// [`Node::connect_with`] over an underlay of either family: `own` is
+    /// this node's underlay address (unspecified: none, e.g. to receive
+    /// VXLAN through the kernel device), `underlay` the peer's. Both of
+    /// the peer's pod families are learnt (IPv6 ones when the peer is
+    /// dual-stack: `fd00:<peer>::/64` and the pod's /128).
+    pub fn connect_any(
+        &self,
+        dp: &mut Datapath,
+        peer: &Node,
+        mode: TunnelMode,
+        own: IpAddr,
+        underlay: IpAddr,
+    ) -> Result<(), node_agent::datapath::Error> {
+        self.program_any(dp, mode, own)?;
+        self.learn_any(dp, peer, underlay)
     }
 
     fn learn(
@@ -227,17 +308,63 @@ impl Node {
         peer: &Node,
         underlay: Ipv4Addr,
     ) -> Result<(), node_agent::datapath::Error> {
-        let tep = u32::from(underlay).to_be();
+        self.learn_any(dp, peer, IpAddr::V4(underlay))
+    }
+
+    fn learn_any(
+        &self,
+        dp: &mut Datapath,
+        peer: &Node,
+        underlay: IpAddr,
+    ) -> Result<(), node_agent::datapath::Error> {
+        let (tunnel_endpoint, tunnel_endpoint6) = tep(underlay);
         let cidr: Ipv4Addr = Ipv4Addr::new(10, peer.id, 0, 0);
         let v = |identity| IpCacheValue {
             identity,
-            tunnel_endpoint: tep,
+            tunnel_endpoint,
+            tunnel_endpoint6,
             cluster_id: peer.id,
             ..Default::default()
         };
         dp.upsert_ipcache(cidr, 24, v(0))?;
-        dp.upsert_ipcache(peer.pod_ip, 32, v(peer.identity))
+        dp.upsert_ipcache(peer.pod_ip, 32, v(peer.identity))?;
+        if peer.dual_stack {
+            let cidr6 = Ipv6Addr::new(0xfd00, u16::from(peer.id), 0, 0, 0, 0, 0, 0);
+            dp.upsert_ipcache6(cidr6, 64, v(0))?;
+            dp.upsert_ipcache6(peer.pod_ip6, 128, v(peer.identity))?;
+        }
+        Ok(())
     }
+}
+
+/// An underlay address as the maps hold it: (IPv4, IPv6), network order,
+/// the other family zero.
+fn tep(ip: IpAddr) -> (u32, Ip6) {
+    match ip {
+        IpAddr::V4(a) => (u32::from(a).to_be(), [0; 16]),
+        IpAddr::V6(a) => (0, a.octets()),
+    }
+}
+
+/// Turns IPv6 on in a namespace (a new one may inherit it off).
+fn enable_ipv6(ns: &NetNs) -> std::io::Result<()> {
+    for kv in [
+        "net.ipv6.conf.all.disable_ipv6=0",
+        "net.ipv6.conf.default.disable_ipv6=0",
+    ] {
+        ns.exec("sysctl", &["-qw", kv])?;
+    }
+    // Interfaces that exist already.
+    let links = ns.exec("ls", &["/proc/sys/net/ipv6/conf"])?;
+    for dev in links.split_whitespace() {
+        if dev != "all" && dev != "default" {
+            ns.exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=0")],
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn io(n: &Node, e: std::io::Error) -> node_agent::datapath::Error {
@@ -261,8 +388,86 @@ pub fn underlay(a: &Node, b: &Node) -> std::io::Result<(Ipv4Addr, Ipv4Addr)> {
     Ok((Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2)))
 }
 
+/// Two nodes on an IPv6-only underlay link: 2001:db8::1 and 2001:db8::2
+/// (no DAD, addresses inside the namespaces only). The pods' MTU becomes
+/// 1430: Geneve and VXLAN over IPv6 add 70 bytes (`ENCAP_OVERHEAD6`).
+pub fn underlay6(a: &Node, b: &Node) -> std::io::Result<(Ipv6Addr, Ipv6Addr)> {
+    a.ns.exec(
+        "ip",
+        &[
+            "link",
+            "add",
+            "ul0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            b.ns.name(),
+        ],
+    )?;
+    let ips = [
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
+        Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2),
+    ];
+    for (n, ip) in [(a, ips[0]), (b, ips[1])] {
+        enable_ipv6(&n.ns)?;
+        // No DAD for the link-local address either: the kernel sends its
+        // neighbour solicitations from it when the packet that needs the
+        // neighbour is not its own (a routed pod packet), and sends none
+        // while it is tentative.
+        n.ns.exec("sysctl", &["-qw", "net.ipv6.conf.ul0.accept_dad=0"])?;
+        n.ns.exec(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                "ul0",
+                "nodad",
+            ],
+        )?;
+        n.ns.exec("ip", &["link", "set", "ul0", "up"])?;
+        n.pod.exec("ip", &["link", "set", "eth0", "mtu", "1430"])?;
+    }
+    Ok((ips[0], ips[1]))
+}
+
+/// A link-local address `fe80::ff:<id>` (no DAD) on the node's `ul0`: the
+/// next hop of IPv6 pod routes over an underlay addressed with IPv4 only
+/// (IPv6 routes cannot have IPv4 gateways).
+pub fn link_local6(n: &Node) -> std::io::Result<Ipv6Addr> {
+    enable_ipv6(&n.ns)?;
+    let ip = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xff, u16::from(n.id));
+    n.ns.exec(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip}/64"),
+            "dev",
+            "ul0",
+            "nodad",
+        ],
+    )?;
+    Ok(ip)
+}
+
 /// ping's output, whatever its exit status (it fails when nothing answers).
 pub fn ping(from: &NetNs, to: Ipv4Addr, count: u32, interval: &str) -> String {
+    ping_any(from, IpAddr::V4(to), count, interval)
+}
+
+/// [`ping`] to an IPv6 address.
+pub fn ping6(from: &NetNs, to: Ipv6Addr, count: u32, interval: &str) -> String {
+    ping_any(from, IpAddr::V6(to), count, interval)
+}
+
+fn ping_any(from: &NetNs, to: IpAddr, count: u32, interval: &str) -> String {
     let out = std::process::Command::new("ip")
         .args([
             "netns",

@@ -14,14 +14,15 @@
 
 use std::{
     io::{BufRead as _, BufReader},
+    net::{IpAddr, Ipv6Addr},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use clustermesh_testkit::netns::sweep_stale;
+use clustermesh_testkit::{capture::Capture, netns::sweep_stale};
 use e2e::{
     require_root,
-    topo::{Node, ping, underlay},
+    topo::{Node, link_local6, ping, ping6, underlay, underlay6},
 };
 use node_agent::{desired::TunnelEntry, reconcilers::Reconciler as _};
 use tunnel_common::{Direction, TunnelMode, Verdict};
@@ -376,4 +377,408 @@ fn strict_ingress_drops_unencrypted_pod_traffic() {
         .counter(Direction::Ingress, Verdict::DropStrictPlaintext)
         .unwrap();
     assert_eq!(after.packets - before.packets, 3);
+}
+
+// ---- IPv6 ---------------------------------------------------------------
+//
+// Dual-stack pods (`fd00:<id>::2/128`, gateway fe80::1) on two nodes, per
+// mode over an IPv4 and over an IPv6 underlay: ping6 and TCP over IPv6 both
+// ways, the receiver's CM_SRC_IDENTITY6, counters, and the wire (outer
+// family, VNI). Over an IPv6 underlay the tunnels also carry the IPv4 pods
+// (an IPv4 pod behind a node reached only over IPv6). VXLAN: A has no
+// underlay address of its own, so A receives through the kernel device and
+// `from_overlay` (an IPv6 tunnel key over the IPv6 underlay), B in
+// `from_underlay`.
+
+const TCP_SERVER6: &str = "import socket,sys\ns=socket.socket(socket.AF_INET6)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('::',5201))\ns.listen(1)\ns.settimeout(10)\nprint('listening',flush=True)\nc,_=s.accept()\nc.settimeout(10)\nd=c.recv(100)\nc.sendall(d[::-1])\nc.close()";
+
+#[test]
+fn ipv6_vxlan_over_ipv4_underlay() {
+    require_root!();
+    exercise6(TunnelMode::Vxlan, false);
+}
+
+#[test]
+fn ipv6_vxlan_over_ipv6_underlay() {
+    require_root!();
+    exercise6(TunnelMode::Vxlan, true);
+}
+
+#[test]
+fn ipv6_geneve_over_ipv4_underlay() {
+    require_root!();
+    exercise6(TunnelMode::Geneve, false);
+}
+
+#[test]
+fn ipv6_geneve_over_ipv6_underlay() {
+    require_root!();
+    exercise6(TunnelMode::Geneve, true);
+}
+
+#[test]
+fn ipv6_direct_routing_over_ipv4_underlay() {
+    require_root!();
+    exercise6(TunnelMode::Direct, false);
+}
+
+#[test]
+fn ipv6_direct_routing_over_ipv6_underlay() {
+    require_root!();
+    exercise6(TunnelMode::Direct, true);
+}
+
+/// Two dual-stack nodes, maps programmed for `mode` over the underlay of
+/// the given family: (A, B, A's datapath, B's, B's underlay address).
+fn dual_nodes(
+    mode: TunnelMode,
+    v6_underlay: bool,
+) -> (
+    Node,
+    Node,
+    node_agent::datapath::Datapath,
+    node_agent::datapath::Datapath,
+    IpAddr,
+) {
+    sweep_stale();
+    let a = Node::new_dual(1).unwrap();
+    let b = Node::new_dual(2).unwrap();
+    let (ula, ulb): (IpAddr, IpAddr) = if v6_underlay {
+        let (x, y) = underlay6(&a, &b).unwrap();
+        (x.into(), y.into())
+    } else {
+        let (x, y) = underlay(&a, &b).unwrap();
+        (x.into(), y.into())
+    };
+    let mut dpa = a.datapath(true).unwrap();
+    let mut dpb = b.datapath(true).unwrap();
+    let none: IpAddr = if v6_underlay {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    let own_a = if mode == TunnelMode::Vxlan { none } else { ula };
+    a.connect_any(&mut dpa, &b, mode, own_a, ulb).unwrap();
+    b.connect_any(&mut dpb, &a, mode, ulb, ula).unwrap();
+    if mode == TunnelMode::Direct {
+        // The agent's routes: the peer's IPv6 pod CIDR via the peer (its
+        // IPv6 underlay address, or over an IPv4-only underlay its
+        // link-local address: IPv6 routes take no IPv4 gateway).
+        let hops: [IpAddr; 2] = if v6_underlay {
+            [ula, ulb]
+        } else {
+            [
+                link_local6(&a).unwrap().into(),
+                link_local6(&b).unwrap().into(),
+            ]
+        };
+        for (n, peer, via) in [(&a, &b, hops[1]), (&b, &a, hops[0])] {
+            let cidr = format!("fd00:{}::/64", peer.id);
+            n.ns.exec(
+                "ip",
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    &cidr,
+                    "via",
+                    &via.to_string(),
+                    "dev",
+                    "ul0",
+                ],
+            )
+            .unwrap();
+        }
+    }
+    (a, b, dpa, dpb, ulb)
+}
+
+/// `ping`'s "N received".
+fn received(out: &str) -> u32 {
+    out.split(", ")
+        .find_map(|p| p.strip_suffix(" received"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn tcp6(server: &Node, client: &Node) {
+    let ip = server.pod_ip6.to_string();
+    let mut srv = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            server.pod.name(),
+            "python3",
+            "-c",
+            TCP_SERVER6,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(srv.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "listening");
+    let out = client.pod.exec("python3", &["-c", TCP_CLIENT, &ip]);
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let out = out.unwrap_or_else(|e| panic!("TCP to {ip}: {e}"));
+    assert_eq!(out.trim(), "olleh", "TCP reply from {ip}");
+}
+
+fn exercise6(mode: TunnelMode, v6_underlay: bool) {
+    let (a, b, mut dpa, mut dpb, ulb) = dual_nodes(mode, v6_underlay);
+    let (ida, idb) = (a.identity, b.identity);
+    // The wire on B's underlay while A pings B over IPv6.
+    let dir = tempfile::tempdir().unwrap();
+    let cap = Capture::start(&b.ns, "ul0", &dir.path().join("ul.pcap")).unwrap();
+    let out = ping6(&a.pod, b.pod_ip6, 5, "0.05");
+    assert_eq!(
+        received(&out),
+        5,
+        "A -> B over IPv6: {out}; A {:?}; B {:?}; A's routes {:?}",
+        dpa.counters().unwrap(),
+        dpb.counters().unwrap(),
+        a.ns.exec("ip", &["-6", "route"]),
+    );
+    let out = ping6(&b.pod, a.pod_ip6, 5, "0.05");
+    assert_eq!(received(&out), 5, "B -> A over IPv6: {out}");
+    let (_, decode, vni_field) = wire(mode);
+    let seen = cap
+        .stop_and_read(
+            decode,
+            &[
+                vni_field.unwrap_or("udp.port"),
+                "ip.src",
+                "ipv6.src",
+                "icmpv6.type",
+            ],
+        )
+        .unwrap();
+    // Echo requests and replies (128, 129) from the pods.
+    let echoes: Vec<Vec<&str>> = seen
+        .lines()
+        .map(|l| l.split('\t').collect::<Vec<_>>())
+        .filter(|c| c.len() == 4 && (c[3] == "128" || c[3] == "129"))
+        .collect();
+    assert!(echoes.len() >= 10, "{seen}");
+    for c in &echoes {
+        let v6: Vec<&str> = c[2].split(',').collect();
+        let inner = *v6.last().unwrap();
+        assert!(
+            inner == a.pod_ip6.to_string() || inner == b.pod_ip6.to_string(),
+            "{c:?}"
+        );
+        match vni_field {
+            None => {
+                assert_eq!(v6.len(), 1, "direct routing must not encapsulate: {c:?}");
+                assert!(c[0].is_empty() && c[1].is_empty(), "{c:?}");
+            }
+            Some(_) => {
+                // The outer header of the underlay's family.
+                if v6_underlay {
+                    assert_eq!(v6.len(), 2, "outer and inner IPv6 expected: {c:?}");
+                    assert!(c[1].is_empty(), "no IPv4 header: {c:?}");
+                } else {
+                    assert_eq!(v6.len(), 1, "{c:?}");
+                    assert!(!c[1].is_empty(), "outer IPv4 expected: {c:?}");
+                }
+                let vni = match c[0].strip_prefix("0x") {
+                    Some(hex) => u32::from_str_radix(hex, 16),
+                    None => c[0].parse(),
+                }
+                .unwrap_or_else(|_| panic!("no VNI in {c:?}"));
+                let want = if inner == a.pod_ip6.to_string() {
+                    ida
+                } else {
+                    idb
+                };
+                assert_eq!(vni, want, "VNI must be the sender's identity: {c:?}");
+            }
+        }
+    }
+    // The receivers recorded the senders' identities.
+    assert_eq!(dpb.source_identity6(a.pod_ip6).unwrap(), Some(ida));
+    assert_eq!(dpa.source_identity6(b.pod_ip6).unwrap(), Some(idb));
+    tcp6(&b, &a);
+    tcp6(&a, &b);
+    if mode != TunnelMode::Direct && v6_underlay {
+        // IPv4 pods behind nodes reached over IPv6 only.
+        let out = ping(&a.pod, b.pod_ip, 3, "0.05");
+        assert_eq!(received(&out), 3, "IPv4 A -> B over IPv6: {out}");
+        let out = ping(&b.pod, a.pod_ip, 3, "0.05");
+        assert_eq!(received(&out), 3, "IPv4 B -> A over IPv6: {out}");
+        assert_eq!(dpb.source_identity(a.pod_ip).unwrap(), Some(ida));
+        assert_eq!(dpa.source_identity(b.pod_ip).unwrap(), Some(idb));
+    }
+    if mode == TunnelMode::Vxlan {
+        let rx = |n: &Node| -> u64 {
+            n.ns.exec("cat", &["/sys/class/net/cm_vxlan/statistics/rx_packets"])
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        assert!(rx(&a) >= 5, "A receives through its VXLAN device");
+        assert_eq!(rx(&b), 0, "B decapsulates in from_underlay");
+    }
+    let sent = if mode == TunnelMode::Direct {
+        Verdict::Routed
+    } else {
+        Verdict::Tunnel
+    };
+    let out_a = dpa.counter(Direction::Egress, sent).unwrap();
+    let in_b = dpb.counter(Direction::Ingress, Verdict::Local).unwrap();
+    assert!(
+        out_a.packets >= 5 && in_b.packets >= 5,
+        "{out_a:?} {in_b:?}"
+    );
+    // An address in B's IPv6 pod CIDR without an endpoint: dropped at B
+    // (tunnels: counted).
+    let before = dpb
+        .counter(Direction::Ingress, Verdict::DropUnknownEndpoint)
+        .unwrap();
+    let out = ping6(&a.pod, "fd00:2::99".parse().unwrap(), 3, "0.05");
+    assert_eq!(received(&out), 0, "{out}");
+    if mode != TunnelMode::Direct {
+        let after = dpb
+            .counter(Direction::Ingress, Verdict::DropUnknownEndpoint)
+            .unwrap();
+        assert_eq!(after.packets - before.packets, 3);
+    }
+    let _ = ulb;
+}
+
+/// An IPv6 pod is as untrusted as an IPv4 one, its gateway is answered in
+/// eBPF, and strict mode covers IPv6 (Geneve over an IPv6 underlay):
+/// (1) with its neighbour entry for fe80::1 deleted, the pod resolves it
+/// again: the NS is answered (`neighbour_reply`) with the host veth's MAC,
+/// the entry comes back REACHABLE and traffic flows; (2) a source address
+/// the pod was not given: `drop_spoofed`; (3) strict egress: an IPv6 mesh
+/// range the ip-cache cannot route, `drop_strict_unknown_dest`, and an
+/// entry marked for encryption with no WireGuard device,
+/// `drop_strict_plaintext`; (4) strict ingress drops IPv6 plaintext.
+#[test]
+fn ipv6_gateway_answered_spoofing_and_strict_mode() {
+    require_root!();
+    let (a, b, mut dpa, mut dpb, ulb) = dual_nodes(TunnelMode::Geneve, true);
+    let egress =
+        |dp: &node_agent::datapath::Datapath, v| dp.counter(Direction::Egress, v).unwrap().packets;
+
+    // (1) The gateway's neighbour entry, gone, is resolved by the pod.
+    a.pod
+        .exec("ip", &["-6", "neigh", "del", "fe80::1", "dev", "eth0"])
+        .unwrap();
+    let gone = a
+        .pod
+        .exec("ip", &["-6", "neigh", "show", "fe80::1", "dev", "eth0"])
+        .unwrap();
+    assert!(gone.trim().is_empty(), "{gone}");
+    let na0 = egress(&dpa, Verdict::NeighbourReply);
+    let out = ping6(&a.pod, b.pod_ip6, 3, "0.05");
+    let entry = a
+        .pod
+        .exec("ip", &["-6", "neigh", "show", "fe80::1", "dev", "eth0"])
+        .unwrap();
+    let answered = egress(&dpa, Verdict::NeighbourReply) - na0;
+    eprintln!("gateway: {entry:?}, neighbour_reply +{answered}, ping6 {out}");
+    assert_eq!(received(&out), 3, "{out}");
+    assert!(answered >= 1, "neighbour_reply +{answered}");
+    assert!(
+        entry.contains(&format!("lladdr {}", e2e::topo::mac(1, a.id)))
+            && entry.contains("REACHABLE"),
+        "{entry}"
+    );
+
+    // (2) A spoofed IPv6 source never leaves the pod.
+    a.pod
+        .exec(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                "fd00:1::99/128",
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        )
+        .unwrap();
+    let sp0 = egress(&dpa, Verdict::DropSpoofed);
+    let out = Command::new("ip")
+        .args(["netns", "exec", a.pod.name(), "ping", "-6", "-c", "3"])
+        .args(["-i", "0.05", "-W", "1", "-I", "fd00:1::99"])
+        .arg(b.pod_ip6.to_string())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let spoofed = egress(&dpa, Verdict::DropSpoofed) - sp0;
+    assert_eq!(received(&out), 0, "spoofed: {out}");
+    assert!(spoofed >= 3, "drop_spoofed +{spoofed}");
+    // Gone again, so the pod's own address is its source below.
+    a.pod
+        .exec(
+            "ip",
+            &["-6", "addr", "del", "fd00:1::99/128", "dev", "eth0"],
+        )
+        .unwrap();
+
+    // (3) Strict egress.
+    let cfg = dpa.config().unwrap();
+    dpa.set_config(tunnel_common::DatapathConfig {
+        flags: tunnel_common::CONFIG_FLAG_STRICT,
+        ..cfg
+    })
+    .unwrap();
+    dpa.upsert_strict_range6("fd00::".parse().unwrap(), 16)
+        .unwrap();
+    let un0 = egress(&dpa, Verdict::DropStrictUnknownDest);
+    let out = ping6(&a.pod, "fd00:9::9".parse().unwrap(), 3, "0.05");
+    assert_eq!(received(&out), 0, "{out}");
+    let unknown = egress(&dpa, Verdict::DropStrictUnknownDest) - un0;
+    assert_eq!(unknown, 3, "drop_strict_unknown_dest +{unknown}");
+    // Still routed: the mesh works in strict mode.
+    let out = ping6(&a.pod, b.pod_ip6, 2, "0.05");
+    assert_eq!(received(&out), 2, "strict, not encrypted: {out}");
+    let mut enc = dpa.lookup6(b.pod_ip6).unwrap().unwrap();
+    enc.flags |= tunnel_common::IPCACHE_FLAG_ENCRYPT;
+    dpa.upsert_ipcache6(b.pod_ip6, 128, enc).unwrap();
+    let pl0 = egress(&dpa, Verdict::DropStrictPlaintext);
+    let out = ping6(&a.pod, b.pod_ip6, 3, "0.05");
+    assert_eq!(received(&out), 0, "{out}");
+    let plain = egress(&dpa, Verdict::DropStrictPlaintext) - pl0;
+    assert_eq!(plain, 3, "drop_strict_plaintext (egress) +{plain}");
+    enc.flags &= !tunnel_common::IPCACHE_FLAG_ENCRYPT;
+    dpa.upsert_ipcache6(b.pod_ip6, 128, enc).unwrap();
+    dpa.set_config(cfg).unwrap();
+
+    // (4) Strict ingress at B.
+    let out = ping6(&a.pod, b.pod_ip6, 2, "0.05");
+    assert_eq!(received(&out), 2, "before strict ingress: {out}");
+    let cfgb = dpb.config().unwrap();
+    dpb.set_config(tunnel_common::DatapathConfig {
+        flags: tunnel_common::CONFIG_FLAG_STRICT_INGRESS,
+        ..cfgb
+    })
+    .unwrap();
+    let in0 = dpb
+        .counter(Direction::Ingress, Verdict::DropStrictPlaintext)
+        .unwrap()
+        .packets;
+    let out = ping6(&a.pod, b.pod_ip6, 3, "0.05");
+    assert_eq!(
+        received(&out),
+        0,
+        "strict ingress delivered plaintext: {out}"
+    );
+    let dropped = dpb
+        .counter(Direction::Ingress, Verdict::DropStrictPlaintext)
+        .unwrap()
+        .packets
+        - in0;
+    assert_eq!(dropped, 3, "drop_strict_plaintext (ingress) +{dropped}");
+    let _ = ulb;
 }

@@ -4,13 +4,22 @@
 //! With the datapath not configured (mode `none`) everything goes to the
 //! host stack unchanged. Otherwise a pod is untrusted:
 //!
-//! - a frame that is neither IPv4 nor ARP (IPv6 included, until the
-//!   datapath supports it) is dropped (`drop_non_ipv4`);
-//! - an IPv4 packet whose source is not a local endpoint (`CM_ENDPOINTS`)
-//!   bound to this very interface (its `ifindex`), and an ARP frame whose
-//!   sender protocol address is not, are dropped (`drop_spoofed`). A pod
-//!   whose entry the agent has not written yet sends nothing (fail closed);
-//! - destination is a service frontend address (`CM_LB_FRONTENDS`): a
+//! - a frame that is neither IPv4, IPv6 nor ARP is dropped
+//!   (`drop_unsupported_l3`);
+//! - an IPv4 or IPv6 packet whose source is not a local endpoint
+//!   (`CM_ENDPOINTS`, `CM_ENDPOINTS6`) bound to this very interface (its
+//!   `ifindex`), and an ARP frame whose sender protocol address is not, are
+//!   dropped (`drop_spoofed`). A pod whose entry the agent has not written
+//!   yet sends nothing (fail closed);
+//! - IPv6 from `::` or fe80::/10: neighbour discovery and MLD go to the
+//!   host stack, a Neighbour Solicitation for the gateway fe80::1 is
+//!   answered here with a Neighbour Advertisement carrying the host veth's
+//!   MAC, sent back into the pod (`neighbour_reply`; also when the NS comes
+//!   from the pod's own address, as Linux sends it), anything else is
+//!   `drop_spoofed`;
+//! - destination (IPv4 only: the load-balancer does not handle IPv6, an
+//!   IPv6 packet is never balanced) is a service frontend address
+//!   (`CM_LB_FRONTENDS`): a
 //!   fragment is dropped (`drop_fragment`), a protocol other than TCP/UDP
 //!   or a port that is not one of its frontends too
 //!   (`drop_service_protocol`); a frontend (address, port, TCP or UDP): the
@@ -20,12 +29,15 @@
 //!   with no selectable backend drops new flows (`drop_no_service_backend`);
 //! - destination is a local endpoint: rewrite MACs, `redirect_peer` straight
 //!   into its namespace (no host stack);
-//! - destination is in the ip-cache with a tunnel endpoint (a remote node),
+//! - destination is in the ip-cache (`CM_IPCACHE`, `CM_IPCACHE6`) with a
+//!   tunnel endpoint (a remote node over IPv4, `tunnel_endpoint`, else over
+//!   IPv6, `tunnel_endpoint6`: either family of pod over either underlay),
 //!   by the node's mode:
-//!   - VXLAN: set the tunnel key (remote node, VNI = the source endpoint's
-//!     security identity) and redirect to the external-mode VXLAN device;
-//!   - Geneve: encapsulate here (`bpf_skb_adjust_room` + outer IPv4/UDP
-//!     6081/Geneve headers, VNI = identity) and send out of the underlay
+//!   - VXLAN: set the tunnel key (remote node, IPv4 or IPv6 with
+//!     `BPF_F_TUNINFO_IPV6`, VNI = the source endpoint's security identity)
+//!     and redirect to the external-mode VXLAN device;
+//!   - Geneve: encapsulate here (`bpf_skb_adjust_room` + outer IPv4 or
+//!     IPv6/UDP 6081/Geneve headers, VNI = identity) and send out of the underlay
 //!     interface with `bpf_redirect_neigh` (the kernel fills in the MACs of
 //!     the next hop);
 //!   - direct routing: `bpf_redirect_neigh` to the underlay interface, whose
@@ -37,7 +49,8 @@
 //! - destination is a remote range whose node is gone (ip-cache entry marked
 //!   unreachable): dropped with a counted reason;
 //! - strict mode (`CONFIG_FLAG_STRICT`), destination inside one of the
-//!   mesh's pod ranges (`CM_STRICT_RANGES`) that the ip-cache cannot route
+//!   mesh's pod ranges (`CM_STRICT_RANGES`, `CM_STRICT_RANGES6`) that the
+//!   ip-cache cannot route
 //!   (no entry, or one with neither tunnel endpoint nor encryption):
 //!   dropped (`drop_strict_unknown_dest`), never handed to the host stack
 //!   (whose default route would send it out in the clear);
