@@ -16,6 +16,10 @@
 //! Prints Gbit/s (median [min..max]) and each as a ratio to plain, plus the
 //! median of the per-round ratios.
 //!
+//! Then IPv6: dual-stack pods over an IPv6-only underlay, pod to pod over
+//! IPv6, plain IPv6 routing (baseline) and ours in each mode, interleaved
+//! the same way, each as a ratio to IPv6 plain routing.
+//!
 //! Then request/response latency over the same paths: one TCP connection
 //! (Nagle off), a 64-byte request answered by a 64-byte response,
 //! `--rr-iterations` round trips per path and round (interleaved like the
@@ -30,7 +34,7 @@ use clustermesh_testkit::{
     netns::{NetNs, sweep_stale},
     report::{Better, Figure, Percentiles, record, tcp_rr},
 };
-use e2e::topo::{Node, underlay};
+use e2e::topo::{Node, underlay, underlay6};
 use node_agent::{desired::TunnelEntry, reconcilers::Reconciler as _};
 use tunnel_common::TunnelMode;
 
@@ -194,6 +198,7 @@ fn main() {
     let kvx_m = median(results[1].clone());
     let vx_m = median(results[2].clone());
     println!("  ours VXLAN / kernel VXLAN: {:.2}", vx_m.0 / kvx_m.0);
+    ipv6_throughput(runs, seconds);
 
     println!(
         "request/response latency: one TCP connection, 64-byte request and response, {rr_iterations} round trips per path x {runs} interleaved rounds, pooled; p50 / p99 [min..max]"
@@ -217,6 +222,103 @@ fn main() {
         }
         if i > 1 {
             f = f.baseline(configs[1].0, pct[1].p50);
+        }
+        record(&f);
+    }
+}
+
+/// Two dual-stack nodes on an IPv6-only underlay (pods' MTU 1430).
+fn pair6(id: u8) -> (Node, Node, std::net::Ipv6Addr, std::net::Ipv6Addr) {
+    let a = Node::new_dual(id).unwrap();
+    let b = Node::new_dual(id + 1).unwrap();
+    let (ula, ulb) = underlay6(&a, &b).unwrap();
+    (a, b, ula, ulb)
+}
+
+/// IPv6 pod to pod over an IPv6 underlay: plain IPv6 routing (baseline)
+/// and the eBPF datapath in each mode, interleaved rounds, ratios to plain.
+fn ipv6_throughput(runs: usize, seconds: u64) {
+    let plain = pair6(21);
+    {
+        let (a, b, ula, ulb) = &plain;
+        for (n, peer, via) in [(a, b, ulb), (b, a, ula)] {
+            sh(&n.ns, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+            let pod = format!("{}/128", n.pod_ip6);
+            sh(&n.ns, &["ip", "-6", "route", "add", &pod, "dev", "lxc0"]);
+            let cidr = format!("fd00:{:x}::/64", peer.id);
+            let via = via.to_string();
+            sh(&n.ns, &["ip", "-6", "route", "add", &cidr, "via", &via]);
+        }
+    }
+    let ours = |id: u8, mode: TunnelMode| {
+        let (a, b, ula, ulb) = pair6(id);
+        let mut dpa = a.datapath(true).unwrap();
+        let mut dpb = b.datapath(true).unwrap();
+        a.connect_any(&mut dpa, &b, mode, ula.into(), ulb.into())
+            .unwrap();
+        b.connect_any(&mut dpb, &a, mode, ulb.into(), ula.into())
+            .unwrap();
+        let mut tables = Vec::new();
+        if mode == TunnelMode::Direct {
+            // The agent's route reconciler, with IPv6 gateways.
+            for (n, peer, via) in [(&a, &b, ulb), (&b, &a, ula)] {
+                let mut t = n.routes().unwrap();
+                let entry = TunnelEntry {
+                    node_ip: via.into(),
+                    cluster_id: peer.id,
+                    node: "peer".parse().unwrap(),
+                    encrypt: false,
+                };
+                let cidr = format!("fd00:{:x}::/64", peer.id).parse().unwrap();
+                t.update(&cidr, &entry).unwrap();
+                tables.push(t);
+            }
+        }
+        ((a, b, ula, ulb), (dpa, dpb, tables))
+    };
+    let (vxlan, _keep_vxlan) = ours(23, TunnelMode::Vxlan);
+    let (geneve, _keep_geneve) = ours(25, TunnelMode::Geneve);
+    let (direct, _keep_direct) = ours(27, TunnelMode::Direct);
+    let configs = [
+        ("IPv6 plain routing (baseline)", &plain),
+        ("IPv6 eBPF VXLAN (ours)", &vxlan),
+        ("IPv6 eBPF Geneve (ours)", &geneve),
+        ("IPv6 eBPF direct routing (ours)", &direct),
+    ];
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    for round in 0..runs {
+        for (i, (name, (a, b, _, _))) in configs.iter().enumerate() {
+            let g = iperf(&b.pod, &a.pod, &b.pod_ip6.to_string(), seconds).unwrap();
+            eprintln!("  round {}: {name}: {g:.2} Gbit/s", round + 1);
+            results[i].push(g);
+        }
+    }
+    println!(
+        "IPv6 throughput: IPv6 pod to pod across two nodes over an IPv6 underlay (pod MTU 1430, one iperf3 TCP stream, {runs} interleaved rounds x {seconds} s, median [min..max])"
+    );
+    let plain_m = median(results[0].clone());
+    for (i, (name, _)) in configs.iter().enumerate() {
+        let m = median(results[i].clone());
+        let per_round = median(
+            results[i]
+                .iter()
+                .zip(&results[0])
+                .map(|(x, p)| x / p)
+                .collect(),
+        );
+        println!(
+            "  {name:<32} {:>6.2} Gbit/s [{:.2}..{:.2}]  ratio to IPv6 plain {:.2} (per-round median {:.2})",
+            m.0,
+            m.1,
+            m.2,
+            m.0 / plain_m.0,
+            per_round.0
+        );
+        let mut f = Figure::new("throughput-ipv6", *name, "Gbit/s", m, Better::Higher).params(
+            serde_json::json!({"runs": runs, "seconds": seconds, "per_round_ratio_median": per_round.0}),
+        );
+        if i > 0 {
+            f = f.baseline(configs[0].0, plain_m.0);
         }
         record(&f);
     }

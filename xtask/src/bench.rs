@@ -35,7 +35,7 @@ pub const BENCHES: &[Bench] = &[
     Bench {
         name: "throughput",
         title: "Datapath: pod-to-pod throughput and request/response latency",
-        about: "Pod to pod across two nodes (network namespaces joined by a veth underlay), each path on its own pair of nodes, runs interleaved round-robin. Throughput: one iperf3 TCP stream. Latency: one TCP connection, 64-byte request answered by 64-byte response, round trips pooled over the rounds. Baselines: plain routing (kernel forwarding) and the kernel's classic VXLAN device; ours: the eBPF datapath in VXLAN, Geneve and direct-routing mode.",
+        about: "Pod to pod across two nodes (network namespaces joined by a veth underlay), each path on its own pair of nodes, runs interleaved round-robin. Throughput: one iperf3 TCP stream. Latency: one TCP connection, 64-byte request answered by 64-byte response, round trips pooled over the rounds. Baselines: plain routing (kernel forwarding) and the kernel's classic VXLAN device; ours: the eBPF datapath in VXLAN, Geneve and direct-routing mode. Then IPv6 (`throughput-ipv6`): dual-stack pods over an IPv6-only underlay, IPv6 pod to pod (pod MTU 1430), baseline plain IPv6 routing, ours in each mode, interleaved the same way.",
         full: &["--runs", "7", "--seconds", "4", "--rr-iterations", "10000"],
         smoke: &["--runs", "1", "--seconds", "1", "--rr-iterations", "100"],
     },
