@@ -338,7 +338,7 @@ fn render(
         for f in figures {
             let name = f["bench"].as_str().unwrap_or_default();
             let owner = match name {
-                "request-response" => "throughput",
+                "request-response" | "throughput-ipv6" => "throughput",
                 "wireguard-request-response" => "wireguard",
                 n => n,
             };
@@ -382,6 +382,14 @@ fn goals(figures: &[serde_json::Value]) -> Vec<(String, String, bool)> {
         if let Some(r) = by("throughput", case).and_then(|f| f["ratio"].as_f64()) {
             out.push((
                 format!("{case}: throughput >= 0.95 x plain routing"),
+                format!("{} x", num(r)),
+                r >= 0.95,
+            ));
+        }
+        let case6 = format!("IPv6 {case}");
+        if let Some(r) = by("throughput-ipv6", &case6).and_then(|f| f["ratio"].as_f64()) {
+            out.push((
+                format!("{case6}: throughput >= 0.95 x plain IPv6 routing"),
                 format!("{} x", num(r)),
                 r >= 0.95,
             ));
