@@ -194,6 +194,33 @@ pub struct Validated {
 
 impl AgentConfig {
     /// Checks the flags together; the error names the flag at fault.
+    /// The first IPv4 and the first IPv6 `--underlay-ip`.
+    fn underlay(&self) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), ConfigError> {
+        for s in &self.underlay_ips {
+            if s.parse::<std::net::IpAddr>().is_err() {
+                return Err(refuse(
+                    "--underlay-ip",
+                    format!("{s:?} is not an IPv4 or IPv6 address"),
+                ));
+            }
+        }
+        let first = |v6: bool| {
+            self.underlay_ips
+                .iter()
+                .filter_map(|s| s.parse::<std::net::IpAddr>().ok())
+                .find(|ip| ip.is_ipv6() == v6)
+        };
+        let v4 = first(false).and_then(|ip| match ip {
+            std::net::IpAddr::V4(a) => Some(a),
+            std::net::IpAddr::V6(_) => None,
+        });
+        let v6 = first(true).and_then(|ip| match ip {
+            std::net::IpAddr::V6(a) => Some(a),
+            std::net::IpAddr::V4(_) => None,
+        });
+        Ok((v4, v6))
+    }
+
     pub fn validate(&self) -> Result<Validated, ConfigError> {
         if self.endpoint_ifaces.is_empty()
             && self.endpoint_dir.is_none()
@@ -256,22 +283,7 @@ impl AgentConfig {
                 "--tunnel vxlan needs --overlay-iface (an external-mode VXLAN device)",
             ));
         }
-        for s in &self.underlay_ips {
-            if s.parse::<std::net::IpAddr>().is_err() {
-                return Err(refuse(
-                    "--underlay-ip",
-                    format!("{s:?} is not an IPv4 or IPv6 address"),
-                ));
-            }
-        }
-        let underlay_ip = self
-            .underlay_ips
-            .iter()
-            .find_map(|s| s.parse::<Ipv4Addr>().ok());
-        let underlay_ip6 = self
-            .underlay_ips
-            .iter()
-            .find_map(|s| s.parse::<Ipv6Addr>().ok());
+        let (underlay_ip, underlay_ip6) = self.underlay()?;
         if matches!(tunnel, TunnelMode::Geneve | TunnelMode::Direct) {
             if self.underlay_iface.is_none() {
                 return Err(refuse(
@@ -358,7 +370,7 @@ mod tests {
 
     #[test]
     fn bad_configurations_name_the_flag() {
-        let cases: [(&[&str], &str); 13] = [
+        let cases: [(&[&str], &str); 14] = [
             (&["--apiserver", "https://a:1"], "--apiserver-cert"),
             (&["--apiserver", "a:1"], "--apiserver"),
             (
@@ -398,6 +410,10 @@ mod tests {
                     "--underlay-iface",
                     "eth0",
                 ],
+                "--underlay-ip",
+            ),
+            (
+                &["--apiserver", "http://a:1", "--underlay-ip", "node-1"],
                 "--underlay-ip",
             ),
             (
@@ -453,6 +469,7 @@ mod tests {
         assert_eq!(ranges, ["10.0.0.0/8", "10.1.0.0/24"]);
         assert_eq!(v.tunnel, TunnelMode::Geneve);
         assert_eq!(v.underlay_ip, Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(v.underlay_ip6, Some("fd00::1".parse().unwrap()));
         assert_eq!(v.cluster.unwrap().to_string(), "c1");
         assert_eq!(v.node_name, "n1");
     }
