@@ -252,14 +252,17 @@ fn tcp_csum_errors(ns: &clustermesh_testkit::netns::NetNs) -> u64 {
 /// Issue 17: bulk TCP over IPv6 inside the tunnel, both ways, between our
 /// device and wireguard-go: our TSO6 segments (IPv6 payload lengths,
 /// TCP/IPv6 checksums) are accepted by the peer's kernel, and what we
-/// coalesce toward our TUN (GSO_TCPV6 super-packets) by ours; no TCP
-/// checksum error on either side. Inner IPv4 alongside still works.
+/// write toward our TUN by ours; no TCP checksum error on either side.
+/// Inner IPv4 alongside still works. Then between two of ours (whose
+/// UDP GSO batches arrive whole; wireguard-go's segments come one by one):
+/// the segments are coalesced toward the TUN into GSO_TCPV6 super-packets,
+/// seen there larger than the MTU, and accepted.
 #[test]
 fn inner_ipv6_bulk_tcp_against_wireguard_go() {
     require_root!();
     sweep_stale();
     let ours = Impl::Ours(env!("CARGO_BIN_EXE_clustermesh-wg").into());
-    let pair = WgPair::new_dual(ours, Impl::WireguardGo, false).unwrap();
+    let pair = WgPair::new_dual(ours.clone(), Impl::WireguardGo, false).unwrap();
     let (a, b) = (&pair.a, &pair.b);
     pair.wait_connected().unwrap();
     let errors = |n: &clustermesh_testkit::wireguard::WgNode| tcp_csum_errors(&n.ns);
@@ -281,4 +284,24 @@ fn inner_ipv6_bulk_tcp_against_wireguard_go() {
     let g = clustermesh_testkit::iperf::iperf(&b.ns, &a.ns, &b.tunnel_ip, 1).unwrap();
     assert!(g > 0.05, "inner IPv4 TCP next to IPv6: {g} Gbit/s");
     assert_eq!((errors(a), errors(b)), before, "TCP checksum errors");
+    drop(pair);
+
+    let pair = WgPair::new_dual(ours.clone(), ours, false).unwrap();
+    let (a, b) = (&pair.a, &pair.b);
+    pair.wait_connected().unwrap();
+    let before = errors(b);
+    let pcap = pair.dir.path().join("tun.pcap");
+    let cap = Capture::start(&b.ns, &b.iface, &pcap).unwrap();
+    let (ip6, from6) = (b.tunnel_ip6.as_deref().unwrap(), a.tunnel_ip6.clone());
+    let g = clustermesh_testkit::iperf::iperf(&b.ns, &a.ns, ip6, 1).unwrap();
+    assert!(g > 0.05, "inner IPv6 TCP between two of ours: {g} Gbit/s");
+    let out = cap.stop_and_read(&[], &["ipv6.src", "frame.len"]).unwrap();
+    let big = out
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(src, len)| Some(*src) == from6.as_deref() && len.parse().unwrap_or(0) > 1420)
+        .count();
+    eprintln!("inner IPv6 between two of ours: {g:.2} Gbit/s, {big} super-packets to the TUN");
+    assert!(big > 0, "no coalesced IPv6 super-packet on our TUN");
+    assert_eq!(errors(b), before, "TCP checksum errors");
 }
