@@ -1,9 +1,10 @@
 //! Two network namespaces joined by a veth "underlay" (10.99.0.1 and
 //! 10.99.0.2), each with a WireGuard device, ours (`clustermesh-wg`) or
 //! Debian's `wireguard-go`, configured as each other's peer with the
-//! standard `wg` tool: tunnel addresses 10.100.0.1 and 10.100.0.2, UDP
-//! ports 51871 and 51872. Processes are killed, control sockets removed
-//! and namespaces deleted on drop.
+//! standard `wg` tool: tunnel addresses 10.100.0.1 and 10.100.0.2 (and,
+//! with [`WgPair::new_dual`], fd00:100::1 and fd00:100::2), UDP ports 51871
+//! and 51872. Processes are killed, control sockets removed and namespaces
+//! deleted on drop.
 
 use std::{
     io,
@@ -45,6 +46,9 @@ pub struct WgNode {
     /// The underlay's IPv6 address (both families are on `ul0`).
     pub underlay_ip6: String,
     pub tunnel_ip: String,
+    /// The inner IPv6 address (fd00:100::N), with [`WgPair::new_dual`]
+    /// only.
+    pub tunnel_ip6: Option<String>,
     pub port: u16,
     _proc: Proc,
 }
@@ -94,6 +98,50 @@ fn start(which: &Impl, ns: &NetNs, iface: &str, log: &Path) -> io::Result<Proc> 
     Ok(p)
 }
 
+/// `n`'s key, port and peer (`peer`, at its underlay address of the
+/// family `v6` says), its tunnel addresses, MTU 1420, up.
+fn configure(n: &WgNode, peer: &WgNode, v6: bool) -> io::Result<()> {
+    let port = n.port.to_string();
+    let endpoint = if v6 {
+        format!("[{}]:{}", peer.underlay_ip6, peer.port)
+    } else {
+        format!("{}:{}", peer.underlay_ip, peer.port)
+    };
+    let mut allowed = format!("{}/32", peer.tunnel_ip);
+    if let Some(ip6) = &peer.tunnel_ip6 {
+        allowed.push_str(&format!(",{ip6}/128"));
+    }
+    let key = n.key_file.to_string_lossy().into_owned();
+    wg(
+        &n.ns,
+        &[
+            "set",
+            &n.iface,
+            "listen-port",
+            &port,
+            "private-key",
+            &key,
+            "peer",
+            &peer.public,
+            "endpoint",
+            &endpoint,
+            "allowed-ips",
+            &allowed,
+        ],
+    )?;
+    let addr = format!("{}/24", n.tunnel_ip);
+    n.ns.exec("ip", &["addr", "add", &addr, "dev", &n.iface])?;
+    if let Some(ip6) = &n.tunnel_ip6 {
+        let addr = format!("{ip6}/64");
+        n.ns.exec(
+            "ip",
+            &["-6", "addr", "add", &addr, "dev", &n.iface, "nodad"],
+        )?;
+    }
+    n.ns.exec("ip", &["link", "set", &n.iface, "mtu", "1420", "up"])?;
+    Ok(())
+}
+
 impl WgPair {
     /// A pair over an IPv4 underlay.
     pub fn new(a: Impl, b: Impl) -> io::Result<Self> {
@@ -103,6 +151,18 @@ impl WgPair {
     /// A pair whose endpoints are the underlay's IPv4 (`v6` false) or IPv6
     /// addresses; `ul0` has both.
     pub fn new_over(a: Impl, b: Impl, v6: bool) -> io::Result<Self> {
+        Self::build(a, b, v6, false)
+    }
+
+    /// A pair over an IPv4 (`v6` false) or IPv6 underlay whose tunnel
+    /// carries both families: each side also has the inner IPv6 address
+    /// `tunnel_ip6` (fd00:100::N/64), and its peer's allowed IPs cover the
+    /// other side's /128 next to its /32.
+    pub fn new_dual(a: Impl, b: Impl, v6: bool) -> io::Result<Self> {
+        Self::build(a, b, v6, true)
+    }
+
+    fn build(a: Impl, b: Impl, v6: bool, inner6: bool) -> io::Result<Self> {
         let dir = tempfile::tempdir()?;
         let nsa = NetNs::new("wga")?;
         let nsb = NetNs::new("wgb")?;
@@ -154,6 +214,7 @@ impl WgPair {
                 underlay_ip: format!("10.99.0.{}", i + 1),
                 underlay_ip6: format!("fd99::{}", i + 1),
                 tunnel_ip: format!("10.100.0.{}", i + 1),
+                tunnel_ip6: inner6.then(|| format!("fd00:100::{}", i + 1)),
                 port: 51871 + i as u16,
                 _proc: proc,
             });
@@ -161,34 +222,7 @@ impl WgPair {
         let b = nodes.pop().ok_or_else(|| io::Error::other("no node b"))?;
         let a = nodes.pop().ok_or_else(|| io::Error::other("no node a"))?;
         for (n, peer) in [(&a, &b), (&b, &a)] {
-            let port = n.port.to_string();
-            let endpoint = if v6 {
-                format!("[{}]:{}", peer.underlay_ip6, peer.port)
-            } else {
-                format!("{}:{}", peer.underlay_ip, peer.port)
-            };
-            let allowed = format!("{}/32", peer.tunnel_ip);
-            let key = n.key_file.to_string_lossy().into_owned();
-            wg(
-                &n.ns,
-                &[
-                    "set",
-                    &n.iface,
-                    "listen-port",
-                    &port,
-                    "private-key",
-                    &key,
-                    "peer",
-                    &peer.public,
-                    "endpoint",
-                    &endpoint,
-                    "allowed-ips",
-                    &allowed,
-                ],
-            )?;
-            let addr = format!("{}/24", n.tunnel_ip);
-            n.ns.exec("ip", &["addr", "add", &addr, "dev", &n.iface])?;
-            n.ns.exec("ip", &["link", "set", &n.iface, "mtu", "1420", "up"])?;
+            configure(n, peer, v6)?;
         }
         Ok(Self { a, b, dir })
     }
@@ -273,13 +307,13 @@ impl WgPair {
     }
 
     /// Waits until A reaches B through the tunnel (the first packet starts
-    /// the handshake).
+    /// the handshake), at B's inner IPv6 address too if it has one.
     pub fn wait_connected(&self) -> io::Result<()> {
-        until("the tunnel", || {
-            self.a
-                .ns
-                .exec("ping", &["-c", "1", "-W", "1", &self.b.tunnel_ip])
-                .is_ok()
-        })
+        for ip in std::iter::once(&self.b.tunnel_ip).chain(&self.b.tunnel_ip6) {
+            until(&format!("the tunnel to {ip}"), || {
+                self.a.ns.exec("ping", &["-c", "1", "-W", "1", ip]).is_ok()
+            })?;
+        }
+        Ok(())
     }
 }

@@ -42,7 +42,7 @@ pub const BENCHES: &[Bench] = &[
     Bench {
         name: "wireguard",
         title: "Encryption: WireGuard throughput and request/response latency",
-        about: "Node to node over a veth underlay (the encrypted hop of every pod-to-pod path), one iperf3 TCP stream and the same 64-byte request/response loop, interleaved rounds. Baselines: the plain underlay and Debian's wireguard-go on both ends; ours: clustermesh-wg (userspace, boringtun) on both ends.",
+        about: "Node to node over a veth underlay (the encrypted hop of every pod-to-pod path), one iperf3 TCP stream and the same 64-byte request/response loop, interleaved rounds. Baselines: the plain underlay and Debian's wireguard-go on both ends; ours: clustermesh-wg (userspace, boringtun) on both ends. Throughput with TCP over IPv4 and over IPv6 inside the tunnel (both over an IPv4 underlay; plain: the underlay's IPv4 and IPv6 addresses), and ours with inner IPv6 over an IPv6 underlay; latency over IPv4.",
         full: &["--runs", "7", "--seconds", "4", "--rr-iterations", "10000"],
         smoke: &["--runs", "1", "--seconds", "1", "--rr-iterations", "100"],
     },

@@ -3,12 +3,16 @@
 //! - **TUN TSO** (`IFF_VNET_HDR` + `TUNSETOFFLOAD`): the kernel hands the
 //!   device whole TCP super-packets (up to 64 KiB) with a virtio-net header
 //!   instead of one read per segment; [`segments`] cuts them into MTU-sized
-//!   TCP/IPv4 segments in user space (sequence numbers, IP ids, flags and
-//!   both checksums fixed up), which are then encrypted one by one.
+//!   TCP/IPv4 or TCP/IPv6 segments in user space (sequence numbers, IPv4
+//!   ids, IP lengths, flags and checksums fixed up), which are then
+//!   encrypted one by one.
 //! - **UDP GSO** (`UDP_SEGMENT`): the encrypted segments of one super-packet
 //!   leave in one `sendmsg`; the kernel splits them into datagrams.
 //! - **UDP GRO** (`UDP_GRO`): one `recvmsg` returns a run of datagrams from
 //!   one sender, split again by their size.
+//! - **TCP coalescing** toward the TUN ([`TcpCoalescer`]): decrypted
+//!   consecutive segments of one TCP/IPv4 or TCP/IPv6 flow go to the TUN as
+//!   one super-packet.
 
 use std::{
     io,
@@ -21,6 +25,7 @@ pub const VNET_HDR_LEN: usize = 10;
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
 
@@ -94,10 +99,40 @@ fn tcp4_csum(ip: &[u8], tcp: &mut [u8]) {
     tcp[16..18].copy_from_slice(&c.to_be_bytes());
 }
 
+/// TCP over IPv6 (pseudo-header: addresses, upper-layer length, next
+/// header).
+fn tcp6_csum(ip: &[u8], tcp: &mut [u8]) {
+    tcp[16] = 0;
+    tcp[17] = 0;
+    let mut acc = sum16(&ip[8..40], 0);
+    acc += 6 + tcp.len() as u64;
+    let c = !fold(sum16(tcp, acc));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Length of the IP header of a TCP super-packet the device can cut:
+/// IPv4 (options allowed) under a TCPV4 header, or IPv6 without extension
+/// headers (next header TCP) and with a payload length that matches under
+/// a TCPV6 header. Returns the length and whether it is IPv6.
+fn tso_ip_len(gso_type: u8, pkt: &[u8]) -> Option<(usize, bool)> {
+    match (gso_type & 0x7f, pkt.first()? >> 4) {
+        (VIRTIO_NET_HDR_GSO_TCPV4, 4) => {
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            (ihl >= 20).then_some((ihl, false))
+        }
+        (VIRTIO_NET_HDR_GSO_TCPV6, 6) => {
+            let h = pkt.get(..40)?;
+            let plen = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            (h[6] == 6 && plen == pkt.len() - 40).then_some((40, true))
+        }
+        _ => None,
+    }
+}
+
 /// Calls `f` with each IP packet of what the TUN device returned (header
 /// included in `buf`): the packet itself with its checksum completed, or
-/// the segments of a TCP/IPv4 super-packet. Returns false (and calls
-/// nothing) for a header it cannot handle.
+/// the segments of a TCP/IPv4 or TCP/IPv6 super-packet. Returns false (and
+/// calls nothing) for a header it cannot handle.
 pub fn segments(buf: &mut [u8], scratch: &mut Vec<u8>, mut f: impl FnMut(&[u8])) -> bool {
     let Some(h) = VnetHdr::parse(buf) else {
         return false;
@@ -112,16 +147,15 @@ pub fn segments(buf: &mut [u8], scratch: &mut Vec<u8>, mut f: impl FnMut(&[u8]))
         f(pkt);
         return true;
     }
-    if h.gso_type & 0x7f != VIRTIO_NET_HDR_GSO_TCPV4 || pkt.len() < 40 || pkt[0] >> 4 != 4 {
+    let Some((ihl, v6)) = tso_ip_len(h.gso_type, pkt) else {
         return false;
-    }
-    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    };
     let Some(doff) = pkt.get(ihl + 12).map(|b| usize::from(b >> 4) * 4) else {
         return false;
     };
     let hdrs = ihl + doff;
     let mss = usize::from(h.gso_size);
-    if ihl < 20 || doff < 20 || hdrs > pkt.len() || mss == 0 {
+    if doff < 20 || hdrs > pkt.len() || mss == 0 {
         return false;
     }
     let id = u16::from_be_bytes([pkt[4], pkt[5]]);
@@ -135,10 +169,15 @@ pub fn segments(buf: &mut [u8], scratch: &mut Vec<u8>, mut f: impl FnMut(&[u8]))
         scratch.clear();
         scratch.extend_from_slice(&pkt[..hdrs]);
         scratch.extend_from_slice(&pkt[start..end]);
-        let total = scratch.len() as u16;
-        scratch[2..4].copy_from_slice(&total.to_be_bytes());
-        scratch[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
-        ipv4_csum(&mut scratch[..ihl]);
+        if v6 {
+            let plen = (scratch.len() - 40) as u16;
+            scratch[4..6].copy_from_slice(&plen.to_be_bytes());
+        } else {
+            let total = scratch.len() as u16;
+            scratch[2..4].copy_from_slice(&total.to_be_bytes());
+            scratch[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+            ipv4_csum(&mut scratch[..ihl]);
+        }
         let s = seq.wrapping_add((i * mss) as u32);
         scratch[ihl + 4..ihl + 8].copy_from_slice(&s.to_be_bytes());
         let mut fl = flags;
@@ -150,7 +189,11 @@ pub fn segments(buf: &mut [u8], scratch: &mut Vec<u8>, mut f: impl FnMut(&[u8]))
         }
         scratch[ihl + 13] = fl;
         let (ip, tcp) = scratch.split_at_mut(ihl);
-        tcp4_csum(ip, tcp);
+        if v6 {
+            tcp6_csum(ip, tcp);
+        } else {
+            tcp4_csum(ip, tcp);
+        }
         f(scratch);
     }
     true
@@ -321,17 +364,21 @@ pub fn recv_gro(sock: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAd
 }
 
 /// User-space TCP GRO for what the device decrypted: consecutive
-/// segments of one TCP/IPv4 flow (same addresses, ports, header bytes
-/// apart from sequence number and checksum, full-size payloads, no FIN,
-/// SYN, RST, URG) are merged into one super-packet written to the TUN
-/// device in one call with a TCPV4 GSO virtio-net header; anything else
-/// is written as it is.
+/// segments of one TCP flow, over IPv4 or IPv6 (same addresses, ports,
+/// header bytes apart from lengths, IPv4 id, sequence number, PSH and
+/// checksums, full-size payloads, no FIN, SYN, RST, URG, CWR, ECE) are
+/// merged into one super-packet written to the TUN device in one call with
+/// a TCPV4 or TCPV6 GSO virtio-net header; anything else (IPv4 options or
+/// fragments, IPv6 extension headers, lengths that do not match the
+/// packet) is written as it is.
 #[derive(Debug, Default)]
 pub struct TcpCoalescer {
     /// virtio-net header room + the packet being built.
     buf: Vec<u8>,
     segments: usize,
     mss: usize,
+    /// IP header length: 20 (IPv4) or 40 (IPv6).
+    ip_len: usize,
     hdr_len: usize,
     next_seq: u32,
 }
@@ -341,44 +388,72 @@ const MAX_COALESCED: usize = 65_000;
 
 impl TcpCoalescer {
     fn mergeable(&self, pkt: &[u8]) -> bool {
-        if self.segments == 0 || pkt.len() < 40 {
+        let (ip, h) = (self.ip_len, self.hdr_len);
+        if self.segments == 0 || pkt.len() < ip + 20 {
             return false;
         }
         let cur = &self.buf[VNET_HDR_LEN..];
-        let h = self.hdr_len;
         if pkt.len() <= h || pkt.len() - h > self.mss || cur.len() + pkt.len() - h > MAX_COALESCED {
             return false;
         }
         // The last merged segment was full-size and had no PSH.
-        if cur[33] & 0x08 != 0 || !(cur.len() - h).is_multiple_of(self.mss) {
+        if cur[ip + 13] & 0x08 != 0 || !(cur.len() - h).is_multiple_of(self.mss) {
             return false;
         }
-        let seq = u32::from_be_bytes([pkt[24], pkt[25], pkt[26], pkt[27]]);
-        // Same IP header apart from length, id, checksum; same TCP header
-        // apart from sequence number, PSH and checksum.
+        let t = ip;
+        let seq = u32::from_be_bytes([pkt[t + 4], pkt[t + 5], pkt[t + 6], pkt[t + 7]]);
+        // Same IP header apart from length, id, checksum (IPv4: version
+        // and header length, TOS, fragment field, TTL, protocol,
+        // addresses; IPv6: version, traffic class, flow label, next
+        // header, hop limit, addresses, and a payload length that matches).
+        let same_ip = if ip == 40 {
+            let plen = usize::from(u16::from_be_bytes([pkt[4], pkt[5]]));
+            plen == pkt.len() - 40 && pkt[0..4] == cur[0..4] && pkt[6..40] == cur[6..40]
+        } else {
+            let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+            total == pkt.len()
+                && pkt[0..2] == cur[0..2]
+                && pkt[6..10] == cur[6..10]
+                && pkt[12..20] == cur[12..20]
+        };
+        // Same TCP header apart from sequence number, PSH and checksum.
         seq == self.next_seq
-            && pkt[0] == cur[0]
-            && pkt[1] == cur[1]
-            && pkt[6..10] == cur[6..10]
-            && pkt[12..20] == cur[12..20]
-            && pkt[20..24] == cur[20..24]
-            && pkt[28..33] == cur[28..33]
-            && (pkt[33] & !0x08) == (cur[33] & !0x08)
-            && pkt[34..36] == cur[34..36]
-            && pkt[38..h] == cur[38..h]
+            && same_ip
+            && pkt[t..t + 4] == cur[t..t + 4]
+            && pkt[t + 8..t + 13] == cur[t + 8..t + 13]
+            && (pkt[t + 13] & !0x08) == (cur[t + 13] & !0x08)
+            && pkt[t + 14..t + 16] == cur[t + 14..t + 16]
+            && pkt[t + 18..h] == cur[t + 18..h]
     }
 
     /// A packet that may start a run: TCP/IPv4 without options in IP, no
-    /// fragments, only ACK (and PSH).
-    fn candidate(pkt: &[u8]) -> Option<usize> {
-        if pkt.len() < 40 || pkt[0] != 0x45 || pkt[9] != 6 || pkt[6] & 0x3f != 0 || pkt[7] != 0 {
-            return None;
-        }
-        let doff = usize::from(pkt[32] >> 4) * 4;
-        let h = 20 + doff;
-        let flags = pkt[33];
+    /// fragments, or TCP/IPv6 without extension headers, whose length
+    /// field matches; only ACK (and PSH). Returns (IP header length,
+    /// IP and TCP header length).
+    fn candidate(pkt: &[u8]) -> Option<(usize, usize)> {
+        let ip = match *pkt.first()? {
+            0x45 if pkt.len() >= 40
+                && pkt[9] == 6
+                && pkt[6] & 0x3f == 0
+                && pkt[7] == 0
+                && usize::from(u16::from_be_bytes([pkt[2], pkt[3]])) == pkt.len() =>
+            {
+                20
+            }
+            v if v >> 4 == 6
+                && pkt.len() >= 60
+                && pkt[6] == 6
+                && usize::from(u16::from_be_bytes([pkt[4], pkt[5]])) == pkt.len() - 40 =>
+            {
+                40
+            }
+            _ => return None,
+        };
+        let doff = usize::from(pkt[ip + 12] >> 4) * 4;
+        let h = ip + doff;
+        let flags = pkt[ip + 13];
         (doff >= 20 && pkt.len() > h && flags & !(0x10 | 0x08) == 0 && flags & 0x10 != 0)
-            .then_some(h)
+            .then_some((ip, h))
     }
 
     /// Adds one decrypted IP packet; writes out (with `write`) whatever can
@@ -388,8 +463,8 @@ impl TcpCoalescer {
             let h = self.hdr_len;
             self.buf.extend_from_slice(&pkt[h..]);
             // PSH travels with the last segment.
-            let psh = pkt[33] & 0x08;
-            self.buf[VNET_HDR_LEN + 33] |= psh;
+            let fl = VNET_HDR_LEN + self.ip_len + 13;
+            self.buf[fl] |= pkt[self.ip_len + 13] & 0x08;
             self.segments += 1;
             self.next_seq = self.next_seq.wrapping_add((pkt.len() - h) as u32);
             return;
@@ -399,11 +474,13 @@ impl TcpCoalescer {
         self.buf.resize(VNET_HDR_LEN, 0);
         self.buf.extend_from_slice(pkt);
         match Self::candidate(pkt) {
-            Some(h) => {
+            Some((ip, h)) => {
                 self.segments = 1;
+                self.ip_len = ip;
                 self.hdr_len = h;
                 self.mss = pkt.len() - h;
-                let seq = u32::from_be_bytes([pkt[24], pkt[25], pkt[26], pkt[27]]);
+                let t = ip;
+                let seq = u32::from_be_bytes([pkt[t + 4], pkt[t + 5], pkt[t + 6], pkt[t + 7]]);
                 self.next_seq = seq.wrapping_add(self.mss as u32);
             }
             None => {
@@ -421,21 +498,26 @@ impl TcpCoalescer {
             return;
         }
         if self.segments > 1 {
-            let h = self.hdr_len;
+            let (ip, h) = (self.ip_len, self.hdr_len);
             let total = self.buf.len() - VNET_HDR_LEN;
             let pkt = &mut self.buf[VNET_HDR_LEN..];
-            pkt[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-            ipv4_csum(&mut pkt[..20]);
             // Partial checksum: the folded pseudo-header sum.
-            let mut acc = sum16(&pkt[12..20], 0);
-            acc += 6 + (total - 20) as u64;
-            pkt[36..38].copy_from_slice(&fold(acc).to_be_bytes());
+            let (gso, acc) = if ip == 40 {
+                pkt[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+                (VIRTIO_NET_HDR_GSO_TCPV6, sum16(&pkt[8..40], 0))
+            } else {
+                pkt[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+                ipv4_csum(&mut pkt[..20]);
+                (VIRTIO_NET_HDR_GSO_TCPV4, sum16(&pkt[12..20], 0))
+            };
+            let acc = acc + 6 + (total - ip) as u64;
+            pkt[ip + 16..ip + 18].copy_from_slice(&fold(acc).to_be_bytes());
             let vh = &mut self.buf[..VNET_HDR_LEN];
             vh[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-            vh[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+            vh[1] = gso;
             vh[2..4].copy_from_slice(&(h as u16).to_le_bytes());
             vh[4..6].copy_from_slice(&(self.mss as u16).to_le_bytes());
-            vh[6..8].copy_from_slice(&20u16.to_le_bytes());
+            vh[6..8].copy_from_slice(&(ip as u16).to_le_bytes());
             vh[8..10].copy_from_slice(&16u16.to_le_bytes());
         }
         write(&self.buf);
@@ -569,6 +651,324 @@ mod tests {
             assert!(!segments(&mut p, &mut scratch, |_| panic!(
                 "no segment expected"
             )));
+        }
+    }
+
+    const SRC6: [u8; 16] = [0xfd, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const DST6: [u8; 16] = [0xfd, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+    /// A TCP/IPv6 super-packet as the kernel hands it over: 40 + 20 header
+    /// bytes and `payload` bytes, TCPV6 GSO, partial checksum.
+    fn super_packet6(payload: usize, mss: u16, flags: u8) -> Vec<u8> {
+        let mut v = vec![0u8; VNET_HDR_LEN];
+        v[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        v[1] = VIRTIO_NET_HDR_GSO_TCPV6;
+        v[2..4].copy_from_slice(&60u16.to_le_bytes());
+        v[4..6].copy_from_slice(&mss.to_le_bytes());
+        v[6..8].copy_from_slice(&40u16.to_le_bytes());
+        v[8..10].copy_from_slice(&16u16.to_le_bytes());
+        // Version 6, traffic class 0x0a, flow label 0xbcdef.
+        let mut ip = vec![0x60, 0xab, 0xcd, 0xef, 0, 0, 6, 64];
+        ip[4..6].copy_from_slice(&((20 + payload) as u16).to_be_bytes());
+        ip.extend_from_slice(&SRC6);
+        ip.extend_from_slice(&DST6);
+        let mut tcp = vec![0u8; 20];
+        tcp[0..2].copy_from_slice(&5201u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[4..8].copy_from_slice(&0xffff_f000u32.to_be_bytes()); // wraps
+        tcp[8..12].copy_from_slice(&77u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = flags;
+        tcp[14..16].copy_from_slice(&512u16.to_be_bytes());
+        v.extend(ip);
+        v.extend(tcp);
+        v.extend((0..payload).map(|i| (i * 7) as u8));
+        v
+    }
+
+    /// The TCP/IPv6 checksum verifies: the one's complement sum over the
+    /// pseudo-header (addresses, 32-bit length, next header) and the
+    /// segment is 0xffff. Built by hand, not with `tcp6_csum`.
+    fn tcp6_ok(s: &[u8]) -> bool {
+        let mut pseudo = s[8..40].to_vec();
+        pseudo.extend_from_slice(&((s.len() - 40) as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 6]);
+        let mut acc: u32 = 0;
+        for b in [&pseudo[..], &s[40..]] {
+            for c in b.chunks(2) {
+                acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc == 0xffff
+    }
+
+    fn seq_of(s: &[u8], ip: usize) -> u32 {
+        u32::from_be_bytes(s[ip + 4..ip + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn tso6_segments_have_right_headers_and_checksums() {
+        // FIN PSH ACK CWR on the super-packet.
+        let mut pkt = super_packet6(3000, 1400, 0x19 | 0x80);
+        let orig = pkt[VNET_HDR_LEN..].to_vec();
+        let mut scratch = Vec::new();
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        assert!(segments(&mut pkt, &mut scratch, |s| out.push(s.to_vec())));
+        assert_eq!(
+            out.iter().map(|s| s.len() - 60).collect::<Vec<_>>(),
+            [1400, 1400, 200]
+        );
+        let mut payload = Vec::new();
+        for (i, s) in out.iter().enumerate() {
+            assert_eq!(
+                usize::from(u16::from_be_bytes([s[4], s[5]])),
+                s.len() - 40,
+                "payload length of {i}"
+            );
+            assert!(tcp6_ok(s), "TCP checksum of {i}");
+            // Version, class, flow label, next header, hop limit,
+            // addresses, ports, ack, window unchanged.
+            assert_eq!(s[0..4], orig[0..4]);
+            assert_eq!(s[6..44], orig[6..44]);
+            assert_eq!(s[48..53], orig[48..53]);
+            assert_eq!(s[54..56], orig[54..56]);
+            assert_eq!(
+                seq_of(s, 40),
+                0xffff_f000u32.wrapping_add(1400 * i as u32),
+                "seq of {i}"
+            );
+            let fl = s[53];
+            let last = i == 2;
+            assert_eq!(fl & 0x10, 0x10, "ACK on every segment");
+            assert_eq!(
+                (fl & 0x08 != 0, fl & 0x01 != 0, fl & 0x80 != 0),
+                (last, last, i == 0),
+                "PSH, FIN, CWR of {i}"
+            );
+            payload.extend_from_slice(&s[60..]);
+        }
+        assert_eq!(payload, orig[60..]);
+    }
+
+    #[test]
+    fn ipv6_needs_csum_is_completed() {
+        // One TCP/IPv6 packet, no GSO, the checksum field holding the
+        // pseudo-header sum as the kernel leaves it.
+        let mut pkt = super_packet6(300, 1400, 0x18);
+        pkt[1] = VIRTIO_NET_HDR_GSO_NONE;
+        let len = pkt.len() - VNET_HDR_LEN;
+        let partial = fold(sum16(
+            &pkt[VNET_HDR_LEN + 8..VNET_HDR_LEN + 40],
+            6 + len as u64 - 40,
+        ));
+        pkt[VNET_HDR_LEN + 56..VNET_HDR_LEN + 58].copy_from_slice(&partial.to_be_bytes());
+        assert!(!tcp6_ok(&pkt[VNET_HDR_LEN..]));
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        assert!(segments(&mut pkt, &mut Vec::new(), |s| out.push(s.to_vec())));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len(), len);
+        assert!(tcp6_ok(&out[0]), "completed TCP/IPv6 checksum");
+    }
+
+    /// Cuts a TCP/IPv6 super-packet into its segments.
+    fn segs6(payload: usize, mss: u16) -> Vec<Vec<u8>> {
+        let mut pkt = super_packet6(payload, mss, 0x18); // PSH ACK
+        let mut segs = Vec::new();
+        assert!(segments(&mut pkt, &mut Vec::new(), |s| segs.push(s.to_vec())));
+        segs
+    }
+
+    fn coalesce(pkts: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut c = TcpCoalescer::default();
+        let mut written: Vec<Vec<u8>> = Vec::new();
+        for p in pkts {
+            c.push(p, |w| written.push(w.to_vec()));
+        }
+        c.flush(|w| written.push(w.to_vec()));
+        written
+    }
+
+    #[test]
+    fn coalescing_undoes_segmentation_ipv6() {
+        let segs = segs6(5000, 1400);
+        assert_eq!(segs.len(), 4);
+        let mut pkts = segs.clone();
+        // Another flow (source port), then an IPv4 segment, end the run.
+        let mut other = segs[0].clone();
+        other[40] ^= 1;
+        pkts.push(other.clone());
+        let mut v4 = super_packet(1400, 1400);
+        v4[VNET_HDR_LEN + 33] = 0x10;
+        let v4 = v4[VNET_HDR_LEN..].to_vec();
+        pkts.push(v4.clone());
+        let written = coalesce(&pkts);
+        assert_eq!(written.len(), 3, "one super-packet, the other flow, IPv4");
+        let big = &written[0];
+        let h = VnetHdr::parse(big).unwrap();
+        assert_eq!(
+            (h.flags, h.gso_type, h.gso_size, h.csum_start, h.csum_offset),
+            (
+                VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                VIRTIO_NET_HDR_GSO_TCPV6,
+                1400,
+                40,
+                16
+            )
+        );
+        assert_eq!(u16::from_le_bytes([big[2], big[3]]), 60, "header length");
+        let ip = &big[VNET_HDR_LEN..];
+        assert_eq!(ip.len(), 60 + 5000);
+        assert_eq!(usize::from(u16::from_be_bytes([ip[4], ip[5]])), 20 + 5000);
+        assert_eq!(ip[53] & 0x08, 0x08, "PSH of the last segment kept");
+        let want: Vec<u8> = segs.iter().flat_map(|s| s[60..].to_vec()).collect();
+        assert_eq!(&ip[60..], &want[..]);
+        // Completing the partial checksum gives a valid TCP checksum.
+        let mut done = ip.to_vec();
+        complete_csum(&mut done, 40, 16).unwrap();
+        assert!(tcp6_ok(&done), "completed checksum of the super-packet");
+        // Segmenting it again gives back exactly the segments.
+        let mut again = Vec::new();
+        assert!(segments(&mut big.clone(), &mut Vec::new(), |s| again
+            .push(s.to_vec())));
+        assert_eq!(again, segs);
+        for (w, p) in written[1..].iter().zip([&other, &v4]) {
+            assert_eq!(&w[VNET_HDR_LEN..], &p[..]);
+            assert_eq!(&w[..VNET_HDR_LEN], &[0u8; VNET_HDR_LEN]);
+        }
+    }
+
+    /// `s` with an 8-byte hop-by-hop options header (PadN) before TCP.
+    fn with_hop_by_hop(s: &[u8]) -> Vec<u8> {
+        let mut p = s[..40].to_vec();
+        p[6] = 0; // next header: hop-by-hop
+        let plen = u16::from_be_bytes([p[4], p[5]]) + 8;
+        p[4..6].copy_from_slice(&plen.to_be_bytes());
+        p.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]);
+        p.extend_from_slice(&s[40..]);
+        p
+    }
+
+    #[test]
+    fn bad_ipv6_packets_pass_the_coalescer_unchanged() {
+        let segs = segs6(5600, 1400);
+        assert_eq!(segs.len(), 4);
+        assert_eq!(coalesce(&segs).len(), 1, "the good ones do merge");
+        let ext: Vec<Vec<u8>> = segs.iter().map(|s| with_hop_by_hop(s)).collect();
+        let longer: Vec<Vec<u8>> = segs
+            .iter()
+            .map(|s| {
+                let mut p = s.clone();
+                p[5] += 1; // payload length one more than the packet
+                p
+            })
+            .collect();
+        let mut shorter = longer.clone();
+        for p in &mut shorter {
+            p[5] -= 2;
+        }
+        let truncated: Vec<Vec<u8>> = vec![segs[0][..50].to_vec(), segs[1][..59].to_vec()];
+        for (what, bad) in [
+            ("extension header", ext),
+            ("payload length too long", longer),
+            ("payload length too short", shorter),
+            ("truncated", truncated),
+        ] {
+            let written = coalesce(&bad);
+            assert_eq!(written.len(), bad.len(), "{what}: not merged");
+            for (w, p) in written.iter().zip(&bad) {
+                assert_eq!(&w[..VNET_HDR_LEN], &[0u8; VNET_HDR_LEN], "{what}");
+                assert_eq!(&w[VNET_HDR_LEN..], &p[..], "{what}: unchanged");
+            }
+        }
+        // An extension header whose bytes, read as TCP at offset 40, look
+        // like a plain ACK (data offset 5, flags ACK) is still refused.
+        let mut odd = segs[0][..40].to_vec();
+        odd[6] = 0;
+        let plen = u16::from_be_bytes([odd[4], odd[5]]) + 16;
+        odd[4..6].copy_from_slice(&plen.to_be_bytes());
+        // Next header TCP, length 1 (16 bytes), option 0x1e (skip if
+        // unknown) with 12 data bytes.
+        odd.extend_from_slice(&[6, 1, 0x1e, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0x50, 0x10, 0, 0]);
+        odd.extend_from_slice(&segs[0][40..]);
+        assert_eq!(TcpCoalescer::candidate(&segs[0]), Some((40, 60)));
+        assert_eq!(TcpCoalescer::candidate(&odd), None);
+        // A wrong payload length within a run is not merged.
+        let mut run = segs.clone();
+        run[1][5] += 1;
+        let written = coalesce(&run);
+        assert_eq!(written.len(), 3, "seg 0, seg 1 as it is, segs 2 and 3");
+        assert_eq!(&written[1][VNET_HDR_LEN..], &run[1][..]);
+        // A bad one within a run ends it and goes out as it is.
+        let mut mixed = segs.clone();
+        mixed[1] = with_hop_by_hop(&segs[1]);
+        mixed[2].truncate(50);
+        let written = coalesce(&mixed);
+        assert_eq!(
+            written.len(),
+            4,
+            "{:?}",
+            written.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert_eq!(&written[1][VNET_HDR_LEN..], &mixed[1][..]);
+        assert_eq!(&written[2][VNET_HDR_LEN..], &mixed[2][..]);
+    }
+
+    #[test]
+    fn bad_ipv6_super_packets_are_refused_not_panicking() {
+        let good = super_packet6(3000, 1400, 0x18);
+        assert!(segments(&mut good.clone(), &mut Vec::new(), |_| {}));
+        let hbh = {
+            let mut p = good[..VNET_HDR_LEN].to_vec();
+            p.extend(with_hop_by_hop(&good[VNET_HDR_LEN..]));
+            p
+        };
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("no IPv6 header", good[..VNET_HDR_LEN + 30].to_vec()),
+            ("truncated TCP header", good[..VNET_HDR_LEN + 50].to_vec()),
+            ("truncated payload", good[..VNET_HDR_LEN + 2000].to_vec()),
+            ("payload length too long", {
+                let mut p = good.clone();
+                p[VNET_HDR_LEN + 5] += 1;
+                p
+            }),
+            ("payload length zero", {
+                let mut p = good.clone();
+                p[VNET_HDR_LEN + 4..VNET_HDR_LEN + 6].fill(0);
+                p
+            }),
+            ("extension header", hbh),
+            ("IPv4 under TCPV6", {
+                let mut p = super_packet(3000, 1400);
+                p[1] = VIRTIO_NET_HDR_GSO_TCPV6;
+                p
+            }),
+            ("IPv6 under TCPV4", {
+                let mut p = good.clone();
+                p[1] = VIRTIO_NET_HDR_GSO_TCPV4;
+                p
+            }),
+            ("mss 0", {
+                let mut p = good.clone();
+                p[4..6].fill(0);
+                p
+            }),
+            ("data offset 60 past the packet", {
+                let mut p = good[..VNET_HDR_LEN + 70].to_vec();
+                p[VNET_HDR_LEN + 4..VNET_HDR_LEN + 6].copy_from_slice(&30u16.to_be_bytes());
+                p[VNET_HDR_LEN + 52] = 15 << 4;
+                p
+            }),
+        ];
+        for (what, mut p) in cases {
+            assert!(
+                !segments(&mut p, &mut Vec::new(), |_| panic!(
+                    "{what}: no segment expected"
+                )),
+                "{what}: refused"
+            );
         }
     }
 }

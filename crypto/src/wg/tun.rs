@@ -1,7 +1,8 @@
 //! A Linux TUN device (layer 3, no packet-information header), opened in
 //! the calling thread's network namespace, brought up with its MTU, with a
-//! virtio-net header on every packet and TCP/IPv4 segmentation offload
-//! (the kernel hands over 64 KiB TCP super-packets; see `offload`).
+//! virtio-net header on every packet and TCP segmentation offload for IPv4
+//! and IPv6 (the kernel hands over 64 KiB TCP super-packets; see
+//! `offload`).
 
 use std::{
     fs::File,
@@ -16,6 +17,7 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUN_F_CSUM: libc::c_ulong = 0x01;
 const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_TSO6: libc::c_ulong = 0x04;
 
 /// An open TUN device; closing the file removes the interface.
 #[derive(Debug)]
@@ -58,9 +60,11 @@ impl Tun {
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        // Checksum and TSO offload: reads may be super-packets.
+        // Checksum and TSO offload (TCP over IPv4 and IPv6): reads may be
+        // super-packets.
+        let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
         // SAFETY: valid fd; the argument is a flags value.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4) } < 0 {
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, offloads) } < 0 {
             return Err(io::Error::last_os_error());
         }
         let tun = Self {
