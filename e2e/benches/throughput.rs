@@ -165,36 +165,15 @@ fn main() {
     println!(
         "throughput benchmark: pod to pod across two nodes (network namespaces, one iperf3 TCP stream, {runs} interleaved rounds x {seconds} s, median [min..max])"
     );
-    let plain_m = median(results[0].clone());
-    for (i, (name, _)) in configs.iter().enumerate() {
-        let m = median(results[i].clone());
-        // The ratio within each round, then its median: robust to drift.
-        let per_round = median(
-            results[i]
-                .iter()
-                .zip(&results[0])
-                .map(|(x, p)| x / p)
-                .collect(),
-        );
-        println!(
-            "  {name:<32} {:>6.2} Gbit/s [{:.2}..{:.2}]  ratio to plain {:.2} (per-round median {:.2})",
-            m.0,
-            m.1,
-            m.2,
-            m.0 / plain_m.0,
-            per_round.0
-        );
-        let mut f = Figure::new("throughput", *name, "Gbit/s", m, Better::Higher).params(
-            serde_json::json!({"runs": runs, "seconds": seconds, "per_round_ratio_median": per_round.0}),
-        );
-        if i > 0 {
-            f = f.baseline(configs[0].0, plain_m.0);
-        }
-        if i > 1 {
-            f = f.baseline(configs[1].0, median(results[1].clone()).0);
-        }
-        record(&f);
-    }
+    let names: Vec<&str> = configs.iter().map(|c| c.0).collect();
+    report(
+        "throughput",
+        "plain",
+        &names,
+        &results,
+        (runs, seconds),
+        true,
+    );
     let kvx_m = median(results[1].clone());
     let vx_m = median(results[2].clone());
     println!("  ours VXLAN / kernel VXLAN: {:.2}", vx_m.0 / kvx_m.0);
@@ -296,9 +275,32 @@ fn ipv6_throughput(runs: usize, seconds: u64) {
     println!(
         "IPv6 throughput: IPv6 pod to pod across two nodes over an IPv6 underlay (pod MTU 1430, one iperf3 TCP stream, {runs} interleaved rounds x {seconds} s, median [min..max])"
     );
+    let names: Vec<&str> = configs.iter().map(|c| c.0).collect();
+    report(
+        "throughput-ipv6",
+        "IPv6 plain",
+        &names,
+        &results,
+        (runs, seconds),
+        false,
+    );
+}
+
+/// Prints and records throughput figures: each configuration's median and
+/// its ratio to the first (the baseline), and with `second_baseline` also
+/// against the second.
+fn report(
+    bench: &'static str,
+    baseline: &str,
+    names: &[&'static str],
+    results: &[Vec<f64>],
+    (runs, seconds): (usize, u64),
+    second_baseline: bool,
+) {
     let plain_m = median(results[0].clone());
-    for (i, (name, _)) in configs.iter().enumerate() {
+    for (i, name) in names.iter().enumerate() {
         let m = median(results[i].clone());
+        // The ratio within each round, then its median: robust to drift.
         let per_round = median(
             results[i]
                 .iter()
@@ -307,18 +309,21 @@ fn ipv6_throughput(runs: usize, seconds: u64) {
                 .collect(),
         );
         println!(
-            "  {name:<32} {:>6.2} Gbit/s [{:.2}..{:.2}]  ratio to IPv6 plain {:.2} (per-round median {:.2})",
+            "  {name:<32} {:>6.2} Gbit/s [{:.2}..{:.2}]  ratio to {baseline} {:.2} (per-round median {:.2})",
             m.0,
             m.1,
             m.2,
             m.0 / plain_m.0,
             per_round.0
         );
-        let mut f = Figure::new("throughput-ipv6", *name, "Gbit/s", m, Better::Higher).params(
+        let mut f = Figure::new(bench, *name, "Gbit/s", m, Better::Higher).params(
             serde_json::json!({"runs": runs, "seconds": seconds, "per_round_ratio_median": per_round.0}),
         );
         if i > 0 {
-            f = f.baseline(configs[0].0, plain_m.0);
+            f = f.baseline(names[0], plain_m.0);
+        }
+        if second_baseline && i > 1 {
+            f = f.baseline(names[1], median(results[1].clone()).0);
         }
         record(&f);
     }

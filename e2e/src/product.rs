@@ -315,31 +315,10 @@ pub fn write_cluster_file(dir: &Path, name: &str, etcd: &str) {
     std::fs::write(dir.join(name), format!("endpoints:\n  - {etcd}\n")).unwrap();
 }
 
-/// An IPv6-only underlay veth `ul0` between `a` and `b` (no DAD: usable at
-/// once).
+/// An IPv6-only underlay veth `ul0` between `a` and `b`.
 fn underlay6(a: &Node, b: &Node) {
-    a.ns.exec(
-        "ip",
-        &[
-            "link",
-            "add",
-            "ul0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ul0",
-            "netns",
-            b.ns.name(),
-        ],
-    )
-    .unwrap();
-    for n in [a, b] {
-        let addr = format!("{}/64", n.underlay_ip());
-        n.ns.exec("ip", &["-6", "addr", "add", &addr, "dev", "ul0", "nodad"])
-            .unwrap();
-        n.ns.exec("ip", &["link", "set", "ul0", "up"]).unwrap();
-    }
+    let addr = |n: &Node| format!("{}/64", n.underlay_ip());
+    clustermesh_testkit::netns::veth_pair6(&a.ns, "ul0", &addr(a), &b.ns, "ul0", &addr(b)).unwrap();
 }
 
 /// Two clusters (c1, c2) with one node each (A, B), pods attached, the

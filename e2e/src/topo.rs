@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use clustermesh_testkit::netns::{NetNs, PinDir};
+use clustermesh_testkit::netns::{NetNs, PinDir, enable_ipv6};
 use node_agent::datapath::Datapath;
 use tunnel_common::{DatapathConfig, EndpointInfo, Ip6, IpCacheValue, TunnelMode};
 
@@ -346,27 +346,6 @@ fn tep(ip: IpAddr) -> (u32, Ip6) {
     }
 }
 
-/// Turns IPv6 on in a namespace (a new one may inherit it off).
-fn enable_ipv6(ns: &NetNs) -> std::io::Result<()> {
-    for kv in [
-        "net.ipv6.conf.all.disable_ipv6=0",
-        "net.ipv6.conf.default.disable_ipv6=0",
-    ] {
-        ns.exec("sysctl", &["-qw", kv])?;
-    }
-    // Interfaces that exist already.
-    let links = ns.exec("ls", &["/proc/sys/net/ipv6/conf"])?;
-    for dev in links.split_whitespace() {
-        if dev != "all" && dev != "default" {
-            ns.exec(
-                "sysctl",
-                &["-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=0")],
-            )?;
-        }
-    }
-    Ok(())
-}
-
 fn io(n: &Node, e: std::io::Error) -> node_agent::datapath::Error {
     node_agent::datapath::Error::PinDir {
         path: n.ns.name().to_owned(),
@@ -392,45 +371,19 @@ pub fn underlay(a: &Node, b: &Node) -> std::io::Result<(Ipv4Addr, Ipv4Addr)> {
 /// (no DAD, addresses inside the namespaces only). The pods' MTU becomes
 /// 1430: Geneve and VXLAN over IPv6 add 70 bytes (`ENCAP_OVERHEAD6`).
 pub fn underlay6(a: &Node, b: &Node) -> std::io::Result<(Ipv6Addr, Ipv6Addr)> {
-    a.ns.exec(
-        "ip",
-        &[
-            "link",
-            "add",
-            "ul0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "ul0",
-            "netns",
-            b.ns.name(),
-        ],
-    )?;
     let ips = [
         Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
         Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2),
     ];
-    for (n, ip) in [(a, ips[0]), (b, ips[1])] {
-        enable_ipv6(&n.ns)?;
-        // No DAD for the link-local address either: the kernel sends its
-        // neighbour solicitations from it when the packet that needs the
-        // neighbour is not its own (a routed pod packet), and sends none
-        // while it is tentative.
-        n.ns.exec("sysctl", &["-qw", "net.ipv6.conf.ul0.accept_dad=0"])?;
-        n.ns.exec(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{ip}/64"),
-                "dev",
-                "ul0",
-                "nodad",
-            ],
-        )?;
-        n.ns.exec("ip", &["link", "set", "ul0", "up"])?;
+    clustermesh_testkit::netns::veth_pair6(
+        &a.ns,
+        "ul0",
+        &format!("{}/64", ips[0]),
+        &b.ns,
+        "ul0",
+        &format!("{}/64", ips[1]),
+    )?;
+    for n in [a, b] {
         n.pod.exec("ip", &["link", "set", "eth0", "mtu", "1430"])?;
     }
     Ok((ips[0], ips[1]))

@@ -114,6 +114,67 @@ pub fn veth_pair(
     Ok(())
 }
 
+/// [`veth_pair`] for an IPv6-only link: IPv6 turned on in both namespaces
+/// (a new one may inherit it off), addresses added without duplicate
+/// address detection, and no DAD for the kernel's own link-local addresses
+/// either (the kernel sends its neighbour solicitations for routed packets
+/// from the link-local address, and none while it is tentative), so the
+/// link is usable at once.
+pub fn veth_pair6(
+    a: &NetNs,
+    a_if: &str,
+    a_addr: &str,
+    b: &NetNs,
+    b_if: &str,
+    b_addr: &str,
+) -> io::Result<()> {
+    a.exec(
+        "ip",
+        &[
+            "link",
+            "add",
+            a_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_if,
+            "netns",
+            b.name(),
+        ],
+    )?;
+    for (ns, dev, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+        enable_ipv6(ns)?;
+        ns.exec(
+            "sysctl",
+            &["-qw", &format!("net.ipv6.conf.{dev}.accept_dad=0")],
+        )?;
+        ns.exec("ip", &["-6", "addr", "add", addr, "dev", dev, "nodad"])?;
+        ns.exec("ip", &["link", "set", dev, "up"])?;
+    }
+    Ok(())
+}
+
+/// Turns IPv6 on in a namespace, for its existing interfaces too.
+pub fn enable_ipv6(ns: &NetNs) -> io::Result<()> {
+    for kv in [
+        "net.ipv6.conf.all.disable_ipv6=0",
+        "net.ipv6.conf.default.disable_ipv6=0",
+    ] {
+        ns.exec("sysctl", &["-qw", kv])?;
+    }
+    let links = ns.exec("ls", &["/proc/sys/net/ipv6/conf"])?;
+    for dev in links.split_whitespace() {
+        if dev != "all" && dev != "default" {
+            ns.exec(
+                "sysctl",
+                &["-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=0")],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Deletes namespaces left by test processes that no longer run.
 pub fn sweep_stale() {
     let Ok(list) = run("ip", &["netns", "list"]) else {
