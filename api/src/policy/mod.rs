@@ -193,8 +193,12 @@ pub(crate) fn typed<T: for<'de> Deserialize<'de>>(
         if let Some(rest) = message.strip_prefix("unknown field `")
             && let Some((name, _)) = rest.split_once('`')
         {
+            // serde_path_to_error already ends the path with the field;
+            // add it only if it does not.
             let field = if path.is_empty() {
                 name.to_owned()
+            } else if path == name || path.ends_with(&format!(".{name}")) {
+                path
             } else {
                 format!("{path}.{name}")
             };
