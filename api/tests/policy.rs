@@ -1549,3 +1549,34 @@ fn lint_shadowing_needs_full_cover() {
         .collect();
     assert!(w.is_empty(), "{w:?}");
 }
+
+// ------------------------------------------------------------- never panics
+
+#[test]
+fn truncated_and_mutated_manifests_never_panic() {
+    let base = format!(
+        "{L3_ALLOW_FRONTEND}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: n, namespace: d}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - from: [{{ipBlock: {{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}}}}]\n    ports: [{{port: 80, endPort: 90}}]\n"
+    );
+    let bytes = base.as_bytes();
+    let mut accepted = 0;
+    for cut in 0..bytes.len() {
+        if let Ok(s) = std::str::from_utf8(&bytes[..cut])
+            && parse_manifests(s).is_ok()
+        {
+            accepted += 1;
+        }
+    }
+    // Deterministic mutations: replace one byte with characters that
+    // matter to YAML.
+    for (i, &b) in b":-[{ \n0\"*&".iter().enumerate() {
+        for pos in (i..bytes.len()).step_by(7) {
+            let mut m = bytes.to_vec();
+            m[pos] = b;
+            if let Ok(s) = std::str::from_utf8(&m) {
+                let _ = parse_manifests(s);
+            }
+        }
+    }
+    // Some prefixes are whole documents, most are not.
+    assert!(accepted > 0 && accepted < bytes.len() / 2, "{accepted}");
+}
