@@ -12,6 +12,8 @@
 //!   messages into records, validating every field.
 //!
 //! - [`endpoint_file`]: the CNI plugin's per-pod files the agent reads.
+//! - [`policy`]: the network policy model, its manifest parsers
+//!   (CiliumNetworkPolicy, NetworkPolicy), evaluation and lint.
 //! - [`netns`]: entering network namespaces (the one `setns`).
 //! - [`status`]: the node agent's `/status` document, shared with the CLI.
 //!
@@ -23,6 +25,7 @@ pub mod convert;
 pub mod endpoint_file;
 pub mod keys;
 pub mod netns;
+pub mod policy;
 pub mod records;
 pub mod status;
 pub mod time;
