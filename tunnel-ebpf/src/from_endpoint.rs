@@ -4,16 +4,19 @@
 //! With the datapath not configured (mode `none`) everything goes to the
 //! host stack unchanged. Otherwise a pod is untrusted:
 //!
-//! - a frame that is neither IPv4 nor ARP (IPv6 included, until the
-//!   datapath supports it) is dropped (`drop_non_ipv4`);
-//! - an IPv4 packet whose source is not a local endpoint (`CM_ENDPOINTS`)
-//!   bound to this very interface (its `ifindex`), and an ARP frame whose
-//!   sender protocol address is not, are dropped (`drop_spoofed`). A pod
-//!   whose entry the agent has not written yet sends nothing (fail closed);
-//! - destination is a service frontend address (`CM_LB_FRONTENDS`): a
-//!   fragment is dropped (`drop_fragment`), a protocol other than TCP/UDP
-//!   or a port that is not one of its frontends too
-//!   (`drop_service_protocol`); a frontend (address, port, TCP or UDP): the
+//! - a frame that is neither IPv4, IPv6 nor ARP is dropped
+//!   (`drop_unsupported_l3`);
+//! - an IPv4 or IPv6 packet whose source is not a local endpoint
+//!   (`CM_ENDPOINTS`, `CM_ENDPOINTS6`) bound to this very interface (its
+//!   `ifindex`), and an ARP frame whose sender protocol address is not, are
+//!   dropped (`drop_spoofed`). A pod whose entry the agent has not written
+//!   yet sends nothing (fail closed);
+//! - destination is a service frontend address (`CM_LB_FRONTENDS`, IPv6
+//!   `CM_LB6_FRONTENDS`): a fragment (IPv6: next header Fragment) is
+//!   dropped (`drop_fragment`), a protocol other than TCP/UDP (IPv6: any
+//!   other next header, extension headers included) or a port that is not
+//!   one of its frontends too (`drop_service_protocol`); a frontend
+//!   (address, port, TCP or UDP): the
 //!   destination becomes the flow's backend (kept for the flow's life while
 //!   the backend is allowed, else drawn from the selectable ones; replies
 //!   are translated back on delivery), then routed as below; a frontend
@@ -77,6 +80,7 @@ use shared::{
     config, count, deliver, endpoint, endpoint6, in_strict_range, in_strict_range6, ipcache,
     ipcache6, lb_forward,
 };
+use shared::{V4, V6};
 use tunnel_common::{
     CONFIG_FLAG_STRICT, DatapathConfig, Direction, ENCAP_OVERHEAD, ENCAP_OVERHEAD6, EndpointInfo,
     GENEVE_PORT, IPCACHE_FLAG_ENCRYPT, IPCACHE_FLAG_UNREACHABLE, Ip6, IpCacheValue, TunnelMode,
@@ -167,7 +171,7 @@ fn ipv4(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
     };
     // A service frontend is translated to its flow's backend first; the
     // rest routes the backend's address.
-    let dst = match lb_forward(ctx, src, dst) {
+    let dst = match lb_forward::<V4>(ctx, src, dst) {
         Ok(Balanced::No) => dst,
         Ok(Balanced::To(backend)) => backend,
         Err(v) => return (v, TC_ACT_SHOT),
@@ -184,10 +188,9 @@ fn ipv4(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
     }
 }
 
-/// IPv6 from a pod: as IPv4 (own source, local delivery, ip-cache, strict
-/// mode), after neighbour discovery ([`neighbour_discovery`]). Never
-/// load-balanced: service frontends are IPv4 (`CM_LB_FRONTENDS` is keyed
-/// by IPv4 addresses), so an IPv6 destination is never one.
+/// IPv6 from a pod: as IPv4 (own source, service frontends balanced through
+/// `CM_LB6_*`, local delivery, ip-cache, strict mode), after neighbour
+/// discovery ([`neighbour_discovery`]).
 #[inline(always)]
 fn ipv6(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
     let (Ok(src), Ok(dst), Ok(next)) = (
@@ -209,6 +212,11 @@ fn ipv6(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
     }
     let Some(sender) = own_endpoint6(ctx, &src) else {
         return (Verdict::DropSpoofed, TC_ACT_SHOT);
+    };
+    let dst = match lb_forward::<V6>(ctx, src, dst) {
+        Ok(Balanced::No) => dst,
+        Ok(Balanced::To(backend)) => backend,
+        Err(v) => return (v, TC_ACT_SHOT),
     };
     if let Some(ep) = endpoint6(&dst) {
         return deliver(ctx, &ep);

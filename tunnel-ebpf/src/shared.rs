@@ -4,15 +4,20 @@
 //! the two objects (one per attach point) share them through the node's pin
 //! directory, and a restarted agent adopts them with their contents.
 
+use core::ptr::NonNull;
+
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::TcContext,
+    EbpfContext as _,
+    bindings::__sk_buff,
 };
 use tunnel_common::{
     Counter, DatapathConfig, Direction, EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, Ip6, IpCacheValue,
-    LB_BACKEND_SELECTABLE, LbAddr, LbBackendKey, LbBackendValue, LbFlowKey, LbServiceKey,
-    LbServiceValue, MAX_ENDPOINTS, MAX_IPCACHE, MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS,
+    LB_BACKEND_SELECTABLE, Lb6Addr, Lb6BackendKey, Lb6FlowKey, Lb6ServiceKey, Lb6ServiceValue,
+    LbAddr, LbAddrOf, LbBackendKey, LbBackendKeyOf, LbBackendValue, LbFlowKey, LbFlowKeyOf,
+    LbServiceKey, LbServiceKeyOf, LbServiceValue, LbServiceValueOf, MAX_ENDPOINTS, MAX_IPCACHE, MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS,
     MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES, MAX_STRICT_RANGES, METRICS_ENTRIES, Verdict, metric_index,
 };
 
@@ -43,6 +48,18 @@ pub static CM_LB_FLOWS: LruHashMap<LbFlowKey, LbAddr> = LruHashMap::pinned(MAX_L
 pub static CM_LB_REVERSE: LruHashMap<LbFlowKey, LbAddr> = LruHashMap::pinned(MAX_LB_FLOWS, 0);
 #[map]
 pub static CM_LB_FRONTENDS: HashMap<u32, u32> = HashMap::pinned(MAX_LB_FRONTENDS, 0);
+#[map]
+pub static CM_LB6_SERVICES: HashMap<Lb6ServiceKey, Lb6ServiceValue> =
+    HashMap::pinned(MAX_LB_SLOTS, 0);
+#[map]
+pub static CM_LB6_BACKENDS: HashMap<Lb6BackendKey, LbBackendValue> =
+    HashMap::pinned(MAX_LB_BACKENDS, 0);
+#[map]
+pub static CM_LB6_FLOWS: LruHashMap<Lb6FlowKey, Lb6Addr> = LruHashMap::pinned(MAX_LB_FLOWS, 0);
+#[map]
+pub static CM_LB6_REVERSE: LruHashMap<Lb6FlowKey, Lb6Addr> = LruHashMap::pinned(MAX_LB_FLOWS, 0);
+#[map]
+pub static CM_LB6_FRONTENDS: HashMap<Ip6, u32> = HashMap::pinned(MAX_LB_FRONTENDS, 0);
 #[map]
 pub static CM_STRICT_RANGES: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_STRICT_RANGES, 0);
 #[map]
@@ -195,8 +212,7 @@ pub fn deliver_unencrypted(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32)
 }
 
 /// Delivers the frame to a local endpoint: a service reply gets its
-/// frontend back as source ([`lb_reverse`]; IPv4 only, an IPv6 frame is
-/// never a balanced flow's reply), MACs rewritten, then
+/// frontend back as source ([`lb_reverse`], either family), MACs rewritten, then
 /// `redirect_peer` straight into its namespace (no host stack, no backlog).
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32) {
@@ -220,13 +236,23 @@ pub fn set_macs(ctx: &TcContext, ep: &EndpointInfo) -> Result<(), i64> {
 //
 // A client pod's packet to a frontend (service address, port, protocol) is
 // translated in `from_endpoint` to a backend: the flow's backend comes from
-// CM_LB_FLOWS (always for an established TCP connection; for UDP while that
-// backend is still allowed for the frontend, CM_LB_BACKENDS; for a new TCP
-// connection while it is selectable),
-// otherwise a selectable slot is drawn at random and the flow (and its
-// reverse, for the replies) remembered. Replies are translated
-// back on delivery to the client (`deliver`). Which backends are selectable
-// (affinity, failover) is decided in user space.
+// the family's flows map (always for an established TCP connection; for UDP
+// while that backend is still allowed for the frontend, the backends map;
+// for a new TCP connection while it is selectable), otherwise a selectable
+// slot is drawn at random and the flow (and its reverse, for the replies)
+// remembered. Replies are translated back on delivery to the client
+// (`deliver`). Which backends are selectable (affinity, failover) is decided
+// in user space.
+//
+// Both families run the same code: `lb_forward` and `lb_reverse` are generic
+// over [`Family`] (IPv4: [`V4`], the `CM_LB_*` maps; IPv6: [`V6`], the
+// `CM_LB6_*` maps), monomorphised once per family. The trait holds only what
+// differs: the address type, its maps, where the header keeps the addresses
+// and the L4 protocol (IPv4: IHL and fragment bits; IPv6: the next header
+// right after the fixed header, no extension headers walked), and how an
+// address rewrite fixes checksums (IPv4: the header checksum and the L4
+// pseudo-header; IPv6: no header checksum, the 16-byte address in the
+// pseudo-header word by word).
 
 /// Offset of the IP checksum in an Ethernet + IPv4 frame.
 const IP_CSUM: usize = ETH_HLEN + 10;
@@ -234,47 +260,177 @@ const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+/// IPv6 next header of a Fragment header.
+const IPPROTO_FRAGMENT: u8 = 44;
 
-/// Protocol and L4 header offset of a TCP or UDP IPv4 packet that is not a
-/// fragment (fragments carry no ports; they are not balanced).
-#[inline(always)]
-fn l4(ctx: &TcContext) -> Option<(u8, usize)> {
-    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
-    // More-fragments flag or a fragment offset.
-    if u16::from_be(frag) & 0x3fff != 0 {
-        return None;
-    }
-    let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return None;
-    }
-    Some((proto, ETH_HLEN + ihl))
+/// What the load-balancer needs to know about an address family.
+pub trait Family {
+    /// The address as the maps key it (network order).
+    type Addr: Copy + PartialEq + 'static;
+    /// Offsets of the source and destination addresses in an Ethernet frame.
+    const SRC: usize;
+    const DST: usize;
+    fn frontends() -> &'static HashMap<Self::Addr, u32>;
+    fn services() -> &'static HashMap<LbServiceKeyOf<Self::Addr>, LbServiceValueOf<Self::Addr>>;
+    fn backends() -> &'static HashMap<LbBackendKeyOf<Self::Addr>, LbBackendValue>;
+    fn flows() -> &'static LruHashMap<LbFlowKeyOf<Self::Addr>, LbAddrOf<Self::Addr>>;
+    fn reverse() -> &'static LruHashMap<LbFlowKeyOf<Self::Addr>, LbAddrOf<Self::Addr>>;
+    /// Protocol and L4 header offset of a packet to a frontend address;
+    /// `Err`: the verdict to drop it with (fragment, other protocol).
+    fn frontend_l4(ctx: &TcContext) -> Result<(u8, usize), Verdict>;
+    /// Replaces the address at `off` (`old` -> `new`), fixing the header
+    /// checksum (if the family has one) and the L4 checksum at `csum_off`
+    /// (`mangled`: the UDP zero-checksum flag).
+    fn rewrite_addr(
+        ctx: &TcContext,
+        off: usize,
+        old: &Self::Addr,
+        new: &Self::Addr,
+        csum_off: usize,
+        mangled: u64,
+    ) -> Result<(), i64>;
 }
 
-/// [`l4`] for a packet addressed to a frontend address: a fragment, or a
-/// protocol the load-balancer does not handle, is the verdict to drop it.
+/// IPv4: `CM_LB_*`.
+pub struct V4;
+/// IPv6: `CM_LB6_*`.
+pub struct V6;
+
+impl Family for V4 {
+    type Addr = u32;
+    const SRC: usize = IP_SRC;
+    const DST: usize = IP_DST;
+    #[inline(always)]
+    fn frontends() -> &'static HashMap<u32, u32> {
+        &CM_LB_FRONTENDS
+    }
+    #[inline(always)]
+    fn services() -> &'static HashMap<LbServiceKey, LbServiceValue> {
+        &CM_LB_SERVICES
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<LbBackendKey, LbBackendValue> {
+        &CM_LB_BACKENDS
+    }
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<LbFlowKey, LbAddr> {
+        &CM_LB_FLOWS
+    }
+    #[inline(always)]
+    fn reverse() -> &'static LruHashMap<LbFlowKey, LbAddr> {
+        &CM_LB_REVERSE
+    }
+    #[inline(always)]
+    fn frontend_l4(ctx: &TcContext) -> Result<(u8, usize), Verdict> {
+        let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| Verdict::DropMalformed)?;
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if ihl < 20 {
+            return Err(Verdict::DropMalformed);
+        }
+        let frag: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| Verdict::DropMalformed)?;
+        // More-fragments flag or a fragment offset.
+        if u16::from_be(frag) & 0x3fff != 0 {
+            return Err(Verdict::DropFragment);
+        }
+        let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| Verdict::DropMalformed)?;
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            return Err(Verdict::DropServiceProtocol);
+        }
+        Ok((proto, ETH_HLEN + ihl))
+    }
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &TcContext,
+        off: usize,
+        old: &u32,
+        new: &u32,
+        csum_off: usize,
+        mangled: u64,
+    ) -> Result<(), i64> {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(*old),
+            u64::from(*new),
+            BPF_F_PSEUDO_HDR | mangled | 4,
+        )?;
+        ctx.l3_csum_replace(IP_CSUM, u64::from(*old), u64::from(*new), 4)?;
+        ctx.store(off, new, 0)
+    }
+}
+
+impl Family for V6 {
+    type Addr = Ip6;
+    const SRC: usize = IP6_SRC;
+    const DST: usize = IP6_DST;
+    #[inline(always)]
+    fn frontends() -> &'static HashMap<Ip6, u32> {
+        &CM_LB6_FRONTENDS
+    }
+    #[inline(always)]
+    fn services() -> &'static HashMap<Lb6ServiceKey, Lb6ServiceValue> {
+        &CM_LB6_SERVICES
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<Lb6BackendKey, LbBackendValue> {
+        &CM_LB6_BACKENDS
+    }
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<Lb6FlowKey, Lb6Addr> {
+        &CM_LB6_FLOWS
+    }
+    #[inline(always)]
+    fn reverse() -> &'static LruHashMap<Lb6FlowKey, Lb6Addr> {
+        &CM_LB6_REVERSE
+    }
+    /// TCP or UDP right after the fixed header. A Fragment header is a
+    /// fragment; any other next header (ICMPv6, or an extension header:
+    /// the load-balancer does not walk them) is not balanced.
+    #[inline(always)]
+    fn frontend_l4(ctx: &TcContext) -> Result<(u8, usize), Verdict> {
+        let next: u8 = ctx.load(IP6_NEXT).map_err(|_| Verdict::DropMalformed)?;
+        if next == IPPROTO_FRAGMENT {
+            return Err(Verdict::DropFragment);
+        }
+        if next != IPPROTO_TCP && next != IPPROTO_UDP {
+            return Err(Verdict::DropServiceProtocol);
+        }
+        Ok((next, ETH_HLEN + IP6_HLEN))
+    }
+    /// No header checksum; the address is four 32-bit words of the L4
+    /// pseudo-header, each replaced with `BPF_F_PSEUDO_HDR`.
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &TcContext,
+        off: usize,
+        old: &Ip6,
+        new: &Ip6,
+        csum_off: usize,
+        mangled: u64,
+    ) -> Result<(), i64> {
+        let mut i = 0;
+        while i < 16 {
+            let o = u32::from_ne_bytes([old[i], old[i + 1], old[i + 2], old[i + 3]]);
+            let n = u32::from_ne_bytes([new[i], new[i + 1], new[i + 2], new[i + 3]]);
+            if o != n {
+                ctx.l4_csum_replace(
+                    csum_off,
+                    u64::from(o),
+                    u64::from(n),
+                    BPF_F_PSEUDO_HDR | mangled | 4,
+                )?;
+            }
+            i += 4;
+        }
+        ctx.store(off, new, 0)
+    }
+}
+
+/// Protocol and L4 header offset of a TCP or UDP packet that is not a
+/// fragment (fragments carry no ports; they are not balanced), for the
+/// reverse translation: [`Family::frontend_l4`] without verdicts.
 #[inline(always)]
-fn frontend_l4(ctx: &TcContext) -> Result<(u8, usize), Verdict> {
-    let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| Verdict::DropMalformed)?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return Err(Verdict::DropMalformed);
-    }
-    let frag: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| Verdict::DropMalformed)?;
-    // More-fragments flag or a fragment offset.
-    if u16::from_be(frag) & 0x3fff != 0 {
-        return Err(Verdict::DropFragment);
-    }
-    let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| Verdict::DropMalformed)?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Err(Verdict::DropServiceProtocol);
-    }
-    Ok((proto, ETH_HLEN + ihl))
+fn l4<F: Family>(ctx: &TcContext) -> Option<(u8, usize)> {
+    F::frontend_l4(ctx).ok()
 }
 
 /// Offset of the L4 checksum and the flags `l4_csum_replace` needs for it
@@ -289,27 +445,19 @@ fn l4_csum(proto: u8, l4off: usize) -> (usize, u64) {
 }
 
 /// Rewrites the address at `addr_off` and the port at `port_off`, fixing the
-/// IP and L4 checksums (the address is in the L4 pseudo-header).
+/// checksums (the address is in the L4 pseudo-header).
 #[inline(always)]
-fn rewrite(
+fn rewrite<F: Family>(
     ctx: &TcContext,
-    proto: u8,
-    l4off: usize,
+    (proto, l4off): (u8, usize),
     addr_off: usize,
-    (old_addr, new_addr): (u32, u32),
+    (old_addr, new_addr): (F::Addr, F::Addr),
     port_off: usize,
     (old_port, new_port): (u16, u16),
 ) -> Result<(), i64> {
     let (csum_off, mangled) = l4_csum(proto, l4off);
     if old_addr != new_addr {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_addr),
-            u64::from(new_addr),
-            BPF_F_PSEUDO_HDR | mangled | 4,
-        )?;
-        ctx.l3_csum_replace(IP_CSUM, u64::from(old_addr), u64::from(new_addr), 4)?;
-        ctx.store(addr_off, &new_addr, 0)?;
+        F::rewrite_addr(ctx, addr_off, &old_addr, &new_addr, csum_off, mangled)?;
     }
     if old_port != new_port {
         ctx.l4_csum_replace(
@@ -324,29 +472,123 @@ fn rewrite(
 }
 
 /// What the load-balancer did with a packet leaving a pod.
-pub enum Balanced {
+pub enum Balanced<A> {
     /// Not addressed to a frontend.
     No,
     /// Translated: the new destination address.
-    To(u32),
+    To(A),
 }
 
-/// Translates a packet addressed to a service frontend to its flow's
-/// backend. `Err` is the verdict of a packet that must be dropped.
+/// The backend a flow keeps, if any (the rules in the section comment):
+/// an established TCP connection keeps it regardless; otherwise while the
+/// backends map allows it (a new TCP connection: only while selectable).
 #[inline(always)]
-pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdict> {
+fn kept_backend<F: Family>(
+    flow: &LbFlowKeyOf<F::Addr>,
+    established: bool,
+) -> Option<LbAddrOf<F::Addr>> {
+    // SAFETY: values are copied out at once.
+    let b = unsafe { F::flows().get(flow) }.copied()?;
+    if established {
+        return Some(b);
+    }
+    let bkey = LbBackendKeyOf {
+        frontend: flow.daddr,
+        frontend_port: flow.dport,
+        proto: flow.proto,
+        _pad: 0,
+        backend: b.addr,
+        backend_port: b.port,
+        _pad2: 0,
+    };
+    // SAFETY: as above.
+    match unsafe { F::backends().get(&bkey) } {
+        // A new TCP connection (this flow's port reused, or its SYN
+        // retransmitted) only to a backend that takes new ones.
+        Some(v) if flow.proto == IPPROTO_TCP && v.state != LB_BACKEND_SELECTABLE => None,
+        Some(_) => Some(b),
+        None => None,
+    }
+}
+
+/// Draws a selectable backend of the frontend (`skey`, slot 0 with `count`
+/// backends) for a new flow of `flow` and remembers the flow and its
+/// reverse.
+#[inline(always)]
+fn new_backend<F: Family>(
+    mut skey: LbServiceKeyOf<F::Addr>,
+    count: u16,
+    flow: &LbFlowKeyOf<F::Addr>,
+) -> Result<LbAddrOf<F::Addr>, Verdict> {
+    let count = u32::from(count);
+    if count == 0 {
+        return Err(Verdict::DropNoServiceBackend);
+    }
+    // SAFETY: plain helper call.
+    let r = unsafe { aya_ebpf::helpers::generated::bpf_get_prandom_u32() };
+    skey.slot = (1 + r % count) as u16;
+    // SAFETY: copied out at once. A slot missing here is a frontend being
+    // shrunk by user space at this moment.
+    let Some(mut v) = (unsafe { F::services().get(&skey) }).copied() else {
+        return Err(Verdict::DropNoServiceBackend);
+    };
+    // Never the client itself while there is another backend: its reply
+    // would not leave its namespace to be translated back (hairpin needs
+    // source translation, not done).
+    if v.addr == flow.saddr && count > 1 {
+        skey.slot = (u32::from(skey.slot) % count + 1) as u16;
+        // SAFETY: as above.
+        match unsafe { F::services().get(&skey) } {
+            Some(w) => v = *w,
+            None => return Err(Verdict::DropNoServiceBackend),
+        }
+    }
+    let b = LbAddrOf {
+        addr: v.addr,
+        port: v.port,
+        _pad: 0,
+    };
+    let reply = LbFlowKeyOf {
+        saddr: b.addr,
+        daddr: flow.saddr,
+        sport: b.port,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let frontend = LbAddrOf {
+        addr: flow.daddr,
+        port: flow.dport,
+        _pad: 0,
+    };
+    // The reverse first: a reply can never beat it.
+    if F::reverse().insert(&reply, &frontend, 0).is_err()
+        || F::flows().insert(flow, &b, 0).is_err()
+    {
+        return Err(Verdict::DropInternal);
+    }
+    Ok(b)
+}
+
+/// The body of [`lb_forward`].
+#[inline(always)]
+fn lb_forward_inline<F: Family>(
+    ctx: &TcContext,
+    src: F::Addr,
+    dst: F::Addr,
+) -> Result<Balanced<F::Addr>, Verdict> {
     // SAFETY: only the presence is read.
-    if unsafe { CM_LB_FRONTENDS.get(&dst) }.is_none() {
+    if unsafe { F::frontends().get(&dst) }.is_none() {
         return Ok(Balanced::No);
     }
     // A frontend address is served by the load-balancer or not at all:
     // nothing addressed to it reaches the host stack.
-    let (proto, l4off) = frontend_l4(ctx)?;
+    let (proto, l4off) = F::frontend_l4(ctx)?;
     // Source and destination port, network order.
     let Ok(ports) = ctx.load::<[u16; 2]>(l4off) else {
         return Err(Verdict::DropMalformed);
     };
-    let mut skey = LbServiceKey {
+    let skey = LbServiceKeyOf {
         addr: dst,
         port: ports[1],
         proto,
@@ -355,11 +597,11 @@ pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdi
         _pad2: 0,
     };
     // SAFETY: values are copied out at once.
-    let Some(svc) = (unsafe { CM_LB_SERVICES.get(&skey) }).copied() else {
+    let Some(svc) = (unsafe { F::services().get(&skey) }).copied() else {
         // A port (or protocol) of the address that is no frontend.
         return Err(Verdict::DropServiceProtocol);
     };
-    let flow = LbFlowKey {
+    let flow = LbFlowKeyOf {
         saddr: src,
         daddr: dst,
         sport: ports[0],
@@ -378,88 +620,14 @@ pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdi
         && ctx
             .load::<u8>(l4off + 13)
             .is_ok_and(|f| f & (TCP_SYN | TCP_ACK) != TCP_SYN);
-    // SAFETY: as above.
-    let known = match unsafe { CM_LB_FLOWS.get(&flow) }.copied() {
-        Some(b) if established => Some(b),
-        Some(b) => {
-            let bkey = LbBackendKey {
-                frontend: dst,
-                frontend_port: ports[1],
-                proto,
-                _pad: 0,
-                backend: b.addr,
-                backend_port: b.port,
-                _pad2: 0,
-            };
-            // SAFETY: as above.
-            match unsafe { CM_LB_BACKENDS.get(&bkey) } {
-                // A new TCP connection (this flow's port reused, or its
-                // SYN retransmitted) only to a backend that takes new ones.
-                Some(v) if proto == IPPROTO_TCP && v.state != LB_BACKEND_SELECTABLE => None,
-                Some(_) => Some(b),
-                None => None,
-            }
-        }
-        None => None,
-    };
-    let backend = match known {
+    let backend = match kept_backend::<F>(&flow, established) {
         Some(b) => b,
-        None => {
-            let count = u32::from(svc.count);
-            if count == 0 {
-                return Err(Verdict::DropNoServiceBackend);
-            }
-            // SAFETY: plain helper call.
-            let r = unsafe { aya_ebpf::helpers::generated::bpf_get_prandom_u32() };
-            skey.slot = (1 + r % count) as u16;
-            // SAFETY: as above. A slot missing here is a frontend being
-            // shrunk by user space at this moment.
-            let Some(mut v) = (unsafe { CM_LB_SERVICES.get(&skey) }).copied() else {
-                return Err(Verdict::DropNoServiceBackend);
-            };
-            // Never the client itself while there is another backend: its
-            // reply would not leave its namespace to be translated back
-            // (hairpin needs source translation, not done).
-            if v.addr == src && count > 1 {
-                skey.slot = (u32::from(skey.slot) % count + 1) as u16;
-                // SAFETY: as above.
-                match unsafe { CM_LB_SERVICES.get(&skey) } {
-                    Some(w) => v = *w,
-                    None => return Err(Verdict::DropNoServiceBackend),
-                }
-            }
-            let b = LbAddr {
-                addr: v.addr,
-                port: v.port,
-                _pad: 0,
-            };
-            let reply = LbFlowKey {
-                saddr: b.addr,
-                daddr: src,
-                sport: b.port,
-                dport: ports[0],
-                proto,
-                _pad: [0; 3],
-            };
-            let frontend = LbAddr {
-                addr: dst,
-                port: ports[1],
-                _pad: 0,
-            };
-            // The reverse first: a reply can never beat it.
-            if CM_LB_REVERSE.insert(&reply, &frontend, 0).is_err()
-                || CM_LB_FLOWS.insert(&flow, &b, 0).is_err()
-            {
-                return Err(Verdict::DropInternal);
-            }
-            b
-        }
+        None => new_backend::<F>(skey, svc.count, &flow)?,
     };
-    if rewrite(
+    if rewrite::<F>(
         ctx,
-        proto,
-        l4off,
-        IP_DST,
+        (proto, l4off),
+        F::DST,
         (dst, backend.addr),
         l4off + 2,
         (ports[1], backend.port),
@@ -471,19 +639,29 @@ pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdi
     Ok(Balanced::To(backend.addr))
 }
 
-/// Restores the frontend as the source of a reply from a backend.
+/// Restores the frontend as the source of a reply from a backend (a frame
+/// of family `F`). A BPF-to-BPF call, as [`lb_forward`], for the stack.
+#[inline(never)]
+fn lb_reverse_family<F: Family>(skb: NonNull<__sk_buff>) -> i64 {
+    let ctx = TcContext::new(skb);
+    match lb_reverse_inline::<F>(&ctx) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
 #[inline(always)]
-pub fn lb_reverse(ctx: &TcContext) -> Result<(), i64> {
-    let Some((src, dst)) = ipv4_addrs(ctx) else {
+fn lb_reverse_inline<F: Family>(ctx: &TcContext) -> Result<(), i64> {
+    let (Ok(src), Ok(dst)) = (ctx.load::<F::Addr>(F::SRC), ctx.load::<F::Addr>(F::DST)) else {
         return Ok(());
     };
-    let Some((proto, l4off)) = l4(ctx) else {
+    let Some((proto, l4off)) = l4::<F>(ctx) else {
         return Ok(());
     };
     let Ok(ports) = ctx.load::<[u16; 2]>(l4off) else {
         return Ok(());
     };
-    let key = LbFlowKey {
+    let key = LbFlowKeyOf {
         saddr: src,
         daddr: dst,
         sport: ports[0],
@@ -492,18 +670,93 @@ pub fn lb_reverse(ctx: &TcContext) -> Result<(), i64> {
         _pad: [0; 3],
     };
     // SAFETY: copied out at once.
-    let Some(fe) = (unsafe { CM_LB_REVERSE.get(&key) }).copied() else {
+    let Some(fe) = (unsafe { F::reverse().get(&key) }).copied() else {
         return Ok(());
     };
-    rewrite(
+    rewrite::<F>(
         ctx,
-        proto,
-        l4off,
-        IP_SRC,
+        (proto, l4off),
+        F::SRC,
         (src, fe.addr),
         l4off,
         (ports[0], fe.port),
     )
+}
+
+/// Restores the frontend as the source of a reply from a backend, in
+/// either family.
+#[inline(always)]
+pub fn lb_reverse(ctx: &TcContext) -> Result<(), i64> {
+    let Ok(proto) = ctx.load::<u16>(12) else {
+        return Ok(());
+    };
+    let r = match u16::from_be(proto) {
+        ETH_P_IP => lb_reverse_family::<V4>(skb(ctx)),
+        ETH_P_IPV6 => lb_reverse_family::<V6>(skb(ctx)),
+        _ => 0,
+    };
+    if r == 0 { Ok(()) } else { Err(r) }
+}
+
+/// Translates a packet addressed to a service frontend to its flow's
+/// backend. `Err` is the verdict of a packet that must be dropped.
+///
+/// The work is a BPF-to-BPF call ([`lb_forward_call`], one subprogram per
+/// family) rather than inlined: inlined twice into `from_endpoint` with
+/// the tunnels and neighbour discovery, the program's stack frame would
+/// exceed the 512 bytes the kernel allows; as a call its keys live in a
+/// frame of their own.
+#[inline(always)]
+pub fn lb_forward<F: Family>(
+    ctx: &TcContext,
+    src: F::Addr,
+    dst: F::Addr,
+) -> Result<Balanced<F::Addr>, Verdict> {
+    let mut addrs = [src, dst];
+    match lb_forward_call::<F>(skb(ctx), &mut addrs) {
+        0 => Ok(Balanced::No),
+        1 => Ok(Balanced::To(addrs[1])),
+        v => Err(drop_verdict(v)),
+    }
+}
+
+/// The `__sk_buff` of `ctx`, for a subprogram to rebuild its context from.
+#[inline(always)]
+fn skb(ctx: &TcContext) -> NonNull<__sk_buff> {
+    // SAFETY: the context of a running program is never null.
+    unsafe { NonNull::new_unchecked(ctx.as_ptr().cast()) }
+}
+
+/// The verdict [`lb_forward_call`] returned as a number.
+#[inline(always)]
+fn drop_verdict(v: u32) -> Verdict {
+    const FRAGMENT: u32 = Verdict::DropFragment as u32;
+    const PROTOCOL: u32 = Verdict::DropServiceProtocol as u32;
+    const NO_BACKEND: u32 = Verdict::DropNoServiceBackend as u32;
+    const MALFORMED: u32 = Verdict::DropMalformed as u32;
+    match v {
+        FRAGMENT => Verdict::DropFragment,
+        PROTOCOL => Verdict::DropServiceProtocol,
+        NO_BACKEND => Verdict::DropNoServiceBackend,
+        MALFORMED => Verdict::DropMalformed,
+        _ => Verdict::DropInternal,
+    }
+}
+
+/// [`lb_forward_inline`] as a subprogram: `addrs` holds (source,
+/// destination) and gets the backend as destination. Returns 0: not a
+/// frontend; 1: translated; otherwise the drop verdict's number.
+#[inline(never)]
+fn lb_forward_call<F: Family>(skb: NonNull<__sk_buff>, addrs: &mut [F::Addr; 2]) -> u32 {
+    let ctx = TcContext::new(skb);
+    match lb_forward_inline::<F>(&ctx, addrs[0], addrs[1]) {
+        Ok(Balanced::No) => 0,
+        Ok(Balanced::To(b)) => {
+            addrs[1] = b;
+            1
+        }
+        Err(v) => v as u32,
+    }
 }
 
 #[cfg(target_arch = "bpf")]
