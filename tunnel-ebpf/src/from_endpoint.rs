@@ -60,9 +60,12 @@
 #[allow(dead_code)]
 mod shared;
 
+use core::ptr::NonNull;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
+        __sk_buff,
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_DONT_FRAGMENT,
         BPF_F_TUNINFO_IPV6, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT,
@@ -176,16 +179,25 @@ fn ipv4(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
         Ok(Balanced::To(backend)) => backend,
         Err(v) => return (v, TC_ACT_SHOT),
     };
+    unpack(route4_call(skb(ctx), cfg, dst, sender.identity))
+}
+
+/// Where an IPv4 packet from a pod (after the load-balancer) goes: local
+/// delivery, the ip-cache's node, strict mode. A subprogram beside the
+/// load-balancer's, not under it (see Subprograms).
+#[inline(never)]
+fn route4_call(skb: NonNull<__sk_buff>, cfg: &DatapathConfig, dst: u32, identity: u32) -> u64 {
+    let ctx = &TcContext::new(skb);
     if let Some(ep) = endpoint(dst) {
-        return deliver(ctx, &ep);
+        return pack(deliver(ctx, &ep));
     }
     let Some(dest) = ipcache(dst) else {
-        return unroutable(cfg, || in_strict_range(dst));
+        return pack(unroutable(cfg, || in_strict_range(dst)));
     };
-    match remote(ctx, cfg, &dest, sender.identity, ETH_P_IP) {
+    pack(match remote(ctx, cfg, &dest, identity, ETH_P_IP) {
         Some(v) => v,
         None => unroutable(cfg, || in_strict_range(dst)),
-    }
+    })
 }
 
 /// IPv6 from a pod: as IPv4 (own source, service frontends balanced through
@@ -218,16 +230,23 @@ fn ipv6(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
         Ok(Balanced::To(backend)) => backend,
         Err(v) => return (v, TC_ACT_SHOT),
     };
-    if let Some(ep) = endpoint6(&dst) {
-        return deliver(ctx, &ep);
+    unpack(route6_call(skb(ctx), cfg, &dst, sender.identity))
+}
+
+/// [`route4_call`] for IPv6.
+#[inline(never)]
+fn route6_call(skb: NonNull<__sk_buff>, cfg: &DatapathConfig, dst: &Ip6, identity: u32) -> u64 {
+    let ctx = &TcContext::new(skb);
+    if let Some(ep) = endpoint6(dst) {
+        return pack(deliver(ctx, &ep));
     }
-    let Some(dest) = ipcache6(&dst) else {
-        return unroutable(cfg, || in_strict_range6(&dst));
+    let Some(dest) = ipcache6(dst) else {
+        return pack(unroutable(cfg, || in_strict_range6(dst)));
     };
-    match remote(ctx, cfg, &dest, sender.identity, ETH_P_IPV6) {
+    pack(match remote(ctx, cfg, &dest, identity, ETH_P_IPV6) {
         Some(v) => v,
-        None => unroutable(cfg, || in_strict_range6(&dst)),
-    }
+        None => unroutable(cfg, || in_strict_range6(dst)),
+    })
 }
 
 /// A destination the ip-cache found (either family of inner packet,
@@ -269,9 +288,9 @@ fn remote(
         // The node's underlay family: IPv4 when the entry has an IPv4
         // tunnel endpoint, else IPv6.
         if dest.tunnel_endpoint != 0 {
-            geneve4(ctx, cfg, dest.tunnel_endpoint, identity, inner)
+            unpack(geneve4_call(skb(ctx), cfg, dest.tunnel_endpoint, identity, inner))
         } else {
-            geneve6(ctx, cfg, &dest.tunnel_endpoint6, identity, inner)
+            unpack(geneve6_call(skb(ctx), cfg, &dest.tunnel_endpoint6, identity, inner))
         }
     } else if cfg.mode == TunnelMode::Direct as u32 {
         to_underlay(cfg, Verdict::Routed)
@@ -326,7 +345,7 @@ fn neighbour_discovery(
     if typ == ICMPV6_NS && next == IPPROTO_ICMPV6 && *src != [0; 16] {
         let target = ctx.load::<Ip6>(icmp + 8).ok()?;
         if target == GATEWAY6 {
-            return Some(answer_gateway_ns(ctx, src, link_scope));
+            return Some(unpack(answer_gateway_ns_call(skb(ctx), src, link_scope)));
         }
     }
     // Router/neighbour solicitations and advertisements, redirects
@@ -404,6 +423,65 @@ fn answer_gateway_ns(ctx: &TcContext, src: &Ip6, link_scope: bool) -> (Verdict, 
     // SAFETY: plain helper call.
     let r = unsafe { bpf_redirect(ingress_ifindex(ctx), 0) };
     (Verdict::NeighbourReply, r as i32)
+}
+
+// ---- Subprograms -------------------------------------------------------
+//
+// The kernel limits the stack of a call chain to 512 bytes (the frames of
+// the program and of every function on the chain), and the compiler's
+// frames are generous. So the work is split into BPF-to-BPF calls that are
+// siblings rather than nested: the program's own frame stays small, the
+// service load-balancer (`shared::lb_forward`, one subprogram per family)
+// and the routing after it (`route4_call`, `route6_call`, which reach the
+// tunnels and delivery) are called one after the other, and the functions
+// with large buffers (the Neighbour Advertisement, the Geneve headers) are
+// calls of their own. A verdict and action travel as one u64 (a BPF
+// function returns one register).
+
+#[inline(always)]
+fn skb(ctx: &TcContext) -> NonNull<__sk_buff> {
+    // SAFETY: the context of a running program is never null.
+    unsafe { NonNull::new_unchecked(ctx.as_ptr().cast()) }
+}
+
+#[inline(always)]
+fn pack((v, action): (Verdict, i32)) -> u64 {
+    (u64::from(v as u8) << 32) | u64::from(action as u32)
+}
+
+#[inline(always)]
+fn unpack(x: u64) -> (Verdict, i32) {
+    // SAFETY: the high byte came from a `Verdict` (`pack`), a `repr(u8)`
+    // enum.
+    let v = unsafe { core::mem::transmute::<u8, Verdict>((x >> 32) as u8) };
+    (v, x as u32 as i32)
+}
+
+#[inline(never)]
+fn answer_gateway_ns_call(skb: NonNull<__sk_buff>, src: &Ip6, link_scope: bool) -> u64 {
+    pack(answer_gateway_ns(&TcContext::new(skb), src, link_scope))
+}
+
+#[inline(never)]
+fn geneve4_call(
+    skb: NonNull<__sk_buff>,
+    cfg: &DatapathConfig,
+    remote: u32,
+    identity: u32,
+    inner: u16,
+) -> u64 {
+    pack(geneve4(&TcContext::new(skb), cfg, remote, identity, inner))
+}
+
+#[inline(never)]
+fn geneve6_call(
+    skb: NonNull<__sk_buff>,
+    cfg: &DatapathConfig,
+    remote: &Ip6,
+    identity: u32,
+    inner: u16,
+) -> u64 {
+    pack(geneve6(&TcContext::new(skb), cfg, remote, identity, inner))
 }
 
 // ---- Tunnels -----------------------------------------------------------

@@ -407,19 +407,22 @@ impl Family for V6 {
         csum_off: usize,
         mangled: u64,
     ) -> Result<(), i64> {
-        let mut i = 0;
-        while i < 16 {
-            let o = u32::from_ne_bytes([old[i], old[i + 1], old[i + 2], old[i + 3]]);
-            let n = u32::from_ne_bytes([new[i], new[i + 1], new[i + 2], new[i + 3]]);
-            if o != n {
+        // SAFETY: 16 plain bytes either way.
+        let (o, n) = unsafe {
+            (
+                core::mem::transmute::<Ip6, [u32; 4]>(*old),
+                core::mem::transmute::<Ip6, [u32; 4]>(*new),
+            )
+        };
+        for i in 0..4 {
+            if o[i] != n[i] {
                 ctx.l4_csum_replace(
                     csum_off,
-                    u64::from(o),
-                    u64::from(n),
+                    u64::from(o[i]),
+                    u64::from(n[i]),
                     BPF_F_PSEUDO_HDR | mangled | 4,
                 )?;
             }
-            i += 4;
         }
         ctx.store(off, new, 0)
     }
@@ -451,13 +454,73 @@ fn rewrite<F: Family>(
     ctx: &TcContext,
     (proto, l4off): (u8, usize),
     addr_off: usize,
-    (old_addr, new_addr): (F::Addr, F::Addr),
+    (old_addr, new_addr): (&F::Addr, &F::Addr),
+    port_off: usize,
+    (old_port, new_port): (u16, u16),
+) -> Result<(), i64> {
+    // Offsets within the first 256 bytes (Ethernet, IP header, L4 ports).
+    let offs = (proto as u32)
+        | ((l4off as u32 & 0xff) << 8)
+        | ((addr_off as u32 & 0xff) << 16)
+        | ((port_off as u32 & 0xff) << 24);
+    let ports = (u32::from(old_port) << 16) | u32::from(new_port);
+    if old_addr == new_addr {
+        // Only the port changes (the address is read back in the call).
+        return match rewrite_call::<F>(skb(ctx), offs, old_addr, ports) {
+            0 => Ok(()),
+            e => Err(e),
+        };
+    }
+    match rewrite_call::<F>(skb(ctx), offs, new_addr, ports) {
+        0 => Ok(()),
+        e => Err(e),
+    }
+}
+
+/// [`rewrite`] as a subprogram (stack, see [`lb_forward`]): the offsets
+/// and the ports packed into one argument each, the old address read from
+/// the packet (a BPF function takes five registers, and the compiler may
+/// pass an IPv6 address in two).
+#[inline(never)]
+fn rewrite_call<F: Family>(
+    skb: NonNull<__sk_buff>,
+    offs: u32,
+    new_addr: &F::Addr,
+    ports: u32,
+) -> i64 {
+    let ctx = &TcContext::new(skb);
+    let Ok(old) = ctx.load::<F::Addr>(((offs >> 16) & 0xff) as usize) else {
+        return -1;
+    };
+    let old_addr = &old;
+    let (proto, l4off) = (offs as u8, ((offs >> 8) & 0xff) as usize);
+    let (addr_off, port_off) = (((offs >> 16) & 0xff) as usize, (offs >> 24) as usize);
+    let (old_port, new_port) = ((ports >> 16) as u16, ports as u16);
+    match rewrite_inline::<F>(
+        ctx,
+        (proto, l4off),
+        addr_off,
+        (old_addr, new_addr),
+        port_off,
+        (old_port, new_port),
+    ) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+#[inline(always)]
+fn rewrite_inline<F: Family>(
+    ctx: &TcContext,
+    (proto, l4off): (u8, usize),
+    addr_off: usize,
+    (old_addr, new_addr): (&F::Addr, &F::Addr),
     port_off: usize,
     (old_port, new_port): (u16, u16),
 ) -> Result<(), i64> {
     let (csum_off, mangled) = l4_csum(proto, l4off);
     if old_addr != new_addr {
-        F::rewrite_addr(ctx, addr_off, &old_addr, &new_addr, csum_off, mangled)?;
+        F::rewrite_addr(ctx, addr_off, old_addr, new_addr, csum_off, mangled)?;
     }
     if old_port != new_port {
         ctx.l4_csum_replace(
@@ -482,55 +545,68 @@ pub enum Balanced<A> {
 /// The backend a flow keeps, if any (the rules in the section comment):
 /// an established TCP connection keeps it regardless; otherwise while the
 /// backends map allows it (a new TCP connection: only while selectable).
-#[inline(always)]
+/// Written to `out`; false: none. A subprogram (stack, see [`lb_forward`]).
+#[inline(never)]
 fn kept_backend<F: Family>(
     flow: &LbFlowKeyOf<F::Addr>,
     established: bool,
-) -> Option<LbAddrOf<F::Addr>> {
-    // SAFETY: values are copied out at once.
-    let b = unsafe { F::flows().get(flow) }.copied()?;
+    out: &mut LbAddrOf<F::Addr>,
+) -> bool {
+    // SAFETY: values are read at once; user space writes whole values.
+    let Some(b) = (unsafe { F::flows().get(flow) }) else {
+        return false;
+    };
+    out.addr = b.addr;
+    out.port = b.port;
     if established {
-        return Some(b);
+        return true;
     }
     let bkey = LbBackendKeyOf {
         frontend: flow.daddr,
         frontend_port: flow.dport,
         proto: flow.proto,
         _pad: 0,
-        backend: b.addr,
-        backend_port: b.port,
+        backend: out.addr,
+        backend_port: out.port,
         _pad2: 0,
     };
     // SAFETY: as above.
     match unsafe { F::backends().get(&bkey) } {
         // A new TCP connection (this flow's port reused, or its SYN
         // retransmitted) only to a backend that takes new ones.
-        Some(v) if flow.proto == IPPROTO_TCP && v.state != LB_BACKEND_SELECTABLE => None,
-        Some(_) => Some(b),
-        None => None,
+        Some(v) => flow.proto != IPPROTO_TCP || v.state == LB_BACKEND_SELECTABLE,
+        None => false,
     }
 }
 
-/// Draws a selectable backend of the frontend (`skey`, slot 0 with `count`
-/// backends) for a new flow of `flow` and remembers the flow and its
-/// reverse.
-#[inline(always)]
+/// Draws a selectable backend of the flow's frontend (`count` backends)
+/// for a new flow, writes it to `out` and remembers the flow and its
+/// reverse. Returns 0, or the number of the drop verdict. A subprogram
+/// (stack, see [`lb_forward`]).
+#[inline(never)]
 fn new_backend<F: Family>(
-    mut skey: LbServiceKeyOf<F::Addr>,
     count: u16,
     flow: &LbFlowKeyOf<F::Addr>,
-) -> Result<LbAddrOf<F::Addr>, Verdict> {
+    out: &mut LbAddrOf<F::Addr>,
+) -> u32 {
     let count = u32::from(count);
     if count == 0 {
-        return Err(Verdict::DropNoServiceBackend);
+        return Verdict::DropNoServiceBackend as u32;
     }
     // SAFETY: plain helper call.
     let r = unsafe { aya_ebpf::helpers::generated::bpf_get_prandom_u32() };
-    skey.slot = (1 + r % count) as u16;
-    // SAFETY: copied out at once. A slot missing here is a frontend being
-    // shrunk by user space at this moment.
-    let Some(mut v) = (unsafe { F::services().get(&skey) }).copied() else {
-        return Err(Verdict::DropNoServiceBackend);
+    let mut skey = LbServiceKeyOf {
+        addr: flow.daddr,
+        port: flow.dport,
+        proto: flow.proto,
+        _pad: 0,
+        slot: (1 + r % count) as u16,
+        _pad2: 0,
+    };
+    // SAFETY: read at once. A slot missing here is a frontend being shrunk
+    // by user space at this moment.
+    let Some(mut v) = (unsafe { F::services().get(&skey) }) else {
+        return Verdict::DropNoServiceBackend as u32;
     };
     // Never the client itself while there is another backend: its reply
     // would not leave its namespace to be translated back (hairpin needs
@@ -539,19 +615,16 @@ fn new_backend<F: Family>(
         skey.slot = (u32::from(skey.slot) % count + 1) as u16;
         // SAFETY: as above.
         match unsafe { F::services().get(&skey) } {
-            Some(w) => v = *w,
-            None => return Err(Verdict::DropNoServiceBackend),
+            Some(w) => v = w,
+            None => return Verdict::DropNoServiceBackend as u32,
         }
     }
-    let b = LbAddrOf {
-        addr: v.addr,
-        port: v.port,
-        _pad: 0,
-    };
+    out.addr = v.addr;
+    out.port = v.port;
     let reply = LbFlowKeyOf {
-        saddr: b.addr,
+        saddr: out.addr,
         daddr: flow.saddr,
-        sport: b.port,
+        sport: out.port,
         dport: flow.sport,
         proto: flow.proto,
         _pad: [0; 3],
@@ -562,52 +635,54 @@ fn new_backend<F: Family>(
         _pad: 0,
     };
     // The reverse first: a reply can never beat it.
-    if F::reverse().insert(&reply, &frontend, 0).is_err()
-        || F::flows().insert(flow, &b, 0).is_err()
+    if F::reverse().insert(&reply, &frontend, 0).is_err() || F::flows().insert(flow, out, 0).is_err()
     {
-        return Err(Verdict::DropInternal);
+        return Verdict::DropInternal as u32;
     }
-    Ok(b)
+    0
 }
 
-/// The body of [`lb_forward`].
-#[inline(always)]
-fn lb_forward_inline<F: Family>(
-    ctx: &TcContext,
-    src: F::Addr,
-    dst: F::Addr,
-) -> Result<Balanced<F::Addr>, Verdict> {
+/// The body of [`lb_forward`]: `addrs` holds (source, destination) and
+/// gets the backend as destination. Returns 0: not a frontend; 1:
+/// translated; otherwise the drop verdict's number. A subprogram, one per
+/// family.
+#[inline(never)]
+fn lb_forward_call<F: Family>(skb: NonNull<__sk_buff>, addrs: &mut [F::Addr; 2]) -> u32 {
+    let ctx = TcContext::new(skb);
     // SAFETY: only the presence is read.
-    if unsafe { F::frontends().get(&dst) }.is_none() {
-        return Ok(Balanced::No);
+    if unsafe { F::frontends().get(&addrs[1]) }.is_none() {
+        return 0;
     }
     // A frontend address is served by the load-balancer or not at all:
     // nothing addressed to it reaches the host stack.
-    let (proto, l4off) = F::frontend_l4(ctx)?;
+    let (proto, l4off) = match F::frontend_l4(&ctx) {
+        Ok(r) => r,
+        Err(v) => return v as u32,
+    };
     // Source and destination port, network order.
     let Ok(ports) = ctx.load::<[u16; 2]>(l4off) else {
-        return Err(Verdict::DropMalformed);
+        return Verdict::DropMalformed as u32;
+    };
+    let flow = LbFlowKeyOf {
+        saddr: addrs[0],
+        daddr: addrs[1],
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        _pad: [0; 3],
     };
     let skey = LbServiceKeyOf {
-        addr: dst,
+        addr: addrs[1],
         port: ports[1],
         proto,
         _pad: 0,
         slot: 0,
         _pad2: 0,
     };
-    // SAFETY: values are copied out at once.
-    let Some(svc) = (unsafe { F::services().get(&skey) }).copied() else {
+    // SAFETY: read at once.
+    let Some(count) = (unsafe { F::services().get(&skey) }).map(|v| v.count) else {
         // A port (or protocol) of the address that is no frontend.
-        return Err(Verdict::DropServiceProtocol);
-    };
-    let flow = LbFlowKeyOf {
-        saddr: src,
-        daddr: dst,
-        sport: ports[0],
-        dport: ports[1],
-        proto,
-        _pad: [0; 3],
+        return Verdict::DropServiceProtocol as u32;
     };
     // A flow keeps its backend while that backend is allowed for the
     // frontend (selectable or draining). An established TCP connection
@@ -620,23 +695,31 @@ fn lb_forward_inline<F: Family>(
         && ctx
             .load::<u8>(l4off + 13)
             .is_ok_and(|f| f & (TCP_SYN | TCP_ACK) != TCP_SYN);
-    let backend = match kept_backend::<F>(&flow, established) {
-        Some(b) => b,
-        None => new_backend::<F>(skey, svc.count, &flow)?,
+    let mut backend = LbAddrOf {
+        addr: addrs[1],
+        port: 0,
+        _pad: 0,
     };
+    if !kept_backend::<F>(&flow, established, &mut backend) {
+        let v = new_backend::<F>(count, &flow, &mut backend);
+        if v != 0 {
+            return v;
+        }
+    }
     if rewrite::<F>(
-        ctx,
+        &ctx,
         (proto, l4off),
         F::DST,
-        (dst, backend.addr),
+        (&addrs[1], &backend.addr),
         l4off + 2,
         (ports[1], backend.port),
     )
     .is_err()
     {
-        return Err(Verdict::DropInternal);
+        return Verdict::DropInternal as u32;
     }
-    Ok(Balanced::To(backend.addr))
+    addrs[1] = backend.addr;
+    1
 }
 
 /// Restores the frontend as the source of a reply from a backend (a frame
@@ -652,7 +735,10 @@ fn lb_reverse_family<F: Family>(skb: NonNull<__sk_buff>) -> i64 {
 
 #[inline(always)]
 fn lb_reverse_inline<F: Family>(ctx: &TcContext) -> Result<(), i64> {
-    let (Ok(src), Ok(dst)) = (ctx.load::<F::Addr>(F::SRC), ctx.load::<F::Addr>(F::DST)) else {
+    let Ok(src) = ctx.load::<F::Addr>(F::SRC) else {
+        return Ok(());
+    };
+    let Ok(dst) = ctx.load::<F::Addr>(F::DST) else {
         return Ok(());
     };
     let Some((proto, l4off)) = l4::<F>(ctx) else {
@@ -677,7 +763,7 @@ fn lb_reverse_inline<F: Family>(ctx: &TcContext) -> Result<(), i64> {
         ctx,
         (proto, l4off),
         F::SRC,
-        (src, fe.addr),
+        (&src, &fe.addr),
         l4off,
         (ports[0], fe.port),
     )
@@ -743,21 +829,6 @@ fn drop_verdict(v: u32) -> Verdict {
     }
 }
 
-/// [`lb_forward_inline`] as a subprogram: `addrs` holds (source,
-/// destination) and gets the backend as destination. Returns 0: not a
-/// frontend; 1: translated; otherwise the drop verdict's number.
-#[inline(never)]
-fn lb_forward_call<F: Family>(skb: NonNull<__sk_buff>, addrs: &mut [F::Addr; 2]) -> u32 {
-    let ctx = TcContext::new(skb);
-    match lb_forward_inline::<F>(&ctx, addrs[0], addrs[1]) {
-        Ok(Balanced::No) => 0,
-        Ok(Balanced::To(b)) => {
-            addrs[1] = b;
-            1
-        }
-        Err(v) => v as u32,
-    }
-}
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
