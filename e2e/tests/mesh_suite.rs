@@ -146,7 +146,10 @@ fn matrix_in_dual_stack_and_ipv6_with_strict_encryption() {
             if family == mesh::IpFamily::Dual {
                 kinds.extend(["ping", "tcp", "service"]);
             } else {
-                assert!(!rows.iter().any(|r| r.check == "service"), "no IPv4 frontend");
+                assert!(
+                    !rows.iter().any(|r| r.check == "service"),
+                    "no IPv4 frontend"
+                );
                 assert!(up.0.pods.iter().all(|p| p.ip.is_none() && p.ipv6.is_some()));
                 assert!(up.0.nodes.iter().all(|n| n.underlay_ip.is_none()));
             }

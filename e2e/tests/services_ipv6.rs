@@ -89,20 +89,38 @@ fn pod_ipv6(pod: &NetNs, ip: Ipv6Addr, host_mac: &str) {
     enable_ipv6(pod, "eth0");
     pod.exec(
         "ip",
-        &["-6", "addr", "add", &format!("{ip}/128"), "dev", "eth0", "nodad"],
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip}/128"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
     )
     .unwrap();
     pod.exec(
         "ip",
         &[
-            "-6", "neigh", "replace", "fe80::1", "lladdr", host_mac, "dev", "eth0", "nud",
+            "-6",
+            "neigh",
+            "replace",
+            "fe80::1",
+            "lladdr",
+            host_mac,
+            "dev",
+            "eth0",
+            "nud",
             "permanent",
         ],
     )
     .unwrap();
     pod.exec(
         "ip",
-        &["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"],
+        &[
+            "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+        ],
     )
     .unwrap();
 }
@@ -230,24 +248,32 @@ fn ipv6_frontends_are_balanced_translated_back_and_closed() {
     ];
     // Control: the pods reach each other over IPv6 directly.
     let direct = in_pod(&a.pod, || {
-        ask_tcp(
-            SocketAddr::from((pod6(2, 2), PORT)),
-            Duration::from_secs(2),
-        )
+        ask_tcp(SocketAddr::from((pod6(2, 2), PORT)), Duration::from_secs(2))
     });
     assert_eq!(direct.unwrap(), "b", "IPv6 pod to pod");
 
     // Node A owns the frontend address (as a host-based proxy would) and
     // answers pod A directly.
-    a.ns.exec("ip", &["-6", "addr", "add", &format!("{FE}/128"), "dev", "lo"])
-        .unwrap();
+    a.ns.exec(
+        "ip",
+        &["-6", "addr", "add", &format!("{FE}/128"), "dev", "lo"],
+    )
+    .unwrap();
     let pa = pod6(1, 2).to_string();
     a.ns.exec("ip", &["-6", "route", "add", &pa, "dev", "lxc0"])
         .unwrap();
     a.ns.exec(
         "ip",
         &[
-            "-6", "neigh", "replace", &pa, "lladdr", &mac(2, 1), "dev", "lxc0", "nud",
+            "-6",
+            "neigh",
+            "replace",
+            &pa,
+            "lladdr",
+            &mac(2, 1),
+            "dev",
+            "lxc0",
+            "nud",
             "permanent",
         ],
     )
@@ -259,7 +285,17 @@ fn ipv6_frontends_are_balanced_translated_back_and_closed() {
         run(
             a.pod.name(),
             &[
-                "ping", "-6", "-c", "3", "-i", "0.1", "-W", "1", "-s", size, &FE.to_string(),
+                "ping",
+                "-6",
+                "-c",
+                "3",
+                "-i",
+                "0.1",
+                "-W",
+                "1",
+                "-s",
+                size,
+                &FE.to_string(),
             ],
         )
     };
@@ -339,7 +375,10 @@ fn balanced(a: &Node, b: &Node, a2: &NetNs) {
                 "client {me} {what}: only {others:?} answer: {m:?}"
             );
             for o in others {
-                assert!(m.contains_key(o), "client {me} {what}: {o} never chosen: {m:?}");
+                assert!(
+                    m.contains_key(o),
+                    "client {me} {what}: {o} never chosen: {m:?}"
+                );
             }
         }
     }

@@ -65,10 +65,9 @@ use core::ptr::NonNull;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff,
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_DONT_FRAGMENT,
-        BPF_F_TUNINFO_IPV6, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT,
+        __sk_buff, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_DONT_FRAGMENT, BPF_F_TUNINFO_IPV6, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key,
     },
     helpers::generated::{
@@ -288,9 +287,21 @@ fn remote(
         // The node's underlay family: IPv4 when the entry has an IPv4
         // tunnel endpoint, else IPv6.
         if dest.tunnel_endpoint != 0 {
-            unpack(geneve4_call(skb(ctx), cfg, dest.tunnel_endpoint, identity, inner))
+            unpack(geneve4_call(
+                skb(ctx),
+                cfg,
+                dest.tunnel_endpoint,
+                identity,
+                inner,
+            ))
         } else {
-            unpack(geneve6_call(skb(ctx), cfg, &dest.tunnel_endpoint6, identity, inner))
+            unpack(geneve6_call(
+                skb(ctx),
+                cfg,
+                &dest.tunnel_endpoint6,
+                identity,
+                inner,
+            ))
         }
     } else if cfg.mode == TunnelMode::Direct as u32 {
         to_underlay(cfg, Verdict::Routed)

@@ -7,18 +7,19 @@
 use core::ptr::NonNull;
 
 use aya_ebpf::{
+    EbpfContext as _,
+    bindings::__sk_buff,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::TcContext,
-    EbpfContext as _,
-    bindings::__sk_buff,
 };
 use tunnel_common::{
     Counter, DatapathConfig, Direction, EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, Ip6, IpCacheValue,
     LB_BACKEND_SELECTABLE, Lb6Addr, Lb6BackendKey, Lb6FlowKey, Lb6ServiceKey, Lb6ServiceValue,
     LbAddr, LbAddrOf, LbBackendKey, LbBackendKeyOf, LbBackendValue, LbFlowKey, LbFlowKeyOf,
-    LbServiceKey, LbServiceKeyOf, LbServiceValue, LbServiceValueOf, MAX_ENDPOINTS, MAX_IPCACHE, MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS,
-    MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES, MAX_STRICT_RANGES, METRICS_ENTRIES, Verdict, metric_index,
+    LbServiceKey, LbServiceKeyOf, LbServiceValue, LbServiceValueOf, MAX_ENDPOINTS, MAX_IPCACHE,
+    MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS, MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES,
+    MAX_STRICT_RANGES, METRICS_ENTRIES, Verdict, metric_index,
 };
 
 #[map]
@@ -635,7 +636,8 @@ fn new_backend<F: Family>(
         _pad: 0,
     };
     // The reverse first: a reply can never beat it.
-    if F::reverse().insert(&reply, &frontend, 0).is_err() || F::flows().insert(flow, out, 0).is_err()
+    if F::reverse().insert(&reply, &frontend, 0).is_err()
+        || F::flows().insert(flow, out, 0).is_err()
     {
         return Verdict::DropInternal as u32;
     }
@@ -828,7 +830,6 @@ fn drop_verdict(v: u32) -> Verdict {
         _ => Verdict::DropInternal,
     }
 }
-
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -28,9 +28,8 @@ use aya::{
 };
 use tunnel_common::{
     Counter, DatapathConfig, Direction, EndpointInfo, Ip6, IpCacheValue, Lb6BackendKey,
-    Lb6ServiceKey, Lb6ServiceValue, LbBackendKey,
-    LbBackendValue, LbServiceKey, LbServiceValue, STRICT_RANGE, Verdict, maps, metric_index,
-    programs,
+    Lb6ServiceKey, Lb6ServiceValue, LbBackendKey, LbBackendValue, LbServiceKey, LbServiceValue,
+    STRICT_RANGE, Verdict, maps, metric_index, programs,
 };
 
 /// ELF objects built by build.rs (aya-build) from tunnel-ebpf.

@@ -205,7 +205,11 @@ pub fn entries<A: LbFamily>(svc: &MergedService, policy: &LbPolicy) -> Entries<A
         .filter_map(|ip| A::from_ip(*ip))
         .take(MAX_LB_SLOTS as usize - 1)
         .collect();
-    let draining: Vec<A> = sel.draining.iter().filter_map(|ip| A::from_ip(*ip)).collect();
+    let draining: Vec<A> = sel
+        .draining
+        .iter()
+        .filter_map(|ip| A::from_ip(*ip))
+        .collect();
     let mut out = Entries::default();
     for fe in svc.frontends.iter().filter_map(|ip| A::from_ip(*ip)) {
         for &(p, port, target) in &svc.ports {
@@ -729,7 +733,10 @@ mod tests {
         // IPv4: one backend per port; IPv6: two selectable + one draining.
         assert_eq!((e4.slots.len(), e4.backends.len()), (4, 2));
         assert_eq!((e6.slots.len(), e6.backends.len()), (6, 6));
-        let fe6: Ip6 = "fd00:96::10".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let fe6: Ip6 = "fd00:96::10"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
         let k0 = LbServiceKeyOf {
             addr: fe6,
             port: 80u16.to_be(),
@@ -740,8 +747,14 @@ mod tests {
         };
         assert_eq!(e6.slots[&k0].count, 2);
         let k1 = LbServiceKeyOf { slot: 1, ..k0 };
-        let b1: Ip6 = "fd00:10:1::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
-        assert_eq!((e6.slots[&k1].addr, e6.slots[&k1].port), (b1, 8080u16.to_be()));
+        let b1: Ip6 = "fd00:10:1::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        assert_eq!(
+            (e6.slots[&k1].addr, e6.slots[&k1].port),
+            (b1, 8080u16.to_be())
+        );
         let draining = e6
             .backends
             .values()
