@@ -14,8 +14,9 @@
 //! responder that answers `cI/node-J/web-K` on TCP and UDP 8080. Then
 //! `clustermesh connect --mode mesh --wait` connects every cluster to every
 //! other, and `clustermesh service create` declares the global service
-//! `default/web` (10.96.0.10:80 -> 8080, TCP and UDP) in every cluster, its
-//! backends the first pod of each node.
+//! `default/web` (10.96.0.10:80 and/or [fd00:96::10]:80 by the IP family
+//! -> 8080, TCP and UDP) in every cluster, its backends the first pod of
+//! each node (in each family it has).
 //!
 //! Everything created (namespaces, processes, bpffs pin directories, the
 //! state directory) is recorded in `<state-dir>/topology.json` as it is
@@ -35,8 +36,11 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-/// The service every cluster declares.
+/// The service every cluster declares: its IPv4 frontend (`--ip-family
+/// ipv4` and `dual`)...
 pub const SERVICE_FRONTEND: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// ... and its IPv6 frontend (`ipv6` and `dual`: one service with both).
+pub const SERVICE_FRONTEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
 pub const SERVICE_PORT: u16 = 80;
 /// The port every pod's responder listens on (TCP and UDP).
 pub const POD_PORT: u16 = 8080;
@@ -276,9 +280,19 @@ impl Pod {
 pub struct Service {
     pub cluster: String,
     pub name: String,
+    /// The IPv4 frontend (empty with `--ip-family ipv6`).
+    #[serde(default)]
     pub frontend: String,
+    /// The IPv6 frontend (`--ip-family ipv6` or `dual`).
+    #[serde(default)]
+    pub frontend6: Option<Ipv6Addr>,
     pub ports: Vec<String>,
+    /// The IPv4 backends.
+    #[serde(default)]
     pub backends: Vec<Ipv4Addr>,
+    /// The IPv6 backends.
+    #[serde(default)]
+    pub backends6: Vec<Ipv6Addr>,
     pub global: bool,
     pub affinity: String,
 }
@@ -977,49 +991,52 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
         ]))?;
     }
 
-    // The global service, declared in every cluster (IPv4: the
-    // load-balancer does not balance IPv6 frontends yet).
-    let clusters = if o.ip_family.v4() {
-        t.clusters.clone()
-    } else {
-        Vec::new()
-    };
+    // The global service, declared in every cluster: one service with a
+    // frontend and backends in each family the mesh has (the model allows
+    // several frontends; each family's frontend gets that family's
+    // backends).
+    let clusters = t.clusters.clone();
     for c in &clusters {
-        let backends: Vec<Ipv4Addr> = t
-            .pods_of(&c.name)
-            .filter(|p| p.name == "web-1")
-            .filter_map(|p| p.ip)
-            .collect();
+        let web1 = || t.pods_of(&c.name).filter(|p| p.name == "web-1");
+        let backends: Vec<Ipv4Addr> = web1().filter_map(|p| p.ip).collect();
+        let backends6: Vec<Ipv6Addr> = web1().filter_map(|p| p.ipv6).collect();
+        let frontend6 = o.ip_family.v6().then_some(SERVICE_FRONTEND6);
+        let frontend = if o.ip_family.v4() {
+            SERVICE_FRONTEND.to_string()
+        } else {
+            String::new()
+        };
+        let ports = vec![
+            format!("http={SERVICE_PORT}:{POD_PORT}/TCP"),
+            format!("dns={SERVICE_PORT}:{POD_PORT}/UDP"),
+        ];
         let mut cmd = t.cli(&o.bin_dir);
-        cmd.args([
-            "service",
-            "create",
-            "--cluster",
-            &c.name,
-            "default/web",
-            "--frontend",
-            &SERVICE_FRONTEND.to_string(),
-            "--port",
-            &format!("http={SERVICE_PORT}:{POD_PORT}/TCP"),
-            "--port",
-            &format!("dns={SERVICE_PORT}:{POD_PORT}/UDP"),
-            "--global",
-            "--affinity",
-            "none",
-        ]);
+        cmd.args(["service", "create", "--cluster", &c.name, "default/web"]);
+        if !frontend.is_empty() {
+            cmd.args(["--frontend", &frontend]);
+        }
+        if let Some(f) = frontend6 {
+            cmd.args(["--frontend", &f.to_string()]);
+        }
+        for p in &ports {
+            cmd.args(["--port", p]);
+        }
+        cmd.args(["--global", "--affinity", "none"]);
         for b in &backends {
+            cmd.args(["--backend", &b.to_string()]);
+        }
+        for b in &backends6 {
             cmd.args(["--backend", &b.to_string()]);
         }
         run(&mut cmd)?;
         t.services.push(Service {
             cluster: c.name.clone(),
             name: "default/web".into(),
-            frontend: SERVICE_FRONTEND.to_string(),
-            ports: vec![
-                format!("http={SERVICE_PORT}:{POD_PORT}/TCP"),
-                format!("dns={SERVICE_PORT}:{POD_PORT}/UDP"),
-            ],
+            frontend,
+            frontend6,
+            ports,
             backends,
+            backends6,
             global: true,
             affinity: "none".into(),
         });
@@ -1319,16 +1336,13 @@ pub fn check(t: &Topology) -> anyhow::Result<Vec<Row>> {
     }
     // The global service: from the last pod of each cluster's first node
     // (not a backend when nodes have 2 pods or more), answers counted per
-    // cluster; with affinity none every cluster must answer (but not with
-    // the client itself: a client is never balanced to itself).
-    let frontend = SocketAddr::from((SERVICE_FRONTEND, SERVICE_PORT));
-    let n = 20 * t.clusters.len();
-    // No service with `--ip-family ipv6` (an IPv4 frontend).
-    let with_service = t
-        .clusters
-        .iter()
-        .filter(|c| t.services.iter().any(|s| s.cluster == c.name));
-    for c in with_service {
+    // cluster, in each family the service has a frontend in (`service`,
+    // `service6`); with affinity none every cluster must answer (but not
+    // with the client itself: a client is never balanced to itself).
+    for c in &t.clusters {
+        if !t.services.iter().any(|s| s.cluster == c.name) {
+            continue;
+        }
         let first_node = t.pods_of(&c.name).next().map(|p| p.node.clone());
         let Some(src) = t
             .pods_of(&c.name)
@@ -1337,52 +1351,75 @@ pub fn check(t: &Topology) -> anyhow::Result<Vec<Row>> {
         else {
             continue;
         };
-        let answers = in_netns(&src.netns, || {
-            (0..n)
-                .map(|_| ask(frontend, Duration::from_secs(2)))
-                .collect::<Vec<_>>()
-        })?;
-        let mut per: BTreeMap<String, usize> = BTreeMap::new();
-        let mut failed = 0;
-        for a in &answers {
-            match a {
-                Ok(s) => {
-                    *per.entry(s.split('/').next().unwrap_or("").to_owned())
-                        .or_default() += 1
-                }
-                Err(_) => failed += 1,
-            }
+        if t.services.iter().any(|s| !s.frontend.is_empty()) && src.ip.is_some() {
+            let frontend = SocketAddr::from((SERVICE_FRONTEND, SERVICE_PORT));
+            let others = |s: &Service| s.backends.iter().any(|b| Some(*b) != src.ip);
+            rows.push(service_row(t, src, frontend, "service", others)?);
         }
-        // Every cluster with a backend other than the client itself (a
-        // client is never balanced to itself) must answer.
-        let all = t
-            .services
-            .iter()
-            .filter(|s| s.backends.iter().any(|b| Some(*b) != src.ip))
-            .all(|s| per.contains_key(&s.cluster));
-        rows.push(Row {
-            check: "service".into(),
-            from: format!("{}/{}/{}", src.cluster, src.node, src.name),
-            to: format!("{frontend} (default/web, global)"),
-            ok: failed == 0 && all,
-            detail: format!(
-                "{n} requests: {}{}",
-                per.iter()
-                    .map(|(k, v)| format!("{k} {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                if failed > 0 {
-                    format!(", {failed} failed")
-                } else {
-                    String::new()
-                }
-            ),
-        });
+        if t.services.iter().any(|s| s.frontend6.is_some()) && src.ipv6.is_some() {
+            let frontend = SocketAddr::from((SERVICE_FRONTEND6, SERVICE_PORT));
+            let others = |s: &Service| s.backends6.iter().any(|b| Some(*b) != src.ipv6);
+            rows.push(service_row(t, src, frontend, "service6", others)?);
+        }
     }
     if let Some(caps) = capture {
         rows.extend(finish_captures(t, caps)?);
     }
     Ok(rows)
+}
+
+/// `20 x clusters` TCP requests from `src` to the service's `frontend`:
+/// the row fails if one fails or if a cluster whose service has a backend
+/// other than the client (`others`) never answers.
+fn service_row(
+    t: &Topology,
+    src: &Pod,
+    frontend: SocketAddr,
+    check: &str,
+    others: impl Fn(&Service) -> bool,
+) -> anyhow::Result<Row> {
+    let n = 20 * t.clusters.len();
+    let answers = in_netns(&src.netns, || {
+        (0..n)
+            .map(|_| ask(frontend, Duration::from_secs(2)))
+            .collect::<Vec<_>>()
+    })?;
+    let mut per: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failed = 0;
+    for a in &answers {
+        match a {
+            Ok(s) => {
+                *per.entry(s.split('/').next().unwrap_or("").to_owned())
+                    .or_default() += 1
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    // Every cluster with a backend other than the client itself (a client
+    // is never balanced to itself) must answer.
+    let all = t
+        .services
+        .iter()
+        .filter(|s| others(s))
+        .all(|s| per.contains_key(&s.cluster));
+    Ok(Row {
+        check: check.into(),
+        from: format!("{}/{}/{}", src.cluster, src.node, src.name),
+        to: format!("{frontend} (default/web, global)"),
+        ok: failed == 0 && all,
+        detail: format!(
+            "{n} requests: {}{}",
+            per.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if failed > 0 {
+                format!(", {failed} failed")
+            } else {
+                String::new()
+            }
+        ),
+    })
 }
 
 /// Ping and TCP from `src` to `dst`, in every family both have (`ping6`,

@@ -34,11 +34,16 @@ pub struct Responder {
 
 impl Responder {
     pub fn start(pod: &NetNs, name: &str, port: u16) -> Self {
+        Self::start_on(pod, name, Ipv4Addr::UNSPECIFIED.into(), port)
+    }
+
+    /// [`Responder::start`] on address `any` (e.g. `::` for IPv6 clients).
+    pub fn start_on(pod: &NetNs, name: &str, any: std::net::IpAddr, port: u16) -> Self {
         // Sockets belong to the namespace they are created in.
         let (tcp, udp) = std::thread::scope(|s| {
             s.spawn(|| {
                 let _in = pod.enter().unwrap();
-                let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+                let any = SocketAddr::from((any, port));
                 (
                     TcpListener::bind(any).unwrap(),
                     UdpSocket::bind(any).unwrap(),
@@ -158,7 +163,7 @@ pub fn ask_tcp_from(to: SocketAddr, timeout: Duration) -> std::io::Result<(u16, 
 /// One UDP request from a fresh socket; the answer must come from `to`
 /// (the frontend, not the backend: the reply was translated back).
 pub fn ask_udp(to: SocketAddr, timeout: Duration) -> std::io::Result<String> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
+    let s = UdpSocket::bind(if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
     s.set_read_timeout(Some(timeout))?;
     s.send_to(b"who", to)?;
     let mut buf = [0u8; 64];

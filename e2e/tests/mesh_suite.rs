@@ -90,6 +90,8 @@ fn matrix_for_each_tunnel_mode_with_and_without_encryption() {
             for kind in ["ping", "tcp", "service"] {
                 assert!(rows.iter().any(|r| r.check == kind), "no {kind} check");
             }
+            // IPv4 only: no IPv6 frontend.
+            assert!(!rows.iter().any(|r| r.check == "service6"));
             assert_eq!(
                 rows.iter().any(|r| r.check == "encryption"),
                 enc != Encryption::None
@@ -104,8 +106,9 @@ fn matrix_for_each_tunnel_mode_with_and_without_encryption() {
     }
 }
 
-/// IPv6: the matrix (ping6, tcp6; in dual-stack also ping, tcp and the
-/// global service) and the wire for each tunnel mode with strict WireGuard,
+/// IPv6: the matrix (ping6, tcp6, the global service's IPv6 frontend
+/// service6; in dual-stack also ping, tcp and the IPv4 service) and the
+/// wire for each tunnel mode with strict WireGuard,
 /// over a dual-stack underlay and over an IPv6-only one; in the IPv6 VXLAN
 /// mesh also the first packets of new IPv6 pods.
 #[test]
@@ -137,10 +140,16 @@ fn matrix_in_dual_stack_and_ipv6_with_strict_encryption() {
                 t0.elapsed().as_secs_f64()
             );
             assert!(failed.is_empty(), "{family:?}/{tunnel}: {failed:#?}");
-            let mut kinds = vec!["ping6", "tcp6", "encryption"];
+            // The global service in each family (service6: the IPv6
+            // frontend, balanced over the IPv6 backends).
+            let mut kinds = vec!["ping6", "tcp6", "encryption", "service6"];
             if family == mesh::IpFamily::Dual {
                 kinds.extend(["ping", "tcp", "service"]);
             } else {
+                assert!(
+                    !rows.iter().any(|r| r.check == "service"),
+                    "no IPv4 frontend"
+                );
                 assert!(up.0.pods.iter().all(|p| p.ip.is_none() && p.ipv6.is_some()));
                 assert!(up.0.nodes.iter().all(|n| n.underlay_ip.is_none()));
             }

@@ -233,35 +233,7 @@ impl AgentConfig {
                 "nothing to do: give --endpoint-dir, --endpoint-iface, --overlay-iface, --apiserver and/or --cluster-name",
             ));
         }
-        if let Some(a) = &self.apiserver {
-            let tls = [
-                &self.apiserver_ca,
-                &self.apiserver_cert,
-                &self.apiserver_key,
-            ];
-            if a.starts_with("https://") {
-                if tls.iter().any(|f| f.is_none()) {
-                    return Err(refuse(
-                        "--apiserver-cert",
-                        "--apiserver https:// needs --apiserver-ca, --apiserver-cert and --apiserver-key (the cluster CA and this node's certificate from `clustermesh enable --node`)",
-                    ));
-                }
-            } else if !a.starts_with("http://") {
-                return Err(refuse(
-                    "--apiserver",
-                    format!(
-                        "{a:?} must start with https:// (or http:// for an --insecure-plaintext apiserver)"
-                    ),
-                ));
-            } else if tls.iter().any(|f| f.is_some()) {
-                return Err(refuse(
-                    "--apiserver",
-                    format!("{a} is plaintext but TLS files were given: use https://"),
-                ));
-            }
-        } else if self.apiserver_cert.is_some() {
-            return Err(refuse("--apiserver-cert", "needs --apiserver"));
-        }
+        self.check_apiserver()?;
         if !(0.0..=1.0).contains(&self.lb_failover_threshold) {
             return Err(refuse(
                 "--lb-failover-threshold",
@@ -329,6 +301,40 @@ impl AgentConfig {
             node_name,
             strict_ranges: self.strict_ranges()?,
         })
+    }
+
+    /// `--apiserver` and its TLS flags, together.
+    fn check_apiserver(&self) -> Result<(), ConfigError> {
+        if let Some(a) = &self.apiserver {
+            let tls = [
+                &self.apiserver_ca,
+                &self.apiserver_cert,
+                &self.apiserver_key,
+            ];
+            if a.starts_with("https://") {
+                if tls.iter().any(|f| f.is_none()) {
+                    return Err(refuse(
+                        "--apiserver-cert",
+                        "--apiserver https:// needs --apiserver-ca, --apiserver-cert and --apiserver-key (the cluster CA and this node's certificate from `clustermesh enable --node`)",
+                    ));
+                }
+            } else if !a.starts_with("http://") {
+                return Err(refuse(
+                    "--apiserver",
+                    format!(
+                        "{a:?} must start with https:// (or http:// for an --insecure-plaintext apiserver)"
+                    ),
+                ));
+            } else if tls.iter().any(|f| f.is_some()) {
+                return Err(refuse(
+                    "--apiserver",
+                    format!("{a} is plaintext but TLS files were given: use https://"),
+                ));
+            }
+        } else if self.apiserver_cert.is_some() {
+            return Err(refuse("--apiserver-cert", "needs --apiserver"));
+        }
+        Ok(())
     }
 
     /// `--strict-range` and `--pod-cidr` as prefixes, deduplicated.

@@ -67,6 +67,25 @@ pub mod maps {
     /// is dropped ([`crate::Verdict::DropFragment`],
     /// [`crate::Verdict::DropServiceProtocol`]), never handed to the host.
     pub const LB_FRONTENDS: &str = "CM_LB_FRONTENDS";
+    /// Hash: [`crate::Lb6ServiceKey`] -> [`crate::Lb6ServiceValue`]:
+    /// [`LB_SERVICES`] for IPv6 frontends (and their IPv6 backends).
+    pub const LB6_SERVICES: &str = "CM_LB6_SERVICES";
+    /// Hash: [`crate::Lb6BackendKey`] -> [`crate::LbBackendValue`]:
+    /// [`LB_BACKENDS`] for IPv6 frontends.
+    pub const LB6_BACKENDS: &str = "CM_LB6_BACKENDS";
+    /// LRU hash: [`crate::Lb6FlowKey`] -> [`crate::Lb6Addr`]: [`LB_FLOWS`]
+    /// of IPv6 clients.
+    pub const LB6_FLOWS: &str = "CM_LB6_FLOWS";
+    /// LRU hash: [`crate::Lb6FlowKey`] of the reply -> [`crate::Lb6Addr`]:
+    /// [`LB_REVERSE`] of IPv6 flows.
+    pub const LB6_REVERSE: &str = "CM_LB6_REVERSE";
+    /// Hash: service frontend IPv6 ([`crate::Ip6`]) -> number of (port,
+    /// protocol) frontends: [`LB_FRONTENDS`] for IPv6. A packet to such an
+    /// address whose next header is a Fragment header is dropped
+    /// ([`crate::Verdict::DropFragment`]); any next header other than TCP
+    /// or UDP (other extension headers included), or a port that is no
+    /// frontend, [`crate::Verdict::DropServiceProtocol`].
+    pub const LB6_FRONTENDS: &str = "CM_LB6_FRONTENDS";
     /// LPM trie: IPv4 prefix (the mesh's pod ranges) -> [`crate::STRICT_RANGE`].
     /// In strict mode a destination inside one that the ip-cache cannot
     /// route (no entry, or one without a tunnel endpoint or encryption) is
@@ -186,12 +205,21 @@ pub const IPCACHE_FLAG_UNREACHABLE: u8 = 2;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
+// ---- Service load-balancing ------------------------------------------
+//
+// The keys and values are generic over the address (`A`: `u32` for IPv4,
+// network order; [`Ip6`] for IPv6) so both families share one definition
+// and one meaning; the maps of each family hold one instantiation (the
+// `Lb*` aliases IPv4, the `Lb6*` ones IPv6). Every field after the
+// addresses is 2-byte aligned and the padding is explicit, so neither
+// instantiation has implicit padding (both sizes asserted).
+
 /// A service frontend slot: address, port (both network order), protocol
 /// and slot (0: the frontend itself, 1..=count: its backends).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LbServiceKey {
-    pub addr: u32,
+pub struct LbServiceKeyOf<A> {
+    pub addr: A,
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
@@ -199,37 +227,48 @@ pub struct LbServiceKey {
     pub _pad2: u16,
 }
 
+/// Key of [`maps::LB_SERVICES`].
+pub type LbServiceKey = LbServiceKeyOf<u32>;
+/// Key of [`maps::LB6_SERVICES`].
+pub type Lb6ServiceKey = LbServiceKeyOf<Ip6>;
 const _: () = assert!(core::mem::size_of::<LbServiceKey>() == 12);
+const _: () = assert!(core::mem::size_of::<Lb6ServiceKey>() == 24);
 
 /// Slot 0: `count` backends are selectable (0: the frontend exists but has
 /// none; its packets are dropped with [`Verdict::DropNoServiceBackend`]).
 /// Other slots: the backend's address and port (network order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LbServiceValue {
-    pub addr: u32,
+pub struct LbServiceValueOf<A> {
+    pub addr: A,
     pub port: u16,
     pub count: u16,
 }
 
+pub type LbServiceValue = LbServiceValueOf<u32>;
+pub type Lb6ServiceValue = LbServiceValueOf<Ip6>;
 const _: () = assert!(core::mem::size_of::<LbServiceValue>() == 8);
+const _: () = assert!(core::mem::size_of::<Lb6ServiceValue>() == 20);
 
 /// A (frontend, backend) pair flows may use.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LbBackendKey {
-    pub frontend: u32,
+pub struct LbBackendKeyOf<A> {
+    pub frontend: A,
     pub frontend_port: u16,
     pub proto: u8,
     pub _pad: u8,
-    pub backend: u32,
+    pub backend: A,
     pub backend_port: u16,
     pub _pad2: u16,
 }
 
+pub type LbBackendKey = LbBackendKeyOf<u32>;
+pub type Lb6BackendKey = LbBackendKeyOf<Ip6>;
 const _: () = assert!(core::mem::size_of::<LbBackendKey>() == 16);
+const _: () = assert!(core::mem::size_of::<Lb6BackendKey>() == 40);
 
-/// [`LB_BACKEND_SELECTABLE`] or [`LB_BACKEND_DRAINING`].
+/// [`LB_BACKEND_SELECTABLE`] or [`LB_BACKEND_DRAINING`] (both families).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LbBackendValue {
@@ -247,27 +286,33 @@ pub const LB_BACKEND_DRAINING: u32 = 2;
 /// One direction of a balanced flow: addresses and ports in network order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct LbFlowKey {
-    pub saddr: u32,
-    pub daddr: u32,
+pub struct LbFlowKeyOf<A> {
+    pub saddr: A,
+    pub daddr: A,
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
 
+pub type LbFlowKey = LbFlowKeyOf<u32>;
+pub type Lb6FlowKey = LbFlowKeyOf<Ip6>;
 const _: () = assert!(core::mem::size_of::<LbFlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<Lb6FlowKey>() == 40);
 
 /// An address and port (network order).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LbAddr {
-    pub addr: u32,
+pub struct LbAddrOf<A> {
+    pub addr: A,
     pub port: u16,
     pub _pad: u16,
 }
 
+pub type LbAddr = LbAddrOf<u32>;
+pub type Lb6Addr = LbAddrOf<Ip6>;
 const _: () = assert!(core::mem::size_of::<LbAddr>() == 8);
+const _: () = assert!(core::mem::size_of::<Lb6Addr>() == 20);
 
 /// The node's datapath configuration (one entry).
 #[repr(C)]
@@ -353,10 +398,12 @@ pub enum Verdict {
     DropSpoofed = 70,
     /// Dropped: a pod sent a frame that is neither IPv4, IPv6 nor ARP.
     DropUnsupportedL3 = 71,
-    /// Dropped: an IPv4 fragment addressed to a service frontend address.
+    /// Dropped: an IPv4 fragment, or an IPv6 packet whose next header is a
+    /// Fragment header, addressed to a service frontend address.
     DropFragment = 72,
     /// Dropped: addressed to a service frontend address with a protocol
-    /// other than TCP/UDP, or to a port that is not one of its frontends.
+    /// (IPv6: a next header, extension headers included) other than
+    /// TCP/UDP, or to a port that is not one of its frontends.
     DropServiceProtocol = 73,
     /// Dropped: strict mode, the destination lies in a mesh pod range but
     /// the ip-cache has no tunnel endpoint (or encryption) for it.
@@ -446,6 +493,11 @@ mod pod {
     unsafe impl aya::Pod for super::LbBackendValue {}
     unsafe impl aya::Pod for super::LbFlowKey {}
     unsafe impl aya::Pod for super::LbAddr {}
+    unsafe impl aya::Pod for super::Lb6ServiceKey {}
+    unsafe impl aya::Pod for super::Lb6ServiceValue {}
+    unsafe impl aya::Pod for super::Lb6BackendKey {}
+    unsafe impl aya::Pod for super::Lb6FlowKey {}
+    unsafe impl aya::Pod for super::Lb6Addr {}
 }
 
 #[cfg(test)]

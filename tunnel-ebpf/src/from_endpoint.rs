@@ -17,12 +17,12 @@
 //!   MAC, sent back into the pod (`neighbour_reply`; also when the NS comes
 //!   from the pod's own address, as Linux sends it), anything else is
 //!   `drop_spoofed`;
-//! - destination (IPv4 only: the load-balancer does not handle IPv6, an
-//!   IPv6 packet is never balanced) is a service frontend address
-//!   (`CM_LB_FRONTENDS`): a
-//!   fragment is dropped (`drop_fragment`), a protocol other than TCP/UDP
-//!   or a port that is not one of its frontends too
-//!   (`drop_service_protocol`); a frontend (address, port, TCP or UDP): the
+//! - destination is a service frontend address (`CM_LB_FRONTENDS`, IPv6
+//!   `CM_LB6_FRONTENDS`): a fragment (IPv6: next header Fragment) is
+//!   dropped (`drop_fragment`), a protocol other than TCP/UDP (IPv6: any
+//!   other next header, extension headers included) or a port that is not
+//!   one of its frontends too (`drop_service_protocol`); a frontend
+//!   (address, port, TCP or UDP): the
 //!   destination becomes the flow's backend (kept for the flow's life while
 //!   the backend is allowed, else drawn from the selectable ones; replies
 //!   are translated back on delivery), then routed as below; a frontend
@@ -70,12 +70,14 @@
 #[allow(dead_code)]
 mod shared;
 
+use core::ptr::NonNull;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L3_IPV6,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_DONT_FRAGMENT,
-        BPF_F_TUNINFO_IPV6, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT,
+        __sk_buff, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV6, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        BPF_F_DONT_FRAGMENT, BPF_F_TUNINFO_IPV6, BPF_F_ZERO_CSUM_TX, TC_ACT_OK, TC_ACT_SHOT,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_tunnel_key,
     },
     helpers::generated::{
@@ -90,6 +92,7 @@ use shared::{
     config, count, deliver, endpoint, endpoint6, in_strict_range, in_strict_range6, ipcache,
     ipcache6, lb_forward,
 };
+use shared::{V4, V6};
 use tunnel_common::{
     CONFIG_FLAG_STRICT, DatapathConfig, Direction, ENCAP_OVERHEAD, ENCAP_OVERHEAD6, EndpointInfo,
     GENEVE_PORT, IPCACHE_FLAG_ENCRYPT, IPCACHE_FLAG_UNREACHABLE, Ip6, IpCacheValue, TunnelMode,
@@ -180,27 +183,35 @@ fn ipv4(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
     };
     // A service frontend is translated to its flow's backend first; the
     // rest routes the backend's address.
-    let dst = match lb_forward(ctx, src, dst) {
+    let dst = match lb_forward::<V4>(ctx, src, dst) {
         Ok(Balanced::No) => dst,
         Ok(Balanced::To(backend)) => backend,
         Err(v) => return (v, TC_ACT_SHOT),
     };
-    if let Some(ep) = endpoint(dst) {
-        return deliver(ctx, &ep);
-    }
-    let Some(dest) = ipcache(dst) else {
-        return unroutable(cfg, || in_strict_range(dst));
-    };
-    match remote(ctx, cfg, &dest, sender.identity, ETH_P_IP) {
-        Some(v) => v,
-        None => unroutable(cfg, || in_strict_range(dst)),
-    }
+    unpack(route4_call(skb(ctx), cfg, dst, sender.identity))
 }
 
-/// IPv6 from a pod: as IPv4 (own source, local delivery, ip-cache, strict
-/// mode), after neighbour discovery ([`neighbour_discovery`]). Never
-/// load-balanced: service frontends are IPv4 (`CM_LB_FRONTENDS` is keyed
-/// by IPv4 addresses), so an IPv6 destination is never one.
+/// Where an IPv4 packet from a pod (after the load-balancer) goes: local
+/// delivery, the ip-cache's node, strict mode. A subprogram beside the
+/// load-balancer's, not under it (see Subprograms).
+#[inline(never)]
+fn route4_call(skb: NonNull<__sk_buff>, cfg: &DatapathConfig, dst: u32, identity: u32) -> u64 {
+    let ctx = &TcContext::new(skb);
+    if let Some(ep) = endpoint(dst) {
+        return pack(deliver(ctx, &ep));
+    }
+    let Some(dest) = ipcache(dst) else {
+        return pack(unroutable(cfg, || in_strict_range(dst)));
+    };
+    pack(match remote(ctx, cfg, &dest, identity, ETH_P_IP) {
+        Some(v) => v,
+        None => unroutable(cfg, || in_strict_range(dst)),
+    })
+}
+
+/// IPv6 from a pod: as IPv4 (own source, service frontends balanced through
+/// `CM_LB6_*`, local delivery, ip-cache, strict mode), after neighbour
+/// discovery ([`neighbour_discovery`]).
 #[inline(always)]
 fn ipv6(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
     let (Ok(src), Ok(dst), Ok(next)) = (
@@ -223,16 +234,28 @@ fn ipv6(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
     let Some(sender) = own_endpoint6(ctx, &src) else {
         return (Verdict::DropSpoofed, TC_ACT_SHOT);
     };
-    if let Some(ep) = endpoint6(&dst) {
-        return deliver(ctx, &ep);
-    }
-    let Some(dest) = ipcache6(&dst) else {
-        return unroutable(cfg, || in_strict_range6(&dst));
+    let dst = match lb_forward::<V6>(ctx, src, dst) {
+        Ok(Balanced::No) => dst,
+        Ok(Balanced::To(backend)) => backend,
+        Err(v) => return (v, TC_ACT_SHOT),
     };
-    match remote(ctx, cfg, &dest, sender.identity, ETH_P_IPV6) {
-        Some(v) => v,
-        None => unroutable(cfg, || in_strict_range6(&dst)),
+    unpack(route6_call(skb(ctx), cfg, &dst, sender.identity))
+}
+
+/// [`route4_call`] for IPv6.
+#[inline(never)]
+fn route6_call(skb: NonNull<__sk_buff>, cfg: &DatapathConfig, dst: &Ip6, identity: u32) -> u64 {
+    let ctx = &TcContext::new(skb);
+    if let Some(ep) = endpoint6(dst) {
+        return pack(deliver(ctx, &ep));
     }
+    let Some(dest) = ipcache6(dst) else {
+        return pack(unroutable(cfg, || in_strict_range6(dst)));
+    };
+    pack(match remote(ctx, cfg, &dest, identity, ETH_P_IPV6) {
+        Some(v) => v,
+        None => unroutable(cfg, || in_strict_range6(dst)),
+    })
 }
 
 /// A destination the ip-cache found (either family of inner packet,
@@ -274,9 +297,21 @@ fn remote(
         // The node's underlay family: IPv4 when the entry has an IPv4
         // tunnel endpoint, else IPv6.
         if dest.tunnel_endpoint != 0 {
-            geneve4(ctx, cfg, dest.tunnel_endpoint, identity, inner)
+            unpack(geneve4_call(
+                skb(ctx),
+                cfg,
+                dest.tunnel_endpoint,
+                identity,
+                inner,
+            ))
         } else {
-            geneve6(ctx, cfg, &dest.tunnel_endpoint6, identity, inner)
+            unpack(geneve6_call(
+                skb(ctx),
+                cfg,
+                &dest.tunnel_endpoint6,
+                identity,
+                inner,
+            ))
         }
     } else if cfg.mode == TunnelMode::Direct as u32 {
         to_underlay(cfg, Verdict::Routed)
@@ -331,7 +366,7 @@ fn neighbour_discovery(
     if typ == ICMPV6_NS && next == IPPROTO_ICMPV6 && *src != [0; 16] {
         let target = ctx.load::<Ip6>(icmp + 8).ok()?;
         if target == GATEWAY6 {
-            return Some(answer_gateway_ns(ctx, src, link_scope));
+            return Some(unpack(answer_gateway_ns_call(skb(ctx), src, link_scope)));
         }
     }
     // Router/neighbour solicitations and advertisements, redirects
@@ -409,6 +444,65 @@ fn answer_gateway_ns(ctx: &TcContext, src: &Ip6, link_scope: bool) -> (Verdict, 
     // SAFETY: plain helper call.
     let r = unsafe { bpf_redirect(ingress_ifindex(ctx), 0) };
     (Verdict::NeighbourReply, r as i32)
+}
+
+// ---- Subprograms -------------------------------------------------------
+//
+// The kernel limits the stack of a call chain to 512 bytes (the frames of
+// the program and of every function on the chain), and the compiler's
+// frames are generous. So the work is split into BPF-to-BPF calls that are
+// siblings rather than nested: the program's own frame stays small, the
+// service load-balancer (`shared::lb_forward`, one subprogram per family)
+// and the routing after it (`route4_call`, `route6_call`, which reach the
+// tunnels and delivery) are called one after the other, and the functions
+// with large buffers (the Neighbour Advertisement, the Geneve headers) are
+// calls of their own. A verdict and action travel as one u64 (a BPF
+// function returns one register).
+
+#[inline(always)]
+fn skb(ctx: &TcContext) -> NonNull<__sk_buff> {
+    // SAFETY: the context of a running program is never null.
+    unsafe { NonNull::new_unchecked(ctx.as_ptr().cast()) }
+}
+
+#[inline(always)]
+fn pack((v, action): (Verdict, i32)) -> u64 {
+    (u64::from(v as u8) << 32) | u64::from(action as u32)
+}
+
+#[inline(always)]
+fn unpack(x: u64) -> (Verdict, i32) {
+    // SAFETY: the high byte came from a `Verdict` (`pack`), a `repr(u8)`
+    // enum.
+    let v = unsafe { core::mem::transmute::<u8, Verdict>((x >> 32) as u8) };
+    (v, x as u32 as i32)
+}
+
+#[inline(never)]
+fn answer_gateway_ns_call(skb: NonNull<__sk_buff>, src: &Ip6, link_scope: bool) -> u64 {
+    pack(answer_gateway_ns(&TcContext::new(skb), src, link_scope))
+}
+
+#[inline(never)]
+fn geneve4_call(
+    skb: NonNull<__sk_buff>,
+    cfg: &DatapathConfig,
+    remote: u32,
+    identity: u32,
+    inner: u16,
+) -> u64 {
+    pack(geneve4(&TcContext::new(skb), cfg, remote, identity, inner))
+}
+
+#[inline(never)]
+fn geneve6_call(
+    skb: NonNull<__sk_buff>,
+    cfg: &DatapathConfig,
+    remote: &Ip6,
+    identity: u32,
+    inner: u16,
+) -> u64 {
+    pack(geneve6(&TcContext::new(skb), cfg, remote, identity, inner))
 }
 
 // ---- Tunnels -----------------------------------------------------------

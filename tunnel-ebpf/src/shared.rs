@@ -4,16 +4,22 @@
 //! the two objects (one per attach point) share them through the node's pin
 //! directory, and a restarted agent adopts them with their contents.
 
+use core::ptr::NonNull;
+
 use aya_ebpf::{
+    EbpfContext as _,
+    bindings::__sk_buff,
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use tunnel_common::{
     Counter, DatapathConfig, Direction, EndpointInfo, IPPROTO_TCP, IPPROTO_UDP, Ip6, IpCacheValue,
-    LB_BACKEND_SELECTABLE, LbAddr, LbBackendKey, LbBackendValue, LbFlowKey, LbServiceKey,
-    LbServiceValue, MAX_ENDPOINTS, MAX_IPCACHE, MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS,
-    MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES, MAX_STRICT_RANGES, METRICS_ENTRIES, Verdict, metric_index,
+    LB_BACKEND_SELECTABLE, Lb6Addr, Lb6BackendKey, Lb6FlowKey, Lb6ServiceKey, Lb6ServiceValue,
+    LbAddr, LbAddrOf, LbBackendKey, LbBackendKeyOf, LbBackendValue, LbFlowKey, LbFlowKeyOf,
+    LbServiceKey, LbServiceKeyOf, LbServiceValue, LbServiceValueOf, MAX_ENDPOINTS, MAX_IPCACHE,
+    MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS, MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES,
+    MAX_STRICT_RANGES, METRICS_ENTRIES, Verdict, metric_index,
 };
 
 #[map]
@@ -43,6 +49,18 @@ pub static CM_LB_FLOWS: LruHashMap<LbFlowKey, LbAddr> = LruHashMap::pinned(MAX_L
 pub static CM_LB_REVERSE: LruHashMap<LbFlowKey, LbAddr> = LruHashMap::pinned(MAX_LB_FLOWS, 0);
 #[map]
 pub static CM_LB_FRONTENDS: HashMap<u32, u32> = HashMap::pinned(MAX_LB_FRONTENDS, 0);
+#[map]
+pub static CM_LB6_SERVICES: HashMap<Lb6ServiceKey, Lb6ServiceValue> =
+    HashMap::pinned(MAX_LB_SLOTS, 0);
+#[map]
+pub static CM_LB6_BACKENDS: HashMap<Lb6BackendKey, LbBackendValue> =
+    HashMap::pinned(MAX_LB_BACKENDS, 0);
+#[map]
+pub static CM_LB6_FLOWS: LruHashMap<Lb6FlowKey, Lb6Addr> = LruHashMap::pinned(MAX_LB_FLOWS, 0);
+#[map]
+pub static CM_LB6_REVERSE: LruHashMap<Lb6FlowKey, Lb6Addr> = LruHashMap::pinned(MAX_LB_FLOWS, 0);
+#[map]
+pub static CM_LB6_FRONTENDS: HashMap<Ip6, u32> = HashMap::pinned(MAX_LB_FRONTENDS, 0);
 #[map]
 pub static CM_STRICT_RANGES: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_STRICT_RANGES, 0);
 #[map]
@@ -195,8 +213,7 @@ pub fn deliver_unencrypted(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32)
 }
 
 /// Delivers the frame to a local endpoint: a service reply gets its
-/// frontend back as source ([`lb_reverse`]; IPv4 only, an IPv6 frame is
-/// never a balanced flow's reply), MACs rewritten, then
+/// frontend back as source ([`lb_reverse`], either family), MACs rewritten, then
 /// `redirect_peer` straight into its namespace (no host stack, no backlog).
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32) {
@@ -220,13 +237,23 @@ pub fn set_macs(ctx: &TcContext, ep: &EndpointInfo) -> Result<(), i64> {
 //
 // A client pod's packet to a frontend (service address, port, protocol) is
 // translated in `from_endpoint` to a backend: the flow's backend comes from
-// CM_LB_FLOWS (always for an established TCP connection; for UDP while that
-// backend is still allowed for the frontend, CM_LB_BACKENDS; for a new TCP
-// connection while it is selectable),
-// otherwise a selectable slot is drawn at random and the flow (and its
-// reverse, for the replies) remembered. Replies are translated
-// back on delivery to the client (`deliver`). Which backends are selectable
-// (affinity, failover) is decided in user space.
+// the family's flows map (always for an established TCP connection; for UDP
+// while that backend is still allowed for the frontend, the backends map;
+// for a new TCP connection while it is selectable), otherwise a selectable
+// slot is drawn at random and the flow (and its reverse, for the replies)
+// remembered. Replies are translated back on delivery to the client
+// (`deliver`). Which backends are selectable (affinity, failover) is decided
+// in user space.
+//
+// Both families run the same code: `lb_forward` and `lb_reverse` are generic
+// over [`Family`] (IPv4: [`V4`], the `CM_LB_*` maps; IPv6: [`V6`], the
+// `CM_LB6_*` maps), monomorphised once per family. The trait holds only what
+// differs: the address type, its maps, where the header keeps the addresses
+// and the L4 protocol (IPv4: IHL and fragment bits; IPv6: the next header
+// right after the fixed header, no extension headers walked), and how an
+// address rewrite fixes checksums (IPv4: the header checksum and the L4
+// pseudo-header; IPv6: no header checksum, the 16-byte address in the
+// pseudo-header word by word).
 
 /// Offset of the IP checksum in an Ethernet + IPv4 frame.
 const IP_CSUM: usize = ETH_HLEN + 10;
@@ -234,47 +261,180 @@ const BPF_F_PSEUDO_HDR: u64 = 0x10;
 const BPF_F_MARK_MANGLED_0: u64 = 0x20;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+/// IPv6 next header of a Fragment header.
+const IPPROTO_FRAGMENT: u8 = 44;
 
-/// Protocol and L4 header offset of a TCP or UDP IPv4 packet that is not a
-/// fragment (fragments carry no ports; they are not balanced).
-#[inline(always)]
-fn l4(ctx: &TcContext) -> Option<(u8, usize)> {
-    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return None;
-    }
-    let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
-    // More-fragments flag or a fragment offset.
-    if u16::from_be(frag) & 0x3fff != 0 {
-        return None;
-    }
-    let proto: u8 = ctx.load(ETH_HLEN + 9).ok()?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return None;
-    }
-    Some((proto, ETH_HLEN + ihl))
+/// What the load-balancer needs to know about an address family.
+pub trait Family {
+    /// The address as the maps key it (network order).
+    type Addr: Copy + PartialEq + 'static;
+    /// Offsets of the source and destination addresses in an Ethernet frame.
+    const SRC: usize;
+    const DST: usize;
+    fn frontends() -> &'static HashMap<Self::Addr, u32>;
+    fn services() -> &'static HashMap<LbServiceKeyOf<Self::Addr>, LbServiceValueOf<Self::Addr>>;
+    fn backends() -> &'static HashMap<LbBackendKeyOf<Self::Addr>, LbBackendValue>;
+    fn flows() -> &'static LruHashMap<LbFlowKeyOf<Self::Addr>, LbAddrOf<Self::Addr>>;
+    fn reverse() -> &'static LruHashMap<LbFlowKeyOf<Self::Addr>, LbAddrOf<Self::Addr>>;
+    /// Protocol and L4 header offset of a packet to a frontend address;
+    /// `Err`: the verdict to drop it with (fragment, other protocol).
+    fn frontend_l4(ctx: &TcContext) -> Result<(u8, usize), Verdict>;
+    /// Replaces the address at `off` (`old` -> `new`), fixing the header
+    /// checksum (if the family has one) and the L4 checksum at `csum_off`
+    /// (`mangled`: the UDP zero-checksum flag).
+    fn rewrite_addr(
+        ctx: &TcContext,
+        off: usize,
+        old: &Self::Addr,
+        new: &Self::Addr,
+        csum_off: usize,
+        mangled: u64,
+    ) -> Result<(), i64>;
 }
 
-/// [`l4`] for a packet addressed to a frontend address: a fragment, or a
-/// protocol the load-balancer does not handle, is the verdict to drop it.
+/// IPv4: `CM_LB_*`.
+pub struct V4;
+/// IPv6: `CM_LB6_*`.
+pub struct V6;
+
+impl Family for V4 {
+    type Addr = u32;
+    const SRC: usize = IP_SRC;
+    const DST: usize = IP_DST;
+    #[inline(always)]
+    fn frontends() -> &'static HashMap<u32, u32> {
+        &CM_LB_FRONTENDS
+    }
+    #[inline(always)]
+    fn services() -> &'static HashMap<LbServiceKey, LbServiceValue> {
+        &CM_LB_SERVICES
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<LbBackendKey, LbBackendValue> {
+        &CM_LB_BACKENDS
+    }
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<LbFlowKey, LbAddr> {
+        &CM_LB_FLOWS
+    }
+    #[inline(always)]
+    fn reverse() -> &'static LruHashMap<LbFlowKey, LbAddr> {
+        &CM_LB_REVERSE
+    }
+    #[inline(always)]
+    fn frontend_l4(ctx: &TcContext) -> Result<(u8, usize), Verdict> {
+        let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| Verdict::DropMalformed)?;
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        if ihl < 20 {
+            return Err(Verdict::DropMalformed);
+        }
+        let frag: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| Verdict::DropMalformed)?;
+        // More-fragments flag or a fragment offset.
+        if u16::from_be(frag) & 0x3fff != 0 {
+            return Err(Verdict::DropFragment);
+        }
+        let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| Verdict::DropMalformed)?;
+        if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            return Err(Verdict::DropServiceProtocol);
+        }
+        Ok((proto, ETH_HLEN + ihl))
+    }
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &TcContext,
+        off: usize,
+        old: &u32,
+        new: &u32,
+        csum_off: usize,
+        mangled: u64,
+    ) -> Result<(), i64> {
+        ctx.l4_csum_replace(
+            csum_off,
+            u64::from(*old),
+            u64::from(*new),
+            BPF_F_PSEUDO_HDR | mangled | 4,
+        )?;
+        ctx.l3_csum_replace(IP_CSUM, u64::from(*old), u64::from(*new), 4)?;
+        ctx.store(off, new, 0)
+    }
+}
+
+impl Family for V6 {
+    type Addr = Ip6;
+    const SRC: usize = IP6_SRC;
+    const DST: usize = IP6_DST;
+    #[inline(always)]
+    fn frontends() -> &'static HashMap<Ip6, u32> {
+        &CM_LB6_FRONTENDS
+    }
+    #[inline(always)]
+    fn services() -> &'static HashMap<Lb6ServiceKey, Lb6ServiceValue> {
+        &CM_LB6_SERVICES
+    }
+    #[inline(always)]
+    fn backends() -> &'static HashMap<Lb6BackendKey, LbBackendValue> {
+        &CM_LB6_BACKENDS
+    }
+    #[inline(always)]
+    fn flows() -> &'static LruHashMap<Lb6FlowKey, Lb6Addr> {
+        &CM_LB6_FLOWS
+    }
+    #[inline(always)]
+    fn reverse() -> &'static LruHashMap<Lb6FlowKey, Lb6Addr> {
+        &CM_LB6_REVERSE
+    }
+    /// TCP or UDP right after the fixed header. A Fragment header is a
+    /// fragment; any other next header (ICMPv6, or an extension header:
+    /// the load-balancer does not walk them) is not balanced.
+    #[inline(always)]
+    fn frontend_l4(ctx: &TcContext) -> Result<(u8, usize), Verdict> {
+        let next: u8 = ctx.load(IP6_NEXT).map_err(|_| Verdict::DropMalformed)?;
+        if next == IPPROTO_FRAGMENT {
+            return Err(Verdict::DropFragment);
+        }
+        if next != IPPROTO_TCP && next != IPPROTO_UDP {
+            return Err(Verdict::DropServiceProtocol);
+        }
+        Ok((next, ETH_HLEN + IP6_HLEN))
+    }
+    /// No header checksum; the address is four 32-bit words of the L4
+    /// pseudo-header, each replaced with `BPF_F_PSEUDO_HDR`.
+    #[inline(always)]
+    fn rewrite_addr(
+        ctx: &TcContext,
+        off: usize,
+        old: &Ip6,
+        new: &Ip6,
+        csum_off: usize,
+        mangled: u64,
+    ) -> Result<(), i64> {
+        // SAFETY: 16 plain bytes either way.
+        let (o, n) = unsafe {
+            (
+                core::mem::transmute::<Ip6, [u32; 4]>(*old),
+                core::mem::transmute::<Ip6, [u32; 4]>(*new),
+            )
+        };
+        for i in 0..4 {
+            if o[i] != n[i] {
+                ctx.l4_csum_replace(
+                    csum_off,
+                    u64::from(o[i]),
+                    u64::from(n[i]),
+                    BPF_F_PSEUDO_HDR | mangled | 4,
+                )?;
+            }
+        }
+        ctx.store(off, new, 0)
+    }
+}
+
+/// Protocol and L4 header offset of a TCP or UDP packet that is not a
+/// fragment (fragments carry no ports; they are not balanced), for the
+/// reverse translation: [`Family::frontend_l4`] without verdicts.
 #[inline(always)]
-fn frontend_l4(ctx: &TcContext) -> Result<(u8, usize), Verdict> {
-    let vihl: u8 = ctx.load(ETH_HLEN).map_err(|_| Verdict::DropMalformed)?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if ihl < 20 {
-        return Err(Verdict::DropMalformed);
-    }
-    let frag: u16 = ctx.load(ETH_HLEN + 6).map_err(|_| Verdict::DropMalformed)?;
-    // More-fragments flag or a fragment offset.
-    if u16::from_be(frag) & 0x3fff != 0 {
-        return Err(Verdict::DropFragment);
-    }
-    let proto: u8 = ctx.load(ETH_HLEN + 9).map_err(|_| Verdict::DropMalformed)?;
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Err(Verdict::DropServiceProtocol);
-    }
-    Ok((proto, ETH_HLEN + ihl))
+fn l4<F: Family>(ctx: &TcContext) -> Option<(u8, usize)> {
+    F::frontend_l4(ctx).ok()
 }
 
 /// Offset of the L4 checksum and the flags `l4_csum_replace` needs for it
@@ -289,27 +449,79 @@ fn l4_csum(proto: u8, l4off: usize) -> (usize, u64) {
 }
 
 /// Rewrites the address at `addr_off` and the port at `port_off`, fixing the
-/// IP and L4 checksums (the address is in the L4 pseudo-header).
+/// checksums (the address is in the L4 pseudo-header).
 #[inline(always)]
-fn rewrite(
+fn rewrite<F: Family>(
     ctx: &TcContext,
-    proto: u8,
-    l4off: usize,
+    (proto, l4off): (u8, usize),
     addr_off: usize,
-    (old_addr, new_addr): (u32, u32),
+    (old_addr, new_addr): (&F::Addr, &F::Addr),
+    port_off: usize,
+    (old_port, new_port): (u16, u16),
+) -> Result<(), i64> {
+    // Offsets within the first 256 bytes (Ethernet, IP header, L4 ports).
+    let offs = (proto as u32)
+        | ((l4off as u32 & 0xff) << 8)
+        | ((addr_off as u32 & 0xff) << 16)
+        | ((port_off as u32 & 0xff) << 24);
+    let ports = (u32::from(old_port) << 16) | u32::from(new_port);
+    if old_addr == new_addr {
+        // Only the port changes (the address is read back in the call).
+        return match rewrite_call::<F>(skb(ctx), offs, old_addr, ports) {
+            0 => Ok(()),
+            e => Err(e),
+        };
+    }
+    match rewrite_call::<F>(skb(ctx), offs, new_addr, ports) {
+        0 => Ok(()),
+        e => Err(e),
+    }
+}
+
+/// [`rewrite`] as a subprogram (stack, see [`lb_forward`]): the offsets
+/// and the ports packed into one argument each, the old address read from
+/// the packet (a BPF function takes five registers, and the compiler may
+/// pass an IPv6 address in two).
+#[inline(never)]
+fn rewrite_call<F: Family>(
+    skb: NonNull<__sk_buff>,
+    offs: u32,
+    new_addr: &F::Addr,
+    ports: u32,
+) -> i64 {
+    let ctx = &TcContext::new(skb);
+    let Ok(old) = ctx.load::<F::Addr>(((offs >> 16) & 0xff) as usize) else {
+        return -1;
+    };
+    let old_addr = &old;
+    let (proto, l4off) = (offs as u8, ((offs >> 8) & 0xff) as usize);
+    let (addr_off, port_off) = (((offs >> 16) & 0xff) as usize, (offs >> 24) as usize);
+    let (old_port, new_port) = ((ports >> 16) as u16, ports as u16);
+    match rewrite_inline::<F>(
+        ctx,
+        (proto, l4off),
+        addr_off,
+        (old_addr, new_addr),
+        port_off,
+        (old_port, new_port),
+    ) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+#[inline(always)]
+fn rewrite_inline<F: Family>(
+    ctx: &TcContext,
+    (proto, l4off): (u8, usize),
+    addr_off: usize,
+    (old_addr, new_addr): (&F::Addr, &F::Addr),
     port_off: usize,
     (old_port, new_port): (u16, u16),
 ) -> Result<(), i64> {
     let (csum_off, mangled) = l4_csum(proto, l4off);
     if old_addr != new_addr {
-        ctx.l4_csum_replace(
-            csum_off,
-            u64::from(old_addr),
-            u64::from(new_addr),
-            BPF_F_PSEUDO_HDR | mangled | 4,
-        )?;
-        ctx.l3_csum_replace(IP_CSUM, u64::from(old_addr), u64::from(new_addr), 4)?;
-        ctx.store(addr_off, &new_addr, 0)?;
+        F::rewrite_addr(ctx, addr_off, old_addr, new_addr, csum_off, mangled)?;
     }
     if old_port != new_port {
         ctx.l4_csum_replace(
@@ -324,48 +536,155 @@ fn rewrite(
 }
 
 /// What the load-balancer did with a packet leaving a pod.
-pub enum Balanced {
+pub enum Balanced<A> {
     /// Not addressed to a frontend.
     No,
     /// Translated: the new destination address.
-    To(u32),
+    To(A),
 }
 
-/// Translates a packet addressed to a service frontend to its flow's
-/// backend. `Err` is the verdict of a packet that must be dropped.
-#[inline(always)]
-pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdict> {
+/// The backend a flow keeps, if any (the rules in the section comment):
+/// an established TCP connection keeps it regardless; otherwise while the
+/// backends map allows it (a new TCP connection: only while selectable).
+/// Written to `out`; false: none. A subprogram (stack, see [`lb_forward`]).
+#[inline(never)]
+fn kept_backend<F: Family>(
+    flow: &LbFlowKeyOf<F::Addr>,
+    established: bool,
+    out: &mut LbAddrOf<F::Addr>,
+) -> bool {
+    // SAFETY: values are read at once; user space writes whole values.
+    let Some(b) = (unsafe { F::flows().get(flow) }) else {
+        return false;
+    };
+    out.addr = b.addr;
+    out.port = b.port;
+    if established {
+        return true;
+    }
+    let bkey = LbBackendKeyOf {
+        frontend: flow.daddr,
+        frontend_port: flow.dport,
+        proto: flow.proto,
+        _pad: 0,
+        backend: out.addr,
+        backend_port: out.port,
+        _pad2: 0,
+    };
+    // SAFETY: as above.
+    match unsafe { F::backends().get(&bkey) } {
+        // A new TCP connection (this flow's port reused, or its SYN
+        // retransmitted) only to a backend that takes new ones.
+        Some(v) => flow.proto != IPPROTO_TCP || v.state == LB_BACKEND_SELECTABLE,
+        None => false,
+    }
+}
+
+/// Draws a selectable backend of the flow's frontend (`count` backends)
+/// for a new flow, writes it to `out` and remembers the flow and its
+/// reverse. Returns 0, or the number of the drop verdict. A subprogram
+/// (stack, see [`lb_forward`]).
+#[inline(never)]
+fn new_backend<F: Family>(
+    count: u16,
+    flow: &LbFlowKeyOf<F::Addr>,
+    out: &mut LbAddrOf<F::Addr>,
+) -> u32 {
+    let count = u32::from(count);
+    if count == 0 {
+        return Verdict::DropNoServiceBackend as u32;
+    }
+    // SAFETY: plain helper call.
+    let r = unsafe { aya_ebpf::helpers::generated::bpf_get_prandom_u32() };
+    let mut skey = LbServiceKeyOf {
+        addr: flow.daddr,
+        port: flow.dport,
+        proto: flow.proto,
+        _pad: 0,
+        slot: (1 + r % count) as u16,
+        _pad2: 0,
+    };
+    // SAFETY: read at once. A slot missing here is a frontend being shrunk
+    // by user space at this moment.
+    let Some(mut v) = (unsafe { F::services().get(&skey) }) else {
+        return Verdict::DropNoServiceBackend as u32;
+    };
+    // Never the client itself while there is another backend: its reply
+    // would not leave its namespace to be translated back (hairpin needs
+    // source translation, not done).
+    if v.addr == flow.saddr && count > 1 {
+        skey.slot = (u32::from(skey.slot) % count + 1) as u16;
+        // SAFETY: as above.
+        match unsafe { F::services().get(&skey) } {
+            Some(w) => v = w,
+            None => return Verdict::DropNoServiceBackend as u32,
+        }
+    }
+    out.addr = v.addr;
+    out.port = v.port;
+    let reply = LbFlowKeyOf {
+        saddr: out.addr,
+        daddr: flow.saddr,
+        sport: out.port,
+        dport: flow.sport,
+        proto: flow.proto,
+        _pad: [0; 3],
+    };
+    let frontend = LbAddrOf {
+        addr: flow.daddr,
+        port: flow.dport,
+        _pad: 0,
+    };
+    // The reverse first: a reply can never beat it.
+    if F::reverse().insert(&reply, &frontend, 0).is_err()
+        || F::flows().insert(flow, out, 0).is_err()
+    {
+        return Verdict::DropInternal as u32;
+    }
+    0
+}
+
+/// The body of [`lb_forward`]: `addrs` holds (source, destination) and
+/// gets the backend as destination. Returns 0: not a frontend; 1:
+/// translated; otherwise the drop verdict's number. A subprogram, one per
+/// family.
+#[inline(never)]
+fn lb_forward_call<F: Family>(skb: NonNull<__sk_buff>, addrs: &mut [F::Addr; 2]) -> u32 {
+    let ctx = TcContext::new(skb);
     // SAFETY: only the presence is read.
-    if unsafe { CM_LB_FRONTENDS.get(&dst) }.is_none() {
-        return Ok(Balanced::No);
+    if unsafe { F::frontends().get(&addrs[1]) }.is_none() {
+        return 0;
     }
     // A frontend address is served by the load-balancer or not at all:
     // nothing addressed to it reaches the host stack.
-    let (proto, l4off) = frontend_l4(ctx)?;
+    let (proto, l4off) = match F::frontend_l4(&ctx) {
+        Ok(r) => r,
+        Err(v) => return v as u32,
+    };
     // Source and destination port, network order.
     let Ok(ports) = ctx.load::<[u16; 2]>(l4off) else {
-        return Err(Verdict::DropMalformed);
+        return Verdict::DropMalformed as u32;
     };
-    let mut skey = LbServiceKey {
-        addr: dst,
+    let flow = LbFlowKeyOf {
+        saddr: addrs[0],
+        daddr: addrs[1],
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+        _pad: [0; 3],
+    };
+    let skey = LbServiceKeyOf {
+        addr: addrs[1],
         port: ports[1],
         proto,
         _pad: 0,
         slot: 0,
         _pad2: 0,
     };
-    // SAFETY: values are copied out at once.
-    let Some(svc) = (unsafe { CM_LB_SERVICES.get(&skey) }).copied() else {
+    // SAFETY: read at once.
+    let Some(count) = (unsafe { F::services().get(&skey) }).map(|v| v.count) else {
         // A port (or protocol) of the address that is no frontend.
-        return Err(Verdict::DropServiceProtocol);
-    };
-    let flow = LbFlowKey {
-        saddr: src,
-        daddr: dst,
-        sport: ports[0],
-        dport: ports[1],
-        proto,
-        _pad: [0; 3],
+        return Verdict::DropServiceProtocol as u32;
     };
     // A flow keeps its backend while that backend is allowed for the
     // frontend (selectable or draining). An established TCP connection
@@ -378,112 +697,59 @@ pub fn lb_forward(ctx: &TcContext, src: u32, dst: u32) -> Result<Balanced, Verdi
         && ctx
             .load::<u8>(l4off + 13)
             .is_ok_and(|f| f & (TCP_SYN | TCP_ACK) != TCP_SYN);
-    // SAFETY: as above.
-    let known = match unsafe { CM_LB_FLOWS.get(&flow) }.copied() {
-        Some(b) if established => Some(b),
-        Some(b) => {
-            let bkey = LbBackendKey {
-                frontend: dst,
-                frontend_port: ports[1],
-                proto,
-                _pad: 0,
-                backend: b.addr,
-                backend_port: b.port,
-                _pad2: 0,
-            };
-            // SAFETY: as above.
-            match unsafe { CM_LB_BACKENDS.get(&bkey) } {
-                // A new TCP connection (this flow's port reused, or its
-                // SYN retransmitted) only to a backend that takes new ones.
-                Some(v) if proto == IPPROTO_TCP && v.state != LB_BACKEND_SELECTABLE => None,
-                Some(_) => Some(b),
-                None => None,
-            }
-        }
-        None => None,
+    let mut backend = LbAddrOf {
+        addr: addrs[1],
+        port: 0,
+        _pad: 0,
     };
-    let backend = match known {
-        Some(b) => b,
-        None => {
-            let count = u32::from(svc.count);
-            if count == 0 {
-                return Err(Verdict::DropNoServiceBackend);
-            }
-            // SAFETY: plain helper call.
-            let r = unsafe { aya_ebpf::helpers::generated::bpf_get_prandom_u32() };
-            skey.slot = (1 + r % count) as u16;
-            // SAFETY: as above. A slot missing here is a frontend being
-            // shrunk by user space at this moment.
-            let Some(mut v) = (unsafe { CM_LB_SERVICES.get(&skey) }).copied() else {
-                return Err(Verdict::DropNoServiceBackend);
-            };
-            // Never the client itself while there is another backend: its
-            // reply would not leave its namespace to be translated back
-            // (hairpin needs source translation, not done).
-            if v.addr == src && count > 1 {
-                skey.slot = (u32::from(skey.slot) % count + 1) as u16;
-                // SAFETY: as above.
-                match unsafe { CM_LB_SERVICES.get(&skey) } {
-                    Some(w) => v = *w,
-                    None => return Err(Verdict::DropNoServiceBackend),
-                }
-            }
-            let b = LbAddr {
-                addr: v.addr,
-                port: v.port,
-                _pad: 0,
-            };
-            let reply = LbFlowKey {
-                saddr: b.addr,
-                daddr: src,
-                sport: b.port,
-                dport: ports[0],
-                proto,
-                _pad: [0; 3],
-            };
-            let frontend = LbAddr {
-                addr: dst,
-                port: ports[1],
-                _pad: 0,
-            };
-            // The reverse first: a reply can never beat it.
-            if CM_LB_REVERSE.insert(&reply, &frontend, 0).is_err()
-                || CM_LB_FLOWS.insert(&flow, &b, 0).is_err()
-            {
-                return Err(Verdict::DropInternal);
-            }
-            b
+    if !kept_backend::<F>(&flow, established, &mut backend) {
+        let v = new_backend::<F>(count, &flow, &mut backend);
+        if v != 0 {
+            return v;
         }
-    };
-    if rewrite(
-        ctx,
-        proto,
-        l4off,
-        IP_DST,
-        (dst, backend.addr),
+    }
+    if rewrite::<F>(
+        &ctx,
+        (proto, l4off),
+        F::DST,
+        (&addrs[1], &backend.addr),
         l4off + 2,
         (ports[1], backend.port),
     )
     .is_err()
     {
-        return Err(Verdict::DropInternal);
+        return Verdict::DropInternal as u32;
     }
-    Ok(Balanced::To(backend.addr))
+    addrs[1] = backend.addr;
+    1
 }
 
-/// Restores the frontend as the source of a reply from a backend.
+/// Restores the frontend as the source of a reply from a backend (a frame
+/// of family `F`). A BPF-to-BPF call, as [`lb_forward`], for the stack.
+#[inline(never)]
+fn lb_reverse_family<F: Family>(skb: NonNull<__sk_buff>) -> i64 {
+    let ctx = TcContext::new(skb);
+    match lb_reverse_inline::<F>(&ctx) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
 #[inline(always)]
-pub fn lb_reverse(ctx: &TcContext) -> Result<(), i64> {
-    let Some((src, dst)) = ipv4_addrs(ctx) else {
+fn lb_reverse_inline<F: Family>(ctx: &TcContext) -> Result<(), i64> {
+    let Ok(src) = ctx.load::<F::Addr>(F::SRC) else {
         return Ok(());
     };
-    let Some((proto, l4off)) = l4(ctx) else {
+    let Ok(dst) = ctx.load::<F::Addr>(F::DST) else {
+        return Ok(());
+    };
+    let Some((proto, l4off)) = l4::<F>(ctx) else {
         return Ok(());
     };
     let Ok(ports) = ctx.load::<[u16; 2]>(l4off) else {
         return Ok(());
     };
-    let key = LbFlowKey {
+    let key = LbFlowKeyOf {
         saddr: src,
         daddr: dst,
         sport: ports[0],
@@ -492,18 +758,77 @@ pub fn lb_reverse(ctx: &TcContext) -> Result<(), i64> {
         _pad: [0; 3],
     };
     // SAFETY: copied out at once.
-    let Some(fe) = (unsafe { CM_LB_REVERSE.get(&key) }).copied() else {
+    let Some(fe) = (unsafe { F::reverse().get(&key) }).copied() else {
         return Ok(());
     };
-    rewrite(
+    rewrite::<F>(
         ctx,
-        proto,
-        l4off,
-        IP_SRC,
-        (src, fe.addr),
+        (proto, l4off),
+        F::SRC,
+        (&src, &fe.addr),
         l4off,
         (ports[0], fe.port),
     )
+}
+
+/// Restores the frontend as the source of a reply from a backend, in
+/// either family.
+#[inline(always)]
+pub fn lb_reverse(ctx: &TcContext) -> Result<(), i64> {
+    let Ok(proto) = ctx.load::<u16>(12) else {
+        return Ok(());
+    };
+    let r = match u16::from_be(proto) {
+        ETH_P_IP => lb_reverse_family::<V4>(skb(ctx)),
+        ETH_P_IPV6 => lb_reverse_family::<V6>(skb(ctx)),
+        _ => 0,
+    };
+    if r == 0 { Ok(()) } else { Err(r) }
+}
+
+/// Translates a packet addressed to a service frontend to its flow's
+/// backend. `Err` is the verdict of a packet that must be dropped.
+///
+/// The work is a BPF-to-BPF call ([`lb_forward_call`], one subprogram per
+/// family) rather than inlined: inlined twice into `from_endpoint` with
+/// the tunnels and neighbour discovery, the program's stack frame would
+/// exceed the 512 bytes the kernel allows; as a call its keys live in a
+/// frame of their own.
+#[inline(always)]
+pub fn lb_forward<F: Family>(
+    ctx: &TcContext,
+    src: F::Addr,
+    dst: F::Addr,
+) -> Result<Balanced<F::Addr>, Verdict> {
+    let mut addrs = [src, dst];
+    match lb_forward_call::<F>(skb(ctx), &mut addrs) {
+        0 => Ok(Balanced::No),
+        1 => Ok(Balanced::To(addrs[1])),
+        v => Err(drop_verdict(v)),
+    }
+}
+
+/// The `__sk_buff` of `ctx`, for a subprogram to rebuild its context from.
+#[inline(always)]
+fn skb(ctx: &TcContext) -> NonNull<__sk_buff> {
+    // SAFETY: the context of a running program is never null.
+    unsafe { NonNull::new_unchecked(ctx.as_ptr().cast()) }
+}
+
+/// The verdict [`lb_forward_call`] returned as a number.
+#[inline(always)]
+fn drop_verdict(v: u32) -> Verdict {
+    const FRAGMENT: u32 = Verdict::DropFragment as u32;
+    const PROTOCOL: u32 = Verdict::DropServiceProtocol as u32;
+    const NO_BACKEND: u32 = Verdict::DropNoServiceBackend as u32;
+    const MALFORMED: u32 = Verdict::DropMalformed as u32;
+    match v {
+        FRAGMENT => Verdict::DropFragment,
+        PROTOCOL => Verdict::DropServiceProtocol,
+        NO_BACKEND => Verdict::DropNoServiceBackend,
+        MALFORMED => Verdict::DropMalformed,
+        _ => Verdict::DropInternal,
+    }
 }
 
 #[cfg(target_arch = "bpf")]

@@ -27,9 +27,9 @@ use aya::{
     },
 };
 use tunnel_common::{
-    Counter, DatapathConfig, Direction, EndpointInfo, Ip6, IpCacheValue, LbBackendKey,
-    LbBackendValue, LbServiceKey, LbServiceValue, STRICT_RANGE, Verdict, maps, metric_index,
-    programs,
+    Counter, DatapathConfig, Direction, EndpointInfo, Ip6, IpCacheValue, Lb6BackendKey,
+    Lb6ServiceKey, Lb6ServiceValue, LbBackendKey, LbBackendValue, LbServiceKey, LbServiceValue,
+    STRICT_RANGE, Verdict, maps, metric_index, programs,
 };
 
 /// ELF objects built by build.rs (aya-build) from tunnel-ebpf.
@@ -664,6 +664,86 @@ impl Datapath {
                     v.state,
                 ));
             }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// [`Datapath::lb_selectable`] for an IPv6 frontend (`CM_LB6_SERVICES`).
+    pub fn lb6_selectable(
+        &mut self,
+        frontend: Ipv6Addr,
+        port: u16,
+        proto: u8,
+    ) -> Result<Option<Vec<(Ipv6Addr, u16)>>> {
+        let map = self
+            .endpoint
+            .map_mut(maps::LB6_SERVICES)
+            .ok_or(Error::MissingMap(maps::LB6_SERVICES))?;
+        let m: HashMap<&mut MapData, Lb6ServiceKey, Lb6ServiceValue> =
+            HashMap::try_from(map).map_err(map_err(maps::LB6_SERVICES))?;
+        let mut key = Lb6ServiceKey {
+            addr: frontend.octets(),
+            port: port.to_be(),
+            proto,
+            ..Default::default()
+        };
+        let count = match m.get(&key, 0) {
+            Ok(v) => v.count,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_err(maps::LB6_SERVICES)(e)),
+        };
+        let mut out = Vec::new();
+        for slot in 1..=count {
+            key.slot = slot;
+            let v = m.get(&key, 0).map_err(map_err(maps::LB6_SERVICES))?;
+            out.push((Ipv6Addr::from(v.addr), u16::from_be(v.port)));
+        }
+        Ok(Some(out))
+    }
+
+    /// [`Datapath::lb_allowed`] for an IPv6 frontend (`CM_LB6_BACKENDS`).
+    pub fn lb6_allowed(
+        &mut self,
+        frontend: Ipv6Addr,
+        port: u16,
+        proto: u8,
+    ) -> Result<Vec<(Ipv6Addr, u16, u32)>> {
+        let map = self
+            .endpoint
+            .map_mut(maps::LB6_BACKENDS)
+            .ok_or(Error::MissingMap(maps::LB6_BACKENDS))?;
+        let m: HashMap<&mut MapData, Lb6BackendKey, LbBackendValue> =
+            HashMap::try_from(map).map_err(map_err(maps::LB6_BACKENDS))?;
+        let (fe, port) = (frontend.octets(), port.to_be());
+        let mut out = Vec::new();
+        for kv in m.iter() {
+            let (k, v) = kv.map_err(map_err(maps::LB6_BACKENDS))?;
+            if k.frontend == fe && k.frontend_port == port && k.proto == proto {
+                out.push((
+                    Ipv6Addr::from(k.backend),
+                    u16::from_be(k.backend_port),
+                    v.state,
+                ));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every IPv6 frontend address with its number of (port, protocol)
+    /// frontends (`CM_LB6_FRONTENDS`), sorted.
+    pub fn lb6_frontends(&mut self) -> Result<Vec<(Ipv6Addr, u32)>> {
+        let map = self
+            .endpoint
+            .map_mut(maps::LB6_FRONTENDS)
+            .ok_or(Error::MissingMap(maps::LB6_FRONTENDS))?;
+        let m: HashMap<&mut MapData, Ip6, u32> =
+            HashMap::try_from(map).map_err(map_err(maps::LB6_FRONTENDS))?;
+        let mut out = Vec::new();
+        for kv in m.iter() {
+            let (k, v) = kv.map_err(map_err(maps::LB6_FRONTENDS))?;
+            out.push((Ipv6Addr::from(k), v));
         }
         out.sort();
         Ok(out)

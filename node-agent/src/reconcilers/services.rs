@@ -31,6 +31,14 @@
 //! over every service ([`frontend_addrs`]): the programs drop fragments,
 //! other protocols and other ports to such an address instead of handing
 //! them to the host stack.
+//!
+//! Both families: IPv4 frontends and backends go into the `CM_LB_*` maps,
+//! IPv6 ones into the `CM_LB6_*` maps, through the same generic code
+//! ([`LbFamily`], [`FamilyMaps`]). A frontend gets only the backends of its
+//! own family: a record with IPv4 and IPv6 frontends (dual stack) has two
+//! independent frontends, an IPv6 frontend whose record has no IPv6 backend
+//! drops new flows (`drop_no_service_backend`) as any frontend without
+//! backends does.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -41,8 +49,8 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use clustermesh_api::{Affinity, BackendState, ClusterName, Protocol};
 use tunnel_common::{
-    IPPROTO_TCP, IPPROTO_UDP, LB_BACKEND_DRAINING, LB_BACKEND_SELECTABLE, LbBackendKey,
-    LbBackendValue, LbServiceKey, LbServiceValue, MAX_LB_SLOTS, maps,
+    IPPROTO_TCP, IPPROTO_UDP, Ip6, LB_BACKEND_DRAINING, LB_BACKEND_SELECTABLE, LbBackendKeyOf,
+    LbBackendValue, LbServiceKeyOf, LbServiceValueOf, MAX_LB_SLOTS, maps,
 };
 
 use super::{ReconcileError, Reconciler};
@@ -122,10 +130,40 @@ pub fn select(svc: &MergedService, policy: &LbPolicy) -> Selection {
     }
 }
 
-fn v4_be(ip: IpAddr) -> Option<u32> {
-    match ip {
-        IpAddr::V4(a) => Some(u32::from(a).to_be()),
-        IpAddr::V6(_) => None,
+/// An address family of the LB maps, by the address type its maps key
+/// (`u32` network order: IPv4, `CM_LB_*`; [`Ip6`]: IPv6, `CM_LB6_*`). The
+/// entries, their write order and the prune are one generic code path
+/// ([`FamilyMaps`]), instantiated once per family, as the programs'
+/// `lb_forward` is.
+pub trait LbFamily: aya::Pod + Copy + Ord + Default + std::fmt::Debug {
+    const SERVICES: &'static str;
+    const BACKENDS: &'static str;
+    const FRONTENDS: &'static str;
+    /// The address in this family's map form; None: the other family.
+    fn from_ip(ip: IpAddr) -> Option<Self>;
+}
+
+impl LbFamily for u32 {
+    const SERVICES: &'static str = maps::LB_SERVICES;
+    const BACKENDS: &'static str = maps::LB_BACKENDS;
+    const FRONTENDS: &'static str = maps::LB_FRONTENDS;
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(a) => Some(u32::from(a).to_be()),
+            IpAddr::V6(_) => None,
+        }
+    }
+}
+
+impl LbFamily for Ip6 {
+    const SERVICES: &'static str = maps::LB6_SERVICES;
+    const BACKENDS: &'static str = maps::LB6_BACKENDS;
+    const FRONTENDS: &'static str = maps::LB6_FRONTENDS;
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(_) => None,
+            IpAddr::V6(a) => Some(a.octets()),
+        }
     }
 }
 
@@ -136,29 +174,46 @@ fn proto(p: Protocol) -> u8 {
     }
 }
 
-/// The map entries of one service.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Entries {
-    pub slots: BTreeMap<LbServiceKey, LbServiceValue>,
-    pub backends: BTreeMap<LbBackendKey, LbBackendValue>,
+/// The map entries of one service in one family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entries<A: LbFamily> {
+    pub slots: BTreeMap<LbServiceKeyOf<A>, LbServiceValueOf<A>>,
+    pub backends: BTreeMap<LbBackendKeyOf<A>, LbBackendValue>,
 }
 
-/// The LB map entries of a service (IPv6 frontends and backends are not in
-/// the eBPF datapath yet and are left out). At most `MAX_LB_SLOTS - 1`
-/// backends are selectable per frontend.
-pub fn entries(svc: &MergedService, policy: &LbPolicy) -> Entries {
+impl<A: LbFamily> Default for Entries<A> {
+    fn default() -> Self {
+        Self {
+            slots: BTreeMap::new(),
+            backends: BTreeMap::new(),
+        }
+    }
+}
+
+/// The LB map entries of a service in family `A`: its frontends of that
+/// family, each with the backends of that family only. Families are never
+/// mixed (the datapath translates addresses, not families): an IPv6
+/// frontend of a record whose backends are all IPv4 is a frontend without
+/// backends (its new flows are dropped, `drop_no_service_backend`), and
+/// IPv6 backends of a record with only IPv4 frontends are unused. At most
+/// `MAX_LB_SLOTS - 1` backends are selectable per frontend.
+pub fn entries<A: LbFamily>(svc: &MergedService, policy: &LbPolicy) -> Entries<A> {
     let sel = select(svc, policy);
-    let selectable: Vec<u32> = sel
+    let selectable: Vec<A> = sel
         .selectable
         .iter()
-        .filter_map(|ip| v4_be(*ip))
+        .filter_map(|ip| A::from_ip(*ip))
         .take(MAX_LB_SLOTS as usize - 1)
         .collect();
-    let draining: Vec<u32> = sel.draining.iter().filter_map(|ip| v4_be(*ip)).collect();
+    let draining: Vec<A> = sel
+        .draining
+        .iter()
+        .filter_map(|ip| A::from_ip(*ip))
+        .collect();
     let mut out = Entries::default();
-    for fe in svc.frontends.iter().filter_map(|ip| v4_be(*ip)) {
+    for fe in svc.frontends.iter().filter_map(|ip| A::from_ip(*ip)) {
         for &(p, port, target) in &svc.ports {
-            let key = |slot: u16| LbServiceKey {
+            let key = |slot: u16| LbServiceKeyOf {
                 addr: fe,
                 port: port.to_be(),
                 proto: proto(p),
@@ -168,13 +223,13 @@ pub fn entries(svc: &MergedService, policy: &LbPolicy) -> Entries {
             };
             out.slots.insert(
                 key(0),
-                LbServiceValue {
-                    addr: 0,
+                LbServiceValueOf {
+                    addr: A::default(),
                     port: 0,
                     count: selectable.len() as u16,
                 },
             );
-            let backend = |addr: u32| LbBackendKey {
+            let backend = |addr: A| LbBackendKeyOf {
                 frontend: fe,
                 frontend_port: port.to_be(),
                 proto: proto(p),
@@ -186,7 +241,7 @@ pub fn entries(svc: &MergedService, policy: &LbPolicy) -> Entries {
             for (i, &b) in selectable.iter().enumerate() {
                 out.slots.insert(
                     key(i as u16 + 1),
-                    LbServiceValue {
+                    LbServiceValueOf {
                         addr: b,
                         port: target.to_be(),
                         count: 0,
@@ -213,8 +268,11 @@ pub fn entries(svc: &MergedService, policy: &LbPolicy) -> Entries {
 }
 
 /// Every frontend address of the services' entries, with its number of
-/// (port, protocol) frontends (their slot 0), as `CM_LB_FRONTENDS` holds them.
-pub fn frontend_addrs<'a>(services: impl IntoIterator<Item = &'a Entries>) -> BTreeMap<u32, u32> {
+/// (port, protocol) frontends (their slot 0), as `CM_LB_FRONTENDS` (or
+/// `CM_LB6_FRONTENDS`) holds them.
+pub fn frontend_addrs<'a, A: LbFamily + 'a>(
+    services: impl IntoIterator<Item = &'a Entries<A>>,
+) -> BTreeMap<A, u32> {
     let mut out = BTreeMap::new();
     for e in services {
         for k in e.slots.keys().filter(|k| k.slot == 0) {
@@ -236,31 +294,34 @@ fn open<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(Map::HashMap(data)).map_err(err)
 }
 
-/// Writes merged services into `CM_LB_SERVICES` and `CM_LB_BACKENDS`.
-pub struct ServiceMap {
-    policy: LbPolicy,
-    slots: HashMap<MapData, LbServiceKey, LbServiceValue>,
-    backends: HashMap<MapData, LbBackendKey, LbBackendValue>,
-    frontends: HashMap<MapData, u32, u32>,
+/// One family's LB maps and what this agent wrote into them.
+pub struct FamilyMaps<A: LbFamily> {
+    slots: HashMap<MapData, LbServiceKeyOf<A>, LbServiceValueOf<A>>,
+    backends: HashMap<MapData, LbBackendKeyOf<A>, LbBackendValue>,
+    frontends: HashMap<MapData, A, u32>,
     /// What this agent wrote per service (to remove what a change drops).
-    written: BTreeMap<String, Entries>,
-    /// What this agent wrote into `CM_LB_FRONTENDS`.
-    written_frontends: BTreeMap<u32, u32>,
+    written: BTreeMap<String, Entries<A>>,
+    /// What this agent wrote into the frontends map.
+    written_frontends: BTreeMap<A, u32>,
 }
 
-impl ServiceMap {
-    pub fn open(pin_dir: &Path, policy: LbPolicy) -> Result<Self, ReconcileError> {
+impl<A: LbFamily> FamilyMaps<A>
+where
+    LbServiceKeyOf<A>: aya::Pod + Ord,
+    LbServiceValueOf<A>: aya::Pod,
+    LbBackendKeyOf<A>: aya::Pod + Ord,
+{
+    fn open(pin_dir: &Path) -> Result<Self, ReconcileError> {
         Ok(Self {
-            policy,
-            slots: open(pin_dir, maps::LB_SERVICES)?,
-            backends: open(pin_dir, maps::LB_BACKENDS)?,
-            frontends: open(pin_dir, maps::LB_FRONTENDS)?,
+            slots: open(pin_dir, A::SERVICES)?,
+            backends: open(pin_dir, A::BACKENDS)?,
+            frontends: open(pin_dir, A::FRONTENDS)?,
             written: BTreeMap::new(),
             written_frontends: BTreeMap::new(),
         })
     }
 
-    /// Makes `CM_LB_FRONTENDS` hold the frontend addresses of what is
+    /// Makes the frontends map hold the frontend addresses of what is
     /// written (after the slots: a new address is complete when it appears).
     fn sync_frontends(&mut self) -> Result<(), ReconcileError> {
         let want = frontend_addrs(self.written.values());
@@ -270,7 +331,7 @@ impl ServiceMap {
                 self.written_frontends.insert(*a, *n);
             }
         }
-        let gone: Vec<u32> = self
+        let gone: Vec<A> = self
             .written_frontends
             .keys()
             .filter(|a| !want.contains_key(a))
@@ -285,7 +346,7 @@ impl ServiceMap {
 
     /// Makes the maps hold `new` where they held `old` (ordered: see the
     /// module docs).
-    fn write(&mut self, old: &Entries, new: &Entries) -> Result<(), ReconcileError> {
+    fn write(&mut self, old: &Entries<A>, new: &Entries<A>) -> Result<(), ReconcileError> {
         for (k, v) in &new.backends {
             if old.backends.get(k) != Some(v) {
                 self.backends.insert(k, v, 0).map_err(err)?;
@@ -301,7 +362,7 @@ impl ServiceMap {
                 self.slots.insert(k, v, 0).map_err(err)?;
             }
         }
-        let gone = |k: &&LbServiceKey| !new.slots.contains_key(k);
+        let gone = |k: &&LbServiceKeyOf<A>| !new.slots.contains_key(k);
         let slot0: Vec<_> = old
             .slots
             .keys()
@@ -324,6 +385,105 @@ impl ServiceMap {
         }
         Ok(())
     }
+
+    fn update(
+        &mut self,
+        k: &str,
+        v: &MergedService,
+        policy: &LbPolicy,
+    ) -> Result<(), ReconcileError> {
+        let new = entries::<A>(v, policy);
+        let old = self.written.remove(k).unwrap_or_default();
+        let r = self.write(&old, &new);
+        // On failure the maps hold a mix: remember the union so a later
+        // change or the prune removes what must go.
+        self.written.insert(
+            k.to_owned(),
+            if r.is_ok() {
+                new
+            } else {
+                let mut u = old;
+                u.slots.extend(new.slots);
+                u.backends.extend(new.backends);
+                u
+            },
+        );
+        r?;
+        self.sync_frontends()
+    }
+
+    fn delete(&mut self, k: &str) -> Result<(), ReconcileError> {
+        let old = self.written.remove(k).unwrap_or_default();
+        let r = self.write(&old, &Entries::default());
+        if r.is_err() {
+            // Still (partly) in the maps: a later delete or the prune retries.
+            self.written.insert(k.to_owned(), old);
+        }
+        r?;
+        self.sync_frontends()
+    }
+
+    fn prune(
+        &mut self,
+        desired: &BTreeMap<String, MergedService>,
+        policy: &LbPolicy,
+    ) -> Result<usize, ReconcileError> {
+        let mut want = Entries::<A>::default();
+        self.written.clear();
+        for (name, svc) in desired {
+            let e = entries::<A>(svc, policy);
+            want.slots.extend(e.slots.iter().map(|(k, v)| (*k, *v)));
+            want.backends
+                .extend(e.backends.iter().map(|(k, v)| (*k, *v)));
+            self.written.insert(name.clone(), e);
+        }
+        let mut n = 0;
+        let keys: BTreeSet<LbServiceKeyOf<A>> = self.slots.keys().filter_map(Result::ok).collect();
+        let stale: Vec<_> = keys
+            .iter()
+            .filter(|k| !want.slots.contains_key(k))
+            .collect();
+        let (slot0, rest): (Vec<_>, Vec<_>) = stale.into_iter().partition(|k| k.slot == 0);
+        for k in slot0.into_iter().chain(rest) {
+            remove(&mut self.slots, k)?;
+            n += 1;
+        }
+        let keys: BTreeSet<LbBackendKeyOf<A>> =
+            self.backends.keys().filter_map(Result::ok).collect();
+        for k in keys.iter().filter(|k| !want.backends.contains_key(k)) {
+            remove(&mut self.backends, k)?;
+            n += 1;
+        }
+        // Addresses left by services removed while no agent ran.
+        let fe = frontend_addrs(self.written.values());
+        let keys: BTreeSet<A> = self.frontends.keys().filter_map(Result::ok).collect();
+        for a in keys.iter().filter(|a| !fe.contains_key(a)) {
+            remove(&mut self.frontends, a)?;
+            n += 1;
+        }
+        self.written_frontends.clear();
+        self.sync_frontends()?;
+        Ok(n)
+    }
+}
+
+/// Writes merged services into the LB maps of both families: IPv4
+/// frontends into `CM_LB_SERVICES`, `CM_LB_BACKENDS`, `CM_LB_FRONTENDS`;
+/// IPv6 ones into `CM_LB6_SERVICES`, `CM_LB6_BACKENDS`, `CM_LB6_FRONTENDS`.
+pub struct ServiceMap {
+    policy: LbPolicy,
+    v4: FamilyMaps<u32>,
+    v6: FamilyMaps<Ip6>,
+}
+
+impl ServiceMap {
+    pub fn open(pin_dir: &Path, policy: LbPolicy) -> Result<Self, ReconcileError> {
+        Ok(Self {
+            policy,
+            v4: FamilyMaps::open(pin_dir)?,
+            v6: FamilyMaps::open(pin_dir)?,
+        })
+    }
 }
 
 fn remove<K: aya::Pod, V: aya::Pod>(
@@ -340,80 +500,30 @@ impl Reconciler<String, MergedService> for ServiceMap {
     fn name(&self) -> &'static str {
         "services"
     }
+    /// Both families, each whatever the other's outcome (the first error
+    /// is returned; the failed family retries on the next change or prune).
     fn update(&mut self, k: &String, v: &MergedService) -> Result<(), ReconcileError> {
-        let new = entries(v, &self.policy);
-        let old = self.written.remove(k).unwrap_or_default();
-        let r = self.write(&old, &new);
-        // On failure the maps hold a mix: remember the union so a later
-        // change or the prune removes what must go.
-        self.written.insert(
-            k.clone(),
-            if r.is_ok() {
-                new
-            } else {
-                let mut u = old;
-                u.slots.extend(new.slots);
-                u.backends.extend(new.backends);
-                u
-            },
-        );
-        r?;
-        self.sync_frontends()
+        let r4 = self.v4.update(k, v, &self.policy);
+        let r6 = self.v6.update(k, v, &self.policy);
+        r4.and(r6)
     }
     fn delete(&mut self, k: &String) -> Result<(), ReconcileError> {
-        let old = self.written.remove(k).unwrap_or_default();
-        let r = self.write(&old, &Entries::default());
-        if r.is_err() {
-            // Still (partly) in the maps: a later delete or the prune retries.
-            self.written.insert(k.clone(), old);
-        }
-        r?;
-        self.sync_frontends()
+        let r4 = self.v4.delete(k);
+        let r6 = self.v6.delete(k);
+        r4.and(r6)
     }
     fn prune(
         &mut self,
         desired: &BTreeMap<String, MergedService>,
     ) -> Result<usize, ReconcileError> {
-        let mut want = Entries::default();
-        self.written.clear();
-        for (name, svc) in desired {
-            let e = entries(svc, &self.policy);
-            want.slots.extend(e.slots.iter().map(|(k, v)| (*k, *v)));
-            want.backends
-                .extend(e.backends.iter().map(|(k, v)| (*k, *v)));
-            self.written.insert(name.clone(), e);
-        }
-        let mut n = 0;
-        let keys: BTreeSet<LbServiceKey> = self.slots.keys().filter_map(Result::ok).collect();
-        let stale: Vec<_> = keys
-            .iter()
-            .filter(|k| !want.slots.contains_key(k))
-            .collect();
-        let (slot0, rest): (Vec<_>, Vec<_>) = stale.into_iter().partition(|k| k.slot == 0);
-        for k in slot0.into_iter().chain(rest) {
-            remove(&mut self.slots, k)?;
-            n += 1;
-        }
-        let keys: BTreeSet<LbBackendKey> = self.backends.keys().filter_map(Result::ok).collect();
-        for k in keys.iter().filter(|k| !want.backends.contains_key(k)) {
-            remove(&mut self.backends, k)?;
-            n += 1;
-        }
-        // Addresses left by services removed while no agent ran.
-        let fe = frontend_addrs(self.written.values());
-        let keys: BTreeSet<u32> = self.frontends.keys().filter_map(Result::ok).collect();
-        for a in keys.iter().filter(|a| !fe.contains_key(a)) {
-            remove(&mut self.frontends, a)?;
-            n += 1;
-        }
-        self.written_frontends.clear();
-        self.sync_frontends()?;
-        Ok(n)
+        let r4 = self.v4.prune(desired, &self.policy);
+        let r6 = self.v6.prune(desired, &self.policy);
+        Ok(r4? + r6?)
     }
     /// Services cannot be rebuilt from the maps (they hold no names), so a
     /// restarted agent starts from nothing: it rewrites every service with
     /// the same values (no flow sees a change) and the prune after the
-    /// initial sync removes what is no longer desired.
+    /// initial sync removes what is no longer desired (in both families).
     fn snapshot(&mut self) -> Result<BTreeMap<String, MergedService>, ReconcileError> {
         Ok(BTreeMap::new())
     }
@@ -559,11 +669,11 @@ mod tests {
                 ("10.1.0.9", "c1", Terminating),
             ],
         );
-        let e = entries(&s, &policy(0.5));
+        let e = entries::<u32>(&s, &policy(0.5));
         // Two ports: each has slot 0 + 2 backends.
         assert_eq!(e.slots.len(), 6);
         let fe = u32::from(std::net::Ipv4Addr::new(10, 96, 0, 10)).to_be();
-        let k0 = LbServiceKey {
+        let k0 = tunnel_common::LbServiceKey {
             addr: fe,
             port: 80u16.to_be(),
             proto: IPPROTO_TCP,
@@ -572,13 +682,13 @@ mod tests {
             _pad2: 0,
         };
         assert_eq!(e.slots[&k0].count, 2);
-        let k1 = LbServiceKey { slot: 1, ..k0 };
+        let k1 = tunnel_common::LbServiceKey { slot: 1, ..k0 };
         assert_eq!(e.slots[&k1].port, 8080u16.to_be());
         assert_eq!(
             e.slots[&k1].addr,
             u32::from(std::net::Ipv4Addr::new(10, 1, 0, 1)).to_be()
         );
-        let udp0 = LbServiceKey {
+        let udp0 = tunnel_common::LbServiceKey {
             port: 53u16.to_be(),
             proto: IPPROTO_UDP,
             ..k0
@@ -592,10 +702,67 @@ mod tests {
             .filter(|v| v.state == LB_BACKEND_DRAINING)
             .count();
         assert_eq!(draining, 2);
-        // IPv6 frontends are skipped, not mangled.
+        // The IPv4 entries have no IPv6 frontend, the IPv6 ones no IPv4.
+        assert!(entries::<Ip6>(&s, &policy(0.5)).slots.is_empty());
         let mut v6 = s.clone();
         v6.frontends = vec!["fd00::10".parse().unwrap()];
-        assert!(entries(&v6, &policy(0.5)).slots.is_empty());
+        assert!(entries::<u32>(&v6, &policy(0.5)).slots.is_empty());
+        // An IPv6 frontend with only IPv4 backends: a frontend without
+        // backends (count 0), never an IPv4 backend in an IPv6 slot.
+        let e6 = entries::<Ip6>(&v6, &policy(0.5));
+        assert_eq!(e6.slots.len(), 2, "{e6:?}");
+        assert!(e6.slots.values().all(|v| v.count == 0));
+        assert!(e6.backends.is_empty());
+    }
+
+    #[test]
+    fn dual_stack_records_split_by_family() {
+        use BackendState::*;
+        let mut s = svc(
+            Affinity::None,
+            &[
+                ("10.1.0.1", "c1", Ready),
+                ("fd00:10:1::1", "c1", Ready),
+                ("fd00:10:2::1", "c2", Ready),
+                ("fd00:10:1::9", "c1", Terminating),
+            ],
+        );
+        s.frontends.push("fd00:96::10".parse().unwrap());
+        let e4 = entries::<u32>(&s, &policy(0.5));
+        let e6 = entries::<Ip6>(&s, &policy(0.5));
+        // IPv4: one backend per port; IPv6: two selectable + one draining.
+        assert_eq!((e4.slots.len(), e4.backends.len()), (4, 2));
+        assert_eq!((e6.slots.len(), e6.backends.len()), (6, 6));
+        let fe6: Ip6 = "fd00:96::10"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        let k0 = LbServiceKeyOf {
+            addr: fe6,
+            port: 80u16.to_be(),
+            proto: IPPROTO_TCP,
+            _pad: 0,
+            slot: 0,
+            _pad2: 0,
+        };
+        assert_eq!(e6.slots[&k0].count, 2);
+        let k1 = LbServiceKeyOf { slot: 1, ..k0 };
+        let b1: Ip6 = "fd00:10:1::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        assert_eq!(
+            (e6.slots[&k1].addr, e6.slots[&k1].port),
+            (b1, 8080u16.to_be())
+        );
+        let draining = e6
+            .backends
+            .values()
+            .filter(|v| v.state == LB_BACKEND_DRAINING)
+            .count();
+        assert_eq!(draining, 2);
+        let fe: Vec<(Ip6, u32)> = frontend_addrs([&e6]).into_iter().collect();
+        assert_eq!(fe, vec![(fe6, 2)]);
     }
 
     #[test]
@@ -626,11 +793,14 @@ mod tests {
             // either has it.
             (vec![&two_ports, &same_addr_other_port], vec![(a, 3)]),
             (vec![&same_addr_other_port], vec![(a, 1)]),
-            // IPv6 frontends are not in the eBPF datapath.
+            // IPv6 frontends are in the IPv6 map, not this one.
             (vec![&v6], vec![]),
         ];
         for (i, (svcs, want)) in table.into_iter().enumerate() {
-            let e: Vec<Entries> = svcs.iter().map(|s| entries(s, &policy(0.5))).collect();
+            let e: Vec<Entries<u32>> = svcs
+                .iter()
+                .map(|s| entries::<u32>(s, &policy(0.5)))
+                .collect();
             let got: Vec<(u32, u32)> = frontend_addrs(&e).into_iter().collect();
             assert_eq!(got, want, "row {i}");
         }
