@@ -41,7 +41,7 @@ pub use codec::{DecodeError, Entry, decode_entry, decode_value, encode};
 pub use keys::{Key, KeyError, KvKey, StateKind};
 pub use records::{
     Affinity, Backend, BackendState, Capabilities, ClusterConfig, EncryptionMode, EncryptionPolicy,
-    EncryptionScope, EndpointRecord, FieldError, Heartbeat, IdentityRecord, NodeRecord, Protocol,
+    EncryptionScope, EndpointRecord, FieldError, Heartbeat, IdentityRecord, NodeRecord, PolicyRecord, Protocol,
     Record, ServicePort, ServiceRecord, StateRecord, SyncCanary,
 };
 pub use types::{
