@@ -215,7 +215,9 @@ impl KvKey for Key {
             } => format!(
                 "{}{}/{name}",
                 StateKind::Policies.prefix(cluster),
-                namespace.as_ref().map_or(CLUSTER_WIDE_SEGMENT, K8sName::as_str)
+                namespace
+                    .as_ref()
+                    .map_or(CLUSTER_WIDE_SEGMENT, K8sName::as_str)
             ),
             Key::Synced { cluster, kind } => format!("{ROOT}synced/{cluster}/{kind}"),
             Key::Heartbeat { cluster } => format!("{ROOT}heartbeat/{cluster}"),

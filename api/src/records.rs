@@ -657,7 +657,10 @@ impl Record for PolicyRecord {
         if self.policy.name != self.name {
             return Err(FieldError::new(
                 "manifest.metadata.name",
-                format!("is {}, the record's name is {}", self.policy.name, self.name),
+                format!(
+                    "is {}, the record's name is {}",
+                    self.policy.name, self.name
+                ),
             ));
         }
         if self.policy.namespace != self.namespace {

@@ -237,8 +237,15 @@ impl Api {
         match r {
             Ok(v) => Ok(v),
             // The manifest's own errors name the document and field.
-            Err(s) if s.code() == tonic::Code::InvalidArgument || s.code() == tonic::Code::FailedPrecondition => {
-                Err(anyhow!("cluster {} refused the policies: {}", self.cluster, s.message()))
+            Err(s)
+                if s.code() == tonic::Code::InvalidArgument
+                    || s.code() == tonic::Code::FailedPrecondition =>
+            {
+                Err(anyhow!(
+                    "cluster {} refused the policies: {}",
+                    self.cluster,
+                    s.message()
+                ))
             }
             Err(s) => Err(self.status_error("ApplyPolicies", s).await),
         }

@@ -118,13 +118,22 @@ async fn apply(ctx: &Ctx, cluster: &str, file: &PathBuf) -> Result<bool> {
     let (_, mut api) = api(ctx, cluster).await?;
     let out = api.apply_policies(text).await?;
     if ctx.json() {
-        print_json(&json!(out.iter().map(|p| json!({
-            "cluster": cluster, "kind": p.kind, "namespace": p.namespace,
-            "name": p.name, "outcome": p.outcome,
-        })).collect::<Vec<_>>()));
+        print_json(&json!(
+            out.iter()
+                .map(|p| json!({
+                    "cluster": cluster, "kind": p.kind, "namespace": p.namespace,
+                    "name": p.name, "outcome": p.outcome,
+                }))
+                .collect::<Vec<_>>()
+        ));
     } else {
         for p in &out {
-            println!("{} {} {}", p.kind, qualified(&p.namespace, &p.name), p.outcome);
+            println!(
+                "{} {} {}",
+                p.kind,
+                qualified(&p.namespace, &p.name),
+                p.outcome
+            );
         }
     }
     Ok(true)
@@ -191,13 +200,20 @@ fn pick<'a>(
     let found: Vec<&proto::NetworkPolicy> = match namespace {
         Some(ns) => named.into_iter().filter(|p| p.namespace == ns).collect(),
         None => {
-            let cw: Vec<_> = named.iter().copied().filter(|p| p.namespace.is_empty()).collect();
+            let cw: Vec<_> = named
+                .iter()
+                .copied()
+                .filter(|p| p.namespace.is_empty())
+                .collect();
             if cw.is_empty() { named } else { cw }
         }
     };
     match found.as_slice() {
         [one] => Ok(one),
-        [] => bail!("no network policy {}", qualified(namespace.unwrap_or(""), name)),
+        [] => bail!(
+            "no network policy {}",
+            qualified(namespace.unwrap_or(""), name)
+        ),
         many => bail!(
             "{} policies are named {name} ({}); pick one with -n NAMESPACE or --cluster",
             many.len(),
@@ -222,7 +238,9 @@ async fn delete(ctx: &Ctx, name: &str, ns: Option<&str>, cluster: &str) -> Resul
     let (_, mut api) = api(ctx, cluster).await?;
     let deleted = api.delete_policy(&p.namespace, &p.name).await?;
     if ctx.json() {
-        print_json(&json!({"cluster": cluster, "namespace": p.namespace, "name": p.name, "deleted": deleted}));
+        print_json(
+            &json!({"cluster": cluster, "namespace": p.namespace, "name": p.name, "deleted": deleted}),
+        );
     } else {
         println!("{} {} deleted", p.kind, qualified(&p.namespace, &p.name));
     }
@@ -321,7 +339,9 @@ async fn resolve(ctx: &Ctx, flag: &str, s: &str) -> Result<Side> {
             }
             _ => None,
         })
-        .ok_or_else(|| anyhow!("--{flag}: cluster {cluster} exports no endpoint {namespace}/{pod}"))?;
+        .ok_or_else(|| {
+            anyhow!("--{flag}: cluster {cluster} exports no endpoint {namespace}/{pod}")
+        })?;
     let ids = get(StateKind::Identities).await?;
     let labels = ids
         .iter()
@@ -330,7 +350,10 @@ async fn resolve(ctx: &Ctx, flag: &str, s: &str) -> Result<Side> {
             _ => None,
         })
         .ok_or_else(|| {
-            anyhow!("--{flag}: cluster {cluster} exports no identity {} (of {namespace}/{pod})", ep.identity)
+            anyhow!(
+                "--{flag}: cluster {cluster} exports no identity {} (of {namespace}/{pod})",
+                ep.identity
+            )
         })?;
     let has_ns = labels.iter().any(|(k, _)| {
         k == policy::NAMESPACE_KEY || k.ends_with(&format!(":{}", policy::NAMESPACE_KEY))
@@ -338,9 +361,14 @@ async fn resolve(ctx: &Ctx, flag: &str, s: &str) -> Result<Side> {
     let labels = if has_ns {
         labels
     } else {
-        let mut m: std::collections::BTreeMap<String, String> =
-            labels.iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
-        m.insert(format!("k8s:{}", policy::NAMESPACE_KEY), namespace.to_string());
+        let mut m: std::collections::BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        m.insert(
+            format!("k8s:{}", policy::NAMESPACE_KEY),
+            namespace.to_string(),
+        );
         clustermesh_api::Labels::new(m).map_err(|e| anyhow!("--{flag}: {e}"))?
     };
     Ok(Side {
@@ -351,7 +379,14 @@ async fn resolve(ctx: &Ctx, flag: &str, s: &str) -> Result<Side> {
     })
 }
 
-fn decide(ps: &[Policy], me: &Side, peer: &Side, dir: Direction, p: Protocol, port: u16) -> Decision {
+fn decide(
+    ps: &[Policy],
+    me: &Side,
+    peer: &Side,
+    dir: Direction,
+    p: Protocol,
+    port: u16,
+) -> Decision {
     let local = EndpointRef {
         cluster: &me.cluster,
         namespace: &me.namespace,
@@ -371,11 +406,29 @@ async fn trace(ctx: &Ctx, from: &str, to: &str, port: &str) -> Result<bool> {
     let policies = async |c: &ClusterName| -> Result<Vec<Policy>> {
         let all = policies_of(ctx, Some(c.to_string())).await?;
         all.iter()
-            .map(|p| convert::policy_from_proto(p).map(|r| r.policy).map_err(|e| anyhow!("{e}")))
+            .map(|p| {
+                convert::policy_from_proto(p)
+                    .map(|r| r.policy)
+                    .map_err(|e| anyhow!("{e}"))
+            })
             .collect()
     };
-    let egress = decide(&policies(&src.cluster).await?, &src, &dst, Direction::Egress, proto_, port);
-    let ingress = decide(&policies(&dst.cluster).await?, &dst, &src, Direction::Ingress, proto_, port);
+    let egress = decide(
+        &policies(&src.cluster).await?,
+        &src,
+        &dst,
+        Direction::Egress,
+        proto_,
+        port,
+    );
+    let ingress = decide(
+        &policies(&dst.cluster).await?,
+        &dst,
+        &src,
+        Direction::Ingress,
+        proto_,
+        port,
+    );
     let allowed = egress.verdict == Verdict::Allowed && ingress.verdict == Verdict::Allowed;
     let side = |d: &Decision, c: &ClusterName| {
         json!({
@@ -395,8 +448,14 @@ async fn trace(ctx: &Ctx, from: &str, to: &str, port: &str) -> Result<bool> {
             "ingress": side(&ingress, &dst.cluster),
         }));
     } else {
-        println!("egress at {} ({from}, identity {}): {egress}", src.cluster, src.identity);
-        println!("ingress at {} ({to}, identity {}): {ingress}", dst.cluster, dst.identity);
+        println!(
+            "egress at {} ({from}, identity {}): {egress}",
+            src.cluster, src.identity
+        );
+        println!(
+            "ingress at {} ({to}, identity {}): {ingress}",
+            dst.cluster, dst.identity
+        );
         println!("{}", if allowed { "ALLOWED" } else { "DENIED" });
         println!("(computed by the control plane; not enforced in the datapath yet)");
     }

@@ -14,12 +14,7 @@ use clustermesh_api::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::{
-    authz::{Action, Caller},
-    grpc::Api,
-    state::PolicyKey,
-    store,
-};
+use crate::{authz::Action, grpc::Api, state::PolicyKey, store};
 
 fn invalid(field: &str, reason: impl Into<String>) -> Status {
     Status::invalid_argument(FieldError::new(field, reason).to_string())
@@ -36,9 +31,9 @@ pub(crate) fn policy_key(namespace: &str, name: &str) -> Result<PolicyKey, Statu
                 .map_err(|e| invalid("namespace", e.to_string()))?,
         )
     };
-    let name: PolicyName = name.parse().map_err(|e: clustermesh_api::ValueError| {
-        invalid("name", e.to_string())
-    })?;
+    let name: PolicyName = name
+        .parse()
+        .map_err(|e: clustermesh_api::ValueError| invalid("name", e.to_string()))?;
     Ok((ns, name))
 }
 
@@ -51,10 +46,7 @@ fn key_text(k: &PolicyKey) -> String {
 
 /// A parse error as the API returns it: the document and field path.
 fn parse_refused(e: PolicyError) -> Status {
-    match e {
-        PolicyError::Field { .. } => Status::invalid_argument(format!("manifest: {e}")),
-        _ => Status::invalid_argument(format!("manifest: {e}")),
-    }
+    Status::invalid_argument(format!("manifest: {e}"))
 }
 
 /// Parses and checks an apply: the records to store, what each is (for
@@ -100,7 +92,8 @@ impl Api {
         let r = async {
             let (recs, what) = parse_apply(&sh.cfg.cluster_name, &req.manifest)?;
             let mut st = sh.state.lock().await;
-            st.check_policies(&recs, &what).map_err(crate::grpc::refused)?;
+            st.check_policies(&recs, &what)
+                .map_err(crate::grpc::refused)?;
             let mut out = Vec::with_capacity(recs.len());
             let mut changed = Vec::new();
             for r in recs {
@@ -113,7 +106,11 @@ impl Api {
                 };
                 out.push(proto::AppliedPolicy {
                     kind: r.policy.kind.to_string(),
-                    namespace: r.namespace.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    namespace: r
+                        .namespace
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
                     name: r.name.to_string(),
                     outcome: outcome.to_owned(),
                 });
@@ -163,11 +160,18 @@ impl Api {
         let key = policy_key(&req.namespace, &req.name)?;
         let mut st = sh.state.lock().await;
         let Some(old) = st.policies.get(&key).cloned() else {
-            return Ok(Response::new(proto::DeletePolicyResponse { deleted: false }));
+            return Ok(Response::new(proto::DeletePolicyResponse {
+                deleted: false,
+            }));
         };
-        store::write_policies(&mut sh.client.clone(), &sh.keys, &[], &[key.clone()])
-            .await
-            .map_err(crate::grpc::unavailable)?;
+        store::write_policies(
+            &mut sh.client.clone(),
+            &sh.keys,
+            &[],
+            std::slice::from_ref(&key),
+        )
+        .await
+        .map_err(crate::grpc::unavailable)?;
         st.remove_policy(&key);
         drop(st);
         self.audit(
@@ -201,7 +205,7 @@ impl Api {
         &self,
         req: Request<proto::GetPolicyRequest>,
     ) -> Result<Response<proto::NetworkPolicy>, Status> {
-        let _: Caller = self.authorize(&req, "GetPolicy", Action::Read)?;
+        self.authorize(&req, "GetPolicy", Action::Read)?;
         let key = policy_key(&req.get_ref().namespace, &req.get_ref().name)?;
         let st = self.shared.state.lock().await;
         match st.policies.get(&key) {

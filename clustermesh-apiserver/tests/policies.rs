@@ -142,7 +142,9 @@ async fn only_the_admin_applies_policies_all_or_nothing_and_every_change_is_audi
     let want = "clustermesh/state/policies/v1/c1/prod/db";
     let cw = "clustermesh/state/policies/v1/c1/_/deny-all";
     let ex = wait_exported(&mut kv, "policies exported", |e| {
-        e.contains_key(want) && e.contains_key(cw) && e.contains_key("clustermesh/synced/c1/policies")
+        e.contains_key(want)
+            && e.contains_key(cw)
+            && e.contains_key("clustermesh/synced/c1/policies")
     })
     .await;
     assert!(matches!(&ex[want], Entry::Policy(p) if p.name.as_str() == "db"));
@@ -168,7 +170,11 @@ async fn only_the_admin_applies_policies_all_or_nothing_and_every_change_is_audi
     let r = admin.apply_policies(apply(DB)).await.unwrap().into_inner();
     assert!(r.policies.iter().all(|p| p.outcome == "unchanged"), "{r:?}");
     let changed = DB.replace("5432", "5433");
-    let r = admin.apply_policies(apply(&changed)).await.unwrap().into_inner();
+    let r = admin
+        .apply_policies(apply(&changed))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.policies[0].outcome, "configured");
     let np = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db, namespace: prod}\nspec: {podSelector: {}}\n";
     let e = admin.apply_policies(apply(np)).await.unwrap_err();

@@ -909,7 +909,10 @@ async fn local_policies_reach_the_desired_policy_entries_and_remote_ones_are_ign
     // db too if a remote's policies were (wrongly) applied here.
     let remote = DB_POLICY
         .replace("name: db,", "name: remote-deny,")
-        .replace("ingress:\n  - fromEndpoints", "ingressDeny:\n  - fromEndpoints");
+        .replace(
+            "ingress:\n  - fromEndpoints",
+            "ingressDeny:\n  - fromEndpoints",
+        );
     c2.g.apply_policies(proto::ApplyPoliciesRequest { manifest: remote })
         .await
         .unwrap();
@@ -921,13 +924,20 @@ async fn local_policies_reach_the_desired_policy_entries_and_remote_ones_are_ign
     let status = a.status();
     let st = move || status.lock().unwrap().clone();
     let run = tokio::spawn(a.run());
-    until("initial sync", || st().all_synced && st().clusters.len() == 2).await;
+    until("initial sync", || {
+        st().all_synced && st().clusters.len() == 2
+    })
+    .await;
     assert!(
         t.network_policies.contents().is_empty(),
         "no local policy, but entries: {:?}",
         t.network_policies.contents()
     );
-    assert_eq!(status_of(&st(), "c2").unwrap().counts.policies, 0, "a remote's policies are not kept");
+    assert_eq!(
+        status_of(&st(), "c2").unwrap().counts.policies,
+        0,
+        "a remote's policies are not kept"
+    );
 
     // Applied through the API: the agent's desired entries follow.
     c1.g.apply_policies(proto::ApplyPoliciesRequest {

@@ -68,4 +68,3 @@ impl Pki {
         Ok(ClusterMeshClient::new(ch))
     }
 }
-

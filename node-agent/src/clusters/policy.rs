@@ -141,7 +141,9 @@ pub fn merge_policies(input: &MergeInput<'_>) -> BTreeMap<Identity, CompiledPoli
             labels: &labels,
         };
         let compiled = compile(&policies, &me, &peers);
-        if compiled.default_deny_ingress || compiled.default_deny_egress || !compiled.entries.is_empty()
+        if compiled.default_deny_ingress
+            || compiled.default_deny_egress
+            || !compiled.entries.is_empty()
         {
             out.insert(id, compiled);
         }
@@ -223,7 +225,14 @@ spec:
             };
             add(&mut w.recs[0], "c1", id(1, 256), "10.1.0.5", "n1", "db");
             add(&mut w.recs[0], "c1", id(1, 257), "10.1.0.6", "n1", "web");
-            add(&mut w.recs[0], "c1", id(1, 258), "10.1.1.5", "n2", "db-other");
+            add(
+                &mut w.recs[0],
+                "c1",
+                id(1, 258),
+                "10.1.1.5",
+                "n2",
+                "db-other",
+            );
             add(&mut w.recs[1], "c2", id(2, 256), "10.2.0.5", "m1", "web");
             add(&mut w.recs[1], "c2", id(2, 257), "10.2.0.6", "m1", "db");
             w
@@ -262,7 +271,10 @@ spec:
         assert_eq!(d.keys().copied().collect::<Vec<_>>(), [id(1, 256)]);
         let p = &d[&id(1, 256)];
         assert!(p.default_deny_ingress, "{p:?}");
-        assert!(p.default_deny_egress, "egressDeny makes egress enforced: {p:?}");
+        assert!(
+            p.default_deny_egress,
+            "egressDeny makes egress enforced: {p:?}"
+        );
         let allow: Vec<_> = p
             .entries
             .iter()
@@ -309,7 +321,11 @@ spec:
     fn namespaced_policies_use_the_endpoint_namespace() {
         let mut w = W::new();
         // A policy of namespace prod selects nothing in default.
-        policies(&mut w.recs[0], "c1", &POLICY.replace("{name: db}", "{name: db, namespace: prod}"));
+        policies(
+            &mut w.recs[0],
+            "c1",
+            &POLICY.replace("{name: db}", "{name: db, namespace: prod}"),
+        );
         assert!(w.merge(Some("n1")).is_empty());
     }
 }
