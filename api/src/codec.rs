@@ -9,8 +9,8 @@
 use crate::{
     keys::{Key, KeyError, KvKey},
     records::{
-        ClusterConfig, EndpointRecord, FieldError, Heartbeat, IdentityRecord, NodeRecord, Record,
-        ServiceRecord, SyncCanary,
+        ClusterConfig, EndpointRecord, FieldError, Heartbeat, IdentityRecord, NodeRecord,
+        PolicyRecord, Record, ServiceRecord, SyncCanary,
     },
 };
 
@@ -165,6 +165,7 @@ pub enum Entry {
     Endpoint(EndpointRecord),
     Identity(IdentityRecord),
     Service(ServiceRecord),
+    Policy(PolicyRecord),
     Synced(SyncCanary),
     Heartbeat(Heartbeat),
 }
@@ -177,6 +178,7 @@ impl Entry {
             Entry::Endpoint(r) => r.key(),
             Entry::Identity(r) => r.key(),
             Entry::Service(r) => r.key(),
+            Entry::Policy(r) => r.key(),
             Entry::Synced(r) => r.key(),
             Entry::Heartbeat(r) => r.key(),
         }
@@ -190,6 +192,7 @@ impl Entry {
             Entry::Endpoint(r) => encode(r),
             Entry::Identity(r) => encode(r),
             Entry::Service(r) => encode(r),
+            Entry::Policy(r) => encode(r),
             Entry::Synced(r) => encode(r),
             Entry::Heartbeat(r) => encode(r),
         }
@@ -205,6 +208,7 @@ pub fn decode_entry(key: &[u8], value: &[u8]) -> Result<(Key, Entry), DecodeErro
         Key::Ip { .. } => Entry::Endpoint(decode_value(&key, value)?),
         Key::Identity { .. } => Entry::Identity(decode_value(&key, value)?),
         Key::Service { .. } => Entry::Service(decode_value(&key, value)?),
+        Key::Policy { .. } => Entry::Policy(decode_value(&key, value)?),
         Key::Synced { .. } => Entry::Synced(decode_value(&key, value)?),
         Key::Heartbeat { .. } => Entry::Heartbeat(decode_value(&key, value)?),
     };

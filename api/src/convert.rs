@@ -331,6 +331,61 @@ pub fn encryption_to_proto(e: &EncryptionPolicy) -> proto::EncryptionPolicy {
     }
 }
 
+/// A stored policy as the API returns it.
+pub fn policy_to_proto(p: &crate::records::PolicyRecord) -> proto::NetworkPolicy {
+    proto::NetworkPolicy {
+        cluster: p.cluster.to_string(),
+        kind: p.policy.kind.to_string(),
+        namespace: p
+            .namespace
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        name: p.name.to_string(),
+        manifest_json: p.manifest.to_string(),
+    }
+}
+
+/// A policy read from the API (the CLI's `policy trace`), parsed and
+/// checked as strictly as the apiserver stores it.
+pub fn policy_from_proto(
+    p: &proto::NetworkPolicy,
+) -> Result<crate::records::PolicyRecord, FieldError> {
+    let cluster: ClusterName = field("cluster", p.cluster.parse())?;
+    let manifest: serde_json::Value =
+        field("manifest_json", serde_json::from_str(&p.manifest_json))?;
+    let mut ps = field(
+        "manifest_json",
+        crate::policy::parse_manifests(&p.manifest_json),
+    )?;
+    let policy = match (ps.pop(), ps.is_empty()) {
+        (Some(x), true) => x,
+        _ => {
+            return Err(FieldError::new(
+                "manifest_json",
+                "must hold exactly one policy",
+            ));
+        }
+    };
+    let rec = crate::records::PolicyRecord::new(cluster, policy, manifest);
+    if rec.policy.kind.to_string() != p.kind
+        || rec.name.as_str() != p.name
+        || rec.namespace.as_ref().map(K8sName::as_str).unwrap_or("") != p.namespace
+    {
+        return Err(FieldError::new(
+            "manifest_json",
+            format!(
+                "is {}, the message names {} {}/{}",
+                rec.policy.reference(),
+                p.kind,
+                p.namespace,
+                p.name
+            ),
+        ));
+    }
+    Ok(rec)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -7,6 +7,7 @@
 //! clustermesh/state/ip/v1/<cluster>/<ip>
 //! clustermesh/state/identities/v1/<cluster>/<identity>
 //! clustermesh/state/services/v1/<cluster>/<namespace>/<name>
+//! clustermesh/state/policies/v1/<cluster>/<namespace or _>/<name>
 //! clustermesh/synced/<cluster>/<kind>
 //! clustermesh/heartbeat/<cluster>
 //! ```
@@ -21,7 +22,10 @@ use std::{fmt, net::IpAddr, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{ClusterName, Identity, K8sName, NodeName, ValueError, parse_canonical_ip};
+use crate::{
+    policy::PolicyName,
+    types::{ClusterName, Identity, K8sName, NodeName, ValueError, parse_canonical_ip},
+};
 
 /// Root of every key this product writes.
 pub const ROOT: &str = "clustermesh/";
@@ -58,14 +62,22 @@ pub enum StateKind {
     Ip,
     Identities,
     Services,
+    /// Network policies (issue 18). Only the owning cluster's agents use
+    /// them: each cluster enforces its own.
+    Policies,
 }
 
+/// The namespace segment of a cluster-wide policy's key (`_` is no
+/// Kubernetes name, so it cannot collide with a namespace).
+pub const CLUSTER_WIDE_SEGMENT: &str = "_";
+
 impl StateKind {
-    pub const ALL: [StateKind; 4] = [
+    pub const ALL: [StateKind; 5] = [
         StateKind::Nodes,
         StateKind::Ip,
         StateKind::Identities,
         StateKind::Services,
+        StateKind::Policies,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +86,7 @@ impl StateKind {
             StateKind::Ip => "ip",
             StateKind::Identities => "identities",
             StateKind::Services => "services",
+            StateKind::Policies => "policies",
         }
     }
 
@@ -123,6 +136,12 @@ pub enum Key {
         namespace: K8sName,
         name: K8sName,
     },
+    /// A network policy; `namespace: None` is cluster-wide (segment `_`).
+    Policy {
+        cluster: ClusterName,
+        namespace: Option<K8sName>,
+        name: PolicyName,
+    },
     Synced {
         cluster: ClusterName,
         kind: StateKind,
@@ -149,6 +168,7 @@ impl Key {
             | Key::Ip { cluster, .. }
             | Key::Identity { cluster, .. }
             | Key::Service { cluster, .. }
+            | Key::Policy { cluster, .. }
             | Key::Synced { cluster, .. }
             | Key::Heartbeat { cluster } => cluster,
         }
@@ -161,6 +181,7 @@ impl Key {
             Key::Ip { .. } => Some(StateKind::Ip),
             Key::Identity { .. } => Some(StateKind::Identities),
             Key::Service { .. } => Some(StateKind::Services),
+            Key::Policy { .. } => Some(StateKind::Policies),
             _ => None,
         }
     }
@@ -187,6 +208,17 @@ impl KvKey for Key {
                 namespace,
                 name,
             } => format!("{}{namespace}/{name}", StateKind::Services.prefix(cluster)),
+            Key::Policy {
+                cluster,
+                namespace,
+                name,
+            } => format!(
+                "{}{}/{name}",
+                StateKind::Policies.prefix(cluster),
+                namespace
+                    .as_ref()
+                    .map_or(CLUSTER_WIDE_SEGMENT, K8sName::as_str)
+            ),
             Key::Synced { cluster, kind } => format!("{ROOT}synced/{cluster}/{kind}"),
             Key::Heartbeat { cluster } => format!("{ROOT}heartbeat/{cluster}"),
         }
@@ -262,7 +294,16 @@ impl KvKey for Key {
                         namespace: seg(key, ns.parse())?,
                         name: seg(key, name.parse())?,
                     }),
-                    (StateKind::Services, _) => Err(shape(3)),
+                    (StateKind::Policies, [c, ns, name]) => Ok(Key::Policy {
+                        cluster: seg(key, c.parse())?,
+                        namespace: if *ns == CLUSTER_WIDE_SEGMENT {
+                            None
+                        } else {
+                            Some(seg(key, ns.parse())?)
+                        },
+                        name: seg(key, name.parse())?,
+                    }),
+                    (StateKind::Services | StateKind::Policies, _) => Err(shape(3)),
                     _ => Err(shape(2)),
                 }
             }

@@ -41,8 +41,8 @@ pub use codec::{DecodeError, Entry, decode_entry, decode_value, encode};
 pub use keys::{Key, KeyError, KvKey, StateKind};
 pub use records::{
     Affinity, Backend, BackendState, Capabilities, ClusterConfig, EncryptionMode, EncryptionPolicy,
-    EncryptionScope, EndpointRecord, FieldError, Heartbeat, IdentityRecord, NodeRecord, Protocol,
-    Record, ServicePort, ServiceRecord, StateRecord, SyncCanary,
+    EncryptionScope, EndpointRecord, FieldError, Heartbeat, IdentityRecord, NodeRecord,
+    PolicyRecord, Protocol, Record, ServicePort, ServiceRecord, StateRecord, SyncCanary,
 };
 pub use types::{
     BootId, ClusterId, ClusterName, Identity, IpCidr, K8sName, Labels, NodeName, ValueError,

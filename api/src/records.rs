@@ -556,3 +556,127 @@ impl StateRecord for IdentityRecord {
 impl StateRecord for ServiceRecord {
     const KIND: StateKind = StateKind::Services;
 }
+
+/// A network policy a cluster enforces (issue 18): the manifest of one
+/// policy as applied (JSON, the List item for a List), and the policy it
+/// parses to. Decoding parses the manifest again with
+/// [`crate::policy::parse_manifests`]: a stored policy is exactly as
+/// strict as an applied one, and the model is never stored separately
+/// (so it cannot disagree with the manifest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawPolicyRecord", into = "RawPolicyRecord")]
+pub struct PolicyRecord {
+    pub cluster: ClusterName,
+    /// None: cluster-wide (CiliumClusterwideNetworkPolicy).
+    pub namespace: Option<K8sName>,
+    pub name: crate::policy::PolicyName,
+    pub manifest: serde_json::Value,
+    /// What `manifest` parses to.
+    pub policy: crate::policy::Policy,
+}
+
+impl Eq for PolicyRecord {}
+
+impl PolicyRecord {
+    /// Largest manifest of one policy (its JSON text).
+    pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+
+    /// The record of a parsed policy and its manifest.
+    pub fn new(
+        cluster: ClusterName,
+        policy: crate::policy::Policy,
+        manifest: serde_json::Value,
+    ) -> Self {
+        Self {
+            cluster,
+            namespace: policy.namespace.clone(),
+            name: policy.name.clone(),
+            manifest,
+            policy,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPolicyRecord {
+    cluster: ClusterName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    namespace: Option<K8sName>,
+    name: crate::policy::PolicyName,
+    manifest: serde_json::Value,
+}
+
+impl TryFrom<RawPolicyRecord> for PolicyRecord {
+    type Error = String;
+    fn try_from(r: RawPolicyRecord) -> Result<Self, String> {
+        let text = r.manifest.to_string();
+        if text.len() > Self::MAX_MANIFEST_BYTES {
+            return Err(format!(
+                "manifest: {} bytes exceeds the {}-byte limit",
+                text.len(),
+                Self::MAX_MANIFEST_BYTES
+            ));
+        }
+        let mut ps = crate::policy::parse_manifests(&text).map_err(|e| format!("manifest: {e}"))?;
+        let policy = match (ps.pop(), ps.is_empty()) {
+            (Some(p), true) => p,
+            _ => return Err("manifest: must hold exactly one policy".to_owned()),
+        };
+        Ok(Self {
+            cluster: r.cluster,
+            namespace: r.namespace,
+            name: r.name,
+            manifest: r.manifest,
+            policy,
+        })
+    }
+}
+
+impl From<PolicyRecord> for RawPolicyRecord {
+    fn from(r: PolicyRecord) -> Self {
+        Self {
+            cluster: r.cluster,
+            namespace: r.namespace,
+            name: r.name,
+            manifest: r.manifest,
+        }
+    }
+}
+
+impl Record for PolicyRecord {
+    const WHAT: &'static str = "policy";
+    fn key(&self) -> Key {
+        Key::Policy {
+            cluster: self.cluster.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+    fn validate(&self) -> Result<(), FieldError> {
+        if self.policy.name != self.name {
+            return Err(FieldError::new(
+                "manifest.metadata.name",
+                format!(
+                    "is {}, the record's name is {}",
+                    self.policy.name, self.name
+                ),
+            ));
+        }
+        if self.policy.namespace != self.namespace {
+            return Err(FieldError::new(
+                "manifest.metadata.namespace",
+                format!(
+                    "is {:?}, the record's namespace is {:?}",
+                    self.policy.namespace.as_ref().map(K8sName::as_str),
+                    self.namespace.as_ref().map(K8sName::as_str)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl StateRecord for PolicyRecord {
+    const KIND: StateKind = StateKind::Policies;
+}

@@ -86,6 +86,8 @@ pub struct RecordCounts {
     pub endpoints: usize,
     pub identities: usize,
     pub services: usize,
+    /// Network policies (the local cluster's only: remote ones are not read).
+    pub policies: usize,
 }
 
 /// Entries of the desired datapath state.
@@ -96,6 +98,12 @@ pub struct DesiredCounts {
     pub tunnels: usize,
     pub peers: usize,
     pub services: usize,
+    /// The local cluster's network policies the merge compiled.
+    pub policies: usize,
+    /// Local endpoint identities with a compiled policy, and its entries
+    /// (computed, NOT enforced in the datapath yet).
+    pub policy_endpoints: usize,
+    pub policy_entries: usize,
 }
 
 /// Encryption on this node.

@@ -388,3 +388,58 @@ fn random_and_mutated_bytes_never_panic() {
     assert!(accepted > 100, "accepted {accepted}");
     assert!(refused > 10_000, "refused {refused}");
 }
+
+#[test]
+fn policy_records_round_trip_and_decode_strictly() {
+    let manifest = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: all.deny}
+spec:
+  endpointSelector: {}
+  ingress: [{}]
+"#;
+    let docs = clustermesh_api::policy::parse_documents(manifest).unwrap();
+    assert_eq!(docs.len(), 2);
+    let keys = [
+        "clustermesh/state/policies/v1/c1/prod/db",
+        "clustermesh/state/policies/v1/c1/_/all.deny",
+    ];
+    for (d, want) in docs.into_iter().zip(keys) {
+        let rec = clustermesh_api::PolicyRecord::new("c1".parse().unwrap(), d.policy, d.manifest);
+        let entry = Entry::Policy(rec);
+        let key = entry.key().build();
+        assert_eq!(key, want);
+        let value = entry.encode().unwrap();
+        let (k, back) = decode_entry(key.as_bytes(), &value).unwrap();
+        assert_eq!(back, entry);
+        assert_eq!(k.build(), want);
+        assert_eq!(Key::parse(want.as_bytes()).unwrap().build(), want);
+    }
+    // A stored manifest is as strict as an applied one: an L7 rule, a name
+    // that disagrees with the key, bad key segments are refused.
+    let l7 = r#"{"cluster":"c1","namespace":"prod","name":"db","manifest":{"apiVersion":"cilium.io/v2","kind":"CiliumNetworkPolicy","metadata":{"name":"db","namespace":"prod"},"spec":{"endpointSelector":{},"ingress":[{"toPorts":[{"ports":[{"port":"80"}],"rules":{"http":[{}]}}]}]}}}"#;
+    let e = decode_entry(keys[0].as_bytes(), l7.as_bytes()).unwrap_err();
+    assert!(e.to_string().contains("toPorts[0].rules"), "{e}");
+    let other = l7
+        .replace(r#","rules":{"http":[{}]}"#, "")
+        .replace(r#""name":"db","manifest""#, r#""name":"dbx","manifest""#);
+    let e = decode_entry(keys[0].as_bytes(), other.as_bytes()).unwrap_err();
+    assert!(e.to_string().contains("metadata.name"), "{e}");
+    for bad in [
+        "clustermesh/state/policies/v1/c1/Prod/db",
+        "clustermesh/state/policies/v1/c1/db",
+        "clustermesh/state/policies/v1/c1/_/DB",
+    ] {
+        assert!(Key::parse(bad.as_bytes()).is_err(), "{bad}");
+    }
+}

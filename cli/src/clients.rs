@@ -227,6 +227,58 @@ impl Api {
     }
 }
 
+impl Api {
+    pub async fn apply_policies(&mut self, manifest: String) -> Result<Vec<proto::AppliedPolicy>> {
+        let r = self
+            .client
+            .apply_policies(proto::ApplyPoliciesRequest { manifest })
+            .await
+            .map(|r| r.into_inner().policies);
+        match r {
+            Ok(v) => Ok(v),
+            // The manifest's own errors name the document and field.
+            Err(s)
+                if s.code() == tonic::Code::InvalidArgument
+                    || s.code() == tonic::Code::FailedPrecondition =>
+            {
+                Err(anyhow!(
+                    "cluster {} refused the policies: {}",
+                    self.cluster,
+                    s.message()
+                ))
+            }
+            Err(s) => Err(self.status_error("ApplyPolicies", s).await),
+        }
+    }
+
+    pub async fn list_policies(&mut self) -> Result<Vec<proto::NetworkPolicy>> {
+        let r = self
+            .client
+            .list_policies(proto::ListPoliciesRequest {})
+            .await
+            .map(|r| r.into_inner().policies);
+        match r {
+            Ok(v) => Ok(v),
+            Err(s) => Err(self.status_error("ListPolicies", s).await),
+        }
+    }
+
+    pub async fn delete_policy(&mut self, namespace: &str, name: &str) -> Result<bool> {
+        let r = self
+            .client
+            .delete_policy(proto::DeletePolicyRequest {
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .await
+            .map(|r| r.into_inner().deleted);
+        match r {
+            Ok(v) => Ok(v),
+            Err(s) => Err(self.status_error("DeletePolicy", s).await),
+        }
+    }
+}
+
 /// `GET /status` of a node agent, parsed as JSON.
 /// The agent's `/status` document, read with the types the agent serves.
 pub async fn agent_status(addr: &str) -> Result<clustermesh_api::status::NodeStatus, String> {

@@ -227,7 +227,7 @@ async fn info_of(cd: &ConfigDir, c: &ClusterEntry) -> Result<proto::ClusterInfo>
 }
 
 /// An admin etcd client of a TLS cluster (certificate CN root).
-async fn etcd_admin(cd: &ConfigDir, c: &ClusterEntry) -> Result<etcd_client::Client> {
+pub(crate) async fn etcd_admin(cd: &ConfigDir, c: &ClusterEntry) -> Result<etcd_client::Client> {
     let pki = cd.pki(&c.name);
     for f in ["ca.pem", "admin.pem", "admin-key.pem"] {
         if let Err(e) = std::fs::metadata(pki.join(f)) {

@@ -16,6 +16,7 @@ mod config;
 mod connect;
 mod enable;
 mod encryption;
+mod policy;
 mod service;
 mod status;
 
@@ -92,6 +93,9 @@ enum Command {
     /// Global services (standalone mode).
     #[command(subcommand)]
     Service(service::Command),
+    /// Network policies (computed by the agents, not enforced in the datapath yet).
+    #[command(subcommand)]
+    Policy(policy::Command),
     /// Print a shell completion script.
     Completion {
         #[arg(value_enum)]
@@ -228,6 +232,7 @@ async fn run(cli: Cli) -> Outcome {
         Command::Status(a) => status::run(&ctx, a).await,
         Command::Encryption(c) => encryption::run(&ctx, c).await,
         Command::Service(c) => service::run(&ctx, c).await,
+        Command::Policy(c) => policy::run(&ctx, c).await,
         Command::Completion { .. } | Command::ValidateRecord { .. } => Ok(true),
     }
 }

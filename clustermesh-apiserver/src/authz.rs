@@ -10,8 +10,8 @@
 //! | `node:<name>` | node `<name>`'s agent | read; register, heartbeat, deregister (with its boot id) only node `<name>`; add endpoints only for node `<name>` (inside its pod CIDRs, checked by the state), remove only node `<name>`'s |
 //! | anything else of the CA | e.g. `remote-<cluster>`, the etcd readers | read only |
 //!
-//! Posture (the encryption policy), services and removing another node
-//! need the admin. With `--insecure-plaintext` there is no certificate: the
+//! Posture (the encryption policy), services, network policies and
+//! removing another node need the admin. With `--insecure-plaintext` there is no certificate: the
 //! caller is [`Caller::Insecure`] and allowed everything (the apiserver
 //! warns at start, and says so in its status and metrics).
 //!
@@ -104,6 +104,8 @@ pub enum Action<'a> {
     Posture,
     /// Create, change or delete a service.
     Services,
+    /// Apply or delete a network policy.
+    Policy,
 }
 
 impl fmt::Display for Action<'_> {
@@ -114,6 +116,7 @@ impl fmt::Display for Action<'_> {
             Action::ForceRemoveNode(n) => write!(f, "remove node {n} without its boot id"),
             Action::Posture => f.write_str("change the encryption policy"),
             Action::Services => f.write_str("change services"),
+            Action::Policy => f.write_str("change network policies"),
         }
     }
 }
@@ -176,6 +179,8 @@ mod tests {
         let table: &[(&Caller, Action<'_>, bool)] = &[
             (&Caller::Admin, Posture, true),
             (&Caller::Admin, Services, true),
+            (&Caller::Admin, Policy, true),
+            (&Caller::Insecure, Policy, true),
             (&Caller::Admin, ForceRemoveNode(&n2), true),
             (&Caller::Admin, ActAsNode(&n2), true),
             (&Caller::Insecure, Posture, true),
@@ -185,10 +190,12 @@ mod tests {
             (&node1, ForceRemoveNode(&n1), false),
             (&node1, Posture, false),
             (&node1, Services, false),
+            (&node1, Policy, false),
             (&other, Read, true),
             (&other, ActAsNode(&n1), false),
             (&other, Posture, false),
             (&other, Services, false),
+            (&other, Policy, false),
         ];
         for (caller, action, want) in table {
             let got = authorize(caller, *action);

@@ -38,7 +38,7 @@ fn invalid(e: FieldError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-fn refused(r: Refusal) -> Status {
+pub(crate) fn refused(r: Refusal) -> Status {
     match r {
         Refusal::Invalid(f) => invalid(f),
         Refusal::AlreadyExists(m) => Status::already_exists(m),
@@ -47,7 +47,7 @@ fn refused(r: Refusal) -> Status {
     }
 }
 
-fn unavailable(e: store::Error) -> Status {
+pub(crate) fn unavailable(e: store::Error) -> Status {
     Status::unavailable(format!("etcd write failed, nothing was changed: {e}"))
 }
 
@@ -75,7 +75,7 @@ impl Api {
     }
 
     /// The caller of `req`, authorized for `action`; a refusal is audited.
-    fn authorize<T>(
+    pub(crate) fn authorize<T>(
         &self,
         req: &Request<T>,
         method: &'static str,
@@ -96,7 +96,7 @@ impl Api {
     }
 
     /// One `api_call` line of the audit trail (when `--audit-log` is set).
-    fn audit(
+    pub(crate) fn audit(
         &self,
         caller: &Caller,
         peer: Option<std::net::SocketAddr>,
@@ -720,5 +720,37 @@ impl ClusterMesh for Api {
         let services = st.all_services().map(convert::service_to_proto).collect();
         let r = Ok(Response::new(proto::ListServicesResponse { services }));
         self.done("ListServices", r)
+    }
+
+    async fn apply_policies(
+        &self,
+        req: Request<proto::ApplyPoliciesRequest>,
+    ) -> Result<Response<proto::ApplyPoliciesResponse>, Status> {
+        let r = self.apply_policies_call(req).await;
+        self.done("ApplyPolicies", r)
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<proto::DeletePolicyRequest>,
+    ) -> Result<Response<proto::DeletePolicyResponse>, Status> {
+        let r = self.delete_policy_call(req).await;
+        self.done("DeletePolicy", r)
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<proto::ListPoliciesRequest>,
+    ) -> Result<Response<proto::ListPoliciesResponse>, Status> {
+        let r = self.list_policies_call(req).await;
+        self.done("ListPolicies", r)
+    }
+
+    async fn get_policy(
+        &self,
+        req: Request<proto::GetPolicyRequest>,
+    ) -> Result<Response<proto::NetworkPolicy>, Status> {
+        let r = self.get_policy_call(req).await;
+        self.done("GetPolicy", r)
     }
 }

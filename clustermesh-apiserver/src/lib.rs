@@ -24,6 +24,7 @@ pub mod authz;
 pub mod config;
 pub mod export;
 pub mod grpc;
+pub mod grpc_policy;
 pub mod kube_source;
 pub mod metrics;
 pub mod services_file;

@@ -11,9 +11,12 @@ use std::{
 
 use clustermesh_api::{
     ClusterConfig, ClusterId, ClusterName, EncryptionPolicy, EndpointRecord, FieldError, Identity,
-    IdentityRecord, IpCidr, K8sName, Key, KvKey, Labels, NodeName, NodeRecord, Record,
-    ServiceRecord, StateKind, encode,
+    IdentityRecord, IpCidr, K8sName, Key, KvKey, Labels, NodeName, NodeRecord, PolicyRecord,
+    Record, ServiceRecord, StateKind, encode, policy::PolicyName,
 };
+
+/// Most policies one `ApplyPolicies` stores (one etcd transaction).
+pub const MAX_APPLY: usize = 100;
 
 /// Why a change was refused; maps onto a gRPC status code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,6 +56,8 @@ pub struct NodeEntry {
 }
 
 pub type ServiceName = (K8sName, K8sName);
+/// A network policy's namespace (None: cluster-wide) and name.
+pub type PolicyKey = (Option<K8sName>, PolicyName);
 
 /// Everything the cluster exports.
 #[derive(Debug)]
@@ -70,6 +75,8 @@ pub struct ClusterState {
     pub kube_services: BTreeMap<ServiceName, ServiceRecord>,
     pub identities: BTreeMap<Identity, IdentityRecord>,
     pub identity_by_labels: BTreeMap<Labels, Identity>,
+    /// Network policies applied through the API (persisted).
+    pub policies: BTreeMap<PolicyKey, PolicyRecord>,
     /// Exported keys changed since the last [`ClusterState::take_changes`]:
     /// the exporter writes only these, so a change costs O(1), not O(state).
     dirty: BTreeSet<Key>,
@@ -111,6 +118,7 @@ impl ClusterState {
             kube_services: BTreeMap::new(),
             identities: BTreeMap::new(),
             identity_by_labels: BTreeMap::new(),
+            policies: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
     }
@@ -143,6 +151,12 @@ impl ClusterState {
                             .or_else(|| self.kube_services.get(&sk))
                             .and_then(|s| encode(s).ok())
                     }
+                    Key::Policy {
+                        namespace, name, ..
+                    } => self
+                        .policies
+                        .get(&(namespace.clone(), name.clone()))
+                        .and_then(|p| encode(p).ok()),
                     Key::ClusterConfig { .. } => encode(&self.cluster_config()).ok(),
                     _ => None,
                 };
@@ -195,6 +209,56 @@ impl ClusterState {
             }
             None => false,
         }
+    }
+
+    pub fn put_policy(&mut self, rec: PolicyRecord) {
+        self.touch(rec.key());
+        self.policies
+            .insert((rec.namespace.clone(), rec.name.clone()), rec);
+    }
+
+    pub fn remove_policy(&mut self, key: &PolicyKey) -> Option<PolicyRecord> {
+        let rec = self.policies.remove(key)?;
+        self.touch(rec.key());
+        Some(rec)
+    }
+
+    /// Checks a set of policies to apply together: at most
+    /// [`MAX_APPLY`] of them, each namespace/name once, and an existing
+    /// policy of that namespace/name only replaced by one of the same
+    /// kind. `what[i]` names policy `i` in errors (its document).
+    pub fn check_policies(&self, recs: &[PolicyRecord], what: &[String]) -> Result<(), Refusal> {
+        if recs.len() > MAX_APPLY {
+            return Err(Refusal::invalid(
+                "manifest",
+                format!(
+                    "{} policies in one apply; at most {MAX_APPLY} are applied together",
+                    recs.len()
+                ),
+            ));
+        }
+        let mut seen: BTreeMap<PolicyKey, usize> = BTreeMap::new();
+        for (i, r) in recs.iter().enumerate() {
+            let k = (r.namespace.clone(), r.name.clone());
+            let here = what.get(i).map_or("a document", String::as_str);
+            if let Some(j) = seen.insert(k.clone(), i) {
+                let there = what.get(j).map_or("a document", String::as_str);
+                return Err(Refusal::invalid(
+                    "manifest",
+                    format!("{here}: policy {} is also in {there}", r.policy.reference()),
+                ));
+            }
+            if let Some(old) = self.policies.get(&k)
+                && old.policy.kind != r.policy.kind
+            {
+                return Err(Refusal::FailedPrecondition(format!(
+                    "{here}: {} would replace {}: one policy per namespace and name; delete it first",
+                    r.policy.reference(),
+                    old.policy.reference()
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub fn cluster_config(&self) -> ClusterConfig {
@@ -530,14 +594,18 @@ impl ClusterState {
         for s in self.all_services() {
             put(&mut m, s);
         }
-        kinds.insert(StateKind::Services, m);
+        kinds.insert(StateKind::Services, std::mem::take(&mut m));
+        for p in self.policies.values() {
+            put(&mut m, p);
+        }
+        kinds.insert(StateKind::Policies, m);
         Desired {
             cluster_config: (cfg.key().build(), encode(&cfg).unwrap_or_default()),
             kinds,
         }
     }
 
-    pub fn counts(&self) -> [(StateKind, usize); 4] {
+    pub fn counts(&self) -> [(StateKind, usize); 5] {
         [
             (StateKind::Nodes, self.nodes.len()),
             (StateKind::Ip, self.endpoints.len()),
@@ -546,6 +614,7 @@ impl ClusterState {
                 StateKind::Services,
                 self.services.len() + self.file_services.len(),
             ),
+            (StateKind::Policies, self.policies.len()),
         ]
     }
 }

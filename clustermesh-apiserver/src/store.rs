@@ -5,6 +5,7 @@
 //! nodes/<node>                  NodeRecord       (standalone registrations)
 //! endpoints/<ip>                EndpointRecord
 //! services/<namespace>/<name>   ServiceRecord    (declared through the API)
+//! policies/<namespace or _>/<name>  PolicyRecord (applied through the API)
 //! identities/<id>               IdentityRecord   (allocations, never leased)
 //! identity-labels/<labels>      <id>             (uniqueness index; labels as "k=v k2=v2")
 //! ```
@@ -17,8 +18,8 @@
 use std::{net::IpAddr, time::Instant};
 
 use clustermesh_api::{
-    ClusterId, ClusterName, EndpointRecord, Identity, IdentityRecord, Labels, NodeName, NodeRecord,
-    Record, ServiceRecord, encode,
+    ClusterId, ClusterName, EndpointRecord, Identity, IdentityRecord, K8sName, Labels, NodeName,
+    NodeRecord, PolicyRecord, Record, ServiceRecord, encode, keys::CLUSTER_WIDE_SEGMENT,
 };
 use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
 use serde::de::DeserializeOwned;
@@ -70,6 +71,10 @@ impl Internal {
     }
     pub fn service(&self, ns: &str, name: &str) -> String {
         format!("{}services/{ns}/{name}", self.prefix)
+    }
+    pub fn policy(&self, ns: Option<&K8sName>, name: &str) -> String {
+        let ns = ns.map_or(CLUSTER_WIDE_SEGMENT, K8sName::as_str);
+        format!("{}policies/{ns}/{name}", self.prefix)
     }
     pub fn identity(&self, id: Identity) -> String {
         format!("{}identities/{id}", self.prefix)
@@ -162,6 +167,15 @@ pub async fn load(client: &mut Client, state: &mut ClusterState, now: Instant) -
             {
                 state
                     .services
+                    .insert((r.namespace.clone(), r.name.clone()), r);
+            }
+        } else if rest.starts_with("policies/") {
+            if let Some(r) = parse::<PolicyRecord>(key, v)
+                && r.cluster == state.cluster
+                && keys.policy(r.namespace.as_ref(), r.name.as_str()) == key
+            {
+                state
+                    .policies
                     .insert((r.namespace.clone(), r.name.clone()), r);
             }
         } else if rest.starts_with("identities/")
@@ -266,6 +280,32 @@ pub async fn delete_service(
     name: &str,
 ) -> Result<()> {
     write(client, vec![], vec![keys.service(ns, name)]).await
+}
+
+/// Stores `puts` and deletes `deletes` in one transaction (the caller
+/// bounds them to [`crate::state::MAX_APPLY`]): all or nothing.
+pub async fn write_policies(
+    client: &mut Client,
+    keys: &Internal,
+    puts: &[PolicyRecord],
+    deletes: &[crate::state::PolicyKey],
+) -> Result<()> {
+    let mut ops = Vec::with_capacity(puts.len() + deletes.len());
+    for r in puts {
+        ops.push(TxnOp::put(
+            keys.policy(r.namespace.as_ref(), r.name.as_str()),
+            json(r)?,
+            None,
+        ));
+    }
+    for (ns, name) in deletes {
+        ops.push(TxnOp::delete(keys.policy(ns.as_ref(), name.as_str()), None));
+    }
+    client
+        .txn(Txn::new().and_then(ops))
+        .await
+        .map_err(etcd("write policies"))?;
+    Ok(())
 }
 
 /// Allocates (or finds) the identity of `labels`.

@@ -13,76 +13,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
 use clustermesh_api::proto::{self, cluster_mesh_client::ClusterMeshClient};
-use clustermesh_crypto::pki::{Ca, Usage};
 use clustermesh_testkit::etcd::EtcdServer;
-use common::*;
-use tonic::{
-    Code,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
-};
-
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(dir: &Path) -> Self {
-        let ca = Ca::generate("c1").unwrap();
-        let other = Ca::generate("elsewhere").unwrap();
-        let w = |f: &str, s: &str| std::fs::write(dir.join(f), s).unwrap();
-        w("ca.pem", ca.cert_pem());
-        let server = ca
-            .issue("clustermesh-apiserver", &["127.0.0.1"], Usage::Server)
-            .unwrap();
-        w("server.pem", &server.cert_pem);
-        w("server-key.pem", &server.key_pem);
-        for (file, cn, from) in [
-            ("admin", "root", &ca),
-            ("node-1", "node:node-1", &ca),
-            ("node-2", "node:node-2", &ca),
-            ("reader", "remote-c1", &ca),
-            ("stranger", "root", &other),
-        ] {
-            let c = from.issue(cn, &[], Usage::Client).unwrap();
-            w(&format!("{file}.pem"), &c.cert_pem);
-            w(&format!("{file}-key.pem"), &c.key_pem);
-        }
-        Self {
-            dir: dir.to_owned(),
-        }
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.join(f)
-    }
-
-    /// A client presenting `who`'s certificate (None: none at all).
-    async fn client(
-        &self,
-        addr: &str,
-        who: Option<&str>,
-    ) -> Result<ClusterMeshClient<Channel>, String> {
-        let read = |f: &str| std::fs::read(self.path(f)).unwrap();
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("ca.pem")));
-        if let Some(w) = who {
-            tls = tls.identity(Identity::from_pem(
-                read(&format!("{w}.pem")),
-                read(&format!("{w}-key.pem")),
-            ));
-        }
-        let ch = Endpoint::from_shared(format!("https://{addr}"))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        Ok(ClusterMeshClient::new(ch))
-    }
-}
+use common::{pki::Pki, *};
+use tonic::{Code, transport::Channel};
 
 fn policy(strict: bool) -> proto::SetEncryptionPolicyRequest {
     proto::SetEncryptionPolicyRequest {

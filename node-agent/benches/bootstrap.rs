@@ -147,6 +147,7 @@ async fn main() {
         services: Box::new(SharedReconciler::new("services")),
         policy: Box::new(SharedReconciler::new("policy")),
         strict_ranges: Box::new(SharedReconciler::new("strict ranges")),
+        network_policies: Box::new(SharedReconciler::new("network policies")),
     };
     let agent = Agent::new(cfg, r, cancel.clone());
     let status = agent.status();

@@ -16,7 +16,7 @@ use std::{
 
 use clustermesh_api::{
     Affinity, BackendState, ClusterName, EncryptionPolicy, Identity, IpCidr, NodeName, Protocol,
-    WgPublicKey,
+    WgPublicKey, policy::CompiledPolicy,
 };
 
 /// ip-cache entry: an address or prefix and what the datapath needs for it.
@@ -88,6 +88,14 @@ pub struct Desired {
     /// cluster file's declared `pod-cidrs`. Not from the merge: known
     /// before any cluster connects, and applied first.
     pub strict_ranges: BTreeMap<IpCidr, ()>,
+    /// Network policy (issue 18), by local endpoint identity: the compiled
+    /// entries (peer identity, direction, protocol, port range, allow or
+    /// deny, rule) and the default-deny flags of each local endpoint
+    /// identity on this node that a local-cluster policy touches. The later
+    /// eBPF policy map is keyed (local identity, peer identity, direction,
+    /// protocol, port range). NOT enforced yet: only an in-memory target
+    /// receives it.
+    pub network_policies: BTreeMap<Identity, CompiledPolicy>,
     pub rejected: Vec<Rejection>,
 }
 

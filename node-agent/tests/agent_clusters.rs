@@ -8,6 +8,7 @@ use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use clustermesh_api::{
     ClusterId, IpCidr,
+    policy::{CompiledPolicy, Direction, MapVerdict},
     proto::{self, cluster_mesh_client::ClusterMeshClient},
 };
 use clustermesh_apiserver::{Config, Running};
@@ -83,8 +84,11 @@ impl Cluster {
             .unwrap();
     }
     async fn endpoint(&mut self, node: &str, ip: &str) -> u32 {
+        self.endpoint_app(node, ip, "web").await
+    }
+    async fn endpoint_app(&mut self, node: &str, ip: &str, app: &str) -> u32 {
         let mut labels = std::collections::HashMap::new();
-        labels.insert("k8s:app".to_owned(), "web".to_owned());
+        labels.insert("k8s:app".to_owned(), app.to_owned());
         self.g
             .add_endpoint(proto::AddEndpointRequest {
                 node: node.into(),
@@ -120,6 +124,7 @@ struct Targets {
     tunnels: SharedReconciler<IpCidr, TunnelEntry>,
     peers: SharedReconciler<String, Peer>,
     services: SharedReconciler<String, MergedService>,
+    network_policies: SharedReconciler<clustermesh_api::Identity, CompiledPolicy>,
 }
 
 fn agent(
@@ -133,6 +138,7 @@ fn agent(
         tunnels: SharedReconciler::new("tunnels"),
         peers: SharedReconciler::new("peers"),
         services: SharedReconciler::new("services"),
+        network_policies: SharedReconciler::new("network policies"),
     };
     let a = Agent::new(
         agent_config(local, dir, stale_ttl),
@@ -152,6 +158,7 @@ impl Targets {
             services: Box::new(self.services.clone()),
             policy: Box::new(MemoryReconciler::new("policy")),
             strict_ranges: Box::new(MemoryReconciler::new("strict ranges")),
+            network_policies: Box::new(self.network_policies.clone()),
         }
     }
 }
@@ -873,6 +880,107 @@ async fn a_duplicate_wireguard_key_is_refused_without_cutting_the_victim_off() {
         !t.peers.contents().contains_key("c3/thief"),
         "the thief became a peer"
     );
+    cancel.cancel();
+    run.await.unwrap();
+}
+
+/// Only c2's frontends reach c1's db on TCP 5432.
+const DB_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: frontend, io.cilium.k8s.policy.cluster: c2}}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_policies_reach_the_desired_policy_entries_and_remote_ones_are_ignored() {
+    let mut c1 = cluster("c1", 1).await;
+    let mut c2 = cluster("c2", 2).await;
+    c1.node("a1", "10.1.0.0/24", "192.0.2.1").await;
+    c2.node("b1", "10.2.0.0/24", "192.0.2.11").await;
+    let db = c1.endpoint_app("a1", "10.1.0.5", "db").await;
+    let front = c2.endpoint_app("b1", "10.2.0.5", "frontend").await;
+    let other = c2.endpoint_app("b1", "10.2.0.6", "batch").await;
+    // c2 denies everything to its own pods of app=db, and would select c1's
+    // db too if a remote's policies were (wrongly) applied here.
+    let remote = DB_POLICY
+        .replace("name: db,", "name: remote-deny,")
+        .replace(
+            "ingress:\n  - fromEndpoints",
+            "ingressDeny:\n  - fromEndpoints",
+        );
+    c2.g.apply_policies(proto::ApplyPoliciesRequest { manifest: remote })
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    c2.file(dir.path());
+    let cancel = CancellationToken::new();
+    let (a, t) = agent(&c1, dir.path(), Duration::from_secs(30), &cancel);
+    let status = a.status();
+    let st = move || status.lock().unwrap().clone();
+    let run = tokio::spawn(a.run());
+    until("initial sync", || {
+        st().all_synced && st().clusters.len() == 2
+    })
+    .await;
+    assert!(
+        t.network_policies.contents().is_empty(),
+        "no local policy, but entries: {:?}",
+        t.network_policies.contents()
+    );
+    assert_eq!(
+        status_of(&st(), "c2").unwrap().counts.policies,
+        0,
+        "a remote's policies are not kept"
+    );
+
+    // Applied through the API: the agent's desired entries follow.
+    c1.g.apply_policies(proto::ApplyPoliciesRequest {
+        manifest: DB_POLICY.to_owned(),
+    })
+    .await
+    .unwrap();
+    let dbid = clustermesh_api::Identity::from_raw(db.into()).unwrap();
+    until("policy entries", || {
+        t.network_policies.contents().contains_key(&dbid)
+    })
+    .await;
+    let p = t.network_policies.contents()[&dbid].clone();
+    assert!(p.default_deny_ingress && !p.default_deny_egress);
+    // One allow entry: from c2's frontend identity, TCP 5432, ingress. No
+    // deny entry: c2's own policy never applies here.
+    assert_eq!(p.entries.len(), 1, "{:?}", p.entries);
+    let e = &p.entries[0];
+    assert_eq!(e.peer.get(), front);
+    assert_eq!(e.direction, Direction::Ingress);
+    assert_eq!(e.verdict, MapVerdict::Allow);
+    assert_eq!(e.ports.to_string(), "5432");
+    assert_eq!(e.rule.origin, "spec.ingress[0]");
+    assert!(p.entries.iter().all(|e| e.peer.get() != other));
+    until("status counts", || {
+        let d = st().desired;
+        d.policies == 1 && d.policy_endpoints == 1 && d.policy_entries == 1
+    })
+    .await;
+    assert_eq!(status_of(&st(), "c1").unwrap().counts.policies, 1);
+
+    // Deleted: the entries go.
+    c1.g.delete_policy(proto::DeletePolicyRequest {
+        namespace: "default".into(),
+        name: "db".into(),
+    })
+    .await
+    .unwrap();
+    until("policy entries removed", || {
+        t.network_policies.contents().is_empty()
+    })
+    .await;
+    until("status counts zero", || st().desired.policy_entries == 0).await;
     cancel.cancel();
     run.await.unwrap();
 }

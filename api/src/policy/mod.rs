@@ -87,6 +87,32 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Policy>, PolicyError> {
             max: MAX_MANIFEST_BYTES,
         });
     }
+    Ok(parse_documents(text)?
+        .into_iter()
+        .map(|d| d.policy)
+        .collect())
+}
+
+/// One policy of a manifest stream with the document it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedDocument {
+    /// The 0-based document of the stream.
+    pub document: usize,
+    pub policy: Policy,
+    /// The policy's own manifest (the List item for a List), as JSON: what
+    /// the apiserver stores and `policy show` prints.
+    pub manifest: serde_json::Value,
+}
+
+/// Like [`parse_manifests`], keeping each policy's own manifest (as JSON).
+/// Every document is validated; the first error refuses the whole stream.
+pub fn parse_documents(text: &str) -> Result<Vec<ParsedDocument>, PolicyError> {
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(PolicyError::TooLarge {
+            size: text.len(),
+            max: MAX_MANIFEST_BYTES,
+        });
+    }
     let mut out = Vec::new();
     for (document, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let value = serde_norway::Value::deserialize(de).map_err(|e| PolicyError::Syntax {
@@ -98,13 +124,28 @@ pub fn parse_manifests(text: &str) -> Result<Vec<Policy>, PolicyError> {
     Ok(out)
 }
 
+/// A YAML value as JSON (YAML-only shapes, e.g. non-string keys, refused).
+fn to_json(
+    document: usize,
+    name: Option<String>,
+    field: String,
+    value: &serde_norway::Value,
+) -> Result<serde_json::Value, PolicyError> {
+    serde_json::to_value(value).map_err(|e| PolicyError::Field {
+        document,
+        policy: name,
+        field,
+        message: format!("not representable as JSON: {e}"),
+    })
+}
+
 /// Parses one document that is already a value. `prefix` is the path of
 /// the value in its document (`items[2].` inside a List).
 fn parse_value(
     document: usize,
     value: serde_norway::Value,
     prefix: &str,
-    out: &mut Vec<Policy>,
+    out: &mut Vec<ParsedDocument>,
 ) -> Result<(), PolicyError> {
     use serde_norway::Value;
     let map = match &value {
@@ -133,15 +174,25 @@ fn parse_value(
         field: format!("{prefix}{}", e.field),
         message: e.message,
     };
+    let mut push = |policy: Policy, manifest: serde_json::Value| {
+        out.push(ParsedDocument {
+            document,
+            policy,
+            manifest,
+        })
+    };
     match (api_version.as_deref(), kind.as_deref()) {
         (Some("cilium.io/v2"), Some("CiliumNetworkPolicy")) => {
-            out.push(cilium::from_value(value, false).map_err(field_err)?);
+            let json = to_json(document, name.clone(), top(prefix), &value)?;
+            push(cilium::from_value(value, false).map_err(field_err)?, json);
         }
         (Some("cilium.io/v2"), Some("CiliumClusterwideNetworkPolicy")) => {
-            out.push(cilium::from_value(value, true).map_err(field_err)?);
+            let json = to_json(document, name.clone(), top(prefix), &value)?;
+            push(cilium::from_value(value, true).map_err(field_err)?, json);
         }
         (Some("networking.k8s.io/v1"), Some("NetworkPolicy")) => {
-            out.push(k8s::from_value(value).map_err(field_err)?);
+            let json = to_json(document, name.clone(), top(prefix), &value)?;
+            push(k8s::from_value(value).map_err(field_err)?, json);
         }
         (Some("v1"), Some(k)) if k == "List" || k.ends_with("List") => {
             let items = match map.get("items") {

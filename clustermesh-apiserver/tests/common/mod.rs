@@ -2,6 +2,8 @@
 //! (testkit), an apiserver started in-process, a gRPC client.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod pki;
+
 use std::{collections::BTreeMap, time::Duration};
 
 use clustermesh_api::{

@@ -143,6 +143,7 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
     let accepted = merge_nodes(input, &all, &mut out);
     merge_endpoints(input, &all, &accepted, &mut out);
     merge_services(input, &accepted, &mut out);
+    out.network_policies = super::policy::merge_policies(input);
     out
 }
 

@@ -21,6 +21,7 @@
 pub mod admission;
 pub mod config;
 pub mod merge;
+pub mod policy;
 pub mod store;
 pub mod watcher;
 
@@ -31,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clustermesh_api::{ClusterName, IpCidr, NodeName};
+use clustermesh_api::{ClusterName, Identity, IpCidr, NodeName, policy::CompiledPolicy};
 use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -83,6 +84,9 @@ pub struct Reconcilers {
     pub policy: Box<dyn Reconciler<(), EncryptionPolicy>>,
     /// `CM_STRICT_RANGES`.
     pub strict_ranges: Box<dyn Reconciler<IpCidr, ()>>,
+    /// Compiled network policy by local endpoint identity (in memory: not
+    /// enforced in the datapath yet).
+    pub network_policies: Box<dyn Reconciler<Identity, CompiledPolicy>>,
 }
 
 impl Reconcilers {
@@ -95,6 +99,7 @@ impl Reconcilers {
             services: Box::new(MemoryReconciler::new("services")),
             policy: Box::new(MemoryReconciler::new("policy")),
             strict_ranges: Box::new(MemoryReconciler::new("strict ranges")),
+            network_policies: Box::new(MemoryReconciler::new("network policies")),
         }
     }
 }
@@ -128,7 +133,7 @@ impl Slot {
     fn new(name: ClusterName, local: bool, file_bytes: Vec<u8>, cancel: CancellationToken) -> Self {
         Self {
             local,
-            store: ClusterStore::new(name),
+            store: ClusterStore::new(name, local),
             file_bytes,
             declared: Vec::new(),
             cancel,
@@ -212,6 +217,7 @@ impl Agent {
         self.tracker.spawn(watcher::run(
             name.clone(),
             file,
+            local,
             self.tx.clone(),
             cancel.clone(),
         ));
@@ -491,6 +497,7 @@ impl Agent {
             keep(&self.last.peers, &mut applied.peers);
             keep(&self.last.services, &mut applied.services);
             keep(&self.last.policy, &mut applied.policy);
+            keep(&self.last.network_policies, &mut applied.network_policies);
         }
         // Each refused entry is logged once, when it appears; all of them
         // are in the status and retried every round.
@@ -581,6 +588,13 @@ impl Agent {
                 false,
                 failures,
             ),
+            network_policies: apply_isolated(
+                r.network_policies.as_mut(),
+                &last.network_policies,
+                &desired.network_policies,
+                allow_delete,
+                failures,
+            ),
             // Applied first, by [`Agent::reconcile_strict_ranges`].
             strict_ranges: last.strict_ranges.clone(),
             rejected: Vec::new(),
@@ -598,6 +612,7 @@ impl Agent {
             r.tunnels.prune(&applied.tunnels),
             r.peers.prune(&applied.peers),
             r.services.prune(&applied.services),
+            r.network_policies.prune(&applied.network_policies),
             r.strict_ranges.prune(&strict),
         ];
         let mut removed = 0;
@@ -675,6 +690,17 @@ impl Agent {
                 tunnels: self.last.tunnels.len(),
                 peers: self.last.peers.len(),
                 services: self.last.services.len(),
+                policies: self
+                    .slots
+                    .get(&self.cfg.local_cluster)
+                    .map_or(0, |s| s.store.records.policies.len()),
+                policy_endpoints: self.last.network_policies.len(),
+                policy_entries: self
+                    .last
+                    .network_policies
+                    .values()
+                    .map(|p| p.entries.len())
+                    .sum(),
             },
         };
         if let Ok(mut g) = self.status.lock() {
@@ -692,6 +718,7 @@ impl Agent {
             r.services.tick(now),
             r.policy.tick(now),
             r.strict_ranges.tick(now),
+            r.network_policies.tick(now),
         ];
         for e in results.into_iter().filter_map(Result::err) {
             tracing::warn!(error = %e, "scheduled reconciler work failed; retrying");
@@ -709,6 +736,7 @@ impl Agent {
                 services: r.services.snapshot()?,
                 policy: r.policy.snapshot()?,
                 strict_ranges: r.strict_ranges.snapshot()?,
+                network_policies: r.network_policies.snapshot()?,
                 rejected: Vec::new(),
             })
         })();

@@ -15,6 +15,10 @@
 //!   [`ClusterStore::max_records`] (default [`MAX_RECORDS`]) is refused
 //!   (`record_limit`), so a hostile or broken remote cannot exhaust this
 //!   agent's memory; what it already has stays.
+//! - Network policies are kept for the local cluster only: each cluster
+//!   enforces its own, so a remote's policy records are ignored (not an
+//!   error, not counted as refused). The local ones are decoded as strictly
+//!   as everything else (the manifest is parsed again).
 //! - Cross-record rules (CIDR ownership, identity bits, endpoints inside
 //!   their cluster's CIDRs) are the merge's job: it sees every cluster.
 
@@ -26,8 +30,12 @@ use std::{
 
 use clustermesh_api::{
     ClusterConfig, ClusterName, EndpointRecord, Entry, Identity, IdentityRecord, K8sName, Key,
-    KvKey, NodeName, NodeRecord, ServiceRecord, decode_entry, decode_value,
+    KvKey, NodeName, NodeRecord, PolicyRecord, ServiceRecord, decode_entry, decode_value,
+    policy::PolicyName,
 };
+
+/// A network policy's namespace (None: cluster-wide) and name.
+pub type PolicyKey = (Option<K8sName>, PolicyName);
 
 /// The records one cluster exports, by kind.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -38,11 +46,17 @@ pub struct Records {
     pub endpoints: BTreeMap<IpAddr, EndpointRecord>,
     pub identities: BTreeMap<Identity, IdentityRecord>,
     pub services: BTreeMap<(K8sName, K8sName), ServiceRecord>,
+    /// The local cluster's network policies (empty for a remote cluster).
+    pub policies: BTreeMap<PolicyKey, PolicyRecord>,
 }
 
 impl Records {
     pub fn len(&self) -> usize {
-        self.nodes.len() + self.endpoints.len() + self.identities.len() + self.services.len()
+        self.nodes.len()
+            + self.endpoints.len()
+            + self.identities.len()
+            + self.services.len()
+            + self.policies.len()
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -56,6 +70,11 @@ impl Records {
                 namespace, name, ..
             } => self
                 .services
+                .contains_key(&(namespace.clone(), name.clone())),
+            Key::Policy {
+                namespace, name, ..
+            } => self
+                .policies
                 .contains_key(&(namespace.clone(), name.clone())),
             _ => false,
         }
@@ -81,6 +100,11 @@ impl Records {
                 namespace: ns.clone(),
                 name: n.clone(),
             }))
+            .chain(self.policies.keys().map(|(ns, n)| Key::Policy {
+                cluster: c(),
+                namespace: ns.clone(),
+                name: n.clone(),
+            }))
             .collect()
     }
 }
@@ -100,6 +124,8 @@ pub use clustermesh_api::status::RecordCounts as Counts;
 #[derive(Debug)]
 pub struct ClusterStore {
     pub name: ClusterName,
+    /// The local cluster (the only one whose policies are kept).
+    pub local: bool,
     pub config: Option<ClusterConfig>,
     pub records: Records,
     /// Keys refused now, with the reason (for log-once and status).
@@ -126,9 +152,10 @@ pub enum Effect {
 }
 
 impl ClusterStore {
-    pub fn new(name: ClusterName) -> Self {
+    pub fn new(name: ClusterName, local: bool) -> Self {
         Self {
             name,
+            local,
             config: None,
             records: Records::default(),
             refused: BTreeMap::new(),
@@ -148,6 +175,7 @@ impl ClusterStore {
             endpoints: self.records.endpoints.len(),
             identities: self.records.identities.len(),
             services: self.records.services.len(),
+            policies: self.records.policies.len(),
         }
     }
 
@@ -223,6 +251,12 @@ impl ClusterStore {
             }
             return Effect::None;
         }
+        // A remote cluster's policies never apply here: not even decoded.
+        if !self.local
+            && let Ok(Key::Policy { .. }) = Key::parse(key)
+        {
+            return Effect::None;
+        }
         let (k, entry) = match decode_entry(key, value) {
             Ok(x) => x,
             Err(e) => {
@@ -295,6 +329,12 @@ impl ClusterStore {
                     .as_ref()
                     != Some(&r)
             }
+            Entry::Policy(r) => {
+                t.policies
+                    .insert((r.namespace.clone(), r.name.clone()), r.clone())
+                    .as_ref()
+                    != Some(&r)
+            }
             // Only state prefixes are watched; anything else is ignored.
             _ => false,
         };
@@ -322,6 +362,11 @@ impl ClusterStore {
                 namespace, name, ..
             } => {
                 t.services.remove(&(namespace.clone(), name.clone()));
+            }
+            Key::Policy {
+                namespace, name, ..
+            } => {
+                t.policies.remove(&(namespace.clone(), name.clone()));
             }
             _ => {}
         }
@@ -374,7 +419,7 @@ mod tests {
 
     #[test]
     fn a_cluster_is_bounded_in_records_and_value_size() {
-        let mut s = ClusterStore::new("c2".parse().unwrap());
+        let mut s = ClusterStore::new("c2".parse().unwrap(), false);
         s.max_records = 2;
         let now = Instant::now();
         for ip in ["10.2.0.1", "10.2.0.2"] {

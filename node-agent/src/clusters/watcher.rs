@@ -3,9 +3,12 @@
 //! then `Apply`/`Delete` as etcd reports changes.
 //!
 //! A session: connect; read `cluster-config/<name>` (it must exist and name
-//! this cluster); wait until the four sync canaries exist (the exporter's
-//! initial export is complete); list the four state prefixes at one revision;
-//! watch them from the next revision. Any failure ends the session; the next
+//! this cluster); wait until the sync canaries of the watched kinds exist
+//! (the exporter's initial export is complete); list their state prefixes
+//! at one revision; watch them from the next revision. The local cluster's
+//! watcher watches every kind; a remote cluster's leaves out the policies
+//! (each cluster enforces its own; a remote's policies are never read, so a
+//! remote of an older release without that kind is still followed). Any failure ends the session; the next
 //! one starts after a jittered exponential backoff (backon) and lists
 //! again, so the consumer's mark-and-sweep removes what vanished meanwhile.
 //! A compacted watch revision ends the session at once (relist, no missed
@@ -92,9 +95,19 @@ impl Session<'_> {
 /// How often the canary check polls while the exporter is still syncing.
 const CANARY_POLL: Duration = Duration::from_millis(200);
 
+/// The kinds a watcher follows: every kind for the local cluster, all
+/// but the policies for a remote one.
+pub fn watched_kinds(local: bool) -> Vec<StateKind> {
+    StateKind::ALL
+        .into_iter()
+        .filter(|k| local || *k != StateKind::Policies)
+        .collect()
+}
+
 async fn session(
     name: &ClusterName,
     file: &ClusterFile,
+    kinds: &[StateKind],
     tx: &mpsc::Sender<(ClusterName, WatchEvent)>,
     last_etcd_id: &mut Option<u64>,
     cancel: &CancellationToken,
@@ -106,10 +119,10 @@ async fn session(
     }
     .build();
     connected(&s, &mut client, &cfg_key, last_etcd_id).await?;
-    if !canaries(name, &mut client, cancel).await? {
+    if !canaries(name, kinds, &mut client, cancel).await? {
         return Ok(());
     }
-    let prefixes: Vec<String> = StateKind::ALL.iter().map(|k| k.prefix(name)).collect();
+    let prefixes: Vec<String> = kinds.iter().map(|k| k.prefix(name)).collect();
     let rev = list(&s, &mut client, &prefixes).await?;
     watch(&s, &mut client, &prefixes, &cfg_key, rev, cancel).await
 }
@@ -146,10 +159,11 @@ async fn connected(
     Ok(())
 }
 
-/// Waits for the exporter's initial export (all four canaries); false if
-/// cancelled meanwhile.
+/// Waits for the exporter's initial export (the canaries of `kinds`);
+/// false if cancelled meanwhile.
 async fn canaries(
     name: &ClusterName,
+    kinds: &[StateKind],
     client: &mut Client,
     cancel: &CancellationToken,
 ) -> Result<bool, SessionError> {
@@ -162,7 +176,7 @@ async fn canaries(
             )
             .await
             .map_err(etcd("get canaries"))?;
-        let have = StateKind::ALL.iter().all(|k| {
+        let have = kinds.iter().all(|k| {
             let want = Key::Synced {
                 cluster: name.clone(),
                 kind: *k,
@@ -329,16 +343,18 @@ async fn watch(
 pub async fn run(
     name: ClusterName,
     file: ClusterFile,
+    local: bool,
     tx: mpsc::Sender<(ClusterName, WatchEvent)>,
     cancel: CancellationToken,
 ) {
+    let kinds = watched_kinds(local);
     let builder = clustermesh_kvstore::backoff::reconnect();
     let mut backoff = builder.build();
     let mut last_etcd_id = None;
     loop {
         let r = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = session(&name, &file, &tx, &mut last_etcd_id, &cancel) => r,
+            r = session(&name, &file, &kinds, &tx, &mut last_etcd_id, &cancel) => r,
         };
         let err = match r {
             Ok(()) => return,
