@@ -101,7 +101,7 @@ pub struct DesiredCounts {
     /// The local cluster's network policies the merge compiled.
     pub policies: usize,
     /// Local endpoint identities with a compiled policy, and its entries
-    /// (computed, NOT enforced in the datapath yet).
+    /// (the compiled entries, before they become `CM_POLICY` prefixes).
     pub policy_endpoints: usize,
     pub policy_entries: usize,
 }

@@ -93,7 +93,7 @@ enum Command {
     /// Global services (standalone mode).
     #[command(subcommand)]
     Service(service::Command),
-    /// Network policies (computed by the agents, not enforced in the datapath yet).
+    /// Network policies (compiled by the agents, enforced in the eBPF datapath).
     #[command(subcommand)]
     Policy(policy::Command),
     /// Print a shell completion script.

@@ -457,7 +457,9 @@ async fn trace(ctx: &Ctx, from: &str, to: &str, port: &str) -> Result<bool> {
             dst.cluster, dst.identity
         );
         println!("{}", if allowed { "ALLOWED" } else { "DENIED" });
-        println!("(computed by the control plane; not enforced in the datapath yet)");
+        println!(
+            "(computed from the control plane's state, as the agents compile it into the datapath)"
+        );
     }
     Ok(allowed)
 }

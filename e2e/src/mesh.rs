@@ -1061,6 +1061,18 @@ pub fn add_pod(
     name: &str,
     mtu: u32,
 ) -> anyhow::Result<Pod> {
+    add_pod_labelled(t, bin_dir, node, (suffix, name), mtu, "web")
+}
+
+/// [`add_pod`] with the label `k8s:app=<app>` (its identity follows).
+pub fn add_pod_labelled(
+    t: &mut Topology,
+    bin_dir: &Path,
+    node: usize,
+    (suffix, name): (&str, &str),
+    mtu: u32,
+    app: &str,
+) -> anyhow::Result<Pod> {
     let n = t.nodes.get(node).context("no such node")?.clone();
     let (ns, cname, node_name) = (&n.netns, &n.cluster, &n.name);
     let pod_ns = format!("{ns}-{suffix}");
@@ -1071,7 +1083,7 @@ pub fn add_pod(
         "cniVersion": "1.1.0", "name": "clustermesh", "type": "clustermesh-cni",
         "mtu": mtu,
         "endpointDir": n.agent.endpoint_dir,
-        "args": {"cni": {"labels": [{"key": "k8s:app", "value": "web"}]}},
+        "args": {"cni": {"labels": [{"key": "k8s:app", "value": app}]}},
     });
     if let Some(c) = &n.pod_cidr {
         conf["podCIDR"] = c.as_str().into();

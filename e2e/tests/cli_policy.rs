@@ -1,8 +1,8 @@
 //! `clustermesh policy` through the real binary against two real clusters
 //! (etcd + apiserver each): apply (all or nothing, outcomes), list, show,
 //! lint, trace across clusters (allowed, denied by default, by rule, and
-//! after the policy is deleted) and delete. The policies are computed, not
-//! enforced in the datapath yet (docs/policy.md).
+//! after the policy is deleted) and delete. Enforcement in the datapath is
+//! policy_mesh.rs's.
 #![allow(clippy::unwrap_used)]
 
 mod cli_common;

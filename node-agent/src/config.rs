@@ -152,6 +152,11 @@ pub struct AgentConfig {
     /// Seconds to wait for every cluster's initial sync before pruning.
     #[arg(long, default_value_t = 60)]
     pub sync_timeout: u64,
+    /// Network policy audit mode for every endpoint of this node: a packet
+    /// the policy would drop is counted (`policy_audit`) and passes, so a
+    /// policy can be rolled out and its would-be drops read first.
+    #[arg(long)]
+    pub policy_audit: bool,
 }
 
 impl Default for AgentConfig {

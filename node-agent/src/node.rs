@@ -34,6 +34,7 @@ use crate::{
         datapath_config::DatapathConfigMap,
         endpoints::EndpointMap,
         ipcache::IpCacheMap,
+        network_policy::PolicyMap,
         routes::{RouteTable, RoutedTunnels},
         services::{LbPolicy, ServiceMap},
         strict_ranges::StrictRangeMap,
@@ -346,6 +347,7 @@ fn reconcilers(
     };
     r.ipcache = Box::new(IpCacheMap::open(&cfg.bpf_pin_dir)?);
     r.strict_ranges = Box::new(StrictRangeMap::open(&cfg.bpf_pin_dir)?);
+    r.network_policies = Box::new(PolicyMap::open(&cfg.bpf_pin_dir, cfg.policy_audit)?);
     r.services = Box::new(ServiceMap::open(
         &cfg.bpf_pin_dir,
         LbPolicy {

@@ -222,6 +222,10 @@ async fn session(
     let want = endpoints.borrow_and_update().clone();
     sync_endpoints(&mut c, node, &want, &mut done, identities).await?;
     let mut endpoints_open = true;
+    // Without WireGuard nothing ever changes the node record (its sender
+    // is dropped at start): that is no reason to stop the session, whose
+    // heartbeats and endpoint updates go on.
+    let mut node_open = true;
     let every = Duration::from_secs(u64::from(r.ttl_seconds.max(3)) / 3);
     let beat = proto::NodeHeartbeatRequest {
         node: node.name.clone(),
@@ -254,9 +258,10 @@ async fn session(
             _ = cancel.cancelled() => return Ok(()),
             // The node record changed (a WireGuard key rotation): the
             // apiserver updates it in place (same boot id).
-            r = node_rx.changed() => {
+            r = node_rx.changed(), if node_open => {
                 if r.is_err() {
-                    return Ok(());
+                    node_open = false;
+                    continue;
                 }
                 let n = node_rx.borrow_and_update().clone();
                 c.register_node(proto::RegisterNodeRequest { node: Some(n.clone()) })

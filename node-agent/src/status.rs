@@ -140,7 +140,6 @@ fn cluster_metrics(r: &mut Registry, s: &ControlPlaneStatus) {
         ("tunnels", s.desired.tunnels),
         ("peers", s.desired.peers),
         ("services", s.desired.services),
-        // Computed, not enforced in the datapath yet (issue 18).
         ("network_policies", s.desired.policies),
         ("network_policy_endpoints", s.desired.policy_endpoints),
         ("network_policy_entries", s.desired.policy_entries),

@@ -94,6 +94,25 @@ pub mod maps {
     /// LPM trie: IPv6 prefix ([`crate::Ip6`]) -> [`crate::STRICT_RANGE`]:
     /// [`STRICT_RANGES`] for IPv6 pod ranges.
     pub const STRICT_RANGES6: &str = "CM_STRICT_RANGES6";
+    /// LPM trie: [`crate::PolicyKey`] -> [`crate::PolicyValue`]: the
+    /// compiled network policy of every local endpoint identity. The port
+    /// is the last 16 bits of the key, so a port range is a handful of
+    /// prefixes; protocols without ports (and the "any protocol" rules for
+    /// them) are keyed with protocol 0 and a prefix that ends before the
+    /// port.
+    pub const POLICY: &str = "CM_POLICY";
+    /// Hash: local endpoint identity -> [`crate::PolicyState`]. An identity
+    /// that is not here has no policy at all: its packets skip every policy
+    /// lookup.
+    pub const POLICY_STATE: &str = "CM_POLICY_STATE";
+    /// LRU hash: [`crate::PolicyCtKey`] -> the [`crate::PolicyState`]
+    /// revision the connection was allowed under. A connection allowed in
+    /// one direction passes in both (replies) while the endpoint's policy
+    /// revision is unchanged; after a change it is checked again.
+    pub const POLICY_CT: &str = "CM_POLICY_CT";
+    /// Per-CPU hash: [`crate::PolicyStatsKey`] -> [`crate::Counter`]: policy
+    /// verdicts per local endpoint (its host-side ifindex) and direction.
+    pub const POLICY_STATS: &str = "CM_POLICY_STATS";
 }
 
 /// An IPv6 address as the maps key it: its 16 bytes in network order (what
@@ -117,6 +136,12 @@ pub const MAX_LB_FRONTENDS: u32 = 16384;
 pub const MAX_STRICT_RANGES: u32 = 4096;
 /// The value of every [`maps::STRICT_RANGES`] entry.
 pub const STRICT_RANGE: u32 = 1;
+/// Policy entries (LPM prefixes) of every local endpoint identity together.
+pub const MAX_POLICY: u32 = 512 * 1024;
+/// Connections the policy tracks (each direction of a node's pods).
+pub const MAX_POLICY_CT: u32 = 65536;
+/// (endpoint, direction, verdict) counters.
+pub const MAX_POLICY_STATS: u32 = 16384;
 
 /// How pod traffic to remote nodes leaves this node.
 #[repr(u32)]
@@ -349,6 +374,126 @@ pub const CONFIG_FLAG_STRICT: u32 = 1;
 /// ([`Verdict::DropStrictPlaintext`], ingress) instead of delivered.
 pub const CONFIG_FLAG_STRICT_INGRESS: u32 = 2;
 
+// ---- Network policy ----------------------------------------------------
+
+/// Key of [`maps::POLICY`] (the data of an LPM key, every field in network
+/// order so that the trie's bit order is the fields' order): the local
+/// endpoint's identity, the peer's identity, the direction
+/// ([`Direction`] as a byte), the protocol (6 TCP, 17 UDP, 0 any other) and
+/// the destination port (of the packet for egress and ingress alike: the
+/// port the connection is made to).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub identity: u32,
+    pub peer: u32,
+    pub direction: u8,
+    pub proto: u8,
+    pub port: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<PolicyKey>() == 12);
+
+/// Prefix length (in bits) of a [`PolicyKey`] up to and including the
+/// protocol: an entry of this length matches every port.
+pub const POLICY_PREFIX_PROTO: u32 = 80;
+/// Prefix length of a [`PolicyKey`] with its port: one port.
+pub const POLICY_PREFIX_FULL: u32 = 96;
+
+impl PolicyKey {
+    /// A key from host-order values (as user space and the programs hold
+    /// them).
+    #[inline(always)]
+    pub fn new(identity: u32, peer: u32, direction: Direction, proto: u8, port: u16) -> Self {
+        Self {
+            identity: identity.to_be(),
+            peer: peer.to_be(),
+            direction: direction as u8,
+            proto,
+            port: port.to_be(),
+        }
+    }
+}
+
+/// Value of [`maps::POLICY`]: [`POLICY_ALLOW`] or [`POLICY_DENY`], and the
+/// index of the rule (in the agent's compiled entries of the endpoint) that
+/// decided, for reports.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub verdict: u8,
+    pub _pad: u8,
+    pub rule: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<PolicyValue>() == 4);
+
+pub const POLICY_ALLOW: u8 = 1;
+pub const POLICY_DENY: u8 = 2;
+
+/// Value of [`maps::POLICY_STATE`]: how a local endpoint identity's
+/// policy is enforced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    /// [`POLICY_DEFAULT_DENY_INGRESS`], [`POLICY_DEFAULT_DENY_EGRESS`],
+    /// [`POLICY_AUDIT`].
+    pub flags: u32,
+    /// Changed by the agent whenever the identity's entries change:
+    /// tracked connections of another revision are checked again.
+    pub revision: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PolicyState>() == 8);
+
+/// Ingress is default-deny: only what an allow entry matches is delivered.
+pub const POLICY_DEFAULT_DENY_INGRESS: u32 = 1;
+/// Egress is default-deny.
+pub const POLICY_DEFAULT_DENY_EGRESS: u32 = 2;
+/// Audit mode: a packet the policy would drop is counted
+/// ([`Verdict::PolicyAudit`]) and passes.
+pub const POLICY_AUDIT: u32 = 4;
+
+/// The flag of a direction's default deny.
+#[inline(always)]
+pub const fn policy_default_deny(dir: Direction) -> u32 {
+    match dir {
+        Direction::Egress => POLICY_DEFAULT_DENY_EGRESS,
+        Direction::Ingress => POLICY_DEFAULT_DENY_INGRESS,
+    }
+}
+
+/// Key of [`maps::POLICY_CT`]: a connection as the direction that allowed
+/// it saw it (addresses as IPv6, IPv4 ones mapped as `::ffff:a.b.c.d`;
+/// ports in network order) and that direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyCtKey {
+    pub saddr: Ip6,
+    pub daddr: Ip6,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<PolicyCtKey>() == 40);
+
+/// Key of [`maps::POLICY_STATS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyStatsKey {
+    /// The local endpoint's host-side ifindex.
+    pub ifindex: u32,
+    pub direction: u8,
+    /// A [`Verdict`] number.
+    pub verdict: u8,
+    pub _pad: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<PolicyStatsKey>() == 8);
+
 /// Direction of a counted packet.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -378,6 +523,9 @@ pub enum Verdict {
     /// gateway (`fe80::1`) got a Neighbour Advertisement with the host
     /// veth's MAC, sent back into the pod.
     NeighbourReply = 5,
+    /// Audit mode: the policy would have dropped this packet; it passed
+    /// (counted in addition to the packet's own verdict).
+    PolicyAudit = 6,
     /// Dropped: packet too short or not parseable.
     DropMalformed = 64,
     /// Dropped: destination is a known remote range without a live node.
@@ -408,16 +556,24 @@ pub enum Verdict {
     /// Dropped: strict mode, the destination lies in a mesh pod range but
     /// the ip-cache has no tunnel endpoint (or encryption) for it.
     DropStrictUnknownDest = 74,
+    /// Dropped: a network policy denies it (a deny rule, or no allow rule
+    /// in a default-deny direction).
+    DropPolicyDenied = 75,
+    /// Dropped: a default-deny direction, and the peer's identity is not
+    /// known yet (its address is in a mesh pod range the ip-cache has no
+    /// entry for: the agent has not synced it), never mistaken for world.
+    DropPolicyUnknownPeer = 76,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 17] = [
+    pub const ALL: [Verdict; 20] = [
         Verdict::Pass,
         Verdict::Local,
         Verdict::Tunnel,
         Verdict::Routed,
         Verdict::Encrypted,
         Verdict::NeighbourReply,
+        Verdict::PolicyAudit,
         Verdict::DropMalformed,
         Verdict::DropNoTunnelEndpoint,
         Verdict::DropStrictPlaintext,
@@ -429,6 +585,8 @@ impl Verdict {
         Verdict::DropFragment,
         Verdict::DropServiceProtocol,
         Verdict::DropStrictUnknownDest,
+        Verdict::DropPolicyDenied,
+        Verdict::DropPolicyUnknownPeer,
     ];
 
     pub const fn is_drop(self) -> bool {
@@ -443,6 +601,7 @@ impl Verdict {
             Verdict::Routed => "routed",
             Verdict::Encrypted => "encrypted",
             Verdict::NeighbourReply => "neighbour_reply",
+            Verdict::PolicyAudit => "policy_audit",
             Verdict::DropMalformed => "drop_malformed",
             Verdict::DropNoTunnelEndpoint => "drop_no_tunnel_endpoint",
             Verdict::DropStrictPlaintext => "drop_strict_plaintext",
@@ -454,6 +613,8 @@ impl Verdict {
             Verdict::DropFragment => "drop_fragment",
             Verdict::DropServiceProtocol => "drop_service_protocol",
             Verdict::DropStrictUnknownDest => "drop_strict_unknown_dest",
+            Verdict::DropPolicyDenied => "drop_policy_denied",
+            Verdict::DropPolicyUnknownPeer => "drop_policy_unknown_peer",
         }
     }
 }
@@ -498,6 +659,11 @@ mod pod {
     unsafe impl aya::Pod for super::Lb6BackendKey {}
     unsafe impl aya::Pod for super::Lb6FlowKey {}
     unsafe impl aya::Pod for super::Lb6Addr {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::PolicyState {}
+    unsafe impl aya::Pod for super::PolicyCtKey {}
+    unsafe impl aya::Pod for super::PolicyStatsKey {}
 }
 
 #[cfg(test)]

@@ -27,8 +27,12 @@
 //!   the backend is allowed, else drawn from the selectable ones; replies
 //!   are translated back on delivery), then routed as below; a frontend
 //!   with no selectable backend drops new flows (`drop_no_service_backend`);
-//! - destination is a local endpoint: rewrite MACs, `redirect_peer` straight
-//!   into its namespace (no host stack);
+//! - the sender's network policy, egress, on the (translated) destination
+//!   and its identity (`shared::policy`: `drop_policy_denied`,
+//!   `drop_policy_unknown_peer`, or `policy_audit` and passed);
+//! - destination is a local endpoint: its ingress policy (with the sender's
+//!   identity), rewrite MACs, `redirect_peer` straight into its namespace
+//!   (no host stack);
 //! - destination is in the ip-cache (`CM_IPCACHE`, `CM_IPCACHE6`) with a
 //!   tunnel endpoint (a remote node over IPv4, `tunnel_endpoint`, else over
 //!   IPv6, `tunnel_endpoint6`: either family of pod over either underlay),
@@ -90,7 +94,7 @@ use aya_ebpf::{
 use shared::{
     Balanced, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_DST, IP_SRC, IP6_DST, IP6_HLEN, IP6_NEXT, IP6_SRC,
     config, count, deliver, endpoint, endpoint6, in_strict_range, in_strict_range6, ipcache,
-    ipcache6, lb_forward,
+    ipcache6, lb_forward, policy,
 };
 use shared::{V4, V6};
 use tunnel_common::{
@@ -188,6 +192,10 @@ fn ipv4(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
         Ok(Balanced::To(backend)) => backend,
         Err(v) => return (v, TC_ACT_SHOT),
     };
+    // The sender's egress policy, on the backend when balanced.
+    if let Err(v) = policy(ctx, &sender, 0, Direction::Egress) {
+        return (v, TC_ACT_SHOT);
+    }
     unpack(route4_call(skb(ctx), cfg, dst, sender.identity))
 }
 
@@ -198,7 +206,7 @@ fn ipv4(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
 fn route4_call(skb: NonNull<__sk_buff>, cfg: &DatapathConfig, dst: u32, identity: u32) -> u64 {
     let ctx = &TcContext::new(skb);
     if let Some(ep) = endpoint(dst) {
-        return pack(deliver(ctx, &ep));
+        return pack(deliver(ctx, &ep, identity));
     }
     let Some(dest) = ipcache(dst) else {
         return pack(unroutable(cfg, || in_strict_range(dst)));
@@ -239,6 +247,9 @@ fn ipv6(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
         Ok(Balanced::To(backend)) => backend,
         Err(v) => return (v, TC_ACT_SHOT),
     };
+    if let Err(v) = policy(ctx, &sender, 0, Direction::Egress) {
+        return (v, TC_ACT_SHOT);
+    }
     unpack(route6_call(skb(ctx), cfg, &dst, sender.identity))
 }
 
@@ -247,7 +258,7 @@ fn ipv6(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
 fn route6_call(skb: NonNull<__sk_buff>, cfg: &DatapathConfig, dst: &Ip6, identity: u32) -> u64 {
     let ctx = &TcContext::new(skb);
     if let Some(ep) = endpoint6(dst) {
-        return pack(deliver(ctx, &ep));
+        return pack(deliver(ctx, &ep, identity));
     }
     let Some(dest) = ipcache6(dst) else {
         return pack(unroutable(cfg, || in_strict_range6(dst)));

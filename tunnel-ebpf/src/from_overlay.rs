@@ -8,6 +8,8 @@
 //! `CM_ENDPOINTS6`) with `redirect_peer`. A destination that is not a
 //! local endpoint is dropped with a counted reason, never handed on
 //! silently; strict ingress drops every delivery (`drop_strict_plaintext`).
+//! Delivery applies the endpoint's ingress network policy with the VNI's
+//! identity (`shared::deliver`).
 //! Other frames (neither IPv4 nor IPv6): host stack.
 //!
 //! The host build exists only for workspace tools (see from_endpoint.rs).
@@ -74,7 +76,7 @@ fn try_from_overlay(ctx: &TcContext) -> (Verdict, i32) {
         let Some(ep) = endpoint(dst) else {
             return (Verdict::DropUnknownEndpoint, TC_ACT_SHOT);
         };
-        return deliver_unencrypted(ctx, &ep);
+        return deliver_unencrypted(ctx, &ep, identity);
     }
     if let Some((src, dst)) = ipv6_addrs(ctx) {
         let Some(identity) = tunnel_vni(ctx) else {
@@ -84,7 +86,7 @@ fn try_from_overlay(ctx: &TcContext) -> (Verdict, i32) {
         let Some(ep) = endpoint6(&dst) else {
             return (Verdict::DropUnknownEndpoint, TC_ACT_SHOT);
         };
-        return deliver_unencrypted(ctx, &ep);
+        return deliver_unencrypted(ctx, &ep, identity);
     }
     (Verdict::Pass, TC_ACT_OK)
 }

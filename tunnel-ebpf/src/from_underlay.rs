@@ -22,6 +22,8 @@
 //!   `CM_IPCACHE6`) says about its source address (no header carries it).
 //! - Strict ingress (`CONFIG_FLAG_STRICT_INGRESS`): every delivery above
 //!   is dropped instead (`drop_strict_plaintext`), both families.
+//! - Every delivery applies the endpoint's ingress network policy with the
+//!   sender's identity (`shared::deliver`).
 //! - anything else (the node's own traffic, VXLAN for the kernel device):
 //!   passed to the host stack untouched and not counted, so the counters
 //!   stay about pod traffic.
@@ -110,8 +112,9 @@ fn ipv4(ctx: &TcContext, cfg: &DatapathConfig) -> Option<(Verdict, i32)> {
     }
     if cfg.mode == TunnelMode::Direct as u32 {
         let ep = endpoint(dst)?;
-        record_identity(src, identity_of(ipcache(src)));
-        return Some(deliver_unencrypted(ctx, &ep));
+        let identity = identity_of(ipcache(src));
+        record_identity(src, identity);
+        return Some(deliver_unencrypted(ctx, &ep, identity));
     }
     None
 }
@@ -135,8 +138,9 @@ fn ipv6(ctx: &TcContext, cfg: &DatapathConfig) -> Option<(Verdict, i32)> {
     }
     if cfg.mode == TunnelMode::Direct as u32 {
         let ep = endpoint6(&dst)?;
-        record_identity6(&src, identity_of(ipcache6(&src)));
-        return Some(deliver_unencrypted(ctx, &ep));
+        let identity = identity_of(ipcache6(&src));
+        record_identity6(&src, identity);
+        return Some(deliver_unencrypted(ctx, &ep, identity));
     }
     None
 }
@@ -234,7 +238,7 @@ fn decap(ctx: &TcContext, outer_l3: usize, tunnel_hlen: usize, identity: u32) ->
     if r != 0 {
         return (Verdict::DropInternal, TC_ACT_SHOT);
     }
-    deliver_unencrypted(ctx, &ep)
+    deliver_unencrypted(ctx, &ep, identity)
 }
 
 #[cfg(not(target_arch = "bpf"))]

@@ -5,8 +5,9 @@
 //! or IPv6, by the version nibble). For a local endpoint (`CM_ENDPOINTS`,
 //! `CM_ENDPOINTS6`) the program pushes an Ethernet header
 //! (`bpf_skb_change_head`, ethertype of the family) and delivers it as
-//! every program does (`deliver`: a service reply translated back to its
-//! frontend, the endpoint's MACs, `redirect_peer`); the sender's identity
+//! every program does (`deliver`: the endpoint's ingress policy, a service
+//! reply translated back to its frontend, the endpoint's MACs,
+//! `redirect_peer`); the sender's identity
 //! is what the ip-cache (`CM_IPCACHE`, `CM_IPCACHE6`) says about the
 //! source address, recorded in `CM_SRC_IDENTITY` / `CM_SRC_IDENTITY6`
 //! (WireGuard authenticated the sending node, and the device only accepts
@@ -48,7 +49,7 @@ fn try_from_wireguard(ctx: &TcContext) -> (Verdict, i32) {
     let Ok(vihl) = ctx.load::<u8>(0) else {
         return (Verdict::DropMalformed, TC_ACT_SHOT);
     };
-    let (ep, ethertype) = match vihl >> 4 {
+    let (ep, ethertype, identity) = match vihl >> 4 {
         4 => {
             let (Ok(src), Ok(dst)) = (ctx.load::<u32>(12), ctx.load::<u32>(16)) else {
                 return (Verdict::DropMalformed, TC_ACT_SHOT);
@@ -56,8 +57,9 @@ fn try_from_wireguard(ctx: &TcContext) -> (Verdict, i32) {
             let Some(ep) = endpoint(dst) else {
                 return (Verdict::Pass, TC_ACT_OK);
             };
-            record_identity(src, identity_of(ipcache(src)));
-            (ep, ETH_P_IP)
+            let identity = identity_of(ipcache(src));
+            record_identity(src, identity);
+            (ep, ETH_P_IP, identity)
         }
         6 => {
             let (Ok(src), Ok(dst)) = (ctx.load::<Ip6>(8), ctx.load::<Ip6>(24)) else {
@@ -66,8 +68,9 @@ fn try_from_wireguard(ctx: &TcContext) -> (Verdict, i32) {
             let Some(ep) = endpoint6(&dst) else {
                 return (Verdict::Pass, TC_ACT_OK);
             };
-            record_identity6(&src, identity_of(ipcache6(&src)));
-            (ep, ETH_P_IPV6)
+            let identity = identity_of(ipcache6(&src));
+            record_identity6(&src, identity);
+            (ep, ETH_P_IPV6, identity)
         }
         _ => return (Verdict::Pass, TC_ACT_OK),
     };
@@ -80,7 +83,7 @@ fn try_from_wireguard(ctx: &TcContext) -> (Verdict, i32) {
     if ctx.store(12, &ethertype.to_be_bytes(), 0).is_err() {
         return (Verdict::DropInternal, TC_ACT_SHOT);
     }
-    deliver(ctx, &ep)
+    deliver(ctx, &ep, identity)
 }
 
 #[cfg(not(target_arch = "bpf"))]

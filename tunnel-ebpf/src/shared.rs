@@ -10,7 +10,7 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::__sk_buff,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
 use tunnel_common::{
@@ -18,8 +18,10 @@ use tunnel_common::{
     LB_BACKEND_SELECTABLE, Lb6Addr, Lb6BackendKey, Lb6FlowKey, Lb6ServiceKey, Lb6ServiceValue,
     LbAddr, LbAddrOf, LbBackendKey, LbBackendKeyOf, LbBackendValue, LbFlowKey, LbFlowKeyOf,
     LbServiceKey, LbServiceKeyOf, LbServiceValue, LbServiceValueOf, MAX_ENDPOINTS, MAX_IPCACHE,
-    MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS, MAX_LB_SLOTS, MAX_SOURCE_IDENTITIES,
-    MAX_STRICT_RANGES, METRICS_ENTRIES, Verdict, metric_index,
+    MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS, MAX_LB_SLOTS, MAX_POLICY, MAX_POLICY_CT,
+    MAX_POLICY_STATS, MAX_SOURCE_IDENTITIES, MAX_STRICT_RANGES, METRICS_ENTRIES, POLICY_ALLOW,
+    POLICY_AUDIT, POLICY_DENY, POLICY_PREFIX_FULL, PolicyCtKey, PolicyKey, PolicyState,
+    PolicyStatsKey, PolicyValue, Verdict, metric_index, policy_default_deny,
 };
 
 #[map]
@@ -65,6 +67,15 @@ pub static CM_LB6_FRONTENDS: HashMap<Ip6, u32> = HashMap::pinned(MAX_LB_FRONTEND
 pub static CM_STRICT_RANGES: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_STRICT_RANGES, 0);
 #[map]
 pub static CM_STRICT_RANGES6: LpmTrie<Ip6, u32> = LpmTrie::pinned(MAX_STRICT_RANGES, 0);
+#[map]
+pub static CM_POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(MAX_POLICY, 0);
+#[map]
+pub static CM_POLICY_STATE: HashMap<u32, PolicyState> = HashMap::pinned(MAX_ENDPOINTS, 0);
+#[map]
+pub static CM_POLICY_CT: LruHashMap<PolicyCtKey, u32> = LruHashMap::pinned(MAX_POLICY_CT, 0);
+#[map]
+pub static CM_POLICY_STATS: PerCpuHashMap<PolicyStatsKey, Counter> =
+    PerCpuHashMap::pinned(MAX_POLICY_STATS, 0);
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -199,24 +210,31 @@ pub fn record_identity(src: u32, identity: u32) {
     }
 }
 
-/// Delivers a frame that arrived from a remote node outside WireGuard:
-/// dropped under strict ingress, else [`deliver`].
+/// Delivers a frame that arrived from a remote node outside WireGuard
+/// (`peer`: the sender's identity): dropped under strict ingress, else
+/// [`deliver`].
 #[inline(always)]
-pub fn deliver_unencrypted(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32) {
+pub fn deliver_unencrypted(ctx: &TcContext, ep: &EndpointInfo, peer: u32) -> (Verdict, i32) {
     if config().flags & tunnel_common::CONFIG_FLAG_STRICT_INGRESS != 0 {
         return (
             Verdict::DropStrictPlaintext,
             aya_ebpf::bindings::TC_ACT_SHOT,
         );
     }
-    deliver(ctx, ep)
+    deliver(ctx, ep, peer)
 }
 
-/// Delivers the frame to a local endpoint: a service reply gets its
-/// frontend back as source ([`lb_reverse`], either family), MACs rewritten, then
-/// `redirect_peer` straight into its namespace (no host stack, no backlog).
+/// Delivers the frame to a local endpoint from a sender of identity
+/// `peer`: the endpoint's ingress policy first ([`policy`], on the
+/// packet as it arrived: a service reply still has its backend as
+/// source), then a service reply gets its frontend back as source
+/// ([`lb_reverse`], either family), MACs rewritten, then `redirect_peer`
+/// straight into its namespace (no host stack, no backlog).
 #[inline(always)]
-pub fn deliver(ctx: &TcContext, ep: &EndpointInfo) -> (Verdict, i32) {
+pub fn deliver(ctx: &TcContext, ep: &EndpointInfo, peer: u32) -> (Verdict, i32) {
+    if let Err(v) = policy(ctx, ep, peer, Direction::Ingress) {
+        return (v, aya_ebpf::bindings::TC_ACT_SHOT);
+    }
     if lb_reverse(ctx).is_err() || set_macs(ctx, ep).is_err() {
         return (Verdict::DropInternal, aya_ebpf::bindings::TC_ACT_SHOT);
     }
@@ -829,6 +847,247 @@ fn drop_verdict(v: u32) -> Verdict {
         MALFORMED => Verdict::DropMalformed,
         _ => Verdict::DropInternal,
     }
+}
+
+// ---- Network policy ----------------------------------------------------
+//
+// A local endpoint whose identity has a `CM_POLICY_STATE` entry has a
+// policy; every other one skips all of this after one lookup. For one that
+// has, a packet passes when
+// 1. it belongs to a connection this direction already allowed under the
+//    current revision (`CM_POLICY_CT`, keyed by the 5-tuple as this
+//    direction saw it), or
+// 2. it is a reply of a connection the other direction allowed (the
+//    reversed tuple, the other direction); after a policy change
+//    (another revision) that connection's first packet direction is
+//    checked again on the policy, so a connection the new policy denies
+//    stops, one it allows goes on,
+// 3. else the policy decides: the longest `CM_POLICY` prefix of (endpoint,
+//    peer, direction, protocol, destination port). Allow: tracked, passes.
+//    Deny: dropped. No entry: dropped if the direction is default-deny,
+//    else tracked and passes (so its replies pass the other direction's
+//    default deny).
+// A drop is `drop_policy_denied`, or `drop_policy_unknown_peer` when it was
+// for want of an allow and the peer's address lies in a mesh pod range
+// with no ip-cache entry (the agent has not synced it). Drops are counted
+// per endpoint (`CM_POLICY_STATS`); in audit mode they are counted as
+// `policy_audit` there and in `CM_METRICS`, and the packet passes.
+//
+// Egress is checked in `from_endpoint` after the load-balancer (the peer
+// is the backend), ingress in `deliver` before the reverse translation, so
+// both directions track the same tuple. IPv4 addresses are tracked as
+// IPv4-mapped IPv6; a protocol other than TCP and UDP is tracked and
+// looked up without ports (protocol 0 in the policy map); IPv6 extension
+// headers are not walked (such a packet is protocol 0), and an IPv4
+// fragment after the first carries no ports (port 0).
+
+/// The 5-tuple of the Ethernet frame's packet; None: not IP.
+#[inline(always)]
+fn policy_tuple(ctx: &TcContext, key: &mut PolicyCtKey) -> Option<()> {
+    let proto: u16 = ctx.load(12).ok()?;
+    let l4 = match u16::from_be(proto) {
+        ETH_P_IP => {
+            let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+            let frag: u16 = ctx.load(ETH_HLEN + 6).ok()?;
+            key.proto = ctx.load(ETH_HLEN + 9).ok()?;
+            let src: [u8; 4] = ctx.load(IP_SRC).ok()?;
+            let dst: [u8; 4] = ctx.load(IP_DST).ok()?;
+            key.saddr = [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, src[0], src[1], src[2], src[3],
+            ];
+            key.daddr = [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, dst[0], dst[1], dst[2], dst[3],
+            ];
+            if u16::from_be(frag) & 0x1fff != 0 {
+                return Some(());
+            }
+            ETH_HLEN + usize::from(vihl & 0x0f) * 4
+        }
+        ETH_P_IPV6 => {
+            key.proto = ctx.load(IP6_NEXT).ok()?;
+            key.saddr = ctx.load(IP6_SRC).ok()?;
+            key.daddr = ctx.load(IP6_DST).ok()?;
+            ETH_HLEN + IP6_HLEN
+        }
+        _ => return None,
+    };
+    if key.proto == IPPROTO_TCP || key.proto == IPPROTO_UDP {
+        let ports: [u16; 2] = ctx.load(l4).ok()?;
+        key.sport = ports[0];
+        key.dport = ports[1];
+    }
+    Some(())
+}
+
+/// The identity of a peer address (IPv4-mapped or IPv6) as this node
+/// knows it: a local endpoint's, the ip-cache's, else 0.
+#[inline(always)]
+fn address_identity(addr: &Ip6) -> u32 {
+    let v4 = addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff;
+    if v4 {
+        let ip = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+        if let Some(ep) = endpoint(ip) {
+            return ep.identity;
+        }
+        return ipcache(ip).map_or(0, |v| v.identity);
+    }
+    if let Some(ep) = endpoint6(addr) {
+        return ep.identity;
+    }
+    ipcache6(addr).map_or(0, |v| v.identity)
+}
+
+/// Whether the peer address is a mesh pod this node has no identity for.
+#[inline(always)]
+fn unknown_peer(addr: &Ip6) -> bool {
+    if address_identity(addr) != 0 {
+        return false;
+    }
+    let v4 = addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff;
+    if v4 {
+        in_strict_range(u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]))
+    } else {
+        in_strict_range6(addr)
+    }
+}
+
+/// The policy map's verdict for a packet: `POLICY_ALLOW`, `POLICY_DENY`
+/// or 0 (no entry).
+#[inline(always)]
+fn policy_lookup(identity: u32, peer: u32, dir: Direction, proto: u8, port: u16) -> u8 {
+    let (proto, port) = if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        (proto, u16::from_be(port))
+    } else {
+        (0, 0)
+    };
+    let key = aya_ebpf::maps::lpm_trie::Key::new(
+        POLICY_PREFIX_FULL,
+        PolicyKey::new(identity, peer, dir, proto, port),
+    );
+    CM_POLICY.get(&key).map_or(0, |v| v.verdict)
+}
+
+/// Counts a policy verdict for the endpoint behind `ifindex`.
+#[inline(always)]
+fn policy_count(ifindex: u32, dir: Direction, verdict: Verdict, len: u32) {
+    let key = PolicyStatsKey {
+        ifindex,
+        direction: dir as u8,
+        verdict: verdict as u8,
+        _pad: 0,
+    };
+    if let Some(c) = CM_POLICY_STATS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's copy of a per-CPU value: no concurrent writer.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(len);
+        }
+        return;
+    }
+    let first = Counter {
+        packets: 1,
+        bytes: u64::from(len),
+    };
+    let _ = CM_POLICY_STATS.insert(&key, &first, 0);
+}
+
+/// The policy of a packet of the local endpoint `ep` in `dir` with the
+/// peer of identity `peer` (egress: 0, looked up from the destination).
+#[inline(always)]
+pub fn policy(
+    ctx: &TcContext,
+    ep: &EndpointInfo,
+    peer: u32,
+    dir: Direction,
+) -> Result<(), Verdict> {
+    match policy_call(skb(ctx), ep.identity, peer, dir as u32, ep.ifindex) {
+        0 => Ok(()),
+        v if v == Verdict::DropPolicyUnknownPeer as u32 => Err(Verdict::DropPolicyUnknownPeer),
+        _ => Err(Verdict::DropPolicyDenied),
+    }
+}
+
+/// [`policy`] as a subprogram (its keys in a frame of their own). Returns
+/// 0 (passes) or the drop verdict's number.
+#[inline(never)]
+fn policy_call(skb: NonNull<__sk_buff>, identity: u32, peer: u32, dir: u32, ifindex: u32) -> u32 {
+    // SAFETY: copied out at once; user space writes whole values.
+    let Some(state) = (unsafe { CM_POLICY_STATE.get(&identity) }).copied() else {
+        return 0;
+    };
+    let ctx = TcContext::new(skb);
+    let (dir, other) = if dir == Direction::Ingress as u32 {
+        (Direction::Ingress, Direction::Egress)
+    } else {
+        (Direction::Egress, Direction::Ingress)
+    };
+    let mut key = PolicyCtKey {
+        direction: dir as u8,
+        ..PolicyCtKey::default()
+    };
+    if policy_tuple(&ctx, &mut key).is_none() {
+        return 0;
+    }
+    // SAFETY: read at once.
+    if unsafe { CM_POLICY_CT.get(&key) }.copied() == Some(state.revision) {
+        return 0;
+    }
+    let peer = if peer == 0 {
+        match address_identity(&key.daddr) {
+            0 => tunnel_common::IDENTITY_WORLD,
+            id => id,
+        }
+    } else {
+        peer
+    };
+    let reply = PolicyCtKey {
+        saddr: key.daddr,
+        daddr: key.saddr,
+        sport: key.dport,
+        dport: key.sport,
+        proto: key.proto,
+        direction: other as u8,
+        _pad: [0; 2],
+    };
+    // SAFETY: read at once.
+    if let Some(rev) = unsafe { CM_POLICY_CT.get(&reply) }.copied() {
+        if rev == state.revision {
+            return 0;
+        }
+        // Tracked under an older policy: does the connection's first
+        // direction still pass?
+        let v = policy_lookup(identity, peer, other, key.proto, key.sport);
+        if v == POLICY_ALLOW || (v == 0 && state.flags & policy_default_deny(other) == 0) {
+            let _ = CM_POLICY_CT.insert(&reply, &state.revision, 0);
+            return 0;
+        }
+    }
+    let v = policy_lookup(identity, peer, dir, key.proto, key.dport);
+    let verdict = if v == POLICY_DENY {
+        Verdict::DropPolicyDenied
+    } else if v == POLICY_ALLOW || state.flags & policy_default_deny(dir) == 0 {
+        let _ = CM_POLICY_CT.insert(&key, &state.revision, 0);
+        return 0;
+    } else {
+        let addr = if dir == Direction::Egress {
+            &key.daddr
+        } else {
+            &key.saddr
+        };
+        if unknown_peer(addr) {
+            Verdict::DropPolicyUnknownPeer
+        } else {
+            Verdict::DropPolicyDenied
+        }
+    };
+    let len = ctx.len();
+    if state.flags & POLICY_AUDIT != 0 {
+        policy_count(ifindex, dir, Verdict::PolicyAudit, len);
+        count(dir, Verdict::PolicyAudit, len);
+        return 0;
+    }
+    policy_count(ifindex, dir, verdict, len);
+    verdict as u32
 }
 
 #[cfg(target_arch = "bpf")]

@@ -84,8 +84,8 @@ pub struct Reconcilers {
     pub policy: Box<dyn Reconciler<(), EncryptionPolicy>>,
     /// `CM_STRICT_RANGES`.
     pub strict_ranges: Box<dyn Reconciler<IpCidr, ()>>,
-    /// Compiled network policy by local endpoint identity (in memory: not
-    /// enforced in the datapath yet).
+    /// Compiled network policy by local endpoint identity (`CM_POLICY`
+    /// through `reconcilers::network_policy::PolicyMap`).
     pub network_policies: Box<dyn Reconciler<Identity, CompiledPolicy>>,
 }
 

@@ -808,6 +808,38 @@ impl Counters {
     }
 }
 
+/// Policy verdicts per local endpoint (`CM_POLICY_STATS`, read through
+/// its pin): (host-side ifindex, direction, verdict, counter summed over
+/// CPUs), non-zero ones only.
+pub fn policy_stats(pin_dir: &Path) -> Result<Vec<(u32, Direction, Verdict, Counter)>> {
+    let name = maps::POLICY_STATS;
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    let map: aya::maps::PerCpuHashMap<MapData, tunnel_common::PolicyStatsKey, Counter> =
+        aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(data))
+            .map_err(map_err(name))?;
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (k, per_cpu) = item.map_err(map_err(name))?;
+        let dir = if k.direction == Direction::Ingress as u8 {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        let Some(v) = Verdict::ALL.into_iter().find(|v| *v as u8 == k.verdict) else {
+            continue;
+        };
+        let c = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        });
+        if c.packets != 0 {
+            out.push((k.ifindex, dir, v, c));
+        }
+    }
+    out.sort_by_key(|(i, d, v, _)| (*i, *d as u8, *v as u8));
+    Ok(out)
+}
+
 /// Why this agent may not own the pin directory.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {

@@ -21,7 +21,9 @@
 //! - [`datapath_config`]: `CM_CONFIG` (mode, interfaces, strict flags from
 //!   the cluster's encryption policy);
 //! - [`strict_ranges`]: the mesh's pod ranges strict mode covers
-//!   (`CM_STRICT_RANGES`).
+//!   (`CM_STRICT_RANGES`);
+//! - [`network_policy`]: the compiled network policies (`CM_POLICY`,
+//!   `CM_POLICY_STATE`).
 //!
 //! Each opens its map through the pin, independently of the loader.
 
@@ -29,6 +31,7 @@ pub mod datapath_config;
 pub mod endpoints;
 pub mod ipcache;
 mod lpm;
+pub mod network_policy;
 pub mod routes;
 pub mod services;
 pub mod strict_ranges;
