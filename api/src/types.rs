@@ -607,6 +607,24 @@ impl Labels {
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
     }
+
+    /// The labels an endpoint's identity is allocated for: these, with the
+    /// endpoint's namespace as `k8s:io.kubernetes.pod.namespace`; a label
+    /// of that key the endpoint claims itself (under any source) is
+    /// replaced. So identities are per namespace: equal labels in two
+    /// namespaces are two identities, and a pod cannot pose as another
+    /// namespace's.
+    pub fn for_identity(&self, namespace: &str) -> Result<Labels, ValueError> {
+        let ns_key = crate::policy::model::NAMESPACE_KEY;
+        let mut m: BTreeMap<String, String> = self
+            .0
+            .iter()
+            .filter(|(k, _)| k.split_once(':').map_or(k.as_str(), |(_, key)| key) != ns_key)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        m.insert(format!("k8s:{ns_key}"), namespace.to_owned());
+        Labels::new(m)
+    }
 }
 impl TryFrom<BTreeMap<String, String>> for Labels {
     type Error = ValueError;
@@ -635,6 +653,38 @@ impl fmt::Display for Labels {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn identity_labels_carry_the_endpoint_namespace_only() {
+        let l = |pairs: &[(&str, &str)]| {
+            Labels::new(
+                pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            )
+            .unwrap()
+        };
+        let ns = "k8s:io.kubernetes.pod.namespace";
+        assert_eq!(
+            l(&[("k8s:app", "web")]).for_identity("prod").unwrap(),
+            l(&[("k8s:app", "web"), (ns, "prod")])
+        );
+        // A claimed namespace, under any source, is replaced.
+        for claimed in [
+            ns,
+            "any:io.kubernetes.pod.namespace",
+            "io.kubernetes.pod.namespace",
+        ] {
+            assert_eq!(
+                l(&[("k8s:app", "web"), (claimed, "kube-system")])
+                    .for_identity("prod")
+                    .unwrap(),
+                l(&[("k8s:app", "web"), (ns, "prod")]),
+                "{claimed}"
+            );
+        }
+    }
 
     #[test]
     fn cluster_names() {

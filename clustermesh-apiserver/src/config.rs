@@ -48,6 +48,9 @@ pub struct Config {
     /// A registered node that sends no heartbeat for this long is removed
     /// with its endpoints.
     pub node_ttl: Duration,
+    /// An identity no endpoint has used for this long is deleted (zero:
+    /// never).
+    pub identity_gc_grace: Duration,
     /// Kubernetes mode: watch Nodes, Services, EndpointSlices and Namespaces
     /// with this client (in addition to the standalone API).
     pub kubernetes: Option<kube::Client>,
@@ -83,6 +86,7 @@ impl Config {
     pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
     pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
     pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(30);
+    pub const DEFAULT_IDENTITY_GC_GRACE: Duration = Duration::from_secs(300);
 
     /// A configuration with defaults for everything but identity and etcd.
     pub fn new(
@@ -108,6 +112,7 @@ impl Config {
             lease_ttl: Self::DEFAULT_LEASE_TTL,
             heartbeat_interval: Self::DEFAULT_HEARTBEAT,
             node_ttl: Self::DEFAULT_NODE_TTL,
+            identity_gc_grace: Self::DEFAULT_IDENTITY_GC_GRACE,
             kubernetes: None,
         }
     }

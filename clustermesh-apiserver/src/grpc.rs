@@ -210,6 +210,11 @@ impl Api {
                 "an endpoint needs at least one security label",
             )));
         }
+        // Identities are per namespace (an endpoint without one is in
+        // `default`, as Kubernetes puts it).
+        let labels = labels
+            .for_identity(namespace.as_ref().map_or("default", |n| n.as_str()))
+            .map_err(|e| invalid(FieldError::new("labels", e.to_string())))?;
         let mut st = sh.state.lock().await;
         st.check_endpoint(&node, ip).map_err(refused)?;
         let host_ip = st

@@ -422,7 +422,8 @@ async fn export_loop(
             _ = shared.changed.notified() => {}
             _ = heartbeat.tick() => beat = true,
             _ = expiry.tick() => {
-                if !expire_nodes(&shared).await {
+                let nodes = expire_nodes(&shared).await;
+                if !(collect_identities(&shared).await || nodes) {
                     continue;
                 }
             }
@@ -525,6 +526,32 @@ async fn kube_loop(
             }
         }
     }
+}
+
+/// Deletes the identities no endpoint has used for the grace period
+/// (`identity_gc_grace`), under the state lock (an endpoint added at the
+/// same time waits, then allocates afresh). Returns whether any went.
+async fn collect_identities(shared: &Shared) -> bool {
+    let grace = shared.cfg.identity_gc_grace;
+    if grace.is_zero() {
+        return false;
+    }
+    let mut st = shared.state.lock().await;
+    let due = st.identities_to_collect(Instant::now(), grace);
+    let mut changed = false;
+    for rec in due {
+        match store::delete_identity(&mut shared.client.clone(), &shared.keys, &rec).await {
+            Ok(()) => {
+                tracing::info!(identity = %rec.id, labels = %rec.labels, unused_for = ?grace, "identity collected: no endpoint uses it");
+                st.remove_identity(rec.id);
+                changed = true;
+            }
+            Err(e) => {
+                tracing::warn!(identity = %rec.id, error = %e, "deleting an unused identity failed; will retry")
+            }
+        }
+    }
+    changed
 }
 
 /// Removes nodes whose heartbeats stopped. Returns whether anything changed.

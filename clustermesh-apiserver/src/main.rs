@@ -80,6 +80,10 @@ struct Args {
     /// Seconds without a node heartbeat before the node is removed.
     #[arg(long, default_value_t = 30)]
     node_ttl: u64,
+    /// Seconds an identity no endpoint uses is kept before it is deleted
+    /// (0: never).
+    #[arg(long, default_value_t = 300)]
+    identity_gc_grace: u64,
     /// Kubernetes mode: also watch Nodes, Services, EndpointSlices and
     /// Namespaces (in-cluster config or KUBECONFIG).
     #[arg(long)]
@@ -141,6 +145,7 @@ fn config(a: Args) -> Result<Config, String> {
     cfg.lease_ttl = Duration::from_secs(a.lease_ttl);
     cfg.heartbeat_interval = Duration::from_secs(a.heartbeat_interval);
     cfg.node_ttl = Duration::from_secs(a.node_ttl);
+    cfg.identity_gc_grace = Duration::from_secs(a.identity_gc_grace);
     Ok(cfg)
 }
 

@@ -77,6 +77,9 @@ pub struct ClusterState {
     pub identity_by_labels: BTreeMap<Labels, Identity>,
     /// Network policies applied through the API (persisted).
     pub policies: BTreeMap<PolicyKey, PolicyRecord>,
+    /// Identities no endpoint uses, since when (garbage collection; not
+    /// persisted: after a restart the grace period starts again).
+    unused_since: BTreeMap<Identity, Instant>,
     /// Exported keys changed since the last [`ClusterState::take_changes`]:
     /// the exporter writes only these, so a change costs O(1), not O(state).
     dirty: BTreeSet<Key>,
@@ -119,6 +122,7 @@ impl ClusterState {
             identities: BTreeMap::new(),
             identity_by_labels: BTreeMap::new(),
             policies: BTreeMap::new(),
+            unused_since: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
     }
@@ -563,6 +567,37 @@ impl ClusterState {
         self.touch(rec.key());
         self.identity_by_labels.insert(rec.labels.clone(), rec.id);
         self.identities.insert(rec.id, rec);
+    }
+
+    /// Tracks which identities no endpoint uses and returns those unused
+    /// for at least `grace` (to be deleted). An identity used again before
+    /// that is kept and its clock reset.
+    pub fn identities_to_collect(&mut self, now: Instant, grace: Duration) -> Vec<IdentityRecord> {
+        let used: BTreeSet<Identity> = self.endpoints.values().map(|e| e.identity).collect();
+        let known = &self.identities;
+        self.unused_since
+            .retain(|id, _| known.contains_key(id) && !used.contains(id));
+        for id in known.keys().filter(|id| !used.contains(id)) {
+            self.unused_since.entry(*id).or_insert(now);
+        }
+        self.unused_since
+            .iter()
+            .filter(|(_, since)| now.saturating_duration_since(**since) >= grace)
+            .filter_map(|(id, _)| known.get(id).cloned())
+            .collect()
+    }
+
+    /// Removes an identity (collected): no longer exported.
+    pub fn remove_identity(&mut self, id: Identity) -> bool {
+        let Some(rec) = self.identities.remove(&id) else {
+            return false;
+        };
+        self.touch(rec.key());
+        if self.identity_by_labels.get(&rec.labels) == Some(&id) {
+            self.identity_by_labels.remove(&rec.labels);
+        }
+        self.unused_since.remove(&id);
+        true
     }
 
     /// The exported keys and values. Records that fail to encode cannot

@@ -308,6 +308,30 @@ pub async fn write_policies(
     Ok(())
 }
 
+/// Deletes a collected identity (its record and its labels' index entry,
+/// the latter only while it still names this identity).
+pub async fn delete_identity(
+    client: &mut Client,
+    keys: &Internal,
+    rec: &IdentityRecord,
+) -> Result<()> {
+    let labels_key = keys.identity_labels(&rec.labels);
+    let id_key = keys.identity(rec.id);
+    let txn = Txn::new()
+        .when([Compare::value(
+            labels_key.clone(),
+            CompareOp::Equal,
+            rec.id.to_string(),
+        )])
+        .and_then([
+            TxnOp::delete(labels_key, None),
+            TxnOp::delete(id_key.clone(), None),
+        ])
+        .or_else([TxnOp::delete(id_key, None)]);
+    client.txn(txn).await.map_err(etcd("delete identity"))?;
+    Ok(())
+}
+
 /// Allocates (or finds) the identity of `labels`.
 ///
 /// Race-free between concurrent allocators (two apiserver processes, or two

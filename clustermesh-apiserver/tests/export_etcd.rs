@@ -287,6 +287,11 @@ async fn identities_are_stable_across_restarts_and_race_free() {
     let labels = |i: usize| {
         let mut m = std::collections::BTreeMap::new();
         m.insert("k8s:app".to_owned(), format!("app{i}"));
+        // As the API allocates them: per namespace.
+        m.insert(
+            "k8s:io.kubernetes.pod.namespace".to_owned(),
+            "default".to_owned(),
+        );
         clustermesh_api::Labels::new(m).unwrap()
     };
     let mut tasks = Vec::new();

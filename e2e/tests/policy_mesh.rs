@@ -11,7 +11,9 @@
 //! For each tunnel mode without encryption, and with strict WireGuard in
 //! dual stack (both families checked), where audit mode is checked too: the
 //! agent restarted with `--policy-audit` lets everything through and counts
-//! exactly the would-be drops as `policy_audit`.
+//! exactly the would-be drops as `policy_audit`. In the Geneve mesh also a
+//! Kubernetes NetworkPolicy of the documentation's shape: it allows the
+//! local cluster's frontends only.
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::{
@@ -46,6 +48,30 @@ spec:
     - ports:
       - port: "8080"
         protocol: TCP
+"#;
+
+/// Kubernetes' documentation shape (`podSelector`, `ingress.from.podSelector`,
+/// `ports`): without a cluster in the selector, only the local cluster's
+/// frontends are allowed (as Cilium's policies since 1.19).
+const NETWORK_POLICY: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: web-from-frontend
+  namespace: default
+spec:
+  podSelector:
+    matchLabels:
+      app: web
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          app: frontend
+    ports:
+    - protocol: TCP
+      port: 8080
 "#;
 
 /// A denied attempt waits this long for an answer.
@@ -187,6 +213,59 @@ fn apply(t: &Topology, dir: &Path) {
         ],
     );
     assert!(out.contains("web-from-c2-frontend"), "{out}");
+}
+
+/// A Kubernetes NetworkPolicy on the backend: c1's own frontend reaches it
+/// on TCP 8080, c2's frontend (another cluster: not selected by default),
+/// another port and UDP do not, each counted.
+fn network_policy(t: &mut Topology, p: &Pods) {
+    let n1 = node_of(t, "c1");
+    let local =
+        mesh::add_pod_labelled(t, &bin_dir(), n1, ("fe", "front"), 1280, "frontend").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("knp.yaml");
+    std::fs::write(&f, NETWORK_POLICY).unwrap();
+    let out = cli(
+        t,
+        &[
+            "policy",
+            "apply",
+            "--cluster",
+            "c1",
+            "-f",
+            f.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("web-from-frontend"), "{out}");
+    await_enforcement(p, true, false);
+    let to = &p.backend;
+    let denied = |t: &Topology| policy_count(t, to, Direction::Ingress, Verdict::DropPolicyDenied);
+    let ok = tcp(&local, to, 8080, false, Duration::from_secs(2));
+    assert_eq!(ok.as_deref(), Ok(to.answer.as_str()), "c1's frontend");
+    for (what, from, port) in [
+        ("c2's frontend", &p.c2_front, 8080),
+        ("other port", &local, 9090),
+    ] {
+        let n = denied(t);
+        assert!(tcp(from, to, port, false, DENIED_WAIT).is_err(), "{what}");
+        assert!(denied(t) > n, "{what}: not counted");
+    }
+    let n = denied(t);
+    assert_eq!(udp(&local, to, 8080, false, DENIED_WAIT), None, "UDP");
+    assert_eq!(denied(t), n + 1);
+    cli(
+        t,
+        &[
+            "policy",
+            "delete",
+            "--cluster",
+            "c1",
+            "web-from-frontend",
+            "-n",
+            "default",
+        ],
+    );
+    await_enforcement(p, false, false);
 }
 
 fn delete(t: &Topology) {
@@ -374,6 +453,9 @@ fn policy_enforced_in_every_tunnel_mode_and_under_strict_wireguard() {
         scenario(&up.0, &p, families, &label);
         if enc == Encryption::Strict {
             audit(&mut up.0, &p);
+        }
+        if tunnel == "geneve" {
+            network_policy(&mut up.0, &p);
         }
         eprintln!("{label}: {:.1} s", t0.elapsed().as_secs_f64());
     }

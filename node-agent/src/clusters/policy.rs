@@ -14,8 +14,9 @@
 //!   init, unmanaged) and the identities of every cluster (local and
 //!   remote) that carry their own cluster's id, with their labels and
 //!   cluster. A label set without `io.kubernetes.pod.namespace` gets the
-//!   namespace of an endpoint of that identity (identities are not
-//!   namespaced yet), so namespaced policies select them.
+//!   namespace of an endpoint of that identity (identities allocated
+//!   before they were namespaced, or by another cluster's older
+//!   apiserver), so namespaced policies select them.
 //! - An identity no policy touches gets no entry (unrestricted).
 //!
 //! Pure, like the rest of the merge.

@@ -840,6 +840,41 @@ pub fn policy_stats(pin_dir: &Path) -> Result<Vec<(u32, Direction, Verdict, Coun
     Ok(out)
 }
 
+/// Writes `CM_POLICY` prefixes with plain inserts, nothing else (the
+/// policy benchmark's baseline for `PolicyMap::update`).
+pub fn policy_insert_raw(
+    pin_dir: &Path,
+    entries: &std::collections::BTreeMap<
+        (u32, tunnel_common::PolicyKey),
+        tunnel_common::PolicyValue,
+    >,
+) -> Result<()> {
+    let name = maps::POLICY;
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    let mut map: LpmTrie<MapData, tunnel_common::PolicyKey, tunnel_common::PolicyValue> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err(name))?;
+    for ((len, key), v) in entries {
+        map.insert(&Key::new(*len, *key), v, 0)
+            .map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+/// The local endpoint identities with a policy and their
+/// `CM_POLICY_STATE` (flags, revision), read through the pin.
+pub fn policy_states(pin_dir: &Path) -> Result<Vec<(u32, tunnel_common::PolicyState)>> {
+    let name = maps::POLICY_STATE;
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    let map: HashMap<MapData, u32, tunnel_common::PolicyState> =
+        HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map_err(name))?;
+    let mut out = Vec::new();
+    for item in map.iter() {
+        out.push(item.map_err(map_err(name))?);
+    }
+    out.sort_by_key(|(id, _)| *id);
+    Ok(out)
+}
+
 /// Why this agent may not own the pin directory.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
