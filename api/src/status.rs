@@ -19,6 +19,31 @@ pub struct NodeStatus {
     #[serde(flatten)]
     pub control_plane: ControlPlaneStatus,
     pub encryption: EncryptionStatus,
+    pub policy: PolicyStatus,
+}
+
+/// Network policy verdicts of this node's endpoints, read from the
+/// datapath (`CM_POLICY_STATS`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct PolicyStatus {
+    pub verdicts: Vec<PolicyVerdictCount>,
+}
+
+/// Packets of one local endpoint with one policy verdict in one direction.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct PolicyVerdictCount {
+    /// The endpoint's addresses (comma-separated), or its host-side
+    /// ifindex when it is not in the endpoint map any more.
+    pub endpoint: String,
+    pub identity: u32,
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// `drop_policy_denied`, `drop_policy_unknown_peer` or `policy_audit`.
+    pub verdict: String,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// What the control plane (watchers, stores, merge, reconcilers) reports.
@@ -183,6 +208,7 @@ mod tests {
                 device: Some("wg0".into()),
                 ..Default::default()
             },
+            policy: PolicyStatus::default(),
         };
         let v = serde_json::to_value(&s).unwrap();
         // Flattened: the control plane's fields at the top, as before.

@@ -334,6 +334,30 @@ fn enforced(t: &Topology, p: &Pods, v6: bool) {
         policy_count(t, to, Direction::Egress, Verdict::DropPolicyDenied),
         0
     );
+    // The agent reports the backend's drops (refreshed every 500 ms).
+    let status = &t.nodes[node_of(t, "c1")].agent.status;
+    let want = addr(to, v6).to_string();
+    mesh::wait_for(
+        "the backend's drops in /status",
+        Duration::from_secs(5),
+        || {
+            let Ok(body) = mesh::http_get(status, "/status") else {
+                return false;
+            };
+            let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            doc["policy"]["verdicts"].as_array().is_some_and(|v| {
+                v.iter().any(|c| {
+                    c["endpoint"]
+                        .as_str()
+                        .is_some_and(|e| e.split(',').any(|a| a == want))
+                        && c["direction"] == "ingress"
+                        && c["verdict"] == "drop_policy_denied"
+                        && c["packets"].as_u64().is_some_and(|n| n >= 4)
+                })
+            })
+        },
+    )
+    .unwrap();
 }
 
 /// Waits until the policy is (`on`) or is no longer enforced on the
@@ -459,4 +483,69 @@ fn policy_enforced_in_every_tunnel_mode_and_under_strict_wireguard() {
         }
         eprintln!("{label}: {:.1} s", t0.elapsed().as_secs_f64());
     }
+}
+
+/// The policy maps' reconciler on a real datapath: a restarted agent reads
+/// the prefixes back and prunes them; deleting what is not there is no
+/// error (aya reports a missing key on delete as ENOENT: it once failed
+/// every such delete).
+#[test]
+fn policy_map_survives_a_restart_and_prunes() {
+    use clustermesh_api::{
+        Identity,
+        policy::{
+            CompiledEntry, CompiledPolicy, Direction as D, MapVerdict, PolicyKind, PolicyRef,
+            PortRange, ProtoMatch, RuleRef, RuleSection,
+        },
+    };
+    use node_agent::reconcilers::{Reconciler as _, network_policy::PolicyMap};
+    require_root!();
+    let n = e2e::topo::Node::new(41).unwrap();
+    let _dp = n.datapath(false).unwrap();
+    let id = Identity::from_raw(n.identity.into()).unwrap();
+    let p = CompiledPolicy {
+        default_deny_ingress: true,
+        default_deny_egress: false,
+        entries: vec![CompiledEntry {
+            peer: Identity::WORLD,
+            direction: D::Ingress,
+            protocol: ProtoMatch::Tcp,
+            ports: PortRange::new(1024, 65535).unwrap(),
+            verdict: MapVerdict::Allow,
+            rule: RuleRef {
+                policy: PolicyRef {
+                    kind: PolicyKind::CiliumNetworkPolicy,
+                    namespace: Some("default".parse().unwrap()),
+                    name: "p".parse().unwrap(),
+                },
+                section: RuleSection::Ingress,
+                origin: "spec.ingress[0]".into(),
+            },
+        }],
+    };
+    let pin = n.pins.path();
+    let mut m = PolicyMap::open(pin, false).unwrap();
+    // Never written: deleting it is no error.
+    m.delete(&Identity::HOST).unwrap();
+    m.update(&id, &p).unwrap();
+    let states = node_agent::datapath::policy_states(pin).unwrap();
+    assert_eq!(states.len(), 1);
+    assert_eq!(
+        states[0].1.flags,
+        tunnel_common::POLICY_DEFAULT_DENY_INGRESS
+    );
+    drop(m);
+    // A restarted agent: same policy, no rewrite of the revision; then
+    // the policy goes and the prune removes every prefix.
+    let mut m = PolicyMap::open(pin, false).unwrap();
+    m.update(&id, &p).unwrap();
+    assert_eq!(node_agent::datapath::policy_states(pin).unwrap(), states);
+    assert_eq!(m.prune(&Default::default()).unwrap(), 1);
+    assert!(node_agent::datapath::policy_states(pin).unwrap().is_empty());
+    let mut again = PolicyMap::open(pin, false).unwrap();
+    assert_eq!(
+        again.prune(&Default::default()).unwrap(),
+        0,
+        "prefixes left"
+    );
 }

@@ -135,6 +135,7 @@ fn base_config(v: &Validated, a: &Attachment, encrypted: bool) -> DatapathConfig
 struct Shared {
     audit: Audit,
     encryption: Arc<Mutex<EncryptionStatus>>,
+    policy: Arc<Mutex<clustermesh_api::status::PolicyStatus>>,
     wg: Option<WgDevice>,
 }
 
@@ -161,6 +162,7 @@ pub async fn start(
             public_key: wg.as_ref().map(|w| w.public.fingerprint()),
             ..Default::default()
         })),
+        policy: Arc::default(),
         wg,
     };
     let policy: Box<dyn Reconciler<_, _>> = match &attachment {
@@ -189,6 +191,7 @@ pub async fn start(
             counters,
             wg: shared.wg.as_ref().map(|w| w.client.clone()),
             status: shared.encryption.clone(),
+            policy: datapath.then(|| (cfg.bpf_pin_dir.clone(), shared.policy.clone())),
             audit: shared.audit.clone(),
             report_every: Duration::from_secs(cfg.report_every.max(1)),
             reports: cfg.reports,
@@ -398,6 +401,7 @@ async fn start_control_plane(
     let sources = status::Sources {
         control_plane: Some(agent.status()),
         encryption: shared.encryption.clone(),
+        policy: shared.policy.clone(),
     };
     tracker.spawn(status::serve(listener, sources, cancel.clone()));
     tracker.spawn(async move {

@@ -11,7 +11,7 @@
 use std::sync::{Arc, Mutex};
 
 use axum::{Json, Router, extract::State, response::Response, routing::get};
-use clustermesh_api::status::{ControlPlaneStatus, EncryptionStatus, NodeStatus};
+use clustermesh_api::status::{ControlPlaneStatus, EncryptionStatus, NodeStatus, PolicyStatus};
 use clustermesh_http::prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
@@ -24,6 +24,7 @@ pub struct Sources {
     /// Published by the control plane (None: the agent runs without one).
     pub control_plane: Option<Arc<Mutex<ControlPlaneStatus>>>,
     pub encryption: Arc<Mutex<EncryptionStatus>>,
+    pub policy: Arc<Mutex<PolicyStatus>>,
 }
 
 impl Sources {
@@ -40,6 +41,7 @@ impl Sources {
                 .lock()
                 .map(|g| g.clone())
                 .unwrap_or_default(),
+            policy: self.policy.lock().map(|g| g.clone()).unwrap_or_default(),
         }
     }
 }
@@ -246,6 +248,23 @@ pub fn registry(s: &NodeStatus) -> Registry {
     let mut r = Registry::default();
     cluster_metrics(&mut r, &s.control_plane);
     encryption_metrics(&mut r, &s.encryption);
+    let verdicts = counter_family();
+    for v in &s.policy.verdicts {
+        add(
+            &verdicts,
+            vec![
+                ("endpoint", v.endpoint.clone()),
+                ("direction", v.direction.clone()),
+                ("verdict", v.verdict.clone()),
+            ],
+            v.packets,
+        );
+    }
+    r.register(
+        "clustermesh_agent_policy_verdicts",
+        "Packets of each local endpoint by network policy verdict (drops and audited would-be drops) and direction",
+        verdicts,
+    );
     r
 }
 
@@ -303,6 +322,16 @@ mod tests {
                 }],
                 ..Default::default()
             },
+            policy: PolicyStatus {
+                verdicts: vec![clustermesh_api::status::PolicyVerdictCount {
+                    endpoint: "10.1.0.5".into(),
+                    identity: 65836,
+                    direction: "ingress".into(),
+                    verdict: "drop_policy_denied".into(),
+                    packets: 4,
+                    bytes: 240,
+                }],
+            },
         };
         let mut text = String::new();
         clustermesh_http::prometheus_client::encoding::text::encode(&mut text, &registry(&s))
@@ -315,6 +344,7 @@ mod tests {
             r#"clustermesh_agent_wireguard_peer_bytes_total{peer="abc",direction="tx"} 20"#,
             "# TYPE clustermesh_agent_plaintext_drops counter",
             "clustermesh_agent_strict_unknown_destination_drops_total 0",
+            r#"clustermesh_agent_policy_verdicts_total{endpoint="10.1.0.5",direction="ingress",verdict="drop_policy_denied"} 4"#,
             "# EOF",
         ] {
             assert!(text.contains(want), "{want} missing in\n{text}");

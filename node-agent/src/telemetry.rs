@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use clustermesh_api::status::{DeviceDrops, EncryptionStatus, PlaintextDrops};
+use clustermesh_api::status::{
+    DeviceDrops, EncryptionStatus, PlaintextDrops, PolicyStatus, PolicyVerdictCount,
+};
 use clustermesh_crypto::wg::uapi::Client;
 use tokio_util::sync::CancellationToken;
 use tunnel_common::{Direction, Verdict};
@@ -25,6 +27,9 @@ pub struct Telemetry {
     pub counters: Option<Counters>,
     pub wg: Option<Client>,
     pub status: Arc<Mutex<EncryptionStatus>>,
+    /// The pin directory and the policy section to refresh (with a
+    /// datapath).
+    pub policy: Option<(std::path::PathBuf, Arc<Mutex<PolicyStatus>>)>,
     pub audit: Audit,
     pub report_every: Duration,
     /// Stop the agent (cancel the root token) after this many reports; 0:
@@ -56,8 +61,48 @@ fn device_drops(client: &Client) -> Option<DeviceDrops> {
     })
 }
 
+/// The per-endpoint policy verdicts of the datapath (None: unreadable).
+fn policy_verdicts(pin_dir: &std::path::Path) -> Option<Vec<PolicyVerdictCount>> {
+    let stats = crate::datapath::policy_stats(pin_dir).ok()?;
+    let eps = crate::datapath::endpoints_by_ifindex(pin_dir).unwrap_or_default();
+    Some(
+        stats
+            .into_iter()
+            .map(|(ifindex, dir, v, c)| {
+                let (endpoint, identity) = match eps.get(&ifindex) {
+                    Some((ips, id)) => (
+                        ips.iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        *id,
+                    ),
+                    None => (format!("ifindex {ifindex}"), 0),
+                };
+                PolicyVerdictCount {
+                    endpoint,
+                    identity,
+                    direction: match dir {
+                        Direction::Ingress => "ingress".into(),
+                        Direction::Egress => "egress".into(),
+                    },
+                    verdict: v.name().into(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                }
+            })
+            .collect(),
+    )
+}
+
 impl Telemetry {
     fn sample(&self) {
+        if let Some((pin, status)) = &self.policy
+            && let Some(v) = policy_verdicts(pin)
+            && let Ok(mut s) = status.lock()
+        {
+            s.verdicts = v;
+        }
         let peers = self.wg.as_ref().and_then(|w| peer_status(w).ok());
         let device = self.wg.as_ref().and_then(device_drops);
         let drops = self.counters.as_ref().map(plaintext);

@@ -216,6 +216,7 @@ pub async fn agent(root: &Path, cluster: &str, node: &str, local: ClusterFile) -
         node_agent::status::Sources {
             control_plane: Some(a.status()),
             encryption: enc,
+            policy: Default::default(),
         },
         cancel.clone(),
     ));

@@ -386,8 +386,8 @@ impl Datapath {
     }
 
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
-        match self.endpoints()?.remove(&u32::from(ip).to_be()) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        match crate::datapath::absent_ok(self.endpoints()?.remove(&u32::from(ip).to_be())) {
+            Ok(()) => Ok(()),
             Err(e) => Err(map_err(maps::ENDPOINTS)(e)),
         }
     }
@@ -413,11 +413,11 @@ impl Datapath {
     }
 
     pub fn remove_ipcache(&mut self, addr: Ipv4Addr, prefix_len: u8) -> Result<()> {
-        match self
-            .ipcache()?
-            .remove(&Key::new(prefix_len.into(), u32::from(addr).to_be()))
-        {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        match crate::datapath::absent_ok(
+            self.ipcache()?
+                .remove(&Key::new(prefix_len.into(), u32::from(addr).to_be())),
+        ) {
+            Ok(()) => Ok(()),
             Err(e) => Err(map_err(maps::IPCACHE)(e)),
         }
     }
@@ -496,8 +496,8 @@ impl Datapath {
     }
 
     pub fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<()> {
-        match self.endpoints6()?.remove(&ip.octets()) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        match crate::datapath::absent_ok(self.endpoints6()?.remove(&ip.octets())) {
+            Ok(()) => Ok(()),
             Err(e) => Err(map_err(maps::ENDPOINTS6)(e)),
         }
     }
@@ -535,11 +535,11 @@ impl Datapath {
     }
 
     pub fn remove_ipcache6(&mut self, addr: Ipv6Addr, prefix_len: u8) -> Result<()> {
-        match self
-            .ipcache6()?
-            .remove(&Key::new(prefix_len.into(), addr.octets()))
-        {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        match crate::datapath::absent_ok(
+            self.ipcache6()?
+                .remove(&Key::new(prefix_len.into(), addr.octets())),
+        ) {
+            Ok(()) => Ok(()),
             Err(e) => Err(map_err(maps::IPCACHE6)(e)),
         }
     }
@@ -860,6 +860,33 @@ pub fn policy_insert_raw(
     Ok(())
 }
 
+/// The local endpoints by host-side ifindex: their addresses (both maps)
+/// and identity, read through the pins.
+pub fn endpoints_by_ifindex(
+    pin_dir: &Path,
+) -> Result<std::collections::BTreeMap<u32, (Vec<std::net::IpAddr>, u32)>> {
+    let mut out: std::collections::BTreeMap<u32, (Vec<std::net::IpAddr>, u32)> =
+        std::collections::BTreeMap::new();
+    let d4 = MapData::from_pin(pin_dir.join(maps::ENDPOINTS)).map_err(map_err(maps::ENDPOINTS))?;
+    let m4: HashMap<MapData, u32, EndpointInfo> =
+        HashMap::try_from(aya::maps::Map::HashMap(d4)).map_err(map_err(maps::ENDPOINTS))?;
+    for item in m4.iter() {
+        let (k, v) = item.map_err(map_err(maps::ENDPOINTS))?;
+        let e = out.entry(v.ifindex).or_insert((Vec::new(), v.identity));
+        e.0.push(Ipv4Addr::from(u32::from_be(k)).into());
+    }
+    let d6 =
+        MapData::from_pin(pin_dir.join(maps::ENDPOINTS6)).map_err(map_err(maps::ENDPOINTS6))?;
+    let m6: HashMap<MapData, Ip6, EndpointInfo> =
+        HashMap::try_from(aya::maps::Map::HashMap(d6)).map_err(map_err(maps::ENDPOINTS6))?;
+    for item in m6.iter() {
+        let (k, v) = item.map_err(map_err(maps::ENDPOINTS6))?;
+        let e = out.entry(v.ifindex).or_insert((Vec::new(), v.identity));
+        e.0.push(Ipv6Addr::from(k).into());
+    }
+    Ok(out)
+}
+
 /// The local endpoint identities with a policy and their
 /// `CM_POLICY_STATE` (flags, revision), read through the pin.
 pub fn policy_states(pin_dir: &Path) -> Result<Vec<(u32, tunnel_common::PolicyState)>> {
@@ -873,6 +900,23 @@ pub fn policy_states(pin_dir: &Path) -> Result<Vec<(u32, tunnel_common::PolicySt
     }
     out.sort_by_key(|(id, _)| *id);
     Ok(out)
+}
+
+/// A map delete that found the key absent already is no error:
+/// aya reports a missing key of `bpf_map_delete_elem` as the syscall's
+/// ENOENT, not as `MapError::KeyNotFound` (that is lookups only).
+pub fn absent_ok(
+    r: std::result::Result<(), aya::maps::MapError>,
+) -> std::result::Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 /// Why this agent may not own the pin directory.

@@ -81,8 +81,8 @@ impl EndpointMap {
                 (i, self.map6.remove(&key))
             }
         };
-        match removed {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+        match crate::datapath::absent_ok(removed) {
+            Ok(()) => {}
             Err(e) => return Err(err(e)),
         }
         // The veth's link pin goes with its last address (a dual-stack pod

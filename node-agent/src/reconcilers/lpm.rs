@@ -105,8 +105,8 @@ impl<V: Pod> DualLpm<V> {
             AnyKey::V4(k) => self.v4.remove(k),
             AnyKey::V6(k) => self.v6.remove(k),
         };
-        match r {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        match crate::datapath::absent_ok(r) {
+            Ok(()) => Ok(()),
             Err(e) => Err(err(self.target)(e)),
         }
     }

@@ -203,13 +203,13 @@ impl PolicyMap {
     }
 
     fn remove_identity(&mut self, id: u32) -> Result<(), ReconcileError> {
-        match self.state.remove(&id) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+        match crate::datapath::absent_ok(self.state.remove(&id)) {
+            Ok(()) => {}
             Err(e) => return Err(err(TARGET)(e)),
         }
         for (len, key) in self.written.remove(&id).unwrap_or_default().into_keys() {
-            match self.policy.remove(&Key::new(len, key)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            match crate::datapath::absent_ok(self.policy.remove(&Key::new(len, key))) {
+                Ok(()) => {}
                 Err(e) => return Err(err(TARGET)(e)),
             }
         }
@@ -250,8 +250,8 @@ impl Reconciler<Identity, CompiledPolicy> for PolicyMap {
             }
         }
         for prefix in old.keys().filter(|k| !want.contains_key(*k)) {
-            match self.policy.remove(&Key::new(prefix.0, prefix.1)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            match crate::datapath::absent_ok(self.policy.remove(&Key::new(prefix.0, prefix.1))) {
+                Ok(()) => {}
                 Err(e) => {
                     now.insert(*prefix, old[prefix]);
                     self.written.insert(id, now);

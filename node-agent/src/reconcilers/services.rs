@@ -490,8 +490,8 @@ fn remove<K: aya::Pod, V: aya::Pod>(
     m: &mut HashMap<MapData, K, V>,
     k: &K,
 ) -> Result<(), ReconcileError> {
-    match m.remove(k) {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+    match crate::datapath::absent_ok(m.remove(k)) {
+        Ok(()) => Ok(()),
         Err(e) => Err(err(e)),
     }
 }
