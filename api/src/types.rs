@@ -278,15 +278,32 @@ impl Identity {
     pub fn get(self) -> u32 {
         self.0
     }
-    /// The owning cluster, or `None` for a reserved identity.
+    /// Bit 24 marks a node-local identity: the agent gives one to each CIDR
+    /// prefix its policies name. Never exported, never accepted from etcd
+    /// or the network ([`Identity::from_raw`] refuses bits 24-31), never
+    /// carried in a tunnel header (24 bits).
+    pub const NODE_LOCAL: u32 = 1 << 24;
+    /// The node-local identity number `n` (1..2^24).
+    pub fn node_local(n: u32) -> Option<Self> {
+        (1..Self::NODE_LOCAL)
+            .contains(&n)
+            .then_some(Self(Self::NODE_LOCAL | n))
+    }
+    pub fn is_node_local(self) -> bool {
+        self.0 & Self::NODE_LOCAL != 0
+    }
+    /// The owning cluster, or `None` for a reserved or node-local identity.
     pub fn cluster(self) -> Option<ClusterId> {
+        if self.is_node_local() {
+            return None;
+        }
         ClusterId::new(u64::from((self.0 >> 16) & 0xff)).ok()
     }
     pub fn local(self) -> u16 {
         (self.0 & 0xffff) as u16
     }
     pub fn is_reserved(self) -> bool {
-        self.cluster().is_none()
+        self.cluster().is_none() && !self.is_node_local()
     }
 }
 impl TryFrom<u64> for Identity {

@@ -155,6 +155,7 @@ async fn removed_remote_node_is_unreachable_within_a_second_with_counted_drops()
         policy: Box::new(MemoryReconciler::new("policy")),
         strict_ranges: Box::new(MemoryReconciler::new("strict ranges")),
         network_policies: Box::new(MemoryReconciler::new("network policies")),
+        policy_cidrs: Box::new(MemoryReconciler::new("policy CIDRs")),
     };
     let cancel = CancellationToken::new();
     let agent = Agent::new(

@@ -549,3 +549,99 @@ fn policy_map_survives_a_restart_and_prunes() {
         "prefixes left"
     );
 }
+
+/// Egress to addresses outside the mesh by CIDR, on a real datapath
+/// (Geneve pair): a default-deny egress policy allowing UDP 9999 to
+/// 203.0.113.0/24 except 203.0.113.128/25. The datapath gives the
+/// destination the node-local identity of its longest policy prefix
+/// (`CM_POLICY_CIDR`): inside the /24 it passes, inside the except, outside
+/// every prefix (world) and on another port it is dropped and counted.
+#[test]
+fn egress_by_cidr_with_except() {
+    use clustermesh_api::{
+        policy::{EndpointRef, parse_manifests},
+        {Identity, Labels},
+    };
+    use node_agent::reconcilers::{
+        Reconciler as _,
+        network_policy::{PolicyCidrMap, PolicyMap},
+    };
+    require_root!();
+    let a = e2e::topo::Node::new(43).unwrap();
+    let b = e2e::topo::Node::new(44).unwrap();
+    let (ula, ulb) = e2e::topo::underlay(&a, &b).unwrap();
+    let mut dpa = a.datapath(true).unwrap();
+    let mut dpb = b.datapath(true).unwrap();
+    a.connect_with(&mut dpa, &b, tunnel_common::TunnelMode::Geneve, ula, ulb)
+        .unwrap();
+    b.connect_with(&mut dpb, &a, tunnel_common::TunnelMode::Geneve, ulb, ula)
+        .unwrap();
+    let policies = parse_manifests(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: out, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toCIDRSet:
+    - cidr: 203.0.113.0/24
+      except: [203.0.113.128/25]
+    toPorts: [{ports: [{port: "9999", protocol: UDP}]}]
+"#,
+    )
+    .unwrap();
+    let cidrs = node_agent::clusters::policy::cidr_peers(&policies);
+    assert_eq!(cidrs.len(), 2, "{cidrs:?}");
+    let pin = a.pins.path();
+    let mut cm = PolicyCidrMap::open(pin).unwrap();
+    for (c, id, _) in &cidrs {
+        cm.update(c, &id.get()).unwrap();
+    }
+    let peers: Vec<_> = cidrs
+        .iter()
+        .map(|(_, id, addr)| (*id, clustermesh_api::policy::FlowPeer::Address(*addr)))
+        .collect();
+    let labels = Labels::new([("k8s:app".to_owned(), "client".to_owned())].into()).unwrap();
+    let (cluster, ns) = ("c43".parse().unwrap(), "default".parse().unwrap());
+    let me = EndpointRef {
+        cluster: &cluster,
+        namespace: &ns,
+        labels: &labels,
+    };
+    let compiled = clustermesh_api::policy::compile(&policies, &me, &peers);
+    assert!(compiled.default_deny_egress);
+    let mut pm = PolicyMap::open(pin, false).unwrap();
+    pm.update(&Identity::from_raw(a.identity.into()).unwrap(), &compiled)
+        .unwrap();
+    let lxc = e2e::topo::ifindex(&a.ns, "lxc0").unwrap();
+    let denied = || {
+        node_agent::datapath::policy_stats(pin)
+            .unwrap()
+            .iter()
+            .filter(|(i, d, v, _)| {
+                *i == lxc && *d == Direction::Egress && *v == Verdict::DropPolicyDenied
+            })
+            .map(|(_, _, _, c)| c.packets)
+            .sum::<u64>()
+    };
+    let send = |to: &str| {
+        let to: SocketAddr = to.parse().unwrap();
+        clustermesh_api::netns::run_in_named(Some(a.pod.name()), || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.send_to(b"x", to).unwrap();
+        })
+        .unwrap();
+    };
+    for (to, dropped) in [
+        ("203.0.113.9:9999", false),
+        ("203.0.113.200:9999", true),
+        ("198.51.100.1:9999", true),
+        ("203.0.113.9:8888", true),
+    ] {
+        let n = denied();
+        send(to);
+        // The verdict is taken in the sender's context: counted by now.
+        assert_eq!(denied() - n, u64::from(dropped), "{to}");
+    }
+}

@@ -148,6 +148,7 @@ async fn main() {
         policy: Box::new(SharedReconciler::new("policy")),
         strict_ranges: Box::new(SharedReconciler::new("strict ranges")),
         network_policies: Box::new(SharedReconciler::new("network policies")),
+        policy_cidrs: Box::new(SharedReconciler::new("policy CIDRs")),
     };
     let agent = Agent::new(cfg, r, cancel.clone());
     let status = agent.status();

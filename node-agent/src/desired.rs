@@ -91,11 +91,14 @@ pub struct Desired {
     /// Network policy (issue 18), by local endpoint identity: the compiled
     /// entries (peer identity, direction, protocol, port range, allow or
     /// deny, rule) and the default-deny flags of each local endpoint
-    /// identity on this node that a local-cluster policy touches. The later
-    /// eBPF policy map is keyed (local identity, peer identity, direction,
-    /// protocol, port range). NOT enforced yet: only an in-memory target
-    /// receives it.
+    /// identity on this node that a local-cluster policy touches; written
+    /// into `CM_POLICY` (local identity, peer identity, direction,
+    /// protocol, port prefix) by `reconcilers::network_policy`.
     pub network_policies: BTreeMap<Identity, CompiledPolicy>,
+    /// The CIDR prefixes local policies name (and their excepts), each
+    /// with its node-local identity (`CM_POLICY_CIDR`, `CM_POLICY_CIDR6`):
+    /// the datapath's identity of an address outside the mesh's endpoints.
+    pub policy_cidrs: BTreeMap<IpCidr, u32>,
     pub rejected: Vec<Rejection>,
 }
 

@@ -34,7 +34,7 @@ use crate::{
         datapath_config::DatapathConfigMap,
         endpoints::EndpointMap,
         ipcache::IpCacheMap,
-        network_policy::PolicyMap,
+        network_policy::{PolicyCidrMap, PolicyMap},
         routes::{RouteTable, RoutedTunnels},
         services::{LbPolicy, ServiceMap},
         strict_ranges::StrictRangeMap,
@@ -351,6 +351,7 @@ fn reconcilers(
     r.ipcache = Box::new(IpCacheMap::open(&cfg.bpf_pin_dir)?);
     r.strict_ranges = Box::new(StrictRangeMap::open(&cfg.bpf_pin_dir)?);
     r.network_policies = Box::new(PolicyMap::open(&cfg.bpf_pin_dir, cfg.policy_audit)?);
+    r.policy_cidrs = Box::new(PolicyCidrMap::open(&cfg.bpf_pin_dir)?);
     r.services = Box::new(ServiceMap::open(
         &cfg.bpf_pin_dir,
         LbPolicy {

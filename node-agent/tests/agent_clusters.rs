@@ -159,6 +159,7 @@ impl Targets {
             policy: Box::new(MemoryReconciler::new("policy")),
             strict_ranges: Box::new(MemoryReconciler::new("strict ranges")),
             network_policies: Box::new(self.network_policies.clone()),
+            policy_cidrs: Box::new(SharedReconciler::new("policy CIDRs")),
         }
     }
 }

@@ -113,6 +113,13 @@ pub mod maps {
     /// Per-CPU hash: [`crate::PolicyStatsKey`] -> [`crate::Counter`]: policy
     /// verdicts per local endpoint (its host-side ifindex) and direction.
     pub const POLICY_STATS: &str = "CM_POLICY_STATS";
+    /// LPM trie: IPv4 prefix -> node-local identity (bit 24 set) of a CIDR
+    /// prefix the node's policies name: the peer identity of an address
+    /// that is no local endpoint and not in the ip-cache.
+    pub const POLICY_CIDR: &str = "CM_POLICY_CIDR";
+    /// LPM trie: IPv6 prefix ([`crate::Ip6`]) -> node-local identity:
+    /// [`POLICY_CIDR`] for IPv6.
+    pub const POLICY_CIDR6: &str = "CM_POLICY_CIDR6";
 }
 
 /// An IPv6 address as the maps key it: its 16 bytes in network order (what
@@ -140,6 +147,8 @@ pub const STRICT_RANGE: u32 = 1;
 pub const MAX_POLICY: u32 = 512 * 1024;
 /// Connections the policy tracks (each direction of a node's pods).
 pub const MAX_POLICY_CT: u32 = 65536;
+/// CIDR prefixes the node's policies name, per family.
+pub const MAX_POLICY_CIDRS: u32 = 16384;
 /// (endpoint, direction, verdict) counters.
 pub const MAX_POLICY_STATS: u32 = 16384;
 

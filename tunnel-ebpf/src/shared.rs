@@ -18,10 +18,10 @@ use tunnel_common::{
     LB_BACKEND_SELECTABLE, Lb6Addr, Lb6BackendKey, Lb6FlowKey, Lb6ServiceKey, Lb6ServiceValue,
     LbAddr, LbAddrOf, LbBackendKey, LbBackendKeyOf, LbBackendValue, LbFlowKey, LbFlowKeyOf,
     LbServiceKey, LbServiceKeyOf, LbServiceValue, LbServiceValueOf, MAX_ENDPOINTS, MAX_IPCACHE,
-    MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS, MAX_LB_SLOTS, MAX_POLICY, MAX_POLICY_CT,
-    MAX_POLICY_STATS, MAX_SOURCE_IDENTITIES, MAX_STRICT_RANGES, METRICS_ENTRIES, POLICY_ALLOW,
-    POLICY_AUDIT, POLICY_DENY, POLICY_PREFIX_FULL, PolicyCtKey, PolicyKey, PolicyState,
-    PolicyStatsKey, PolicyValue, Verdict, metric_index, policy_default_deny,
+    MAX_LB_BACKENDS, MAX_LB_FLOWS, MAX_LB_FRONTENDS, MAX_LB_SLOTS, MAX_POLICY, MAX_POLICY_CIDRS,
+    MAX_POLICY_CT, MAX_POLICY_STATS, MAX_SOURCE_IDENTITIES, MAX_STRICT_RANGES, METRICS_ENTRIES,
+    POLICY_ALLOW, POLICY_AUDIT, POLICY_DENY, POLICY_PREFIX_FULL, PolicyCtKey, PolicyKey,
+    PolicyState, PolicyStatsKey, PolicyValue, Verdict, metric_index, policy_default_deny,
 };
 
 #[map]
@@ -69,6 +69,10 @@ pub static CM_STRICT_RANGES: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_STRICT_RANG
 pub static CM_STRICT_RANGES6: LpmTrie<Ip6, u32> = LpmTrie::pinned(MAX_STRICT_RANGES, 0);
 #[map]
 pub static CM_POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(MAX_POLICY, 0);
+#[map]
+pub static CM_POLICY_CIDR: LpmTrie<u32, u32> = LpmTrie::pinned(MAX_POLICY_CIDRS, 0);
+#[map]
+pub static CM_POLICY_CIDR6: LpmTrie<Ip6, u32> = LpmTrie::pinned(MAX_POLICY_CIDRS, 0);
 #[map]
 pub static CM_POLICY_STATE: HashMap<u32, PolicyState> = HashMap::pinned(MAX_ENDPOINTS, 0);
 #[map]
@@ -937,6 +941,24 @@ fn address_identity(addr: &Ip6) -> u32 {
     ipcache6(addr).map_or(0, |v| v.identity)
 }
 
+/// The node-local identity of the longest policy CIDR prefix holding the
+/// address, else 0.
+#[inline(always)]
+fn cidr_identity(addr: &Ip6) -> u32 {
+    let v4 = addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff;
+    if v4 {
+        let ip = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+        return CM_POLICY_CIDR
+            .get(&aya_ebpf::maps::lpm_trie::Key::new(32, ip))
+            .copied()
+            .unwrap_or(0);
+    }
+    CM_POLICY_CIDR6
+        .get(&aya_ebpf::maps::lpm_trie::Key::new(128, *addr))
+        .copied()
+        .unwrap_or(0)
+}
+
 /// Whether the peer address is a mesh pod this node has no identity for.
 #[inline(always)]
 fn unknown_peer(addr: &Ip6) -> bool {
@@ -1032,9 +1054,20 @@ fn policy_call(skb: NonNull<__sk_buff>, identity: u32, peer: u32, dir: u32, ifin
     if unsafe { CM_POLICY_CT.get(&key) }.copied() == Some(state.revision) {
         return 0;
     }
+    // Egress: the destination's identity; outside the mesh's endpoints a
+    // policy CIDR's, else world. Ingress: the sender's as delivered, world
+    // refined by a policy CIDR.
     let peer = if peer == 0 {
         match address_identity(&key.daddr) {
-            0 => tunnel_common::IDENTITY_WORLD,
+            0 => match cidr_identity(&key.daddr) {
+                0 => tunnel_common::IDENTITY_WORLD,
+                id => id,
+            },
+            id => id,
+        }
+    } else if peer == tunnel_common::IDENTITY_WORLD {
+        match cidr_identity(&key.saddr) {
+            0 => peer,
             id => id,
         }
     } else {

@@ -411,10 +411,9 @@ impl CompiledPolicy {
 /// Compiles the policies for one local endpoint against the known peer
 /// identities (endpoint identities of every cluster and the reserved ones).
 ///
-/// CIDR rules match [`FlowPeer::Address`] peers; the datapath knows those only
-/// by the ip-cache's prefix identities, which do not exist yet: until they
-/// do, pass a peer `Address` per prefix identity (any address inside the
-/// prefix) or leave CIDR peers out.
+/// CIDR rules match [`FlowPeer::Address`] peers: pass one per prefix
+/// identity, an address whose longest match among the prefixes is that
+/// prefix (the agent's `clusters::policy::cidr_peers`).
 pub fn compile(
     policies: &[Policy],
     local: &EndpointRef<'_>,

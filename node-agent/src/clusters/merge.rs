@@ -144,6 +144,7 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
     merge_endpoints(input, &all, &accepted, &mut out);
     merge_services(input, &accepted, &mut out);
     out.network_policies = super::policy::merge_policies(input);
+    out.policy_cidrs = super::policy::merge_policy_cidrs(input);
     out
 }
 

@@ -87,6 +87,9 @@ pub struct Reconcilers {
     /// Compiled network policy by local endpoint identity (`CM_POLICY`
     /// through `reconcilers::network_policy::PolicyMap`).
     pub network_policies: Box<dyn Reconciler<Identity, CompiledPolicy>>,
+    /// Node-local identities of the policies' CIDR prefixes
+    /// (`reconcilers::network_policy::PolicyCidrMap`).
+    pub policy_cidrs: Box<dyn Reconciler<IpCidr, u32>>,
 }
 
 impl Reconcilers {
@@ -100,6 +103,7 @@ impl Reconcilers {
             policy: Box::new(MemoryReconciler::new("policy")),
             strict_ranges: Box::new(MemoryReconciler::new("strict ranges")),
             network_policies: Box::new(MemoryReconciler::new("network policies")),
+            policy_cidrs: Box::new(MemoryReconciler::new("policy CIDRs")),
         }
     }
 }
@@ -498,6 +502,7 @@ impl Agent {
             keep(&self.last.services, &mut applied.services);
             keep(&self.last.policy, &mut applied.policy);
             keep(&self.last.network_policies, &mut applied.network_policies);
+            keep(&self.last.policy_cidrs, &mut applied.policy_cidrs);
         }
         // Each refused entry is logged once, when it appears; all of them
         // are in the status and retried every round.
@@ -588,6 +593,14 @@ impl Agent {
                 false,
                 failures,
             ),
+            // Before the policies that name their identities.
+            policy_cidrs: apply_isolated(
+                r.policy_cidrs.as_mut(),
+                &last.policy_cidrs,
+                &desired.policy_cidrs,
+                allow_delete,
+                failures,
+            ),
             network_policies: apply_isolated(
                 r.network_policies.as_mut(),
                 &last.network_policies,
@@ -613,6 +626,7 @@ impl Agent {
             r.peers.prune(&applied.peers),
             r.services.prune(&applied.services),
             r.network_policies.prune(&applied.network_policies),
+            r.policy_cidrs.prune(&applied.policy_cidrs),
             r.strict_ranges.prune(&strict),
         ];
         let mut removed = 0;
@@ -719,6 +733,7 @@ impl Agent {
             r.policy.tick(now),
             r.strict_ranges.tick(now),
             r.network_policies.tick(now),
+            r.policy_cidrs.tick(now),
         ];
         for e in results.into_iter().filter_map(Result::err) {
             tracing::warn!(error = %e, "scheduled reconciler work failed; retrying");
@@ -737,6 +752,7 @@ impl Agent {
                 policy: r.policy.snapshot()?,
                 strict_ranges: r.strict_ranges.snapshot()?,
                 network_policies: r.network_policies.snapshot()?,
+                policy_cidrs: r.policy_cidrs.snapshot()?,
                 rejected: Vec::new(),
             })
         })();

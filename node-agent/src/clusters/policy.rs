@@ -23,9 +23,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::net::IpAddr;
+
 use clustermesh_api::{
-    Identity, K8sName, Labels,
-    policy::{CompiledPolicy, EndpointRef, FlowPeer, NAMESPACE_KEY, Policy, Reserved, compile},
+    Identity, IpCidr, K8sName, Labels,
+    policy::{
+        CompiledPolicy, Direction, EndpointRef, FlowPeer, NAMESPACE_KEY, Peer, PeerSet, Policy,
+        Reserved, compile,
+    },
 };
 
 use super::merge::{ClusterInput, MergeInput};
@@ -101,21 +106,116 @@ fn peers(all: &[&ClusterInput<'_>]) -> Vec<(Identity, FlowPeer)> {
     out
 }
 
-/// The compiled policy of each local endpoint identity on this node.
-pub fn merge_policies(input: &MergeInput<'_>) -> BTreeMap<Identity, CompiledPolicy> {
-    let local = &input.local;
-    let policies: Vec<Policy> = local
+/// Every CIDR prefix the policies name (rule peers and their excepts; not
+/// `/0`, which is world).
+fn cidrs_of(policies: &[Policy]) -> BTreeSet<IpCidr> {
+    let mut out = BTreeSet::new();
+    for p in policies {
+        for spec in &p.specs {
+            for d in [Direction::Ingress, Direction::Egress] {
+                for rule in spec.allows(d).iter().chain(spec.denies(d)) {
+                    let PeerSet::Only(peers) = &rule.peers else {
+                        continue;
+                    };
+                    for peer in peers {
+                        if let Peer::Cidr { cidr, except } = peer {
+                            out.extend(
+                                std::iter::once(cidr)
+                                    .chain(except)
+                                    .filter(|c| c.prefix_len() > 0),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// An address of `p` whose longest match in `set` is `p` itself (None: the
+/// longer prefixes of `set` inside `p` cover all of it).
+fn representative(p: IpCidr, set: &BTreeSet<IpCidr>) -> Option<IpAddr> {
+    let inner: Vec<IpCidr> = set
+        .iter()
+        .filter(|c| **c != p && p.contains_cidr(c))
+        .copied()
+        .collect();
+    fn find(p: IpCidr, inner: &[IpCidr]) -> Option<IpAddr> {
+        if inner.iter().any(|c| c.contains_cidr(&p)) {
+            return None;
+        }
+        if !inner.iter().any(|c| p.contains_cidr(c)) {
+            return Some(p.addr());
+        }
+        // Split in halves: some address outside every inner prefix.
+        let len = p.prefix_len() + 1;
+        let lo = IpCidr::new(p.addr(), len).ok()?;
+        let hi_addr = match p.addr() {
+            IpAddr::V4(a) => IpAddr::V4((u32::from(a) | (1u32 << (32 - u32::from(len)))).into()),
+            IpAddr::V6(a) => IpAddr::V6((u128::from(a) | (1u128 << (128 - u32::from(len)))).into()),
+        };
+        let hi = IpCidr::new(hi_addr, len).ok()?;
+        find(lo, inner).or_else(|| find(hi, inner))
+    }
+    find(p, &inner)
+}
+
+/// The CIDR prefixes of the local policies with their node-local
+/// identities (numbered in prefix order) and a representative address.
+pub fn cidr_peers(policies: &[Policy]) -> Vec<(IpCidr, Identity, IpAddr)> {
+    let set = cidrs_of(policies);
+    let mut out = Vec::new();
+    let mut n = 0u32;
+    for c in &set {
+        let Some(addr) = representative(*c, &set) else {
+            continue;
+        };
+        n += 1;
+        if let Some(id) = Identity::node_local(n) {
+            out.push((*c, id, addr));
+        }
+    }
+    out
+}
+
+fn local_policies(input: &MergeInput<'_>) -> Vec<Policy> {
+    input
+        .local
         .records
         .policies
         .values()
         .map(|r| r.policy.clone())
-        .collect();
+        .collect()
+}
+
+/// The node-local identity of every CIDR prefix the local policies name
+/// (`Desired::policy_cidrs`).
+pub fn merge_policy_cidrs(input: &MergeInput<'_>) -> BTreeMap<IpCidr, u32> {
+    cidr_peers(&local_policies(input))
+        .into_iter()
+        .map(|(c, id, _)| (c, id.get()))
+        .collect()
+}
+
+/// The compiled policy of each local endpoint identity on this node.
+pub fn merge_policies(input: &MergeInput<'_>) -> BTreeMap<Identity, CompiledPolicy> {
+    let local = &input.local;
+    let policies = local_policies(input);
     let mut out = BTreeMap::new();
     if policies.is_empty() {
         return out;
     }
     let all: Vec<&ClusterInput<'_>> = std::iter::once(local).chain(input.remotes).collect();
-    let peers = peers(&all);
+    let mut peers = peers(&all);
+    // Addresses outside the mesh's endpoints, by the prefixes the policies
+    // name: each prefix's node-local identity stands for the addresses
+    // whose longest match it is.
+    peers.extend(
+        cidr_peers(&policies)
+            .into_iter()
+            .map(|(_, id, addr)| (id, FlowPeer::Address(addr))),
+    );
     let here: BTreeSet<Identity> = local
         .records
         .endpoints
@@ -238,6 +338,23 @@ spec:
             add(&mut w.recs[1], "c2", id(2, 257), "10.2.0.6", "m1", "db");
             w
         }
+        fn cidrs(&self) -> BTreeMap<IpCidr, u32> {
+            let inputs: Vec<ClusterInput<'_>> = (0..2)
+                .map(|i| ClusterInput {
+                    name: &self.names[i],
+                    id: ClusterId::new(i as u64 + 1).unwrap(),
+                    records: &self.recs[i],
+                    declared: &[],
+                })
+                .collect();
+            merge_policy_cidrs(&MergeInput {
+                local: inputs[0],
+                self_node: None,
+                encryption: Default::default(),
+                remotes: &inputs[1..],
+                incumbents: &BTreeMap::new(),
+            })
+        }
         fn merge(&self, node: Option<&str>) -> BTreeMap<Identity, CompiledPolicy> {
             let inputs: Vec<ClusterInput<'_>> = (0..2)
                 .map(|i| ClusterInput {
@@ -256,6 +373,75 @@ spec:
                 incumbents: &BTreeMap::new(),
             })
         }
+    }
+
+    const CIDR_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db-out, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  egress:
+  - toCIDRSet:
+    - cidr: 203.0.113.0/24
+      except: [203.0.113.128/25]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+"#;
+
+    #[test]
+    fn cidr_prefixes_get_node_local_identities_and_excepts_their_own() {
+        let mut w = W::new();
+        policies(&mut w.recs[0], "c1", CIDR_POLICY);
+        let cidrs = w.cidrs();
+        let c = |s: &str| s.parse::<IpCidr>().unwrap();
+        assert_eq!(
+            cidrs.keys().copied().collect::<Vec<_>>(),
+            [c("203.0.113.0/24"), c("203.0.113.128/25")]
+        );
+        for id in cidrs.values() {
+            assert!(
+                Identity::from_raw(u64::from(*id)).is_err(),
+                "never exportable"
+            );
+            assert_ne!(*id & Identity::NODE_LOCAL, 0);
+        }
+        let p = &w.merge(Some("n1"))[&id(1, 256)];
+        assert!(p.default_deny_egress);
+        let allowed: Vec<u32> = p
+            .entries
+            .iter()
+            .filter(|e| e.verdict == MapVerdict::Allow)
+            .map(|e| e.peer.get())
+            .collect();
+        // The /24's identity is allowed, the except's is not.
+        assert_eq!(allowed, [cidrs[&c("203.0.113.0/24")]], "{p:?}");
+    }
+
+    #[test]
+    fn a_prefix_covered_by_longer_ones_needs_no_identity() {
+        let set: BTreeSet<IpCidr> = ["10.0.0.0/8", "10.0.0.0/9", "10.128.0.0/9", "fd00::/64"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let c = |s: &str| s.parse::<IpCidr>().unwrap();
+        assert_eq!(representative(c("10.0.0.0/8"), &set), None);
+        assert_eq!(
+            representative(c("10.0.0.0/9"), &set),
+            Some("10.0.0.0".parse().unwrap())
+        );
+        let set2: BTreeSet<IpCidr> = ["10.0.0.0/8", "10.0.0.0/16"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let r = representative(c("10.0.0.0/8"), &set2).unwrap();
+        assert!(
+            c("10.0.0.0/8").contains(r) && !c("10.0.0.0/16").contains(r),
+            "{r}"
+        );
+        assert_eq!(
+            representative(c("fd00::/64"), &set),
+            Some("fd00::".parse().unwrap())
+        );
     }
 
     #[test]

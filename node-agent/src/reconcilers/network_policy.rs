@@ -288,6 +288,59 @@ impl Reconciler<Identity, CompiledPolicy> for PolicyMap {
     }
 }
 
+/// `CM_POLICY_CIDR` and `CM_POLICY_CIDR6`: the node-local identity of
+/// each CIDR prefix the policies name (`Desired::policy_cidrs`).
+pub struct PolicyCidrMap {
+    map: super::lpm::DualLpm<u32>,
+}
+
+const CIDR_TARGET: &str = "policy CIDRs";
+
+impl PolicyCidrMap {
+    pub fn open(pin_dir: &Path) -> Result<Self, ReconcileError> {
+        Ok(Self {
+            map: super::lpm::DualLpm::open(
+                pin_dir,
+                (maps::POLICY_CIDR, maps::POLICY_CIDR6),
+                CIDR_TARGET,
+            )?,
+        })
+    }
+}
+
+impl Reconciler<clustermesh_api::IpCidr, u32> for PolicyCidrMap {
+    fn name(&self) -> &'static str {
+        CIDR_TARGET
+    }
+    fn update(&mut self, k: &clustermesh_api::IpCidr, v: &u32) -> Result<(), ReconcileError> {
+        self.map.insert(k, v)
+    }
+    fn delete(&mut self, k: &clustermesh_api::IpCidr) -> Result<(), ReconcileError> {
+        self.map.remove(k)
+    }
+    fn prune(
+        &mut self,
+        desired: &BTreeMap<clustermesh_api::IpCidr, u32>,
+    ) -> Result<usize, ReconcileError> {
+        let mut n = 0;
+        for (k, _) in self.map.entries()? {
+            if k.cidr().is_none_or(|c| !desired.contains_key(&c)) {
+                self.map.remove_key(&k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+    fn snapshot(&mut self) -> Result<BTreeMap<clustermesh_api::IpCidr, u32>, ReconcileError> {
+        Ok(self
+            .map
+            .entries()?
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.cidr()?, v)))
+            .collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
