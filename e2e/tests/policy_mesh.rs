@@ -74,6 +74,23 @@ spec:
       port: 8080
 "#;
 
+/// Default deny on `app=fresh` pods (only `app=nobody` may reach them).
+const FRESH_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: fresh-deny
+  namespace: default
+spec:
+  endpointSelector:
+    matchLabels:
+      app: fresh
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: nobody
+"#;
+
 /// A denied attempt waits this long for an answer.
 const DENIED_WAIT: Duration = Duration::from_millis(400);
 
@@ -266,6 +283,48 @@ fn network_policy(t: &mut Topology, p: &Pods) {
         ],
     );
     await_enforcement(p, false, false);
+}
+
+/// A new pod of a new identity that a default-deny policy selects is
+/// enforced from its first packet: CNI ADD returns only once the agent has
+/// applied its policy. The first connection to it, from the backend on the
+/// same node (local delivery: no propagation to wait for), right after the
+/// ADD returned, is dropped and counted.
+fn new_pod_enforced_from_the_first_packet(t: &mut Topology, p: &Pods) {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("fresh.yaml");
+    std::fs::write(&f, FRESH_POLICY).unwrap();
+    cli(
+        t,
+        &[
+            "policy",
+            "apply",
+            "--cluster",
+            "c1",
+            "-f",
+            f.to_str().unwrap(),
+        ],
+    );
+    let n1 = node_of(t, "c1");
+    let fresh = mesh::add_pod_labelled(t, &bin_dir(), n1, ("fr", "fresh"), 1280, "fresh").unwrap();
+    let r = tcp(&p.backend, &fresh, 8080, false, DENIED_WAIT);
+    assert!(r.is_err(), "the new pod answered before its policy: {r:?}");
+    assert!(
+        policy_count(t, &fresh, Direction::Ingress, Verdict::DropPolicyDenied) >= 1,
+        "the first connection was not dropped by the policy"
+    );
+    cli(
+        t,
+        &[
+            "policy",
+            "delete",
+            "--cluster",
+            "c1",
+            "fresh-deny",
+            "-n",
+            "default",
+        ],
+    );
 }
 
 fn delete(t: &Topology) {
@@ -480,6 +539,9 @@ fn policy_enforced_in_every_tunnel_mode_and_under_strict_wireguard() {
         }
         if tunnel == "geneve" {
             network_policy(&mut up.0, &p);
+        }
+        if tunnel == "vxlan" && enc == Encryption::None {
+            new_pod_enforced_from_the_first_packet(&mut up.0, &p);
         }
         eprintln!("{label}: {:.1} s", t0.elapsed().as_secs_f64());
     }

@@ -15,8 +15,10 @@
 //!
 //! Fail closed from the first packet: the CNI plugin leaves a new pod's
 //! host veth down and waits. Once `from_endpoint` is attached and the pod's
-//! `CM_ENDPOINTS` entry is written, [`CniEndpoints::mark_ready`] sets the
-//! veth up and writes the readiness marker the plugin waits for
+//! `CM_ENDPOINTS` entry is written and, with a control plane, once it has
+//! applied the pod's network policy (the pod's record came back from the
+//! local cluster and went through a reconcile), [`CniEndpoints::mark_ready`]
+//! sets the veth up and writes the readiness marker the plugin waits for
 //! (`clustermesh_api::endpoint_file::write_ready`).
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, time::Duration};
@@ -99,19 +101,25 @@ impl CniEndpoints {
     /// Sets up the host veth of every pod whose endpoint entry is in
     /// `applied` and writes its readiness marker, once per veth. A failure
     /// is logged and retried on the next call (the plugin keeps waiting).
+    /// With `policy_ready` (a control plane runs), also only once the
+    /// control plane has applied the pod's network policy (every address
+    /// of the pod in it): until then the pod stays down, so a new pod of a
+    /// default-deny identity never has a moment without its policy.
     pub fn mark_ready(
         &mut self,
         dir: &std::path::Path,
         netns: Option<&str>,
         applied: &LocalEndpoints,
+        policy_ready: Option<&std::collections::BTreeSet<std::net::IpAddr>>,
     ) {
         use clustermesh_api::endpoint_file::{read_ready, write_ready};
         for (id, f) in &self.known {
             // Ready once every address of the pod (both families of a
             // dual-stack pod) has its entry for this veth.
-            let applied_all = f
-                .ips()
-                .all(|ip| applied.get(&ip).map(|e| e.host_ifindex) == Some(f.host_ifindex));
+            let applied_all = f.ips().all(|ip| {
+                applied.get(&ip).map(|e| e.host_ifindex) == Some(f.host_ifindex)
+                    && policy_ready.is_none_or(|r| r.contains(&ip))
+            });
             if self.ready.contains(id) || !applied_all {
                 continue;
             }
@@ -224,6 +232,9 @@ pub struct EndpointSource {
     pub netns: Option<String>,
     /// Interfaces attached at start (`--endpoint-iface`).
     pub ifaces: HostIfaces,
+    /// The control plane's endpoints with their policy applied
+    /// (`clusters::Agent::policy_ready`); None: no control plane, no wait.
+    pub policy_ready: Option<watch::Receiver<std::collections::BTreeSet<IpAddr>>>,
 }
 
 impl EndpointSource {
@@ -274,6 +285,8 @@ impl EndpointSource {
         let mut ids: Vec<(String, u32)> = Vec::new();
         let mut tick = tokio::time::interval(POLL);
         let mut ids_open = true;
+        let mut policy_rx = self.policy_ready.take();
+        let mut policy_open = policy_rx.is_some();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -295,6 +308,15 @@ impl EndpointSource {
                         println!("endpoint {ip} has identity {id}");
                     }
                 }
+                r = async {
+                    match policy_rx.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                }, if policy_open => {
+                    // Closed: the control plane stopped; the last set stays.
+                    policy_open = r.is_ok();
+                }
             }
             let want = desired(&specs, &self.ifaces, &ids, &adopted);
             // A refused entry is retried on the next change or poll (the
@@ -305,7 +327,8 @@ impl EndpointSource {
                 tracing::warn!(key = %f.key, error = %f.error, "updating the endpoint map");
             }
             if let Some(dir) = &self.endpoint_dir {
-                cni.mark_ready(dir, self.netns.as_deref(), &last);
+                let ready = policy_rx.as_mut().map(|r| r.borrow_and_update().clone());
+                cni.mark_ready(dir, self.netns.as_deref(), &last, ready.as_ref());
             }
         }
     }

@@ -136,6 +136,9 @@ struct Shared {
     audit: Audit,
     encryption: Arc<Mutex<EncryptionStatus>>,
     policy: Arc<Mutex<clustermesh_api::status::PolicyStatus>>,
+    /// The control plane's endpoints with their policy applied, which the
+    /// endpoint source waits for before a pod is ready.
+    policy_ready: tokio::sync::watch::Sender<std::collections::BTreeSet<std::net::IpAddr>>,
     wg: Option<WgDevice>,
 }
 
@@ -163,6 +166,7 @@ pub async fn start(
             ..Default::default()
         })),
         policy: Arc::default(),
+        policy_ready: tokio::sync::watch::Sender::new(Default::default()),
         wg,
     };
     let policy: Box<dyn Reconciler<_, _>> = match &attachment {
@@ -265,6 +269,11 @@ fn start_local(
             endpoint_dir: cfg.endpoint_dir.clone(),
             netns: cfg.netns.clone(),
             ifaces: a.ifaces,
+            // With a control plane that will see the pod's record (it is
+            // registered through the apiserver), a pod is ready only once
+            // its policy is applied.
+            policy_ready: (v.cluster.is_some() && cfg.apiserver.is_some())
+                .then(|| shared.policy_ready.subscribe()),
         };
         let mut cni = CniEndpoints::default();
         specs = source.start(&mut cni);
@@ -388,11 +397,12 @@ async fn start_control_plane(
         // Validated before start: cannot fail here.
         strict_ranges: cfg.strict_ranges().unwrap_or_default(),
     };
-    let agent = Agent::new(
+    let mut agent = Agent::new(
         clusters,
         reconcilers(cfg, cluster, datapath, policy, shared)?,
         cancel.clone(),
     );
+    agent.set_policy_ready(shared.policy_ready.clone());
     let listener = tokio::net::TcpListener::bind(cfg.status_listen)
         .await
         .map_err(|source| StartError::Listen {

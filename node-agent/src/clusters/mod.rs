@@ -172,6 +172,10 @@ pub struct Agent {
     failures: Vec<Failure>,
     /// Pod CIDR -> id of the cluster holding it (see [`Agent::update_owners`]).
     owners: BTreeMap<IpCidr, u8>,
+    /// The addresses of this node's local endpoints whose records have
+    /// been through a reconcile (their network policy applied): the
+    /// endpoint source marks a pod ready only then ([`Agent::policy_ready`]).
+    policy_ready: tokio::sync::watch::Sender<std::collections::BTreeSet<std::net::IpAddr>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -207,7 +211,26 @@ impl Agent {
             retry: false,
             failures: Vec::new(),
             owners: BTreeMap::new(),
+            policy_ready: tokio::sync::watch::Sender::new(Default::default()),
         }
+    }
+
+    /// Follows the local endpoints whose policy has been applied (a new
+    /// pod is marked ready, so that it may send and receive, only once its
+    /// identity's policy is in the datapath: fail closed).
+    pub fn policy_ready(
+        &self,
+    ) -> tokio::sync::watch::Receiver<std::collections::BTreeSet<std::net::IpAddr>> {
+        self.policy_ready.subscribe()
+    }
+
+    /// Publishes [`Agent::policy_ready`] through a channel made before the
+    /// agent (the endpoint source starts first).
+    pub fn set_policy_ready(
+        &mut self,
+        tx: tokio::sync::watch::Sender<std::collections::BTreeSet<std::net::IpAddr>>,
+    ) {
+        self.policy_ready = tx;
     }
 
     /// Shared status, read by the status endpoint.
@@ -467,6 +490,14 @@ impl Agent {
             incumbents: &incumbents,
         };
         let desired = merge::merge(&input);
+        let here: std::collections::BTreeSet<std::net::IpAddr> = local
+            .store
+            .records
+            .endpoints
+            .values()
+            .filter(|e| self.cfg.self_node.is_none() || e.node == self.cfg.self_node)
+            .map(|e| e.ip)
+            .collect();
         // Each refusal is logged once, when it appears (the metric
         // clustermesh_agent_records_rejected counts the current ones).
         for r in &desired.rejected {
@@ -485,6 +516,11 @@ impl Agent {
         let allow_delete = self.pruned;
         let mut applied = self.apply(&desired, allow_delete, &mut failures);
         applied.rejected = desired.rejected;
+        self.policy_ready.send_if_modified(|s| {
+            let changed = *s != here;
+            *s = here;
+            changed
+        });
         if prune_now {
             self.pruned = self.prune(&applied, &mut failures);
         } else if !allow_delete {
