@@ -48,8 +48,9 @@ pub struct Config {
     /// A registered node that sends no heartbeat for this long is removed
     /// with its endpoints.
     pub node_ttl: Duration,
-    /// Kubernetes mode: watch Nodes, Services, EndpointSlices and Namespaces
-    /// with this client (in addition to the standalone API).
+    /// Kubernetes mode: watch Nodes, Services, EndpointSlices, Namespaces
+    /// and the network policy kinds with this client (in addition to the
+    /// standalone API).
     pub kubernetes: Option<kube::Client>,
 }
 

@@ -80,8 +80,10 @@ struct Args {
     /// Seconds without a node heartbeat before the node is removed.
     #[arg(long, default_value_t = 30)]
     node_ttl: u64,
-    /// Kubernetes mode: also watch Nodes, Services, EndpointSlices and
-    /// Namespaces (in-cluster config or KUBECONFIG).
+    /// Kubernetes mode: also watch Nodes, Services, EndpointSlices,
+    /// Namespaces and the network policies (CiliumNetworkPolicy,
+    /// CiliumClusterwideNetworkPolicy, NetworkPolicy) (in-cluster config or
+    /// KUBECONFIG).
     #[arg(long)]
     kubernetes: bool,
 }
