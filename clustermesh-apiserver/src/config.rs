@@ -51,8 +51,9 @@ pub struct Config {
     /// An identity no endpoint has used for this long is deleted (zero:
     /// never).
     pub identity_gc_grace: Duration,
-    /// Kubernetes mode: watch Nodes, Services, EndpointSlices and Namespaces
-    /// with this client (in addition to the standalone API).
+    /// Kubernetes mode: watch Nodes, Services, EndpointSlices, Namespaces
+    /// and the network policy kinds with this client (in addition to the
+    /// standalone API).
     pub kubernetes: Option<kube::Client>,
 }
 

@@ -1,7 +1,10 @@
 //! The network policy calls of the gRPC API (issue 18): `ApplyPolicies`,
 //! `DeletePolicy`, `ListPolicies`, `GetPolicy`.
 //!
-//! Apply and delete need the admin ([`Action::Policy`]). An apply parses
+//! Apply and delete need the admin ([`Action::Policy`]). In Kubernetes
+//! mode a policy that comes from the Kubernetes API (CiliumNetworkPolicy,
+//! CiliumClusterwideNetworkPolicy, NetworkPolicy objects) is refused to
+//! both (FailedPrecondition): it is changed there; list and get show it. An apply parses
 //! the whole manifest stream with `clustermesh_api::policy` and checks every
 //! policy before storing any; all are stored in one etcd transaction, so a
 //! bad document stores nothing. Every change is audited (`api_call`) with
@@ -159,6 +162,8 @@ impl Api {
         let req = req.into_inner();
         let key = policy_key(&req.namespace, &req.name)?;
         let mut st = sh.state.lock().await;
+        st.check_not_kube_policy(&key, &format!("policy {}", key_text(&key)))
+            .map_err(crate::grpc::refused)?;
         let Some(old) = st.policies.get(&key).cloned() else {
             return Ok(Response::new(proto::DeletePolicyResponse {
                 deleted: false,
@@ -197,7 +202,7 @@ impl Api {
     ) -> Result<Response<proto::ListPoliciesResponse>, Status> {
         self.authorize(&req, "ListPolicies", Action::Read)?;
         let st = self.shared.state.lock().await;
-        let policies = st.policies.values().map(convert::policy_to_proto).collect();
+        let policies = st.all_policies().map(convert::policy_to_proto).collect();
         Ok(Response::new(proto::ListPoliciesResponse { policies }))
     }
 
@@ -208,7 +213,7 @@ impl Api {
         self.authorize(&req, "GetPolicy", Action::Read)?;
         let key = policy_key(&req.get_ref().namespace, &req.get_ref().name)?;
         let st = self.shared.state.lock().await;
-        match st.policies.get(&key) {
+        match st.policy(&key) {
             Some(p) => Ok(Response::new(convert::policy_to_proto(p))),
             None => Err(Status::not_found(format!(
                 "no network policy {} in cluster {}",

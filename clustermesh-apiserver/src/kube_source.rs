@@ -1,6 +1,6 @@
-//! Kubernetes source: Nodes, Services, EndpointSlices and Namespaces watched
-//! with kube-rs and turned into the same records the standalone source
-//! produces.
+//! Kubernetes source: Nodes, Services, EndpointSlices, Namespaces and the
+//! network policy kinds ([`crate::kube_policies`]) watched with kube-rs
+//! and turned into the same records the standalone source produces.
 //!
 //! Annotations (the ones Cilium users already have on their manifests):
 //! - `service.cilium.io/global: "true"`: merge with same-named services of
@@ -17,13 +17,18 @@
 //! / Apply / Delete. A (re)list is buffered and replaces that resource's
 //! cache atomically at InitDone, so a relist never shows a half state; the
 //! records are recomputed and handed to the state, which writes only what
-//! changed.
+//! changed. An object that cannot be exported is [`Skipped`] with the
+//! reason (the others are not affected); [`SkipLog`] logs each skip once.
 
-use std::{collections::BTreeMap, net::IpAddr, pin::Pin};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    pin::Pin,
+};
 
 use clustermesh_api::{
-    Affinity, Backend, BackendState, BootId, ClusterName, IpCidr, NodeName, NodeRecord, Protocol,
-    Record, ServicePort, ServiceRecord, WgPublicKey,
+    Affinity, Backend, BackendState, BootId, ClusterName, IpCidr, NodeName, NodeRecord,
+    PolicyRecord, Protocol, Record, ServicePort, ServiceRecord, WgPublicKey, policy::PolicyKind,
 };
 use futures_util::{Stream, StreamExt as _, stream::select_all};
 use k8s_openapi::api::{
@@ -32,8 +37,11 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt as _,
+    api::DynamicObject,
     runtime::{WatchStreamExt as _, watcher, watcher::Event},
 };
+
+use crate::kube_policies::{self, PolicyCache};
 
 pub const ANNOTATION_GLOBAL: &str = "service.cilium.io/global";
 pub const ANNOTATION_SHARED: &str = "service.cilium.io/shared";
@@ -41,8 +49,10 @@ pub const ANNOTATION_AFFINITY: &str = "service.cilium.io/affinity";
 pub const ANNOTATION_WG_KEY: &str = "network.clustermesh.io/wireguard-public-key";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// Why an object was not exported.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why an object was not exported. `kind`: `node`, `service` or the
+/// policy kind (`CiliumNetworkPolicy`, ...); `name`: `ns/name`, or `name`
+/// for cluster-scoped objects.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, thiserror::Error)]
 #[error("{kind} {name}: {reason}")]
 pub struct Skipped {
     pub kind: &'static str,
@@ -341,6 +351,7 @@ enum Ev {
     Service(Result<Event<Service>, watcher::Error>),
     Slice(Result<Event<EndpointSlice>, watcher::Error>),
     Namespace(Result<Event<Namespace>, watcher::Error>),
+    Policy(PolicyKind, Result<Event<DynamicObject>, watcher::Error>),
 }
 
 /// One resource's cache with relist buffering.
@@ -405,6 +416,8 @@ pub struct KubeSource {
     services: Cache<Service>,
     slices: Cache<EndpointSlice>,
     namespaces: Cache<Namespace>,
+    /// One per [`kube_policies::POLICY_KINDS`].
+    policies: Vec<PolicyCache>,
 }
 
 impl std::fmt::Debug for KubeSource {
@@ -420,7 +433,42 @@ impl std::fmt::Debug for KubeSource {
 pub struct Records {
     pub nodes: Vec<NodeRecord>,
     pub services: Vec<ServiceRecord>,
+    /// Each namespace/name once.
+    pub policies: Vec<PolicyRecord>,
     pub skipped: Vec<Skipped>,
+}
+
+impl Records {
+    /// How many objects of each kind are skipped (the
+    /// `clustermesh_apiserver_kubernetes_skipped_objects` gauge).
+    pub fn skipped_counts(&self) -> BTreeMap<&'static str, u64> {
+        let mut m = BTreeMap::new();
+        for s in &self.skipped {
+            *m.entry(s.kind).or_default() += 1;
+        }
+        m
+    }
+}
+
+/// Logs each skipped object once (a warning naming the object and the
+/// reason), not on every recomputation of the records; a skip that goes
+/// away and comes back is logged again.
+#[derive(Debug, Default)]
+pub struct SkipLog {
+    logged: BTreeSet<Skipped>,
+}
+
+impl SkipLog {
+    /// Logs the skips not logged before; returns them.
+    pub fn report(&mut self, skipped: &[Skipped]) -> Vec<Skipped> {
+        let now: BTreeSet<Skipped> = skipped.iter().cloned().collect();
+        let new: Vec<Skipped> = now.difference(&self.logged).cloned().collect();
+        for s in &new {
+            tracing::warn!(kind = s.kind, object = %s.name, reason = %s.reason, "Kubernetes object not exported: {s}");
+        }
+        self.logged = now;
+        new
+    }
 }
 
 impl KubeSource {
@@ -435,15 +483,30 @@ impl KubeSource {
         let slices = watcher(Api::<EndpointSlice>::all(client.clone()), cfg())
             .default_backoff()
             .map(Ev::Slice);
-        let namespaces = watcher(Api::<Namespace>::all(client), cfg())
+        let namespaces = watcher(Api::<Namespace>::all(client.clone()), cfg())
             .default_backoff()
             .map(Ev::Namespace);
-        let events = select_all(vec![
+        let mut streams = vec![
             nodes.boxed(),
             services.boxed(),
             slices.boxed(),
             namespaces.boxed(),
-        ]);
+        ];
+        for kind in kube_policies::POLICY_KINDS {
+            let ar = kube_policies::api_resource(kind);
+            let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+            streams.push(
+                watcher(api, cfg())
+                    .default_backoff()
+                    .map(move |e| Ev::Policy(kind, e))
+                    .boxed(),
+            );
+        }
+        let events = select_all(streams);
+        let policies = kube_policies::POLICY_KINDS
+            .into_iter()
+            .map(|k| PolicyCache::new(cluster.clone(), k))
+            .collect();
         Self {
             cluster,
             events: Box::pin(events),
@@ -451,11 +514,16 @@ impl KubeSource {
             services: Cache::new(),
             slices: Cache::new(),
             namespaces: Cache::new(),
+            policies,
         }
     }
 
     fn synced(&self) -> bool {
-        self.nodes.synced && self.services.synced && self.slices.synced && self.namespaces.synced
+        self.nodes.synced
+            && self.services.synced
+            && self.slices.synced
+            && self.namespaces.synced
+            && self.policies.iter().all(|c| c.synced)
     }
 
     /// Waits for the next event; returns whether the records may have changed.
@@ -467,6 +535,7 @@ impl KubeSource {
             Ev::Service(r) => ("services", r.map(|e| self.services.apply(e))),
             Ev::Slice(r) => ("endpointslices", r.map(|e| self.slices.apply(e))),
             Ev::Namespace(r) => ("namespaces", r.map(|e| self.namespaces.apply(e))),
+            Ev::Policy(kind, r) => return Ok(self.policy_event(kind, r)),
         };
         match r {
             Ok(changed) => Ok(changed),
@@ -474,6 +543,43 @@ impl KubeSource {
                 let e = Error::Watch { kind, source };
                 tracing::warn!(error = %e, "Kubernetes watch failed; retrying with backoff");
                 Ok(false)
+            }
+        }
+    }
+
+    /// A policy watcher's event. A 404 on the list: the kind is not served
+    /// (e.g. Cilium's CRDs are not installed), none of it is exported and
+    /// the watcher keeps retrying; other errors are retried like the other
+    /// kinds'.
+    fn policy_event(
+        &mut self,
+        kind: PolicyKind,
+        r: Result<Event<DynamicObject>, watcher::Error>,
+    ) -> bool {
+        let Some(cache) = self.policies.iter_mut().find(|c| c.kind == kind) else {
+            return false;
+        };
+        match r {
+            Ok(e) => cache.apply(e),
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s))) if s.is_not_found() => {
+                if !cache.not_served {
+                    let ar = kube_policies::api_resource(kind);
+                    tracing::warn!(
+                        "the Kubernetes API does not serve {} ({}/{}, is its CRD installed?): no {kind} is exported until it does",
+                        ar.plural,
+                        ar.group,
+                        ar.version
+                    );
+                }
+                cache.set_not_served()
+            }
+            Err(source) => {
+                let e = Error::Watch {
+                    kind: kube_policies::kind_name(kind),
+                    source,
+                };
+                tracing::warn!(error = %e, "Kubernetes watch failed; retrying with backoff");
+                false
             }
         }
     }
@@ -514,6 +620,9 @@ impl KubeSource {
                 Err(e) => out.skipped.push(e),
             }
         }
+        let (policies, skipped) = kube_policies::resolve(&self.policies);
+        out.policies = policies;
+        out.skipped.extend(skipped);
         out
     }
 }

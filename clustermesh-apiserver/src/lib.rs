@@ -13,7 +13,9 @@
 //! - [`grpc`]: the `clustermesh.v1.ClusterMesh` service, behind mutual TLS;
 //!   [`authz`]: who the caller is (certificate CN) and what it may do.
 //! - [`kube_source`]: Nodes, Services, EndpointSlices, Namespaces from
-//!   Kubernetes (kube-rs), as the same records.
+//!   Kubernetes (kube-rs), as the same records; [`kube_policies`]: the
+//!   CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and NetworkPolicy
+//!   objects, as the policy records `ApplyPolicies` stores.
 //!
 //! One root [`CancellationToken`] and one [`TaskTracker`]: every task is
 //! tracked; shutdown cancels and waits with a grace period. Stopping does not
@@ -25,6 +27,7 @@ pub mod config;
 pub mod export;
 pub mod grpc;
 pub mod grpc_policy;
+pub mod kube_policies;
 pub mod kube_source;
 pub mod metrics;
 pub mod services_file;
@@ -213,8 +216,11 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     if let Some(l) = listeners.metrics {
         tracker.spawn(metrics::serve(l, shared.clone(), cancel.clone()));
     }
-    if let Some(src) = kube {
-        tracker.spawn(kube_loop(src, shared.clone(), cancel.clone()));
+    if let Some((src, skips)) = kube {
+        shared
+            .metrics
+            .set_kube_skipped(src.records().skipped_counts());
+        tracker.spawn(kube_loop(src, skips, shared.clone(), cancel.clone()));
     }
     tracker.spawn(export_loop(
         shared.clone(),
@@ -251,11 +257,11 @@ async fn load_state(
 
 /// Kubernetes: list everything before the first export, so a restart
 /// exports the same set instead of deleting and re-adding it. The source,
-/// to keep watching; None without Kubernetes.
+/// to keep watching, and the skips it logged; None without Kubernetes.
 async fn kube_initial_sync(
     cfg: &Config,
     st: &mut state::ClusterState,
-) -> Result<Option<kube_source::KubeSource>, StartError> {
+) -> Result<Option<(kube_source::KubeSource, kube_source::SkipLog)>, StartError> {
     let Some(client) = &cfg.kubernetes else {
         return Ok(None);
     };
@@ -266,11 +272,11 @@ async fn kube_initial_sync(
         .map_err(|_| StartError::KubeTimeout(KUBE_SYNC))?
         .map_err(StartError::Kube)?;
     let recs = src.records();
-    for s in &recs.skipped {
-        tracing::warn!(skipped = %s, "Kubernetes object not exported");
-    }
+    let mut skips = kube_source::SkipLog::default();
+    skips.report(&recs.skipped);
     st.replace_kube(&recs.nodes, &recs.services, Instant::now());
-    Ok(Some(src))
+    st.replace_kube_policies(&recs.policies);
+    Ok(Some((src, skips)))
 }
 
 /// The gRPC and (optional) metrics listeners, bound before the export.
@@ -499,6 +505,7 @@ async fn export_loop(
 /// Follows the Kubernetes watchers and hands their records to the state.
 async fn kube_loop(
     mut src: kube_source::KubeSource,
+    mut skips: kube_source::SkipLog,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
@@ -515,12 +522,13 @@ async fn kube_loop(
         };
         if changed {
             let recs = src.records();
-            let n =
-                shared
-                    .state
-                    .lock()
-                    .await
-                    .replace_kube(&recs.nodes, &recs.services, Instant::now());
+            skips.report(&recs.skipped);
+            shared.metrics.set_kube_skipped(recs.skipped_counts());
+            let n = {
+                let mut st = shared.state.lock().await;
+                st.replace_kube(&recs.nodes, &recs.services, Instant::now())
+                    + st.replace_kube_policies(&recs.policies)
+            };
             if n > 0 {
                 shared.changed.notify_one();
             }

@@ -84,8 +84,10 @@ struct Args {
     /// (0: never).
     #[arg(long, default_value_t = 300)]
     identity_gc_grace: u64,
-    /// Kubernetes mode: also watch Nodes, Services, EndpointSlices and
-    /// Namespaces (in-cluster config or KUBECONFIG).
+    /// Kubernetes mode: also watch Nodes, Services, EndpointSlices,
+    /// Namespaces and the network policies (CiliumNetworkPolicy,
+    /// CiliumClusterwideNetworkPolicy, NetworkPolicy) (in-cluster config or
+    /// KUBECONFIG).
     #[arg(long)]
     kubernetes: bool,
 }

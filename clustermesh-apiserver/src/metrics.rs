@@ -28,6 +28,9 @@ pub struct Metrics {
     pub requests: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Exported records by kind (set after each sync).
     pub exported: Mutex<BTreeMap<&'static str, u64>>,
+    /// Kubernetes objects not exported (skipped), by kind (set after each
+    /// recomputation of the Kubernetes records).
+    pub kube_skipped: Mutex<BTreeMap<&'static str, u64>>,
     pub last_heartbeat_ms: AtomicU64,
 }
 
@@ -35,6 +38,13 @@ impl Metrics {
     pub fn request(&self, method: &'static str, result: &'static str) {
         if let Ok(mut m) = self.requests.lock() {
             *m.entry((method, result)).or_default() += 1;
+        }
+    }
+
+    /// Replaces the skipped-objects counts.
+    pub fn set_kube_skipped(&self, counts: BTreeMap<&'static str, u64>) {
+        if let Ok(mut m) = self.kube_skipped.lock() {
+            *m = counts;
         }
     }
 
@@ -107,6 +117,21 @@ impl Metrics {
             "clustermesh_apiserver_exported_records",
             "Records exported, by kind",
             exported,
+        );
+        let skipped: Family<Labels, Gauge> = Family::default();
+        if let Ok(m) = self.kube_skipped.lock() {
+            for (kind, v) in m.iter() {
+                let mut labels = l();
+                labels.push(("kind", (*kind).to_owned()));
+                skipped
+                    .get_or_create(&labels)
+                    .set(i64::try_from(*v).unwrap_or(i64::MAX));
+            }
+        }
+        r.register(
+            "clustermesh_apiserver_kubernetes_skipped_objects",
+            "Kubernetes objects not exported (refused by the translation), by kind",
+            skipped,
         );
         let plaintext: Family<Labels, Gauge> = Family::default();
         plaintext.get_or_create(&l()).set(i64::from(insecure));

@@ -80,6 +80,11 @@ pub struct ClusterState {
     /// Identities no endpoint uses, since when (garbage collection; not
     /// persisted: after a restart the grace period starts again).
     unused_since: BTreeMap<Identity, Instant>,
+    /// Network policies from the Kubernetes API (re-listed at start, not
+    /// persisted). One of these takes the place of an API-applied policy
+    /// of the same namespace and name: the Kubernetes API is the source of
+    /// truth in Kubernetes mode.
+    pub kube_policies: BTreeMap<PolicyKey, PolicyRecord>,
     /// Exported keys changed since the last [`ClusterState::take_changes`]:
     /// the exporter writes only these, so a change costs O(1), not O(state).
     dirty: BTreeSet<Key>,
@@ -123,6 +128,7 @@ impl ClusterState {
             identity_by_labels: BTreeMap::new(),
             policies: BTreeMap::new(),
             unused_since: BTreeMap::new(),
+            kube_policies: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
     }
@@ -158,8 +164,7 @@ impl ClusterState {
                     Key::Policy {
                         namespace, name, ..
                     } => self
-                        .policies
-                        .get(&(namespace.clone(), name.clone()))
+                        .policy(&(namespace.clone(), name.clone()))
                         .and_then(|p| encode(p).ok()),
                     Key::ClusterConfig { .. } => encode(&self.cluster_config()).ok(),
                     _ => None,
@@ -227,10 +232,75 @@ impl ClusterState {
         Some(rec)
     }
 
+    /// The exported policy of a namespace and name: the Kubernetes one,
+    /// else the API-applied one.
+    pub fn policy(&self, key: &PolicyKey) -> Option<&PolicyRecord> {
+        self.kube_policies
+            .get(key)
+            .or_else(|| self.policies.get(key))
+    }
+
+    /// Every exported policy, by namespace and name (a Kubernetes policy in
+    /// place of an API-applied one of the same namespace and name).
+    /// In namespace/name order.
+    pub fn all_policies(&self) -> impl Iterator<Item = &PolicyRecord> {
+        let mut m: BTreeMap<&PolicyKey, &PolicyRecord> = self.policies.iter().collect();
+        m.extend(self.kube_policies.iter());
+        m.into_values()
+    }
+
+    /// Refuses changing, through the API, a policy that comes from the
+    /// Kubernetes API. `what` names it in the error (its document).
+    pub fn check_not_kube_policy(&self, key: &PolicyKey, what: &str) -> Result<(), Refusal> {
+        match self.kube_policies.get(key) {
+            Some(k) => Err(Refusal::FailedPrecondition(format!(
+                "{what}: {} comes from the Kubernetes API (Kubernetes mode); change or delete it \
+                 there, e.g. with kubectl",
+                k.policy.reference()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes the Kubernetes-sourced policies equal to `policies` (mark and
+    /// sweep); only what differs is touched. Returns the number of
+    /// policies changed. `policies` holds each namespace/name once (the
+    /// source resolves collisions).
+    pub fn replace_kube_policies(&mut self, policies: &[PolicyRecord]) -> usize {
+        let wanted: BTreeMap<PolicyKey, &PolicyRecord> = policies
+            .iter()
+            .map(|p| ((p.namespace.clone(), p.name.clone()), p))
+            .collect();
+        let gone: Vec<PolicyKey> = self
+            .kube_policies
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut changed = 0;
+        for k in gone {
+            if let Some(rec) = self.kube_policies.remove(&k) {
+                // The API-applied policy of that name, if any, is exported again.
+                self.touch(rec.key());
+                changed += 1;
+            }
+        }
+        for (k, p) in wanted {
+            if self.kube_policies.get(&k) == Some(p) {
+                continue;
+            }
+            self.touch(p.key());
+            self.kube_policies.insert(k, p.clone());
+            changed += 1;
+        }
+        changed
+    }
+
     /// Checks a set of policies to apply together: at most
-    /// [`MAX_APPLY`] of them, each namespace/name once, and an existing
-    /// policy of that namespace/name only replaced by one of the same
-    /// kind. `what[i]` names policy `i` in errors (its document).
+    /// [`MAX_APPLY`] of them, each namespace/name once, none of them a
+    /// Kubernetes policy, and an existing policy of that namespace/name
+    /// only replaced by one of the same kind. `what[i]` names policy `i`
+    /// in errors (its document).
     pub fn check_policies(&self, recs: &[PolicyRecord], what: &[String]) -> Result<(), Refusal> {
         if recs.len() > MAX_APPLY {
             return Err(Refusal::invalid(
@@ -252,6 +322,7 @@ impl ClusterState {
                     format!("{here}: policy {} is also in {there}", r.policy.reference()),
                 ));
             }
+            self.check_not_kube_policy(&k, here)?;
             if let Some(old) = self.policies.get(&k)
                 && old.policy.kind != r.policy.kind
             {
@@ -630,7 +701,7 @@ impl ClusterState {
             put(&mut m, s);
         }
         kinds.insert(StateKind::Services, std::mem::take(&mut m));
-        for p in self.policies.values() {
+        for p in self.all_policies() {
             put(&mut m, p);
         }
         kinds.insert(StateKind::Policies, m);
@@ -649,7 +720,7 @@ impl ClusterState {
                 StateKind::Services,
                 self.services.len() + self.file_services.len(),
             ),
-            (StateKind::Policies, self.policies.len()),
+            (StateKind::Policies, self.all_policies().count()),
         ]
     }
 }

@@ -165,6 +165,10 @@ async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body
                "annotations": {"service.cilium.io/global": "true"}}}),
         ],
     );
+    // Network policies: none here (tests/kube_policies.rs).
+    let cnps = list("CiliumNetworkPolicyList", "cilium.io/v2", vec![]);
+    let ccnps = list("CiliumClusterwideNetworkPolicyList", "cilium.io/v2", vec![]);
+    let nps = list("NetworkPolicyList", "networking.k8s.io/v1", vec![]);
     let mut changed_web = service(
         "default",
         "web",
@@ -209,6 +213,9 @@ async fn serve(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body
             "/api/v1/services" => &services,
             "/apis/discovery.k8s.io/v1/endpointslices" => &slices,
             "/api/v1/namespaces" => &namespaces,
+            "/apis/cilium.io/v2/ciliumnetworkpolicies" => &cnps,
+            "/apis/cilium.io/v2/ciliumclusterwidenetworkpolicies" => &ccnps,
+            "/apis/networking.k8s.io/v1/networkpolicies" => &nps,
             other => panic!("unexpected request {other}"),
         };
         send.send_response(ok(body));

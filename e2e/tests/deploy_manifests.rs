@@ -886,6 +886,9 @@ fn apiserver_watches_kubernetes_with_the_rbac_it_needs() {
         ("", "services"),
         ("", "namespaces"),
         ("discovery.k8s.io", "endpointslices"),
+        ("cilium.io", "ciliumnetworkpolicies"),
+        ("cilium.io", "ciliumclusterwidenetworkpolicies"),
+        ("networking.k8s.io", "networkpolicies"),
     ] {
         for verb in ["get", "list", "watch"] {
             let granted = seq_at(&role.v, &["rules"]).iter().any(|r| {
@@ -902,6 +905,16 @@ fn apiserver_watches_kubernetes_with_the_rbac_it_needs() {
                 "ClusterRole {role_name} does not grant {verb} on {group}/{resource}"
             );
         }
+    }
+    // Read only: the apiserver writes nothing into the Kubernetes API.
+    for r in seq_at(&role.v, &["rules"]) {
+        let verbs = strings(seq_at(r, &["verbs"]));
+        assert!(
+            verbs
+                .iter()
+                .all(|v| ["get", "list", "watch"].contains(&v.as_str())),
+            "ClusterRole {role_name} grants more than reading: {verbs:?}"
+        );
     }
 }
 
