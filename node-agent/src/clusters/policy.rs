@@ -338,24 +338,8 @@ spec:
             add(&mut w.recs[1], "c2", id(2, 257), "10.2.0.6", "m1", "db");
             w
         }
-        fn cidrs(&self) -> BTreeMap<IpCidr, u32> {
-            let inputs: Vec<ClusterInput<'_>> = (0..2)
-                .map(|i| ClusterInput {
-                    name: &self.names[i],
-                    id: ClusterId::new(i as u64 + 1).unwrap(),
-                    records: &self.recs[i],
-                    declared: &[],
-                })
-                .collect();
-            merge_policy_cidrs(&MergeInput {
-                local: inputs[0],
-                self_node: None,
-                encryption: Default::default(),
-                remotes: &inputs[1..],
-                incumbents: &BTreeMap::new(),
-            })
-        }
-        fn merge(&self, node: Option<&str>) -> BTreeMap<Identity, CompiledPolicy> {
+        /// `f` over the merge input of both clusters (c1 local) on `node`.
+        fn with_input<T>(&self, node: Option<&str>, f: impl Fn(&MergeInput<'_>) -> T) -> T {
             let inputs: Vec<ClusterInput<'_>> = (0..2)
                 .map(|i| ClusterInput {
                     name: &self.names[i],
@@ -365,13 +349,19 @@ spec:
                 })
                 .collect();
             let n: Option<NodeName> = node.map(|n| n.parse().unwrap());
-            merge_policies(&MergeInput {
+            f(&MergeInput {
                 local: inputs[0],
                 self_node: n.as_ref(),
                 encryption: Default::default(),
                 remotes: &inputs[1..],
                 incumbents: &BTreeMap::new(),
             })
+        }
+        fn cidrs(&self) -> BTreeMap<IpCidr, u32> {
+            self.with_input(None, merge_policy_cidrs)
+        }
+        fn merge(&self, node: Option<&str>) -> BTreeMap<Identity, CompiledPolicy> {
+            self.with_input(node, merge_policies)
         }
     }
 

@@ -111,6 +111,23 @@ impl<V: Pod> DualLpm<V> {
         }
     }
 
+    /// Removes every entry whose range `keep` refuses (and keys that are
+    /// no valid range); returns how many went. The prune of the tries
+    /// that hold one entry per range (strict ranges, policy CIDRs).
+    pub(super) fn retain(
+        &mut self,
+        keep: impl Fn(&IpCidr) -> bool,
+    ) -> Result<usize, ReconcileError> {
+        let mut n = 0;
+        for (k, _) in self.entries()? {
+            if k.cidr().is_none_or(|c| !keep(&c)) {
+                self.remove_key(&k)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// The exact entry of `c` (not a longest-prefix match).
     pub(super) fn get(&self, c: &IpCidr) -> Result<Option<V>, ReconcileError> {
         let r = match AnyKey::of(c) {

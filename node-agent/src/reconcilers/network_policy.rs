@@ -322,14 +322,7 @@ impl Reconciler<clustermesh_api::IpCidr, u32> for PolicyCidrMap {
         &mut self,
         desired: &BTreeMap<clustermesh_api::IpCidr, u32>,
     ) -> Result<usize, ReconcileError> {
-        let mut n = 0;
-        for (k, _) in self.map.entries()? {
-            if k.cidr().is_none_or(|c| !desired.contains_key(&c)) {
-                self.map.remove_key(&k)?;
-                n += 1;
-            }
-        }
-        Ok(n)
+        self.map.retain(|c| desired.contains_key(c))
     }
     fn snapshot(&mut self) -> Result<BTreeMap<clustermesh_api::IpCidr, u32>, ReconcileError> {
         Ok(self

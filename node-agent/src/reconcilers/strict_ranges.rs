@@ -37,14 +37,7 @@ impl Reconciler<IpCidr, ()> for StrictRangeMap {
         self.map.remove(k)
     }
     fn prune(&mut self, desired: &BTreeMap<IpCidr, ()>) -> Result<usize, ReconcileError> {
-        let mut n = 0;
-        for (k, _) in self.map.entries()? {
-            if k.cidr().is_none_or(|c| !desired.contains_key(&c)) {
-                self.map.remove_key(&k)?;
-                n += 1;
-            }
-        }
-        Ok(n)
+        self.map.retain(|c| desired.contains_key(c))
     }
     fn snapshot(&mut self) -> Result<BTreeMap<IpCidr, ()>, ReconcileError> {
         Ok(self
