@@ -32,6 +32,7 @@ pub mod time;
 pub mod types;
 
 /// Generated protobuf messages and tonic client/server of `clustermesh.v1`.
+pub mod flow;
 pub mod proto {
     #![allow(clippy::all, missing_docs, rust_2018_idioms)]
     tonic::include_proto!("clustermesh.v1");
