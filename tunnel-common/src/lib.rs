@@ -113,6 +113,20 @@ pub mod maps {
     /// Per-CPU hash: [`crate::PolicyStatsKey`] -> [`crate::Counter`]: policy
     /// verdicts per local endpoint (its host-side ifindex) and direction.
     pub const POLICY_STATS: &str = "CM_POLICY_STATS";
+    /// Ring buffer of [`crate::FlowEvent`]s: drops, policy audits and
+    /// (aggregated) traces of forwarded traffic, read by the agent.
+    pub const FLOWS: &str = "CM_FLOWS";
+    /// Array of one [`crate::FlowConfig`]: whether events are emitted and
+    /// how often a forwarded flow is reported.
+    pub const FLOW_CONFIG: &str = "CM_FLOW_CONFIG";
+    /// LRU hash: [`crate::FlowKey`] -> [`crate::FlowAgg`]: when each
+    /// forwarded flow was last reported and what it carried since.
+    pub const FLOW_AGG: &str = "CM_FLOW_AGG";
+    /// Per-CPU array of one u64: events the ring buffer had no room for.
+    pub const FLOW_LOST: &str = "CM_FLOW_LOST";
+    /// Per-CPU array of one [`crate::FlowEvent`]: the event of the packet
+    /// being handled, filled as the program goes (no stack for it).
+    pub const FLOW_SCRATCH: &str = "CM_FLOW_SCRATCH";
     /// LPM trie: IPv4 prefix -> node-local identity (bit 24 set) of a CIDR
     /// prefix the node's policies name: the peer identity of an address
     /// that is no local endpoint and not in the ip-cache.
@@ -151,6 +165,10 @@ pub const MAX_POLICY_CT: u32 = 65536;
 pub const MAX_POLICY_CIDRS: u32 = 16384;
 /// (endpoint, direction, verdict) counters.
 pub const MAX_POLICY_STATS: u32 = 16384;
+/// Default size in bytes of [`maps::FLOWS`] (a power of two, a multiple
+/// of the page size); the agent's `--flow-ring-bytes` sets it at load.
+pub const FLOW_RING_BYTES: u32 = 1 << 20;
+pub const MAX_FLOW_AGG: u32 = 65536;
 
 /// How pod traffic to remote nodes leaves this node.
 #[repr(u32)]
@@ -639,6 +657,118 @@ pub const fn metric_index(dir: Direction, verdict: Verdict) -> u32 {
     (dir as u32) * VERDICT_SLOTS + (verdict as u32)
 }
 
+/// Which program saw a [`FlowEvent`] ([`FlowEvent::hook`]).
+pub const FLOW_HOOK_ENDPOINT: u8 = 0;
+pub const FLOW_HOOK_OVERLAY: u8 = 1;
+pub const FLOW_HOOK_UNDERLAY: u8 = 2;
+pub const FLOW_HOOK_WIREGUARD: u8 = 3;
+
+/// [`FlowEvent::flags`]: the packet was a forwarded flow's trace
+/// (aggregated: `packets`/`bytes` since the flow's last report).
+pub const FLOW_FLAG_TRACE: u8 = 1;
+/// The packet was dropped (`verdict` says why).
+pub const FLOW_FLAG_DROP: u8 = 2;
+/// The policy would have dropped it; audit mode passed it.
+pub const FLOW_FLAG_AUDIT: u8 = 4;
+/// The destination was a service frontend (`svc`, `svc_port`), translated
+/// to the backend now in `dst`, `dport`.
+pub const FLOW_FLAG_TRANSLATED: u8 = 8;
+
+/// Key of [`maps::FLOW_AGG`]: the first 40 bytes of a [`FlowEvent`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub src: Ip6,
+    pub dst: Ip6,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub hook: u8,
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of [`maps::FLOW_AGG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowAgg {
+    /// `bpf_ktime_get_ns` of the flow's last report.
+    pub last_ns: u64,
+    /// Packets and bytes since then (not yet reported).
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowAgg>() == 24);
+
+/// One flow event ([`maps::FLOWS`]). Addresses are 16 bytes in network
+/// order (IPv4 as `::ffff:a.b.c.d`), ports network order, identities host
+/// order (0: the program did not know it; the agent fills it from its
+/// ip-cache). Starts with its [`FlowKey`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub src: Ip6,
+    pub dst: Ip6,
+    pub sport: u16,
+    pub dport: u16,
+    /// IP protocol (IPv6: the first next header).
+    pub proto: u8,
+    /// 4 or 6; 0: not IP (then only `verdict` and `ifindex` mean anything).
+    pub family: u8,
+    /// `FLOW_HOOK_*`.
+    pub hook: u8,
+    pub _pad: u8,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// The service frontend (`FLOW_FLAG_TRANSLATED`,
+    /// `FLOW_FLAG_REPLY_TRANSLATED`).
+    pub svc: Ip6,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// The interface the packet arrived on.
+    pub ifindex: u32,
+    /// Where the program found the IP header (internal to the programs).
+    pub l3_offset: u32,
+    pub svc_port: u16,
+    /// The packet's [`Verdict`] number.
+    pub verdict: u8,
+    /// The node's [`TunnelMode`] number.
+    pub mode: u8,
+    /// `FLOW_FLAG_*`.
+    pub flags: u8,
+    /// [`Direction`] relative to the local endpoint (from_endpoint:
+    /// egress; the others: ingress).
+    pub direction: u8,
+    pub _pad3: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 104);
+
+/// Value of [`maps::FLOW_CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowConfig {
+    /// `FLOW_CONFIG_*`.
+    pub flags: u32,
+    pub _pad: u32,
+    /// A forwarded flow is reported on its first packet and then at most
+    /// once per this many nanoseconds (with what it carried meanwhile);
+    /// 0: every packet.
+    pub trace_interval_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowConfig>() == 16);
+
+/// Emit events for drops and policy audits.
+pub const FLOW_CONFIG_DROPS: u32 = 1;
+/// Emit (aggregated) trace events for forwarded traffic.
+pub const FLOW_CONFIG_TRACES: u32 = 2;
+
 /// Packets and bytes, one per CPU per (direction, verdict).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -673,6 +803,10 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyState {}
     unsafe impl aya::Pod for super::PolicyCtKey {}
     unsafe impl aya::Pod for super::PolicyStatsKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowAgg {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::FlowConfig {}
 }
 
 #[cfg(test)]

@@ -72,6 +72,8 @@
 
 // Not every shared helper is used by this program.
 #[allow(dead_code)]
+mod flow;
+#[allow(dead_code)]
 mod shared;
 
 use core::ptr::NonNull;
@@ -93,8 +95,8 @@ use aya_ebpf::{
 };
 use shared::{
     Balanced, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IP_DST, IP_SRC, IP6_DST, IP6_HLEN, IP6_NEXT, IP6_SRC,
-    config, count, deliver, endpoint, endpoint6, in_strict_range, in_strict_range6, ipcache,
-    ipcache6, lb_forward, policy,
+    config, count, deliver, endpoint, endpoint6, in_strict_range, in_strict_range6,
+    ingress_ifindex, ipcache, ipcache6, lb_forward, policy,
 };
 use shared::{V4, V6};
 use tunnel_common::{
@@ -106,21 +108,20 @@ use tunnel_common::{
 #[classifier]
 pub fn from_endpoint(ctx: TcContext) -> i32 {
     let len = ctx.len();
+    let f = flow::begin(
+        tunnel_common::FLOW_HOOK_ENDPOINT,
+        Direction::Egress as u8,
+        ingress_ifindex(&ctx),
+    );
     let (verdict, action) = try_from_endpoint(&ctx);
     count(Direction::Egress, verdict, len);
+    flow::end(&ctx, f, verdict, len);
     action
 }
 
 const ETH_P_ARP: u16 = 0x0806;
 /// Sender protocol address of an Ethernet + ARP (IPv4 over Ethernet) frame.
 const ARP_SPA: usize = ETH_HLEN + 14;
-
-/// The ifindex the packet came in on (the pod's host-side veth).
-#[inline(always)]
-fn ingress_ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: ctx wraps the live `__sk_buff` of this invocation.
-    unsafe { (*ctx.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).ifindex }
-}
 
 /// The local endpoint `ip` if it is bound to the interface the packet came
 /// in on: a pod may only send as itself.
@@ -185,6 +186,7 @@ fn ipv4(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
     let Some(sender) = own_endpoint(ctx, src) else {
         return (Verdict::DropSpoofed, TC_ACT_SHOT);
     };
+    flow::note_identities(sender.identity, 0);
     // A service frontend is translated to its flow's backend first; the
     // rest routes the backend's address.
     let dst = match lb_forward::<V4>(ctx, src, dst) {
@@ -211,6 +213,7 @@ fn route4_call(skb: NonNull<__sk_buff>, cfg: &DatapathConfig, dst: u32, identity
     let Some(dest) = ipcache(dst) else {
         return pack(unroutable(cfg, || in_strict_range(dst)));
     };
+    flow::note_identities(0, dest.identity);
     pack(match remote(ctx, cfg, &dest, identity, ETH_P_IP) {
         Some(v) => v,
         None => unroutable(cfg, || in_strict_range(dst)),
@@ -242,6 +245,7 @@ fn ipv6(ctx: &TcContext, cfg: &DatapathConfig) -> (Verdict, i32) {
     let Some(sender) = own_endpoint6(ctx, &src) else {
         return (Verdict::DropSpoofed, TC_ACT_SHOT);
     };
+    flow::note_identities(sender.identity, 0);
     let dst = match lb_forward::<V6>(ctx, src, dst) {
         Ok(Balanced::No) => dst,
         Ok(Balanced::To(backend)) => backend,
@@ -263,6 +267,7 @@ fn route6_call(skb: NonNull<__sk_buff>, cfg: &DatapathConfig, dst: &Ip6, identit
     let Some(dest) = ipcache6(dst) else {
         return pack(unroutable(cfg, || in_strict_range6(dst)));
     };
+    flow::note_identities(0, dest.identity);
     pack(match remote(ctx, cfg, &dest, identity, ETH_P_IPV6) {
         Some(v) => v,
         None => unroutable(cfg, || in_strict_range6(dst)),

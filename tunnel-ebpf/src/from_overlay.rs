@@ -18,6 +18,8 @@
 
 // Not every shared helper is used by this program.
 #[allow(dead_code)]
+mod flow;
+#[allow(dead_code)]
 mod shared;
 
 use aya_ebpf::{
@@ -36,8 +38,14 @@ use tunnel_common::{Direction, Verdict};
 #[classifier]
 pub fn from_overlay(ctx: TcContext) -> i32 {
     let len = ctx.len();
+    let f = flow::begin(
+        tunnel_common::FLOW_HOOK_OVERLAY,
+        Direction::Ingress as u8,
+        shared::ingress_ifindex(&ctx),
+    );
     let (verdict, action) = try_from_overlay(&ctx);
     count(Direction::Ingress, verdict, len);
+    flow::end(&ctx, f, verdict, len);
     action
 }
 

@@ -34,6 +34,8 @@
 
 // Not every shared helper is used by this program.
 #[allow(dead_code)]
+mod flow;
+#[allow(dead_code)]
 mod shared;
 
 use aya_ebpf::{
@@ -56,9 +58,15 @@ use tunnel_common::{DatapathConfig, Direction, GENEVE_PORT, Ip6, TunnelMode, VXL
 #[classifier]
 pub fn from_underlay(ctx: TcContext) -> i32 {
     let len = ctx.len();
+    let f = flow::begin(
+        tunnel_common::FLOW_HOOK_UNDERLAY,
+        Direction::Ingress as u8,
+        shared::ingress_ifindex(&ctx),
+    );
     match try_from_underlay(&ctx) {
         Some((verdict, action)) => {
             count(Direction::Ingress, verdict, len);
+            flow::end(&ctx, f, verdict, len);
             action
         }
         None => TC_ACT_OK,

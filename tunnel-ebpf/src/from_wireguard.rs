@@ -21,6 +21,8 @@
 
 // Not every shared helper is used by this program.
 #[allow(dead_code)]
+mod flow;
+#[allow(dead_code)]
 mod shared;
 
 use aya_ebpf::{
@@ -39,8 +41,14 @@ use tunnel_common::{Direction, Ip6, Verdict};
 #[classifier]
 pub fn from_wireguard(ctx: TcContext) -> i32 {
     let len = ctx.len();
+    let f = flow::begin(
+        tunnel_common::FLOW_HOOK_WIREGUARD,
+        Direction::Ingress as u8,
+        shared::ingress_ifindex(&ctx),
+    );
     let (verdict, action) = try_from_wireguard(&ctx);
     count(Direction::Ingress, verdict, len);
+    flow::end(&ctx, f, verdict, len);
     action
 }
 
@@ -83,6 +91,7 @@ fn try_from_wireguard(ctx: &TcContext) -> (Verdict, i32) {
     if ctx.store(12, &ethertype.to_be_bytes(), 0).is_err() {
         return (Verdict::DropInternal, TC_ACT_SHOT);
     }
+    flow::l3_offset(ETH_HLEN as u32);
     deliver(ctx, &ep, identity)
 }
 

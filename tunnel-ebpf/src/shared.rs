@@ -94,6 +94,13 @@ pub const IP6_NEXT: usize = ETH_HLEN + 6;
 pub const IP6_SRC: usize = ETH_HLEN + 8;
 pub const IP6_DST: usize = ETH_HLEN + 24;
 
+/// The ifindex the packet came in on.
+#[inline(always)]
+pub fn ingress_ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: ctx wraps the live `__sk_buff` of this invocation.
+    unsafe { (*ctx.as_ptr().cast::<__sk_buff>()).ifindex }
+}
+
 #[inline(always)]
 pub fn count(dir: Direction, verdict: Verdict, len: u32) {
     if let Some(c) = CM_METRICS.get_ptr_mut(metric_index(dir, verdict)) {
@@ -236,6 +243,7 @@ pub fn deliver_unencrypted(ctx: &TcContext, ep: &EndpointInfo, peer: u32) -> (Ve
 /// straight into its namespace (no host stack, no backlog).
 #[inline(always)]
 pub fn deliver(ctx: &TcContext, ep: &EndpointInfo, peer: u32) -> (Verdict, i32) {
+    crate::flow::note_identities(peer, ep.identity);
     if let Err(v) = policy(ctx, ep, peer, Direction::Ingress) {
         return (v, aya_ebpf::bindings::TC_ACT_SHOT);
     }
@@ -294,6 +302,8 @@ pub trait Family {
     const SRC: usize;
     const DST: usize;
     fn frontends() -> &'static HashMap<Self::Addr, u32>;
+    /// The address as 16 bytes (IPv4 mapped), for flow events.
+    fn mapped(a: &Self::Addr) -> Ip6;
     fn services() -> &'static HashMap<LbServiceKeyOf<Self::Addr>, LbServiceValueOf<Self::Addr>>;
     fn backends() -> &'static HashMap<LbBackendKeyOf<Self::Addr>, LbBackendValue>;
     fn flows() -> &'static LruHashMap<LbFlowKeyOf<Self::Addr>, LbAddrOf<Self::Addr>>;
@@ -324,6 +334,9 @@ impl Family for V4 {
     const SRC: usize = IP_SRC;
     const DST: usize = IP_DST;
     #[inline(always)]
+    fn mapped(a: &u32) -> Ip6 {
+        crate::flow::mapped(*a)
+    }
     fn frontends() -> &'static HashMap<u32, u32> {
         &CM_LB_FRONTENDS
     }
@@ -386,6 +399,9 @@ impl Family for V6 {
     const SRC: usize = IP6_SRC;
     const DST: usize = IP6_DST;
     #[inline(always)]
+    fn mapped(a: &Ip6) -> Ip6 {
+        *a
+    }
     fn frontends() -> &'static HashMap<Ip6, u32> {
         &CM_LB6_FRONTENDS
     }
@@ -742,6 +758,7 @@ fn lb_forward_call<F: Family>(skb: NonNull<__sk_buff>, addrs: &mut [F::Addr; 2])
     {
         return Verdict::DropInternal as u32;
     }
+    crate::flow::note_service(&F::mapped(&addrs[1]), ports[1]);
     addrs[1] = backend.addr;
     1
 }
@@ -1115,6 +1132,7 @@ fn policy_call(skb: NonNull<__sk_buff>, identity: u32, peer: u32, dir: u32, ifin
     };
     let len = ctx.len();
     if state.flags & POLICY_AUDIT != 0 {
+        crate::flow::note_audit();
         policy_count(ifindex, dir, Verdict::PolicyAudit, len);
         count(dir, Verdict::PolicyAudit, len);
         return 0;
