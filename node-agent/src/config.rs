@@ -157,6 +157,32 @@ pub struct AgentConfig {
     /// policy can be rolled out and its would-be drops read first.
     #[arg(long)]
     pub policy_audit: bool,
+    /// Flow events from the datapath (docs/observability.md): `all`
+    /// (drops, policy audits, and forwarded flows: each one's first
+    /// packet, then one aggregated event per --flow-trace-interval-ms),
+    /// `drops` (drops and audits only) or `off`.
+    #[arg(long, default_value = "all", value_parser = ["off", "drops", "all"])]
+    pub flow_events: String,
+    /// How often a forwarded flow is reported after its first packet,
+    /// with the packets and bytes since (0: every packet).
+    #[arg(long, default_value_t = 5000)]
+    pub flow_trace_interval_ms: u64,
+    /// Flows the agent keeps for `clustermesh observe` (the oldest go).
+    #[arg(long, default_value_t = 4096)]
+    pub flow_buffer: usize,
+    /// The flow API (gRPC `clustermesh.v1.Observer`, mutual TLS only).
+    #[arg(long, requires_all = ["flows_tls_cert", "flows_tls_key", "flows_client_ca"])]
+    pub flows_listen: Option<std::net::SocketAddr>,
+    /// The flow API's server certificate and key (`clustermesh enable`
+    /// issues each node's, `pki/<cluster>/nodes/<node>.pem`).
+    #[arg(long)]
+    pub flows_tls_cert: Option<std::path::PathBuf>,
+    #[arg(long)]
+    pub flows_tls_key: Option<std::path::PathBuf>,
+    /// The CA the flow API's clients must present a certificate of (the
+    /// cluster CA; CN `root` or `node:<this node>` are let in).
+    #[arg(long)]
+    pub flows_client_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -226,6 +252,30 @@ impl AgentConfig {
         Ok((v4, v6))
     }
 
+    fn check_flows(&self) -> Result<(), ConfigError> {
+        if self.flows_listen.is_some() {
+            for (flag, v) in [
+                ("--flows-tls-cert", &self.flows_tls_cert),
+                ("--flows-tls-key", &self.flows_tls_key),
+                ("--flows-client-ca", &self.flows_client_ca),
+            ] {
+                if v.is_none() {
+                    return Err(refuse(
+                        flag,
+                        "--flows-listen serves flows over mutual TLS only: give --flows-tls-cert, --flows-tls-key and --flows-client-ca",
+                    ));
+                }
+            }
+        }
+        if self.flow_buffer == 0 || self.flow_buffer > 1_000_000 {
+            return Err(refuse(
+                "--flow-buffer",
+                format!("{} must be between 1 and 1000000 flows", self.flow_buffer),
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<Validated, ConfigError> {
         if self.endpoint_ifaces.is_empty()
             && self.endpoint_dir.is_none()
@@ -239,6 +289,7 @@ impl AgentConfig {
             ));
         }
         self.check_apiserver()?;
+        self.check_flows()?;
         if !(0.0..=1.0).contains(&self.lb_failover_threshold) {
             return Err(refuse(
                 "--lb-failover-threshold",

@@ -39,6 +39,7 @@ pub mod config;
 pub mod datapath;
 pub mod desired;
 pub mod endpoints;
+pub mod flows;
 pub mod node;
 pub mod reconcilers;
 pub mod registration;

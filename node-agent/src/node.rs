@@ -12,7 +12,10 @@
 //! 4. the control plane ([`crate::clusters::Agent`]) with its reconcilers
 //!    (eBPF maps, routes, WireGuard peers, datapath config), and the
 //!    status endpoint;
-//! 5. telemetry (status refresh, counter reports, audit of refusals).
+//! 5. telemetry (status refresh, counter reports, audit of refusals);
+//! 6. flows ([`crate::flows`]): `CM_FLOW_CONFIG` written, the ring buffer
+//!    drained into the node's flow buffer, the flow API when
+//!    `--flows-listen` is given.
 
 use std::{
     sync::{Arc, Mutex},
@@ -59,6 +62,10 @@ pub enum StartError {
     Counters(#[source] datapath::Error),
     #[error(transparent)]
     Reconciler(#[from] ReconcileError),
+    #[error("the flow events: {0}")]
+    Flows(#[source] anyhow::Error),
+    #[error(transparent)]
+    FlowApi(#[from] crate::flows::server::ServeError),
     #[error("--status-listen {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -140,6 +147,10 @@ struct Shared {
     /// endpoint source waits for before a pod is ready.
     policy_ready: tokio::sync::watch::Sender<std::collections::BTreeSet<std::net::IpAddr>>,
     wg: Option<WgDevice>,
+    /// What flows' addresses are, published by the control plane.
+    directory: tokio::sync::watch::Sender<Arc<crate::flows::Directory>>,
+    /// The node's flows (None: no datapath, or flow events off).
+    flows: Option<Arc<crate::flows::Observer>>,
 }
 
 /// Builds every stage and spawns it on `tracker`; returns once all run.
@@ -168,6 +179,14 @@ pub async fn start(
         policy: Arc::default(),
         policy_ready: tokio::sync::watch::Sender::new(Default::default()),
         wg,
+        directory: tokio::sync::watch::Sender::new(Arc::new(crate::flows::Directory::empty(
+            v.cluster
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            v.node_name.clone(),
+        ))),
+        flows: None,
     };
     let policy: Box<dyn Reconciler<_, _>> = match &attachment {
         Some(a) => Box::new(DatapathConfigMap::open(
@@ -186,6 +205,10 @@ pub async fn start(
         None => None,
     };
     let datapath = attachment.is_some();
+    let mut shared = shared;
+    if datapath {
+        shared.flows = start_flows(&cfg, &v, &shared, cancel, tracker).await?;
+    }
     start_local(&cfg, &v, attachment, &shared, cancel, tracker)?;
     if let Some(cluster) = &v.cluster {
         start_control_plane(&cfg, cluster, datapath, policy, &shared, cancel, tracker).await?;
@@ -206,6 +229,59 @@ pub async fn start(
         tracker.spawn(supervise_device(w, shared.audit.clone(), cancel.clone()));
     }
     Ok(Running { _lock: lock })
+}
+
+/// Writes `CM_FLOW_CONFIG` (also "off": a previous agent's setting goes),
+/// then, unless off, starts draining the ring buffer into the node's flow
+/// buffer and serves the flow API when asked.
+async fn start_flows(
+    cfg: &AgentConfig,
+    v: &Validated,
+    shared: &Shared,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Option<Arc<crate::flows::Observer>>, StartError> {
+    use crate::flows;
+    let events = flows::Events::parse(&cfg.flow_events).unwrap_or_default();
+    let interval = Duration::from_millis(cfg.flow_trace_interval_ms);
+    flows::configure(&cfg.bpf_pin_dir, events, interval).map_err(StartError::Flows)?;
+    if events == flows::Events::Off {
+        return Ok(None);
+    }
+    let observer = flows::Observer::new(
+        cfg.flow_buffer,
+        events,
+        interval,
+        shared.directory.subscribe(),
+    );
+    tracker.spawn(flows::read(
+        cfg.bpf_pin_dir.clone(),
+        observer.clone(),
+        None,
+        cancel.clone(),
+    ));
+    if let (Some(addr), Some(cert), Some(key), Some(ca)) = (
+        cfg.flows_listen,
+        &cfg.flows_tls_cert,
+        &cfg.flows_tls_key,
+        &cfg.flows_client_ca,
+    ) {
+        let tls = flows::server::Tls {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: ca.clone(),
+        };
+        let serve = flows::server::start(
+            addr,
+            tls,
+            observer.clone(),
+            v.node_name.clone(),
+            cancel.clone(),
+        )
+        .await?;
+        tracker.spawn(serve);
+    }
+    Ok(Some(observer))
 }
 
 /// Supervises the WireGuard device ([`wireguard::supervise`]); when it
@@ -403,6 +479,9 @@ async fn start_control_plane(
         cancel.clone(),
     );
     agent.set_policy_ready(shared.policy_ready.clone());
+    if shared.flows.is_some() {
+        agent.set_directory(shared.directory.clone());
+    }
     let listener = tokio::net::TcpListener::bind(cfg.status_listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -413,6 +492,7 @@ async fn start_control_plane(
         control_plane: Some(agent.status()),
         encryption: shared.encryption.clone(),
         policy: shared.policy.clone(),
+        flows: shared.flows.clone(),
     };
     tracker.spawn(status::serve(listener, sources, cancel.clone()));
     tracker.spawn(async move {

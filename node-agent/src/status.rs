@@ -25,6 +25,8 @@ pub struct Sources {
     pub control_plane: Option<Arc<Mutex<ControlPlaneStatus>>>,
     pub encryption: Arc<Mutex<EncryptionStatus>>,
     pub policy: Arc<Mutex<PolicyStatus>>,
+    /// The node's flows (None: flow events off or no datapath).
+    pub flows: Option<Arc<crate::flows::Observer>>,
 }
 
 impl Sources {
@@ -268,15 +270,67 @@ pub fn registry(s: &NodeStatus) -> Registry {
     r
 }
 
+/// The flow metrics: flows by verdict, drop reason and the clusters of
+/// both sides, and events lost by where they were lost.
+pub fn flow_metrics(r: &mut Registry, o: &crate::flows::Observer) {
+    let flows = counter_family();
+    for ((verdict, reason, src, dst), n) in o.counts() {
+        add(
+            &flows,
+            vec![
+                ("verdict", verdict),
+                ("drop_reason", reason),
+                ("source_cluster", src),
+                ("destination_cluster", dst),
+            ],
+            n,
+        );
+    }
+    r.register(
+        "clustermesh_agent_flows",
+        "Packets of the flows observed (a trace event counts what it aggregates), by verdict, drop reason and the source and destination clusters",
+        flows,
+    );
+    let st = o.status();
+    let lost = counter_family();
+    for (place, n) in [
+        ("datapath_ring", st.lost_datapath),
+        ("decode", st.lost_decode),
+        ("follower", st.lost_followers),
+    ] {
+        add(&lost, vec![("place", place.into())], n);
+    }
+    r.register(
+        "clustermesh_agent_flow_events_lost",
+        "Flow events lost: the datapath's ring buffer full, undecodable, or skipped by a slow follower",
+        lost,
+    );
+    let seen = Counter::<u64>::default();
+    seen.inc_by(st.seen);
+    r.register(
+        "clustermesh_agent_flow_events",
+        "Flow events read from the datapath",
+        seen,
+    );
+    let buffered = Gauge::<i64>::default();
+    buffered.set(i64::try_from(st.buffered).unwrap_or(i64::MAX));
+    r.register(
+        "clustermesh_agent_flow_buffer_flows",
+        "Flows held for clustermesh observe (at most --flow-buffer)",
+        buffered,
+    );
+}
+
 async fn status(State(src): State<Sources>) -> Json<NodeStatus> {
     Json(src.snapshot())
 }
 
 async fn metrics(State(src): State<Sources>, headers: axum::http::HeaderMap) -> Response {
-    clustermesh_http::metrics_response(
-        &registry(&src.snapshot()),
-        clustermesh_http::accept(&headers),
-    )
+    let mut r = registry(&src.snapshot());
+    if let Some(o) = &src.flows {
+        flow_metrics(&mut r, o);
+    }
+    clustermesh_http::metrics_response(&r, clustermesh_http::accept(&headers))
 }
 
 pub fn router(src: Sources) -> Router {

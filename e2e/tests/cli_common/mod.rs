@@ -217,6 +217,7 @@ pub async fn agent(root: &Path, cluster: &str, node: &str, local: ClusterFile) -
             control_plane: Some(a.status()),
             encryption: enc,
             policy: Default::default(),
+            flows: None,
         },
         cancel.clone(),
     ));

@@ -176,6 +176,8 @@ pub struct Agent {
     /// been through a reconcile (their network policy applied): the
     /// endpoint source marks a pod ready only then ([`Agent::policy_ready`]).
     policy_ready: tokio::sync::watch::Sender<std::collections::BTreeSet<std::net::IpAddr>>,
+    /// Where the flow directory goes (None: flows off).
+    directory: Option<tokio::sync::watch::Sender<Arc<crate::flows::Directory>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -212,6 +214,7 @@ impl Agent {
             failures: Vec::new(),
             owners: BTreeMap::new(),
             policy_ready: tokio::sync::watch::Sender::new(Default::default()),
+            directory: None,
         }
     }
 
@@ -231,6 +234,11 @@ impl Agent {
         tx: tokio::sync::watch::Sender<std::collections::BTreeSet<std::net::IpAddr>>,
     ) {
         self.policy_ready = tx;
+    }
+
+    /// Publishes the flow directory after each reconcile through `tx`.
+    pub fn set_directory(&mut self, tx: tokio::sync::watch::Sender<Arc<crate::flows::Directory>>) {
+        self.directory = Some(tx);
     }
 
     /// Shared status, read by the status endpoint.
@@ -554,6 +562,23 @@ impl Agent {
             self.dirty = true;
         }
         self.last = applied;
+        self.publish_directory();
+    }
+
+    /// Rebuilds what flows' addresses are from every store (when flows
+    /// are on: [`Agent::set_directory`]).
+    fn publish_directory(&mut self) {
+        let Some(tx) = &self.directory else { return };
+        let node = self.cfg.self_node.as_ref().map(ToString::to_string);
+        let d = crate::flows::Directory::build(
+            &self.cfg.local_cluster,
+            node.as_deref(),
+            self.slots
+                .values()
+                .filter(|s| s.local || s.refused.is_none())
+                .map(|s| &s.store.records),
+        );
+        tx.send_replace(Arc::new(d));
     }
 
     /// Keeps the range holders (merge incumbents) in step: a range stays

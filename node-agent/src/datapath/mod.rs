@@ -808,6 +808,41 @@ impl Counters {
     }
 }
 
+/// Writes `CM_FLOW_CONFIG` (flow events on or off, the trace interval)
+/// through its pin.
+pub fn set_flow_config(pin_dir: &Path, cfg: tunnel_common::FlowConfig) -> Result<()> {
+    let name = maps::FLOW_CONFIG;
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    let mut a: Array<MapData, tunnel_common::FlowConfig> =
+        Array::try_from(aya::maps::Map::Array(data)).map_err(map_err(name))?;
+    a.set(0, &cfg, 0).map_err(map_err(name))
+}
+
+/// Events the ring buffer had no room for (`CM_FLOW_LOST`, summed over
+/// CPUs).
+pub fn flow_lost(pin_dir: &Path) -> Result<u64> {
+    let name = maps::FLOW_LOST;
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    let a: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err(name))?;
+    Ok(a.get(&0, 0).map_err(map_err(name))?.iter().sum())
+}
+
+/// The flow events ring buffer (`CM_FLOWS`) through its pin, ready for
+/// tokio to wait on.
+pub fn flow_ring(
+    pin_dir: &Path,
+) -> std::result::Result<tokio::io::unix::AsyncFd<aya::maps::RingBuf<MapData>>, anyhow::Error> {
+    let name = maps::FLOWS;
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    let ring =
+        aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(data)).map_err(map_err(name))?;
+    // SAFETY: the ring owns its fd and keeps it open as long as the
+    // AsyncFd holds it (the registration's requirement).
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("cannot wait on the flow ring buffer: {}", e.into_parts().1))
+}
+
 /// Policy verdicts per local endpoint (`CM_POLICY_STATS`, read through
 /// its pin): (host-side ifindex, direction, verdict, counter summed over
 /// CPUs), non-zero ones only.
