@@ -219,6 +219,9 @@ pub struct Cluster {
 pub struct Agent {
     /// `GET /status` (JSON) and `/metrics`.
     pub status: String,
+    /// The flow API (`--flows-listen`, gRPC over mutual TLS).
+    #[serde(default)]
+    pub flows: String,
     pub pid: u32,
     pub log: PathBuf,
     pub audit_log: PathBuf,
@@ -652,6 +655,7 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
 
     // Per cluster: certificates, etcd, apiserver.
     let mut node_ports: BTreeMap<(u8, u8), u16> = BTreeMap::new();
+    let mut flow_ports: BTreeMap<(u8, u8), u16> = BTreeMap::new();
     for c in 1..=o.clusters {
         let name = format!("c{c}");
         let (etcd_port, peer_port, grpc, metrics) =
@@ -676,11 +680,13 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
         for n in 1..=o.nodes {
             let port = free_port()?;
             node_ports.insert((c, n), port);
+            let fport = free_port()?;
+            flow_ports.insert((c, n), fport);
             let dir = s.join(format!("nodes/{name}-n{n}"));
             enable.args([
                 "--node",
                 &format!(
-                    "node-{n},clusters-dir={},status=127.0.0.1:{port},audit-log={},pid-file={}",
+                    "node-{n},clusters-dir={},status=127.0.0.1:{port},flows=127.0.0.1:{fport},audit-log={},pid-file={}",
                     dir.join("clusters").display(),
                     dir.join("audit.jsonl").display(),
                     dir.join("agent.pid").display()
@@ -858,6 +864,7 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
             let pin = PathBuf::from(format!("/sys/fs/bpf/{}-c{c}-n{n}", o.prefix));
             t.pin_dirs.push(pin.clone());
             let status = format!("127.0.0.1:{}", node_ports[&(c, n)]);
+            let flows = format!("127.0.0.1:{}", flow_ports[&(c, n)]);
             let alog = logs.join(format!("agent-{cname}-n{n}.log"));
             let wg = (o.encryption != Encryption::None).then(|| format!("{}c{c}n{n}", o.prefix));
             let mut agent = Command::new(bin("node-agent"));
@@ -899,6 +906,12 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 .arg("--clusters-dir")
                 .arg(dir.join("clusters"))
                 .args(["--status-listen", &status, "--report-every", "5"])
+                .args(["--flows-listen", &flows, "--flows-tls-cert"])
+                .arg(pki.join(format!("nodes/{node_name}.pem")))
+                .arg("--flows-tls-key")
+                .arg(pki.join(format!("nodes/{node_name}-key.pem")))
+                .arg("--flows-client-ca")
+                .arg(pki.join("ca.pem"))
                 .arg("--audit-log")
                 .arg(dir.join("audit.jsonl"));
             if let Some(w) = &wg {
@@ -928,6 +941,7 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 wireguard_iface: wg,
                 agent: Agent {
                     status,
+                    flows,
                     pid: apid,
                     log: alog,
                     audit_log: dir.join("audit.jsonl"),

@@ -9,7 +9,10 @@
 //!   traffic flows (no loss, convergence after); a node-agent killed -9 and
 //!   restarted under continuous ping (loss reported); a remote cluster's
 //!   apiserver stopped (its entries expire with their lease, its traffic is
-//!   dropped with a counted reason).
+//!   dropped with a counted reason);
+//! - flows (VXLAN, strict WireGuard): `clustermesh observe` across both
+//!   clusters (allowed, denied by a policy, through the global service),
+//!   its filters, and `--follow`.
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 use std::{
@@ -101,6 +104,7 @@ fn matrix_for_each_tunnel_mode_with_and_without_encryption() {
                 new_pods_are_encrypted_from_the_first_packet(&mut up.0);
                 usr1_rotates_the_key_and_keeps_the_agent(&up.0);
                 a_dead_wireguard_device_is_restarted(&up.0);
+                flows_are_observed_across_clusters(&up.0);
             }
         }
     }
@@ -597,4 +601,296 @@ fn a_dead_wireguard_device_is_restarted(t: &Topology) {
         audit.contains("\"device_down\""),
         "no device_down in the audit trail"
     );
+}
+
+/// `clustermesh observe` (one JSON object per line) as flows.
+fn observe(t: &Topology, args: &[&str]) -> Vec<clustermesh_api::proto::Flow> {
+    let bin = binary("node-agent").parent().unwrap().to_owned();
+    let out = t
+        .cli(&bin)
+        .arg("observe")
+        .args(args)
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "observe {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The cluster id in an identity's bits 16-23.
+fn identity_cluster(id: u32) -> u32 {
+    (id >> 16) & 0xff
+}
+
+const DENY_9099: &str = "apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: deny-9099, namespace: default}
+spec:
+  endpointSelector: {}
+  enableDefaultDeny: {ingress: false}
+  ingressDeny:
+  - fromEntities: [all]
+    toPorts: [{ports: [{port: \"9099\", protocol: TCP}]}]
+";
+
+/// Flows in the strict WireGuard mesh, as `clustermesh observe` shows
+/// them from every node of both clusters: a connection c1 -> c2 denied by
+/// a c2 policy (TCP 9099), an allowed one (TCP 8080) and a request through
+/// the global service, each with clusters, namespace, pods, identities,
+/// verdict, reason, encryption and the frontend; the filters
+/// `--to-cluster c2 --verdict dropped`; `--follow` within a second.
+fn flows_are_observed_across_clusters(t: &Topology) {
+    let a = t.pods.iter().find(|p| p.cluster == "c1").unwrap();
+    let b = t.pods.iter().find(|p| p.cluster == "c2").unwrap();
+    let (a_ip, b_ip) = (a.ip.unwrap(), b.ip.unwrap());
+    let bin = binary("node-agent").parent().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("deny.yaml");
+    std::fs::write(&f, DENY_9099).unwrap();
+    let out = t
+        .cli(&bin)
+        .args(["policy", "apply", "--cluster", "c2", "-f"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Denied: retried until the policy is enforced on c2's node.
+    let denied_at = Instant::now();
+    let denied = loop {
+        let _ = mesh::in_netns(&a.netns, || {
+            std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from((b_ip, 9099)),
+                Duration::from_millis(300),
+            )
+        });
+        let got = observe(
+            t,
+            &[
+                "--to-cluster",
+                "c2",
+                "--verdict",
+                "dropped",
+                "--port",
+                "9099",
+            ],
+        );
+        if let Some(d) = got.into_iter().find(|f| f.destination_port == 9099) {
+            break d;
+        }
+        assert!(
+            denied_at.elapsed() < Duration::from_secs(20),
+            "no dropped flow to c2:9099 within 20 s"
+        );
+    };
+    // Allowed, and through the global service.
+    let to_b = std::net::SocketAddr::from((b_ip, mesh::POD_PORT));
+    let fe = std::net::SocketAddr::from((mesh::SERVICE_FRONTEND, mesh::SERVICE_PORT));
+    mesh::in_netns(&a.netns, || {
+        mesh::ask(to_b, Duration::from_secs(2)).unwrap();
+        for _ in 0..4 {
+            mesh::ask(fe, Duration::from_secs(2)).unwrap();
+        }
+    })
+    .unwrap();
+    let flows = observe(t, &["--last", "50"]);
+    assert!(flows.len() <= 50, "{} flows for --last 50", flows.len());
+    let side = |f: &clustermesh_api::proto::Flow| {
+        (
+            f.source.clone().unwrap_or_default(),
+            f.destination.clone().unwrap_or_default(),
+        )
+    };
+    // The denied connection, seen where it was dropped (c2's node).
+    let (src, dst) = side(&denied);
+    assert_eq!(
+        (denied.verdict.as_str(), denied.drop_reason.as_str()),
+        ("dropped", "policy_denied")
+    );
+    assert_eq!(
+        (denied.cluster.as_str(), denied.direction.as_str()),
+        ("c2", "ingress")
+    );
+    assert_eq!(
+        (
+            src.cluster.as_str(),
+            src.pod.as_str(),
+            src.namespace.as_str()
+        ),
+        ("c1", a.name.as_str(), "default")
+    );
+    assert_eq!(
+        (
+            dst.cluster.as_str(),
+            dst.pod.as_str(),
+            dst.namespace.as_str()
+        ),
+        ("c2", b.name.as_str(), "default")
+    );
+    assert_eq!(
+        (
+            identity_cluster(src.identity),
+            identity_cluster(dst.identity)
+        ),
+        (1, 2)
+    );
+    assert!(src.labels.iter().any(|l| l == "k8s:app=web"), "{src:?}");
+    assert!(
+        denied.encrypted && denied.tunnel == "wireguard",
+        "{denied:?}"
+    );
+    // The allowed connection: leaving c1 encrypted, arriving in c2.
+    let allowed: Vec<_> = flows
+        .iter()
+        .filter(|f| {
+            let (s, d) = side(f);
+            s.ip == a_ip.to_string() && d.ip == b_ip.to_string() && f.destination_port == 8080
+        })
+        .collect();
+    for (cluster, direction, disposition) in
+        [("c1", "egress", "encrypted"), ("c2", "ingress", "local")]
+    {
+        let f = allowed
+            .iter()
+            .find(|f| f.cluster == cluster && f.direction == direction)
+            .unwrap_or_else(|| {
+                panic!("no {direction} flow of {a_ip} -> {b_ip}:8080 on {cluster}: {allowed:#?}")
+            });
+        let (s, d) = side(f);
+        assert_eq!(f.verdict, "forwarded", "{f:?}");
+        assert_eq!(f.disposition, disposition, "{f:?}");
+        assert!(f.encrypted, "{f:?}");
+        assert_eq!(
+            (s.pod.as_str(), d.pod.as_str()),
+            (a.name.as_str(), b.name.as_str())
+        );
+        assert_eq!(
+            (identity_cluster(s.identity), identity_cluster(d.identity)),
+            (1, 2)
+        );
+    }
+    // Through the global service: the frontend, translated to a backend pod.
+    let via = flows
+        .iter()
+        .find(|f| {
+            f.service
+                .as_ref()
+                .is_some_and(|s| s.frontend == mesh::SERVICE_FRONTEND.to_string())
+        })
+        .unwrap_or_else(|| panic!("no flow through the service frontend in {flows:#?}"));
+    let svc = via.service.clone().unwrap();
+    assert_eq!(
+        (svc.port, svc.name.is_empty()),
+        (u32::from(mesh::SERVICE_PORT), false),
+        "{svc:?}"
+    );
+    let (s, d) = side(via);
+    assert_eq!(s.pod, a.name);
+    assert_eq!(
+        (d.kind.as_str(), via.destination_port),
+        ("pod", u32::from(mesh::POD_PORT)),
+        "{via:?}"
+    );
+    // Filters: only dropped flows into c2.
+    let only = observe(
+        t,
+        &["--to-cluster", "c2", "--verdict", "dropped", "--last", "50"],
+    );
+    assert!(!only.is_empty());
+    for f in &only {
+        assert_eq!(
+            (f.verdict.as_str(), side(f).1.cluster.as_str()),
+            ("dropped", "c2"),
+            "{f:?}"
+        );
+    }
+    follow_shows_a_new_flow_within_a_second(t, a, to_b);
+    let out = t
+        .cli(&bin)
+        .args([
+            "policy",
+            "delete",
+            "--cluster",
+            "c2",
+            "--namespace",
+            "default",
+            "deny-9099",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `observe --follow`: a connection made after it started shows within 1 s.
+fn follow_shows_a_new_flow_within_a_second(t: &Topology, a: &mesh::Pod, to: std::net::SocketAddr) {
+    use std::io::BufRead as _;
+    let bin = binary("node-agent").parent().unwrap().to_owned();
+    let mut child = t
+        .cli(&bin)
+        .args([
+            "observe",
+            "--follow",
+            "--last",
+            "1",
+            "-o",
+            "json",
+            "--from-ip",
+        ])
+        .arg(a.ip.unwrap().to_string())
+        .args(["--port", &to.port().to_string(), "--cluster", "c1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send((Instant::now(), l)).is_err() {
+                return;
+            }
+        }
+    });
+    // The history line (--last 1) first: the streams are open.
+    let first = rx.recv_timeout(Duration::from_secs(10));
+    let _ = first;
+    let sent = Instant::now();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    mesh::in_netns(&a.netns, || mesh::ask(to, Duration::from_secs(2)).unwrap()).unwrap();
+    let got = loop {
+        let (at, l) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("observe --follow showed no new flow within 5 s");
+        let f: clustermesh_api::proto::Flow = serde_json::from_str(&l).unwrap();
+        if f.time_unix_nanos >= started {
+            break at.duration_since(sent);
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!(
+        "observe --follow: a new flow shown {} ms after the request",
+        got.as_millis()
+    );
+    assert!(got < Duration::from_secs(1), "shown after {got:?}");
 }
