@@ -87,6 +87,13 @@ pub const BENCHES: &[Bench] = &[
         ],
     },
     Bench {
+        name: "flows",
+        title: "Flow events: cost on the path, and a flood",
+        about: "Pod to pod across two nodes (Geneve, the eBPF datapath), rounds interleaved, each case on its own pair of nodes: flow events off (baseline) against flow events on as the agent runs them by default (drops, audits, each forwarded flow's first packet then one aggregated event per 5 s), the agent's reader draining both ring buffers; one iperf3 TCP stream (goal >= 0.95 x). Then, with every packet an event, two iperf3 UDP floods of 64-byte datagrams: events read, events lost because the ring buffer was full (counted by the datapath, reported by the agent), the flow buffer's fill (bounded) and the resident memory each flood added (the second against the first: bounded, not growing with the flood).",
+        full: &["--runs", "5", "--seconds", "3", "--buffer", "4096"],
+        smoke: &["--runs", "1", "--seconds", "1", "--buffer", "64"],
+    },
+    Bench {
         name: "propagation",
         title: "Control plane: propagation latency across clusters",
         about: "Time from a change written into a remote cluster's etcd (the exported schema, as its apiserver writes it) until the entry is readable in the real pinned eBPF maps of a node of the local cluster (in-process Agent with the product's map reconcilers; maps polled every 20 us). Changes interleaved: endpoint added, global service backend changed, node added; each measured alone. Baseline: the same etcd put until a plain etcd watcher gets the event. The changes accumulate (with 2 clusters the one remote cluster gains 1,000 endpoints and 1,000 nodes during the run; with 10 clusters each of the 9 remotes about 111 of each), so late changes see a larger mesh than early ones. Every cluster starts with 50 nodes x 100 endpoints (10,000 endpoints in the mesh with 2 clusters, 50,000 with 10). Goal: p99 < 100 ms.",
@@ -437,6 +444,13 @@ fn goals(figures: &[serde_json::Value]) -> Vec<(String, String, bool)> {
                 r >= 0.97,
             ));
         }
+    }
+    if let Some(r) = by("flows", "throughput: flow events on").and_then(|f| f["ratio"].as_f64()) {
+        out.push((
+            "throughput with flow events on >= 0.95 x off".into(),
+            format!("{} x", num(r)),
+            r >= 0.95,
+        ));
     }
     if let Some(r) =
         by("wireguard", "clustermesh-wg both ends (ours)").and_then(|f| f["ratio"].as_f64())

@@ -296,9 +296,16 @@ pub async fn read(
                 };
                 let rb = guard.get_inner_mut();
                 // A bounded batch per wake-up, so cancellation and the
-                // lost counter are never starved.
+                // lost counter are never starved. Readiness is cleared only
+                // once the ring is empty: the kernel wakes a reader only
+                // when it had caught up, so one left behind would sleep
+                // with events waiting.
+                let mut empty = false;
                 for _ in 0..4096 {
-                    let Some(item) = rb.next() else { break };
+                    let Some(item) = rb.next() else {
+                        empty = true;
+                        break;
+                    };
                     match decode(&item) {
                         Some(ev) => {
                             let f = observer.record(&ev, ev.ts_ns.saturating_add(offset));
@@ -311,7 +318,12 @@ pub async fn read(
                         }
                     }
                 }
-                guard.clear_ready();
+                if empty {
+                    guard.clear_ready();
+                } else {
+                    drop(guard);
+                    tokio::task::yield_now().await;
+                }
             }
         }
     }
@@ -319,6 +331,7 @@ pub async fn read(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use tunnel_common::{FLOW_FLAG_DROP, FLOW_HOOK_ENDPOINT, Verdict};
 
