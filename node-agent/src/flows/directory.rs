@@ -344,3 +344,238 @@ fn rfc3339(nanos: u64) -> String {
 pub fn mapped(a: Ipv4Addr) -> [u8; 16] {
     a.to_ipv6_mapped().octets()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tunnel_common::{FLOW_FLAG_TRACE, IDENTITY_WORLD};
+
+    fn records(cluster: &str, id: u8, node_ip: &str, pod_ip: &str, app: &str) -> Records {
+        let mut r = Records::default();
+        let n: NodeRecord = serde_json::from_value(serde_json::json!({
+            "name": "node-1", "cluster": cluster, "underlayIps": [node_ip],
+            "podCidrs": [format!("10.{id}.1.0/24")], "bootId": "b"
+        }))
+        .unwrap();
+        r.nodes.insert(n.name.clone(), (n, 1));
+        let identity = (u32::from(id) << 16) | 300;
+        let e: EndpointRecord = serde_json::from_value(serde_json::json!({
+            "ip": pod_ip, "cluster": cluster, "identity": identity, "hostIp": node_ip,
+            "node": "node-1", "namespace": "default", "name": format!("{app}-0")
+        }))
+        .unwrap();
+        r.endpoints.insert(e.ip, e);
+        let i: clustermesh_api::records::IdentityRecord =
+            serde_json::from_value(serde_json::json!({
+                "id": identity, "cluster": cluster,
+                "labels": {"k8s:app": app, "k8s:io.kubernetes.pod.namespace": "default"}
+            }))
+            .unwrap();
+        r.identities.insert(i.id, i);
+        r
+    }
+
+    fn dir() -> Directory {
+        let c1 = records("c1", 1, "192.168.1.1", "10.1.1.5", "client");
+        let mut c2 = records("c2", 2, "192.168.2.1", "10.2.1.5", "web");
+        let s: clustermesh_api::records::ServiceRecord =
+            serde_json::from_value(serde_json::json!({
+                "cluster": "c2", "namespace": "default", "name": "echo",
+                "frontends": ["10.96.0.10"],
+                "ports": [{"protocol": "TCP", "port": 80, "targetPort": 8080}],
+                "backends": [], "global": true, "shared": true
+            }))
+            .unwrap();
+        c2.services.insert((s.namespace.clone(), s.name.clone()), s);
+        Directory::build(&"c1".parse().unwrap(), Some("node-1"), [&c1, &c2])
+    }
+
+    fn ev(src: &str, dst: &str, verdict: Verdict, hook: u8) -> FlowEvent {
+        FlowEvent {
+            src: mapped(src.parse().unwrap()),
+            dst: mapped(dst.parse().unwrap()),
+            sport: 40000u16.to_be(),
+            dport: 8080u16.to_be(),
+            proto: 6,
+            family: 4,
+            hook,
+            verdict: verdict as u8,
+            mode: TunnelMode::Vxlan as u8,
+            flags: if verdict.is_drop() {
+                FLOW_FLAG_DROP
+            } else {
+                FLOW_FLAG_TRACE
+            },
+            direction: if hook == FLOW_HOOK_ENDPOINT {
+                Direction::Egress as u8
+            } else {
+                Direction::Ingress as u8
+            },
+            packets: 3,
+            bytes: 180,
+            ..FlowEvent::default()
+        }
+    }
+
+    #[test]
+    fn pods_of_every_cluster_are_named_with_their_labels() {
+        let f = dir().flow(
+            &ev(
+                "10.1.1.5",
+                "10.2.1.5",
+                Verdict::Encrypted,
+                FLOW_HOOK_ENDPOINT,
+            ),
+            1,
+            7,
+        );
+        let (s, d) = (f.source.clone().unwrap(), f.destination.clone().unwrap());
+        assert_eq!(
+            (s.kind.as_str(), s.cluster.as_str(), s.pod.as_str()),
+            ("pod", "c1", "client-0")
+        );
+        assert_eq!(
+            (d.kind.as_str(), d.cluster.as_str(), d.pod.as_str()),
+            ("pod", "c2", "web-0")
+        );
+        assert_eq!((s.identity, d.identity), ((1 << 16) | 300, (2 << 16) | 300));
+        assert!(
+            d.labels.contains(&"k8s:app=web".to_owned()),
+            "{:?}",
+            d.labels
+        );
+        assert_eq!(d.namespace, "default");
+        assert_eq!(
+            (f.verdict.as_str(), f.disposition.as_str()),
+            ("forwarded", "encrypted")
+        );
+        assert_eq!((f.tunnel.as_str(), f.encrypted), ("wireguard", true));
+        assert_eq!(
+            (f.source_port, f.destination_port, f.protocol.as_str()),
+            (40000, 8080, "tcp")
+        );
+        assert_eq!((f.packets, f.bytes, f.sequence), (3, 180, 7));
+        assert_eq!(
+            (f.cluster.as_str(), f.node.as_str(), f.direction.as_str()),
+            ("c1", "node-1", "egress")
+        );
+    }
+
+    #[test]
+    fn a_remote_node_is_a_node_never_world_and_strangers_are_world() {
+        let d = dir();
+        let f = d.flow(
+            &ev("192.168.2.1", "10.1.1.5", Verdict::Local, FLOW_HOOK_OVERLAY),
+            1,
+            1,
+        );
+        let s = f.source.unwrap();
+        assert_eq!(
+            (s.kind.as_str(), s.cluster.as_str(), s.node.as_str()),
+            ("node", "c2", "node-1")
+        );
+        assert_eq!(s.identity, Identity::REMOTE_NODE.get());
+        assert_eq!((f.tunnel.as_str(), f.encrypted), ("vxlan", false));
+        let own = d.flow(
+            &ev(
+                "192.168.1.1",
+                "10.1.1.5",
+                Verdict::Local,
+                FLOW_HOOK_UNDERLAY,
+            ),
+            1,
+            1,
+        );
+        assert_eq!(own.source.unwrap().identity, Identity::HOST.get());
+        let w = d.flow(
+            &ev("10.1.1.5", "8.8.8.8", Verdict::Pass, FLOW_HOOK_ENDPOINT),
+            1,
+            1,
+        );
+        let dst = w.destination.unwrap();
+        assert_eq!((dst.kind.as_str(), dst.identity), ("world", IDENTITY_WORLD));
+        assert_eq!((w.disposition.as_str(), w.tunnel.as_str()), ("host", ""));
+        // In a declared pod range, no endpoint yet.
+        let u = d.flow(
+            &ev(
+                "10.1.1.5",
+                "10.2.1.77",
+                Verdict::DropStrictUnknownDest,
+                FLOW_HOOK_ENDPOINT,
+            ),
+            1,
+            1,
+        );
+        let dst = u.destination.unwrap();
+        assert_eq!((dst.kind.as_str(), dst.cluster.as_str()), ("unknown", "c2"));
+        assert_eq!(
+            (u.verdict.as_str(), u.drop_reason.as_str()),
+            ("dropped", "strict_unknown_dest")
+        );
+    }
+
+    #[test]
+    fn a_translated_flow_names_its_service() {
+        let mut e = ev("10.1.1.5", "10.2.1.5", Verdict::Tunnel, FLOW_HOOK_ENDPOINT);
+        e.flags |= FLOW_FLAG_TRANSLATED;
+        e.svc = mapped("10.96.0.10".parse().unwrap());
+        e.svc_port = 80u16.to_be();
+        let f = dir().flow(&e, 1, 1);
+        let s = f.service.unwrap();
+        assert_eq!(
+            (
+                s.frontend.as_str(),
+                s.port,
+                s.name.as_str(),
+                s.namespace.as_str()
+            ),
+            ("10.96.0.10", 80, "echo", "default")
+        );
+        assert_eq!(
+            (f.tunnel.as_str(), f.disposition.as_str()),
+            ("vxlan", "tunnel")
+        );
+        // A policy audit: passed, reported as the would-be drop.
+        let mut a = ev("10.2.1.5", "10.1.1.5", Verdict::Local, FLOW_HOOK_WIREGUARD);
+        a.flags = FLOW_FLAG_AUDIT;
+        let f = dir().flow(&a, 1, 1);
+        assert_eq!(
+            (f.event.as_str(), f.verdict.as_str(), f.drop_reason.as_str()),
+            ("audit", "audit", "policy_denied")
+        );
+        assert_eq!(
+            (f.tunnel.as_str(), f.encrypted, f.direction.as_str()),
+            ("wireguard", true, "ingress")
+        );
+    }
+
+    #[test]
+    fn ipv6_and_non_ip_events() {
+        let mut e = ev(
+            "10.1.1.5",
+            "10.2.1.5",
+            Verdict::DropSpoofed,
+            FLOW_HOOK_ENDPOINT,
+        );
+        e.family = 6;
+        e.src = "fd00:10:1:1::5".parse::<Ipv6Addr>().unwrap().octets();
+        e.dst = "fd00:10:2:1::5".parse::<Ipv6Addr>().unwrap().octets();
+        e.proto = 58;
+        let f = dir().flow(&e, 1, 1);
+        assert_eq!((f.ip_version, f.protocol.as_str()), (6, "icmpv6"));
+        assert_eq!(f.source.unwrap().ip, "fd00:10:1:1::5");
+        let mut n = ev(
+            "10.1.1.5",
+            "10.2.1.5",
+            Verdict::DropUnsupportedL3,
+            FLOW_HOOK_ENDPOINT,
+        );
+        n.family = 0;
+        let f = dir().flow(&n, 1, 1);
+        assert_eq!(
+            (f.ip_version, f.source.is_none(), f.drop_reason.as_str()),
+            (0, true, "unsupported_l3")
+        );
+    }
+}
