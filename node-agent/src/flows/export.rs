@@ -153,9 +153,9 @@ pub fn parse_filter(s: &str) -> Result<FlowFilter, String> {
                     .map_err(|_| format!("flow filter port: {value:?} is not a port number"))?,
             ),
             "encrypted" => {
-                let b = value
-                    .parse()
-                    .map_err(|_| format!("flow filter encrypted: {value:?} is not true or false"))?;
+                let b = value.parse().map_err(|_| {
+                    format!("flow filter encrypted: {value:?} is not true or false")
+                })?;
                 if f.encrypted.is_some_and(|e| e != b) {
                     return Err("flow filter encrypted: both true and false".into());
                 }
@@ -885,7 +885,9 @@ fn check_redact(paths: &[String]) -> Result<Vec<String>, ExportError> {
             return Err(err("is required by OCSF and cannot be redacted"));
         }
         if !ok.contains(p) {
-            return Err(err("is not a field of the export schema (docs/observability.md)"));
+            return Err(err(
+                "is not a field of the export schema (docs/observability.md)",
+            ));
         }
         if !out.iter().any(|q| q == p) {
             out.push(p.to_owned());
@@ -922,9 +924,12 @@ fn redact(v: &mut Value, paths: &[String]) {
         }
     }
     let covered = |name: &str| {
-        paths
-            .iter()
-            .any(|p| name == p || name.strip_prefix(p.as_str()).is_some_and(|r| r.starts_with('.')))
+        paths.iter().any(|p| {
+            name == p
+                || name
+                    .strip_prefix(p.as_str())
+                    .is_some_and(|r| r.starts_with('.'))
+        })
     };
     if let Some(Value::Array(obs)) = v.get_mut("observables") {
         obs.retain(|o| !o.get("name").and_then(Value::as_str).is_some_and(covered));
@@ -1282,7 +1287,7 @@ mod tests {
         event: String,
         node: Option<String>,
         cluster: Option<String>,
-        fields: Map<String, Value>,
+        fields: Option<Map<String, Value>>,
         redacted: Option<Vec<String>>,
     }
 
@@ -1364,6 +1369,7 @@ mod tests {
             sequence: seq,
             event: "trace".into(),
             verdict: "forwarded".into(),
+            drop_reason: String::new(),
             disposition: "tunnel".into(),
             direction: "egress".into(),
             ip_version: 4,
@@ -1442,15 +1448,30 @@ mod tests {
             assert!(x.flow(&f).unwrap());
         }
         x.flow(&Flow::default()).unwrap(); // empty: still a valid line
-        let rec = AuditRecord::new(("node", "node-1"), "peer_added", serde_json::json!({"peer": "c2/n", "key": "ab12"}));
+        let rec = AuditRecord::new(
+            ("node", "node-1"),
+            "peer_added",
+            serde_json::json!({"peer": "c2/n", "key": "ab12"}),
+        );
         x.audit(&rec).unwrap();
         let path = x.path().to_owned();
         drop(x);
         let all = lines(&path);
         assert_eq!(all.len(), 5);
         let Line::Flow(fwd) = &all[0] else { panic!() };
-        assert_eq!((fwd.class_uid, fwd.category_uid, fwd.activity_id, fwd.type_uid), (4001, 4, 6, 400_106));
-        assert_eq!((fwd.action_id, fwd.disposition_id, fwd.status_id), (1, 1, 1));
+        assert_eq!(
+            (
+                fwd.class_uid,
+                fwd.category_uid,
+                fwd.activity_id,
+                fwd.type_uid
+            ),
+            (4001, 4, 6, 400_106)
+        );
+        assert_eq!(
+            (fwd.action_id, fwd.disposition_id, fwd.status_id),
+            (1, 1, 1)
+        );
         assert_eq!(fwd.time, 1_700_000_000_123);
         assert_eq!(fwd.metadata.version, OCSF_VERSION);
         assert_eq!(fwd.metadata.uid.as_deref(), Some("c1/node-1/1"));
@@ -1459,18 +1480,39 @@ mod tests {
         assert_eq!(fwd.device.interface_name.as_deref(), Some("lxc123"));
         let src = fwd.src_endpoint.as_ref().unwrap();
         assert_eq!(src.ip, Some("10.1.1.5".parse().unwrap()));
-        assert_eq!((src.port, src.name.as_deref()), (Some(40000), Some("default/frontend")));
+        assert_eq!(
+            (src.port, src.name.as_deref()),
+            (Some(40000), Some("default/frontend"))
+        );
         let dst = fwd.dst_endpoint.as_ref().unwrap();
         assert_eq!(dst.svc_name.as_deref(), Some("prod/web"));
-        assert_eq!((fwd.connection_info.protocol_num, fwd.connection_info.protocol_ver_id), (Some(6), 4));
-        assert_eq!((fwd.connection_info.direction_id, fwd.connection_info.direction.as_str()), (3, "Lateral"));
+        assert_eq!(
+            (
+                fwd.connection_info.protocol_num,
+                fwd.connection_info.protocol_ver_id
+            ),
+            (Some(6), 4)
+        );
+        assert_eq!(
+            (
+                fwd.connection_info.direction_id,
+                fwd.connection_info.direction.as_str()
+            ),
+            (3, "Lateral")
+        );
         assert_eq!((fwd.traffic.packets, fwd.traffic.bytes), (3, 420));
         assert_eq!(fwd.observables.len(), 2);
         let u = &fwd.unmapped;
         assert!(u.encrypted);
-        assert_eq!((u.cluster.as_str(), u.tunnel.as_deref()), ("c1", Some("wireguard")));
+        assert_eq!(
+            (u.cluster.as_str(), u.tunnel.as_deref()),
+            ("c1", Some("wireguard"))
+        );
         assert_eq!(u.source.as_ref().unwrap().cluster.as_deref(), Some("c1"));
-        assert_eq!(u.destination.as_ref().unwrap().cluster.as_deref(), Some("c2"));
+        assert_eq!(
+            u.destination.as_ref().unwrap().cluster.as_deref(),
+            Some("c2")
+        );
         assert_eq!(u.destination.as_ref().unwrap().pod.as_deref(), Some("web"));
         assert_eq!(u.source.as_ref().unwrap().identity, 4242);
         assert_eq!(u.service.as_ref().unwrap().port, 80);
@@ -1481,13 +1523,28 @@ mod tests {
         assert_eq!(drop.status_detail.as_deref(), Some("policy_denied"));
         assert_eq!(drop.unmapped.drop_reason.as_deref(), Some("policy_denied"));
         assert!(!drop.unmapped.encrypted && drop.unmapped.service.is_none());
-        assert_eq!(drop.src_endpoint.as_ref().unwrap().ip, Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(
+            drop.src_endpoint.as_ref().unwrap().ip,
+            Some("2001:db8::1".parse().unwrap())
+        );
         assert_eq!(drop.connection_info.protocol_ver_id, 6);
-        assert_eq!((drop.connection_info.direction_id, drop.connection_info.protocol_num), (1, Some(17)));
-        assert_eq!(drop.unmapped.destination.as_ref().unwrap().pod.as_deref(), Some("db"));
+        assert_eq!(
+            (
+                drop.connection_info.direction_id,
+                drop.connection_info.protocol_num
+            ),
+            (1, Some(17))
+        );
+        assert_eq!(
+            drop.unmapped.destination.as_ref().unwrap().pod.as_deref(),
+            Some("db")
+        );
 
         let Line::Flow(aud) = &all[2] else { panic!() };
-        assert_eq!((aud.action_id, aud.disposition_id, aud.status_id), (1, 17, 1));
+        assert_eq!(
+            (aud.action_id, aud.disposition_id, aud.status_id),
+            (1, 17, 1)
+        );
         assert_eq!(aud.status_detail, None);
         assert_eq!(aud.unmapped.drop_reason.as_deref(), Some("policy_denied"));
         assert_eq!(aud.src_endpoint.as_ref().unwrap().port, None);
@@ -1496,10 +1553,13 @@ mod tests {
         assert!(empty.src_endpoint.is_none() && empty.time > 0);
 
         let Line::Audit(a) = &all[4] else { panic!() };
-        assert_eq!((a.class_uid, a.category_uid, a.activity_id, a.type_uid), (5019, 5, 1, 501_901));
+        assert_eq!(
+            (a.class_uid, a.category_uid, a.activity_id, a.type_uid),
+            (5019, 5, 1, 501_901)
+        );
         assert_eq!(a.unmapped.event, "peer_added");
         assert_eq!(a.unmapped.node.as_deref(), Some("node-1"));
-        assert_eq!(a.unmapped.fields["peer"], "c2/n");
+        assert_eq!(a.unmapped.fields.as_ref().unwrap()["peer"], "c2/n");
         assert_eq!(a.metadata.log_name, "audit");
         assert!(a.time > 1_700_000_000_000);
     }
@@ -1513,7 +1573,11 @@ mod tests {
         let path = c.path.clone();
         let mut x = Exporter::open(c).unwrap();
         for seq in 1..=200 {
-            let f = if seq % 3 == 0 { dropped_v6(seq) } else { forwarded_v4(seq) };
+            let f = if seq % 3 == 0 {
+                dropped_v6(seq)
+            } else {
+                forwarded_v4(seq)
+            };
             x.flow(&f).unwrap();
         }
         let st = x.stats();
@@ -1532,7 +1596,11 @@ mod tests {
             assert!(len <= 4096 && len > 0, "{} is {len}", p.display());
             seqs.extend(flows(&p).iter().map(|f| f.metadata.sequence.unwrap()));
         }
-        assert_eq!(*seqs.last().unwrap(), 200, "the newest flow is in the current file");
+        assert_eq!(
+            *seqs.last().unwrap(),
+            200,
+            "the newest flow is in the current file"
+        );
         assert!(seqs[0] > 1, "the oldest files were deleted");
         for w in seqs.windows(2) {
             assert_eq!(w[1], w[0] + 1, "a gap in {seqs:?}");
@@ -1561,7 +1629,10 @@ mod tests {
         let kept = flows(&path);
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].metadata.sequence, Some(3));
-        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
     }
 
     #[test]
@@ -1572,15 +1643,24 @@ mod tests {
         c.allow = vec![f("verdict=dropped"), f("to-cluster=c2,port=8080")];
         c.deny = vec![f("protocol=udp,from-ip=2001:db8::1")];
         let mut x = Exporter::open(c).unwrap();
-        assert!(x.flow(&forwarded_v4(1)).unwrap(), "allowed by the second filter");
+        assert!(
+            x.flow(&forwarded_v4(1)).unwrap(),
+            "allowed by the second filter"
+        );
         assert!(!x.flow(&dropped_v6(2)).unwrap(), "allowed, then denied");
-        assert!(!x.flow(&audit_v4(3)).unwrap(), "port 0: no allow filter matches");
+        assert!(
+            !x.flow(&audit_v4(3)).unwrap(),
+            "port 0: no allow filter matches"
+        );
         let mut d = dropped_v6(4);
         d.source.as_mut().unwrap().ip = "2001:db8::2".into();
         assert!(x.flow(&d).unwrap());
         let st = x.stats();
         assert_eq!((st.written, st.filtered), (2, 2));
-        let seqs: Vec<u64> = flows(x.path()).iter().map(|f| f.metadata.sequence.unwrap()).collect();
+        let seqs: Vec<u64> = flows(x.path())
+            .iter()
+            .map(|f| f.metadata.sequence.unwrap())
+            .collect();
         assert_eq!(seqs, [1, 4]);
     }
 
@@ -1629,10 +1709,17 @@ mod tests {
         ];
         let mut x = Exporter::open(c).unwrap();
         x.flow(&forwarded_v4(1)).unwrap();
-        x.audit(&AuditRecord::new(("node", "n1"), "peer_added", serde_json::json!({"peer": "x"})))
-            .unwrap();
+        x.audit(&AuditRecord::new(
+            ("node", "n1"),
+            "peer_added",
+            serde_json::json!({"peer": "x"}),
+        ))
+        .unwrap();
         let text = std::fs::read_to_string(x.path()).unwrap();
-        assert!(!text.contains("10.1.1.5") && !text.contains("k8s:app=frontend"), "{text}");
+        assert!(
+            !text.contains("10.1.1.5") && !text.contains("k8s:app=frontend"),
+            "{text}"
+        );
         let all = lines(x.path());
         let Line::Flow(f) = &all[0] else { panic!() };
         assert!(f.src_endpoint.as_ref().unwrap().ip.is_none());
@@ -1643,10 +1730,14 @@ mod tests {
         assert_eq!(names, ["dst_endpoint.ip"]);
         assert_eq!(
             f.unmapped.redacted.as_deref().unwrap(),
-            ["src_endpoint.ip", "unmapped.source.labels", "unmapped.destination"]
+            [
+                "src_endpoint.ip",
+                "unmapped.source.labels",
+                "unmapped.destination"
+            ]
         );
         let Line::Audit(a) = &all[1] else { panic!() };
-        assert!(a.unmapped.fields.is_empty());
+        assert!(a.unmapped.fields.is_none());
         assert_eq!(a.unmapped.redacted.as_deref().unwrap(), ["unmapped.fields"]);
     }
 
@@ -1677,19 +1768,39 @@ mod tests {
             r#"{"ts":"2026-11-26T11:03:46.467Z","node":"node-1","event":"plaintext_drops","egress":3}"#,
         )
         .unwrap();
-        assert_eq!((r.scope.as_str(), r.name.as_str(), r.event.as_str()), ("node", "node-1", "plaintext_drops"));
+        assert_eq!(
+            (r.scope.as_str(), r.name.as_str(), r.event.as_str()),
+            ("node", "node-1", "plaintext_drops")
+        );
         assert_eq!(r.fields["egress"], 3);
         let o = device_config_state_change(&r);
         assert_eq!(o.time, 1_795_691_026_467);
         assert_eq!(o.severity_id, 3);
-        let c = AuditRecord::parse_line(r#"{"ts":"2000-02-29T00:00:00.000Z","cluster":"c1","event":"api_call"}"#).unwrap();
-        assert_eq!(device_config_state_change(&c).unmapped.cluster.as_deref(), Some("c1"));
-        assert_eq!(parse_rfc3339_ms("2000-02-29T00:00:00.000Z"), Some(951_782_400_000));
-        assert_eq!(parse_rfc3339_ms("2023-11-14T22:13:20.5Z"), Some(1_700_000_000_500));
+        let c = AuditRecord::parse_line(
+            r#"{"ts":"2000-02-29T00:00:00.000Z","cluster":"c1","event":"api_call"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            device_config_state_change(&c).unmapped.cluster.as_deref(),
+            Some("c1")
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2000-02-29T00:00:00.000Z"),
+            Some(951_782_400_000)
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2023-11-14T22:13:20.5Z"),
+            Some(1_700_000_000_500)
+        );
         for bad in ["", "[]", r#"{"ts":"x"}"#, r#"{"ts":"x","event":"e"}"#] {
             assert!(AuditRecord::parse_line(bad).is_err(), "{bad}");
         }
-        for bad in ["2023-13-14T22:13:20Z", "2023-11-14 22:13:20Z", "2023-11-14T22:13:20.Z", "2023-11-14T22:13:20"] {
+        for bad in [
+            "2023-13-14T22:13:20Z",
+            "2023-11-14 22:13:20Z",
+            "2023-11-14T22:13:20.Z",
+            "2023-11-14T22:13:20",
+        ] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
         }
     }
@@ -1707,7 +1818,8 @@ mod tests {
         f.source_port = u32::MAX;
         f.time = "\u{0}\"\\".into();
         assert!(x.flow(&f).unwrap());
-        let v: Value = serde_json::from_str(std::fs::read_to_string(x.path()).unwrap().trim()).unwrap();
+        let v: Value =
+            serde_json::from_str(std::fs::read_to_string(x.path()).unwrap().trim()).unwrap();
         assert!(v["src_endpoint"].get("ip").is_none());
         assert!(v["connection_info"].get("protocol_num").is_none());
         assert_eq!(v["connection_info"]["direction_id"], 0);
@@ -1717,7 +1829,10 @@ mod tests {
     fn the_docs_list_every_output_path() {
         let doc = include_str!("../../../docs/observability.md");
         for p in schema_paths() {
-            assert!(doc.contains(&format!("`{p}`")), "docs/observability.md does not list `{p}`");
+            assert!(
+                doc.contains(&format!("`{p}`")),
+                "docs/observability.md does not list `{p}`"
+            );
         }
         assert!(doc.contains("`unmapped.redacted`"));
     }
