@@ -1138,7 +1138,9 @@ impl Exporter {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    // the schema mirror below reads every field (deny_unknown_fields);
+    // the tests assert the ones that matter
+    #![allow(clippy::unwrap_used, dead_code)]
     use super::*;
     use serde::Deserialize;
 
@@ -1517,6 +1519,11 @@ mod tests {
         assert_eq!(u.source.as_ref().unwrap().identity, 4242);
         assert_eq!(u.service.as_ref().unwrap().port, 80);
 
+        check_drop_audit_and_empty(&all);
+    }
+
+    /// The second half of `every_line_is_the_documented_schema`.
+    fn check_drop_audit_and_empty(all: &[Line]) {
         let Line::Flow(drop) = &all[1] else { panic!() };
         assert_eq!((drop.action_id, drop.action.as_str()), (2, "Denied"));
         assert_eq!((drop.disposition_id, drop.status_id), (6, 2));
@@ -1823,6 +1830,20 @@ mod tests {
         assert!(v["src_endpoint"].get("ip").is_none());
         assert!(v["connection_info"].get("protocol_num").is_none());
         assert_eq!(v["connection_info"]["direction_id"], 0);
+    }
+
+    #[test]
+    fn a_failed_write_is_returned_and_counted() {
+        let Ok(mut x) = Exporter::open(ExportConfig::new("/dev/full")) else {
+            return; // no /dev/full here
+        };
+        assert!(x.flow(&forwarded_v4(1)).is_err());
+        assert!(
+            x.audit(&AuditRecord::new(("node", "n"), "e", Value::Null))
+                .is_err()
+        );
+        let st = x.stats();
+        assert_eq!((st.written, st.write_errors, st.bytes), (0, 2, 0));
     }
 
     #[test]
