@@ -282,6 +282,7 @@ fn flow_verdict_word(f: &Flow) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::proto::FlowService;
 

@@ -26,6 +26,8 @@
 //!   every later agent) and key rotation.
 //! - [`telemetry`]: status refresh, counter reports, audit of refusals.
 //! - [`status`]: the local HTTP endpoint (`/healthz`, `/status`, `/metrics`).
+//! - [`flows`]: what the agent does with the flows it observes
+//!   ([`flows::export`]: the OCSF JSON-lines file for SIEMs).
 //! - [`audit`]: the append-only JSON-lines audit trail of encryption
 //!   posture changes.
 //!

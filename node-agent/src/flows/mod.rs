@@ -15,6 +15,7 @@
 //! - [`export`]: the SIEM export file.
 
 pub mod directory;
+pub mod export;
 pub mod server;
 
 use std::{
