@@ -133,7 +133,7 @@ pub fn host_of_addr(addr: &str) -> Option<String> {
 /// The SANs of a node's certificate (also the server certificate of its
 /// flow API): 127.0.0.1, localhost and the hosts of its `status` and
 /// `flows` addresses.
-fn node_sans(n: &NodeEntry) -> Vec<String> {
+pub fn node_sans(n: &NodeEntry) -> Vec<String> {
     let mut sans: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
     sans.extend(host_of_addr(&n.status));
     sans.extend(n.flows.as_deref().and_then(host_of_addr));
