@@ -84,7 +84,7 @@ pub const DEFAULT_LAST: u32 = 20;
 pub struct Args {
     /// Only the nodes of this cluster (repeat; default: every enabled
     /// cluster's nodes).
-    #[arg(long = "cluster")]
+    #[arg(long = "cluster", value_name = "NAME")]
     pub clusters: Vec<String>,
     /// Source pod, `namespace/name` or `name`.
     #[arg(long)]
