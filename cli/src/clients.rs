@@ -37,7 +37,7 @@ pub fn one_line(s: &str) -> String {
     s.split('\n').next().unwrap_or_default().trim().to_owned()
 }
 
-fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts = vec![e.to_string()];
     let mut cur = e.source();
     while let Some(s) = cur {

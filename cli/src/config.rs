@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! clusters/<name>.yaml         one per enabled cluster (ClusterEntry): id, apiserver,
-//!                              etcd endpoints, and its nodes (clusters dir, status address)
+//!                              etcd endpoints, and its nodes (clusters dir, status and
+//!                              flows addresses)
 //! pki/<name>/ca.pem, ca-key.pem                 the cluster's CA (created by enable)
 //! pki/<name>/etcd-server.pem, etcd-server-key.pem   etcd's server certificate
 //! pki/<name>/apiserver.pem, apiserver-key.pem   the apiserver's etcd client (CN apiserver-<name>)
@@ -38,6 +39,10 @@ pub struct NodeEntry {
     pub clusters_dir: PathBuf,
     /// The node agent's `--status-listen` address (host:port).
     pub status: String,
+    /// The node agent's `--flows-listen` address (host:port): its flow
+    /// API (`clustermesh observe`). Absent: the node is not observed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<String>,
     /// The node agent's `--audit-log` (encryption audit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_log: Option<PathBuf>,
@@ -190,6 +195,9 @@ pub fn validate_entry(c: &ClusterEntry) -> Result<()> {
         if n.status.parse::<std::net::SocketAddr>().is_err() && !n.status.contains(':') {
             bail!("node {}: status {:?} is not host:port", n.name, n.status);
         }
+        if let Some(f) = n.flows.as_ref().filter(|f| !f.contains(':')) {
+            bail!("node {}: flows {f:?} is not host:port", n.name);
+        }
     }
     Ok(())
 }
@@ -282,6 +290,7 @@ mod tests {
                 name: "n1".into(),
                 clusters_dir: "/tmp/x".into(),
                 status: "127.0.0.1:9964".into(),
+                flows: Some("127.0.0.1:9965".into()),
                 audit_log: None,
                 pid_file: None,
             }],

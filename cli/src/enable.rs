@@ -9,10 +9,14 @@
 //! `remote-<cluster>`: the nodes' read-only user of their own etcd, the
 //! role remote readers have), `admin` (client, CN `root`: the CLI's etcd
 //! user for managing users, and the admin of the apiserver's gRPC API),
-//! `nodes/<node>` per `--node` (client, CN `node:<node>`: that node's
-//! agent on the gRPC API, allowed to act only for its own node; removed
-//! with `--remove-node`, but valid until the CA changes: there is no
-//! revocation list). The per-connection remote-client certificates (CN
+//! `nodes/<node>` per `--node` (client and server, CN `node:<node>`: that
+//! node's agent on the apiserver's gRPC API, allowed to act only for its
+//! own node, and the server certificate of its flow API, `--flows-listen`;
+//! SANs 127.0.0.1, localhost and the hosts of the node's `status` and
+//! `flows` addresses; removed with `--remove-node`, but valid until the CA
+//! changes: there is no revocation list). A node certificate issued before
+//! node certificates had the server usage is kept like any other: delete
+//! `nodes/<node>.pem` and rerun enable to get the new one. The per-connection remote-client certificates (CN
 //! `remote-<reader>`, from the exporter's CA) are issued by `connect`.
 
 use std::{collections::BTreeMap, path::Path};
@@ -56,7 +60,7 @@ pub struct Args {
     /// again, replaces the list.
     #[arg(long = "pod-cidr-range", value_delimiter = ',')]
     pub pod_cidrs: Vec<String>,
-    /// A node: NAME,clusters-dir=PATH,status=HOST:PORT[,audit-log=PATH][,pid-file=PATH].
+    /// A node: NAME,clusters-dir=PATH,status=HOST:PORT[,flows=HOST:PORT][,audit-log=PATH][,pid-file=PATH].
     /// Repeat for each node; a node given again replaces its entry.
     #[arg(long = "node", value_parser = parse_node)]
     pub nodes: Vec<NodeEntry>,
@@ -73,7 +77,7 @@ fn parse_node(s: &str) -> Result<NodeEntry, String> {
     }
     name.parse::<clustermesh_api::NodeName>()
         .map_err(|e| format!("node name {name:?}: {e}"))?;
-    let (mut dir, mut status, mut audit, mut pid) = (None, None, None, None);
+    let (mut dir, mut status, mut flows, mut audit, mut pid) = (None, None, None, None, None);
     for p in parts {
         let (k, v) = p
             .split_once('=')
@@ -81,11 +85,12 @@ fn parse_node(s: &str) -> Result<NodeEntry, String> {
         match k.trim() {
             "clusters-dir" => dir = Some(v.into()),
             "status" => status = Some(v.to_owned()),
+            "flows" => flows = Some(v.to_owned()),
             "audit-log" => audit = Some(v.into()),
             "pid-file" => pid = Some(v.into()),
             o => {
                 return Err(format!(
-                    "unknown key {o:?} (clusters-dir, status, audit-log, pid-file)"
+                    "unknown key {o:?} (clusters-dir, status, flows, audit-log, pid-file)"
                 ));
             }
         }
@@ -94,10 +99,16 @@ fn parse_node(s: &str) -> Result<NodeEntry, String> {
     if !status.contains(':') {
         return Err(format!("status {status:?} is not HOST:PORT"));
     }
+    if let Some(f) = flows.as_ref().filter(|f| !f.contains(':')) {
+        return Err(format!(
+            "flows {f:?} is not HOST:PORT (the agent's --flows-listen)"
+        ));
+    }
     Ok(NodeEntry {
         name,
         clusters_dir: dir.ok_or("clusters-dir=PATH (the agent's --clusters-dir) is required")?,
         status,
+        flows,
         audit_log: audit,
         pid_file: pid,
     })
@@ -112,6 +123,23 @@ fn host_of(endpoint: &str) -> Option<String> {
         hostport.rsplit_once(':').map_or(hostport, |(h, _)| h)
     };
     (!host.is_empty()).then(|| host.to_owned())
+}
+
+/// The host of a `host:port` (or `[v6]:port`) address.
+pub fn host_of_addr(addr: &str) -> Option<String> {
+    host_of(&format!("tcp://{addr}"))
+}
+
+/// The SANs of a node's certificate (also the server certificate of its
+/// flow API): 127.0.0.1, localhost and the hosts of its `status` and
+/// `flows` addresses.
+pub fn node_sans(n: &NodeEntry) -> Vec<String> {
+    let mut sans: Vec<String> = vec!["127.0.0.1".into(), "localhost".into()];
+    sans.extend(host_of_addr(&n.status));
+    sans.extend(n.flows.as_deref().and_then(host_of_addr));
+    sans.sort();
+    sans.dedup();
+    sans
 }
 
 /// Writes a certificate pair unless it exists; returns whether it was
@@ -350,9 +378,11 @@ fn issue_certificates(pki: &Path, entry: &ClusterEntry, sans: Vec<String>) -> Re
     for n in &entry.nodes {
         let file = format!("nodes/{}", n.name);
         let cn = format!("node:{}", n.name);
+        let sans = node_sans(n);
+        let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
         note(
             &file,
-            ensure_cert(pki, &file, &ca, &cn, &[], Usage::Client)?,
+            ensure_cert(pki, &file, &ca, &cn, &sans, Usage::ServerAndClient)?,
         );
     }
     // A removed node's certificate files go (the CA still vouches for them:
@@ -392,7 +422,7 @@ fn next_commands(entry: &ClusterEntry, pki: &Path) -> Vec<String> {
     }
     for n in &entry.nodes {
         next.push(format!(
-            "run the agent of node {}: node-agent --cluster-name {} --node-name {} --apiserver {}{} --local-etcd-endpoints {endpoints}{} --clusters-dir {} --status-listen {}",
+            "run the agent of node {}: node-agent --cluster-name {} --node-name {} --apiserver {}{} --local-etcd-endpoints {endpoints}{} --clusters-dir {} --status-listen {}{}",
             n.name,
             entry.name,
             n.name,
@@ -418,7 +448,10 @@ fn next_commands(entry: &ClusterEntry, pki: &Path) -> Vec<String> {
                 String::new()
             },
             n.clusters_dir.display(),
-            n.status
+            n.status,
+            n.flows
+                .as_ref()
+                .map_or(String::new(), |f| format!(" --flows-listen {f}"))
         ));
     }
     next.push(format!(
@@ -487,6 +520,23 @@ mod tests {
                 .contains("unknown key")
         );
         assert!(parse_node("Bad_Name,clusters-dir=/x,status=a:1").is_err());
+        assert_eq!(n.flows, None);
+        let n = parse_node("n1,clusters-dir=/x,status=10.0.0.11:1,flows=10.0.0.12:2").unwrap();
+        assert_eq!(n.flows.as_deref(), Some("10.0.0.12:2"));
+        assert_eq!(
+            node_sans(&n),
+            ["10.0.0.11", "10.0.0.12", "127.0.0.1", "localhost"]
+        );
+        assert!(
+            parse_node("n1,clusters-dir=/x,status=a:1,flows=nohostport")
+                .unwrap_err()
+                .contains("flows")
+        );
+        assert!(
+            parse_node("n1,bogus=1")
+                .unwrap_err()
+                .contains("flows, audit-log")
+        );
     }
 
     #[test]
@@ -494,5 +544,7 @@ mod tests {
         assert_eq!(host_of("https://10.0.0.5:2379").unwrap(), "10.0.0.5");
         assert_eq!(host_of("http://etcd.local:2379").unwrap(), "etcd.local");
         assert_eq!(host_of("https://[::1]:2379").unwrap(), "::1");
+        assert_eq!(host_of_addr("[fd00::1]:9965").unwrap(), "fd00::1");
+        assert_eq!(host_of_addr("node-1.local:9965").unwrap(), "node-1.local");
     }
 }

@@ -5,7 +5,8 @@
 //! `connect`/`disconnect` write or remove the remote-cluster files in the
 //! nodes' clusters directories (what the node agents watch) and manage the
 //! read-only etcd users; `status`, `service` and `encryption` talk to the
-//! apiservers (gRPC) and the agents (`/status`).
+//! apiservers (gRPC) and the agents (`/status`); `observe` streams the
+//! flows of every node agent's flow API (gRPC, mutual TLS).
 //!
 //! Exit codes: 0 success (and, for `status`, healthy); 1 a failure or an
 //! unhealthy mesh, with one sentence on standard error saying what failed
@@ -16,6 +17,7 @@ mod config;
 mod connect;
 mod enable;
 mod encryption;
+mod observe;
 mod policy;
 mod service;
 mod status;
@@ -96,6 +98,9 @@ enum Command {
     /// Network policies (compiled by the agents, enforced in the eBPF datapath).
     #[command(subcommand)]
     Policy(policy::Command),
+    /// Flows the node agents observed, from every node of every cluster,
+    /// merged by time; --follow streams new ones.
+    Observe(observe::Args),
     /// Print a shell completion script.
     Completion {
         #[arg(value_enum)]
@@ -233,6 +238,7 @@ async fn run(cli: Cli) -> Outcome {
         Command::Encryption(c) => encryption::run(&ctx, c).await,
         Command::Service(c) => service::run(&ctx, c).await,
         Command::Policy(c) => policy::run(&ctx, c).await,
+        Command::Observe(a) => observe::run(&ctx, a).await,
         Command::Completion { .. } | Command::ValidateRecord { .. } => Ok(true),
     }
 }
@@ -250,6 +256,19 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::ValidateRecord { key, value } => return validate_record(key, value),
+        // A bad filter value is a usage error (exit status 2), as clap's.
+        Command::Observe(ref a) => {
+            if let Err(e) = observe::check(a) {
+                let mut cmd = Cli::command();
+                cmd.build();
+                let sub = cmd.find_subcommand_mut("observe");
+                sub.map_or_else(
+                    || clap::Error::raw(clap::error::ErrorKind::ValueValidation, &e),
+                    |c| c.error(clap::error::ErrorKind::ValueValidation, &e),
+                )
+                .exit();
+            }
+        }
         _ => {}
     }
     if let Some(ctx) = &cli.context {
