@@ -23,10 +23,14 @@ use std::{
     time::SystemTime,
 };
 
+/// Whoever else gets each line ([`Audit::tee`]).
+type Tee = Arc<Mutex<Option<Box<dyn Fn(&str) + Send>>>>;
+
 /// A handle to the audit file; cheap to clone.
 #[derive(Clone)]
 pub struct Audit {
     inner: Arc<Mutex<Option<std::fs::File>>>,
+    tee: Tee,
     scope: (&'static str, String),
     pub path: PathBuf,
 }
@@ -63,8 +67,18 @@ impl Audit {
         };
         Self {
             inner: Arc::new(Mutex::new(file)),
+            tee: Arc::default(),
             scope: (scope.0, scope.1.to_owned()),
             path: path.to_owned(),
+        }
+    }
+
+    /// Also hands every line (without its newline) to `f`, for every clone
+    /// of this handle (the agent's flow export carries the audit trail in
+    /// its stream).
+    pub fn tee(&self, f: impl Fn(&str) + Send + 'static) {
+        if let Ok(mut g) = self.tee.lock() {
+            *g = Some(Box::new(f));
         }
     }
 
@@ -79,6 +93,11 @@ impl Audit {
         }
         let mut line = serde_json::Value::Object(obj).to_string();
         tracing::info!(audit = %line, "audit");
+        if let Ok(g) = self.tee.lock()
+            && let Some(f) = g.as_ref()
+        {
+            f(&line);
+        }
         line.push('\n');
         if let Ok(mut g) = self.inner.lock()
             && let Some(f) = g.as_mut()

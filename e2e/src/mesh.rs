@@ -912,6 +912,8 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
                 .arg(pki.join(format!("nodes/{node_name}-key.pem")))
                 .arg("--flows-client-ca")
                 .arg(pki.join("ca.pem"))
+                .arg("--flow-export-path")
+                .arg(dir.join("flows.jsonl"))
                 .arg("--audit-log")
                 .arg(dir.join("audit.jsonl"));
             if let Some(w) = &wg {

@@ -815,6 +815,7 @@ fn flows_are_observed_across_clusters(t: &Topology) {
         );
     }
     follow_shows_a_new_flow_within_a_second(t, a, to_b);
+    exported_for_the_siem(t, &denied);
     let out = t
         .cli(&bin)
         .args([
@@ -893,4 +894,42 @@ fn follow_shows_a_new_flow_within_a_second(t: &Topology, a: &mesh::Pod, to: std:
         got.as_millis()
     );
     assert!(got < Duration::from_secs(1), "shown after {got:?}");
+}
+
+/// The node's SIEM export (`--flow-export-path`): every line one OCSF
+/// record; the denied flow is a Network Activity (4001) record, Denied,
+/// with its reason and both pods.
+fn exported_for_the_siem(t: &Topology, denied: &clustermesh_api::proto::Flow) {
+    let node = t
+        .nodes
+        .iter()
+        .find(|n| n.cluster == denied.cluster && n.name == denied.node)
+        .unwrap();
+    let path = node.agent.clusters_dir.with_file_name("flows.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["class_uid"] == 4001 || l["class_uid"] == 5019),
+        "{path:?}"
+    );
+    let hit = lines
+        .iter()
+        .find(|l| {
+            l["class_uid"] == 4001 && l["dst_endpoint"]["port"] == 9099 && l["action_id"] == 2
+        })
+        .unwrap_or_else(|| panic!("no denied 4001 record for port 9099 in {}", path.display()));
+    let text = hit.to_string();
+    for want in [
+        "policy_denied",
+        denied.source.as_ref().unwrap().pod.as_str(),
+        "c1",
+        "c2",
+    ] {
+        assert!(text.contains(want), "{want} not in {text}");
+    }
 }

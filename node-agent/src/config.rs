@@ -183,6 +183,28 @@ pub struct AgentConfig {
     /// cluster CA; CN `root` or `node:<this node>` are let in).
     #[arg(long)]
     pub flows_client_ca: Option<std::path::PathBuf>,
+    /// Export every flow, and the audit trail, as JSON lines for a SIEM
+    /// (OCSF; docs/observability.md) into this file.
+    #[arg(long)]
+    pub flow_export_path: Option<std::path::PathBuf>,
+    /// The export file is rotated (path.1, path.2, ...) before it passes
+    /// this size.
+    #[arg(long, default_value_t = crate::flows::export::DEFAULT_MAX_BYTES)]
+    pub flow_export_max_bytes: u64,
+    /// Rotated export files kept (the oldest goes).
+    #[arg(long, default_value_t = crate::flows::export::DEFAULT_MAX_FILES)]
+    pub flow_export_max_files: usize,
+    /// Export only flows matching one of these filters
+    /// (`key=value[,key=value...]`, e.g. `verdict=dropped,to-cluster=c2`).
+    #[arg(long)]
+    pub flow_export_allow: Vec<String>,
+    /// Never export flows matching one of these filters.
+    #[arg(long)]
+    pub flow_export_deny: Vec<String>,
+    /// Leave this field out of every exported line (a dotted path of the
+    /// schema, e.g. `src_endpoint.ip`).
+    #[arg(long)]
+    pub flow_export_redact: Vec<String>,
 }
 
 impl Default for AgentConfig {
@@ -252,6 +274,35 @@ impl AgentConfig {
         Ok((v4, v6))
     }
 
+    /// The export's configuration (None: no `--flow-export-path`); the
+    /// error names the filter flag at fault.
+    pub fn flow_export(&self) -> Result<Option<crate::flows::export::ExportConfig>, ConfigError> {
+        use crate::flows::export::{ExportConfig, parse_filter};
+        let filters = |flag: &'static str, v: &[String]| {
+            v.iter()
+                .map(|s| {
+                    parse_filter(s)
+                        .and_then(|f| {
+                            clustermesh_api::flow::Filter::from_proto(&f).map_err(|e| e.to_string())
+                        })
+                        .map_err(|e| refuse(flag, format!("{s:?}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let allow = filters("--flow-export-allow", &self.flow_export_allow)?;
+        let deny = filters("--flow-export-deny", &self.flow_export_deny)?;
+        let Some(path) = &self.flow_export_path else {
+            return Ok(None);
+        };
+        let mut c = ExportConfig::new(path.clone());
+        c.max_bytes = self.flow_export_max_bytes;
+        c.max_files = self.flow_export_max_files;
+        c.allow = allow;
+        c.deny = deny;
+        c.redact.clone_from(&self.flow_export_redact);
+        Ok(Some(c))
+    }
+
     fn check_flows(&self) -> Result<(), ConfigError> {
         if self.flows_listen.is_some() {
             for (flag, v) in [
@@ -267,6 +318,7 @@ impl AgentConfig {
                 }
             }
         }
+        self.flow_export()?;
         if self.flow_buffer == 0 || self.flow_buffer > 1_000_000 {
             return Err(refuse(
                 "--flow-buffer",

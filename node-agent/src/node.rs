@@ -66,6 +66,10 @@ pub enum StartError {
     Flows(#[source] anyhow::Error),
     #[error(transparent)]
     FlowApi(#[from] crate::flows::server::ServeError),
+    #[error(transparent)]
+    FlowExport(#[from] crate::flows::export::ExportError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("--status-listen {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -254,10 +258,14 @@ async fn start_flows(
         interval,
         shared.directory.subscribe(),
     );
+    let sink = match cfg.flow_export()? {
+        Some(c) => Some(export_sink(c, &observer, &shared.audit)?),
+        None => None,
+    };
     tracker.spawn(flows::read(
         cfg.bpf_pin_dir.clone(),
         observer.clone(),
-        None,
+        sink,
         cancel.clone(),
     ));
     if let (Some(addr), Some(cert), Some(key), Some(ca)) = (
@@ -282,6 +290,30 @@ async fn start_flows(
         tracker.spawn(serve);
     }
     Ok(Some(observer))
+}
+
+/// The flow export: every flow the reader records, and every audit-trail
+/// line (the audit file stays as it is), in one stream.
+fn export_sink(
+    c: crate::flows::export::ExportConfig,
+    observer: &Arc<crate::flows::Observer>,
+    audit: &Audit,
+) -> Result<crate::flows::Sink, StartError> {
+    use crate::flows::export::{AuditRecord, Exporter};
+    let ex = Arc::new(Mutex::new(Exporter::open(c)?));
+    observer.set_export(ex.clone());
+    let for_audit = ex.clone();
+    audit.tee(move |line| {
+        if let (Ok(r), Ok(mut e)) = (AuditRecord::parse_line(line), for_audit.lock()) {
+            // A failed write is counted by the exporter (metrics).
+            let _ = e.audit(&r);
+        }
+    });
+    Ok(Box::new(move |f| {
+        if let Ok(mut e) = ex.lock() {
+            let _ = e.flow(f);
+        }
+    }))
 }
 
 /// Supervises the WireGuard device ([`wireguard::supervise`]); when it

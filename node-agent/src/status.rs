@@ -312,6 +312,22 @@ pub fn flow_metrics(r: &mut Registry, o: &crate::flows::Observer) {
         "Flow events read from the datapath",
         seen,
     );
+    if let Some(x) = o.export_stats() {
+        let export = counter_family();
+        for (what, n) in [
+            ("written", x.written),
+            ("filtered", x.filtered),
+            ("rotations", x.rotations),
+            ("write_errors", x.write_errors),
+        ] {
+            add(&export, vec![("outcome", what.into())], n);
+        }
+        r.register(
+            "clustermesh_agent_flow_export_lines",
+            "The SIEM export: lines written (flows and audit events), flows filtered out, rotations, failed writes",
+            export,
+        );
+    }
     let buffered = Gauge::<i64>::default();
     buffered.set(i64::try_from(st.buffered).unwrap_or(i64::MAX));
     r.register(

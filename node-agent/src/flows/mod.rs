@@ -99,6 +99,7 @@ pub struct Observer {
     pub events: Events,
     pub trace_interval: Duration,
     directory: watch::Receiver<Arc<Directory>>,
+    export: std::sync::OnceLock<Arc<Mutex<export::Exporter>>>,
 }
 
 impl std::fmt::Debug for Observer {
@@ -134,7 +135,19 @@ impl Observer {
             events,
             trace_interval,
             directory,
+            export: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The export whose figures the metrics show.
+    pub fn set_export(&self, e: Arc<Mutex<export::Exporter>>) {
+        let _ = self.export.set(e);
+    }
+
+    pub fn export_stats(&self) -> Option<export::ExportStats> {
+        self.export
+            .get()
+            .and_then(|e| e.lock().ok().map(|g| g.stats()))
     }
 
     /// Enriches one event and keeps it (the oldest goes when full).
