@@ -63,8 +63,8 @@ pub struct Directory {
     ranges: Vec<(IpCidr, String)>,
     labels: HashMap<u32, Vec<String>>,
     services: HashMap<(IpAddr, u16), Service>,
-    /// Interface index -> name, for `interface`.
-    interfaces: HashMap<u32, String>,
+    /// Frontend address -> a service on it (a reply's source).
+    frontends: HashMap<IpAddr, Service>,
 }
 
 fn pod_of(e: &EndpointRecord) -> Pod {
@@ -134,22 +134,24 @@ impl Directory {
             for s in r.services.values() {
                 for f in &s.frontends {
                     for p in &s.ports {
-                        d.services.entry((*f, p.port)).or_insert_with(|| Service {
-                            cluster: s.cluster.to_string(),
-                            namespace: s.namespace.to_string(),
-                            name: s.name.to_string(),
-                        });
+                        // A global service is in every cluster: the local
+                        // record names it.
+                        let local = s.cluster == *cluster;
+                        let e = d.services.entry((*f, p.port));
+                        if local || matches!(e, std::collections::hash_map::Entry::Vacant(_)) {
+                            let svc = Service {
+                                cluster: s.cluster.to_string(),
+                                namespace: s.namespace.to_string(),
+                                name: s.name.to_string(),
+                            };
+                            d.frontends.insert(*f, svc.clone());
+                            e.insert_entry(svc);
+                        }
                     }
                 }
             }
         }
         d
-    }
-
-    /// The name of interface `ifindex` (the pods' host-side veths, the
-    /// devices), shown as a flow's `interface`.
-    pub fn set_interfaces(&mut self, m: HashMap<u32, String>) {
-        self.interfaces = m;
     }
 
     pub fn cluster(&self) -> &str {
@@ -186,6 +188,11 @@ impl Directory {
                     Identity::REMOTE_NODE.get()
                 };
             }
+        } else if let Some(s) = self.frontends.get(&ip) {
+            // A service reply, its source put back to the frontend.
+            e.kind = "service".into();
+            e.cluster.clone_from(&s.cluster);
+            e.namespace.clone_from(&s.namespace);
         } else if let Some((_, c)) = self.ranges.iter().find(|(r, _)| r.contains(ip)) {
             e.kind = "unknown".into();
             e.cluster.clone_from(c);
@@ -286,11 +293,6 @@ impl Directory {
             service,
             packets: ev.packets,
             bytes: ev.bytes,
-            interface: self
-                .interfaces
-                .get(&ev.ifindex)
-                .cloned()
-                .unwrap_or_default(),
         }
     }
 }
@@ -522,6 +524,22 @@ mod tests {
         e.svc = mapped("10.96.0.10".parse().unwrap());
         e.svc_port = 80u16.to_be();
         let f = dir().flow(&e, 1, 1);
+        // The reply, its source put back to the frontend by the datapath.
+        let r = dir().flow(
+            &ev(
+                "10.96.0.10",
+                "10.1.1.5",
+                Verdict::Local,
+                FLOW_HOOK_WIREGUARD,
+            ),
+            1,
+            1,
+        );
+        let rs = r.source.unwrap();
+        assert_eq!(
+            (rs.kind.as_str(), rs.namespace.as_str()),
+            ("service", "default")
+        );
         let s = f.service.unwrap();
         assert_eq!(
             (

@@ -213,9 +213,6 @@ pub struct Device {
     pub type_name: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// `Flow.interface`: the interface the packet arrived on.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub interface_name: Option<String>,
 }
 
 /// `src_endpoint` / `dst_endpoint`.
@@ -677,7 +674,6 @@ pub fn network_activity(f: &Flow) -> NetworkActivity {
             type_id: 1,
             type_name: "Server",
             name: nonempty(&f.node),
-            interface_name: nonempty(&f.interface),
         },
         observables: observables(src.as_ref(), dst.as_ref()),
         src_endpoint: src,
@@ -751,7 +747,6 @@ pub fn device_config_state_change(r: &AuditRecord) -> DeviceConfigStateChange {
             type_id: 1,
             type_name: "Server",
             name: Some(r.name.clone()),
-            interface_name: None,
         },
         unmapped: AuditUnmapped {
             event: r.event.clone(),
@@ -839,7 +834,6 @@ fn full_flow() -> Flow {
             namespace: "ns".into(),
             name: "s".into(),
         }),
-        interface: "eth0".into(),
         ..Flow::default()
     }
 }
@@ -1173,7 +1167,6 @@ mod tests {
         #[serde(rename = "type")]
         type_name: String,
         name: Option<String>,
-        interface_name: Option<String>,
     }
 
     #[derive(Debug, Deserialize)]
@@ -1391,7 +1384,6 @@ mod tests {
             }),
             packets: 3,
             bytes: 420,
-            interface: "lxc123".into(),
         }
     }
 
@@ -1479,7 +1471,6 @@ mod tests {
         assert_eq!(fwd.metadata.uid.as_deref(), Some("c1/node-1/1"));
         assert_eq!(fwd.metadata.sequence, Some(1));
         assert_eq!(fwd.device.name.as_deref(), Some("node-1"));
-        assert_eq!(fwd.device.interface_name.as_deref(), Some("lxc123"));
         let src = fwd.src_endpoint.as_ref().unwrap();
         assert_eq!(src.ip, Some("10.1.1.5".parse().unwrap()));
         assert_eq!(
