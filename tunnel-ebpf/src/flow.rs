@@ -202,11 +202,12 @@ fn tuple(ctx: &TcContext, ev: *mut FlowEvent, off: usize) -> bool {
     };
     ev.sport = 0;
     ev.dport = 0;
-    if l4 != 0 && (ev.proto == IPPROTO_TCP || ev.proto == IPPROTO_UDP) {
-        if let Ok(p) = ctx.load::<[u16; 2]>(l4) {
-            ev.sport = p[0];
-            ev.dport = p[1];
-        }
+    if l4 != 0
+        && (ev.proto == IPPROTO_TCP || ev.proto == IPPROTO_UDP)
+        && let Ok(p) = ctx.load::<[u16; 2]>(l4)
+    {
+        ev.sport = p[0];
+        ev.dport = p[1];
     }
     true
 }
@@ -338,10 +339,10 @@ fn emit(ev: *mut FlowEvent) {
     // SAFETY: as in [`begin`]; a plain helper call.
     unsafe { (*ev).ts_ns = aya_ebpf::helpers::generated::bpf_ktime_get_ns() };
     // SAFETY: the scratch event, copied by the helper.
-    if CM_FLOWS.output(unsafe { &*ev }, 0).is_err() {
-        if let Some(lost) = CM_FLOW_LOST.get_ptr_mut(0) {
-            // SAFETY: this CPU's slot of a per-CPU array.
-            unsafe { *lost += 1 };
-        }
+    if CM_FLOWS.output(unsafe { &*ev }, 0).is_err()
+        && let Some(lost) = CM_FLOW_LOST.get_ptr_mut(0)
+    {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { *lost += 1 };
     }
 }
