@@ -56,6 +56,9 @@ PY
   echo
   echo "== clustermesh service list"
   "$BIN/clustermesh" --config-dir "$STATE/cli" service list || rc=1
+  echo
+  echo "== clustermesh observe --last 6 (flows of every node of both clusters)"
+  "$BIN/clustermesh" --config-dir "$STATE/cli" observe --last 6 || rc=1
   local c1pod c2ip node
   c1pod=$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); print(t["pods"][0]["netns"])' "$STATE/topology.json")
   c2ip=$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); p=[p for p in t["pods"] if p["cluster"]!="c1"][0]; print(p.get("ip") or p["ipv6"])' "$STATE/topology.json" 2>/dev/null || true)
@@ -68,6 +71,8 @@ PY
   echo "  ip netns exec $node tcpdump -ni ul0              # the underlay"
   echo "  $BIN/clustermesh --config-dir $STATE/cli status -o json"
   echo "  $BIN/clustermesh --config-dir $STATE/cli encryption status"
+  echo "  $BIN/clustermesh --config-dir $STATE/cli observe --follow --verdict dropped   # live drops, every node"
+  echo "  ls $STATE/nodes/*/flows.jsonl                   # each node's SIEM export (OCSF JSON lines)"
   echo "  $BIN/mesh check                                 # the check again"
   echo "  cat $STATE/topology.json                          # every namespace, address, pid, log, etcd credential"
   echo "Tear down: make demo-down"
