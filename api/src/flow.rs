@@ -246,9 +246,13 @@ pub fn human_line(f: &Flow) -> String {
     };
     let mut verdict = flow_verdict_word(f);
     if let Some(s) = &f.service {
+        let fe = match s.frontend.parse::<IpAddr>() {
+            Ok(IpAddr::V6(a)) => format!("[{a}]"),
+            _ => s.frontend.clone(),
+        };
         verdict.push_str(&format!(
-            " via service {}/{} {}:{}",
-            s.namespace, s.name, s.frontend, s.port
+            " via service {}/{} {fe}:{}",
+            s.namespace, s.name, s.port
         ));
     }
     let enc = if f.encrypted { " encrypted" } else { "" };

@@ -392,14 +392,22 @@ pub fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<String> {
 pub fn free_port() -> anyhow::Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let seed = std::process::id().wrapping_mul(2_654_435_761)
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+    // One seed per process, so the ports it hands out walk a permutation
+    // of the range (7919 is prime to 12000): a port handed out is never
+    // handed out again before it is bound (ports are taken at `enable` and
+    // bound later by the agents). A seed per call made repeats likely
+    // across a mesh's thirty-odd ports.
+    static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        std::process::id().wrapping_mul(2_654_435_761)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+    }) % 12000;
     for _ in 0..1000 {
-        let n = NEXT.fetch_add(7919, Ordering::Relaxed).wrapping_add(seed);
-        let port = 20000 + (n % 12000) as u16;
+        let n = NEXT.fetch_add(7919, Ordering::Relaxed) % 12000;
+        let port = 20000 + ((n + seed) % 12000) as u16;
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return Ok(port);
         }

@@ -421,4 +421,40 @@ mod tests {
         }
         assert!(!text.contains("_ms"), "{text}");
     }
+
+    #[test]
+    fn flow_metrics_count_flows_by_verdict_and_clusters_and_the_losses() {
+        use std::sync::Arc;
+        use tunnel_common::{FLOW_FLAG_DROP, FlowEvent, Verdict};
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(crate::flows::Directory::default()));
+        let o = crate::flows::Observer::new(
+            8,
+            crate::flows::Events::All,
+            std::time::Duration::from_secs(5),
+            rx,
+        );
+        let drop = FlowEvent {
+            family: 4,
+            verdict: Verdict::DropPolicyDenied as u8,
+            flags: FLOW_FLAG_DROP,
+            packets: 1,
+            ..FlowEvent::default()
+        };
+        o.record(&drop, 1);
+        o.record(&drop, 2);
+        o.lost_datapath
+            .store(7, std::sync::atomic::Ordering::Relaxed);
+        let mut r = Registry::default();
+        flow_metrics(&mut r, &o);
+        let mut text = String::new();
+        clustermesh_http::prometheus_client::encoding::text::encode(&mut text, &r).unwrap();
+        for want in [
+            r#"clustermesh_agent_flows_total{verdict="dropped",drop_reason="policy_denied",source_cluster="",destination_cluster=""} 2"#,
+            r#"clustermesh_agent_flow_events_lost_total{place="datapath_ring"} 7"#,
+            "clustermesh_agent_flow_events_total 2",
+            "clustermesh_agent_flow_buffer_flows 2",
+        ] {
+            assert!(text.contains(want), "{want} missing in\n{text}");
+        }
+    }
 }
