@@ -163,39 +163,35 @@ fn tuple(ctx: &TcContext, ev: *mut FlowEvent, off: usize) -> bool {
     };
     // SAFETY: as in [`begin`].
     let ev = unsafe { &mut *ev };
+    // One helper call per header, not one per field.
     let l4 = match vihl >> 4 {
         4 => {
-            let (Ok(proto), Ok(frag), Ok(src), Ok(dst)) = (
-                ctx.load::<u8>(off + 9),
-                ctx.load::<u16>(off + 6),
-                ctx.load::<u32>(off + 12),
-                ctx.load::<u32>(off + 16),
-            ) else {
+            let Ok(h) = ctx.load::<[u8; 20]>(off) else {
                 return false;
             };
             ev.family = 4;
-            ev.proto = proto;
-            ev.src = mapped(src);
-            ev.dst = mapped(dst);
+            ev.proto = h[9];
+            ev.src = [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, h[12], h[13], h[14], h[15],
+            ];
+            ev.dst = [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, h[16], h[17], h[18], h[19],
+            ];
             // A later fragment has no ports.
-            if u16::from_be(frag) & 0x1fff != 0 {
+            if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
                 0
             } else {
                 off + usize::from(vihl & 0x0f) * 4
             }
         }
         6 => {
-            let (Ok(next), Ok(src), Ok(dst)) = (
-                ctx.load::<u8>(off + 6),
-                ctx.load::<Ip6>(off + 8),
-                ctx.load::<Ip6>(off + 24),
-            ) else {
+            let Ok(h) = ctx.load::<[u8; 40]>(off) else {
                 return false;
             };
             ev.family = 6;
-            ev.proto = next;
-            ev.src = src;
-            ev.dst = dst;
+            ev.proto = h[6];
+            ev.src.copy_from_slice(&h[8..24]);
+            ev.dst.copy_from_slice(&h[24..40]);
             off + 40
         }
         _ => return false,
