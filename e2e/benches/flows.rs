@@ -32,27 +32,12 @@ use clustermesh_testkit::{
     netns::{NetNs, sweep_stale},
     report::{Better, Figure, record},
 };
-use e2e::topo::{Node, underlay};
+use e2e::topo::{Node, geneve_pair};
 use node_agent::flows::{self, Directory, Events, Observer};
 use tokio_util::sync::CancellationToken;
-use tunnel_common::TunnelMode;
 
 fn arg(name: &str, default: u64) -> u64 {
     clustermesh_testkit::bench_arg(name, default)
-}
-
-/// A pair of nodes with the eBPF datapath in Geneve mode.
-fn pair(id: u8) -> (Node, Node, Vec<node_agent::datapath::Datapath>) {
-    let a = Node::new(id).unwrap();
-    let b = Node::new(id + 1).unwrap();
-    let (ula, ulb) = underlay(&a, &b).unwrap();
-    let mut dpa = a.datapath(true).unwrap();
-    let mut dpb = b.datapath(true).unwrap();
-    a.connect_with(&mut dpa, &b, TunnelMode::Geneve, ula, ulb)
-        .unwrap();
-    b.connect_with(&mut dpb, &a, TunnelMode::Geneve, ulb, ula)
-        .unwrap();
-    (a, b, vec![dpa, dpb])
 }
 
 /// Resident memory of this process, KiB.
@@ -153,8 +138,8 @@ fn main() {
         .build()
         .unwrap();
     let cancel = CancellationToken::new();
-    let off = pair(41);
-    let on = pair(43);
+    let off = geneve_pair(41).unwrap();
+    let on = geneve_pair(43).unwrap();
     for n in [&off.0, &off.1] {
         flows::configure(n.pins.path(), Events::Off, Duration::ZERO).unwrap();
     }

@@ -49,7 +49,7 @@ use clustermesh_testkit::{
 use e2e::{
     mesh::{self, Encryption, IpFamily, Options},
     product::binary,
-    topo::{Node, underlay},
+    topo::{Node, geneve_pair},
 };
 use node_agent::reconcilers::{
     Reconciler as _,
@@ -104,20 +104,6 @@ fn big_policy(client: u32, rules: usize) -> CompiledPolicy {
     }
 }
 
-/// A pair of nodes with the eBPF datapath in Geneve mode.
-fn pair(id: u8) -> (Node, Node, Vec<node_agent::datapath::Datapath>) {
-    let a = Node::new(id).unwrap();
-    let b = Node::new(id + 1).unwrap();
-    let (ula, ulb) = underlay(&a, &b).unwrap();
-    let mut dpa = a.datapath(true).unwrap();
-    let mut dpb = b.datapath(true).unwrap();
-    a.connect_with(&mut dpa, &b, TunnelMode::Geneve, ula, ulb)
-        .unwrap();
-    b.connect_with(&mut dpb, &a, TunnelMode::Geneve, ulb, ula)
-        .unwrap();
-    (a, b, vec![dpa, dpb])
-}
-
 /// Accepts and closes connections in `pod` forever (a detached thread).
 fn accept_forever(pod: &NetNs) {
     let name = pod.name().to_owned();
@@ -148,8 +134,8 @@ fn conn_rate(pod: &NetNs, to: SocketAddr, secs: u64) -> f64 {
 }
 
 fn datapath(runs: usize, seconds: u64, rules: usize) {
-    let none = pair(31);
-    let with = pair(33);
+    let none = geneve_pair(31).unwrap();
+    let with = geneve_pair(33).unwrap();
     let server = &with.1;
     let p = big_policy(with.0.identity, rules);
     let prefixes = map_entries(Identity::from_raw(server.identity.into()).unwrap(), &p).len();

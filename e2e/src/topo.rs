@@ -353,6 +353,21 @@ fn io(n: &Node, e: std::io::Error) -> node_agent::datapath::Error {
     }
 }
 
+/// Nodes `id` and `id + 1` joined by an underlay, each with the eBPF
+/// datapath attached and connected to the other in Geneve mode (the
+/// benchmarks' and tests' two-node setup); the datapaths live as long as
+/// the returned vector.
+pub fn geneve_pair(id: u8) -> anyhow::Result<(Node, Node, Vec<Datapath>)> {
+    let a = Node::new(id)?;
+    let b = Node::new(id + 1)?;
+    let (ula, ulb) = underlay(&a, &b)?;
+    let mut dpa = a.datapath(true)?;
+    let mut dpb = b.datapath(true)?;
+    a.connect_with(&mut dpa, &b, TunnelMode::Geneve, ula, ulb)?;
+    b.connect_with(&mut dpb, &a, TunnelMode::Geneve, ulb, ula)?;
+    Ok((a, b, vec![dpa, dpb]))
+}
+
 /// Two nodes on one underlay link: 192.0.2.1 and 192.0.2.2 (addresses that
 /// exist only inside the namespaces).
 pub fn underlay(a: &Node, b: &Node) -> std::io::Result<(Ipv4Addr, Ipv4Addr)> {

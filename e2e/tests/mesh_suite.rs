@@ -603,22 +603,27 @@ fn a_dead_wireguard_device_is_restarted(t: &Topology) {
     );
 }
 
-/// `clustermesh observe` (one JSON object per line) as flows.
-fn observe(t: &Topology, args: &[&str]) -> Vec<clustermesh_api::proto::Flow> {
+/// Runs the CLI with `args` on the mesh; its standard output (it must
+/// succeed).
+fn cli_ok(t: &Topology, args: &[&std::ffi::OsStr]) -> String {
     let bin = binary("node-agent").parent().unwrap().to_owned();
-    let out = t
-        .cli(&bin)
-        .arg("observe")
-        .args(args)
-        .args(["-o", "json"])
-        .output()
-        .unwrap();
+    let out = t.cli(&bin).args(args).output().unwrap();
     assert!(
         out.status.success(),
-        "observe {args:?}: {}",
+        "clustermesh {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `clustermesh observe` (one JSON object per line) as flows.
+fn observe(t: &Topology, args: &[&str]) -> Vec<clustermesh_api::proto::Flow> {
+    let all: Vec<&std::ffi::OsStr> = std::iter::once("observe")
+        .chain(args.iter().copied())
+        .chain(["-o", "json"])
+        .map(std::ffi::OsStr::new)
+        .collect();
+    cli_ok(t, &all)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
@@ -650,20 +655,20 @@ fn flows_are_observed_across_clusters(t: &Topology) {
     let a = t.pods.iter().find(|p| p.cluster == "c1").unwrap();
     let b = t.pods.iter().find(|p| p.cluster == "c2").unwrap();
     let (a_ip, b_ip) = (a.ip.unwrap(), b.ip.unwrap());
-    let bin = binary("node-agent").parent().unwrap().to_owned();
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("deny.yaml");
     std::fs::write(&f, DENY_9099).unwrap();
-    let out = t
-        .cli(&bin)
-        .args(["policy", "apply", "--cluster", "c2", "-f"])
-        .arg(&f)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let os = |v: &'static str| std::ffi::OsStr::new(v);
+    cli_ok(
+        t,
+        &[
+            os("policy"),
+            os("apply"),
+            os("--cluster"),
+            os("c2"),
+            os("-f"),
+            f.as_os_str(),
+        ],
     );
     // Denied: retried until the policy is enforced on c2's node.
     let denied_at = Instant::now();
@@ -816,24 +821,16 @@ fn flows_are_observed_across_clusters(t: &Topology) {
     }
     follow_shows_a_new_flow_within_a_second(t, a, to_b);
     exported_for_the_siem(t, &denied);
-    let out = t
-        .cli(&bin)
-        .args([
-            "policy",
-            "delete",
-            "--cluster",
-            "c2",
-            "--namespace",
-            "default",
-            "deny-9099",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let args = [
+        "policy",
+        "delete",
+        "--cluster",
+        "c2",
+        "-n",
+        "default",
+        "deny-9099",
+    ];
+    cli_ok(t, &args.map(std::ffi::OsStr::new));
 }
 
 /// `observe --follow`: a connection made after it started shows within 1 s.
