@@ -55,7 +55,6 @@ use node_agent::reconcilers::{
     Reconciler as _,
     network_policy::{PolicyMap, map_entries},
 };
-use tunnel_common::TunnelMode;
 
 /// The port the connection-rate server listens on.
 const CONN_PORT: u16 = 7000;
