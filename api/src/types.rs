@@ -381,6 +381,15 @@ impl IpCidr {
         }
         Ok(Self { addr, len })
     }
+    /// The prefix of length `len` (capped at the family's width) that
+    /// holds `ip`: its host bits cleared.
+    pub fn truncate(ip: IpAddr, len: u8) -> Self {
+        let len = len.min(if ip.is_ipv4() { 32 } else { 128 });
+        Self {
+            addr: mask(ip, len),
+            len,
+        }
+    }
     /// The prefix of a single address (/32 or /128).
     pub fn host(addr: IpAddr) -> Self {
         Self {

@@ -20,9 +20,11 @@
 //!   that declares none leaves the other bounds alone;
 //! - and, as for every cluster, its pod CIDRs overlap no admitted one.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use clustermesh_api::{ClusterName, IpCidr, NodeName, NodeRecord, WgPublicKey};
+
+use super::prefixes::PrefixMap;
 
 /// Why a node is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,21 +74,37 @@ fn unicast(ip: IpAddr) -> bool {
     }
 }
 
-/// What is admitted so far, with who holds it.
+type Holder<'a> = (&'a ClusterName, &'a NodeName);
+
+/// What is admitted so far, with who holds it, indexed so that each check
+/// is a few ordered-map lookups (no scan of the mesh's nodes).
 #[derive(Debug, Default)]
 pub struct Admitted<'a> {
     /// Every underlay address of every node offered (admitted or not):
-    /// no remote pod CIDR may cover one.
-    pub node_ips: Vec<(IpAddr, &'a ClusterName, &'a NodeName)>,
-    pub cidrs: Vec<(IpCidr, &'a ClusterName, &'a NodeName)>,
-    pub underlay: Vec<(IpAddr, &'a ClusterName, &'a NodeName)>,
-    pub keys: Vec<(WgPublicKey, &'a ClusterName, &'a NodeName)>,
+    /// no remote pod CIDR may cover one. The first node offering it.
+    node_ips: BTreeMap<IpAddr, Holder<'a>>,
+    cidrs: PrefixMap<Holder<'a>>,
+    underlay: BTreeMap<IpAddr, Vec<Holder<'a>>>,
+    keys: BTreeMap<WgPublicKey, Holder<'a>>,
     /// The pod ranges each remote cluster's file declares (none: not
     /// bounded by declaration).
-    pub declared: Vec<(&'a ClusterName, &'a [IpCidr])>,
+    declared: BTreeMap<&'a ClusterName, &'a [IpCidr]>,
 }
 
 impl<'a> Admitted<'a> {
+    /// A node that will be offered: its underlay addresses count against
+    /// every remote pod CIDR, whether it is admitted or not.
+    pub fn offer(&mut self, rec: &'a NodeRecord, cluster: &'a ClusterName) {
+        for ip in &rec.underlay_ips {
+            self.node_ips.entry(*ip).or_insert((cluster, &rec.name));
+        }
+    }
+
+    /// The pod ranges `cluster`'s file declares.
+    pub fn declare(&mut self, cluster: &'a ClusterName, ranges: &'a [IpCidr]) {
+        self.declared.insert(cluster, ranges);
+    }
+
     /// Decides `rec` of `cluster` against what is admitted.
     pub fn check(
         &self,
@@ -99,7 +117,7 @@ impl<'a> Admitted<'a> {
             self.declared_bounds(rec, cluster)?;
         }
         for ip in &rec.underlay_ips {
-            if let Some((c, oc, on)) = self.cidrs.iter().find(|(c, _, _)| c.contains(*ip)) {
+            if let Some((c, (oc, on))) = self.cidrs.containing(*ip).next() {
                 return refuse(
                     "underlay_ip_in_pod_cidr",
                     format!(
@@ -107,10 +125,12 @@ impl<'a> Admitted<'a> {
                     ),
                 );
             }
-            if let Some((_, oc, on)) = self
+            if let Some((oc, on)) = self
                 .underlay
-                .iter()
-                .find(|(u, oc, on)| u == ip && !(*oc == cluster && **on == rec.name))
+                .get(ip)
+                .into_iter()
+                .flatten()
+                .find(|(oc, on)| !(*oc == cluster && **on == rec.name))
             {
                 return refuse(
                     "underlay_ip_taken",
@@ -119,7 +139,7 @@ impl<'a> Admitted<'a> {
             }
         }
         for cidr in &rec.pod_cidrs {
-            if let Some((o, oc, on)) = self.cidrs.iter().find(|(o, _, _)| o.overlaps(cidr)) {
+            if let Some((o, (oc, on))) = self.cidrs.overlapping(cidr).next() {
                 return refuse(
                     "cidr_overlap",
                     format!("pod CIDR {cidr} overlaps {o} of node {on} in cluster {oc}"),
@@ -127,7 +147,7 @@ impl<'a> Admitted<'a> {
             }
         }
         for key in &rec.wireguard_public_keys {
-            if let Some((_, oc, on)) = self.keys.iter().find(|(k, _, _)| k == key) {
+            if let Some((oc, on)) = self.keys.get(key) {
                 return refuse(
                     "wireguard_key_taken",
                     format!(
@@ -142,12 +162,7 @@ impl<'a> Admitted<'a> {
 
     /// A remote node's pod CIDRs inside its cluster's declared ranges.
     fn declared_bounds(&self, rec: &NodeRecord, cluster: &ClusterName) -> Result<(), Refusal> {
-        let declared: Vec<&IpCidr> = self
-            .declared
-            .iter()
-            .filter(|(c, _)| *c == cluster)
-            .flat_map(|(_, d)| d.iter())
-            .collect();
+        let declared = self.declared.get(cluster).copied().unwrap_or_default();
         if declared.is_empty() {
             return Ok(());
         }
@@ -171,13 +186,18 @@ impl<'a> Admitted<'a> {
     /// Records an admitted node.
     pub fn admit(&mut self, rec: &'a NodeRecord, cluster: &'a ClusterName) {
         for c in &rec.pod_cidrs {
-            self.cidrs.push((*c, cluster, &rec.name));
+            if self.cidrs.get(c).is_none() {
+                self.cidrs.insert(*c, (cluster, &rec.name));
+            }
         }
         for ip in &rec.underlay_ips {
-            self.underlay.push((*ip, cluster, &rec.name));
+            self.underlay
+                .entry(*ip)
+                .or_default()
+                .push((cluster, &rec.name));
         }
         for k in &rec.wireguard_public_keys {
-            self.keys.push((*k, cluster, &rec.name));
+            self.keys.entry(*k).or_insert((cluster, &rec.name));
         }
     }
 }
@@ -197,7 +217,12 @@ fn remote_bounds(a: &Admitted<'_>, rec: &NodeRecord) -> Result<(), Refusal> {
                 format!("pod CIDR {cidr} overlaps the reserved range {r}"),
             );
         }
-        if let Some((ip, oc, on)) = a.node_ips.iter().find(|(ip, _, _)| cidr.contains(*ip)) {
+        if let Some((ip, (oc, on))) = a
+            .node_ips
+            .range(cidr.addr()..)
+            .take_while(|(ip, _)| cidr.contains(**ip))
+            .next()
+        {
             return refuse(
                 "pod_cidr_covers_node_ip",
                 format!(
@@ -354,14 +379,12 @@ mod tests {
             let x = node("x1", cidr, ip, key);
             let mut a = Admitted::default();
             for (rec, c) in [(&n1, &c1), (&m1, &c2), (&x, &c2)] {
-                for u in &rec.underlay_ips {
-                    a.node_ips.push((*u, c, &rec.name));
-                }
+                a.offer(rec, c);
             }
             a.admit(&n1, &c1);
             a.admit(&m1, &c2);
             if bounded {
-                a.declared.push((&c2, &declared));
+                a.declare(&c2, &declared);
             }
             let got = a.check(&x, &c2, false).err().map(|r| r.reason);
             assert_eq!(got, want, "{cidr} via {ip} key {key} declared {bounded}");

@@ -35,11 +35,11 @@ use std::{
 };
 
 use clustermesh_api::{
-    ClusterId, ClusterName, EncryptionMode, EncryptionPolicy, EncryptionScope, Identity, IpCidr,
-    NodeName, Protocol, ServiceRecord,
+    ClusterId, ClusterName, EncryptionMode, EncryptionPolicy, EncryptionScope, EndpointRecord,
+    Identity, IpCidr, K8sName, NodeName, Protocol, ServiceRecord,
 };
 
-use super::{admission::Admitted, store::Records};
+use super::{admission::Admitted, prefixes::PrefixMap, store::Records};
 use crate::desired::{
     Desired, IpCacheEntry, MergedBackend, MergedService, Peer, Rejection, TunnelEntry,
 };
@@ -87,62 +87,67 @@ fn port_set(s: &ServiceRecord) -> Vec<(Option<String>, Protocol, u16)> {
     v
 }
 
-/// The accepted nodes of each cluster (after CIDR ownership).
-type Accepted<'a> = BTreeMap<&'a ClusterName, Vec<&'a clustermesh_api::NodeRecord>>;
-
-/// Whether `ip` lies in an accepted pod CIDR of `cluster`.
-fn in_own_cidrs(accepted: &Accepted<'_>, cluster: &ClusterName, ip: IpAddr) -> bool {
-    accepted.get(cluster).is_some_and(|nodes| {
-        nodes
-            .iter()
-            .any(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
-    })
+/// The accepted node whose pod CIDR holds an address (the CIDR-ownership
+/// index: accepted pod CIDRs never overlap across nodes, so every prefix
+/// holding an address belongs to one node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub cluster: ClusterName,
+    pub local: bool,
+    pub node: NodeName,
+    pub underlay_ips: Vec<IpAddr>,
 }
 
-/// The underlay address traffic to `dest` (a pod or pod range of `rec`)
-/// is tunnelled or routed to: the node's address of the same family when it
-/// has one (an IPv6 route needs an IPv6 gateway), else its first.
-fn underlay_for(rec: &clustermesh_api::NodeRecord, dest: IpAddr) -> Option<IpAddr> {
-    rec.underlay_ips
+/// Accepted pod CIDR -> the node holding it.
+pub type Owners = PrefixMap<Owner>;
+
+/// The accepted node whose pod CIDR holds `ip`.
+pub fn owner_of(owners: &Owners, ip: IpAddr) -> Option<&Owner> {
+    owners.containing(ip).next().map(|(_, o)| o)
+}
+
+/// The underlay address traffic to `dest` (a pod or pod range of a node
+/// with these underlay addresses) is tunnelled or routed to: the node's
+/// address of the same family when it has one (an IPv6 route needs an
+/// IPv6 gateway), else its first.
+fn underlay_for(underlay_ips: &[IpAddr], dest: IpAddr) -> Option<IpAddr> {
+    underlay_ips
         .iter()
         .find(|u| u.is_ipv4() == dest.is_ipv4())
-        .or(rec.underlay_ips.first())
+        .or(underlay_ips.first())
         .copied()
 }
 
-/// The accepted node of `cluster` whose pod CIDR holds `ip`.
-fn node_of<'a>(
-    accepted: &Accepted<'a>,
-    cluster: &ClusterName,
-    ip: IpAddr,
-) -> Option<&'a clustermesh_api::NodeRecord> {
-    accepted.get(cluster).and_then(|nodes| {
-        nodes
-            .iter()
-            .find(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
-            .copied()
-    })
-}
-
-/// The accepted node of `cluster` whose pod CIDR holds `ip`.
-fn host_of(accepted: &Accepted<'_>, cluster: &ClusterName, ip: IpAddr) -> Option<NodeName> {
-    accepted.get(cluster).and_then(|nodes| {
-        nodes
-            .iter()
-            .find(|n| n.pod_cidrs.iter().any(|c| c.contains(ip)))
-            .map(|n| n.name.clone())
-    })
+/// Every cluster in merge order: the local one first, then the remotes
+/// (by name), each with whether it is the local one.
+pub fn clusters<'a>(input: &'a MergeInput<'a>) -> Vec<(bool, &'a ClusterInput<'a>)> {
+    std::iter::once((true, &input.local))
+        .chain(input.remotes.iter().map(|r| (false, r)))
+        .collect()
 }
 
 pub fn merge(input: &MergeInput<'_>) -> Desired {
     let mut out = Desired::default();
     out.policy.insert((), input.encryption);
-    let all: Vec<(bool, &ClusterInput<'_>)> = std::iter::once((true, &input.local))
-        .chain(input.remotes.iter().map(|r| (false, r)))
-        .collect();
-    let accepted = merge_nodes(input, &all, &mut out);
-    merge_endpoints(input, &all, &accepted, &mut out);
-    merge_services(input, &accepted, &mut out);
+    let nodes = merge_nodes(input);
+    out.tunnels = nodes.tunnels;
+    out.peers = nodes.peers;
+    out.ipcache = nodes.ipcache;
+    out.rejected = nodes.rejected;
+    for (local, c) in clusters(input) {
+        out.rejected.extend(identity_rejections(c));
+        for rec in c.records.endpoints.values() {
+            match endpoint_entry(input, c, local, rec, &nodes.owners) {
+                Ok(e) => {
+                    out.ipcache.insert(IpCidr::host(rec.ip), e);
+                }
+                Err(r) => out.rejected.push(r),
+            }
+        }
+    }
+    let services = merge_services(input, &nodes.owners);
+    out.services = services.services;
+    out.rejected.extend(services.rejected.into_values().flatten());
     out.network_policies = super::policy::merge_policies(input);
     out.policy_cidrs = super::policy::merge_policy_cidrs(input);
     out
@@ -151,14 +156,14 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
 /// A remote node's pod CIDR that overlaps a range another cluster holds
 /// (incumbent), in words.
 fn held_by_other(
-    incumbents: &BTreeMap<IpCidr, u8>,
+    incumbents: &PrefixMap<u8>,
     id: u8,
     rec: &clustermesh_api::NodeRecord,
 ) -> Option<String> {
     rec.pod_cidrs.iter().find_map(|p| {
         incumbents
-            .iter()
-            .find(|(c, owner)| **owner != id && c.overlaps(p))
+            .overlapping(p)
+            .find(|(_, owner)| **owner != id)
             .map(|(c, owner)| {
                 format!(
                     "pod CIDR {p} overlaps {c}, which the datapath routes for cluster id {owner}"
@@ -167,16 +172,26 @@ fn held_by_other(
     })
 }
 
+/// What the nodes of every cluster give: tunnels, remote nodes' ip-cache
+/// entries, WireGuard peers, and who owns which pod CIDR.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct NodeSection {
+    pub tunnels: BTreeMap<IpCidr, TunnelEntry>,
+    /// The remote nodes' underlay addresses (endpoints' entries win).
+    pub ipcache: BTreeMap<IpCidr, IpCacheEntry>,
+    pub peers: BTreeMap<String, Peer>,
+    pub owners: Owners,
+    pub rejected: Vec<Rejection>,
+}
+
 /// 1. Nodes and CIDR ownership: tunnels, remote nodes' ip-cache entries,
-///    WireGuard peers.
-fn merge_nodes<'a>(
-    input: &MergeInput<'a>,
-    all: &[(bool, &'a ClusterInput<'a>)],
-    out: &mut Desired,
-) -> Accepted<'a> {
+///    WireGuard peers. O(nodes x log nodes): admission is indexed.
+pub fn merge_nodes(input: &MergeInput<'_>) -> NodeSection {
+    let all = clusters(input);
+    let incumbents: PrefixMap<u8> = input.incumbents.iter().map(|(c, id)| (*c, *id)).collect();
     let mut candidates: Vec<(bool, u64, &ClusterInput<'_>, &clustermesh_api::NodeRecord)> =
         Vec::new();
-    for (local, c) in all {
+    for (local, c) in &all {
         for (rec, seq) in c.records.nodes.values() {
             candidates.push((*local, *seq, c, rec));
         }
@@ -189,186 +204,216 @@ fn merge_nodes<'a>(
             .iter()
             .any(|p| input.incumbents.get(p) == Some(&c.id.get()))
     };
-    candidates.sort_by(|a, b| {
-        b.0.cmp(&a.0)
-            .then(incumbent(b.2, b.3).cmp(&incumbent(a.2, a.3)))
-            .then(a.1.cmp(&b.1))
-            .then(a.2.name.cmp(b.2.name))
-            .then(a.3.name.cmp(&b.3.name))
+    candidates.sort_by_cached_key(|(local, seq, c, rec)| {
+        (
+            std::cmp::Reverse(*local),
+            std::cmp::Reverse(incumbent(c, rec)),
+            *seq,
+            c.name,
+            &rec.name,
+        )
     });
     let mut admitted = Admitted::default();
     for c in input.remotes {
-        admitted.declared.push((c.name, c.declared));
+        admitted.declare(c.name, c.declared);
     }
     for (_, _, c, rec) in &candidates {
-        for ip in &rec.underlay_ips {
-            admitted.node_ips.push((*ip, c.name, &rec.name));
-        }
+        admitted.offer(rec, c.name);
     }
-    let mut accepted: Accepted<'a> = BTreeMap::new();
+    let mut out = NodeSection::default();
     for (local, _, c, rec) in candidates {
-        if let Err(r) = admitted.check(rec, c.name, local) {
+        let refused = match admitted.check(rec, c.name, local) {
+            Err(r) => Some((r.reason, r.detail)),
+            Ok(()) if !local => held_by_other(&incumbents, c.id.get(), rec).map(|d| ("cidr_overlap", d)),
+            Ok(()) => None,
+        };
+        if let Some((reason, detail)) = refused {
             out.rejected.push(Rejection {
                 cluster: c.name.clone(),
                 record: format!("node {}", rec.name),
-                reason: r.reason,
-                detail: r.detail,
-            });
-            continue;
-        }
-        if !local && let Some(r) = held_by_other(input.incumbents, c.id.get(), rec) {
-            out.rejected.push(Rejection {
-                cluster: c.name.clone(),
-                record: format!("node {}", rec.name),
-                reason: "cidr_overlap",
-                detail: r,
+                reason,
+                detail,
             });
             continue;
         }
         admitted.admit(rec, c.name);
-        accepted.entry(c.name).or_default().push(rec);
-        let is_self = local && input.self_node == Some(&rec.name);
-        if is_self {
-            continue;
-        }
-        let Some(node_ip) = rec.underlay_ips.first().copied() else {
-            continue;
-        };
-        for cidr in &rec.pod_cidrs {
-            out.tunnels.insert(
-                *cidr,
-                TunnelEntry {
-                    node_ip: underlay_for(rec, cidr.addr()).unwrap_or(node_ip),
-                    cluster_id: c.id.get(),
-                    node: rec.name.clone(),
-                    encrypt: encrypt_to(&input.encryption, local),
-                },
-            );
-        }
-        if !local {
-            // Every underlay address of the node (both families of a
-            // dual-stack underlay) is a remote node.
-            for ip in &rec.underlay_ips {
-                out.ipcache.insert(
-                    IpCidr::host(*ip),
-                    IpCacheEntry {
-                        identity: Identity::REMOTE_NODE,
-                        cluster_id: c.id.get(),
-                        tunnel_endpoint: Some(*ip),
-                        encrypt: input.encryption.node_to_node
-                            && encrypt_to(&input.encryption, local),
-                    },
-                );
-            }
-        }
-        if encrypt_to(&input.encryption, local)
-            && let Some(key) = rec.wireguard_public_keys.first()
-        {
-            let mut allowed = rec.pod_cidrs.clone();
-            if input.encryption.node_to_node {
-                allowed.extend(rec.underlay_ips.iter().map(|ip| IpCidr::host(*ip)));
-            }
-            out.peers.insert(
-                format!("{}/{}", c.name, rec.name),
-                Peer {
-                    public_key: *key,
-                    endpoint: SocketAddr::new(
-                        node_ip,
-                        rec.wireguard_port.unwrap_or(DEFAULT_WG_PORT),
-                    ),
-                    allowed_ips: allowed,
-                },
-            );
-        }
+        add_node(input, &mut out, local, c, rec);
     }
-    accepted
+    out
 }
 
-/// 2. Endpoints (ip-cache) and identities.
-fn merge_endpoints(
+/// An accepted node's contribution to the [`NodeSection`].
+fn add_node(
     input: &MergeInput<'_>,
-    all: &[(bool, &ClusterInput<'_>)],
-    accepted: &Accepted<'_>,
-    out: &mut Desired,
+    out: &mut NodeSection,
+    local: bool,
+    c: &ClusterInput<'_>,
+    rec: &clustermesh_api::NodeRecord,
 ) {
-    for (local, c) in all {
-        for rec in c.records.identities.values() {
-            if rec.id.cluster() != Some(c.id) {
-                out.rejected.push(Rejection {
+    for cidr in &rec.pod_cidrs {
+        if out.owners.get(cidr).is_none() {
+            out.owners.insert(
+                *cidr,
+                Owner {
                     cluster: c.name.clone(),
-                    record: format!("identity {}", rec.id),
-                    reason: "identity_cluster_bits",
-                    detail: format!("identity {} does not carry cluster id {}", rec.id, c.id),
-                });
-            }
-        }
-        for rec in c.records.endpoints.values() {
-            // A remote cluster never speaks for a reserved identity (host,
-            // world, remote-node...): only for its own cluster-scoped ones.
-            if !*local && rec.identity.is_reserved() {
-                out.rejected.push(Rejection {
-                    cluster: c.name.clone(),
-                    record: format!("endpoint {}", rec.ip),
-                    reason: "reserved_identity",
-                    detail: format!(
-                        "a remote cluster may not claim the reserved identity {}",
-                        rec.identity
-                    ),
-                });
-                continue;
-            }
-            if !rec.identity.is_reserved() && rec.identity.cluster() != Some(c.id) {
-                out.rejected.push(Rejection {
-                    cluster: c.name.clone(),
-                    record: format!("endpoint {}", rec.ip),
-                    reason: "identity_cluster_bits",
-                    detail: format!(
-                        "identity {} does not carry cluster id {}",
-                        rec.identity, c.id
-                    ),
-                });
-                continue;
-            }
-            if !in_own_cidrs(accepted, c.name, rec.ip) {
-                out.rejected.push(Rejection {
-                    cluster: c.name.clone(),
-                    record: format!("endpoint {}", rec.ip),
-                    reason: "endpoint_outside_cluster_cidrs",
-                    detail: format!(
-                        "{} is not inside an accepted pod CIDR of cluster {}",
-                        rec.ip, c.name
-                    ),
-                });
-                continue;
-            }
-            let on_self = *local && host_of(accepted, c.name, rec.ip).as_ref() == input.self_node;
-            // The host's underlay address of the endpoint's family when the
-            // record names one of another family (a dual-stack node
-            // registers one host address for both of a pod's).
-            let tunnel_endpoint = match node_of(accepted, c.name, rec.ip) {
-                Some(n) if rec.host_ip.is_ipv4() != rec.ip.is_ipv4() => {
-                    underlay_for(n, rec.ip).unwrap_or(rec.host_ip)
-                }
-                _ => rec.host_ip,
-            };
-            out.ipcache.insert(
-                IpCidr::host(rec.ip),
-                IpCacheEntry {
-                    identity: rec.identity,
-                    cluster_id: c.id.get(),
-                    tunnel_endpoint: if on_self { None } else { Some(tunnel_endpoint) },
-                    encrypt: !on_self && encrypt_to(&input.encryption, *local),
+                    local,
+                    node: rec.name.clone(),
+                    underlay_ips: rec.underlay_ips.clone(),
                 },
             );
         }
     }
+    if local && input.self_node == Some(&rec.name) {
+        return;
+    }
+    let Some(node_ip) = rec.underlay_ips.first().copied() else {
+        return;
+    };
+    for cidr in &rec.pod_cidrs {
+        out.tunnels.insert(
+            *cidr,
+            TunnelEntry {
+                node_ip: underlay_for(&rec.underlay_ips, cidr.addr()).unwrap_or(node_ip),
+                cluster_id: c.id.get(),
+                node: rec.name.clone(),
+                encrypt: encrypt_to(&input.encryption, local),
+            },
+        );
+    }
+    if !local {
+        // Every underlay address of the node (both families of a
+        // dual-stack underlay) is a remote node.
+        for ip in &rec.underlay_ips {
+            out.ipcache.insert(
+                IpCidr::host(*ip),
+                IpCacheEntry {
+                    identity: Identity::REMOTE_NODE,
+                    cluster_id: c.id.get(),
+                    tunnel_endpoint: Some(*ip),
+                    encrypt: input.encryption.node_to_node && encrypt_to(&input.encryption, local),
+                },
+            );
+        }
+    }
+    if encrypt_to(&input.encryption, local)
+        && let Some(key) = rec.wireguard_public_keys.first()
+    {
+        let mut allowed = rec.pod_cidrs.clone();
+        if input.encryption.node_to_node {
+            allowed.extend(rec.underlay_ips.iter().map(|ip| IpCidr::host(*ip)));
+        }
+        out.peers.insert(
+            format!("{}/{}", c.name, rec.name),
+            Peer {
+                public_key: *key,
+                endpoint: SocketAddr::new(node_ip, rec.wireguard_port.unwrap_or(DEFAULT_WG_PORT)),
+                allowed_ips: allowed,
+            },
+        );
+    }
+}
+
+/// 2a. A cluster's identities that do not carry its cluster id.
+pub fn identity_rejections(c: &ClusterInput<'_>) -> Vec<Rejection> {
+    c.records
+        .identities
+        .values()
+        .filter(|rec| rec.id.cluster() != Some(c.id))
+        .map(|rec| Rejection {
+            cluster: c.name.clone(),
+            record: format!("identity {}", rec.id),
+            reason: "identity_cluster_bits",
+            detail: format!("identity {} does not carry cluster id {}", rec.id, c.id),
+        })
+        .collect()
+}
+
+/// 2b. One endpoint record of cluster `c`: its ip-cache entry, or why it
+/// is refused. O(distinct pod-CIDR lengths x log nodes).
+pub fn endpoint_entry(
+    input: &MergeInput<'_>,
+    c: &ClusterInput<'_>,
+    local: bool,
+    rec: &EndpointRecord,
+    owners: &Owners,
+) -> Result<IpCacheEntry, Rejection> {
+    let refuse = |reason: &'static str, detail: String| Rejection {
+        cluster: c.name.clone(),
+        record: format!("endpoint {}", rec.ip),
+        reason,
+        detail,
+    };
+    // A remote cluster never speaks for a reserved identity (host,
+    // world, remote-node...): only for its own cluster-scoped ones.
+    if !local && rec.identity.is_reserved() {
+        return Err(refuse(
+            "reserved_identity",
+            format!(
+                "a remote cluster may not claim the reserved identity {}",
+                rec.identity
+            ),
+        ));
+    }
+    if !rec.identity.is_reserved() && rec.identity.cluster() != Some(c.id) {
+        return Err(refuse(
+            "identity_cluster_bits",
+            format!(
+                "identity {} does not carry cluster id {}",
+                rec.identity, c.id
+            ),
+        ));
+    }
+    let Some(node) = owner_of(owners, rec.ip).filter(|o| o.cluster == *c.name) else {
+        return Err(refuse(
+            "endpoint_outside_cluster_cidrs",
+            format!(
+                "{} is not inside an accepted pod CIDR of cluster {}",
+                rec.ip, c.name
+            ),
+        ));
+    };
+    let on_self = local && Some(&node.node) == input.self_node;
+    // The host's underlay address of the endpoint's family when the
+    // record names one of another family (a dual-stack node registers
+    // one host address for both of a pod's).
+    let tunnel_endpoint = if rec.host_ip.is_ipv4() != rec.ip.is_ipv4() {
+        underlay_for(&node.underlay_ips, rec.ip).unwrap_or(rec.host_ip)
+    } else {
+        rec.host_ip
+    };
+    Ok(IpCacheEntry {
+        identity: rec.identity,
+        cluster_id: c.id.get(),
+        tunnel_endpoint: if on_self { None } else { Some(tunnel_endpoint) },
+        encrypt: !on_self && encrypt_to(&input.encryption, local),
+    })
+}
+
+/// Local service (namespace, name).
+pub type ServiceKey = (K8sName, K8sName);
+
+/// What the local services give.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct ServiceSection {
+    pub services: BTreeMap<String, MergedService>,
+    /// Refusals, by the local service they concern.
+    pub rejected: BTreeMap<ServiceKey, Vec<Rejection>>,
+    /// The local services whose frontends are their own (not refused for
+    /// a frontend another local service has).
+    pub accepted: std::collections::BTreeSet<ServiceKey>,
+}
+
+/// The desired-state key of a local service.
+pub fn service_name(key: &ServiceKey) -> String {
+    format!("{}/{}", key.0, key.1)
 }
 
 /// 3. Services: local ones, with remote backends for global services.
-fn merge_services(input: &MergeInput<'_>, accepted: &Accepted<'_>, out: &mut Desired) {
+pub fn merge_services(input: &MergeInput<'_>, owners: &Owners) -> ServiceSection {
+    let mut out = ServiceSection::default();
     let mut frontends: BTreeMap<(IpAddr, Protocol, u16), String> = BTreeMap::new();
     for (key, svc) in &input.local.records.services {
-        let name = format!("{}/{}", key.0, key.1);
+        let name = service_name(key);
         let taken = svc.frontends.iter().find_map(|ip| {
             svc.ports.iter().find_map(|p| {
                 frontends
@@ -377,7 +422,7 @@ fn merge_services(input: &MergeInput<'_>, accepted: &Accepted<'_>, out: &mut Des
             })
         });
         if let Some((ip, p, other)) = taken {
-            out.rejected.push(Rejection {
+            out.rejected.entry(key.clone()).or_default().push(Rejection {
                 cluster: input.local.name.clone(),
                 record: format!("service {name}"),
                 reason: "service_frontend_conflict",
@@ -393,63 +438,80 @@ fn merge_services(input: &MergeInput<'_>, accepted: &Accepted<'_>, out: &mut Des
                 frontends.insert((*ip, p.protocol, p.port), name.clone());
             }
         }
-        let mut backends = Vec::new();
-        let mut take = |cluster: &ClusterName, s: &ServiceRecord, out: &mut Desired| {
-            for b in &s.backends {
-                if !in_own_cidrs(accepted, cluster, b.ip) {
-                    out.rejected.push(Rejection {
-                        cluster: cluster.clone(),
-                        record: format!("service {name} backend {}", b.ip),
-                        reason: "backend_outside_cluster_cidrs",
-                        detail: format!(
-                            "{} is not inside an accepted pod CIDR of cluster {cluster}",
-                            b.ip
-                        ),
-                    });
-                    continue;
-                }
-                backends.push(MergedBackend {
-                    ip: b.ip,
-                    cluster: cluster.clone(),
-                    state: b.state,
-                });
-            }
-        };
-        take(input.local.name, svc, out);
-        if svc.global {
-            for r in input.remotes {
-                let Some(rs) = r.records.services.get(key) else {
-                    continue;
-                };
-                if !rs.global || !rs.shared {
-                    continue;
-                }
-                if port_set(rs) != port_set(svc) {
-                    out.rejected.push(Rejection {
-                        cluster: r.name.clone(),
-                        record: format!("service {name}"),
-                        reason: "service_port_conflict",
-                        detail: "its ports differ from the local service's".into(),
-                    });
-                    continue;
-                }
-                take(r.name, rs, out);
-            }
+        let (merged, rejected) = merge_service(input, key, svc, owners);
+        if !rejected.is_empty() {
+            out.rejected.insert(key.clone(), rejected);
         }
-        out.services.insert(
-            name,
-            MergedService {
-                frontends: svc.frontends.clone(),
-                ports: svc
-                    .ports
-                    .iter()
-                    .map(|p| (p.protocol, p.port, p.target_port))
-                    .collect(),
-                affinity: svc.affinity,
-                backends,
-            },
-        );
+        out.accepted.insert(key.clone());
+        out.services.insert(name, merged);
     }
+    out
+}
+
+/// 3b. One accepted local service with the backends of every cluster
+/// that shares it. O(clusters).
+pub fn merge_service(
+    input: &MergeInput<'_>,
+    key: &ServiceKey,
+    svc: &ServiceRecord,
+    owners: &Owners,
+) -> (MergedService, Vec<Rejection>) {
+    let name = service_name(key);
+    let mut rejected = Vec::new();
+    let mut backends = Vec::new();
+    let mut take = |cluster: &ClusterName, s: &ServiceRecord, rejected: &mut Vec<Rejection>| {
+        for b in &s.backends {
+            if owner_of(owners, b.ip).is_none_or(|o| o.cluster != *cluster) {
+                rejected.push(Rejection {
+                    cluster: cluster.clone(),
+                    record: format!("service {name} backend {}", b.ip),
+                    reason: "backend_outside_cluster_cidrs",
+                    detail: format!(
+                        "{} is not inside an accepted pod CIDR of cluster {cluster}",
+                        b.ip
+                    ),
+                });
+                continue;
+            }
+            backends.push(MergedBackend {
+                ip: b.ip,
+                cluster: cluster.clone(),
+                state: b.state,
+            });
+        }
+    };
+    take(input.local.name, svc, &mut rejected);
+    if svc.global {
+        for r in input.remotes {
+            let Some(rs) = r.records.services.get(key) else {
+                continue;
+            };
+            if !rs.global || !rs.shared {
+                continue;
+            }
+            if port_set(rs) != port_set(svc) {
+                rejected.push(Rejection {
+                    cluster: r.name.clone(),
+                    record: format!("service {name}"),
+                    reason: "service_port_conflict",
+                    detail: "its ports differ from the local service's".into(),
+                });
+                continue;
+            }
+            take(r.name, rs, &mut rejected);
+        }
+    }
+    let merged = MergedService {
+        frontends: svc.frontends.clone(),
+        ports: svc
+            .ports
+            .iter()
+            .map(|p| (p.protocol, p.port, p.target_port))
+            .collect(),
+        affinity: svc.affinity,
+        backends,
+    };
+    (merged, rejected)
 }
 
 #[cfg(test)]

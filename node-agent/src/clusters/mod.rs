@@ -20,8 +20,10 @@
 
 pub mod admission;
 pub mod config;
+pub mod incremental;
 pub mod merge;
 pub mod policy;
+pub mod prefixes;
 pub mod store;
 pub mod watcher;
 

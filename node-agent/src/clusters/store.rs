@@ -117,6 +117,85 @@ pub const MAX_VALUE_BYTES: usize = 512 * 1024;
 /// scale tests: 15k endpoints a cluster; 100k+ supported here).
 pub const MAX_RECORDS: usize = 500_000;
 
+/// Which records changed since the merge last took them
+/// ([`ClusterStore::take_changes`]): what the incremental merge
+/// re-derives, so that the cost of an event follows the change, not the
+/// mesh.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    pub endpoints: BTreeSet<IpAddr>,
+    pub services: BTreeSet<(K8sName, K8sName)>,
+    pub nodes: bool,
+    pub identities: bool,
+    pub policies: bool,
+    /// An endpoint that names (or named) a namespace changed: policy
+    /// peers take an identity's namespace from its endpoints.
+    pub endpoint_namespaces: bool,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Every record of `r` (a cluster that goes or comes as a whole).
+    pub fn all(r: &Records) -> Self {
+        Self {
+            endpoints: r.endpoints.keys().copied().collect(),
+            services: r.services.keys().cloned().collect(),
+            nodes: !r.nodes.is_empty(),
+            identities: !r.identities.is_empty(),
+            policies: !r.policies.is_empty(),
+            endpoint_namespaces: r.endpoints.values().any(|e| e.namespace.is_some()),
+        }
+    }
+
+    /// Adds `other`'s changes.
+    pub fn extend(&mut self, other: Self) {
+        self.endpoints.extend(other.endpoints);
+        self.services.extend(other.services);
+        self.nodes |= other.nodes;
+        self.identities |= other.identities;
+        self.policies |= other.policies;
+        self.endpoint_namespaces |= other.endpoint_namespaces;
+    }
+
+    /// What differs between `old` and `new`: O(records of one cluster).
+    pub fn between(old: &Records, new: &Records) -> Self {
+        let mut c = Self {
+            nodes: old.nodes != new.nodes,
+            identities: old.identities != new.identities,
+            policies: old.policies != new.policies,
+            ..Self::default()
+        };
+        for (ip, e) in &new.endpoints {
+            let before = old.endpoints.get(ip);
+            if before != Some(e) {
+                c.endpoints.insert(*ip);
+                c.endpoint_namespaces |=
+                    e.namespace.is_some() || before.is_some_and(|b| b.namespace.is_some());
+            }
+        }
+        for (ip, e) in &old.endpoints {
+            if !new.endpoints.contains_key(ip) {
+                c.endpoints.insert(*ip);
+                c.endpoint_namespaces |= e.namespace.is_some();
+            }
+        }
+        for (k, s) in &new.services {
+            if old.services.get(k) != Some(s) {
+                c.services.insert(k.clone());
+            }
+        }
+        for k in old.services.keys() {
+            if !new.services.contains_key(k) {
+                c.services.insert(k.clone());
+            }
+        }
+        c
+    }
+}
+
 /// Counts of a cluster's records (for status).
 pub use clustermesh_api::status::RecordCounts as Counts;
 
@@ -140,6 +219,8 @@ pub struct ClusterStore {
     /// At most this many records from this cluster.
     pub max_records: usize,
     seq: u64,
+    /// What changed since [`ClusterStore::take_changes`].
+    changes: Changes,
 }
 
 /// What an event did to the store.
@@ -166,6 +247,7 @@ impl ClusterStore {
             buffered_refusals: BTreeSet::new(),
             max_records: MAX_RECORDS,
             seq: 0,
+            changes: Changes::default(),
         }
     }
 
@@ -177,6 +259,11 @@ impl ClusterStore {
             services: self.records.services.len(),
             policies: self.records.policies.len(),
         }
+    }
+
+    /// What changed since the last call (the merge takes it).
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
     }
 
     /// Validates the cluster config read at connect time.
@@ -233,6 +320,7 @@ impl ClusterStore {
         if b == self.records {
             return Effect::None;
         }
+        self.changes.extend(Changes::between(&self.records, &b));
         self.records = b;
         Effect::Changed
     }
@@ -305,31 +393,46 @@ impl ClusterStore {
         self.refused.remove(key);
         self.seq += 1;
         let seq = self.seq;
+        let live = self.buffer.is_none();
         let t = self.target();
+        let mut change = Changes::default();
         let changed = match entry {
-            Entry::Node(r) => match t.nodes.entry(r.name.clone()) {
-                btree_map::Entry::Occupied(mut o) => {
-                    if o.get().0 == r {
-                        false
-                    } else {
-                        o.get_mut().0 = r;
+            Entry::Node(r) => {
+                change.nodes = true;
+                match t.nodes.entry(r.name.clone()) {
+                    btree_map::Entry::Occupied(mut o) => {
+                        if o.get().0 == r {
+                            false
+                        } else {
+                            o.get_mut().0 = r;
+                            true
+                        }
+                    }
+                    btree_map::Entry::Vacant(v) => {
+                        v.insert((r, seq));
                         true
                     }
                 }
-                btree_map::Entry::Vacant(v) => {
-                    v.insert((r, seq));
-                    true
-                }
-            },
-            Entry::Endpoint(r) => t.endpoints.insert(r.ip, r.clone()).as_ref() != Some(&r),
-            Entry::Identity(r) => t.identities.insert(r.id, r.clone()).as_ref() != Some(&r),
+            }
+            Entry::Endpoint(r) => {
+                let ns = r.namespace.is_some();
+                let old = t.endpoints.insert(r.ip, r.clone());
+                change.endpoints.insert(r.ip);
+                change.endpoint_namespaces =
+                    ns || old.as_ref().is_some_and(|o| o.namespace.is_some());
+                old.as_ref() != Some(&r)
+            }
+            Entry::Identity(r) => {
+                change.identities = true;
+                t.identities.insert(r.id, r.clone()).as_ref() != Some(&r)
+            }
             Entry::Service(r) => {
-                t.services
-                    .insert((r.namespace.clone(), r.name.clone()), r.clone())
-                    .as_ref()
-                    != Some(&r)
+                let key = (r.namespace.clone(), r.name.clone());
+                change.services.insert(key.clone());
+                t.services.insert(key, r.clone()).as_ref() != Some(&r)
             }
             Entry::Policy(r) => {
+                change.policies = true;
                 t.policies
                     .insert((r.namespace.clone(), r.name.clone()), r.clone())
                     .as_ref()
@@ -338,7 +441,8 @@ impl ClusterStore {
             // Only state prefixes are watched; anything else is ignored.
             _ => false,
         };
-        if changed && self.buffer.is_none() {
+        if changed && live {
+            self.changes.extend(change);
             Effect::Changed
         } else {
             Effect::None
@@ -346,31 +450,41 @@ impl ClusterStore {
     }
 
     fn remove(&mut self, k: &Key) -> Effect {
+        let live = self.buffer.is_none();
         let t = self.target();
         let present = t.contains(k);
+        let mut change = Changes::default();
         match k {
             Key::Node { node, .. } => {
                 t.nodes.remove(node);
+                change.nodes = true;
             }
             Key::Ip { ip, .. } => {
-                t.endpoints.remove(ip);
+                let old = t.endpoints.remove(ip);
+                change.endpoints.insert(*ip);
+                change.endpoint_namespaces = old.is_some_and(|o| o.namespace.is_some());
             }
             Key::Identity { id, .. } => {
                 t.identities.remove(id);
+                change.identities = true;
             }
             Key::Service {
                 namespace, name, ..
             } => {
-                t.services.remove(&(namespace.clone(), name.clone()));
+                let key = (namespace.clone(), name.clone());
+                t.services.remove(&key);
+                change.services.insert(key);
             }
             Key::Policy {
                 namespace, name, ..
             } => {
                 t.policies.remove(&(namespace.clone(), name.clone()));
+                change.policies = true;
             }
             _ => {}
         }
-        if present && self.buffer.is_none() {
+        if present && live {
+            self.changes.extend(change);
             Effect::Changed
         } else {
             Effect::None
@@ -393,6 +507,7 @@ impl ClusterStore {
         if self.records.is_empty() {
             return Effect::None;
         }
+        self.changes.extend(Changes::all(&self.records));
         self.records = Records::default();
         Effect::Changed
     }

@@ -1,0 +1,504 @@
+//! The incremental merge: the node's desired state kept up to date from
+//! what changed ([`Changes`] of each cluster's store), instead of merging
+//! every cluster again on every event. Each update returns the keys it
+//! touched ([`Delta`]): the agent applies exactly those, so neither the
+//! merge nor the diff walks the whole mesh.
+//!
+//! What a change re-derives (the rules are [`super::merge`]'s, shared
+//! function for function, so the two cannot drift):
+//! - an **endpoint** (cluster C, address x): C's verdict on x, and x's
+//!   ip-cache entry when C owns the pod CIDR holding x (no other cluster's
+//!   record can be valid at x then, and when C does not own it, x's entry
+//!   is not C's): one lookup in the CIDR-ownership index and one in C's
+//!   store, whatever the size of the mesh;
+//! - a **service** of a remote cluster: the one local service of that
+//!   name (O(clusters)); a local service: the local services (frontend
+//!   conflicts are decided among them, in name order);
+//! - a **node**, a cluster coming or going, its declared ranges or the
+//!   range holders (incumbents): node admission again (indexed, O(nodes x
+//!   log nodes), independent of the endpoints), then only the endpoints
+//!   inside the pod CIDRs whose owner changed (range scans of each store)
+//!   and the services (their backends are checked against the owners);
+//! - an **identity**, a local policy, a local endpoint or an endpoint
+//!   naming a namespace: the network-policy section (still whole: it is
+//!   a function of every identity and the local endpoints);
+//! - the local **encryption policy**, the local cluster's id or a remote
+//!   cluster's id: everything (a rebuild, diffed once against the old
+//!   state).
+//!
+//! The property test below drives random event sequences and checks after
+//! every step that the state equals [`super::merge::merge`] of the same
+//! input.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use clustermesh_api::{ClusterName, EncryptionPolicy, Identity, IpCidr};
+
+use super::{
+    merge::{
+        self, ClusterInput, MergeInput, NodeSection, ServiceSection, clusters, endpoint_entry,
+        identity_rejections, merge_nodes, merge_service, merge_services, service_name,
+    },
+    store::Changes,
+};
+use crate::desired::{Desired, IpCacheEntry, Rejection};
+
+/// The keys of each target an update touched (their desired value may or
+/// may not differ from what the target holds).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delta {
+    pub ipcache: BTreeSet<IpCidr>,
+    pub tunnels: BTreeSet<IpCidr>,
+    pub peers: BTreeSet<String>,
+    pub services: BTreeSet<String>,
+    pub policy: bool,
+    pub network_policies: BTreeSet<Identity>,
+    pub policy_cidrs: BTreeSet<IpCidr>,
+    /// Refusals that appeared with this update (logged once).
+    pub rejected: Vec<Rejection>,
+}
+
+impl Delta {
+    /// Whether no target key was touched.
+    pub fn is_empty(&self) -> bool {
+        self.ipcache.is_empty()
+            && self.tunnels.is_empty()
+            && self.peers.is_empty()
+            && self.services.is_empty()
+            && !self.policy
+            && self.network_policies.is_empty()
+            && self.policy_cidrs.is_empty()
+    }
+}
+
+/// What, when it differs, makes an update a rebuild.
+#[derive(Debug, Clone, PartialEq)]
+struct Basis {
+    encryption: EncryptionPolicy,
+    ids: BTreeMap<ClusterName, u8>,
+}
+
+/// What, when it differs, makes node admission run again.
+#[derive(Debug, Clone, PartialEq)]
+struct NodeBasis {
+    declared: BTreeMap<ClusterName, Vec<IpCidr>>,
+    incumbents: BTreeMap<IpCidr, u8>,
+}
+
+fn basis(input: &MergeInput<'_>) -> (Basis, NodeBasis) {
+    let all = clusters(input);
+    (
+        Basis {
+            encryption: input.encryption,
+            ids: all
+                .iter()
+                .map(|(_, c)| (c.name.clone(), c.id.get()))
+                .collect(),
+        },
+        NodeBasis {
+            declared: all
+                .iter()
+                .map(|(_, c)| (c.name.clone(), c.declared.to_vec()))
+                .collect(),
+            incumbents: input.incumbents.clone(),
+        },
+    )
+}
+
+/// The merged state, kept.
+#[derive(Debug, Default)]
+pub struct Incremental {
+    basis: Option<(Basis, NodeBasis)>,
+    /// The desired state (its `rejected` stays empty: see
+    /// [`Incremental::rejected`]).
+    desired: Desired,
+    nodes: NodeSection,
+    /// Endpoint refusals by address (one per cluster claiming it).
+    endpoints_rejected: BTreeMap<IpAddr, Vec<Rejection>>,
+    identities_rejected: BTreeMap<ClusterName, Vec<Rejection>>,
+    services: ServiceSection,
+}
+
+/// Inserts every key where `old` and `new` differ into `keys`.
+fn diff_keys<K: Ord + Clone, V: PartialEq>(
+    old: &BTreeMap<K, V>,
+    new: &BTreeMap<K, V>,
+    keys: &mut BTreeSet<K>,
+) {
+    for (k, v) in new {
+        if old.get(k) != Some(v) {
+            keys.insert(k.clone());
+        }
+    }
+    for k in old.keys() {
+        if !new.contains_key(k) {
+            keys.insert(k.clone());
+        }
+    }
+}
+
+/// The refusals of `new` that `old` did not have.
+fn appeared<'a>(old: &[Rejection], new: &'a [Rejection]) -> impl Iterator<Item = &'a Rejection> {
+    let seen: BTreeSet<(&ClusterName, &str, &str)> = old
+        .iter()
+        .map(|r| (&r.cluster, r.record.as_str(), r.reason))
+        .collect();
+    new.iter()
+        .filter(move |r| !seen.contains(&(&r.cluster, r.record.as_str(), r.reason)))
+}
+
+impl Incremental {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The desired state (without its refusals).
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Every refusal now.
+    pub fn rejected(&self) -> impl Iterator<Item = &Rejection> {
+        self.nodes
+            .rejected
+            .iter()
+            .chain(self.identities_rejected.values().flatten())
+            .chain(self.endpoints_rejected.values().flatten())
+            .chain(self.services.rejected.values().flatten())
+    }
+
+    /// Brings the state up to `input`, given what changed in each
+    /// cluster's records since the last update (a cluster no longer in
+    /// `input` lists every record it had).
+    pub fn update(
+        &mut self,
+        input: &MergeInput<'_>,
+        changes: &BTreeMap<ClusterName, Changes>,
+    ) -> Delta {
+        let (b, nb) = basis(input);
+        let Some((old_b, old_nb)) = self.basis.take() else {
+            return self.rebuild(input, (b, nb));
+        };
+        // A cluster's id is in its identities and entries: changed, all
+        // is derived again (as when the encryption policy changes).
+        let renumbered = old_b
+            .ids
+            .iter()
+            .any(|(n, id)| b.ids.get(n).is_some_and(|new| new != id));
+        if old_b.encryption != b.encryption || renumbered {
+            return self.rebuild(input, (b, nb));
+        }
+        let mut delta = Delta::default();
+        let all = clusters(input);
+        let membership = old_nb.declared != nb.declared;
+        let mut rederive = BTreeSet::new();
+        let mut services_all = false;
+        if membership || old_nb.incumbents != nb.incumbents || changes.values().any(|c| c.nodes) {
+            services_all = self.update_nodes(input, &all, &mut rederive, &mut delta);
+        }
+        for (name, ch) in changes {
+            let c = all.iter().find(|(_, c)| c.name == name).copied();
+            for ip in &ch.endpoints {
+                if !rederive.contains(ip) {
+                    self.endpoint_changed(input, name, c, *ip, &mut delta);
+                }
+            }
+            if ch.identities {
+                self.update_identities(name, c, &mut delta);
+            }
+        }
+        for ip in rederive {
+            self.rederive(input, &all, ip, &mut delta);
+        }
+        let local = changes.get(input.local.name);
+        if services_all || local.is_some_and(|c| !c.services.is_empty()) {
+            self.update_services(input, &mut delta);
+        } else {
+            let keys: BTreeSet<_> = changes.values().flat_map(|c| &c.services).collect();
+            for key in keys {
+                self.update_service(input, key, &mut delta);
+            }
+        }
+        let policy = membership
+            || local.is_some_and(|c| c.policies || !c.endpoints.is_empty())
+            || changes
+                .values()
+                .any(|c| c.identities || c.endpoint_namespaces);
+        if policy {
+            self.update_policy(input, &mut delta);
+        }
+        self.basis = Some((b, nb));
+        delta
+    }
+
+    /// Everything from scratch, diffed once against the old state.
+    fn rebuild(&mut self, input: &MergeInput<'_>, basis: (Basis, NodeBasis)) -> Delta {
+        let old_rejected: Vec<Rejection> = self.rejected().cloned().collect();
+        let old = std::mem::take(&mut self.desired);
+        self.nodes = merge_nodes(input);
+        let mut new = Desired {
+            tunnels: self.nodes.tunnels.clone(),
+            peers: self.nodes.peers.clone(),
+            ipcache: self.nodes.ipcache.clone(),
+            ..Desired::default()
+        };
+        new.policy.insert((), input.encryption);
+        self.identities_rejected.clear();
+        self.endpoints_rejected.clear();
+        for (local, c) in clusters(input) {
+            let ids = identity_rejections(c);
+            if !ids.is_empty() {
+                self.identities_rejected.insert(c.name.clone(), ids);
+            }
+            for rec in c.records.endpoints.values() {
+                match endpoint_entry(input, c, local, rec, &self.nodes.owners) {
+                    Ok(e) => {
+                        new.ipcache.insert(IpCidr::host(rec.ip), e);
+                    }
+                    Err(r) => self.endpoints_rejected.entry(rec.ip).or_default().push(r),
+                }
+            }
+        }
+        self.services = merge_services(input, &self.nodes.owners);
+        new.services = std::mem::take(&mut self.services.services);
+        new.network_policies = super::policy::merge_policies(input);
+        new.policy_cidrs = super::policy::merge_policy_cidrs(input);
+        let mut delta = Delta::default();
+        diff_keys(&old.ipcache, &new.ipcache, &mut delta.ipcache);
+        diff_keys(&old.tunnels, &new.tunnels, &mut delta.tunnels);
+        diff_keys(&old.peers, &new.peers, &mut delta.peers);
+        diff_keys(&old.services, &new.services, &mut delta.services);
+        delta.policy = old.policy != new.policy;
+        diff_keys(
+            &old.network_policies,
+            &new.network_policies,
+            &mut delta.network_policies,
+        );
+        diff_keys(&old.policy_cidrs, &new.policy_cidrs, &mut delta.policy_cidrs);
+        self.desired = new;
+        let new_rejected: Vec<Rejection> = self.rejected().cloned().collect();
+        delta.rejected = appeared(&old_rejected, &new_rejected).cloned().collect();
+        self.basis = Some(basis);
+        delta
+    }
+
+    /// Node admission again; the addresses whose entry may have changed go
+    /// into `rederive`. Returns whether CIDR ownership changed.
+    fn update_nodes(
+        &mut self,
+        input: &MergeInput<'_>,
+        all: &[(bool, &ClusterInput<'_>)],
+        rederive: &mut BTreeSet<IpAddr>,
+        delta: &mut Delta,
+    ) -> bool {
+        let new = merge_nodes(input);
+        let old = std::mem::replace(&mut self.nodes, new);
+        let new = &self.nodes;
+        diff_keys(&old.tunnels, &new.tunnels, &mut delta.tunnels);
+        diff_keys(&old.peers, &new.peers, &mut delta.peers);
+        let mut hosts = BTreeSet::new();
+        diff_keys(&old.ipcache, &new.ipcache, &mut hosts);
+        rederive.extend(hosts.iter().map(IpCidr::addr));
+        delta
+            .rejected
+            .extend(appeared(&old.rejected, &new.rejected).cloned());
+        // Pod CIDRs gained, lost or moved: every endpoint inside them.
+        let mut ranges = BTreeSet::new();
+        for (c, o) in new.owners.iter() {
+            if old.owners.get(c) != Some(o) {
+                ranges.insert(*c);
+            }
+        }
+        for (c, _) in old.owners.iter() {
+            if new.owners.get(c).is_none() {
+                ranges.insert(*c);
+            }
+        }
+        for p in &ranges {
+            for (_, c) in all {
+                rederive.extend(
+                    c.records
+                        .endpoints
+                        .range(p.addr()..)
+                        .take_while(|(ip, _)| p.contains(**ip))
+                        .map(|(ip, _)| *ip),
+                );
+            }
+        }
+        // Addresses a gone cluster had are in its changes; those of a
+        // refused node's range never had an entry from it.
+        self.desired.tunnels = new.tunnels.clone();
+        self.desired.peers = new.peers.clone();
+        !ranges.is_empty()
+    }
+
+    /// Sets `x`'s ip-cache entry: the endpoint's when it has a valid one,
+    /// else the remote node's, else none.
+    fn set_ip(&mut self, x: IpAddr, endpoint: Option<IpCacheEntry>, delta: &mut Delta) {
+        let key = IpCidr::host(x);
+        let want = endpoint.or_else(|| self.nodes.ipcache.get(&key).copied());
+        let changed = match want {
+            Some(e) => self.desired.ipcache.insert(key, e) != Some(e),
+            None => self.desired.ipcache.remove(&key).is_some(),
+        };
+        if changed {
+            delta.ipcache.insert(key);
+        }
+    }
+
+    /// Replaces `cluster`'s refusal of `x` (if any) with `r`.
+    fn set_refusal(
+        &mut self,
+        x: IpAddr,
+        cluster: &ClusterName,
+        r: Option<Rejection>,
+        delta: &mut Delta,
+    ) {
+        let list = self.endpoints_rejected.entry(x).or_default();
+        let old = list.iter().position(|o| o.cluster == *cluster);
+        let old = old.map(|i| list.remove(i));
+        if let Some(r) = r {
+            if old.as_ref().is_none_or(|o| o.reason != r.reason) {
+                delta.rejected.push(r.clone());
+            }
+            list.push(r);
+        }
+        if list.is_empty() {
+            self.endpoints_rejected.remove(&x);
+        }
+    }
+
+    /// Cluster `name`'s record at `x` changed (`c`: the cluster, when it
+    /// is still in the input).
+    fn endpoint_changed(
+        &mut self,
+        input: &MergeInput<'_>,
+        name: &ClusterName,
+        c: Option<(bool, &ClusterInput<'_>)>,
+        x: IpAddr,
+        delta: &mut Delta,
+    ) {
+        let owns = merge::owner_of(&self.nodes.owners, x).is_some_and(|o| o.cluster == *name);
+        let verdict = c.and_then(|(local, c)| {
+            c.records
+                .endpoints
+                .get(&x)
+                .map(|rec| endpoint_entry(input, c, local, rec, &self.nodes.owners))
+        });
+        match verdict {
+            Some(Ok(e)) => {
+                self.set_refusal(x, name, None, delta);
+                self.set_ip(x, Some(e), delta);
+            }
+            Some(Err(r)) => {
+                self.set_refusal(x, name, Some(r), delta);
+                if owns {
+                    self.set_ip(x, None, delta);
+                }
+            }
+            None => {
+                self.set_refusal(x, name, None, delta);
+                if owns {
+                    self.set_ip(x, None, delta);
+                }
+            }
+        }
+    }
+
+    /// Every cluster's verdict on `x` again.
+    fn rederive(
+        &mut self,
+        input: &MergeInput<'_>,
+        all: &[(bool, &ClusterInput<'_>)],
+        x: IpAddr,
+        delta: &mut Delta,
+    ) {
+        let old = self.endpoints_rejected.remove(&x).unwrap_or_default();
+        let mut entry = None;
+        let mut refused = Vec::new();
+        for (local, c) in all {
+            if let Some(rec) = c.records.endpoints.get(&x) {
+                match endpoint_entry(input, c, *local, rec, &self.nodes.owners) {
+                    Ok(e) => entry = Some(e),
+                    Err(r) => refused.push(r),
+                }
+            }
+        }
+        delta.rejected.extend(appeared(&old, &refused).cloned());
+        if !refused.is_empty() {
+            self.endpoints_rejected.insert(x, refused);
+        }
+        self.set_ip(x, entry, delta);
+    }
+
+    fn update_identities(
+        &mut self,
+        name: &ClusterName,
+        c: Option<(bool, &ClusterInput<'_>)>,
+        delta: &mut Delta,
+    ) {
+        let new = c.map(|(_, c)| identity_rejections(c)).unwrap_or_default();
+        let old = self.identities_rejected.remove(name).unwrap_or_default();
+        delta.rejected.extend(appeared(&old, &new).cloned());
+        if !new.is_empty() {
+            self.identities_rejected.insert(name.clone(), new);
+        }
+    }
+
+    /// Every local service again.
+    fn update_services(&mut self, input: &MergeInput<'_>, delta: &mut Delta) {
+        let mut new = merge_services(input, &self.nodes.owners);
+        diff_keys(
+            &self.desired.services,
+            &new.services,
+            &mut delta.services,
+        );
+        let old: Vec<Rejection> = self.services.rejected.values().flatten().cloned().collect();
+        let now: Vec<Rejection> = new.rejected.values().flatten().cloned().collect();
+        delta.rejected.extend(appeared(&old, &now).cloned());
+        self.desired.services = std::mem::take(&mut new.services);
+        self.services = new;
+    }
+
+    /// The local service `key` (a remote's same-named service changed).
+    fn update_service(
+        &mut self,
+        input: &MergeInput<'_>,
+        key: &merge::ServiceKey,
+        delta: &mut Delta,
+    ) {
+        if !self.services.accepted.contains(key) {
+            return;
+        }
+        let Some(svc) = input.local.records.services.get(key) else {
+            return;
+        };
+        let (merged, rejected) = merge_service(input, key, svc, &self.nodes.owners);
+        let name = service_name(key);
+        if self.desired.services.get(&name) != Some(&merged) {
+            delta.services.insert(name.clone());
+            self.desired.services.insert(name, merged);
+        }
+        let old = self.services.rejected.remove(key).unwrap_or_default();
+        delta.rejected.extend(appeared(&old, &rejected).cloned());
+        if !rejected.is_empty() {
+            self.services.rejected.insert(key.clone(), rejected);
+        }
+    }
+
+    fn update_policy(&mut self, input: &MergeInput<'_>, delta: &mut Delta) {
+        let policies = super::policy::merge_policies(input);
+        let cidrs = super::policy::merge_policy_cidrs(input);
+        diff_keys(
+            &self.desired.network_policies,
+            &policies,
+            &mut delta.network_policies,
+        );
+        diff_keys(&self.desired.policy_cidrs, &cidrs, &mut delta.policy_cidrs);
+        self.desired.network_policies = policies;
+        self.desired.policy_cidrs = cidrs;
+    }
+}
