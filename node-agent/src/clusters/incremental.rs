@@ -201,8 +201,13 @@ impl Incremental {
         }
         for (name, ch) in changes {
             let c = all.iter().find(|(_, c)| c.name == name).copied();
-            for ip in &ch.endpoints {
-                if !rederive.contains(ip) {
+            if services_all {
+                // Ownership moved: which cluster's entry an address held
+                // before is not known from the new owners; every cluster
+                // is asked again (O(clusters) per changed address).
+                rederive.extend(ch.endpoints.iter().copied());
+            } else {
+                for ip in &ch.endpoints {
                     self.endpoint_changed(input, name, c, *ip, &mut delta);
                 }
             }
@@ -500,5 +505,302 @@ impl Incremental {
         diff_keys(&self.desired.policy_cidrs, &cidrs, &mut delta.policy_cidrs);
         self.desired.network_policies = policies;
         self.desired.policy_cidrs = cidrs;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::Instant;
+
+    use clustermesh_api::{
+        Affinity, Backend, BackendState, ClusterId, EncryptionMode, EndpointRecord,
+        IdentityRecord, KvKey, Labels, NodeName, NodeRecord, PolicyRecord, Protocol, Record, ServicePort,
+        ServiceRecord, WgPublicKey, encode, policy::parse_documents,
+    };
+
+    use super::*;
+    use crate::clusters::store::ClusterStore;
+
+    /// xorshift64*: a seeded, reproducible stream (no dependency for it).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+            &v[self.below(v.len() as u64) as usize]
+        }
+    }
+
+    const POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+    toPorts: [{ports: [{port: "5432", protocol: TCP}]}]
+  egress:
+  - toCIDR: [203.0.113.0/24]
+"#;
+
+    /// A small address space, so that ranges, addresses, keys and
+    /// frontends collide often.
+    fn record(rng: &mut Rng, c: u8) -> (Vec<u8>, Vec<u8>) {
+        let cluster: ClusterName = format!("c{c}").parse().unwrap();
+        let ident = |rng: &mut Rng| {
+            let cid = if rng.below(8) == 0 { *rng.pick(&[1u64, 2, 3, 4]) } else { u64::from(c) };
+            if rng.below(12) == 0 {
+                Identity::WORLD
+            } else {
+                Identity::new(ClusterId::new(cid).unwrap(), 256 + rng.below(3) as u16).unwrap()
+            }
+        };
+        let pod_ip = |rng: &mut Rng| -> IpAddr {
+            format!("10.{}.{}.{}", 1 + rng.below(3), rng.below(2), 1 + rng.below(4))
+                .parse()
+                .unwrap()
+        };
+        let (k, v) = match rng.below(10) {
+            0..=2 => {
+                let len = *rng.pick(&[23u8, 24, 24, 24, 16]);
+                let cidr = IpCidr::truncate(
+                    format!("10.{}.{}.0", 1 + rng.below(3), rng.below(2)).parse().unwrap(),
+                    len,
+                );
+                let r = NodeRecord {
+                    name: format!("n{}", rng.below(4)).parse().unwrap(),
+                    cluster,
+                    underlay_ips: vec![format!("192.0.2.{}", 1 + rng.below(12)).parse().unwrap()],
+                    pod_cidrs: vec![cidr],
+                    wireguard_public_keys: vec![
+                        WgPublicKey::from_bytes([10 + rng.below(10) as u8; 32]).unwrap(),
+                    ],
+                    wireguard_port: None,
+                    boot_id: "b".parse().unwrap(),
+                };
+                (r.key(), encode(&r).unwrap())
+            }
+            3..=6 => {
+                let r = EndpointRecord {
+                    ip: pod_ip(rng),
+                    cluster,
+                    identity: ident(rng),
+                    host_ip: format!("192.0.2.{}", 1 + rng.below(12)).parse().unwrap(),
+                    node: Some(format!("n{}", rng.below(4)).parse().unwrap()),
+                    namespace: (rng.below(2) == 0).then(|| "default".parse().unwrap()),
+                    name: None,
+                };
+                (r.key(), encode(&r).unwrap())
+            }
+            7 => {
+                let app = *rng.pick(&["db", "web"]);
+                let mut id = ident(rng);
+                if id.is_reserved() {
+                    id = Identity::new(ClusterId::new(u64::from(c)).unwrap(), 256).unwrap();
+                }
+                let r = IdentityRecord {
+                    id,
+                    cluster,
+                    labels: Labels::new([("k8s:app".to_owned(), app.to_owned())].into()).unwrap(),
+                };
+                (r.key(), encode(&r).unwrap())
+            }
+            8 if c == 1 && rng.below(3) == 0 => {
+                let d = parse_documents(POLICY).unwrap().remove(0);
+                let r = PolicyRecord::new(cluster, d.policy, d.manifest);
+                (r.key(), encode(&r).unwrap())
+            }
+            _ => {
+                let r = ServiceRecord {
+                    cluster: cluster.clone(),
+                    namespace: "default".parse().unwrap(),
+                    name: rng.pick(&["web", "api"]).parse().unwrap(),
+                    frontends: vec![format!("10.96.0.{}", 1 + rng.below(2)).parse().unwrap()],
+                    ports: vec![ServicePort {
+                        name: None,
+                        protocol: Protocol::Tcp,
+                        port: *rng.pick(&[80, 80, 81]),
+                        target_port: 8080,
+                    }],
+                    backends: (0..rng.below(3))
+                        .map(|_| pod_ip(rng))
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .map(|ip| Backend {
+                            ip,
+                            cluster: cluster.clone(),
+                            state: BackendState::Ready,
+                            node: None,
+                        })
+                        .collect(),
+                    global: rng.below(4) != 0,
+                    shared: rng.below(4) != 0,
+                    affinity: Affinity::Local,
+                };
+                (r.key(), encode(&r).unwrap())
+            }
+        };
+        (k.build().into_bytes(), v)
+    }
+
+    fn sorted(it: impl Iterator<Item = Rejection>) -> Vec<(String, String, &'static str, String)> {
+        let mut v: Vec<_> = it
+            .map(|r| (r.cluster.to_string(), r.record, r.reason, r.detail))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Random event sequences over four clusters (puts, deletes, relists,
+    /// withdrawals, a cluster leaving and coming back, range holders and
+    /// the encryption policy changing): after every step the kept state
+    /// equals the full merge of the same input, and the delta names every
+    /// key that changed.
+    #[test]
+    fn incremental_equals_the_full_merge_after_every_event() {
+        let names: Vec<ClusterName> = (1..=4).map(|i| format!("c{i}").parse().unwrap()).collect();
+        for seed in 1..=40u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut stores: Vec<ClusterStore> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| ClusterStore::new(n.clone(), i == 0))
+                .collect();
+            let mut present = [true; 4];
+            let mut incumbents: BTreeMap<IpCidr, u8> = BTreeMap::new();
+            let mut encryption = EncryptionPolicy::default();
+            let mut engine = Incremental::new();
+            let mut gone: BTreeMap<ClusterName, Changes> = BTreeMap::new();
+            let now = Instant::now();
+            for step in 0..150 {
+                let c = rng.below(4) as usize;
+                match rng.below(40) {
+                    0 => {
+                        // A relist: some of what it had, some new.
+                        let keep: Vec<(Vec<u8>, Vec<u8>)> = (0..rng.below(6))
+                            .map(|_| record(&mut rng, c as u8 + 1))
+                            .collect();
+                        stores[c].init();
+                        for (k, v) in keep {
+                            stores[c].apply(&k, &v, now);
+                        }
+                        stores[c].init_done();
+                    }
+                    1 => {
+                        stores[c].clear();
+                    }
+                    2 if c > 0 => {
+                        // The cluster leaves the input (removed or refused)
+                        // or comes back.
+                        if present[c] {
+                            gone.entry(names[c].clone())
+                                .or_default()
+                                .extend(Changes::all(&stores[c].records));
+                        } else {
+                            gone.entry(names[c].clone())
+                                .or_default()
+                                .extend(Changes::all(&stores[c].records));
+                        }
+                        present[c] = !present[c];
+                    }
+                    3 => {
+                        let cidr = IpCidr::truncate(
+                            format!("10.{}.{}.0", 1 + rng.below(3), rng.below(2)).parse().unwrap(),
+                            24,
+                        );
+                        if incumbents.remove(&cidr).is_none() {
+                            incumbents.insert(cidr, 1 + rng.below(4) as u8);
+                        }
+                    }
+                    4 => {
+                        encryption.mode = if encryption.mode == EncryptionMode::Wireguard {
+                            EncryptionMode::None
+                        } else {
+                            EncryptionMode::Wireguard
+                        };
+                    }
+                    5..=12 => {
+                        // A delete of something it may have.
+                        let (k, _) = record(&mut rng, c as u8 + 1);
+                        stores[c].delete(&k, now);
+                    }
+                    _ => {
+                        let (k, v) = record(&mut rng, c as u8 + 1);
+                        stores[c].apply(&k, &v, now);
+                    }
+                }
+                let mut changes = std::mem::take(&mut gone);
+                for s in &mut stores {
+                    let ch = s.take_changes();
+                    if !ch.is_empty() {
+                        changes.entry(s.name.clone()).or_default().extend(ch);
+                    }
+                }
+                let remotes: Vec<ClusterInput<'_>> = (1..4)
+                    .filter(|i| present[*i])
+                    .map(|i| ClusterInput {
+                        name: &names[i],
+                        id: ClusterId::new(i as u64 + 1).unwrap(),
+                        records: &stores[i].records,
+                        declared: &[],
+                    })
+                    .collect();
+                let self_node: NodeName = "n1".parse().unwrap();
+                let input = MergeInput {
+                    local: ClusterInput {
+                        name: &names[0],
+                        id: ClusterId::new(1).unwrap(),
+                        records: &stores[0].records,
+                        declared: &[],
+                    },
+                    self_node: Some(&self_node),
+                    encryption,
+                    remotes: &remotes,
+                    incumbents: &incumbents,
+                };
+                let before = engine.desired().clone();
+                let delta = engine.update(&input, &changes);
+                let full = merge::merge(&input);
+                let got = engine.desired();
+                let at = format!("seed {seed} step {step}");
+                assert_eq!(got.ipcache, full.ipcache, "ipcache, {at}");
+                assert_eq!(got.tunnels, full.tunnels, "tunnels, {at}");
+                assert_eq!(got.peers, full.peers, "peers, {at}");
+                assert_eq!(got.services, full.services, "services, {at}");
+                assert_eq!(got.policy, full.policy, "policy, {at}");
+                assert_eq!(got.network_policies, full.network_policies, "policies, {at}");
+                assert_eq!(got.policy_cidrs, full.policy_cidrs, "policy CIDRs, {at}");
+                assert_eq!(
+                    sorted(engine.rejected().cloned()),
+                    sorted(full.rejected.into_iter()),
+                    "rejections, {at}"
+                );
+                let mut moved = BTreeSet::new();
+                diff_keys(&before.ipcache, &got.ipcache, &mut moved);
+                assert!(moved.is_subset(&delta.ipcache), "ipcache delta, {at}");
+                let mut moved = BTreeSet::new();
+                diff_keys(&before.tunnels, &got.tunnels, &mut moved);
+                assert!(moved.is_subset(&delta.tunnels), "tunnel delta, {at}");
+                let mut moved = BTreeSet::new();
+                diff_keys(&before.services, &got.services, &mut moved);
+                assert!(moved.is_subset(&delta.services), "service delta, {at}");
+                let mut moved = BTreeSet::new();
+                diff_keys(&before.peers, &got.peers, &mut moved);
+                assert!(moved.is_subset(&delta.peers), "peer delta, {at}");
+                let mut moved = BTreeSet::new();
+                diff_keys(&before.network_policies, &got.network_policies, &mut moved);
+                assert!(moved.is_subset(&delta.network_policies), "policy delta, {at}");
+                assert!(before.policy == got.policy || delta.policy, "{at}");
+            }
+        }
     }
 }

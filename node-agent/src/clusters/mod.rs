@@ -43,13 +43,14 @@ pub use clustermesh_api::status::{ClusterStatus, ControlPlaneStatus, DesiredCoun
 
 use self::{
     config::{ClusterFile, DirChange},
+    incremental::{Delta, Incremental},
     merge::{ClusterInput, MergeInput},
-    store::{ClusterStore, Effect},
+    store::{Changes, ClusterStore, Effect},
     watcher::WatchEvent,
 };
 use crate::{
     desired::{Desired, IpCacheEntry, MergedService, Peer, TunnelEntry},
-    reconcilers::{Failure, MemoryReconciler, Reconciler, apply_isolated},
+    reconcilers::{Failure, MemoryReconciler, Reconciler, apply_isolated, apply_keys},
 };
 
 /// The control plane's configuration (part of [`crate::config::AgentConfig`]).
@@ -180,6 +181,31 @@ pub struct Agent {
     policy_ready: tokio::sync::watch::Sender<std::collections::BTreeSet<std::net::IpAddr>>,
     /// Where the flow directory goes (None: flows off).
     directory: Option<tokio::sync::watch::Sender<Arc<crate::flows::Directory>>>,
+    /// A directory rebuild is due; when and in how long the last was built.
+    directory_pending: bool,
+    directory_built: Option<(Instant, Duration)>,
+    /// The merged state, kept up to date from each store's changes.
+    engine: Incremental,
+    /// Whether the merge has run once.
+    merged: bool,
+    /// The records of the clusters removed since the last round.
+    gone: BTreeMap<ClusterName, Changes>,
+    /// Keys a target refused, retried every round.
+    retry_keys: RetryKeys,
+    /// A cluster's sync state changed: the range holders are checked.
+    owners_stale: bool,
+}
+
+/// The keys each target refused last time.
+#[derive(Debug, Default)]
+struct RetryKeys {
+    ipcache: std::collections::BTreeSet<IpCidr>,
+    tunnels: std::collections::BTreeSet<IpCidr>,
+    peers: std::collections::BTreeSet<String>,
+    services: std::collections::BTreeSet<String>,
+    policy: std::collections::BTreeSet<()>,
+    network_policies: std::collections::BTreeSet<Identity>,
+    policy_cidrs: std::collections::BTreeSet<IpCidr>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -217,6 +243,13 @@ impl Agent {
             owners: BTreeMap::new(),
             policy_ready: tokio::sync::watch::Sender::new(Default::default()),
             directory: None,
+            directory_pending: false,
+            directory_built: None,
+            engine: Incremental::new(),
+            merged: false,
+            gone: BTreeMap::new(),
+            retry_keys: RetryKeys::default(),
+            owners_stale: true,
         }
     }
 
@@ -320,9 +353,13 @@ impl Agent {
                     }
                 }
                 DirChange::Removed(n) => {
-                    if let Some(s) = self.slots.remove(&n) {
+                    if let Some(mut s) = self.slots.remove(&n) {
                         tracing::info!(cluster = %n, "remote cluster removed; draining its state");
                         s.cancel.cancel();
+                        let mut gone = s.store.take_changes();
+                        gone.extend(Changes::all(&s.store.records));
+                        self.gone.entry(n).or_default().extend(gone);
+                        self.owners_stale = true;
                         self.dirty = true;
                     }
                 }
@@ -344,6 +381,7 @@ impl Agent {
             {
                 tracing::warn!(cluster = %name, "unreachable for longer than the stale TTL; withdrawing its state");
                 s.withdrawn = true;
+                self.owners_stale = true;
                 if s.store.clear() == Effect::Changed {
                     self.dirty = true;
                 }
@@ -361,6 +399,9 @@ impl Agent {
         let Some(s) = self.slots.get_mut(&name) else {
             return; // a removed cluster's last words
         };
+        if matches!(ev, WatchEvent::Connected { .. } | WatchEvent::InitDone) {
+            self.owners_stale = true;
+        }
         let effect = match ev {
             WatchEvent::Connected { config, .. } => {
                 s.connected = true;
@@ -459,6 +500,19 @@ impl Agent {
         self.last.strict_ranges = applied;
     }
 
+    /// What changed in every store since the last round (and the records
+    /// of the clusters removed since).
+    fn take_changes(&mut self) -> BTreeMap<ClusterName, Changes> {
+        let mut out = std::mem::take(&mut self.gone);
+        for (n, s) in &mut self.slots {
+            let c = s.store.take_changes();
+            if !c.is_empty() {
+                out.entry(n.clone()).or_default().extend(c);
+            }
+        }
+        out
+    }
+
     fn reconcile(&mut self) {
         let mut failures = Vec::new();
         self.reconcile_strict_ranges(&mut failures);
@@ -467,10 +521,13 @@ impl Agent {
             .get(&self.cfg.local_cluster)
             .and_then(|l| l.store.config.clone());
         // The local policy is unknown until the local cluster connects.
-        let (Some(local), Some(local_cfg)) = (self.slots.get(&self.cfg.local_cluster), local_cfg)
-        else {
+        let Some(local_cfg) = local_cfg else {
             self.retry = !failures.is_empty();
             self.failures = failures;
+            return;
+        };
+        let changes = self.take_changes();
+        let Some(local) = self.slots.get(&self.cfg.local_cluster) else {
             return;
         };
         let remotes: Vec<ClusterInput<'_>> = self
@@ -486,7 +543,6 @@ impl Agent {
                 })
             })
             .collect();
-        let incumbents = self.owners.clone();
         let input = MergeInput {
             local: ClusterInput {
                 name: &self.cfg.local_cluster,
@@ -497,58 +553,49 @@ impl Agent {
             self_node: self.cfg.self_node.as_ref(),
             encryption: local_cfg.encryption,
             remotes: &remotes,
-            incumbents: &incumbents,
+            incumbents: &self.owners,
         };
-        let desired = merge::merge(&input);
-        let here: std::collections::BTreeSet<std::net::IpAddr> = local
-            .store
-            .records
-            .endpoints
-            .values()
-            .filter(|e| self.cfg.self_node.is_none() || e.node == self.cfg.self_node)
-            .map(|e| e.ip)
-            .collect();
+        let first = !self.merged;
+        let delta = self.engine.update(&input, &changes);
+        self.merged = true;
+        let local_endpoints = first
+            || changes
+                .get(&self.cfg.local_cluster)
+                .is_some_and(|c| !c.endpoints.is_empty());
+        let here: Option<std::collections::BTreeSet<std::net::IpAddr>> =
+            local_endpoints.then(|| {
+                local
+                    .store
+                    .records
+                    .endpoints
+                    .values()
+                    .filter(|e| self.cfg.self_node.is_none() || e.node == self.cfg.self_node)
+                    .map(|e| e.ip)
+                    .collect()
+            });
         // Each refusal is logged once, when it appears (the metric
         // clustermesh_agent_records_rejected counts the current ones).
-        for r in &desired.rejected {
-            if !self.last.rejected.contains(r) {
-                tracing::warn!(
-                    cluster = %r.cluster,
-                    record = %r.record,
-                    reason = r.reason,
-                    "record refused: {}",
-                    r.detail
-                );
-            }
+        for r in &delta.rejected {
+            tracing::warn!(
+                cluster = %r.cluster,
+                record = %r.record,
+                reason = r.reason,
+                "record refused: {}",
+                r.detail
+            );
         }
         let prune_now =
             !self.pruned && (self.all_synced() || self.started.elapsed() >= self.cfg.sync_timeout);
-        let allow_delete = self.pruned;
-        let mut applied = self.apply(&desired, allow_delete, &mut failures);
-        applied.rejected = desired.rejected;
-        self.policy_ready.send_if_modified(|s| {
-            let changed = *s != here;
-            *s = here;
-            changed
-        });
+        self.apply(&delta, &mut failures);
+        if let Some(here) = here {
+            self.policy_ready.send_if_modified(|s| {
+                let changed = *s != here;
+                *s = here;
+                changed
+            });
+        }
         if prune_now {
-            self.pruned = self.prune(&applied, &mut failures);
-        } else if !allow_delete {
-            // Before the prune nothing is deleted, so the targets still
-            // hold what left the desired state: keep it in `last`, or it
-            // would be rewritten when it comes back.
-            fn keep<K: Ord + Clone, V: Clone>(old: &BTreeMap<K, V>, new: &mut BTreeMap<K, V>) {
-                for (k, v) in old {
-                    new.entry(k.clone()).or_insert_with(|| v.clone());
-                }
-            }
-            keep(&self.last.ipcache, &mut applied.ipcache);
-            keep(&self.last.tunnels, &mut applied.tunnels);
-            keep(&self.last.peers, &mut applied.peers);
-            keep(&self.last.services, &mut applied.services);
-            keep(&self.last.policy, &mut applied.policy);
-            keep(&self.last.network_policies, &mut applied.network_policies);
-            keep(&self.last.policy_cidrs, &mut applied.policy_cidrs);
+            self.pruned = self.prune(&mut failures);
         }
         // Each refused entry is logged once, when it appears; all of them
         // are in the status and retried every round.
@@ -559,18 +606,31 @@ impl Agent {
         }
         self.retry = !failures.is_empty();
         self.failures = failures;
-        if self.update_owners(&applied.tunnels) {
+        if (self.owners_stale || !delta.tunnels.is_empty()) && self.update_owners() {
             // A range was released: a claim refused for it may now go.
             self.dirty = true;
         }
-        self.last = applied;
-        self.publish_directory();
+        self.owners_stale = false;
+        if !changes.is_empty() || !delta.is_empty() {
+            self.directory_pending = true;
+        }
+        self.publish_directory(Instant::now());
     }
 
     /// Rebuilds what flows' addresses are from every store (when flows
-    /// are on: [`Agent::set_directory`]).
-    fn publish_directory(&mut self) {
+    /// are on: [`Agent::set_directory`]), at most at a twentieth of the
+    /// time since the last build (so a mesh of a million endpoints spends
+    /// at most about 5 % of a core on it); a pending rebuild is retried
+    /// every round.
+    fn publish_directory(&mut self, now: Instant) {
         let Some(tx) = &self.directory else { return };
+        if !self.directory_pending
+            || self
+                .directory_built
+                .is_some_and(|(at, took)| now.duration_since(at) < took * 20)
+        {
+            return;
+        }
         let node = self.cfg.self_node.as_ref().map(ToString::to_string);
         let d = crate::flows::Directory::build(
             &self.cfg.local_cluster,
@@ -581,6 +641,8 @@ impl Agent {
                 .map(|s| &s.store.records),
         );
         tx.send_replace(Arc::new(d));
+        self.directory_pending = false;
+        self.directory_built = Some((now, now.elapsed()));
     }
 
     /// Keeps the range holders (merge incumbents) in step: a range stays
@@ -588,7 +650,7 @@ impl Agent {
     /// gone once every cluster has synced; ranges routed now and held by
     /// nobody are taken by the cluster they are routed for. Returns whether
     /// a range was released.
-    fn update_owners(&mut self, tunnels: &BTreeMap<IpCidr, TunnelEntry>) -> bool {
+    fn update_owners(&mut self) -> bool {
         let all = self.all_synced();
         let synced: BTreeMap<u8, bool> = self
             .slots
@@ -596,6 +658,7 @@ impl Agent {
             .filter(|s| s.refused.is_none())
             .filter_map(|s| s.store.config.as_ref().map(|c| (c.id.get(), s.synced)))
             .collect();
+        let tunnels = &self.last.tunnels;
         let before = self.owners.len();
         self.owners.retain(|cidr, id| match synced.get(id) {
             None => !all,
@@ -609,87 +672,107 @@ impl Agent {
         released
     }
 
-    /// Applies the desired state target by target, entry by entry; returns
-    /// what the targets hold now (refused entries keep their old value).
-    fn apply(
-        &mut self,
-        desired: &Desired,
-        allow_delete: bool,
-        failures: &mut Vec<Failure>,
-    ) -> Desired {
+    /// Applies the keys the merge touched (and those a target refused
+    /// before), target by target, entry by entry: `last` follows what the
+    /// targets hold. Before the prune nothing is deleted.
+    fn apply(&mut self, delta: &Delta, failures: &mut Vec<Failure>) {
         let r = &mut self.reconcilers;
-        let last = &self.last;
-        Desired {
-            ipcache: apply_isolated(
-                r.ipcache.as_mut(),
-                &last.ipcache,
-                &desired.ipcache,
-                allow_delete,
-                failures,
-            ),
-            tunnels: apply_isolated(
-                r.tunnels.as_mut(),
-                &last.tunnels,
-                &desired.tunnels,
-                allow_delete,
-                failures,
-            ),
-            peers: apply_isolated(
-                r.peers.as_mut(),
-                &last.peers,
-                &desired.peers,
-                allow_delete,
-                failures,
-            ),
-            services: apply_isolated(
-                r.services.as_mut(),
-                &last.services,
-                &desired.services,
-                allow_delete,
-                failures,
-            ),
-            // The policy is never deleted: the last one read stays applied.
-            policy: apply_isolated(
-                r.policy.as_mut(),
-                &last.policy,
-                &desired.policy,
-                false,
-                failures,
-            ),
-            // Before the policies that name their identities.
-            policy_cidrs: apply_isolated(
-                r.policy_cidrs.as_mut(),
-                &last.policy_cidrs,
-                &desired.policy_cidrs,
-                allow_delete,
-                failures,
-            ),
-            network_policies: apply_isolated(
-                r.network_policies.as_mut(),
-                &last.network_policies,
-                &desired.network_policies,
-                allow_delete,
-                failures,
-            ),
-            // Applied first, by [`Agent::reconcile_strict_ranges`].
-            strict_ranges: last.strict_ranges.clone(),
-            rejected: Vec::new(),
-        }
+        let d = self.engine.desired();
+        let last = &mut self.last;
+        let retry = &mut self.retry_keys;
+        let del = self.pruned;
+        apply_keys(
+            r.ipcache.as_mut(),
+            &mut last.ipcache,
+            &d.ipcache,
+            &delta.ipcache,
+            &mut retry.ipcache,
+            del,
+            failures,
+        );
+        apply_keys(
+            r.tunnels.as_mut(),
+            &mut last.tunnels,
+            &d.tunnels,
+            &delta.tunnels,
+            &mut retry.tunnels,
+            del,
+            failures,
+        );
+        apply_keys(
+            r.peers.as_mut(),
+            &mut last.peers,
+            &d.peers,
+            &delta.peers,
+            &mut retry.peers,
+            del,
+            failures,
+        );
+        apply_keys(
+            r.services.as_mut(),
+            &mut last.services,
+            &d.services,
+            &delta.services,
+            &mut retry.services,
+            del,
+            failures,
+        );
+        // The policy is never deleted: the last one read stays applied.
+        let policy: &[()] = if delta.policy { &[()] } else { &[] };
+        apply_keys(
+            r.policy.as_mut(),
+            &mut last.policy,
+            &d.policy,
+            policy,
+            &mut retry.policy,
+            false,
+            failures,
+        );
+        // Before the policies that name their identities.
+        apply_keys(
+            r.policy_cidrs.as_mut(),
+            &mut last.policy_cidrs,
+            &d.policy_cidrs,
+            &delta.policy_cidrs,
+            &mut retry.policy_cidrs,
+            del,
+            failures,
+        );
+        apply_keys(
+            r.network_policies.as_mut(),
+            &mut last.network_policies,
+            &d.network_policies,
+            &delta.network_policies,
+            &mut retry.network_policies,
+            del,
+            failures,
+        );
     }
 
     /// The one prune after the initial sync; true when every target pruned
-    /// (a target that failed is pruned again next round).
-    fn prune(&mut self, applied: &Desired, failures: &mut Vec<Failure>) -> bool {
-        // `applied.strict_ranges` still holds what left them (kept until now).
+    /// (a target that failed is pruned again next round). What the targets
+    /// kept while nothing was deleted and is no longer desired goes.
+    fn prune(&mut self, failures: &mut Vec<Failure>) -> bool {
+        // `last.strict_ranges` still holds what left them (kept until now).
         let strict = self.strict_ranges();
+        let d = self.engine.desired();
+        let last = &mut self.last;
+        last.strict_ranges.retain(|k, _| strict.contains_key(k));
+        last.ipcache.retain(|k, _| d.ipcache.contains_key(k));
+        last.tunnels.retain(|k, _| d.tunnels.contains_key(k));
+        last.peers.retain(|k, _| d.peers.contains_key(k));
+        last.services.retain(|k, _| d.services.contains_key(k));
+        last.network_policies
+            .retain(|k, _| d.network_policies.contains_key(k));
+        last.policy_cidrs.retain(|k, _| d.policy_cidrs.contains_key(k));
         let r = &mut self.reconcilers;
         let results = [
-            r.ipcache.prune(&applied.ipcache),
-            r.tunnels.prune(&applied.tunnels),
-            r.peers.prune(&applied.peers),
-            r.services.prune(&applied.services),
-            r.network_policies.prune(&applied.network_policies),
-            r.policy_cidrs.prune(&applied.policy_cidrs),
+            r.ipcache.prune(&last.ipcache),
+            r.tunnels.prune(&last.tunnels),
+            r.peers.prune(&last.peers),
+            r.services.prune(&last.services),
+            r.network_policies.prune(&last.network_policies),
+            r.policy_cidrs.prune(&last.policy_cidrs),
             r.strict_ranges.prune(&strict),
         ];
         let mut removed = 0;
@@ -713,7 +796,7 @@ impl Agent {
 
     fn publish(&self, now: Instant) {
         let mut rejected: BTreeMap<&ClusterName, BTreeMap<String, u64>> = BTreeMap::new();
-        for r in &self.last.rejected {
+        for r in self.engine.rejected() {
             *rejected
                 .entry(&r.cluster)
                 .or_default()

@@ -165,10 +165,12 @@ mod tests {
                 want.sort_by_key(|c| std::cmp::Reverse(c.prefix_len()));
                 assert_eq!(holding, want, "containing {probe} (round {round})");
             }
-            // Removing keeps the length counts true.
-            assert_eq!(m.remove(&c("0.0.0.0/0")), Some(6));
-            assert_eq!(m.remove(&c("10.1.0.0/16")), Some(1));
-            assert_eq!(m.remove(&c("10.1.0.0/16")), None);
+            if round == 0 {
+                // Removing keeps the length counts true (round 1 checks).
+                assert_eq!(m.remove(&c("0.0.0.0/0")), Some(6));
+                assert_eq!(m.remove(&c("10.1.0.0/16")), Some(1));
+                assert_eq!(m.remove(&c("10.1.0.0/16")), None);
+            }
         }
         assert_eq!(m.len(), set.len() - 2);
     }

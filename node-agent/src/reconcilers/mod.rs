@@ -151,6 +151,55 @@ pub fn apply_isolated<K: Ord + Clone + std::fmt::Debug, V: PartialEq + Clone>(
     applied
 }
 
+/// Applies the entries of `keys` (what the incremental merge touched) and
+/// of `retry` (what the target refused before) where `desired` and `held`
+/// (what the target holds, as far as this agent knows) differ, entry by
+/// entry: a refused entry goes into `failures` and back into `retry`,
+/// keeping its held value, and everything else is applied. With
+/// `allow_delete` false removals wait for the prune (the held entry
+/// stays). The cost follows the keys, not the maps.
+pub fn apply_keys<'k, K: Ord + Clone + std::fmt::Debug + 'k, V: PartialEq + Clone>(
+    r: &mut dyn Reconciler<K, V>,
+    held: &mut BTreeMap<K, V>,
+    desired: &BTreeMap<K, V>,
+    keys: impl IntoIterator<Item = &'k K>,
+    retry: &mut std::collections::BTreeSet<K>,
+    allow_delete: bool,
+    failures: &mut Vec<Failure>,
+) {
+    let mut todo = std::mem::take(retry);
+    todo.extend(keys.into_iter().cloned());
+    let fail = |k: &K, e: ReconcileError| Failure {
+        target: e.target,
+        key: format!("{k:?}"),
+        error: e.source.to_string(),
+    };
+    for k in todo {
+        match (desired.get(&k), held.get(&k)) {
+            (Some(v), Some(o)) if v == o => {}
+            (Some(v), _) => match r.update(&k, v) {
+                Ok(()) => {
+                    held.insert(k, v.clone());
+                }
+                Err(e) => {
+                    failures.push(fail(&k, e));
+                    retry.insert(k);
+                }
+            },
+            (None, Some(_)) if allow_delete => match r.delete(&k) {
+                Ok(()) => {
+                    held.remove(&k);
+                }
+                Err(e) => {
+                    failures.push(fail(&k, e));
+                    retry.insert(k);
+                }
+            },
+            (None, _) => {}
+        }
+    }
+}
+
 /// One operation seen by a [`MemoryReconciler`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op<K> {
