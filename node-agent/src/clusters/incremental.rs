@@ -282,7 +282,11 @@ impl Incremental {
             &new.network_policies,
             &mut delta.network_policies,
         );
-        diff_keys(&old.policy_cidrs, &new.policy_cidrs, &mut delta.policy_cidrs);
+        diff_keys(
+            &old.policy_cidrs,
+            &new.policy_cidrs,
+            &mut delta.policy_cidrs,
+        );
         self.desired = new;
         let new_rejected: Vec<Rejection> = self.rejected().cloned().collect();
         delta.rejected = appeared(&old_rejected, &new_rejected).cloned().collect();
@@ -456,11 +460,7 @@ impl Incremental {
     /// Every local service again.
     fn update_services(&mut self, input: &MergeInput<'_>, delta: &mut Delta) {
         let mut new = merge_services(input, &self.nodes.owners);
-        diff_keys(
-            &self.desired.services,
-            &new.services,
-            &mut delta.services,
-        );
+        diff_keys(&self.desired.services, &new.services, &mut delta.services);
         let old: Vec<Rejection> = self.services.rejected.values().flatten().cloned().collect();
         let now: Vec<Rejection> = new.rejected.values().flatten().cloned().collect();
         delta.rejected.extend(appeared(&old, &now).cloned());
@@ -514,8 +514,8 @@ mod tests {
     use std::time::Instant;
 
     use clustermesh_api::{
-        Affinity, Backend, BackendState, ClusterId, EncryptionMode, EndpointRecord,
-        IdentityRecord, KvKey, Labels, NodeName, NodeRecord, PolicyRecord, Protocol, Record, ServicePort,
+        Affinity, Backend, BackendState, ClusterId, EncryptionMode, EndpointRecord, IdentityRecord,
+        KvKey, Labels, NodeName, NodeRecord, PolicyRecord, Protocol, Record, ServicePort,
         ServiceRecord, WgPublicKey, encode, policy::parse_documents,
     };
 
@@ -557,7 +557,11 @@ spec:
     fn record(rng: &mut Rng, c: u8) -> (Vec<u8>, Vec<u8>) {
         let cluster: ClusterName = format!("c{c}").parse().unwrap();
         let ident = |rng: &mut Rng| {
-            let cid = if rng.below(8) == 0 { *rng.pick(&[1u64, 2, 3, 4]) } else { u64::from(c) };
+            let cid = if rng.below(8) == 0 {
+                *rng.pick(&[1u64, 2, 3, 4])
+            } else {
+                u64::from(c)
+            };
             if rng.below(12) == 0 {
                 Identity::WORLD
             } else {
@@ -565,15 +569,22 @@ spec:
             }
         };
         let pod_ip = |rng: &mut Rng| -> IpAddr {
-            format!("10.{}.{}.{}", 1 + rng.below(3), rng.below(2), 1 + rng.below(4))
-                .parse()
-                .unwrap()
+            format!(
+                "10.{}.{}.{}",
+                1 + rng.below(3),
+                rng.below(2),
+                1 + rng.below(4)
+            )
+            .parse()
+            .unwrap()
         };
         let (k, v) = match rng.below(10) {
             0..=2 => {
                 let len = *rng.pick(&[23u8, 24, 24, 24, 16]);
                 let cidr = IpCidr::truncate(
-                    format!("10.{}.{}.0", 1 + rng.below(3), rng.below(2)).parse().unwrap(),
+                    format!("10.{}.{}.0", 1 + rng.below(3), rng.below(2))
+                        .parse()
+                        .unwrap(),
                     len,
                 );
                 let r = NodeRecord {
@@ -701,20 +712,17 @@ spec:
                     2 if c > 0 => {
                         // The cluster leaves the input (removed or refused)
                         // or comes back.
-                        if present[c] {
-                            gone.entry(names[c].clone())
-                                .or_default()
-                                .extend(Changes::all(&stores[c].records));
-                        } else {
-                            gone.entry(names[c].clone())
-                                .or_default()
-                                .extend(Changes::all(&stores[c].records));
-                        }
+                        // Either way every record it has comes or goes.
+                        gone.entry(names[c].clone())
+                            .or_default()
+                            .extend(Changes::all(&stores[c].records));
                         present[c] = !present[c];
                     }
                     3 => {
                         let cidr = IpCidr::truncate(
-                            format!("10.{}.{}.0", 1 + rng.below(3), rng.below(2)).parse().unwrap(),
+                            format!("10.{}.{}.0", 1 + rng.below(3), rng.below(2))
+                                .parse()
+                                .unwrap(),
                             24,
                         );
                         if incumbents.remove(&cidr).is_none() {
@@ -777,7 +785,10 @@ spec:
                 assert_eq!(got.peers, full.peers, "peers, {at}");
                 assert_eq!(got.services, full.services, "services, {at}");
                 assert_eq!(got.policy, full.policy, "policy, {at}");
-                assert_eq!(got.network_policies, full.network_policies, "policies, {at}");
+                assert_eq!(
+                    got.network_policies, full.network_policies,
+                    "policies, {at}"
+                );
                 assert_eq!(got.policy_cidrs, full.policy_cidrs, "policy CIDRs, {at}");
                 assert_eq!(
                     sorted(engine.rejected().cloned()),
@@ -798,7 +809,10 @@ spec:
                 assert!(moved.is_subset(&delta.peers), "peer delta, {at}");
                 let mut moved = BTreeSet::new();
                 diff_keys(&before.network_policies, &got.network_policies, &mut moved);
-                assert!(moved.is_subset(&delta.network_policies), "policy delta, {at}");
+                assert!(
+                    moved.is_subset(&delta.network_policies),
+                    "policy delta, {at}"
+                );
                 assert!(before.policy == got.policy || delta.policy, "{at}");
             }
         }

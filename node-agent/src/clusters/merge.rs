@@ -147,7 +147,8 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
     }
     let services = merge_services(input, &nodes.owners);
     out.services = services.services;
-    out.rejected.extend(services.rejected.into_values().flatten());
+    out.rejected
+        .extend(services.rejected.into_values().flatten());
     out.network_policies = super::policy::merge_policies(input);
     out.policy_cidrs = super::policy::merge_policy_cidrs(input);
     out
@@ -224,7 +225,9 @@ pub fn merge_nodes(input: &MergeInput<'_>) -> NodeSection {
     for (local, _, c, rec) in candidates {
         let refused = match admitted.check(rec, c.name, local) {
             Err(r) => Some((r.reason, r.detail)),
-            Ok(()) if !local => held_by_other(&incumbents, c.id.get(), rec).map(|d| ("cidr_overlap", d)),
+            Ok(()) if !local => {
+                held_by_other(&incumbents, c.id.get(), rec).map(|d| ("cidr_overlap", d))
+            }
             Ok(()) => None,
         };
         if let Some((reason, detail)) = refused {
@@ -422,15 +425,18 @@ pub fn merge_services(input: &MergeInput<'_>, owners: &Owners) -> ServiceSection
             })
         });
         if let Some((ip, p, other)) = taken {
-            out.rejected.entry(key.clone()).or_default().push(Rejection {
-                cluster: input.local.name.clone(),
-                record: format!("service {name}"),
-                reason: "service_frontend_conflict",
-                detail: format!(
-                    "{ip}:{}/{} is already the frontend of service {other}",
-                    p.port, p.protocol
-                ),
-            });
+            out.rejected
+                .entry(key.clone())
+                .or_default()
+                .push(Rejection {
+                    cluster: input.local.name.clone(),
+                    record: format!("service {name}"),
+                    reason: "service_frontend_conflict",
+                    detail: format!(
+                        "{ip}:{}/{} is already the frontend of service {other}",
+                        p.port, p.protocol
+                    ),
+                });
             continue;
         }
         for ip in &svc.frontends {

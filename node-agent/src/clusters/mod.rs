@@ -764,7 +764,8 @@ impl Agent {
         last.services.retain(|k, _| d.services.contains_key(k));
         last.network_policies
             .retain(|k, _| d.network_policies.contains_key(k));
-        last.policy_cidrs.retain(|k, _| d.policy_cidrs.contains_key(k));
+        last.policy_cidrs
+            .retain(|k, _| d.policy_cidrs.contains_key(k));
         let r = &mut self.reconcilers;
         let results = [
             r.ipcache.prune(&last.ipcache),

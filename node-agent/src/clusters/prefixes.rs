@@ -133,7 +133,11 @@ mod tests {
             "fd00:1::/64",
             "fd00:1::5/128",
         ];
-        let mut m: PrefixMap<u32> = set.iter().enumerate().map(|(i, s)| (c(s), i as u32)).collect();
+        let mut m: PrefixMap<u32> = set
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (c(s), i as u32))
+            .collect();
         let probes = [
             "10.1.2.3/32",
             "10.1.0.0/16",

@@ -394,53 +394,8 @@ impl ClusterStore {
         self.seq += 1;
         let seq = self.seq;
         let live = self.buffer.is_none();
-        let t = self.target();
         let mut change = Changes::default();
-        let changed = match entry {
-            Entry::Node(r) => {
-                change.nodes = true;
-                match t.nodes.entry(r.name.clone()) {
-                    btree_map::Entry::Occupied(mut o) => {
-                        if o.get().0 == r {
-                            false
-                        } else {
-                            o.get_mut().0 = r;
-                            true
-                        }
-                    }
-                    btree_map::Entry::Vacant(v) => {
-                        v.insert((r, seq));
-                        true
-                    }
-                }
-            }
-            Entry::Endpoint(r) => {
-                let ns = r.namespace.is_some();
-                let old = t.endpoints.insert(r.ip, r.clone());
-                change.endpoints.insert(r.ip);
-                change.endpoint_namespaces =
-                    ns || old.as_ref().is_some_and(|o| o.namespace.is_some());
-                old.as_ref() != Some(&r)
-            }
-            Entry::Identity(r) => {
-                change.identities = true;
-                t.identities.insert(r.id, r.clone()).as_ref() != Some(&r)
-            }
-            Entry::Service(r) => {
-                let key = (r.namespace.clone(), r.name.clone());
-                change.services.insert(key.clone());
-                t.services.insert(key, r.clone()).as_ref() != Some(&r)
-            }
-            Entry::Policy(r) => {
-                change.policies = true;
-                t.policies
-                    .insert((r.namespace.clone(), r.name.clone()), r.clone())
-                    .as_ref()
-                    != Some(&r)
-            }
-            // Only state prefixes are watched; anything else is ignored.
-            _ => false,
-        };
+        let changed = put(self.target(), entry, seq, &mut change);
         if changed && live {
             self.changes.extend(change);
             Effect::Changed
@@ -510,6 +465,55 @@ impl ClusterStore {
         self.changes.extend(Changes::all(&self.records));
         self.records = Records::default();
         Effect::Changed
+    }
+}
+
+/// Puts a decoded record into `t`; whether it changed, and what into
+/// `change`.
+fn put(t: &mut Records, entry: Entry, seq: u64, change: &mut Changes) -> bool {
+    match entry {
+        Entry::Node(r) => {
+            change.nodes = true;
+            match t.nodes.entry(r.name.clone()) {
+                btree_map::Entry::Occupied(mut o) => {
+                    if o.get().0 == r {
+                        false
+                    } else {
+                        o.get_mut().0 = r;
+                        true
+                    }
+                }
+                btree_map::Entry::Vacant(v) => {
+                    v.insert((r, seq));
+                    true
+                }
+            }
+        }
+        Entry::Endpoint(r) => {
+            let ns = r.namespace.is_some();
+            let old = t.endpoints.insert(r.ip, r.clone());
+            change.endpoints.insert(r.ip);
+            change.endpoint_namespaces = ns || old.as_ref().is_some_and(|o| o.namespace.is_some());
+            old.as_ref() != Some(&r)
+        }
+        Entry::Identity(r) => {
+            change.identities = true;
+            t.identities.insert(r.id, r.clone()).as_ref() != Some(&r)
+        }
+        Entry::Service(r) => {
+            let key = (r.namespace.clone(), r.name.clone());
+            change.services.insert(key.clone());
+            t.services.insert(key, r.clone()).as_ref() != Some(&r)
+        }
+        Entry::Policy(r) => {
+            change.policies = true;
+            t.policies
+                .insert((r.namespace.clone(), r.name.clone()), r.clone())
+                .as_ref()
+                != Some(&r)
+        }
+        // Only state prefixes are watched; anything else is ignored.
+        _ => false,
     }
 }
 
