@@ -35,13 +35,15 @@ use std::{
     net::IpAddr,
 };
 
-use clustermesh_api::{ClusterName, EncryptionPolicy, Identity, IpCidr};
+use clustermesh_api::{ClusterName, EncryptionPolicy, Identity, IpCidr, NodeRecord};
 
 use super::{
     merge::{
-        self, ClusterInput, MergeInput, NodeSection, ServiceSection, clusters, endpoint_entry,
-        identity_rejections, merge_nodes, merge_service, merge_services, service_name,
+        self, ClusterInput, MergeInput, NodeSection, ServiceSection, add_node, clusters,
+        endpoint_entry, identity_rejections, lone_verdict, merge_nodes, merge_service,
+        merge_services, remove_node, service_name,
     },
+    prefixes::PrefixMap,
     store::Changes,
 };
 use crate::desired::{Desired, IpCacheEntry, Rejection};
@@ -116,6 +118,15 @@ pub struct Incremental {
     /// [`Incremental::rejected`]).
     desired: Desired,
     nodes: NodeSection,
+    /// Every node offered (admitted or not), and how many of them hold
+    /// each pod CIDR, underlay address and key: whether a changed node
+    /// meets any other.
+    offered: BTreeMap<(ClusterName, clustermesh_api::NodeName), NodeRecord>,
+    offered_cidrs: PrefixMap<u32>,
+    offered_ips: BTreeMap<IpAddr, u32>,
+    offered_keys: BTreeMap<clustermesh_api::WgPublicKey, u32>,
+    /// `MergeInput::incumbents`, indexed.
+    incumbents: PrefixMap<u8>,
     /// Endpoint refusals by address (one per cluster claiming it).
     endpoints_rejected: BTreeMap<IpAddr, Vec<Rejection>>,
     identities_rejected: BTreeMap<ClusterName, Vec<Rejection>>,
@@ -136,6 +147,26 @@ fn diff_keys<K: Ord + Clone, V: PartialEq>(
     for k in old.keys() {
         if !new.contains_key(k) {
             keys.insert(k.clone());
+        }
+    }
+}
+
+/// Every cluster's endpoint addresses inside `ranges`, into `out`: range
+/// scans of each store, O(clusters x log endpoints + found).
+fn endpoints_in(
+    all: &[(bool, &ClusterInput<'_>)],
+    ranges: &BTreeSet<IpCidr>,
+    out: &mut BTreeSet<IpAddr>,
+) {
+    for p in ranges {
+        for (_, c) in all {
+            out.extend(
+                c.records
+                    .endpoints
+                    .range(p.addr()..)
+                    .take_while(|(ip, _)| p.contains(**ip))
+                    .map(|(ip, _)| *ip),
+            );
         }
     }
 }
@@ -196,8 +227,13 @@ impl Incremental {
         let membership = old_nb.declared != nb.declared;
         let mut rederive = BTreeSet::new();
         let mut services_all = false;
-        if membership || old_nb.incumbents != nb.incumbents || changes.values().any(|c| c.nodes) {
+        if membership || old_nb.incumbents != nb.incumbents {
             services_all = self.update_nodes(input, &all, &mut rederive, &mut delta);
+        } else if changes.values().any(|c| !c.nodes.is_empty()) {
+            services_all = match self.nodes_alone(input, &all, changes, &mut rederive, &mut delta) {
+                Ok(moved) => moved,
+                Err(moved) => self.update_nodes(input, &all, &mut rederive, &mut delta) || moved,
+            };
         }
         for (name, ch) in changes {
             let c = all.iter().find(|(_, c)| c.name == name).copied();
@@ -244,6 +280,7 @@ impl Incremental {
         let old_rejected: Vec<Rejection> = self.rejected().cloned().collect();
         let old = std::mem::take(&mut self.desired);
         self.nodes = merge_nodes(input);
+        self.reindex(input);
         let mut new = Desired {
             tunnels: self.nodes.tunnels.clone(),
             peers: self.nodes.peers.clone(),
@@ -304,6 +341,7 @@ impl Incremental {
         delta: &mut Delta,
     ) -> bool {
         let new = merge_nodes(input);
+        self.reindex(input);
         let old = std::mem::replace(&mut self.nodes, new);
         let new = &self.nodes;
         diff_keys(&old.tunnels, &new.tunnels, &mut delta.tunnels);
@@ -326,22 +364,162 @@ impl Incremental {
                 ranges.insert(*c);
             }
         }
-        for p in &ranges {
-            for (_, c) in all {
-                rederive.extend(
-                    c.records
-                        .endpoints
-                        .range(p.addr()..)
-                        .take_while(|(ip, _)| p.contains(**ip))
-                        .map(|(ip, _)| *ip),
-                );
-            }
-        }
+        endpoints_in(all, &ranges, rederive);
         // Addresses a gone cluster had are in its changes; those of a
         // refused node's range never had an entry from it.
         self.desired.tunnels = new.tunnels.clone();
         self.desired.peers = new.peers.clone();
         !ranges.is_empty()
+    }
+
+    /// The offered-node indexes from every cluster's records.
+    fn reindex(&mut self, input: &MergeInput<'_>) {
+        self.offered.clear();
+        self.offered_cidrs = PrefixMap::default();
+        self.offered_ips.clear();
+        self.offered_keys.clear();
+        self.incumbents = input.incumbents.iter().map(|(c, id)| (*c, *id)).collect();
+        for (_, c) in clusters(input) {
+            for (rec, _) in c.records.nodes.values() {
+                self.offer(rec, true);
+                self.offered
+                    .insert((c.name.clone(), rec.name.clone()), rec.clone());
+            }
+        }
+    }
+
+    /// Counts `rec`'s ranges, addresses and keys in (or out of) the
+    /// offered-node indexes.
+    fn offer(&mut self, rec: &NodeRecord, add: bool) {
+        fn count<K: Ord + Copy>(m: &mut BTreeMap<K, u32>, k: K, add: bool) {
+            let n = m.get(&k).copied().unwrap_or(0);
+            match (add, n) {
+                (true, _) => {
+                    m.insert(k, n + 1);
+                }
+                (false, 0 | 1) => {
+                    m.remove(&k);
+                }
+                (false, _) => {
+                    m.insert(k, n - 1);
+                }
+            }
+        }
+        for c in &rec.pod_cidrs {
+            let n = self.offered_cidrs.get(c).copied().unwrap_or(0);
+            match (add, n) {
+                (true, _) => self.offered_cidrs.insert(*c, n + 1),
+                (false, 0 | 1) => self.offered_cidrs.remove(c),
+                (false, _) => self.offered_cidrs.insert(*c, n - 1),
+            };
+        }
+        for ip in &rec.underlay_ips {
+            count(&mut self.offered_ips, *ip, add);
+        }
+        for k in &rec.wireguard_public_keys {
+            count(&mut self.offered_keys, *k, add);
+        }
+    }
+
+    /// Whether `rec` shares no pod CIDR, underlay address or key with any
+    /// node offered (itself taken out), and no range of it holds another's
+    /// address: then admitting or refusing it changes nobody else's
+    /// verdict, whatever the order.
+    fn alone(&self, rec: &NodeRecord) -> bool {
+        rec.pod_cidrs.iter().all(|p| {
+            self.offered_cidrs.overlapping(p).next().is_none()
+                && self
+                    .offered_ips
+                    .range(p.addr()..)
+                    .take_while(|(ip, _)| p.contains(**ip))
+                    .next()
+                    .is_none()
+        }) && rec.underlay_ips.iter().all(|ip| {
+            self.offered_cidrs.containing(*ip).next().is_none()
+                && !self.offered_ips.contains_key(ip)
+        }) && rec
+            .wireguard_public_keys
+            .iter()
+            .all(|k| !self.offered_keys.contains_key(k))
+    }
+
+    /// The changed nodes one by one, each against the rest, when each
+    /// (before and after) is [`Incremental::alone`]: O(log nodes) a node.
+    /// Returns whether CIDR ownership changed; Err (with whether it did
+    /// so far) as soon as one is not alone: node admission must run again,
+    /// and what was done so far is in `delta` and `rederive`.
+    fn nodes_alone(
+        &mut self,
+        input: &MergeInput<'_>,
+        all: &[(bool, &ClusterInput<'_>)],
+        changes: &BTreeMap<ClusterName, Changes>,
+        rederive: &mut BTreeSet<IpAddr>,
+        delta: &mut Delta,
+    ) -> Result<bool, bool> {
+        let mut ranges = BTreeSet::new();
+        let mut peers = BTreeSet::new();
+        for (name, ch) in changes {
+            let c = all.iter().find(|(_, c)| c.name == name).copied();
+            let local = name == input.local.name;
+            for node in &ch.nodes {
+                let key = (name.clone(), node.clone());
+                let old = self.offered.remove(&key);
+                if let Some(o) = &old {
+                    self.offer(o, false);
+                }
+                let new = c.and_then(|(_, c)| c.records.nodes.get(node).map(|(r, _)| r.clone()));
+                let lone = old.as_ref().is_none_or(|o| self.alone(o))
+                    && new.as_ref().is_none_or(|n| self.alone(n));
+                if !lone {
+                    // Node admission runs again from what was changed so
+                    // far: what changed from the state before must still
+                    // be in the delta.
+                    endpoints_in(all, &ranges, rederive);
+                    let moved = !ranges.is_empty();
+                    delta.tunnels.extend(ranges);
+                    delta.peers.extend(peers);
+                    return Err(moved);
+                }
+                let before: Vec<Rejection> = self.nodes.rejected.clone();
+                for r in old.iter().chain(new.iter()) {
+                    ranges.extend(r.pod_cidrs.iter().copied());
+                    if !local {
+                        rederive.extend(r.underlay_ips.iter().copied());
+                    }
+                    peers.insert(format!("{name}/{node}"));
+                }
+                if let Some(o) = &old {
+                    remove_node(&mut self.nodes, name, local, o);
+                }
+                if let (Some(n), Some((_, c))) = (new, c) {
+                    match lone_verdict(&self.incumbents, local, c, &n) {
+                        Some(r) => self.nodes.rejected.push(r),
+                        None => add_node(input, &mut self.nodes, local, c, &n),
+                    }
+                    self.offer(&n, true);
+                    self.offered.insert(key, n);
+                }
+                delta
+                    .rejected
+                    .extend(appeared(&before, &self.nodes.rejected).cloned());
+            }
+        }
+        for p in &ranges {
+            match self.nodes.tunnels.get(p) {
+                Some(t) => self.desired.tunnels.insert(*p, t.clone()),
+                None => self.desired.tunnels.remove(p),
+            };
+            delta.tunnels.insert(*p);
+        }
+        endpoints_in(all, &ranges, rederive);
+        for k in peers {
+            match self.nodes.peers.get(&k) {
+                Some(v) => self.desired.peers.insert(k.clone(), v.clone()),
+                None => self.desired.peers.remove(&k),
+            };
+            delta.peers.insert(k);
+        }
+        Ok(!ranges.is_empty())
     }
 
     /// Sets `x`'s ip-cache entry: the endpoint's when it has a valid one,

@@ -156,7 +156,7 @@ pub fn merge(input: &MergeInput<'_>) -> Desired {
 
 /// A remote node's pod CIDR that overlaps a range another cluster holds
 /// (incumbent), in words.
-fn held_by_other(
+pub fn held_by_other(
     incumbents: &PrefixMap<u8>,
     id: u8,
     rec: &clustermesh_api::NodeRecord,
@@ -223,20 +223,8 @@ pub fn merge_nodes(input: &MergeInput<'_>) -> NodeSection {
     }
     let mut out = NodeSection::default();
     for (local, _, c, rec) in candidates {
-        let refused = match admitted.check(rec, c.name, local) {
-            Err(r) => Some((r.reason, r.detail)),
-            Ok(()) if !local => {
-                held_by_other(&incumbents, c.id.get(), rec).map(|d| ("cidr_overlap", d))
-            }
-            Ok(()) => None,
-        };
-        if let Some((reason, detail)) = refused {
-            out.rejected.push(Rejection {
-                cluster: c.name.clone(),
-                record: format!("node {}", rec.name),
-                reason,
-                detail,
-            });
+        if let Some(r) = verdict(&admitted, &incumbents, local, c, rec) {
+            out.rejected.push(r);
             continue;
         }
         admitted.admit(rec, c.name);
@@ -245,8 +233,74 @@ pub fn merge_nodes(input: &MergeInput<'_>) -> NodeSection {
     out
 }
 
+/// Why `rec` is refused against what is admitted (None: accepted).
+fn verdict(
+    admitted: &Admitted<'_>,
+    incumbents: &PrefixMap<u8>,
+    local: bool,
+    c: &ClusterInput<'_>,
+    rec: &clustermesh_api::NodeRecord,
+) -> Option<Rejection> {
+    let refused = match admitted.check(rec, c.name, local) {
+        Err(r) => Some((r.reason, r.detail)),
+        Ok(()) if !local => held_by_other(incumbents, c.id.get(), rec).map(|d| ("cidr_overlap", d)),
+        Ok(()) => None,
+    };
+    refused.map(|(reason, detail)| Rejection {
+        cluster: c.name.clone(),
+        record: format!("node {}", rec.name),
+        reason,
+        detail,
+    })
+}
+
+/// The verdict on a node that shares no range, address or key with any
+/// other node offered (see `incremental`): its own bounds decide.
+pub fn lone_verdict(
+    incumbents: &PrefixMap<u8>,
+    local: bool,
+    c: &ClusterInput<'_>,
+    rec: &clustermesh_api::NodeRecord,
+) -> Option<Rejection> {
+    let mut a = Admitted::default();
+    if !local {
+        a.declare(c.name, c.declared);
+    }
+    a.offer(rec, c.name);
+    verdict(&a, incumbents, local, c, rec)
+}
+
+/// Takes back what [`add_node`] gave for `rec` of `cluster` (and its
+/// refusal, if it was refused).
+pub fn remove_node(
+    out: &mut NodeSection,
+    cluster: &ClusterName,
+    local: bool,
+    rec: &clustermesh_api::NodeRecord,
+) {
+    let record = format!("node {}", rec.name);
+    out.rejected
+        .retain(|r| !(r.cluster == *cluster && r.record == record));
+    for cidr in &rec.pod_cidrs {
+        if out
+            .owners
+            .get(cidr)
+            .is_some_and(|o| o.cluster == *cluster && o.node == rec.name)
+        {
+            out.owners.remove(cidr);
+            out.tunnels.remove(cidr);
+        }
+    }
+    if !local {
+        for ip in &rec.underlay_ips {
+            out.ipcache.remove(&IpCidr::host(*ip));
+        }
+    }
+    out.peers.remove(&format!("{cluster}/{}", rec.name));
+}
+
 /// An accepted node's contribution to the [`NodeSection`].
-fn add_node(
+pub fn add_node(
     input: &MergeInput<'_>,
     out: &mut NodeSection,
     local: bool,

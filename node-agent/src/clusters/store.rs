@@ -125,7 +125,7 @@ pub const MAX_RECORDS: usize = 500_000;
 pub struct Changes {
     pub endpoints: BTreeSet<IpAddr>,
     pub services: BTreeSet<(K8sName, K8sName)>,
-    pub nodes: bool,
+    pub nodes: BTreeSet<NodeName>,
     pub identities: bool,
     pub policies: bool,
     /// An endpoint that names (or named) a namespace changed: policy
@@ -143,7 +143,7 @@ impl Changes {
         Self {
             endpoints: r.endpoints.keys().copied().collect(),
             services: r.services.keys().cloned().collect(),
-            nodes: !r.nodes.is_empty(),
+            nodes: r.nodes.keys().cloned().collect(),
             identities: !r.identities.is_empty(),
             policies: !r.policies.is_empty(),
             endpoint_namespaces: r.endpoints.values().any(|e| e.namespace.is_some()),
@@ -154,7 +154,7 @@ impl Changes {
     pub fn extend(&mut self, other: Self) {
         self.endpoints.extend(other.endpoints);
         self.services.extend(other.services);
-        self.nodes |= other.nodes;
+        self.nodes.extend(other.nodes);
         self.identities |= other.identities;
         self.policies |= other.policies;
         self.endpoint_namespaces |= other.endpoint_namespaces;
@@ -163,7 +163,7 @@ impl Changes {
     /// What differs between `old` and `new`: O(records of one cluster).
     pub fn between(old: &Records, new: &Records) -> Self {
         let mut c = Self {
-            nodes: old.nodes != new.nodes,
+            nodes: changed_nodes(&old.nodes, &new.nodes),
             identities: old.identities != new.identities,
             policies: old.policies != new.policies,
             ..Self::default()
@@ -194,6 +194,24 @@ impl Changes {
         }
         c
     }
+}
+
+/// The nodes whose records differ between `old` and `new` (the sequence
+/// numbers aside).
+fn changed_nodes(
+    old: &BTreeMap<NodeName, (NodeRecord, u64)>,
+    new: &BTreeMap<NodeName, (NodeRecord, u64)>,
+) -> BTreeSet<NodeName> {
+    let differs = |a: &BTreeMap<_, (NodeRecord, u64)>,
+                   b: &BTreeMap<NodeName, (NodeRecord, u64)>| {
+        a.iter()
+            .filter(|(n, (r, _))| b.get(*n).is_none_or(|(o, _)| o != r))
+            .map(|(n, _)| NodeName::clone(n))
+            .collect::<BTreeSet<_>>()
+    };
+    let mut out = differs(new, old);
+    out.extend(differs(old, new));
+    out
 }
 
 /// Counts of a cluster's records (for status).
@@ -412,7 +430,7 @@ impl ClusterStore {
         match k {
             Key::Node { node, .. } => {
                 t.nodes.remove(node);
-                change.nodes = true;
+                change.nodes.insert(node.clone());
             }
             Key::Ip { ip, .. } => {
                 let old = t.endpoints.remove(ip);
@@ -473,7 +491,7 @@ impl ClusterStore {
 fn put(t: &mut Records, entry: Entry, seq: u64, change: &mut Changes) -> bool {
     match entry {
         Entry::Node(r) => {
-            change.nodes = true;
+            change.nodes.insert(r.name.clone());
             match t.nodes.entry(r.name.clone()) {
                 btree_map::Entry::Occupied(mut o) => {
                     if o.get().0 == r {
