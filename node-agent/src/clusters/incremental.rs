@@ -122,7 +122,7 @@ pub struct Incremental {
     /// each pod CIDR, underlay address and key: whether a changed node
     /// meets any other.
     offered: BTreeMap<(ClusterName, clustermesh_api::NodeName), NodeRecord>,
-    offered_cidrs: PrefixMap<u32>,
+    offered_cidrs: PrefixMap<Vec<(ClusterName, clustermesh_api::NodeName)>>,
     offered_ips: BTreeMap<IpAddr, u32>,
     offered_keys: BTreeMap<clustermesh_api::WgPublicKey, u32>,
     /// `MergeInput::incumbents`, indexed.
@@ -227,7 +227,9 @@ impl Incremental {
         let membership = old_nb.declared != nb.declared;
         let mut rederive = BTreeSet::new();
         let mut services_all = false;
-        if membership || old_nb.incumbents != nb.incumbents {
+        let holders_moved =
+            old_nb.incumbents != nb.incumbents && !self.incumbents_inert(&all, &old_nb, &nb);
+        if membership || holders_moved {
             services_all = self.update_nodes(input, &all, &mut rederive, &mut delta);
         } else if changes.values().any(|c| !c.nodes.is_empty()) {
             services_all = match self.nodes_alone(input, &all, changes, &mut rederive, &mut delta) {
@@ -381,7 +383,7 @@ impl Incremental {
         self.incumbents = input.incumbents.iter().map(|(c, id)| (*c, *id)).collect();
         for (_, c) in clusters(input) {
             for (rec, _) in c.records.nodes.values() {
-                self.offer(rec, true);
+                self.offer(c.name, rec, true);
                 self.offered
                     .insert((c.name.clone(), rec.name.clone()), rec.clone());
             }
@@ -390,7 +392,7 @@ impl Incremental {
 
     /// Counts `rec`'s ranges, addresses and keys in (or out of) the
     /// offered-node indexes.
-    fn offer(&mut self, rec: &NodeRecord, add: bool) {
+    fn offer(&mut self, cluster: &ClusterName, rec: &NodeRecord, add: bool) {
         fn count<K: Ord + Copy>(m: &mut BTreeMap<K, u32>, k: K, add: bool) {
             let n = m.get(&k).copied().unwrap_or(0);
             match (add, n) {
@@ -405,13 +407,17 @@ impl Incremental {
                 }
             }
         }
+        let me = (cluster.clone(), rec.name.clone());
         for c in &rec.pod_cidrs {
-            let n = self.offered_cidrs.get(c).copied().unwrap_or(0);
-            match (add, n) {
-                (true, _) => self.offered_cidrs.insert(*c, n + 1),
-                (false, 0 | 1) => self.offered_cidrs.remove(c),
-                (false, _) => self.offered_cidrs.insert(*c, n - 1),
-            };
+            let mut holders = self.offered_cidrs.remove(c).unwrap_or_default();
+            if add {
+                holders.push(me.clone());
+            } else if let Some(i) = holders.iter().position(|h| *h == me) {
+                holders.remove(i);
+            }
+            if !holders.is_empty() {
+                self.offered_cidrs.insert(*c, holders);
+            }
         }
         for ip in &rec.underlay_ips {
             count(&mut self.offered_ips, *ip, add);
@@ -419,6 +425,78 @@ impl Incremental {
         for k in &rec.wireguard_public_keys {
             count(&mut self.offered_keys, *k, add);
         }
+    }
+
+    /// Whether the range holders' change from `old` to `new` changes no
+    /// verdict: each range that changed overlaps at most one node offered,
+    /// which meets no other node and belongs to the cluster the range is
+    /// (and was) held for. Then only that node's place in the admission
+    /// order moves, which no other node sees. Keeps the index of holders.
+    fn incumbents_inert(
+        &mut self,
+        all: &[(bool, &ClusterInput<'_>)],
+        old: &NodeBasis,
+        new: &NodeBasis,
+    ) -> bool {
+        let mut changed: Vec<(IpCidr, Option<u8>, Option<u8>)> = Vec::new();
+        for (c, id) in &new.incumbents {
+            let was = old.incumbents.get(c).copied();
+            if was != Some(*id) {
+                changed.push((*c, was, Some(*id)));
+            }
+        }
+        for (c, id) in &old.incumbents {
+            if !new.incumbents.contains_key(c) {
+                changed.push((*c, Some(*id), None));
+            }
+        }
+        let inert = changed.iter().all(|(p, was, now)| {
+            let mut holders = self
+                .offered_cidrs
+                .overlapping(p)
+                .flat_map(|(_, h)| h.iter());
+            let (Some(h), None) = (holders.next(), holders.next()) else {
+                // Nobody's range: no verdict reads it.
+                return self.offered_cidrs.overlapping(p).next().is_none();
+            };
+            let id = all
+                .iter()
+                .find(|(_, c)| *c.name == h.0)
+                .map(|(_, c)| c.id.get());
+            id.is_some()
+                && [was, now].iter().all(|o| o.is_none_or(|o| Some(o) == id))
+                && self.offered.get(h).is_some_and(|rec| self.alone_here(rec))
+        });
+        if inert {
+            for (p, _, now) in changed {
+                match now {
+                    Some(id) => self.incumbents.insert(p, id),
+                    None => self.incumbents.remove(&p),
+                };
+            }
+        }
+        inert
+    }
+
+    /// [`Incremental::alone`] for a node that is in the index itself.
+    fn alone_here(&self, rec: &NodeRecord) -> bool {
+        rec.pod_cidrs.iter().all(|p| {
+            self.offered_cidrs
+                .overlapping(p)
+                .all(|(c, h)| c == p && h.len() == 1)
+                && self
+                    .offered_ips
+                    .range(p.addr()..)
+                    .take_while(|(ip, _)| p.contains(**ip))
+                    .next()
+                    .is_none()
+        }) && rec.underlay_ips.iter().all(|ip| {
+            self.offered_cidrs.containing(*ip).next().is_none()
+                && self.offered_ips.get(ip) == Some(&1)
+        }) && rec
+            .wireguard_public_keys
+            .iter()
+            .all(|k| self.offered_keys.get(k) == Some(&1))
     }
 
     /// Whether `rec` shares no pod CIDR, underlay address or key with any
@@ -465,7 +543,7 @@ impl Incremental {
                 let key = (name.clone(), node.clone());
                 let old = self.offered.remove(&key);
                 if let Some(o) = &old {
-                    self.offer(o, false);
+                    self.offer(name, o, false);
                 }
                 let new = c.and_then(|(_, c)| c.records.nodes.get(node).map(|(r, _)| r.clone()));
                 let lone = old.as_ref().is_none_or(|o| self.alone(o))
@@ -496,7 +574,7 @@ impl Incremental {
                         Some(r) => self.nodes.rejected.push(r),
                         None => add_node(input, &mut self.nodes, local, c, &n),
                     }
-                    self.offer(&n, true);
+                    self.offer(name, &n, true);
                     self.offered.insert(key, n);
                 }
                 delta
