@@ -828,9 +828,12 @@ async fn a_remote_larger_than_a_list_page_syncs_whole() {
             == n
     })
     .await;
-    let st = status.lock().unwrap().clone();
-    let c2s = status_of(&st, "c2").unwrap();
-    assert_eq!(c2s.counts.endpoints, n, "{c2s:?}");
+    // The status is published after the round that wrote the entries.
+    until("c2's status counting every endpoint", || {
+        let st = status.lock().unwrap().clone();
+        status_of(&st, "c2").is_some_and(|c| c.counts.endpoints == n)
+    })
+    .await;
     cancel.cancel();
     run.await.unwrap();
 }

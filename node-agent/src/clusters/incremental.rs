@@ -90,7 +90,9 @@ struct NodeBasis {
     incumbents: BTreeMap<IpCidr, u8>,
 }
 
-fn basis(input: &MergeInput<'_>) -> (Basis, NodeBasis) {
+/// The basis of `input`; `incumbents` when it is known to equal
+/// `input.incumbents` (saves a copy of every range holder per update).
+fn basis(input: &MergeInput<'_>, incumbents: Option<BTreeMap<IpCidr, u8>>) -> (Basis, NodeBasis) {
     let all = clusters(input);
     (
         Basis {
@@ -105,7 +107,7 @@ fn basis(input: &MergeInput<'_>) -> (Basis, NodeBasis) {
                 .iter()
                 .map(|(_, c)| (c.name.clone(), c.declared.to_vec()))
                 .collect(),
-            incumbents: input.incumbents.clone(),
+            incumbents: incumbents.unwrap_or_else(|| input.incumbents.clone()),
         },
     )
 }
@@ -209,10 +211,14 @@ impl Incremental {
         input: &MergeInput<'_>,
         changes: &BTreeMap<ClusterName, Changes>,
     ) -> Delta {
-        let (b, nb) = basis(input);
-        let Some((old_b, old_nb)) = self.basis.take() else {
-            return self.rebuild(input, (b, nb));
+        let Some((old_b, mut old_nb)) = self.basis.take() else {
+            return self.rebuild(input, basis(input, None));
         };
+        let holders_same = old_nb.incumbents == *input.incumbents;
+        let (b, nb) = basis(
+            input,
+            holders_same.then(|| std::mem::take(&mut old_nb.incumbents)),
+        );
         // A cluster's id is in its identities and entries: changed, all
         // is derived again (as when the encryption policy changes).
         let renumbered = old_b
@@ -227,8 +233,7 @@ impl Incremental {
         let membership = old_nb.declared != nb.declared;
         let mut rederive = BTreeSet::new();
         let mut services_all = false;
-        let holders_moved =
-            old_nb.incumbents != nb.incumbents && !self.incumbents_inert(&all, &old_nb, &nb);
+        let holders_moved = !holders_same && !self.incumbents_inert(&all, &old_nb, &nb);
         if membership || holders_moved {
             services_all = self.update_nodes(input, &all, &mut rederive, &mut delta);
         } else if changes.values().any(|c| !c.nodes.is_empty()) {

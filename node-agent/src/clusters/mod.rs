@@ -606,7 +606,12 @@ impl Agent {
         }
         self.retry = !failures.is_empty();
         self.failures = failures;
-        if (self.owners_stale || !delta.tunnels.is_empty()) && self.update_owners() {
+        let released = if self.owners_stale {
+            self.update_owners()
+        } else {
+            self.update_owners_of(&delta.tunnels)
+        };
+        if released {
             // A range was released: a claim refused for it may now go.
             self.dirty = true;
         }
@@ -668,6 +673,41 @@ impl Agent {
         let released = self.owners.len() != before;
         for (c, e) in tunnels {
             self.owners.entry(*c).or_insert(e.cluster_id);
+        }
+        released
+    }
+
+    /// [`Agent::update_owners`] for the ranges whose tunnel entries the
+    /// merge touched, when no cluster's sync state changed: every other
+    /// holder's outcome is what it was. O(ranges touched).
+    fn update_owners_of(&mut self, touched: &std::collections::BTreeSet<IpCidr>) -> bool {
+        if touched.is_empty() {
+            return false;
+        }
+        let all = self.all_synced();
+        let mut released = false;
+        for cidr in touched {
+            let routed = self.last.tunnels.get(cidr).map(|e| e.cluster_id);
+            if let Some(id) = self.owners.get(cidr).copied() {
+                let synced = self
+                    .slots
+                    .values()
+                    .filter(|s| s.refused.is_none())
+                    .find(|s| s.store.config.as_ref().is_some_and(|c| c.id.get() == id))
+                    .map(|s| s.synced);
+                let keep = match synced {
+                    None => !all,
+                    Some(false) => true,
+                    Some(true) => routed == Some(id),
+                };
+                if !keep {
+                    self.owners.remove(cidr);
+                    released = true;
+                }
+            }
+            if let Some(id) = routed {
+                self.owners.entry(*cidr).or_insert(id);
+            }
         }
         released
     }
