@@ -155,23 +155,29 @@ fn diff_keys<K: Ord + Clone, V: PartialEq>(
 
 /// Every cluster's endpoint addresses inside `ranges`, into `out`: range
 /// scans of each store, O(clusters x log endpoints + found).
-fn endpoints_in(
-    all: &[(bool, &ClusterInput<'_>)],
-    ranges: &BTreeSet<IpCidr>,
-    out: &mut BTreeSet<IpAddr>,
-) {
+fn endpoints_in(all: &[(bool, &ClusterInput<'_>)], ranges: &BTreeSet<IpCidr>, out: &mut Rederive) {
     for p in ranges {
-        for (_, c) in all {
-            out.extend(
-                c.records
-                    .endpoints
-                    .range(p.addr()..)
-                    .take_while(|(ip, _)| p.contains(**ip))
-                    .map(|(ip, _)| *ip),
-            );
+        for (i, (_, c)) in all.iter().enumerate() {
+            let inside = c
+                .records
+                .endpoints
+                .range(p.addr()..)
+                .take_while(|(ip, _)| p.contains(**ip));
+            for (ip, _) in inside {
+                if let Some(holders) = out.entry(*ip).or_insert_with(|| Some(Vec::new()))
+                    && !holders.contains(&i)
+                {
+                    holders.push(i);
+                }
+            }
         }
     }
 }
+
+/// Addresses to derive again, each with the clusters (indexes into the
+/// merge order) that have a record at it when a range scan found them
+/// all, or None: ask every cluster.
+type Rederive = BTreeMap<IpAddr, Option<Vec<usize>>>;
 
 /// The refusals of `new` that `old` did not have.
 fn appeared<'a>(old: &[Rejection], new: &'a [Rejection]) -> impl Iterator<Item = &'a Rejection> {
@@ -231,26 +237,32 @@ impl Incremental {
         let mut delta = Delta::default();
         let all = clusters(input);
         let membership = old_nb.declared != nb.declared;
-        let mut rederive = BTreeSet::new();
-        let mut services_all = false;
+        let mut rederive = Rederive::new();
+        let mut moved = BTreeSet::new();
         let holders_moved = !holders_same && !self.incumbents_inert(&all, &old_nb, &nb);
         if membership || holders_moved {
-            services_all = self.update_nodes(input, &all, &mut rederive, &mut delta);
+            moved = self.update_nodes(input, &all, &mut rederive, &mut delta);
         } else if changes.values().any(|c| !c.nodes.is_empty()) {
-            services_all = match self.nodes_alone(input, &all, changes, &mut rederive, &mut delta) {
-                Ok(moved) => moved,
-                Err(moved) => self.update_nodes(input, &all, &mut rederive, &mut delta) || moved,
+            moved = match self.nodes_alone(input, &all, changes, &mut rederive, &mut delta) {
+                Ok(m) => m,
+                Err(mut m) => {
+                    m.extend(self.update_nodes(input, &all, &mut rederive, &mut delta));
+                    m
+                }
             };
         }
+        let services_all = !moved.is_empty();
+        let moved: PrefixMap<()> = moved.into_iter().map(|c| (c, ())).collect();
         for (name, ch) in changes {
             let c = all.iter().find(|(_, c)| c.name == name).copied();
-            if services_all {
-                // Ownership moved: which cluster's entry an address held
-                // before is not known from the new owners; every cluster
-                // is asked again (O(clusters) per changed address).
-                rederive.extend(ch.endpoints.iter().copied());
-            } else {
-                for ip in &ch.endpoints {
+            for ip in &ch.endpoints {
+                if moved.containing(*ip).next().is_some() {
+                    // Its range changed owner: the range scan found every
+                    // cluster with a record at it (none, if it was
+                    // deleted).
+                    rederive.entry(*ip).or_insert_with(|| Some(Vec::new()));
+                } else {
+                    // Its owner is what it was.
                     self.endpoint_changed(input, name, c, *ip, &mut delta);
                 }
             }
@@ -258,8 +270,8 @@ impl Incremental {
                 self.update_identities(name, c, &mut delta);
             }
         }
-        for ip in rederive {
-            self.rederive(input, &all, ip, &mut delta);
+        for (ip, holders) in rederive {
+            self.rederive(input, &all, ip, holders.as_deref(), &mut delta);
         }
         let local = changes.get(input.local.name);
         if services_all || local.is_some_and(|c| !c.services.is_empty()) {
@@ -339,14 +351,14 @@ impl Incremental {
     }
 
     /// Node admission again; the addresses whose entry may have changed go
-    /// into `rederive`. Returns whether CIDR ownership changed.
+    /// into `rederive`. Returns the pod CIDRs whose owner changed.
     fn update_nodes(
         &mut self,
         input: &MergeInput<'_>,
         all: &[(bool, &ClusterInput<'_>)],
-        rederive: &mut BTreeSet<IpAddr>,
+        rederive: &mut Rederive,
         delta: &mut Delta,
-    ) -> bool {
+    ) -> BTreeSet<IpCidr> {
         let new = merge_nodes(input);
         self.reindex(input);
         let old = std::mem::replace(&mut self.nodes, new);
@@ -355,7 +367,9 @@ impl Incremental {
         diff_keys(&old.peers, &new.peers, &mut delta.peers);
         let mut hosts = BTreeSet::new();
         diff_keys(&old.ipcache, &new.ipcache, &mut hosts);
-        rederive.extend(hosts.iter().map(IpCidr::addr));
+        for h in &hosts {
+            rederive.insert(h.addr(), None);
+        }
         delta
             .rejected
             .extend(appeared(&old.rejected, &new.rejected).cloned());
@@ -376,7 +390,7 @@ impl Incremental {
         // refused node's range never had an entry from it.
         self.desired.tunnels = new.tunnels.clone();
         self.desired.peers = new.peers.clone();
-        !ranges.is_empty()
+        ranges
     }
 
     /// The offered-node indexes from every cluster's records.
@@ -528,17 +542,17 @@ impl Incremental {
 
     /// The changed nodes one by one, each against the rest, when each
     /// (before and after) is [`Incremental::alone`]: O(log nodes) a node.
-    /// Returns whether CIDR ownership changed; Err (with whether it did
-    /// so far) as soon as one is not alone: node admission must run again,
+    /// Returns the pod CIDRs whose owner changed; Err (with those so far)
+    /// as soon as one is not alone: node admission must run again,
     /// and what was done so far is in `delta` and `rederive`.
     fn nodes_alone(
         &mut self,
         input: &MergeInput<'_>,
         all: &[(bool, &ClusterInput<'_>)],
         changes: &BTreeMap<ClusterName, Changes>,
-        rederive: &mut BTreeSet<IpAddr>,
+        rederive: &mut Rederive,
         delta: &mut Delta,
-    ) -> Result<bool, bool> {
+    ) -> Result<BTreeSet<IpCidr>, BTreeSet<IpCidr>> {
         let mut ranges = BTreeSet::new();
         let mut peers = BTreeSet::new();
         for (name, ch) in changes {
@@ -558,16 +572,17 @@ impl Incremental {
                     // far: what changed from the state before must still
                     // be in the delta.
                     endpoints_in(all, &ranges, rederive);
-                    let moved = !ranges.is_empty();
-                    delta.tunnels.extend(ranges);
+                    delta.tunnels.extend(ranges.iter().copied());
                     delta.peers.extend(peers);
-                    return Err(moved);
+                    return Err(ranges);
                 }
                 let before: Vec<Rejection> = self.nodes.rejected.clone();
                 for r in old.iter().chain(new.iter()) {
                     ranges.extend(r.pod_cidrs.iter().copied());
                     if !local {
-                        rederive.extend(r.underlay_ips.iter().copied());
+                        for ip in &r.underlay_ips {
+                            rederive.insert(*ip, None);
+                        }
                     }
                     peers.insert(format!("{name}/{node}"));
                 }
@@ -602,7 +617,7 @@ impl Incremental {
             };
             delta.peers.insert(k);
         }
-        Ok(!ranges.is_empty())
+        Ok(ranges)
     }
 
     /// Sets `x`'s ip-cache entry: the endpoint's when it has a valid one,
@@ -678,22 +693,36 @@ impl Incremental {
         }
     }
 
-    /// Every cluster's verdict on `x` again.
+    /// Every cluster's verdict on `x` again (of `holders` only, when they
+    /// are known to be all the clusters with a record at `x`).
     fn rederive(
         &mut self,
         input: &MergeInput<'_>,
         all: &[(bool, &ClusterInput<'_>)],
         x: IpAddr,
+        holders: Option<&[usize]>,
         delta: &mut Delta,
     ) {
         let old = self.endpoints_rejected.remove(&x).unwrap_or_default();
         let mut entry = None;
         let mut refused = Vec::new();
-        for (local, c) in all {
+        let mut ask = |local: bool, c: &ClusterInput<'_>| {
             if let Some(rec) = c.records.endpoints.get(&x) {
-                match endpoint_entry(input, c, *local, rec, &self.nodes.owners) {
+                match endpoint_entry(input, c, local, rec, &self.nodes.owners) {
                     Ok(e) => entry = Some(e),
                     Err(r) => refused.push(r),
+                }
+            }
+        };
+        match holders {
+            Some(h) => {
+                for (local, c) in h.iter().filter_map(|i| all.get(*i)) {
+                    ask(*local, c);
+                }
+            }
+            None => {
+                for (local, c) in all {
+                    ask(*local, c);
                 }
             }
         }
