@@ -499,23 +499,7 @@ impl Incremental {
 
     /// [`Incremental::alone`] for a node that is in the index itself.
     fn alone_here(&self, rec: &NodeRecord) -> bool {
-        rec.pod_cidrs.iter().all(|p| {
-            self.offered_cidrs
-                .overlapping(p)
-                .all(|(c, h)| c == p && h.len() == 1)
-                && self
-                    .offered_ips
-                    .range(p.addr()..)
-                    .take_while(|(ip, _)| p.contains(**ip))
-                    .next()
-                    .is_none()
-        }) && rec.underlay_ips.iter().all(|ip| {
-            self.offered_cidrs.containing(*ip).next().is_none()
-                && self.offered_ips.get(ip) == Some(&1)
-        }) && rec
-            .wireguard_public_keys
-            .iter()
-            .all(|k| self.offered_keys.get(k) == Some(&1))
+        self.alone_counting(rec, 1)
     }
 
     /// Whether `rec` shares no pod CIDR, underlay address or key with any
@@ -523,8 +507,16 @@ impl Incremental {
     /// address: then admitting or refusing it changes nobody else's
     /// verdict, whatever the order.
     fn alone(&self, rec: &NodeRecord) -> bool {
+        self.alone_counting(rec, 0)
+    }
+
+    /// The index holds `rec`'s ranges, addresses and keys exactly `own`
+    /// times (0: it is taken out; 1: it is in), and nothing else meets them.
+    fn alone_counting(&self, rec: &NodeRecord, own: usize) -> bool {
         rec.pod_cidrs.iter().all(|p| {
-            self.offered_cidrs.overlapping(p).next().is_none()
+            self.offered_cidrs
+                .overlapping(p)
+                .all(|(c, h)| c == p && h.len() == own)
                 && self
                     .offered_ips
                     .range(p.addr()..)
@@ -533,11 +525,11 @@ impl Incremental {
                     .is_none()
         }) && rec.underlay_ips.iter().all(|ip| {
             self.offered_cidrs.containing(*ip).next().is_none()
-                && !self.offered_ips.contains_key(ip)
+                && self.offered_ips.get(ip).map_or(0, |n| *n as usize) == own
         }) && rec
             .wireguard_public_keys
             .iter()
-            .all(|k| !self.offered_keys.contains_key(k))
+            .all(|k| self.offered_keys.get(k).map_or(0, |n| *n as usize) == own)
     }
 
     /// The changed nodes one by one, each against the rest, when each
