@@ -995,6 +995,8 @@ impl Agent {
                 self.reconcile();
             }
             self.tick(Instant::now());
+            // A directory rebuild the rate limit deferred.
+            self.publish_directory(Instant::now());
             self.publish(Instant::now());
         }
         self.tracker.close();
