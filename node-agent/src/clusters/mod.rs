@@ -216,6 +216,17 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// Whether cluster `id` keeps holding a range ([`Agent::update_owners`]):
+/// while it has not synced, yes; once synced, only if the range is still
+/// routed to it; a cluster gone keeps it until every cluster has synced.
+fn keeps_range(synced: Option<&bool>, all: bool, routed: Option<u8>, id: u8) -> bool {
+    match synced {
+        None => !all,
+        Some(false) => true,
+        Some(true) => routed == Some(id),
+    }
+}
+
 impl Agent {
     pub fn new(cfg: ClustersConfig, reconcilers: Reconcilers, cancel: CancellationToken) -> Self {
         let (tx, rx) = mpsc::channel(4096);
@@ -657,18 +668,16 @@ impl Agent {
     /// a range was released.
     fn update_owners(&mut self) -> bool {
         let all = self.all_synced();
-        let synced: BTreeMap<u8, bool> = self
-            .slots
-            .values()
-            .filter(|s| s.refused.is_none())
-            .filter_map(|s| s.store.config.as_ref().map(|c| (c.id.get(), s.synced)))
-            .collect();
+        let synced = self.sync_states();
         let tunnels = &self.last.tunnels;
         let before = self.owners.len();
-        self.owners.retain(|cidr, id| match synced.get(id) {
-            None => !all,
-            Some(false) => true,
-            Some(true) => tunnels.get(cidr).is_some_and(|e| e.cluster_id == *id),
+        self.owners.retain(|cidr, id| {
+            keeps_range(
+                synced.get(id),
+                all,
+                tunnels.get(cidr).map(|e| e.cluster_id),
+                *id,
+            )
         });
         let released = self.owners.len() != before;
         for (c, e) in tunnels {
@@ -679,37 +688,36 @@ impl Agent {
 
     /// [`Agent::update_owners`] for the ranges whose tunnel entries the
     /// merge touched, when no cluster's sync state changed: every other
-    /// holder's outcome is what it was. O(ranges touched).
+    /// holder's outcome is what it was. O(ranges touched + clusters).
     fn update_owners_of(&mut self, touched: &std::collections::BTreeSet<IpCidr>) -> bool {
         if touched.is_empty() {
             return false;
         }
         let all = self.all_synced();
+        let synced = self.sync_states();
         let mut released = false;
         for cidr in touched {
             let routed = self.last.tunnels.get(cidr).map(|e| e.cluster_id);
-            if let Some(id) = self.owners.get(cidr).copied() {
-                let synced = self
-                    .slots
-                    .values()
-                    .filter(|s| s.refused.is_none())
-                    .find(|s| s.store.config.as_ref().is_some_and(|c| c.id.get() == id))
-                    .map(|s| s.synced);
-                let keep = match synced {
-                    None => !all,
-                    Some(false) => true,
-                    Some(true) => routed == Some(id),
-                };
-                if !keep {
-                    self.owners.remove(cidr);
-                    released = true;
-                }
+            if let Some(id) = self.owners.get(cidr).copied()
+                && !keeps_range(synced.get(&id), all, routed, id)
+            {
+                self.owners.remove(cidr);
+                released = true;
             }
             if let Some(id) = routed {
                 self.owners.entry(*cidr).or_insert(id);
             }
         }
         released
+    }
+
+    /// Whether each connected cluster (by id) has synced.
+    fn sync_states(&self) -> BTreeMap<u8, bool> {
+        self.slots
+            .values()
+            .filter(|s| s.refused.is_none())
+            .filter_map(|s| s.store.config.as_ref().map(|c| (c.id.get(), s.synced)))
+            .collect()
     }
 
     /// Applies the keys the merge touched (and those a target refused
