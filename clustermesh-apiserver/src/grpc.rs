@@ -14,10 +14,10 @@
 //! changing) and every refused call are written to the audit trail as
 //! `api_call` events with the caller's identity and peer address.
 
-use std::{net::IpAddr, pin::Pin, sync::Arc, time::Instant};
+use std::{pin::Pin, sync::Arc, time::Instant};
 
 use clustermesh_api::{
-    EndpointRecord, FieldError, K8sName, NodeName, Record, convert,
+    FieldError, K8sName, NodeName, convert,
     proto::{self, cluster_mesh_server::ClusterMesh},
 };
 use futures_util::{Stream, StreamExt as _};
@@ -175,99 +175,10 @@ impl Api {
             outcome,
         ))
     }
-
-    async fn add_endpoint_inner(
-        &self,
-        req: proto::AddEndpointRequest,
-    ) -> Result<proto::AddEndpointResponse, Status> {
-        let sh = &self.shared;
-        let node: NodeName = req.node.parse().map_err(|e: clustermesh_api::ValueError| {
-            invalid(FieldError::new("node", e.to_string()))
-        })?;
-        let ip: IpAddr = req.ip.parse().map_err(|_| {
-            invalid(FieldError::new(
-                "ip",
-                format!("invalid IP address {:?}", req.ip),
-            ))
-        })?;
-        let opt_name = |field: &'static str, s: &str| -> Result<Option<K8sName>, Status> {
-            if s.is_empty() {
-                Ok(None)
-            } else {
-                s.parse()
-                    .map(Some)
-                    .map_err(|e: clustermesh_api::ValueError| {
-                        invalid(FieldError::new(field, e.to_string()))
-                    })
-            }
-        };
-        let namespace = opt_name("namespace", &req.namespace)?;
-        let name = opt_name("name", &req.name)?;
-        let labels = convert::labels_from_proto(&req.labels).map_err(invalid)?;
-        if labels.is_empty() {
-            return Err(invalid(FieldError::new(
-                "labels",
-                "an endpoint needs at least one security label",
-            )));
-        }
-        // Identities are per namespace (an endpoint without one is in
-        // `default`, as Kubernetes puts it).
-        let labels = labels
-            .for_identity(namespace.as_ref().map_or("default", |n| n.as_str()))
-            .map_err(|e| invalid(FieldError::new("labels", e.to_string())))?;
-        let mut st = sh.state.lock().await;
-        st.check_endpoint(&node, ip).map_err(refused)?;
-        let host_ip = st
-            .nodes
-            .get(&node)
-            // The node's address of the pod's family when it has one (a
-            // dual-stack node's IPv6 pods are reached over IPv6).
-            .and_then(|n| {
-                let ips = &n.record.underlay_ips;
-                ips.iter()
-                    .find(|u| u.is_ipv4() == ip.is_ipv4())
-                    .or(ips.first())
-                    .copied()
-            })
-            .ok_or_else(|| Status::failed_precondition(format!("node {node} is not registered")))?;
-        let mut client = sh.client.clone();
-        let ident = store::allocate_identity(
-            &mut client,
-            &sh.keys,
-            &sh.cfg.cluster_name,
-            sh.cfg.cluster_id,
-            &labels,
-            &st,
-        )
-        .await
-        .map_err(|e| match e {
-            store::Error::Etcd { .. } => unavailable(e),
-            other => Status::resource_exhausted(other.to_string()),
-        })?;
-        let rec = EndpointRecord {
-            ip,
-            cluster: sh.cfg.cluster_name.clone(),
-            identity: ident.id,
-            host_ip,
-            node: Some(node),
-            namespace,
-            name,
-        };
-        rec.validate().map_err(invalid)?;
-        st.add_identity(ident);
-        store::put_endpoint(&mut client, &sh.keys, &rec)
-            .await
-            .map_err(unavailable)?;
-        let identity = rec.identity.get();
-        st.put_endpoint(rec);
-        drop(st);
-        sh.changed.notify_one();
-        Ok(proto::AddEndpointResponse { identity })
-    }
 }
 
 /// A request's node name, or the `InvalidArgument` naming the field.
-fn node_name(field: &'static str, s: &str) -> Result<NodeName, Status> {
+pub(crate) fn node_name(field: &'static str, s: &str) -> Result<NodeName, Status> {
     s.parse()
         .map_err(|e: clustermesh_api::ValueError| invalid(FieldError::new(field, e.to_string())))
 }
@@ -511,15 +422,7 @@ impl ClusterMesh for Api {
         &self,
         req: Request<proto::AddEndpointRequest>,
     ) -> Result<Response<proto::AddEndpointResponse>, Status> {
-        if let Err(e) = node_name("node", &req.get_ref().node)
-            .and_then(|n| self.authorize(&req, "AddEndpoint", Action::ActAsNode(&n)))
-        {
-            return self.done("AddEndpoint", Err(e));
-        }
-        let r = self
-            .add_endpoint_inner(req.into_inner())
-            .await
-            .map(Response::new);
+        let r = self.add_endpoint_call(req).await;
         self.done("AddEndpoint", r)
     }
 
@@ -527,50 +430,24 @@ impl ClusterMesh for Api {
         &self,
         req: Request<proto::RemoveEndpointRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
-        let sh = &self.shared;
-        let caller = match Caller::of(&req, sh.cfg.insecure_plaintext) {
-            Ok(c) => c,
-            Err(e) => return self.done("RemoveEndpoint", Err(e)),
-        };
-        let peer = req.remote_addr();
-        let req = req.into_inner();
-        let r = async {
-            let ip: IpAddr = req.ip.parse().map_err(|_| {
-                invalid(FieldError::new(
-                    "ip",
-                    format!("invalid IP address {:?}", req.ip),
-                ))
-            })?;
-            let mut st = sh.state.lock().await;
-            if let Some(e) = st.endpoints.get(&ip) {
-                // Only the endpoint's own node (or the admin) removes it.
-                let owner = e.node.clone();
-                let allowed = match &owner {
-                    Some(n) => authz::authorize(&caller, Action::ActAsNode(n)),
-                    None => authz::authorize(&caller, Action::Services),
-                };
-                if let Err(s) = allowed {
-                    self.audit(
-                        &caller,
-                        peer,
-                        "RemoveEndpoint",
-                        Err(&s),
-                        serde_json::json!({"ip": ip.to_string()}),
-                    );
-                    return Err(s);
-                }
-                store::delete_endpoint(&mut sh.client.clone(), &sh.keys, &ip)
-                    .await
-                    .map_err(unavailable)?;
-                st.remove_endpoint(&ip);
-                drop(st);
-                sh.changed.notify_one();
-            }
-            Ok(proto::Empty {})
-        }
-        .await
-        .map(Response::new);
+        let r = self.remove_endpoint_call(req).await;
         self.done("RemoveEndpoint", r)
+    }
+
+    async fn add_endpoints(
+        &self,
+        req: Request<proto::AddEndpointsRequest>,
+    ) -> Result<Response<proto::EndpointsResponse>, Status> {
+        let r = self.add_endpoints_call(req).await;
+        self.done("AddEndpoints", r)
+    }
+
+    async fn remove_endpoints(
+        &self,
+        req: Request<proto::RemoveEndpointsRequest>,
+    ) -> Result<Response<proto::EndpointsResponse>, Status> {
+        let r = self.remove_endpoints_call(req).await;
+        self.done("RemoveEndpoints", r)
     }
 
     async fn upsert_service(

@@ -26,6 +26,7 @@ pub mod authz;
 pub mod config;
 pub mod export;
 pub mod grpc;
+pub mod grpc_endpoints;
 pub mod grpc_policy;
 pub mod kube_policies;
 pub mod kube_source;

@@ -203,8 +203,11 @@ pub async fn load(client: &mut Client, state: &mut ClusterState, now: Instant) -
     Ok(())
 }
 
-/// Applies puts and deletes in transactions of at most 100 operations
-/// (etcd's default limit is 128).
+/// Most operations in one transaction (etcd's default limit is 128).
+pub const TXN_OPS: usize = 100;
+
+/// Applies puts and deletes in transactions of at most [`TXN_OPS`]
+/// operations.
 pub async fn write(
     client: &mut Client,
     puts: Vec<(String, Vec<u8>)>,
@@ -216,7 +219,7 @@ pub async fn write(
         .chain(deletes.into_iter().map(|k| TxnOp::delete(k, None)))
         .collect();
     while !ops.is_empty() {
-        let rest = ops.split_off(ops.len().min(100));
+        let rest = ops.split_off(ops.len().min(TXN_OPS));
         let batch = std::mem::replace(&mut ops, rest);
         client
             .txn(Txn::new().and_then(batch))
@@ -241,8 +244,9 @@ pub async fn delete_node(
     write(client, vec![], dels).await
 }
 
-pub async fn put_endpoint(client: &mut Client, keys: &Internal, r: &EndpointRecord) -> Result<()> {
-    write(client, vec![(keys.endpoint(&r.ip), json(r)?)], vec![]).await
+/// The internal store's key and value of an endpoint.
+pub fn endpoint_put(keys: &Internal, r: &EndpointRecord) -> Result<(String, Vec<u8>)> {
+    Ok((keys.endpoint(&r.ip), json(r)?))
 }
 
 pub async fn delete_endpoint(client: &mut Client, keys: &Internal, ip: &IpAddr) -> Result<()> {

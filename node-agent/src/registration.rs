@@ -148,8 +148,17 @@ pub fn boot_id() -> String {
 /// Endpoints registered in this session: IP -> (what was sent, identity).
 type Registered = std::collections::BTreeMap<String, (EndpointSpec, u32)>;
 
+/// Most endpoints the agent sends in one batch (the apiserver's limit).
+const BATCH: usize = 1000;
+
 /// Brings the apiserver's endpoints of this node to `want`, publishing the
 /// identities.
+///
+/// Removals and additions go in `RemoveEndpoints` / `AddEndpoints` batches
+/// (an apiserver of an earlier release, which answers `Unimplemented`, gets
+/// the single calls). An endpoint the apiserver refuses is logged and left
+/// out, and is sent again at the next change of the set; an `Unavailable`
+/// one (etcd failed) ends the session, which reconnects and sends again.
 async fn sync_endpoints(
     c: &mut ClusterMeshClient<tonic::transport::Channel>,
     node: &proto::Node,
@@ -162,40 +171,131 @@ async fn sync_endpoints(
         .filter(|ip| !want.iter().any(|e| &e.ip == *ip))
         .cloned()
         .collect();
-    for ip in gone {
-        c.remove_endpoint(proto::RemoveEndpointRequest { ip: ip.clone() })
-            .await
-            .map_err(|status| Error::Refused {
-                what: format!("removing endpoint {ip}"),
-                status,
-            })?;
-        tracing::info!(%ip, "endpoint removed");
-        done.remove(&ip);
-    }
-    for e in want {
-        if done.get(&e.ip).is_some_and(|(sent, _)| sent == e) {
-            continue;
+    for ips in gone.chunks(BATCH) {
+        let results = remove_batch(c, ips).await?;
+        for (ip, r) in ips.iter().zip(results) {
+            answered(r, || format!("removing endpoint {ip}"))?;
+            tracing::info!(%ip, "endpoint removed");
+            done.remove(ip);
         }
-        let id = c
-            .add_endpoint(proto::AddEndpointRequest {
+    }
+    let todo: Vec<&EndpointSpec> = want
+        .iter()
+        .filter(|e| done.get(&e.ip).is_none_or(|(sent, _)| sent != *e))
+        .collect();
+    for specs in todo.chunks(BATCH) {
+        let reqs: Vec<proto::AddEndpointRequest> = specs
+            .iter()
+            .map(|e| proto::AddEndpointRequest {
                 node: node.name.clone(),
                 ip: e.ip.clone(),
                 namespace: e.namespace.clone(),
                 name: e.name.clone(),
                 labels: e.labels.clone(),
             })
-            .await
-            .map_err(|status| Error::Refused {
-                what: format!("endpoint {}", e.ip),
-                status,
-            })?
-            .into_inner()
-            .identity;
-        tracing::info!(ip = %e.ip, identity = id, "endpoint registered");
-        done.insert(e.ip.clone(), (e.clone(), id));
+            .collect();
+        let results = add_batch(c, reqs).await?;
+        for (e, r) in specs.iter().zip(results) {
+            if let Some(id) = answered(r, || format!("endpoint {}", e.ip))? {
+                tracing::info!(ip = %e.ip, identity = id, "endpoint registered");
+                done.insert(e.ip.clone(), ((*e).clone(), id));
+            }
+        }
     }
     identities.send_replace(done.iter().map(|(ip, (_, id))| (ip.clone(), *id)).collect());
     Ok(())
+}
+
+/// One endpoint's outcome: its identity, `None` when the apiserver refused
+/// it (logged), or the error that ends the session.
+fn answered(
+    r: Result<u32, tonic::Status>,
+    what: impl FnOnce() -> String,
+) -> Result<Option<u32>, Error> {
+    match r {
+        Ok(id) => Ok(Some(id)),
+        Err(status) if status.code() == tonic::Code::Unavailable => Err(Error::Refused {
+            what: what(),
+            status,
+        }),
+        Err(status) => {
+            tracing::warn!(what = what(), code = ?status.code(), message = status.message(), "apiserver refused endpoint");
+            Ok(None)
+        }
+    }
+}
+
+/// A batch's results as the single calls would have returned them.
+fn results(r: proto::EndpointsResponse, n: usize) -> Vec<Result<u32, tonic::Status>> {
+    let mut out: Vec<_> = r
+        .results
+        .into_iter()
+        .map(|r| match r.code {
+            0 => Ok(r.identity),
+            code => Err(tonic::Status::new(tonic::Code::from(code), r.message)),
+        })
+        .collect();
+    // An answer shorter than the request leaves the rest unanswered:
+    // retried with the session.
+    out.resize_with(n, || {
+        Err(tonic::Status::unavailable(
+            "no answer for this endpoint in the batch",
+        ))
+    });
+    out
+}
+
+async fn add_batch(
+    c: &mut ClusterMeshClient<tonic::transport::Channel>,
+    reqs: Vec<proto::AddEndpointRequest>,
+) -> Result<Vec<Result<u32, tonic::Status>>, Error> {
+    let n = reqs.len();
+    match c
+        .add_endpoints(proto::AddEndpointsRequest {
+            endpoints: reqs.clone(),
+        })
+        .await
+    {
+        Ok(r) => Ok(results(r.into_inner(), n)),
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            let mut out = Vec::with_capacity(n);
+            for req in reqs {
+                out.push(c.add_endpoint(req).await.map(|r| r.into_inner().identity));
+            }
+            Ok(out)
+        }
+        Err(status) => Err(Error::Refused {
+            what: format!("a batch of {n} endpoints"),
+            status,
+        }),
+    }
+}
+
+async fn remove_batch(
+    c: &mut ClusterMeshClient<tonic::transport::Channel>,
+    ips: &[String],
+) -> Result<Vec<Result<u32, tonic::Status>>, Error> {
+    let n = ips.len();
+    match c
+        .remove_endpoints(proto::RemoveEndpointsRequest { ips: ips.to_vec() })
+        .await
+    {
+        Ok(r) => Ok(results(r.into_inner(), n)),
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            let mut out = Vec::with_capacity(n);
+            for ip in ips {
+                let r = c
+                    .remove_endpoint(proto::RemoveEndpointRequest { ip: ip.clone() })
+                    .await;
+                out.push(r.map(|_| 0));
+            }
+            Ok(out)
+        }
+        Err(status) => Err(Error::Refused {
+            what: format!("removing a batch of {n} endpoints"),
+            status,
+        }),
+    }
 }
 
 async fn session(
