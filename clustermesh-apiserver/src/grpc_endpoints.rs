@@ -106,6 +106,54 @@ fn result(ip: String, r: Result<u32, Status>) -> proto::EndpointResult {
     }
 }
 
+/// The puts and deletes of one transaction.
+type TxnOps = (Vec<(String, Vec<u8>)>, Vec<String>);
+
+/// Writes `items` (index in the request, item) to the internal store in
+/// transactions of [`store::TXN_OPS`], `ops` giving each chunk's
+/// operations. Once a transaction commits, `apply` takes each of its items
+/// into the state and gives its answer; a failed transaction fails its
+/// items and every later one with the same status, so the state stays as
+/// etcd holds it. Returns whether anything was written.
+async fn write_chunked<T>(
+    client: &mut etcd_client::Client,
+    st: &mut ClusterState,
+    out: &mut [Option<Result<u32, Status>>],
+    items: &[(usize, T)],
+    ops: impl Fn(&[(usize, T)]) -> Result<TxnOps, Status>,
+    apply: impl Fn(&mut ClusterState, &T) -> u32,
+) -> bool {
+    let mut failed: Option<Status> = None;
+    let mut written = false;
+    for chunk in items.chunks(store::TXN_OPS) {
+        let r = match &failed {
+            Some(s) => Err(s.clone()),
+            None => match ops(chunk) {
+                Ok((puts, dels)) => store::write(client, puts, dels).await.map_err(unavailable),
+                Err(s) => Err(s),
+            },
+        };
+        for (i, item) in chunk {
+            out[*i] = Some(match &r {
+                Ok(()) => Ok(apply(st, item)),
+                Err(s) => Err(s.clone()),
+            });
+        }
+        match r {
+            Ok(()) => written = true,
+            Err(s) => failed = Some(s),
+        }
+    }
+    written
+}
+
+/// Every item's answer, in request order.
+fn answers(out: Vec<Option<Result<u32, Status>>>) -> Vec<Result<u32, Status>> {
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Status::internal("endpoint left unanswered"))))
+        .collect()
+}
+
 /// Refuses a batch larger than [`MAX_BATCH`] as a whole.
 fn check_size(n: usize) -> Result<(), Status> {
     if n > MAX_BATCH {
@@ -204,44 +252,31 @@ impl Api {
                 Err(s) => out.push(Some(Err(s))),
             }
         }
-        let mut failed: Option<Status> = None;
-        for chunk in accepted.chunks(store::TXN_OPS) {
-            let r = match &failed {
-                Some(s) => Err(s.clone()),
-                None => {
-                    let puts: Result<Vec<_>, _> = chunk
-                        .iter()
-                        .map(|(_, rec)| store::endpoint_put(&sh.keys, rec))
-                        .collect();
-                    match puts {
-                        Ok(puts) => store::write(&mut sh.client.clone(), puts, vec![])
-                            .await
-                            .map_err(unavailable),
-                        Err(e) => Err(unavailable(e)),
-                    }
-                }
-            };
-            for (i, rec) in chunk {
-                out[*i] = Some(match &r {
-                    Ok(()) => {
-                        let id = rec.identity.get();
-                        st.put_endpoint(rec.clone());
-                        Ok(id)
-                    }
-                    Err(s) => Err(s.clone()),
-                });
-            }
-            if let Err(s) = r {
-                failed = Some(s);
-            }
-        }
+        let mut client = sh.client.clone();
+        let written = write_chunked(
+            &mut client,
+            &mut st,
+            &mut out,
+            &accepted,
+            |chunk| {
+                let puts = chunk
+                    .iter()
+                    .map(|(_, rec)| store::endpoint_put(&sh.keys, rec))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(unavailable)?;
+                Ok((puts, Vec::new()))
+            },
+            |st, rec| {
+                st.put_endpoint(rec.clone());
+                rec.identity.get()
+            },
+        )
+        .await;
         drop(st);
-        if !accepted.is_empty() {
+        if written {
             sh.changed.notify_one();
         }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Status::internal("endpoint left unanswered"))))
-            .collect()
+        answers(out)
     }
 
     /// Removes a batch of endpoints for `caller`. Only an endpoint's own
@@ -287,37 +322,29 @@ impl Api {
                 Err(s) => out.push(Some(Err(s))),
             }
         }
-        let mut failed: Option<Status> = None;
-        for chunk in doomed.chunks(store::TXN_OPS) {
-            let r = match &failed {
-                Some(s) => Err(s.clone()),
-                None => {
-                    let dels = chunk.iter().map(|(_, ip)| sh.keys.endpoint(ip)).collect();
-                    store::write(&mut sh.client.clone(), vec![], dels)
-                        .await
-                        .map_err(unavailable)
-                }
-            };
-            for (i, ip) in chunk {
-                out[*i] = Some(match &r {
-                    Ok(()) => {
-                        st.remove_endpoint(ip);
-                        Ok(0)
-                    }
-                    Err(s) => Err(s.clone()),
-                });
-            }
-            if let Err(s) = r {
-                failed = Some(s);
-            }
-        }
+        let mut client = sh.client.clone();
+        let written = write_chunked(
+            &mut client,
+            &mut st,
+            &mut out,
+            &doomed,
+            |chunk| {
+                Ok((
+                    Vec::new(),
+                    chunk.iter().map(|(_, ip)| sh.keys.endpoint(ip)).collect(),
+                ))
+            },
+            |st, ip| {
+                st.remove_endpoint(ip);
+                0
+            },
+        )
+        .await;
         drop(st);
-        if !doomed.is_empty() {
+        if written {
             sh.changed.notify_one();
         }
-        out.into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Status::internal("endpoint left unanswered"))))
-            .collect()
+        answers(out)
     }
 
     pub(crate) async fn add_endpoint_call(

@@ -51,15 +51,8 @@ async fn a_batch_answers_each_endpoint_and_a_node_acts_only_for_itself() {
     let etcd = EtcdServer::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(tmp.path());
-    let audit = tmp.path().join("audit.jsonl");
     let mut cfg = config(&etcd, "c1", 1);
-    cfg.grpc_tls = Some(clustermesh_apiserver::config::GrpcTls {
-        cert_file: pki.path("server.pem"),
-        key_file: pki.path("server-key.pem"),
-        client_ca_file: pki.path("ca.pem"),
-    });
-    cfg.insecure_plaintext = false;
-    cfg.audit_log = Some(audit.clone());
+    let audit = pki.secure(&mut cfg);
     let api = start(cfg).await;
     let addr = api.grpc_addr.to_string();
     let mut n1 = pki.client(&addr, Some("node-1")).await.unwrap();

@@ -71,15 +71,8 @@ async fn only_the_admin_applies_policies_all_or_nothing_and_every_change_is_audi
     let etcd = EtcdServer::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let pki = Pki::new(tmp.path());
-    let audit = tmp.path().join("audit.jsonl");
     let mut cfg = config(&etcd, "c1", 1);
-    cfg.grpc_tls = Some(clustermesh_apiserver::config::GrpcTls {
-        cert_file: pki.path("server.pem"),
-        key_file: pki.path("server-key.pem"),
-        client_ca_file: pki.path("ca.pem"),
-    });
-    cfg.insecure_plaintext = false;
-    cfg.audit_log = Some(audit.clone());
+    let audit = pki.secure(&mut cfg);
     let api = start(cfg.clone()).await;
     let addr = api.grpc_addr.to_string();
     let mut admin = pki.client(&addr, Some("admin")).await.unwrap();

@@ -44,6 +44,21 @@ impl Pki {
         self.dir.join(f)
     }
 
+    /// `cfg` serving gRPC over mutual TLS with this CA's server
+    /// certificate (no plaintext), auditing into `audit.jsonl` of this
+    /// directory, whose path is returned.
+    pub fn secure(&self, cfg: &mut clustermesh_apiserver::Config) -> PathBuf {
+        cfg.grpc_tls = Some(clustermesh_apiserver::config::GrpcTls {
+            cert_file: self.path("server.pem"),
+            key_file: self.path("server-key.pem"),
+            client_ca_file: self.path("ca.pem"),
+        });
+        cfg.insecure_plaintext = false;
+        let audit = self.path("audit.jsonl");
+        cfg.audit_log = Some(audit.clone());
+        audit
+    }
+
     /// A client presenting `who`'s certificate (None: none at all).
     pub async fn client(
         &self,
