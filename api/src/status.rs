@@ -59,6 +59,22 @@ pub struct ControlPlaneStatus {
     /// Entries a target refused in the last round (retried every round;
     /// everything else is applied).
     pub reconcile_errors: Vec<ReconcileFailure>,
+    /// The bounded maps' occupancy (the ip-cache, per family).
+    pub maps: Vec<MapOccupancy>,
+}
+
+/// A datapath map's entries against its size.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct MapOccupancy {
+    /// The map's name, e.g. `CM_IPCACHE`.
+    pub map: String,
+    pub entries: u64,
+    pub capacity: u64,
+    /// Desired entries refused for want of room (added as room frees).
+    pub refused: u64,
+    /// At or above 90 % of its size, or refusing entries.
+    pub alarm: bool,
 }
 
 /// One desired entry a target (eBPF map, routes, WireGuard device) refused.

@@ -76,3 +76,42 @@ fn from_endpoint_counts_real_packets() {
     // The pod's two echo replies pass the program; host's requests do not.
     assert!(later.packets >= after.packets + 2);
 }
+
+/// Issue 20: `--ipcache-max-entries` sizes `CM_IPCACHE` and `CM_IPCACHE6`;
+/// the kernel holds exactly that many entries; a restart configured with
+/// another size adopts the pinned map with its size and contents (aya
+/// would refuse the pin otherwise) and reports the size that holds.
+#[test]
+fn the_ipcache_size_is_configured_and_a_pinned_map_keeps_its_size() {
+    use node_agent::datapath::MapSizes;
+    use tunnel_common::IpCacheValue;
+    require_root!();
+    sweep_stale();
+    let pins = PinDir::new("mapsize").unwrap();
+    let mut dp = Datapath::load_with(pins.path(), &MapSizes { ipcache: 128 }).unwrap();
+    assert_eq!(dp.ipcache_capacity().unwrap(), (128, 128));
+    let v = IpCacheValue {
+        identity: 7,
+        ..Default::default()
+    };
+    for i in 0..128u32 {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        dp.upsert_ipcache(ip, 32, v).unwrap();
+    }
+    let over = dp.upsert_ipcache("10.1.0.0".parse().unwrap(), 32, v);
+    assert!(over.is_err(), "the kernel refuses entry 129");
+    drop(dp);
+    // Restarted with a larger size: the pinned map, its size and contents
+    // stay.
+    let mut dp = Datapath::load_with(pins.path(), &MapSizes { ipcache: 4096 }).unwrap();
+    assert_eq!(dp.ipcache_capacity().unwrap(), (128, 128));
+    assert_eq!(
+        dp.lookup("10.0.0.5".parse().unwrap())
+            .unwrap()
+            .map(|v| v.identity),
+        Some(7)
+    );
+    drop(dp);
+    let dp = Datapath::load(pins.path()).unwrap();
+    assert_eq!(dp.ipcache_capacity().unwrap().0, 128);
+}

@@ -149,6 +149,14 @@ pub struct AgentConfig {
     /// local ones declared (0: only when none is ready).
     #[arg(long, default_value_t = crate::reconcilers::services::DEFAULT_FAILOVER_THRESHOLD)]
     pub lb_failover_threshold: f64,
+    /// Entries of each ip-cache map (`CM_IPCACHE`, `CM_IPCACHE6`): host
+    /// entries and pod-CIDR routes of the whole mesh. Entries beyond it are
+    /// refused and counted (status `maps`, metric
+    /// `clustermesh_agent_map_refused_entries`). A map pinned already
+    /// keeps its size until the pin is removed.
+    #[arg(long, default_value_t = tunnel_common::MAX_IPCACHE,
+          value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
+    pub ipcache_max_entries: u32,
     /// Seconds to wait for every cluster's initial sync before pruning.
     #[arg(long, default_value_t = 60)]
     pub sync_timeout: u64,

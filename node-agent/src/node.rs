@@ -60,6 +60,8 @@ pub enum StartError {
     Locked(#[from] datapath::LockError),
     #[error("the datapath's counters: {0}")]
     Counters(#[source] datapath::Error),
+    #[error("the ip-cache's size: {0}")]
+    MapSize(#[source] datapath::Error),
     #[error(transparent)]
     Reconciler(#[from] ReconcileError),
     #[error("the flow events: {0}")]
@@ -121,6 +123,9 @@ fn attach(cfg: &AgentConfig) -> Result<Option<Attachment>, StartError> {
         &ifaces,
         cfg.netns.as_deref(),
         &cfg.bpf_pin_dir,
+        &datapath::MapSizes {
+            ipcache: cfg.ipcache_max_entries,
+        },
     )?))
 }
 
@@ -511,6 +516,17 @@ async fn start_control_plane(
         cancel.clone(),
     );
     agent.set_policy_ready(shared.policy_ready.clone());
+    if datapath {
+        let size = |name| {
+            datapath::pinned_size(&cfg.bpf_pin_dir, name)
+                .map_err(StartError::MapSize)
+                .map(|s| s.map_or(usize::MAX, |s| s as usize))
+        };
+        agent.set_ipcache_capacity(
+            size(tunnel_common::maps::IPCACHE)?,
+            size(tunnel_common::maps::IPCACHE6)?,
+        );
+    }
     if shared.flows.is_some() {
         agent.set_directory(shared.directory.clone());
     }

@@ -166,6 +166,48 @@ fn cluster_metrics(r: &mut Registry, s: &ControlPlaneStatus) {
         "Desired entries a target refused in the last round (retried; the rest is applied)",
         errors,
     );
+    map_metrics(r, &s.maps);
+}
+
+/// The bounded maps' occupancy: entries, size, their ratio (the alarm is
+/// at 0.9) and the entries refused for want of room.
+fn map_metrics(r: &mut Registry, maps: &[clustermesh_api::status::MapOccupancy]) {
+    let entries = gauge_family();
+    let capacity = gauge_family();
+    let refused = gauge_family();
+    let pressure: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
+    for m in maps {
+        let l = || vec![("map", m.map.clone())];
+        set(&entries, l(), m.entries);
+        set(&capacity, l(), m.capacity);
+        set(&refused, l(), m.refused);
+        pressure
+            .get_or_create(&l())
+            .set(crate::clusters::room::pressure(
+                m.entries as usize,
+                m.capacity as usize,
+            ));
+    }
+    r.register(
+        "clustermesh_agent_map_entries",
+        "Entries a bounded datapath map holds",
+        entries,
+    );
+    r.register(
+        "clustermesh_agent_map_capacity",
+        "Size of a bounded datapath map, in entries",
+        capacity,
+    );
+    r.register(
+        "clustermesh_agent_map_pressure",
+        "Entries of a bounded datapath map over its size (alarm at 0.9)",
+        pressure,
+    );
+    r.register(
+        "clustermesh_agent_map_refused_entries",
+        "Desired entries a full datapath map refused (added as room frees)",
+        refused,
+    );
 }
 
 fn encryption_metrics(r: &mut Registry, e: &EncryptionStatus) {
@@ -380,6 +422,13 @@ mod tests {
                     rejected_now: [("cidr_overlap".to_owned(), 2)].into(),
                     ..Default::default()
                 }],
+                maps: vec![clustermesh_api::status::MapOccupancy {
+                    map: "CM_IPCACHE".into(),
+                    entries: 475,
+                    capacity: 500,
+                    refused: 3,
+                    alarm: true,
+                }],
                 ..Default::default()
             },
             encryption: EncryptionStatus {
@@ -414,6 +463,9 @@ mod tests {
             r#"clustermesh_agent_wireguard_peer_bytes_total{peer="abc",direction="tx"} 20"#,
             "# TYPE clustermesh_agent_plaintext_drops counter",
             "clustermesh_agent_strict_unknown_destination_drops_total 0",
+            r#"clustermesh_agent_map_pressure{map="CM_IPCACHE"} 0.95"#,
+            r#"clustermesh_agent_map_refused_entries{map="CM_IPCACHE"} 3"#,
+            r#"clustermesh_agent_map_capacity{map="CM_IPCACHE"} 500"#,
             r#"clustermesh_agent_policy_verdicts_total{endpoint="10.1.0.5",direction="ingress",verdict="drop_policy_denied"} 4"#,
             "# EOF",
         ] {

@@ -988,3 +988,95 @@ async fn local_policies_reach_the_desired_policy_entries_and_remote_ones_are_ign
     cancel.cancel();
     run.await.unwrap();
 }
+
+/// Issue 20 (scale limits): a remote cluster holding more endpoints than
+/// the ip-cache has room for. The reconcile does not fail: what fits is
+/// applied (the pod-CIDR route first), the rest is refused and counted as
+/// one status failure and the `maps` occupancy (alarm on), and added once
+/// endpoints leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_larger_than_the_ip_cache_is_refused_counted_and_added_as_room_frees() {
+    let mut c1 = cluster("c1", 1).await;
+    let mut c2 = cluster("c2", 2).await;
+    c1.node("a1", "10.1.0.0/24", "192.0.2.1").await;
+    c2.node("b1", "10.2.0.0/24", "192.0.2.11").await;
+    let ips_of =
+        |r: std::ops::Range<u32>| -> Vec<String> { r.map(|i| format!("10.2.0.{i}")).collect() };
+    let batch = |ips: Vec<String>| proto::AddEndpointsRequest {
+        endpoints: ips
+            .into_iter()
+            .map(|ip| proto::AddEndpointRequest {
+                node: "b1".into(),
+                name: format!("p-{}", ip.replace('.', "-")),
+                ip,
+                namespace: "default".into(),
+                labels: [("k8s:app".to_owned(), "web".to_owned())].into(),
+            })
+            .collect(),
+    };
+    let r = c2.g.add_endpoints(batch(ips_of(1..81))).await.unwrap();
+    assert!(r.into_inner().results.iter().all(|e| e.code == 0));
+    let dir = tempfile::tempdir().unwrap();
+    c2.file(dir.path());
+    let cancel = CancellationToken::new();
+    let (mut a, t) = agent(&c1, dir.path(), Duration::ZERO, &cancel);
+    // 64 entries of IPv4 (the smallest --ipcache-max-entries), IPv6
+    // unbounded.
+    a.set_ipcache_capacity(64, usize::MAX);
+    let status = a.status();
+    let st = move || status.lock().unwrap().clone();
+    let run = tokio::spawn(a.run());
+    until("the ip-cache full", || {
+        st().maps
+            .first()
+            .is_some_and(|m| m.refused > 0 && m.entries == 63)
+    })
+    .await;
+    let s = st();
+    let m = &s.maps[0];
+    assert_eq!(
+        (m.map.as_str(), m.capacity, m.alarm),
+        ("CM_IPCACHE", 64, true)
+    );
+    // The route is in; host entries stop at 64 - 1 route - 1 reserve (of
+    // 1/64, kept for routes).
+    let route: IpCidr = "10.2.0.0/24".parse().unwrap();
+    assert!(t.tunnels.contents().contains_key(&route), "the route first");
+    assert_eq!(t.ipcache.contents().len(), 62);
+    assert!(
+        m.refused >= 80 - 62,
+        "every desired host entry that waits: {m:?}"
+    );
+    let full: Vec<_> = s
+        .reconcile_errors
+        .iter()
+        .filter(|f| f.target == "ipcache")
+        .collect();
+    assert_eq!(full.len(), 1, "one failure for the full map: {full:?}");
+    assert!(
+        full[0].error.contains("CM_IPCACHE is full (64 entries)"),
+        "{}",
+        full[0].error
+    );
+    // 40 endpoints leave: the rest fits, the failure and the alarm clear.
+    let r =
+        c2.g.remove_endpoints(proto::RemoveEndpointsRequest {
+            ips: ips_of(41..81),
+        })
+        .await
+        .unwrap();
+    assert!(r.into_inner().results.iter().all(|e| e.code == 0));
+    until("every remaining entry applied", || {
+        let s = st();
+        s.maps[0].refused == 0 && s.reconcile_errors.is_empty() && !s.maps[0].alarm
+    })
+    .await;
+    let held = ips(&t);
+    assert!(
+        ips_of(1..41).iter().all(|ip| held.contains(ip)),
+        "the 40 endpoints left all applied: {held:?}"
+    );
+    assert!(!ips_of(41..81).iter().any(|ip| held.contains(ip)));
+    cancel.cancel();
+    run.await.unwrap();
+}

@@ -24,6 +24,7 @@ pub mod incremental;
 pub mod merge;
 pub mod policy;
 pub mod prefixes;
+pub mod room;
 pub mod store;
 pub mod watcher;
 
@@ -50,7 +51,10 @@ use self::{
 };
 use crate::{
     desired::{Desired, IpCacheEntry, MergedService, Peer, TunnelEntry},
-    reconcilers::{Failure, MemoryReconciler, Reconciler, apply_isolated, apply_keys},
+    reconcilers::{
+        Failure, MemoryReconciler, Reconciler, Target, apply_isolated, apply_keys,
+        apply_keys_within,
+    },
 };
 
 /// The control plane's configuration (part of [`crate::config::AgentConfig`]).
@@ -194,6 +198,8 @@ pub struct Agent {
     retry_keys: RetryKeys,
     /// A cluster's sync state changed: the range holders are checked.
     owners_stale: bool,
+    /// The room in the ip-cache maps.
+    room: room::IpCacheRoom,
 }
 
 /// The keys each target refused last time.
@@ -261,7 +267,15 @@ impl Agent {
             gone: BTreeMap::new(),
             retry_keys: RetryKeys::default(),
             owners_stale: true,
+            room: room::IpCacheRoom::default(),
         }
+    }
+
+    /// Bounds the ip-cache to the sizes of its maps (`CM_IPCACHE`,
+    /// `CM_IPCACHE6`): what does not fit is refused and counted
+    /// ([`room`]). Without this the ip-cache is unbounded.
+    pub fn set_ipcache_capacity(&mut self, v4: usize, v6: usize) {
+        self.room = room::IpCacheRoom::new(v4, v6);
     }
 
     /// Follows the local endpoints whose policy has been applied (a new
@@ -598,6 +612,7 @@ impl Agent {
         let prune_now =
             !self.pruned && (self.all_synced() || self.started.elapsed() >= self.cfg.sync_timeout);
         self.apply(&delta, &mut failures);
+        self.report_room(&mut failures);
         if let Some(here) = here {
             self.policy_ready.send_if_modified(|s| {
                 let changed = *s != here;
@@ -729,23 +744,33 @@ impl Agent {
         let last = &mut self.last;
         let retry = &mut self.retry_keys;
         let del = self.pruned;
-        apply_keys(
-            r.ipcache.as_mut(),
-            &mut last.ipcache,
-            &d.ipcache,
-            &delta.ipcache,
-            &mut retry.ipcache,
-            del,
-            failures,
-        );
-        apply_keys(
-            r.tunnels.as_mut(),
-            &mut last.tunnels,
+        self.room.start_round();
+        // Routes first: a full ip-cache keeps room for them (see room).
+        let routes = Target {
+            r: r.tunnels.as_mut(),
+            held: &mut last.tunnels,
+            retry: &mut retry.tunnels,
+        };
+        apply_keys_within(
+            routes,
             &d.tunnels,
             &delta.tunnels,
-            &mut retry.tunnels,
             del,
             failures,
+            &mut self.room.routes(),
+        );
+        let hosts = Target {
+            r: r.ipcache.as_mut(),
+            held: &mut last.ipcache,
+            retry: &mut retry.ipcache,
+        };
+        apply_keys_within(
+            hosts,
+            &d.ipcache,
+            &delta.ipcache,
+            del,
+            failures,
+            &mut self.room.hosts(),
         );
         apply_keys(
             r.peers.as_mut(),
@@ -797,6 +822,42 @@ impl Agent {
         );
     }
 
+    /// A full ip-cache map is one failure, whatever the number of entries
+    /// waiting for room (the status's `maps` counts them; each is retried
+    /// every round); crossing the alarm, up or down, is logged once.
+    fn report_room(&mut self, failures: &mut Vec<Failure>) {
+        for o in self.room.occupancy() {
+            if o.refused > 0 {
+                failures.push(Failure {
+                    target: "ipcache",
+                    key: format!("({} full)", o.map),
+                    error: format!(
+                        "{} is full ({} entries): desired entries wait for room, counted in the status's maps; raise --ipcache-max-entries",
+                        o.map, o.capacity
+                    ),
+                });
+            }
+        }
+        for (o, up) in self.room.crossings() {
+            if up {
+                tracing::warn!(
+                    map = o.map,
+                    entries = o.entries,
+                    capacity = o.capacity,
+                    refused = o.refused,
+                    "ip-cache map under pressure (at or above 90 % of its size, or full)"
+                );
+            } else {
+                tracing::info!(
+                    map = o.map,
+                    entries = o.entries,
+                    capacity = o.capacity,
+                    "ip-cache map pressure back below 90 %"
+                );
+            }
+        }
+    }
+
     /// The one prune after the initial sync; true when every target pruned
     /// (a target that failed is pruned again next round). What the targets
     /// kept while nothing was deleted and is no longer desired goes.
@@ -814,6 +875,7 @@ impl Agent {
             .retain(|k, _| d.network_policies.contains_key(k));
         last.policy_cidrs
             .retain(|k, _| d.policy_cidrs.contains_key(k));
+        self.room.count(&last.ipcache, &last.tunnels);
         let r = &mut self.reconcilers;
         let results = [
             r.ipcache.prune(&last.ipcache),
@@ -911,6 +973,18 @@ impl Agent {
                     .map(|p| p.entries.len())
                     .sum(),
             },
+            maps: self
+                .room
+                .occupancy()
+                .into_iter()
+                .map(|o| clustermesh_api::status::MapOccupancy {
+                    map: o.map.to_owned(),
+                    entries: o.entries as u64,
+                    capacity: o.capacity as u64,
+                    refused: o.refused as u64,
+                    alarm: o.refused > 0 || room::pressure(o.entries, o.capacity) >= room::ALARM,
+                })
+                .collect(),
         };
         if let Ok(mut g) = self.status.lock() {
             *g = st;
@@ -963,6 +1037,7 @@ impl Agent {
                     services = d.services.len(),
                     "adopted the datapath state"
                 );
+                self.room.count(&d.ipcache, &d.tunnels);
                 self.last = d;
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the datapath state; rewriting it"),

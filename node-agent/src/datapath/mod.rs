@@ -148,9 +148,71 @@ pub fn mac_of(iface: &str) -> Result<[u8; 6]> {
     Ok(mac)
 }
 
-fn load(object: &'static str, bytes: &[u8], pin_dir: &Path, program: &'static str) -> Result<Ebpf> {
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
+/// The sizes of the maps an operator may set, in entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSizes {
+    /// `CM_IPCACHE` and `CM_IPCACHE6`, each (host entries and pod-CIDR
+    /// routes of the whole mesh).
+    pub ipcache: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            ipcache: tunnel_common::MAX_IPCACHE,
+        }
+    }
+}
+
+/// The size of the map pinned as `name` under `pin_dir`, if there is one.
+pub fn pinned_size(pin_dir: &Path, name: &'static str) -> Result<Option<u32>> {
+    let path = pin_dir.join(name);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let map = MapData::from_pin(&path).map_err(map_err(name))?;
+    Ok(Some(map.info().map_err(map_err(name))?.max_entries()))
+}
+
+impl MapSizes {
+    /// The size each sized map gets under `pin_dir`: the configured one,
+    /// except for a map pinned already, which keeps its size (resizing
+    /// means recreating the map and dropping what it routes: that waits
+    /// for the pin to be removed, and is logged).
+    fn effective(&self, pin_dir: &Path) -> Result<Vec<(&'static str, u32)>> {
+        let mut out = Vec::new();
+        for name in [maps::IPCACHE, maps::IPCACHE6] {
+            let size = match pinned_size(pin_dir, name)? {
+                Some(pinned) if pinned != self.ipcache => {
+                    tracing::warn!(
+                        map = name,
+                        pinned,
+                        configured = self.ipcache,
+                        "map pinned with another size keeps it; the configured size applies once the pin is removed"
+                    );
+                    pinned
+                }
+                _ => self.ipcache,
+            };
+            out.push((name, size));
+        }
+        Ok(out)
+    }
+}
+
+fn load(
+    object: &'static str,
+    bytes: &[u8],
+    pin_dir: &Path,
+    program: &'static str,
+    sizes: &[(&'static str, u32)],
+) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pin_dir);
+    for (name, size) in sizes {
+        loader.map_max_entries(name, *size);
+    }
+    let mut ebpf = loader
         .load(bytes)
         .map_err(|source| Error::Load { object, source })?;
     let prog: &mut SchedClassifier = ebpf
@@ -261,35 +323,46 @@ impl std::fmt::Debug for Datapath {
 
 impl Datapath {
     /// Loads the four programs, creating or adopting the maps pinned in
-    /// `pin_dir` (which must be on bpffs).
+    /// `pin_dir` (which must be on bpffs), with the default sizes.
     pub fn load(pin_dir: &Path) -> Result<Self> {
+        Self::load_with(pin_dir, &MapSizes::default())
+    }
+
+    /// [`Datapath::load`] with the map sizes `sizes` (a map pinned already
+    /// keeps its size: [`Datapath::ipcache_capacity`] reads what holds).
+    pub fn load_with(pin_dir: &Path, sizes: &MapSizes) -> Result<Self> {
         std::fs::create_dir_all(pin_dir).map_err(|source| Error::PinDir {
             path: pin_dir.display().to_string(),
             source,
         })?;
+        let sizes = sizes.effective(pin_dir)?;
         let endpoint = load(
             "from-endpoint",
             objects::FROM_ENDPOINT,
             pin_dir,
             programs::FROM_ENDPOINT,
+            &sizes,
         )?;
         let overlay = load(
             "from-overlay",
             objects::FROM_OVERLAY,
             pin_dir,
             programs::FROM_OVERLAY,
+            &sizes,
         )?;
         let underlay = load(
             "from-underlay",
             objects::FROM_UNDERLAY,
             pin_dir,
             programs::FROM_UNDERLAY,
+            &sizes,
         )?;
         let wireguard = load(
             "from-wireguard",
             objects::FROM_WIREGUARD,
             pin_dir,
             programs::FROM_WIREGUARD,
+            &sizes,
         )?;
         Ok(Self {
             endpoint,
@@ -302,6 +375,12 @@ impl Datapath {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The sizes of the pinned `CM_IPCACHE` and `CM_IPCACHE6`, in entries.
+    pub fn ipcache_capacity(&self) -> Result<(u32, u32)> {
+        let size = |name| pinned_size(&self.pin_dir, name)?.ok_or(Error::MissingMap(name));
+        Ok((size(maps::IPCACHE)?, size(maps::IPCACHE6)?))
     }
 
     /// Attaches `from_endpoint` to the TC ingress of a pod's host-side veth
@@ -1021,8 +1100,9 @@ pub fn attach_node(
     ifaces: &NodeIfaces,
     netns: Option<&str>,
     pin_dir: &Path,
+    sizes: &MapSizes,
 ) -> std::result::Result<Attachment, AttachError> {
-    clustermesh_api::netns::run_in_named(netns, || attach_all(ifaces, pin_dir))?
+    clustermesh_api::netns::run_in_named(netns, || attach_all(ifaces, pin_dir, sizes))?
 }
 
 /// Why the node's programs could not be attached.
@@ -1040,8 +1120,12 @@ pub enum AttachError {
     },
 }
 
-fn attach_all(ifaces: &NodeIfaces, pin_dir: &Path) -> std::result::Result<Attachment, AttachError> {
-    let mut dp = Datapath::load(pin_dir).map_err(|e| AttachError::Load(Box::new(e)))?;
+fn attach_all(
+    ifaces: &NodeIfaces,
+    pin_dir: &Path,
+    sizes: &MapSizes,
+) -> std::result::Result<Attachment, AttachError> {
+    let mut dp = Datapath::load_with(pin_dir, sizes).map_err(|e| AttachError::Load(Box::new(e)))?;
     fn at(iface: &str) -> impl FnOnce(Error) -> AttachError + '_ {
         move |source| AttachError::Attach {
             iface: iface.to_owned(),

@@ -151,6 +151,27 @@ pub fn apply_isolated<K: Ord + Clone + std::fmt::Debug, V: PartialEq + Clone>(
     applied
 }
 
+/// Room in a target of bounded size ([`apply_keys_within`]): asked before
+/// a key the target does not hold is added, told when a key leaves it.
+pub trait Room<K> {
+    /// Whether `key`, new to the target, fits. A key that does not is kept
+    /// for a retry and counted by the room, not reported as a failure (a
+    /// full map refuses thousands of keys at once: the room says how many).
+    fn admit(&mut self, key: &K) -> bool;
+    /// `key` no longer takes room (deleted, or its add failed).
+    fn release(&mut self, key: &K);
+}
+
+/// A target without a bound.
+pub struct Unbounded;
+
+impl<K> Room<K> for Unbounded {
+    fn admit(&mut self, _: &K) -> bool {
+        true
+    }
+    fn release(&mut self, _: &K) {}
+}
+
 /// Applies the entries of `keys` (what the incremental merge touched) and
 /// of `retry` (what the target refused before) where `desired` and `held`
 /// (what the target holds, as far as this agent knows) differ, entry by
@@ -167,6 +188,36 @@ pub fn apply_keys<'k, K: Ord + Clone + std::fmt::Debug + 'k, V: PartialEq + Clon
     allow_delete: bool,
     failures: &mut Vec<Failure>,
 ) {
+    let target = Target { r, held, retry };
+    apply_keys_within(
+        target,
+        desired,
+        keys,
+        allow_delete,
+        failures,
+        &mut Unbounded,
+    );
+}
+
+/// A target with what the agent knows it holds and the keys it refused.
+pub struct Target<'a, K, V> {
+    pub r: &'a mut dyn Reconciler<K, V>,
+    pub held: &'a mut BTreeMap<K, V>,
+    pub retry: &'a mut std::collections::BTreeSet<K>,
+}
+
+/// [`apply_keys`] into a target of bounded size: a key new to the target
+/// is added only if `room` admits it, and is retried (not a failure) if
+/// not.
+pub fn apply_keys_within<'k, K: Ord + Clone + std::fmt::Debug + 'k, V: PartialEq + Clone>(
+    t: Target<'_, K, V>,
+    desired: &BTreeMap<K, V>,
+    keys: impl IntoIterator<Item = &'k K>,
+    allow_delete: bool,
+    failures: &mut Vec<Failure>,
+    room: &mut dyn Room<K>,
+) {
+    let Target { r, held, retry } = t;
     let mut todo = std::mem::take(retry);
     todo.extend(keys.into_iter().cloned());
     let fail = |k: &K, e: ReconcileError| Failure {
@@ -177,18 +228,28 @@ pub fn apply_keys<'k, K: Ord + Clone + std::fmt::Debug + 'k, V: PartialEq + Clon
     for k in todo {
         match (desired.get(&k), held.get(&k)) {
             (Some(v), Some(o)) if v == o => {}
-            (Some(v), _) => match r.update(&k, v) {
-                Ok(()) => {
-                    held.insert(k, v.clone());
+            (Some(_), None) if !room.admit(&k) => {
+                retry.insert(k);
+            }
+            (Some(v), was) => {
+                let new = was.is_none();
+                match r.update(&k, v) {
+                    Ok(()) => {
+                        held.insert(k, v.clone());
+                    }
+                    Err(e) => {
+                        if new {
+                            room.release(&k);
+                        }
+                        failures.push(fail(&k, e));
+                        retry.insert(k);
+                    }
                 }
-                Err(e) => {
-                    failures.push(fail(&k, e));
-                    retry.insert(k);
-                }
-            },
+            }
             (None, Some(_)) if allow_delete => match r.delete(&k) {
                 Ok(()) => {
                     held.remove(&k);
+                    room.release(&k);
                 }
                 Err(e) => {
                     failures.push(fail(&k, e));
