@@ -61,6 +61,23 @@ pub struct ControlPlaneStatus {
     pub reconcile_errors: Vec<ReconcileFailure>,
     /// The bounded maps' occupancy (the ip-cache, per family).
     pub maps: Vec<MapOccupancy>,
+    /// The watchers' events waiting for the merge.
+    pub event_queue: EventQueue,
+}
+
+/// The queue between the watchers and the merge (bounded: a full queue
+/// holds the watchers back, never drops an event).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct EventQueue {
+    /// Events waiting now.
+    pub depth: u64,
+    /// The most seen waiting at once since the agent started (the initial
+    /// sync of a large mesh fills the queue: that is backpressure).
+    pub peak: u64,
+    /// The most seen waiting at once in the last 10 to 20 s.
+    pub recent_peak: u64,
+    pub capacity: u64,
 }
 
 /// A datapath map's entries against its size.

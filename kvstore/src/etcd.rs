@@ -4,7 +4,7 @@
 //! One set of timeouts for every caller: a connection attempt gives up
 //! after [`CONNECT_TIMEOUT`], a request after [`REQUEST_TIMEOUT`], and an
 //! idle connection is probed every [`KEEPALIVE_INTERVAL`] so a dead etcd
-//! (or a cut network) is noticed within about five seconds even while only
+//! (or a cut network) is noticed within about ten seconds even while only
 //! a watch is open.
 
 use std::{
@@ -16,8 +16,12 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Above etcd's `--grpc-keepalive-min-time` (5 s by default): etcd closes
+/// a connection that pings more often once it has been quiet for three
+/// pings (GOAWAY `too_many_pings`), which broke every watch of a quiet
+/// cluster (`node-agent/tests/etcd_idle_watch.rs`).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(6);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How to reach and authenticate to one etcd.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

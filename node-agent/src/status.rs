@@ -167,6 +167,20 @@ fn cluster_metrics(r: &mut Registry, s: &ControlPlaneStatus) {
         errors,
     );
     map_metrics(r, &s.maps);
+    let depth = Gauge::<i64>::default();
+    depth.set(i64::try_from(s.event_queue.depth).unwrap_or(i64::MAX));
+    r.register(
+        "clustermesh_agent_event_queue_depth",
+        "Watcher events waiting for the merge",
+        depth,
+    );
+    let peak = Gauge::<i64>::default();
+    peak.set(i64::try_from(s.event_queue.peak).unwrap_or(i64::MAX));
+    r.register(
+        "clustermesh_agent_event_queue_peak",
+        "The most watcher events seen waiting at once since the agent started",
+        peak,
+    );
 }
 
 /// The bounded maps' occupancy: entries, size, their ratio (the alarm is

@@ -200,6 +200,37 @@ pub struct Agent {
     owners_stale: bool,
     /// The room in the ip-cache maps.
     room: room::IpCacheRoom,
+    /// The most events seen waiting at once.
+    queue_peak: QueuePeak,
+}
+
+/// The most events seen waiting at once: since the start, and in windows
+/// of [`QueuePeak::WINDOW`] (the current and the last).
+#[derive(Debug, Default)]
+struct QueuePeak {
+    all: usize,
+    current: usize,
+    last: usize,
+    since: Option<Instant>,
+}
+
+impl QueuePeak {
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn seen(&mut self, depth: usize, now: Instant) {
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) >= Self::WINDOW {
+            self.last = self.current;
+            self.current = 0;
+            self.since = Some(now);
+        }
+        self.current = self.current.max(depth);
+        self.all = self.all.max(depth);
+    }
+
+    fn recent(&self) -> usize {
+        self.current.max(self.last)
+    }
 }
 
 /// The keys each target refused last time.
@@ -268,6 +299,7 @@ impl Agent {
             retry_keys: RetryKeys::default(),
             owners_stale: true,
             room: room::IpCacheRoom::default(),
+            queue_peak: QueuePeak::default(),
         }
     }
 
@@ -985,6 +1017,12 @@ impl Agent {
                     alarm: o.refused > 0 || room::pressure(o.entries, o.capacity) >= room::ALARM,
                 })
                 .collect(),
+            event_queue: clustermesh_api::status::EventQueue {
+                depth: self.rx.len() as u64,
+                peak: self.queue_peak.all as u64,
+                recent_peak: self.queue_peak.recent() as u64,
+                capacity: self.rx.max_capacity() as u64,
+            },
         };
         if let Ok(mut g) = self.status.lock() {
             *g = st;
@@ -1066,6 +1104,7 @@ impl Agent {
                 ev = self.rx.recv() => {
                     let Some((name, ev)) = ev else { break };
                     let now = Instant::now();
+                    self.queue_peak.seen(self.rx.len() + 1, now);
                     self.handle(name, ev, now);
                     // Take everything already queued before recomputing.
                     while let Ok((name, ev)) = self.rx.try_recv() {
