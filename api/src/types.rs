@@ -70,9 +70,12 @@ fn dns_label(s: &str, max: usize) -> Result<(), &'static str> {
 macro_rules! string_newtype {
     ($(#[$m:meta])* $name:ident, $check:expr) => {
         $(#[$m])*
+        ///
+        /// Held as a shared string: a clone is a reference count, so the
+        /// stores of a large mesh can share one name among many records.
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        pub struct $name(std::sync::Arc<str>);
 
         impl $name {
             pub fn as_str(&self) -> &str {
@@ -84,7 +87,7 @@ macro_rules! string_newtype {
             fn try_from(s: String) -> Result<Self, ValueError> {
                 let check: fn(&str) -> Result<(), ValueError> = $check;
                 check(&s)?;
-                Ok(Self(s))
+                Ok(Self(s.into()))
             }
         }
         impl FromStr for $name {
@@ -95,7 +98,7 @@ macro_rules! string_newtype {
         }
         impl From<$name> for String {
             fn from(v: $name) -> String {
-                v.0
+                v.0.to_string()
             }
         }
         impl fmt::Display for $name {

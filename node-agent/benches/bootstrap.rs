@@ -15,7 +15,14 @@
 //! Usage: bootstrap [--clusters C] [--nodes N] [--endpoints E per node]
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use clustermesh_api::{IpCidr, StateKind};
 use clustermesh_testkit::{
@@ -25,9 +32,36 @@ use clustermesh_testkit::{
 use etcd_client::{Client, GetOptions, Txn, TxnOp};
 use node_agent::{
     clusters::{Agent, ClustersConfig, Reconcilers, config::ClusterFile},
-    reconcilers::SharedReconciler,
+    desired::IpCacheEntry,
+    reconcilers::{ReconcileError, Reconciler, SharedReconciler},
 };
 use tokio_util::sync::CancellationToken;
+
+/// The ip-cache target as the agent sees the kernel's map: outside the
+/// process. It counts the entries written and holds none, so the memory
+/// figure is the agent's own (its stores, merge and what it knows the
+/// target holds).
+#[derive(Clone, Default)]
+struct Counting(Arc<AtomicUsize>);
+
+impl Reconciler<IpCidr, IpCacheEntry> for Counting {
+    fn name(&self) -> &'static str {
+        "ipcache (counted)"
+    }
+    fn update(&mut self, _: &IpCidr, _: &IpCacheEntry) -> Result<(), ReconcileError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn delete(&mut self, _: &IpCidr) -> Result<(), ReconcileError> {
+        Ok(())
+    }
+    fn prune(&mut self, _: &BTreeMap<IpCidr, IpCacheEntry>) -> Result<usize, ReconcileError> {
+        Ok(0)
+    }
+    fn snapshot(&mut self) -> Result<BTreeMap<IpCidr, IpCacheEntry>, ReconcileError> {
+        Ok(BTreeMap::new())
+    }
+}
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -120,8 +154,7 @@ async fn main() {
         )
         .unwrap();
     }
-    let ipcache: SharedReconciler<IpCidr, node_agent::desired::IpCacheEntry> =
-        SharedReconciler::new("ipcache");
+    let ipcache = Counting::default();
     let rss_before = rss_kib();
     let cancel = CancellationToken::new();
     let cfg = ClustersConfig {
@@ -158,9 +191,9 @@ async fn main() {
     loop {
         let synced = status
             .lock()
-            .map(|s| s.all_synced && s.clusters.len() == clusters)
+            .map(|s| s.all_synced && s.pruned && s.clusters.len() == clusters)
             .unwrap_or(false);
-        if synced && ipcache.0.lock().map(|g| g.contents.len()).unwrap_or(0) >= want_entries {
+        if synced && ipcache.0.load(Ordering::Relaxed) >= want_entries {
             break;
         }
         assert!(
@@ -171,7 +204,7 @@ async fn main() {
     }
     let sync = t.elapsed();
     let rss_after = rss_kib();
-    let updates = ipcache.ops().len();
+    let updates = ipcache.0.load(Ordering::Relaxed);
     cancel.cancel();
     run.await.unwrap();
 
@@ -196,7 +229,7 @@ async fn main() {
         updates as f64 / sync.as_secs_f64()
     );
     println!(
-        "  agent: resident memory growth:            {} KiB ({:.0} bytes per remote endpoint, in-memory targets included)",
+        "  agent: resident memory growth:            {} KiB ({:.0} bytes per remote endpoint; the ip-cache target outside the process, as the kernel map is)",
         rss_after.saturating_sub(rss_before),
         per_ep
     );

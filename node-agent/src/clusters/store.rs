@@ -239,6 +239,10 @@ pub struct ClusterStore {
     seq: u64,
     /// What changed since [`ClusterStore::take_changes`].
     changes: Changes,
+    /// Node names and namespaces the records repeat, each held once
+    /// ([`ClusterStore::share`]).
+    names: std::collections::HashSet<NodeName>,
+    namespaces: std::collections::HashSet<K8sName>,
 }
 
 /// What an event did to the store.
@@ -266,6 +270,49 @@ impl ClusterStore {
             max_records: MAX_RECORDS,
             seq: 0,
             changes: Changes::default(),
+            names: Default::default(),
+            namespaces: Default::default(),
+        }
+    }
+
+    /// Shares the names a record repeats (its cluster's, its node's, its
+    /// namespace) with the records before it, so a cluster of a hundred
+    /// thousand endpoints on a few hundred nodes holds each name once.
+    /// Each pool holds at most `max_records` names and starts over past
+    /// that: sharing is only a saving, the records are equal either way.
+    fn share(&mut self, entry: Entry) -> Entry {
+        fn pooled<T: Clone + Eq + std::hash::Hash>(
+            pool: &mut std::collections::HashSet<T>,
+            max: usize,
+            v: T,
+        ) -> T {
+            if let Some(p) = pool.get(&v) {
+                return p.clone();
+            }
+            if pool.len() >= max {
+                pool.clear();
+            }
+            pool.insert(v.clone());
+            v
+        }
+        let max = self.max_records;
+        match entry {
+            Entry::Endpoint(mut r) => {
+                if r.cluster == self.name {
+                    r.cluster = self.name.clone();
+                }
+                r.node = r.node.map(|n| pooled(&mut self.names, max, n));
+                r.namespace = r.namespace.map(|n| pooled(&mut self.namespaces, max, n));
+                Entry::Endpoint(r)
+            }
+            Entry::Node(mut r) => {
+                if r.cluster == self.name {
+                    r.cluster = self.name.clone();
+                }
+                r.name = pooled(&mut self.names, max, r.name);
+                Entry::Node(r)
+            }
+            e => e,
         }
     }
 
@@ -339,6 +386,7 @@ impl ClusterStore {
             return Effect::None;
         }
         self.changes.extend(Changes::between(&self.records, &b));
+        crate::clusters::incremental::pack(&mut b.endpoints);
         self.records = b;
         Effect::Changed
     }
@@ -413,6 +461,7 @@ impl ClusterStore {
         let seq = self.seq;
         let live = self.buffer.is_none();
         let mut change = Changes::default();
+        let entry = self.share(entry);
         let changed = put(self.target(), entry, seq, &mut change);
         if changed && live {
             self.changes.extend(change);
