@@ -458,12 +458,17 @@ impl Agent {
     }
 
     fn handle(&mut self, name: ClusterName, ev: WatchEvent, now: Instant) {
-        let taken: Vec<(u8, ClusterName)> = self
-            .slots
-            .iter()
-            .filter(|(n, s)| **n != name && s.refused.is_none())
-            .filter_map(|(n, s)| s.store.config.as_ref().map(|c| (c.id.get(), n.clone())))
-            .collect();
+        // The ids the other clusters hold (only a connect needs them: every
+        // other event is O(1) in the mesh size).
+        let taken: Vec<(u8, ClusterName)> = match ev {
+            WatchEvent::Connected { .. } => self
+                .slots
+                .iter()
+                .filter(|(n, s)| **n != name && s.refused.is_none())
+                .filter_map(|(n, s)| s.store.config.as_ref().map(|c| (c.id.get(), n.clone())))
+                .collect(),
+            _ => Vec::new(),
+        };
         let Some(s) = self.slots.get_mut(&name) else {
             return; // a removed cluster's last words
         };
@@ -504,6 +509,12 @@ impl Agent {
                 Effect::None
             }
             WatchEvent::Apply { key, value } => s.store.apply(&key, &value, now),
+            WatchEvent::Page(kvs) => kvs.iter().fold(Effect::None, |e, kv| {
+                match s.store.apply(kv.key(), kv.value(), now) {
+                    Effect::Changed => Effect::Changed,
+                    Effect::None => e,
+                }
+            }),
             WatchEvent::Delete { key } => s.store.delete(&key, now),
             WatchEvent::InitDone => {
                 s.synced = true;

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::ClusterFile;
 
 /// What a watcher reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum WatchEvent {
     /// Connected; the cluster config's raw value (validated by the consumer).
     Connected {
@@ -42,6 +42,9 @@ pub enum WatchEvent {
         key: Vec<u8>,
         value: Vec<u8>,
     },
+    /// One page of a list: each key-value as an `Apply`, in order (one
+    /// event for a page: the queue and the copies are per page).
+    Page(Vec<etcd_client::KeyValue>),
     Delete {
         key: Vec<u8>,
     },
@@ -246,14 +249,10 @@ async fn list(
             let Some(last) = r.kvs().last().map(|kv| kv.key().to_vec()) else {
                 break;
             };
-            for kv in r.kvs() {
-                s.send(WatchEvent::Apply {
-                    key: kv.key().to_vec(),
-                    value: kv.value().to_vec(),
-                })
-                .await?;
-            }
-            if !r.more() {
+            let more = r.more();
+            let mut r = r;
+            s.send(WatchEvent::Page(r.take_kvs())).await?;
+            if !more {
                 break;
             }
             // The next page starts just after the last key.
