@@ -610,6 +610,9 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         build.extend(["--bench", b.name]);
     }
     crate::cargo(&build, &[])?;
+    // The mesh benchmarks (policy, services) run the product's release
+    // binaries as child processes.
+    crate::cargo(&["build", "--release", "--workspace", "--bins"], &[])?;
     let mut ran = Vec::new();
     for b in selected {
         ran.push(run_one(b, opts.smoke, &tmp));
