@@ -273,8 +273,17 @@ impl Api {
         )
         .await;
         drop(st);
+        self.answer(written, out)
+    }
+
+    /// Wakes the exporter if a batch wrote anything; every item's answer.
+    fn answer(
+        &self,
+        written: bool,
+        out: Vec<Option<Result<u32, Status>>>,
+    ) -> Vec<Result<u32, Status>> {
         if written {
-            sh.changed.notify_one();
+            self.shared.changed.notify_one();
         }
         answers(out)
     }
@@ -341,10 +350,7 @@ impl Api {
         )
         .await;
         drop(st);
-        if written {
-            sh.changed.notify_one();
-        }
-        answers(out)
+        self.answer(written, out)
     }
 
     pub(crate) async fn add_endpoint_call(

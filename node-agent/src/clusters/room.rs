@@ -219,25 +219,8 @@ mod tests {
             let (r, held, retry) = &mut t[i];
             let keys: Vec<IpCidr> = desired[i].keys().chain(held.keys()).copied().collect();
             let target = Target { r, held, retry };
-            if i == 0 {
-                apply_keys_within(
-                    target,
-                    desired[i],
-                    &keys,
-                    true,
-                    &mut failures,
-                    &mut room.hosts(),
-                );
-            } else {
-                apply_keys_within(
-                    target,
-                    desired[i],
-                    &keys,
-                    true,
-                    &mut failures,
-                    &mut room.routes(),
-                );
-            }
+            let mut part = if i == 0 { room.hosts() } else { room.routes() };
+            apply_keys_within(target, desired[i], &keys, true, &mut failures, &mut part);
         }
         failures.len()
     }
