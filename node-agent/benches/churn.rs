@@ -295,7 +295,14 @@ fn main() {
         pending: pending[0].clone(),
         seen: seen[0].clone(),
     });
-    let agent = common::agent(&etcds, pins.path(), dir.path(), ipcache, cancel.clone());
+    let agent = common::agent(
+        &etcds,
+        pins.path(),
+        dir.path(),
+        ipcache,
+        None,
+        cancel.clone(),
+    );
     let status = agent.status();
     let rss_synced_before = rss();
     let task = rt.spawn(agent.run());

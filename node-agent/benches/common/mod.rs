@@ -7,6 +7,7 @@
 use std::{
     net::Ipv4Addr,
     path::Path,
+    sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant},
 };
 
@@ -18,7 +19,7 @@ use node_agent::{
     datapath::Datapath,
     desired::IpCacheEntry,
     reconcilers::{
-        Reconciler, SharedReconciler,
+        ReconcileError, Reconciler, SharedReconciler,
         ipcache::IpCacheMap,
         services::{LbPolicy, ServiceMap},
         tunnels::TunnelMap,
@@ -160,12 +161,14 @@ pub fn etcds(
 /// The agent of node n0 of cluster c1 (`etcds[0]`), connected to every
 /// other etcd through files in `dir`, writing the maps pinned in `pins`;
 /// `ipcache` is its ip-cache target (the product's `IpCacheMap`, maybe
-/// wrapped).
+/// wrapped); with `writes`, the tunnel and service maps' writes are
+/// counted there ([`Signalled`]).
 pub fn agent(
     etcds: &[EtcdServer],
     pins: &Path,
     dir: &Path,
     ipcache: Box<dyn Reconciler<IpCidr, IpCacheEntry>>,
+    writes: Option<&Arc<Writes>>,
     cancel: CancellationToken,
 ) -> Agent {
     for (i, e) in etcds.iter().enumerate().skip(1) {
@@ -191,26 +194,108 @@ pub fn agent(
         poll_interval: Duration::from_millis(200),
         strict_ranges: Vec::new(),
     };
+    let services = Box::new(
+        ServiceMap::open(
+            pins,
+            LbPolicy {
+                local_cluster: "c1".parse().unwrap(),
+                failover_threshold: 0.5,
+            },
+        )
+        .unwrap(),
+    );
+    let tunnels = Box::new(TunnelMap::open(pins).unwrap());
     let r = Reconcilers {
         ipcache,
-        tunnels: Box::new(TunnelMap::open(pins).unwrap()),
+        tunnels: Signalled::maybe(tunnels, writes),
         peers: Box::new(SharedReconciler::new("peers")),
-        services: Box::new(
-            ServiceMap::open(
-                pins,
-                LbPolicy {
-                    local_cluster: "c1".parse().unwrap(),
-                    failover_threshold: 0.5,
-                },
-            )
-            .unwrap(),
-        ),
+        services: Signalled::maybe(services, writes),
         policy: Box::new(SharedReconciler::new("policy")),
         strict_ranges: Box::new(SharedReconciler::new("strict ranges")),
         network_policies: Box::new(SharedReconciler::new("network policies")),
         policy_cidrs: Box::new(SharedReconciler::new("policy CIDRs")),
     };
     Agent::new(cfg, r, cancel)
+}
+
+/// How many writes the wrapped targets have made; a waiter wakes at each.
+#[derive(Default)]
+pub struct Writes {
+    count: Mutex<u64>,
+    bumped: Condvar,
+}
+
+impl Writes {
+    pub fn count(&self) -> u64 {
+        *self.count.lock().unwrap()
+    }
+
+    fn bump(&self) {
+        *self.count.lock().unwrap() += 1;
+        self.bumped.notify_all();
+    }
+
+    /// Waits until the count passes `seen`, at most `limit`.
+    pub fn wait_past(&self, seen: u64, limit: Duration) {
+        let g = self.count.lock().unwrap();
+        let _ = self.bumped.wait_timeout_while(g, limit, |n| *n <= seen);
+    }
+}
+
+/// A target that counts each write it passed on (after the inner target
+/// returned: the kernel map holds it then), so a benchmark reads the maps
+/// when they changed instead of polling them.
+pub struct Signalled<K, V> {
+    pub inner: Box<dyn Reconciler<K, V>>,
+    pub writes: Arc<Writes>,
+}
+
+impl<K: 'static, V: 'static> Signalled<K, V> {
+    pub fn maybe(
+        inner: Box<dyn Reconciler<K, V>>,
+        writes: Option<&Arc<Writes>>,
+    ) -> Box<dyn Reconciler<K, V>> {
+        match writes {
+            Some(w) => Box::new(Self {
+                inner,
+                writes: w.clone(),
+            }),
+            None => inner,
+        }
+    }
+}
+
+impl<K, V> Reconciler<K, V> for Signalled<K, V> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn update(&mut self, k: &K, v: &V) -> Result<(), ReconcileError> {
+        let r = self.inner.update(k, v);
+        self.writes.bump();
+        r
+    }
+    fn delete(&mut self, k: &K) -> Result<(), ReconcileError> {
+        let r = self.inner.delete(k);
+        self.writes.bump();
+        r
+    }
+    fn prune(
+        &mut self,
+        desired: &std::collections::BTreeMap<K, V>,
+    ) -> Result<usize, ReconcileError> {
+        let r = self.inner.prune(desired);
+        self.writes.bump();
+        r
+    }
+    fn snapshot(&mut self) -> Result<std::collections::BTreeMap<K, V>, ReconcileError> {
+        self.inner.snapshot()
+    }
+    fn tick(&mut self, now: Instant) -> Result<(), ReconcileError> {
+        // A tick may write (a service drains a backend slot).
+        let r = self.inner.tick(now);
+        self.writes.bump();
+        r
+    }
 }
 
 /// The product's ip-cache writer on the maps pinned in `pins`.

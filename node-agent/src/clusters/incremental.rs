@@ -18,7 +18,8 @@
 //!   range holders (incumbents): node admission again (indexed, O(nodes x
 //!   log nodes), independent of the endpoints), then only the endpoints
 //!   inside the pod CIDRs whose owner changed (range scans of each store)
-//!   and the services (their backends are checked against the owners);
+//!   and the services with a backend inside them (found by a scan of the
+//!   service records; their backends are checked against the owners);
 //! - an **identity**, a local policy, a local endpoint or an endpoint
 //!   naming a namespace: the network-policy section (still whole: it is
 //!   a function of every identity and the local endpoints);
@@ -83,16 +84,15 @@ struct Basis {
     ids: BTreeMap<ClusterName, u8>,
 }
 
-/// What, when it differs, makes node admission run again.
+/// What, when it differs, makes node admission run again (with the range
+/// holders, which [`Incremental`] keeps indexed).
 #[derive(Debug, Clone, PartialEq)]
 struct NodeBasis {
     declared: BTreeMap<ClusterName, Vec<IpCidr>>,
-    incumbents: BTreeMap<IpCidr, u8>,
 }
 
-/// The basis of `input`; `incumbents` when it is known to equal
-/// `input.incumbents` (saves a copy of every range holder per update).
-fn basis(input: &MergeInput<'_>, incumbents: Option<BTreeMap<IpCidr, u8>>) -> (Basis, NodeBasis) {
+/// The basis of `input`.
+fn basis(input: &MergeInput<'_>) -> (Basis, NodeBasis) {
     let all = clusters(input);
     (
         Basis {
@@ -107,9 +107,31 @@ fn basis(input: &MergeInput<'_>, incumbents: Option<BTreeMap<IpCidr, u8>>) -> (B
                 .iter()
                 .map(|(_, c)| (c.name.clone(), c.declared.to_vec()))
                 .collect(),
-            incumbents: incumbents.unwrap_or_else(|| input.incumbents.clone()),
         },
     )
+}
+
+impl Basis {
+    /// Whether `all` has exactly these clusters and ids (compared in
+    /// place: an update allocates no copy of the mesh's membership).
+    fn same_ids(&self, all: &[(bool, &ClusterInput<'_>)]) -> bool {
+        self.ids.len() == all.len()
+            && all
+                .iter()
+                .all(|(_, c)| self.ids.get(c.name) == Some(&c.id.get()))
+    }
+}
+
+impl NodeBasis {
+    /// Whether `all` declares exactly these ranges, cluster by cluster.
+    fn same(&self, all: &[(bool, &ClusterInput<'_>)]) -> bool {
+        self.declared.len() == all.len()
+            && all.iter().all(|(_, c)| {
+                self.declared
+                    .get(c.name)
+                    .is_some_and(|d| d[..] == *c.declared)
+            })
+    }
 }
 
 /// The merged state, kept.
@@ -182,6 +204,23 @@ fn endpoints_in(all: &[(bool, &ClusterInput<'_>)], ranges: &BTreeSet<IpCidr>, ou
     }
 }
 
+/// The keys of every cluster's services with a backend inside `ranges`:
+/// a scan of the service records (no merge), O(services x backends x
+/// prefix lengths).
+fn services_in<'a>(
+    all: &[(bool, &'a ClusterInput<'a>)],
+    ranges: &PrefixMap<()>,
+) -> impl Iterator<Item = &'a merge::ServiceKey> {
+    all.iter()
+        .flat_map(|(_, c)| c.records.services.iter())
+        .filter(|(_, s)| {
+            s.backends
+                .iter()
+                .any(|b| ranges.containing(b.ip).next().is_some())
+        })
+        .map(|(k, _)| k)
+}
+
 /// Addresses to derive again, each with the clusters (indexes into the
 /// merge order) that have a record at it when a range scan found them
 /// all, or None: ask every cluster.
@@ -231,29 +270,29 @@ impl Incremental {
         input: &MergeInput<'_>,
         changes: &BTreeMap<ClusterName, Changes>,
     ) -> Delta {
-        let Some((old_b, mut old_nb)) = self.basis.take() else {
-            return self.rebuild(input, basis(input, None));
+        let Some((old_b, old_nb)) = self.basis.take() else {
+            return self.rebuild(input, basis(input));
         };
-        let holders_same = old_nb.incumbents == *input.incumbents;
-        let (b, nb) = basis(
-            input,
-            holders_same.then(|| std::mem::take(&mut old_nb.incumbents)),
-        );
+        let all = clusters(input);
         // A cluster's id is in its identities and entries: changed, all
         // is derived again (as when the encryption policy changes).
-        let renumbered = old_b
-            .ids
+        let renumbered = all
             .iter()
-            .any(|(n, id)| b.ids.get(n).is_some_and(|new| new != id));
-        if old_b.encryption != b.encryption || renumbered {
-            return self.rebuild(input, (b, nb));
+            .any(|(_, c)| old_b.ids.get(c.name).is_some_and(|id| *id != c.id.get()));
+        if old_b.encryption != input.encryption || renumbered {
+            return self.rebuild(input, basis(input));
         }
+        let membership = !old_nb.same(&all);
+        let (b, nb) = if membership || !old_b.same_ids(&all) {
+            basis(input)
+        } else {
+            (old_b, old_nb)
+        };
         let mut delta = Delta::default();
-        let all = clusters(input);
-        let membership = old_nb.declared != nb.declared;
         let mut rederive = Rederive::new();
         let mut moved = BTreeSet::new();
-        let holders_moved = !holders_same && !self.incumbents_inert(&all, &old_nb, &nb);
+        let holders = self.holders_changed(input);
+        let holders_moved = !holders.is_empty() && !self.incumbents_inert(&all, holders);
         if membership || holders_moved {
             moved = self.update_nodes(input, &all, &mut rederive, &mut delta);
         } else if changes.values().any(|c| !c.nodes.is_empty()) {
@@ -288,10 +327,15 @@ impl Incremental {
             self.rederive(input, &all, ip, holders.as_deref(), &mut delta);
         }
         let local = changes.get(input.local.name);
-        if services_all || local.is_some_and(|c| !c.services.is_empty()) {
+        if local.is_some_and(|c| !c.services.is_empty()) {
             self.update_services(input, &mut delta);
         } else {
-            let keys: BTreeSet<_> = changes.values().flat_map(|c| &c.services).collect();
+            let mut keys: BTreeSet<_> = changes.values().flat_map(|c| &c.services).collect();
+            if services_all {
+                // Only a backend's owner changed: the services with a
+                // backend inside a range that moved.
+                keys.extend(services_in(&all, &moved));
+            }
             for key in keys {
                 self.update_service(input, key, &mut delta);
             }
@@ -460,29 +504,45 @@ impl Incremental {
         }
     }
 
-    /// Whether the range holders' change from `old` to `new` changes no
-    /// verdict: each range that changed overlaps at most one node offered,
-    /// which meets no other node and belongs to the cluster the range is
-    /// (and was) held for. Then only that node's place in the admission
-    /// order moves, which no other node sees. Keeps the index of holders.
+    /// The ranges whose holder differs from the last update's, each with
+    /// its holder then and now: of the ranges
+    /// [`MergeInput::incumbents_changed`] names when it does (O(ranges
+    /// touched)), else of every range held then or now.
+    fn holders_changed(&self, input: &MergeInput<'_>) -> Vec<(IpCidr, Option<u8>, Option<u8>)> {
+        let differs = |c: &IpCidr| {
+            let was = self.incumbents.get(c).copied();
+            let now = input.incumbents.get(c).copied();
+            (was != now).then_some((*c, was, now))
+        };
+        match input.incumbents_changed {
+            Some(touched) => touched.iter().filter_map(differs).collect(),
+            None => {
+                let gone = self
+                    .incumbents
+                    .iter()
+                    .filter(|(c, _)| !input.incumbents.contains_key(c))
+                    .map(|(c, _)| c);
+                input
+                    .incumbents
+                    .keys()
+                    .chain(gone)
+                    .filter_map(differs)
+                    .collect()
+            }
+        }
+    }
+
+    /// Whether the range holders' change (`changed`: range, holder then,
+    /// holder now) changes no verdict: each range that changed overlaps
+    /// at most one node offered, which meets no other node and belongs to
+    /// the cluster the range is (and was) held for. Then only that node's
+    /// place in the admission order moves, which no other node sees.
+    /// Keeps the index of holders.
     fn incumbents_inert(
         &mut self,
         all: &[(bool, &ClusterInput<'_>)],
-        old: &NodeBasis,
-        new: &NodeBasis,
+        changed: Vec<(IpCidr, Option<u8>, Option<u8>)>,
     ) -> bool {
-        let mut changed: Vec<(IpCidr, Option<u8>, Option<u8>)> = Vec::new();
-        for (c, id) in &new.incumbents {
-            let was = old.incumbents.get(c).copied();
-            if was != Some(*id) {
-                changed.push((*c, was, Some(*id)));
-            }
-        }
-        for (c, id) in &old.incumbents {
-            if !new.incumbents.contains_key(c) {
-                changed.push((*c, Some(*id), None));
-            }
-        }
         let inert = changed.iter().all(|(p, was, now)| {
             let mut holders = self
                 .offered_cidrs
@@ -984,6 +1044,10 @@ spec:
                 .collect();
             let mut present = [true; 4];
             let mut incumbents: BTreeMap<IpCidr, u8> = BTreeMap::new();
+            // The ranges whose holder changed since the last update; odd
+            // seeds pass them as the hint, even seeds leave the engine to
+            // compare every range.
+            let mut touched: BTreeSet<IpCidr> = BTreeSet::new();
             let mut encryption = EncryptionPolicy::default();
             let mut engine = Incremental::new();
             let mut gone: BTreeMap<ClusterName, Changes> = BTreeMap::new();
@@ -1024,6 +1088,7 @@ spec:
                         if incumbents.remove(&cidr).is_none() {
                             incumbents.insert(cidr, 1 + rng.below(4) as u8);
                         }
+                        touched.insert(cidr);
                     }
                     4 => {
                         encryption.mode = if encryption.mode == EncryptionMode::Wireguard {
@@ -1070,6 +1135,7 @@ spec:
                     encryption,
                     remotes: &remotes,
                     incumbents: &incumbents,
+                    incumbents_changed: (seed % 2 == 1).then_some(&touched),
                 };
                 let before = engine.desired().clone();
                 let delta = engine.update(&input, &changes);
@@ -1110,6 +1176,7 @@ spec:
                     "policy delta, {at}"
                 );
                 assert!(before.policy == got.policy || delta.policy, "{at}");
+                touched.clear();
             }
         }
     }

@@ -71,6 +71,10 @@ pub struct MergeInput<'a> {
     /// while the holder has not synced yet; the holder releases it by
     /// syncing without it (or by being removed).
     pub incumbents: &'a BTreeMap<IpCidr, u8>,
+    /// The ranges whose holder may differ from the last update's (the
+    /// incremental merge then compares only those), or None: any may.
+    /// The full merge does not read it.
+    pub incumbents_changed: Option<&'a std::collections::BTreeSet<IpCidr>>,
 }
 
 fn encrypt_to(policy: &EncryptionPolicy, local: bool) -> bool {
@@ -689,6 +693,7 @@ mod tests {
                 encryption: enc,
                 remotes: &inputs[1..],
                 incumbents: &self.incumbents,
+                incumbents_changed: None,
             })
         }
     }

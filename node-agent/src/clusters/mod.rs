@@ -179,6 +179,9 @@ pub struct Agent {
     failures: Vec<Failure>,
     /// Pod CIDR -> id of the cluster holding it (see [`Agent::update_owners`]).
     owners: BTreeMap<IpCidr, u8>,
+    /// The ranges whose holder changed since the merge last saw `owners`
+    /// (None: unknown, the merge compares them all).
+    owners_touched: Option<std::collections::BTreeSet<IpCidr>>,
     /// The addresses of this node's local endpoints whose records have
     /// been through a reconcile (their network policy applied): the
     /// endpoint source marks a pod ready only then ([`Agent::policy_ready`]).
@@ -300,6 +303,7 @@ impl Agent {
             retry: false,
             failures: Vec::new(),
             owners: BTreeMap::new(),
+            owners_touched: None,
             policy_ready: tokio::sync::watch::Sender::new(Default::default()),
             directory: None,
             directory_pending: false,
@@ -633,9 +637,11 @@ impl Agent {
             encryption: local_cfg.encryption,
             remotes: &remotes,
             incumbents: &self.owners,
+            incumbents_changed: self.owners_touched.as_ref(),
         };
         let first = !self.merged;
         let delta = self.engine.update(&input, &changes);
+        self.owners_touched = Some(Default::default());
         self.merged = true;
         let local_endpoints = first
             || changes
@@ -740,18 +746,29 @@ impl Agent {
         let synced = self.sync_states();
         let tunnels = &self.last.tunnels;
         let before = self.owners.len();
+        let mut touched = std::mem::take(&mut self.owners_touched);
         self.owners.retain(|cidr, id| {
-            keeps_range(
+            let keep = keeps_range(
                 synced.get(id),
                 all,
                 tunnels.get(cidr).map(|e| e.cluster_id),
                 *id,
-            )
+            );
+            if !keep && let Some(t) = &mut touched {
+                t.insert(*cidr);
+            }
+            keep
         });
         let released = self.owners.len() != before;
         for (c, e) in tunnels {
-            self.owners.entry(*c).or_insert(e.cluster_id);
+            if let std::collections::btree_map::Entry::Vacant(v) = self.owners.entry(*c) {
+                v.insert(e.cluster_id);
+                if let Some(t) = &mut touched {
+                    t.insert(*c);
+                }
+            }
         }
+        self.owners_touched = touched;
         released
     }
 
@@ -772,12 +789,23 @@ impl Agent {
             {
                 self.owners.remove(cidr);
                 released = true;
+                self.touch_owner(*cidr);
             }
-            if let Some(id) = routed {
-                self.owners.entry(*cidr).or_insert(id);
+            if let Some(id) = routed
+                && let std::collections::btree_map::Entry::Vacant(v) = self.owners.entry(*cidr)
+            {
+                v.insert(id);
+                self.touch_owner(*cidr);
             }
         }
         released
+    }
+
+    /// Notes that `cidr`'s holder changed (for the next merge).
+    fn touch_owner(&mut self, cidr: IpCidr) {
+        if let Some(t) = &mut self.owners_touched {
+            t.insert(cidr);
+        }
     }
 
     /// Whether each connected cluster (by id) has synced.
@@ -1095,6 +1123,7 @@ impl Agent {
                 // The ranges the datapath routes survive the restart: their
                 // clusters hold them until they sync without them.
                 self.owners = d.tunnels.iter().map(|(c, e)| (*c, e.cluster_id)).collect();
+                self.owners_touched = None;
                 tracing::info!(
                     ipcache = d.ipcache.len(),
                     tunnels = d.tunnels.len(),

@@ -355,6 +355,7 @@ spec:
                 encryption: Default::default(),
                 remotes: &inputs[1..],
                 incumbents: &BTreeMap::new(),
+                incumbents_changed: None,
             })
         }
         fn cidrs(&self) -> BTreeMap<IpCidr, u32> {
