@@ -73,6 +73,13 @@ PY
   echo "  $BIN/clustermesh --config-dir $STATE/cli encryption status"
   echo "  $BIN/clustermesh --config-dir $STATE/cli observe --follow --verdict dropped   # live drops, every node"
   echo "  ls $STATE/nodes/*/flows.jsonl                   # each node's SIEM export (OCSF JSON lines)"
+  local prom
+  prom=$(python3 -c 'import json,sys; t=json.load(open(sys.argv[1])); p=t.get("prometheus") or {}; print(p.get("address",""))' "$STATE/topology.json")
+  if [ -n "$prom" ]; then
+    echo "  curl -s 'http://$prom/api/v1/query?query=up'   # Prometheus scraping every agent and apiserver"
+    echo "  $STATE/prometheus/prometheus.yml    # its generated scrape config; UI at http://$prom"
+    echo "  deploy/grafana/clustermesh.json                   # the Grafana dashboard (import it, datasource: that Prometheus)"
+  fi
   echo "  $BIN/mesh check                                 # the check again"
   echo "  cat $STATE/topology.json                          # every namespace, address, pid, log, etcd credential"
   echo "Tear down: make demo-down"

@@ -387,10 +387,15 @@ fn record_sync(
             m.insert(k.as_str(), *v as u64);
         }
     }
+    let beat = heartbeat_ms.unwrap_or_else(export::now_ms);
+    shared
+        .metrics
+        .last_heartbeat_ms
+        .store(beat, Ordering::Relaxed);
     if let Ok(mut s) = shared.export_status.lock() {
         s.synced = exporter.synced().clone();
         s.last_error = None;
-        s.last_heartbeat_ms = heartbeat_ms.unwrap_or_else(export::now_ms);
+        s.last_heartbeat_ms = beat;
     }
 }
 

@@ -190,5 +190,24 @@ async fn invalid_requests_are_refused_and_write_nothing() {
         "{body}"
     );
     assert!(body.contains(r#"kind="ip"} 1"#), "{body}");
+    // The export has run (the records are in etcd): its heartbeat time is
+    // a Unix time of this run, not 0.
+    let beat: f64 = body
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                r#"clustermesh_apiserver_last_heartbeat_timestamp_seconds{cluster="c1"} "#,
+            )
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no heartbeat gauge in {body}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 120.0..=now + 1.0).contains(&beat),
+        "heartbeat {beat}, now {now}"
+    );
     a.shutdown(Duration::from_secs(5)).await;
 }

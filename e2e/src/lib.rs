@@ -6,6 +6,7 @@ pub use clustermesh_testkit as testkit;
 
 pub mod mesh;
 pub mod product;
+pub mod prometheus;
 pub mod services;
 pub mod topo;
 

@@ -321,6 +321,9 @@ pub struct Topology {
     pub pin_dirs: Vec<PathBuf>,
     /// Every process started (down stops them in reverse).
     pub processes: Vec<Process>,
+    /// The Prometheus server scraping the mesh ([`crate::prometheus`]).
+    #[serde(default)]
+    pub prometheus: Option<crate::prometheus::Prometheus>,
 }
 
 impl Topology {
@@ -361,7 +364,7 @@ impl Topology {
 
 // ---- small process and namespace helpers ---------------------------------
 
-fn run(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -442,7 +445,12 @@ fn cmdline(cmd: &Command) -> Vec<String> {
 }
 
 /// Starts `cmd` detached and records it in the topology as `role`.
-fn start(t: &mut Topology, role: String, cmd: &mut Command, log: &Path) -> anyhow::Result<u32> {
+pub(crate) fn start(
+    t: &mut Topology,
+    role: String,
+    cmd: &mut Command,
+    log: &Path,
+) -> anyhow::Result<u32> {
     let pid = spawn(cmd, log)?;
     t.processes.push(Process {
         role,
@@ -1069,6 +1077,7 @@ fn build(o: &Options, t: &mut Topology) -> anyhow::Result<()> {
     run(t
         .cli(&o.bin_dir)
         .args(["status", "--wait", "--timeout", "90s"]))?;
+    crate::prometheus::start(t, &logs)?;
     Ok(())
 }
 
@@ -1401,8 +1410,22 @@ pub fn check(t: &Topology) -> anyhow::Result<Vec<Row>> {
     if let Some(caps) = capture {
         rows.extend(finish_captures(t, caps)?);
     }
+    // Last, after the traffic: the dashboard's flow panels need flows.
+    // Its WireGuard panels need an encrypted mesh.
+    let encrypted = matches!(
+        t.encryption,
+        Some(Encryption::Wireguard | Encryption::Strict)
+    );
+    let dashboard = Path::new(DASHBOARD);
+    rows.extend(crate::prometheus::rows(t, encrypted.then_some(dashboard)));
     Ok(rows)
 }
+
+/// The Grafana dashboard of the mesh (its metrics are checked to exist).
+pub const DASHBOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/grafana/clustermesh.json"
+);
 
 /// `20 x clusters` TCP requests from `src` to the service's `frontend`:
 /// the row fails if one fails or if a cluster whose service has a backend
