@@ -4,7 +4,8 @@
 #   - Debian packages: etcd, llvm-22-dev (for bpf-linker), protoc, wireguard-go/tools,
 #     iproute2, iperf3, tcpdump, tshark, bpftool, containernetworking-plugins
 #     (host-local, which the CNI plugin's delegation test runs)
-#     and prometheus (promtool checks the agents' and apiservers' metrics)
+#     and prometheus (promtool checks the agents' and apiservers' metrics; the
+#     mesh harness runs its server, scraping every agent and apiserver)
 #   - the pinned Rust toolchain (rust-toolchain.toml) with rust-src, clippy, rustfmt
 #   - bpf-linker 0.13.0 built against Debian's LLVM 22
 #   - bpffs mounted at /sys/fs/bpf

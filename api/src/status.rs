@@ -156,6 +156,9 @@ pub struct DesiredCounts {
     pub tunnels: usize,
     pub peers: usize,
     pub services: usize,
+    /// Of the local cluster's services, those marked global (balanced over
+    /// the backends of every cluster that shares the same service).
+    pub global_services: usize,
     /// The local cluster's network policies the merge compiled.
     pub policies: usize,
     /// Local endpoint identities with a compiled policy, and its entries

@@ -75,7 +75,11 @@ struct NodeReport {
     configured: usize,
     connected: usize,
     synced: usize,
+    /// The remote clusters configured on its disk.
+    configured_remotes: Vec<String>,
     remotes: Vec<RemoteView>,
+    /// The local services marked global the agent balances.
+    global_services: Option<usize>,
     /// Clusters configured on disk that the agent does not show (yet).
     not_seen: Vec<String>,
     local_counts: Option<RecordCounts>,
@@ -97,8 +101,110 @@ struct ClusterReport {
     exported: Value,
     encryption_policy: Value,
     nodes: Vec<NodeReport>,
+    /// The figures over the nodes that answered, as Cilium's `clustermesh
+    /// status` gives them.
+    summary: Summary,
     healthy: bool,
     problems: Vec<String>,
+}
+
+/// Least, mean and greatest of a figure over the nodes that answered.
+#[derive(Debug, Default, Serialize, PartialEq)]
+struct Spread {
+    min: usize,
+    avg: f64,
+    max: usize,
+}
+
+impl Spread {
+    fn of(v: impl Iterator<Item = usize>) -> Option<Self> {
+        let v: Vec<usize> = v.collect();
+        let (min, max) = (*v.iter().min()?, *v.iter().max()?);
+        Some(Self {
+            min,
+            avg: v.iter().sum::<usize>() as f64 / v.len() as f64,
+            max,
+        })
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "[min:{} / avg:{:.1} / max:{}]",
+            self.min, self.avg, self.max
+        )
+    }
+}
+
+/// One remote cluster over the nodes of a cluster.
+#[derive(Debug, Serialize, PartialEq)]
+struct Connection {
+    cluster: String,
+    /// Nodes of this cluster: in all, configured for it, connected, synced.
+    nodes: usize,
+    configured: usize,
+    connected: usize,
+    synced: usize,
+}
+
+#[derive(Debug, Default, Serialize, PartialEq)]
+struct Summary {
+    nodes: usize,
+    /// Nodes that answered and are connected to every remote cluster known.
+    nodes_connected_to_all: usize,
+    /// Remote clusters each node is connected to.
+    remote_clusters_connected: Option<Spread>,
+    connections: Vec<Connection>,
+    global_services: Option<Spread>,
+}
+
+/// The cluster's figures from its node reports.
+fn summarize(nodes: &[NodeReport]) -> Summary {
+    let up: Vec<&NodeReport> = nodes.iter().filter(|n| n.reachable).collect();
+    let mut names: Vec<&String> = nodes
+        .iter()
+        .flat_map(|n| {
+            n.configured_remotes
+                .iter()
+                .chain(n.remotes.iter().map(|r| &r.name))
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    let connections = names
+        .into_iter()
+        .map(|c| {
+            let view = |n: &NodeReport| n.remotes.iter().find(|r| &r.name == c).cloned();
+            Connection {
+                cluster: c.clone(),
+                nodes: nodes.len(),
+                configured: nodes
+                    .iter()
+                    .filter(|n| n.configured_remotes.contains(c))
+                    .count(),
+                connected: up
+                    .iter()
+                    .filter(|n| view(n).is_some_and(|r| r.connected))
+                    .count(),
+                synced: up
+                    .iter()
+                    .filter(|n| view(n).is_some_and(|r| r.synced))
+                    .count(),
+            }
+        })
+        .collect();
+    Summary {
+        nodes: nodes.len(),
+        nodes_connected_to_all: up
+            .iter()
+            .filter(|n| n.connected == n.configured && n.configured == n.known)
+            .count(),
+        remote_clusters_connected: Spread::of(up.iter().map(|n| n.connected)),
+        connections,
+        global_services: Spread::of(up.iter().filter_map(|n| n.global_services)),
+    }
 }
 
 async fn cluster_report(ctx: &Ctx, c: &ClusterEntry, known: &[String]) -> ClusterReport {
@@ -114,6 +220,7 @@ async fn cluster_report(ctx: &Ctx, c: &ClusterEntry, known: &[String]) -> Cluste
         exported: json!({}),
         encryption_policy: Value::Null,
         nodes: Vec::new(),
+        summary: Summary::default(),
         healthy: false,
         problems: Vec::new(),
     };
@@ -135,6 +242,7 @@ async fn cluster_report(ctx: &Ctx, c: &ClusterEntry, known: &[String]) -> Cluste
             c.name, c.name
         ));
     }
+    r.summary = summarize(&r.nodes);
     r.healthy = r.problems.is_empty();
     r
 }
@@ -216,7 +324,9 @@ async fn node_report(
         configured: files.len(),
         connected: 0,
         synced: 0,
+        configured_remotes: files.clone(),
         remotes: Vec::new(),
+        global_services: None,
         not_seen: Vec::new(),
         local_counts: None,
         encryption: None,
@@ -252,6 +362,7 @@ async fn node_report(
                 }
             }
             check_remotes(&files, &mut nr, problems);
+            nr.global_services = Some(v.control_plane.desired.global_services);
             nr.encryption = Some(v.encryption);
         }
     }
@@ -306,6 +417,7 @@ fn print_text(reports: &[ClusterReport]) {
         } else {
             println!("  apiserver {}: unreachable", r.apiserver);
         }
+        print_summary(&r.summary);
         for n in &r.nodes {
             if !n.reachable {
                 println!("  node {} ({}): unreachable", n.name, n.status_address);
@@ -316,6 +428,41 @@ fn print_text(reports: &[ClusterReport]) {
         for p in &r.problems {
             println!("  problem: {p}");
         }
+    }
+}
+
+/// The cluster's figures over its nodes (Cilium's layout: nodes connected
+/// to all clusters, each cluster connection, global services).
+fn print_summary(s: &Summary) {
+    let remotes = s.connections.len();
+    let spread = s
+        .remote_clusters_connected
+        .as_ref()
+        .map(|x| format!(" {x}"))
+        .unwrap_or_default();
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let clusters = plural(remotes, "remote cluster", "remote clusters");
+    let nodes = plural(s.nodes, "node is", "nodes are");
+    if s.nodes_connected_to_all == s.nodes {
+        println!("  all {nodes} connected to all {clusters}{spread}");
+    } else {
+        println!(
+            "  {} of {nodes} connected to all {clusters}{spread}",
+            s.nodes_connected_to_all
+        );
+    }
+    if !s.connections.is_empty() {
+        println!("  cluster connections:");
+        for c in &s.connections {
+            println!(
+                "    - {}: {}/{} configured, {}/{} connected, {}/{} synced",
+                c.cluster, c.configured, c.nodes, c.connected, c.nodes, c.synced, c.nodes
+            );
+        }
+    }
+    if let Some(g) = &s.global_services {
+        println!("  global services: {g}");
     }
 }
 
@@ -485,4 +632,96 @@ pub async fn run(ctx: &Ctx, a: Args) -> Result<bool> {
         print_text(&rs);
     }
     Ok(healthy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, files: &[&str], up: &[(&str, bool, bool)], global: usize) -> NodeReport {
+        let remotes: Vec<RemoteView> = up
+            .iter()
+            .map(|(n, connected, synced)| RemoteView {
+                name: (*n).into(),
+                connected: *connected,
+                synced: *synced,
+                withdrawn: false,
+                last_error: None,
+                counts: RecordCounts::default(),
+            })
+            .collect();
+        NodeReport {
+            name: name.into(),
+            status_address: String::new(),
+            reachable: true,
+            error: None,
+            local_synced: true,
+            known: 2,
+            configured: files.len(),
+            connected: remotes.iter().filter(|r| r.connected).count(),
+            synced: remotes.iter().filter(|r| r.synced).count(),
+            configured_remotes: files.iter().map(|f| (*f).into()).collect(),
+            remotes,
+            global_services: Some(global),
+            not_seen: Vec::new(),
+            local_counts: None,
+            encryption: None,
+        }
+    }
+
+    #[test]
+    fn the_summary_counts_nodes_connections_and_global_services_over_the_nodes() {
+        let mut down = node("n3", &["c2"], &[], 0);
+        down.reachable = false;
+        down.global_services = None;
+        let nodes = [
+            node(
+                "n1",
+                &["c2", "c3"],
+                &[("c2", true, true), ("c3", true, true)],
+                4,
+            ),
+            node(
+                "n2",
+                &["c2", "c3"],
+                &[("c2", true, false), ("c3", false, false)],
+                2,
+            ),
+            down,
+        ];
+        let s = summarize(&nodes);
+        assert_eq!(s.nodes, 3);
+        assert_eq!(s.nodes_connected_to_all, 1);
+        assert_eq!(
+            s.remote_clusters_connected,
+            Some(Spread {
+                min: 1,
+                avg: 1.5,
+                max: 2
+            })
+        );
+        assert_eq!(
+            s.connections,
+            [
+                Connection {
+                    cluster: "c2".into(),
+                    nodes: 3,
+                    configured: 3,
+                    connected: 2,
+                    synced: 1
+                },
+                Connection {
+                    cluster: "c3".into(),
+                    nodes: 3,
+                    configured: 2,
+                    connected: 1,
+                    synced: 1
+                },
+            ]
+        );
+        let g = s.global_services.map(|g| g.to_string());
+        assert_eq!(g.as_deref(), Some("[min:2 / avg:3.0 / max:4]"));
+        // No node answered: no spread to show.
+        assert_eq!(summarize(&[]).remote_clusters_connected, None);
+    }
 }

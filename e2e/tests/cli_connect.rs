@@ -126,6 +126,21 @@ async fn enable_connect_status_disconnect() {
         text.contains("clusters 1/1 configured, 1/1 connected, 1/1 synced"),
         "{text}"
     );
+    // Cilium's layout over the nodes: connected to all, each connection,
+    // global services (none declared here).
+    for line in [
+        "all 2 nodes are connected to all 1 remote cluster [min:1 / avg:1.0 / max:1]",
+        "all 1 node is connected to all 1 remote cluster [min:1 / avg:1.0 / max:1]",
+        "    - c2: 2/2 configured, 2/2 connected, 2/2 synced",
+        "    - c1: 1/1 configured, 1/1 connected, 1/1 synced",
+        "global services: [min:0 / avg:0.0 / max:0]",
+    ] {
+        assert!(text.contains(line), "{line:?} not in {text}");
+    }
+    assert_eq!(
+        s["clusters"][0]["summary"]["nodes_connected_to_all"], 2,
+        "{s}"
+    );
     run_ok(&dir, &["status", "--wait", "--timeout", "10s"]).await;
 
     // Re-running is harmless: nothing is rewritten.

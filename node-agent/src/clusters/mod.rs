@@ -182,6 +182,8 @@ pub struct Agent {
     /// The ranges whose holder changed since the merge last saw `owners`
     /// (None: unknown, the merge compares them all).
     owners_touched: Option<std::collections::BTreeSet<IpCidr>>,
+    /// The local services marked global (counted when services change).
+    global_services: usize,
     /// The addresses of this node's local endpoints whose records have
     /// been through a reconcile (their network policy applied): the
     /// endpoint source marks a pod ready only then ([`Agent::policy_ready`]).
@@ -304,6 +306,7 @@ impl Agent {
             failures: Vec::new(),
             owners: BTreeMap::new(),
             owners_touched: None,
+            global_services: 0,
             policy_ready: tokio::sync::watch::Sender::new(Default::default()),
             directory: None,
             directory_pending: false,
@@ -643,6 +646,15 @@ impl Agent {
         let delta = self.engine.update(&input, &changes);
         self.owners_touched = Some(Default::default());
         self.merged = true;
+        if first || !delta.services.is_empty() {
+            self.global_services = local
+                .store
+                .records
+                .services
+                .values()
+                .filter(|s| s.global)
+                .count();
+        }
         let local_endpoints = first
             || changes
                 .get(&self.cfg.local_cluster)
@@ -1048,6 +1060,7 @@ impl Agent {
                 tunnels: self.last.tunnels.len(),
                 peers: self.last.peers.len(),
                 services: self.last.services.len(),
+                global_services: self.global_services,
                 policies: self
                     .slots
                     .get(&self.cfg.local_cluster)
