@@ -5,7 +5,8 @@
 #     iproute2, iperf3, tcpdump, tshark, bpftool, containernetworking-plugins
 #     (host-local, which the CNI plugin's delegation test runs)
 #     and prometheus (promtool checks the agents' and apiservers' metrics; the
-#     mesh harness runs its server, scraping every agent and apiserver)
+#     mesh harness runs its server, scraping every agent and apiserver), podman,
+#     runc and busybox-static (the e2e suite runs containers on a mesh node)
 #   - the pinned Rust toolchain (rust-toolchain.toml) with rust-src, clippy, rustfmt
 #   - bpf-linker 0.13.0 built against Debian's LLVM 22
 #   - bpffs mounted at /sys/fs/bpf
@@ -23,7 +24,7 @@ fi
 # --- Debian packages -----------------------------------------------------------
 PKGS=(etcd-server etcd-client llvm-22-dev protobuf-compiler libprotobuf-dev wireguard-go wireguard-tools
       iproute2 iputils-ping procps python3 iperf3 tcpdump tshark bpftool ethtool jq make
-      containernetworking-plugins prometheus iptables)
+      containernetworking-plugins prometheus iptables podman runc busybox-static)
 missing=()
 for p in "${PKGS[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -315,8 +315,14 @@ impl AddSteps<'_> {
             host_ifindex: host.index,
             host_mac,
             mac,
-            namespace: self.env.args.pod_namespace().map(str::to_owned),
-            name: self.env.args.pod_name().map(str::to_owned),
+            // A named pod without a namespace (podman passes a name only)
+            // is in "default", as Kubernetes would place it.
+            namespace: self
+                .env
+                .args
+                .pod_namespace()
+                .or_else(|| self.env.args.pod_name().map(|_| "default".to_owned())),
+            name: self.env.args.pod_name(),
             labels: cfg.labels.clone(),
         };
         // A marker of an earlier attempt never counts (it names another

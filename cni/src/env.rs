@@ -96,15 +96,34 @@ impl CniArgs {
         self.0.get(key).map(String::as_str)
     }
 
-    /// `K8S_POD_NAMESPACE`, if given and not empty.
-    pub fn pod_namespace(&self) -> Option<&str> {
-        self.get("K8S_POD_NAMESPACE").filter(|v| !v.is_empty())
+    /// `K8S_POD_NAMESPACE`, if given, as a Kubernetes name ([`k8s_name`]).
+    pub fn pod_namespace(&self) -> Option<String> {
+        self.get("K8S_POD_NAMESPACE").and_then(k8s_name)
     }
 
-    /// `K8S_POD_NAME`, if given and not empty.
-    pub fn pod_name(&self) -> Option<&str> {
-        self.get("K8S_POD_NAME").filter(|v| !v.is_empty())
+    /// `K8S_POD_NAME`, if given, as a Kubernetes name ([`k8s_name`]).
+    pub fn pod_name(&self) -> Option<String> {
+        self.get("K8S_POD_NAME").and_then(k8s_name)
     }
+}
+
+/// `v` as a DNS label, the form the apiserver takes pod and namespace names
+/// in: other runtimes than the kubelet pass their own names (podman passes
+/// its container name, such as `elastic_wilson` or `Web_1`, as both), which
+/// the apiserver would refuse. Lowercased, every other character than
+/// `a-z`, `0-9` and `-` made `-`, at most 63 characters, no `-` at either
+/// end; None when nothing is left.
+pub fn k8s_name(v: &str) -> Option<String> {
+    let mapped: String = v
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9') => c,
+            _ => '-',
+        })
+        .collect();
+    let mut out: String = mapped.trim_matches('-').chars().take(63).collect();
+    out.truncate(out.trim_end_matches('-').len());
+    (!out.is_empty()).then_some(out)
 }
 
 /// The plugin's environment, validated.
@@ -129,6 +148,18 @@ impl Env {
             value: command,
             reason: "not one of ADD, DEL, CHECK, VERSION, STATUS, GC",
         })?;
+        if command == Command::Version {
+            // VERSION takes CNI_COMMAND only (the spec); runtimes set the
+            // others anyway (libcni: CNI_NETNS=dummy), so they are ignored.
+            return Ok(Self {
+                command,
+                container_id: None,
+                netns: None,
+                ifname: None,
+                args: CniArgs::default(),
+                path: None,
+            });
+        }
         let container_id = get("CNI_CONTAINERID");
         if let Some(id) = &container_id {
             validate_container_id(id)?;
@@ -253,8 +284,8 @@ mod tests {
     fn cni_args_pairs() {
         let a = CniArgs::parse("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0;")
             .expect("valid");
-        assert_eq!(a.pod_namespace(), Some("default"));
-        assert_eq!(a.pod_name(), Some("web-0"));
+        assert_eq!(a.pod_namespace().as_deref(), Some("default"));
+        assert_eq!(a.pod_name().as_deref(), Some("web-0"));
         assert_eq!(a.get("IgnoreUnknown"), Some("1"));
         assert_eq!(CniArgs::parse("").expect("empty"), CniArgs::default());
         // The value keeps later '='.
@@ -266,6 +297,27 @@ mod tests {
         let a = CniArgs::parse("K8S_POD_NAME=").expect("valid");
         assert_eq!(a.get("K8S_POD_NAME"), Some(""));
         assert_eq!(a.pod_name(), None);
+    }
+
+    #[test]
+    fn runtime_names_become_kubernetes_names() {
+        let cases = [
+            ("web-0", Some("web-0")),
+            ("elastic_wilson", Some("elastic-wilson")),
+            ("Web_1.Example", Some("web-1-example")),
+            ("__x__", Some("x")),
+            ("___", None),
+            ("é", None),
+        ];
+        for (given, want) in cases {
+            assert_eq!(k8s_name(given).as_deref(), want, "{given}");
+        }
+        let long = format!("{}_{}", "a".repeat(62), "b".repeat(10));
+        assert_eq!(k8s_name(&long).as_deref(), Some("a".repeat(62).as_str()));
+        let a = CniArgs::parse("K8S_POD_NAMESPACE=elastic_wilson;K8S_POD_NAME=elastic_wilson")
+            .expect("valid");
+        assert_eq!(a.pod_name().as_deref(), Some("elastic-wilson"));
+        assert_eq!(a.pod_namespace().as_deref(), Some("elastic-wilson"));
     }
 
     #[test]
@@ -311,6 +363,23 @@ mod tests {
             e.ifname().expect_err("missing"),
             EnvError::Missing { var: "CNI_IFNAME" }
         );
+        assert_eq!(e.netns_opt(), None);
+    }
+
+    #[test]
+    fn version_reads_only_cni_command() {
+        // libcni (podman's CNI backend) asks VERSION with CNI_NETNS=dummy
+        // and the other variables of an ADD: the spec gives VERSION only
+        // CNI_COMMAND, so the rest is not read, let alone refused.
+        let e = env(&[
+            ("CNI_COMMAND", "VERSION"),
+            ("CNI_NETNS", "dummy"),
+            ("CNI_IFNAME", "eth 0"),
+            ("CNI_CONTAINERID", "../x"),
+            ("CNI_ARGS", "not=a;;valid"),
+        ])
+        .expect("VERSION parses whatever else is set");
+        assert_eq!(e.command, Command::Version);
         assert_eq!(e.netns_opt(), None);
     }
 

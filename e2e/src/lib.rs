@@ -5,6 +5,7 @@
 pub use clustermesh_testkit as testkit;
 
 pub mod mesh;
+pub mod podman;
 pub mod product;
 pub mod prometheus;
 pub mod services;

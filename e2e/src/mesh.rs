@@ -1193,7 +1193,7 @@ pub fn add_pod_labelled(
 }
 
 /// The CNI network-config field of a node's IPv6 pod range.
-const CNI_POD_CIDR6: &str = "podCIDRv6";
+pub(crate) const CNI_POD_CIDR6: &str = "podCIDRv6";
 
 /// Cluster `c`'s declared pod ranges for the family: `10.<c>.0.0/16`,
 /// `fd00:10:<c>::/48`.
