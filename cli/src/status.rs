@@ -176,7 +176,9 @@ fn summarize(nodes: &[NodeReport]) -> Summary {
     let connections = names
         .into_iter()
         .map(|c| {
-            let view = |n: &NodeReport| n.remotes.iter().find(|r| &r.name == c).cloned();
+            let has = |n: &NodeReport, f: fn(&RemoteView) -> bool| {
+                n.remotes.iter().any(|r| &r.name == c && f(r))
+            };
             Connection {
                 cluster: c.clone(),
                 nodes: nodes.len(),
@@ -184,14 +186,8 @@ fn summarize(nodes: &[NodeReport]) -> Summary {
                     .iter()
                     .filter(|n| n.configured_remotes.contains(c))
                     .count(),
-                connected: up
-                    .iter()
-                    .filter(|n| view(n).is_some_and(|r| r.connected))
-                    .count(),
-                synced: up
-                    .iter()
-                    .filter(|n| view(n).is_some_and(|r| r.synced))
-                    .count(),
+                connected: up.iter().filter(|n| has(n, |r| r.connected)).count(),
+                synced: up.iter().filter(|n| has(n, |r| r.synced)).count(),
             }
         })
         .collect();

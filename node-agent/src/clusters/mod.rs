@@ -182,7 +182,8 @@ pub struct Agent {
     /// The ranges whose holder changed since the merge last saw `owners`
     /// (None: unknown, the merge compares them all).
     owners_touched: Option<std::collections::BTreeSet<IpCidr>>,
-    /// The local services marked global (counted when services change).
+    /// The local services marked global (counted when a local service
+    /// record changes).
     global_services: usize,
     /// The addresses of this node's local endpoints whose records have
     /// been through a reconcile (their network policy applied): the
@@ -646,15 +647,6 @@ impl Agent {
         let delta = self.engine.update(&input, &changes);
         self.owners_touched = Some(Default::default());
         self.merged = true;
-        if first || !delta.services.is_empty() {
-            self.global_services = local
-                .store
-                .records
-                .services
-                .values()
-                .filter(|s| s.global)
-                .count();
-        }
         let local_endpoints = first
             || changes
                 .get(&self.cfg.local_cluster)
@@ -684,6 +676,7 @@ impl Agent {
         let prune_now =
             !self.pruned && (self.all_synced() || self.started.elapsed() >= self.cfg.sync_timeout);
         self.apply(&delta, &mut failures);
+        self.count_global_services(first, &changes);
         self.report_room(&mut failures);
         if let Some(here) = here {
             self.policy_ready.send_if_modified(|s| {
@@ -811,6 +804,24 @@ impl Agent {
             }
         }
         released
+    }
+
+    /// Counts the local services marked global, when a local service
+    /// record changed (a global flag toggled on a service no other cluster
+    /// shares changes no key of the merge).
+    fn count_global_services(&mut self, first: bool, changes: &BTreeMap<ClusterName, Changes>) {
+        let local = &self.cfg.local_cluster;
+        if !first && changes.get(local).is_none_or(|c| c.services.is_empty()) {
+            return;
+        }
+        self.global_services = self.slots.get(local).map_or(0, |s| {
+            s.store
+                .records
+                .services
+                .values()
+                .filter(|s| s.global)
+                .count()
+        });
     }
 
     /// Notes that `cidr`'s holder changed (for the next merge).
