@@ -1285,6 +1285,19 @@ pub struct Row {
     pub detail: String,
 }
 
+impl Row {
+    /// A row for the outcome `r` (its error, in full, as the detail).
+    pub fn of(check: &str, from: &str, to: &str, r: anyhow::Result<()>) -> Self {
+        Self {
+            check: check.into(),
+            from: from.into(),
+            to: to.into(),
+            ok: r.is_ok(),
+            detail: r.err().map(|e| format!("{e:#}")).unwrap_or_default(),
+        }
+    }
+}
+
 /// The connectivity matrix (every pod to up to two pods of every cluster,
 /// ping and TCP), the global service from every cluster, and with
 /// encryption the underlay capture. Returns every row.
@@ -1342,16 +1355,7 @@ fn metrics_rows(t: &Topology) -> Vec<Row> {
             )
         }));
     endpoints
-        .map(|(from, addr)| {
-            let r = promtool_check(&addr);
-            Row {
-                check: "metrics".into(),
-                from,
-                to: addr,
-                ok: r.is_ok(),
-                detail: r.err().map(|e| format!("{e:#}")).unwrap_or_default(),
-            }
-        })
+        .map(|(from, addr)| Row::of("metrics", &from, &addr, promtool_check(&addr)))
         .collect()
 }
 

@@ -227,16 +227,6 @@ fn await_targets(addr: &str, want: usize, limit: Duration) -> anyhow::Result<Vec
     }
 }
 
-fn row(check: &str, from: &str, to: &str, r: anyhow::Result<()>) -> Row {
-    Row {
-        check: check.into(),
-        from: from.into(),
-        to: to.into(),
-        ok: r.is_ok(),
-        detail: r.err().map(|e| format!("{e:#}")).unwrap_or_default(),
-    }
-}
-
 /// The mesh check's Prometheus rows: each target `up == 1`, each
 /// component's metric from each of its targets, and (given) the
 /// dashboard's metrics. No rows for a mesh without a Prometheus server
@@ -248,7 +238,7 @@ pub fn rows(t: &Topology, dashboard: Option<&Path>) -> Vec<Row> {
     let want = t.clusters.len() + t.nodes.len();
     let up = match await_targets(&p.address, want, Duration::from_secs(30)) {
         Ok(up) => up,
-        Err(e) => return vec![row("prometheus", "up", &p.address, Err(e))],
+        Err(e) => return vec![Row::of("prometheus", "up", &p.address, Err(e))],
     };
     let mut out = Vec::new();
     let targets = t
@@ -270,7 +260,7 @@ pub fn rows(t: &Topology, dashboard: Option<&Path>) -> Vec<Row> {
             Some(s) => Err(anyhow::anyhow!("up = {}", s.value)),
             None => Err(anyhow::anyhow!("not scraped in 30 s")),
         };
-        out.push(row("prometheus up", job, instance, r));
+        out.push(Row::of("prometheus up", job, instance, r));
     }
     for (job, metric) in COMPONENT_QUERIES {
         let r = query(&p.address, metric).and_then(|s| {
@@ -290,11 +280,11 @@ pub fn rows(t: &Topology, dashboard: Option<&Path>) -> Vec<Row> {
                 bail!("{} of {n} targets have a sample", have.len())
             }
         });
-        out.push(row("prometheus metric", job, metric, r));
+        out.push(Row::of("prometheus metric", job, metric, r));
     }
     if let Some(d) = dashboard {
         let r = dashboard_check(&p.address, d);
-        out.push(row(
+        out.push(Row::of(
             "grafana dashboard",
             "deploy/grafana",
             &d.display().to_string(),

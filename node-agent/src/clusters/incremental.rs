@@ -91,12 +91,11 @@ struct NodeBasis {
     declared: BTreeMap<ClusterName, Vec<IpCidr>>,
 }
 
-/// The basis of `input`.
-fn basis(input: &MergeInput<'_>) -> (Basis, NodeBasis) {
-    let all = clusters(input);
+/// The basis of an input with policy `encryption` and clusters `all`.
+fn basis(encryption: EncryptionPolicy, all: &[(bool, &ClusterInput<'_>)]) -> (Basis, NodeBasis) {
     (
         Basis {
-            encryption: input.encryption,
+            encryption,
             ids: all
                 .iter()
                 .map(|(_, c)| (c.name.clone(), c.id.get()))
@@ -270,21 +269,21 @@ impl Incremental {
         input: &MergeInput<'_>,
         changes: &BTreeMap<ClusterName, Changes>,
     ) -> Delta {
-        let Some((old_b, old_nb)) = self.basis.take() else {
-            return self.rebuild(input, basis(input));
-        };
         let all = clusters(input);
+        let Some((old_b, old_nb)) = self.basis.take() else {
+            return self.rebuild(input, basis(input.encryption, &all));
+        };
         // A cluster's id is in its identities and entries: changed, all
         // is derived again (as when the encryption policy changes).
         let renumbered = all
             .iter()
             .any(|(_, c)| old_b.ids.get(c.name).is_some_and(|id| *id != c.id.get()));
         if old_b.encryption != input.encryption || renumbered {
-            return self.rebuild(input, basis(input));
+            return self.rebuild(input, basis(input.encryption, &all));
         }
         let membership = !old_nb.same(&all);
         let (b, nb) = if membership || !old_b.same_ids(&all) {
-            basis(input)
+            basis(input.encryption, &all)
         } else {
             (old_b, old_nb)
         };
